@@ -1,0 +1,37 @@
+"""zerofx packaging.
+
+setup.py deliberately does not import torch: under pip's build isolation that would pull a
+second, multi-GB CUDA torch into the build environment. The C++ kernels in zerofx/csrc are
+JIT-built on first use (torch.utils.cpp_extension.load, cached), so no build step needs torch.
+"""
+from setuptools import setup
+
+setup(
+    name="zerofx",
+    version="0.1.0",
+    description="DeepSpeed-style ZeRO training as a torch.compile backend made of torch.fx passes",
+    python_requires=">=3.10",
+    # tools/ holds the command-line programs; it is installed as zerofx.tools so the console
+    # scripts work after a plain `pip install` (DESIGN.md: tools/ sits above the package).
+    package_dir={"zerofx": "zerofx", "zerofx.tools": "tools"},
+    packages=["zerofx", "zerofx.passes", "zerofx.runtime", "zerofx.tools"],
+    package_data={"zerofx": ["csrc/*.cpp", "csrc/*.h", "csrc/*.cu", "passes/README.md"]},
+    install_requires=[
+        # 2.11 is the oldest torch we support; the upper bound keeps pip from pulling an
+        # untested (and, from PyPI, multi-GB CUDA) release next to a pinned CPU wheel.
+        "torch>=2.11,<2.14",
+        "tabulate>=0.9",
+        "networkx>=3.0",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "pytest-timeout>=2"],
+    },
+    entry_points={
+        # Lets torch.compile(model, backend="zero") find us without `import zerofx`.
+        "torch_dynamo_backends": ["zero = zerofx.backend:zero_backend"],
+        "console_scripts": [
+            "zerofx-launch = zerofx.tools.launch:main",
+            "zerofx-dump = zerofx.tools.dump:main",
+        ],
+    },
+)
