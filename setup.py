@@ -22,6 +22,8 @@ setup(
         "torch>=2.11,<2.14",
         "tabulate>=0.9",
         "networkx>=3.0",
+        # torch warns on every import without NumPy; tests and benchmarks use it too.
+        "numpy",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "pytest-timeout>=2"],

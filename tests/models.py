@@ -1,0 +1,56 @@
+"""Small models the tests compile: an MLP and a pre-norm transformer block with a loss."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in: int = 16, d_hidden: int = 32, d_out: int = 8):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, d_hidden)
+        self.fc2 = nn.Linear(d_hidden, d_out)
+
+    def forward(self, x, y):
+        return F.mse_loss(self.fc2(F.gelu(self.fc1(x))), y)
+
+
+class Block(nn.Module):
+    """A GPT block: causal self-attention and an MLP, each behind a LayerNorm."""
+
+    def __init__(self, d: int = 32, heads: int = 4, vocab: int = 64):
+        super().__init__()
+        self.heads = heads
+        self.emb = nn.Embedding(vocab, d)
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx, targets):
+        x = self.emb(idx)
+        B, T, C = x.shape  # (batch, time, channels)
+        q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
+        x = x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+        logits = self.head(x)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+
+def mlp_batch(n: int = 8, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 16, generator=g), torch.randn(n, 8, generator=g)
+
+
+def block_batch(n: int = 2, t: int = 8, vocab: int = 64, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(vocab, (n, t), generator=g)
+    return idx, torch.randint(vocab, (n, t), generator=g)
+
+
+def make(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return (MLP(), mlp_batch()) if name == "mlp" else (Block(), block_batch())

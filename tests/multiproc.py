@@ -1,0 +1,90 @@
+"""Run a test body on N real processes with gloo, bounded in time, failures shown per rank.
+
+    results = run_ranks(body, world_size=2, args=(...,))   # body(rank, world_size, *args)
+
+Each rank is a fresh ``spawn`` process with the torchrun environment set (RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT on a free port), so the code under test bootstraps exactly as under
+zerofx-launch. The body must be a module-level function (it is pickled by name). Results
+come back in rank order; if any rank raises or the time bound passes, the others are killed
+and the AssertionError names the failing rank and shows its traceback.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+
+DEFAULT_TIMEOUT_S = 180.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(body, rank, world_size, port, args, env, results):
+    os.environ.update(env)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    # Two cores for N ranks: more intra-op threads only oversubscribe and slow every rank.
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        results.put((rank, "ok", body(rank, world_size, *args)))
+    except BaseException:  # noqa: BLE001 - report everything, including SystemExit
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(body, world_size: int, *, args: tuple = (), env: dict | None = None,
+              timeout_s: float = DEFAULT_TIMEOUT_S) -> list:
+    """Run ``body(rank, world_size, *args)`` on ``world_size`` processes; return results."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank_main, daemon=True,
+                         args=(body, r, world_size, port, args, dict(env or {}), results))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    try:
+        return _collect(procs, results, world_size, timeout_s)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join(5)
+
+
+def _collect(procs, results, world_size, timeout_s) -> list:
+    deadline = time.monotonic() + timeout_s
+    got: dict[int, object] = {}
+    while len(got) < world_size:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            missing = sorted(set(range(world_size)) - set(got))
+            raise AssertionError(f"ranks {missing} of {world_size} did not finish within "
+                                 f"{timeout_s:.0f} s (hung collective?)")
+        try:
+            rank, status, value = results.get(timeout=min(left, 1.0))
+        except queue.Empty:
+            dead = [r for r, p in enumerate(procs)
+                    if not p.is_alive() and p.exitcode not in (0, None) and r not in got]
+            if dead:
+                raise AssertionError(f"rank {dead[0]} of {world_size} died with exit code "
+                                     f"{procs[dead[0]].exitcode} before reporting")
+            continue
+        if status == "error":
+            raise AssertionError(f"rank {rank} of {world_size} failed:\n{value}")
+        got[rank] = value
+    return [got[r] for r in range(world_size)]

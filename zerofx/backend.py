@@ -1,0 +1,166 @@
+"""The ``zero`` torch.compile backend: Dynamo graph → AOTAutograd → pass pipeline → executable.
+
+    torch.compile(model, backend="zero", options={"config": "ds_config.json"})
+
+Registered through the ``torch_dynamo_backends`` entry point, so no ``import zerofx`` is
+needed. The pipeline runs on AOTAutograd's joint graph (inside the partitioner, before the
+split) and on the forward, backward and inference graphs it produces. The transformed graphs
+run eagerly by default; ``{"zerofx": {"inductor": true}}`` hands them to Inductor instead.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.partitioners import default_partition, min_cut_rematerialization_partition
+from torch._guards import CompileContext
+from functorch.compile import make_boxed_func
+
+from zerofx.config import Config, ConfigError
+from zerofx.passes import PassContext, PassSpec, build_pipeline, run_pipeline
+from zerofx.passes.dump import GraphDump
+from zerofx.passes.nodes import META_INPUT
+from zerofx.plan import Plan, make_plan
+from zerofx.runtime.dist import init_distributed
+
+log = logging.getLogger(__name__)
+
+OPTION_KEYS = ("config", "extra_passes")
+DUMP_ENV = "ZEROFX_DUMP"
+
+
+@dataclass(frozen=True)
+class InputRole:
+    """What a graph input is: a parameter, buffer, user input or incoming gradient."""
+
+    kind: str  # "param" | "buffer" | "input" | "tangent"
+    name: str
+
+
+@dataclass(frozen=True)
+class Compilation:
+    """Everything one call of the backend shares across its graphs (no module globals)."""
+
+    config: Config
+    plan: Plan
+    passes: tuple[PassSpec, ...]
+    roles: tuple[InputRole, ...]
+    graph_id: str
+    rank: int
+    dump_root: str | None
+
+
+def zero_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None = None,
+                 mode: str | None = None):
+    """The torch.compile entry point (``backend="zero"``)."""
+    if mode is not None:
+        raise ConfigError(f"torch.compile(mode={mode!r}) is not used by the zero backend; "
+                          f"drop mode= and put settings in options={{'config': ...}}")
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(OPTION_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown zero backend option(s) {unknown}; "
+                          f"allowed: {list(OPTION_KEYS)}")
+    comp = _prepare(gm, example_inputs, Config.from_any(options.get("config")),
+                    tuple(options.get("extra_passes", ())))
+    return aot_autograd(
+        fw_compiler=lambda g, ins: _compile_graph(g, ins, comp, "forward"),
+        bw_compiler=lambda g, ins: _compile_graph(g, ins, comp, "backward"),
+        inference_compiler=lambda g, ins: _compile_graph(g, ins, comp, "inference"),
+        partition_fn=lambda joint, ins, **kw: _partition(joint, ins, comp, **kw),
+        keep_inference_input_mutations=True,
+    )(gm, example_inputs)
+
+
+def _prepare(gm, example_inputs, config: Config, extra) -> Compilation:
+    world = init_distributed()
+    roles = input_roles(gm, example_inputs)
+    params = [(r.name, t) for r, t in zip(roles, _flat_inputs(gm, example_inputs))
+              if r.kind == "param"]
+    plan = make_plan(params, config, rank=world.rank, world_size=world.world_size)
+    cid = CompileContext.current_compile_id()
+    graph_id = "g" + re.sub(r"[^0-9]+", "_", str(cid)).strip("_") if cid else "g"
+    dump_root = os.environ.get(DUMP_ENV) or config.zerofx.dump_dir
+    comp = Compilation(config, plan, build_pipeline(config, extra=extra), roles, graph_id,
+                       world.rank, dump_root)
+    if dump_root:
+        GraphDump.create(dump_root, rank=world.rank, graph=graph_id).write_text(
+            "plan.txt", plan.describe() + "\n")
+    log.info("zero backend: compiling %s (%d inputs, %d params, passes: %s)", graph_id,
+             len(roles), len(params), ", ".join(p.name for p in comp.passes) or "none")
+    return comp
+
+
+def _flat_inputs(gm: fx.GraphModule, example_inputs) -> list:
+    # aot_module_simplified lifts the graph module's own parameters and buffers first (only
+    # present when Dynamo does not inline nn.Modules), then the graph's inputs.
+    return [*gm.parameters(), *gm.buffers(), *example_inputs]
+
+
+def input_roles(gm: fx.GraphModule, example_inputs) -> tuple[InputRole, ...]:
+    """Role and name of each flat AOTAutograd input, in order."""
+    roles = [InputRole("param", n) for n, _ in gm.named_parameters()]
+    roles += [InputRole("buffer", n) for n, _ in gm.named_buffers()]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, example_inputs):
+        grapharg = node.meta.get("grapharg")
+        source = grapharg.source.name if grapharg is not None else node.name
+        source = source() if callable(source) else source
+        if isinstance(value, torch.nn.Parameter):
+            roles.append(InputRole("param", _fqn(source, "_parameters")))
+        elif "_buffers[" in source:
+            roles.append(InputRole("buffer", _fqn(source, "_buffers")))
+        else:
+            roles.append(InputRole("input", source))
+    return tuple(roles)
+
+
+def _fqn(source: str, leaf: str) -> str:
+    """L['self']._modules['fc1']._parameters['weight'] -> fc1.weight"""
+    parts = re.findall(r"(?:_modules|%s)\['([^']+)'\]" % leaf, source)
+    return ".".join(parts) if parts else source
+
+
+def _partition(joint: fx.GraphModule, joint_inputs, comp: Compilation, **kw):
+    num_fwd = kw["num_fwd_outputs"]
+    _annotate(joint, comp.roles, tangents=True)
+    joint = _run(joint, comp, "joint", num_fwd_outputs=num_fwd)
+    split = min_cut_rematerialization_partition if comp.config.zerofx.inductor else \
+        default_partition
+    return split(joint, joint_inputs, **kw)
+
+
+def _compile_graph(gm: fx.GraphModule, example_inputs, comp: Compilation, kind: str):
+    if kind == "inference":
+        _annotate(gm, comp.roles, tangents=False)
+    gm = _run(gm, comp, kind)
+    if comp.config.zerofx.inductor:
+        from torch._inductor.compile_fx import compile_fx_inner
+
+        return compile_fx_inner(gm, example_inputs, is_backward=kind == "backward",
+                                is_inference=kind == "inference")
+    return make_boxed_func(gm.forward)
+
+
+def _run(gm: fx.GraphModule, comp: Compilation, kind: str, **facts) -> fx.GraphModule:
+    name = f"{comp.graph_id}_{kind}"
+    ctx = PassContext(comp.config, comp.plan, kind, name, **facts)
+    dump = GraphDump.create(comp.dump_root, rank=comp.rank, graph=comp.graph_id, kind=kind) \
+        if comp.dump_root else None
+    return run_pipeline(gm, ctx, comp.passes, dump=dump)
+
+
+def _annotate(gm: fx.GraphModule, roles, *, tangents: bool) -> None:
+    """Mark placeholders with their InputRole; partitioning carries the meta to both halves."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    primals = [n for n in placeholders if not n.name.startswith("tangents")]
+    for node, role in zip(primals, roles):
+        node.meta[META_INPUT] = role
+    if tangents:
+        for i, node in enumerate(p for p in placeholders if p.name.startswith("tangents")):
+            node.meta[META_INPUT] = InputRole("tangent", str(i))

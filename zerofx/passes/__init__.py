@@ -1,0 +1,118 @@
+"""The pass pipeline: one ordered list of graph passes, built from the config and run by one runner.
+
+Each pass is a plain function ``xxx_pass(gm, ctx) -> gm`` in a module of its own. It is
+declared here once, as data: the graph kinds it runs on, the passes it must follow, and when
+the config turns it on. ``build_pipeline`` checks the order constraints; ``run_pipeline``
+logs, times, lints, tags the nodes each pass adds, keeps fake values valid, and dumps.
+
+Graph kinds (AOTAutograd's aten graphs, never a split of the Dynamo graph):
+    joint      forward + backward traced together, before partitioning: passes that must
+               change both sides consistently (dtype casts, loss scaling) run here
+    forward    the partitioned forward graph
+    backward   the partitioned backward graph (gradient buckets, collectives)
+    inference  a forward graph compiled without autograd
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torch import fx
+
+from zerofx.config import Config, ConfigError
+from zerofx.passes.dump import GraphDump
+from zerofx.passes.fake_vals import fill_fake_vals
+from zerofx.passes.nodes import tag_new_nodes
+from zerofx.plan import Plan
+
+log = logging.getLogger(__name__)
+
+GRAPH_KINDS = ("joint", "forward", "backward", "inference")
+
+
+@dataclass(frozen=True)
+class PassContext:
+    """What a pass may read: config, plan, and facts about the graph it is given."""
+
+    config: Config
+    plan: Plan
+    graph_kind: str
+    graph_name: str
+    num_fwd_outputs: int | None = None  # joint graphs: outputs before the gradients
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    """A pass declared as data: name, function, where it runs and what it must follow."""
+
+    name: str
+    fn: Callable[[fx.GraphModule, PassContext], fx.GraphModule]
+    graph_kinds: frozenset[str]
+    after: tuple[str, ...] = ()  # must run after these when they are in the pipeline
+    requires: tuple[str, ...] = ()  # these must be in the pipeline too
+    enabled: Callable[[Config], bool] = field(default=lambda cfg: True)
+
+
+def declared_passes() -> tuple[PassSpec, ...]:
+    """Every zerofx pass, in pipeline order. Importing here keeps pass modules independent."""
+    from zerofx.passes.mixed_precision import mixed_precision_pass
+
+    return (
+        PassSpec("mixed_precision", mixed_precision_pass, frozenset({"joint", "inference"}),
+                 enabled=lambda cfg: cfg.fp16.enabled or cfg.bf16.enabled),
+    )
+
+
+def build_pipeline(config: Config, *, extra: tuple[PassSpec, ...] = ()) -> tuple[PassSpec, ...]:
+    """The passes this config runs, in order; ``extra`` (tests, plugins) go last."""
+    declared = declared_passes() + tuple(extra)
+    names = [p.name for p in declared]
+    for bad in set(config.zerofx.disable_passes) - set(names):
+        close = difflib.get_close_matches(bad, names, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"zerofx.disable_passes: no pass named {bad!r}{hint} "
+                          f"(passes: {', '.join(names)})")
+    chosen = tuple(p for p in declared
+                   if p.enabled(config) and p.name not in config.zerofx.disable_passes)
+    check_order(chosen)
+    return chosen
+
+
+def check_order(passes: tuple[PassSpec, ...]) -> None:
+    """Order constraints are data; a violated one is a bug or a bad disable_passes."""
+    position = {p.name: i for i, p in enumerate(passes)}
+    for i, p in enumerate(passes):
+        for dep in p.requires:
+            if dep not in position:
+                raise ConfigError(f"pass {p.name!r} requires pass {dep!r}, which is disabled "
+                                  f"or off in this config; re-enable it or disable {p.name!r}")
+        for dep in p.after:
+            if position.get(dep, -1) > i:
+                raise ValueError(f"pass {p.name!r} must run after {dep!r}, but is before it")
+
+
+def run_pipeline(gm: fx.GraphModule, ctx: PassContext, passes: tuple[PassSpec, ...], *,
+                 dump: GraphDump | None = None) -> fx.GraphModule:
+    """Run the passes that apply to ``ctx.graph_kind`` over ``gm``, checking after each."""
+    if dump is not None:
+        dump.record("input", gm, added=0, removed=0, ms=0.0)
+    for p in passes:
+        if ctx.graph_kind not in p.graph_kinds:
+            continue
+        before = set(gm.graph.nodes)
+        t0 = time.perf_counter()
+        gm = p.fn(gm, ctx)
+        new = tag_new_nodes(gm.graph, before, p.name)
+        fill_fake_vals(gm)
+        gm.graph.lint()
+        gm.recompile()
+        ms = (time.perf_counter() - t0) * 1e3
+        removed = len(before - set(gm.graph.nodes))
+        log.debug("%s on %s: +%d -%d nodes in %.1f ms", p.name, ctx.graph_name, len(new),
+                  removed, ms)
+        if dump is not None:
+            dump.record(p.name, gm, added=len(new), removed=removed, ms=ms)
+    return gm

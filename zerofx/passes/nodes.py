@@ -1,0 +1,74 @@
+"""Node predicates and bookkeeping shared by the passes and the pipeline."""
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+
+# node.meta keys: constants, so passes never invent their own spellings.
+META_PASS = "zerofx"  # {"pass": name} on every node a pass adds
+META_INPUT = "zerofx_input"  # InputRole on placeholders
+
+_CAST_TARGETS = {
+    aten._to_copy.default,
+    torch.ops.prims.convert_element_type.default,
+}
+_VIEW_TARGETS = {
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.t.default,
+    aten.transpose.int, aten.permute.default, aten.expand.default, aten.squeeze.dim,
+    aten.unsqueeze.default, aten.slice.Tensor, aten.select.int, aten.alias.default,
+    aten.detach.default, aten.split.Tensor, aten.split_with_sizes.default,
+}
+
+
+def is_cast(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _CAST_TARGETS
+
+
+def is_view(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _VIEW_TARGETS
+
+
+def is_collective(node: fx.Node) -> bool:
+    """Functional collectives and zerofx's own communication ops."""
+    if node.op != "call_function":
+        return False
+    ns = getattr(node.target, "namespace", None)
+    return ns in ("_c10d_functional", "c10d_functional") or (
+        ns == "zerofx" and "comm" in str(node.target)
+    )
+
+
+def kind_of(node: fx.Node) -> str:
+    """A coarse category for summaries: what a person wants to count in a graph."""
+    if node.op in ("placeholder", "output", "get_attr"):
+        return node.op
+    if is_collective(node):
+        return "collective"
+    if is_cast(node):
+        return "cast"
+    if is_view(node):
+        return "view"
+    if node.op == "call_function" and getattr(node.target, "namespace", None) == "zerofx":
+        return "zerofx_op"
+    return "compute"
+
+
+def count_kinds(graph: fx.Graph) -> Counter:
+    return Counter(kind_of(n) for n in graph.nodes)
+
+
+def added_by(node: fx.Node) -> str | None:
+    """The pass that added ``node``, or None for nodes AOTAutograd traced."""
+    return node.meta.get(META_PASS, {}).get("pass")
+
+
+def tag_new_nodes(graph: fx.Graph, before: set[fx.Node], pass_name: str) -> list[fx.Node]:
+    """Attribute every node not in ``before`` to ``pass_name`` (graph rule 4)."""
+    new = [n for n in graph.nodes if n not in before]
+    for n in new:
+        n.meta.setdefault(META_PASS, {"pass": pass_name})
+    return new

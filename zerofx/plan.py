@@ -1,0 +1,190 @@
+"""The layout plan: one source of truth for where every parameter lives.
+
+Computed once per model (or compiled graph) and config, before any pass runs:
+
+    parameters ─▶ one flat fp32 buffer (offsets, padded to divide by the DP size)
+               ─▶ constant-size gradient buckets (reduce_bucket_size elements)
+               ─▶ per-rank shard ranges (ZeRO 1/2)
+    ranks      ─▶ a tensor-parallel × data-parallel grid of process groups
+
+Passes read the plan; the runtime allocates from it; the dump prints it. It holds plain data
+only (no tensors, no process-group handles) so it can be built, printed and tested anywhere.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from tabulate import tabulate
+
+from zerofx.config import Config
+
+
+@dataclass(frozen=True)
+class ParamSlot:
+    """One parameter's place in the flat buffer."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    offset: int  # first element in the flat buffer
+    numel: int
+    bucket: int  # index into Plan.buckets
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.numel
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """A constant-size run of the flat gradient buffer, communicated as one collective."""
+
+    index: int
+    offset: int
+    numel: int
+    params: tuple[str, ...]  # in the order their gradients fill the bucket
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The slice of the (padded) flat buffer a data-parallel rank owns under ZeRO."""
+
+    dp_rank: int
+    offset: int
+    numel: int
+
+
+@dataclass(frozen=True)
+class ProcessGrid:
+    """Ranks as a tensor-parallel × data-parallel grid; TP neighbours are adjacent ranks.
+
+    Adjacent TP ranks follow Megatron: TP traffic is heaviest, so it stays within a node.
+    """
+
+    world_size: int
+    tp_size: int
+
+    def __post_init__(self):
+        if self.tp_size < 1 or self.world_size % self.tp_size:
+            raise ValueError(
+                f"tensor_parallel.size={self.tp_size} must divide the world size "
+                f"{self.world_size}; pick a size that does"
+            )
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.tp_size
+
+    def tp_rank(self, rank: int) -> int:
+        return rank % self.tp_size
+
+    def dp_rank(self, rank: int) -> int:
+        return rank // self.tp_size
+
+    def tp_groups(self) -> list[list[int]]:
+        return [list(range(s, s + self.tp_size)) for s in range(0, self.world_size, self.tp_size)]
+
+    def dp_groups(self) -> list[list[int]]:
+        return [list(range(t, self.world_size, self.tp_size)) for t in range(self.tp_size)]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Layout of parameters, buckets, shards and process groups for one rank."""
+
+    rank: int
+    grid: ProcessGrid
+    zero_stage: int
+    compute_dtype: torch.dtype
+    params: tuple[ParamSlot, ...]
+    buckets: tuple[Bucket, ...]
+    padded_numel: int  # flat buffer length, a multiple of dp_size
+    shards: tuple[Shard, ...] = field(default=())
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel for p in self.params)
+
+    @property
+    def my_shard(self) -> Shard:
+        return self.shards[self.grid.dp_rank(self.rank)]
+
+    def slot(self, name: str) -> ParamSlot:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(f"parameter {name!r} is not in the plan")
+
+    def predicted_bytes(self) -> dict[str, int]:
+        """Bytes per rank of the training state this plan implies (what the dump reports)."""
+        total, mine = self.padded_numel, self.padded_numel // self.grid.dp_size
+        state = mine if self.zero_stage >= 1 else total
+        grads = mine if self.zero_stage >= 2 else total
+        lowp = self.compute_dtype.itemsize
+        return {
+            "master_fp32": 4 * state,
+            "optimizer_state": 8 * state,  # Adam: two fp32 moments
+            "gradients": lowp * grads if self.compute_dtype != torch.float32 else 4 * grads,
+            "compute_params": lowp * total if self.compute_dtype != torch.float32 else 0,
+        }
+
+    def describe(self) -> str:
+        """A readable table of the layout, for dumps and logs."""
+        rows = [(p.name, "x".join(map(str, p.shape)) or "scalar", p.offset, p.numel, p.bucket)
+                for p in self.params]
+        head = (f"plan: rank {self.rank}, world {self.grid.world_size} "
+                f"(tp {self.grid.tp_size} x dp {self.grid.dp_size}), zero stage "
+                f"{self.zero_stage}, compute {str(self.compute_dtype).removeprefix('torch.')}, "
+                f"{self.numel} elements ({self.padded_numel} padded), "
+                f"{len(self.buckets)} bucket(s)")
+        mem = tabulate(sorted(self.predicted_bytes().items()), headers=["state", "bytes/rank"])
+        table = tabulate(rows, headers=["param", "shape", "offset", "numel", "bucket"])
+        return f"{head}\n{table}\n{mem}"
+
+
+def make_plan(
+    named_params: list[tuple[str, torch.Tensor]],
+    config: Config,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Plan:
+    """Lay out ``named_params`` (in registration order) for ``config`` on this rank.
+
+    Buckets fill in *reverse* registration order: backward produces gradients roughly last
+    layer first, so a bucket completes (and its collective can start) as early as possible.
+    """
+    grid = ProcessGrid(world_size, config.tensor_parallel.size)
+    order = list(reversed(named_params))
+    slots, offset = [], 0
+    bucket_cap = max(1, config.zero_optimization.reduce_bucket_size)
+    bucket_of, buckets = _fill_buckets(order, bucket_cap)
+    for name, p in order:
+        slots.append(ParamSlot(name, tuple(p.shape), p.dtype, offset, p.numel(), bucket_of[name]))
+        offset += p.numel()
+    padded = math.ceil(max(offset, 1) / grid.dp_size) * grid.dp_size
+    per = padded // grid.dp_size
+    shards = tuple(Shard(r, r * per, per) for r in range(grid.dp_size))
+    return Plan(rank=rank, grid=grid, zero_stage=config.zero_optimization.stage,
+                compute_dtype=config.compute_dtype, params=tuple(slots),
+                buckets=tuple(buckets), padded_numel=padded, shards=shards)
+
+
+def _fill_buckets(order, cap: int) -> tuple[dict[str, int], list[Bucket]]:
+    """Greedy: a bucket closes once it holds ``cap`` elements (a big tensor gets its own)."""
+    bucket_of: dict[str, int] = {}
+    buckets: list[Bucket] = []
+    start = filled = 0
+    names: list[str] = []
+    for name, p in order:
+        if names and filled + p.numel() > cap:
+            buckets.append(Bucket(len(buckets), start, filled, tuple(names)))
+            start, filled, names = start + filled, 0, []
+        bucket_of[name] = len(buckets)
+        names.append(name)
+        filled += p.numel()
+    if names:
+        buckets.append(Bucket(len(buckets), start, filled, tuple(names)))
+    return bucket_of, buckets

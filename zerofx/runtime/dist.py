@@ -1,0 +1,80 @@
+"""Distributed bootstrap from the torchrun environment.
+
+torchrun (and zerofx-launch) export RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT.
+With none of them set, zerofx runs as a single process and creates no process group.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+_TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class DistributedSetupError(RuntimeError):
+    """The torchrun environment is incomplete or inconsistent."""
+
+
+@dataclass(frozen=True)
+class WorldInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+
+
+def world_info() -> WorldInfo:
+    """This process's place in the world, whether or not a process group exists."""
+    if dist.is_available() and dist.is_initialized():
+        return WorldInfo(dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)),
+                         dist.get_world_size())
+    return WorldInfo(0, 0, 1)
+
+
+def init_distributed(*, backend: str | None = None, timeout_s: float = 300.0) -> WorldInfo:
+    """Join the process group described by the torchrun environment, once.
+
+    gloo on CPU, nccl when CUDA is available (unless ``backend`` says otherwise). Returns
+    world size 1 without a process group when no torchrun variable is set.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return world_info()
+    present = [v for v in _TORCHRUN_VARS if v in os.environ]
+    if not present or os.environ.get("WORLD_SIZE") == "1" and "MASTER_ADDR" not in os.environ:
+        return WorldInfo(0, 0, 1)
+    missing = [v for v in _TORCHRUN_VARS if v not in os.environ and v != "LOCAL_RANK"]
+    if missing:
+        raise DistributedSetupError(
+            f"torchrun environment is incomplete: {', '.join(present)} set but "
+            f"{', '.join(missing)} missing; start with zerofx-launch or torchrun, or unset "
+            f"{', '.join(present)} to run as a single process"
+        )
+    rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
+    if not 0 <= rank < world:
+        raise DistributedSetupError(f"RANK={rank} is outside WORLD_SIZE={world}")
+    local_rank = _env_int("LOCAL_RANK", default=rank)
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    from datetime import timedelta
+
+    dist.init_process_group(backend, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
+    log.info("joined process group: rank %d of %d (%s)", rank, world, backend)
+    return WorldInfo(rank, local_rank, world)
+
+
+def _env_int(name: str, default: int | None = None) -> int:
+    raw = os.environ.get(name)
+    if raw is None and default is not None:
+        return default
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        raise DistributedSetupError(f"{name}={raw!r} is not an integer") from None
