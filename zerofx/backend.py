@@ -69,12 +69,21 @@ def zero_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None = N
     comp = _prepare(gm, example_inputs, Config.from_any(options.get("config")),
                     tuple(options.get("extra_passes", ())))
     return aot_autograd(
+        # Inductor lowers only graphs decomposed with its own table; the passes see the
+        # same decomposed graph it will compile.
+        decompositions=_inductor_decompositions() if comp.config.zerofx.inductor else {},
         fw_compiler=lambda g, ins: _compile_graph(g, ins, comp, "forward"),
         bw_compiler=lambda g, ins: _compile_graph(g, ins, comp, "backward"),
         inference_compiler=lambda g, ins: _compile_graph(g, ins, comp, "inference"),
         partition_fn=lambda joint, ins, **kw: _partition(joint, ins, comp, **kw),
         keep_inference_input_mutations=True,
     )(gm, example_inputs)
+
+
+def _inductor_decompositions():
+    from torch._inductor.decomposition import select_decomp_table
+
+    return select_decomp_table()
 
 
 def _prepare(gm, example_inputs, config: Config, extra) -> Compilation:

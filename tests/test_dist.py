@@ -1,0 +1,66 @@
+"""Distributed bootstrap from the torchrun environment, and the multi-rank test harness."""
+import time
+
+import pytest
+import torch.distributed as dist
+
+from multiproc import run_ranks
+from zerofx.runtime.dist import DistributedSetupError, init_distributed
+
+
+def test_no_env_is_single_process(no_torchrun_env):
+    info = init_distributed()
+    assert (info.rank, info.world_size) == (0, 1) and not dist.is_initialized()
+
+
+def test_incomplete_env_names_missing_vars(no_torchrun_env, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(DistributedSetupError, match="MASTER_ADDR, MASTER_PORT missing"):
+        init_distributed()
+
+
+def test_bad_rank_is_named(no_torchrun_env, monkeypatch):
+    monkeypatch.setenv("RANK", "x")
+    for k, v in dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(DistributedSetupError, match="RANK='x' is not an integer"):
+        init_distributed()
+
+
+def _bootstrap_body(rank, world_size):
+    import torch
+
+    info = init_distributed()
+    t = torch.tensor([float(rank)])
+    dist.all_reduce(t)  # really connected: sum of ranks
+    return info.rank, info.world_size, dist.get_backend(), t.item()
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_ranks_join_gloo_group(world):
+    results = run_ranks(_bootstrap_body, world)
+    total = sum(range(world))
+    assert results == [(r, world, "gloo", float(total)) for r in range(world)]
+
+
+def _fail_on_rank_one(rank, world_size):
+    if rank == 1:
+        raise ValueError("boom on purpose")
+    return rank
+
+
+def _hang(rank, world_size):
+    time.sleep(60)
+
+
+def test_harness_shows_failing_rank_traceback():
+    with pytest.raises(AssertionError, match=r"(?s)rank 1 of 2 failed.*ValueError: boom on purpose"):
+        run_ranks(_fail_on_rank_one, 2)
+
+
+def test_harness_time_bound():
+    t0 = time.monotonic()
+    with pytest.raises(AssertionError, match="did not finish within 3 s"):
+        run_ranks(_hang, 2, timeout_s=3)
+    assert time.monotonic() - t0 < 30

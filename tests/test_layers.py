@@ -1,0 +1,59 @@
+"""DESIGN.md's layer rules: arrows point down only. Checked on the import statements."""
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent / "zerofx"
+
+# module prefix -> zerofx modules it may import (prefix match). tools/ may import anything.
+ALLOWED = {
+    "zerofx.config": ["zerofx.config"],
+    "zerofx.plan": ["zerofx.config"],
+    "zerofx.csrc": [],
+    "zerofx.runtime": ["zerofx.runtime", "zerofx.config"],
+    "zerofx.passes": ["zerofx.passes", "zerofx.plan", "zerofx.config"],
+    "zerofx.backend": ["zerofx.passes", "zerofx.runtime", "zerofx.plan", "zerofx.config"],
+}
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT.parent).with_suffix("")
+    return ".".join(p for p in rel.parts if p != "__init__")
+
+
+def _zerofx_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("zerofx"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("zerofx"))
+    return found
+
+
+def _layer(module: str) -> str | None:
+    return next((p for p in sorted(ALLOWED, key=len, reverse=True)
+                 if module == p or module.startswith(p + ".") or module.startswith(p + "_")),
+                None)
+
+
+MODULES = sorted(p for p in ROOT.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: _module_name(p))
+def test_imports_point_down(path):
+    module = _module_name(path)
+    layer = _layer(module)
+    if layer is None:
+        return  # the user-API layer (engine, checkpoint, ...) may import everything below
+    for imported in _zerofx_imports(path):
+        ok = any(imported == a or imported.startswith(a + ".") or imported.startswith(a + "_")
+                 for a in ALLOWED[layer])
+        assert ok, f"{module} (layer {layer}) imports {imported}; allowed: {ALLOWED[layer]}"
+
+
+def test_runtime_never_imports_passes():
+    for path in (ROOT / "runtime").rglob("*.py"):
+        assert not any(i.startswith("zerofx.passes") for i in _zerofx_imports(path)), path

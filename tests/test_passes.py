@@ -1,0 +1,97 @@
+"""The pass pipeline: declared order, disable_passes, tagging, fake values, lint."""
+import pytest
+import torch
+from torch import fx
+
+from zerofx import Config, ConfigError
+from zerofx.passes import PassContext, PassSpec, build_pipeline, check_order, run_pipeline
+from zerofx.passes.nodes import META_PASS, added_by
+from zerofx.plan import make_plan
+
+aten = torch.ops.aten
+
+
+def _traced():
+    """A small aten graph with fake values, as AOTAutograd hands the passes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(x, w):
+        return torch.relu(x @ w).sum()
+
+    with FakeTensorMode() as mode:
+        gm = make_fx(f)(torch.randn(4, 3), torch.randn(3, 2))
+    return gm, mode
+
+
+def _ctx(cfg=None):
+    cfg = cfg or Config()
+    return PassContext(cfg, make_plan([], cfg), "forward", "test")
+
+
+def _double_relu_input(gm, ctx):
+    """Test pass: relu(x) -> relu(x * 2); adds exactly one node."""
+    relu = next(n for n in gm.graph.nodes if n.target == aten.relu.default)
+    with gm.graph.inserting_before(relu):
+        mul = gm.graph.call_function(aten.mul.Tensor, (relu.args[0], 2))
+    relu.replace_input_with(relu.args[0], mul)
+    return gm
+
+
+DOUBLE = PassSpec("double", _double_relu_input, frozenset({"forward"}))
+
+
+def test_new_nodes_are_tagged_and_get_fake_values():
+    gm, _ = _traced()
+    x, w = torch.randn(4, 3), torch.randn(3, 2)
+    gm = run_pipeline(gm, _ctx(), (DOUBLE,))
+    added = [n for n in gm.graph.nodes if added_by(n)]
+    assert [n.target for n in added] == [aten.mul.Tensor]
+    assert added[0].meta[META_PASS] == {"pass": "double"}
+    assert added[0].meta["val"].shape == (4, 2)
+    torch.testing.assert_close(gm(x, w), torch.relu(2 * (x @ w)).sum())
+
+
+def test_pass_skipped_on_other_graph_kinds():
+    gm, _ = _traced()
+    ctx = PassContext(Config(), make_plan([], Config()), "backward", "test")
+    gm = run_pipeline(gm, ctx, (DOUBLE,))
+    assert not any(added_by(n) for n in gm.graph.nodes)
+
+
+def test_broken_graph_fails_lint():
+    def use_before_def(gm, ctx):
+        first = next(n for n in gm.graph.nodes if n.op == "call_function")
+        last = [n for n in gm.graph.nodes if n.op == "call_function"][-1]
+        first.args = (last, *first.args[1:])
+        return gm
+
+    gm, _ = _traced()
+    with pytest.raises(RuntimeError, match="used before"):
+        run_pipeline(gm, _ctx(), (PassSpec("broken", use_before_def, frozenset({"forward"})),))
+
+
+def test_declared_pipeline_follows_config():
+    assert [p.name for p in build_pipeline(Config())] == []
+    bf16 = Config.from_dict({"bf16": {"enabled": True}})
+    assert [p.name for p in build_pipeline(bf16)] == ["mixed_precision"]
+    off = Config.from_dict({"bf16": {"enabled": True},
+                            "zerofx": {"disable_passes": ["mixed_precision"]}})
+    assert build_pipeline(off) == ()
+
+
+def test_unknown_disabled_pass_suggests_name():
+    cfg = Config.from_dict({"zerofx": {"disable_passes": ["mixed_precison"]}})
+    with pytest.raises(ConfigError, match="did you mean 'mixed_precision'"):
+        build_pipeline(cfg)
+
+
+def test_order_constraints_are_checked():
+    a = PassSpec("a", _double_relu_input, frozenset({"forward"}))
+    b_after_a = PassSpec("b", _double_relu_input, frozenset({"forward"}), after=("a",))
+    check_order((a, b_after_a))
+    with pytest.raises(ValueError, match="'b' must run after 'a'"):
+        check_order((b_after_a, a))
+    needs_a = PassSpec("c", _double_relu_input, frozenset({"forward"}), requires=("a",))
+    with pytest.raises(ConfigError, match="requires pass 'a'"):
+        check_order((needs_a,))

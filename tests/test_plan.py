@@ -1,0 +1,56 @@
+"""The layout plan: flat offsets, constant-size buckets, shards, the TP x DP grid."""
+import pytest
+import torch
+
+from zerofx import Config
+from zerofx.plan import ProcessGrid, make_plan
+
+
+def _params(sizes):
+    return [(f"p{i}", torch.empty(n)) for i, n in enumerate(sizes)]
+
+
+def test_flat_layout_is_contiguous_in_reverse_registration_order():
+    plan = make_plan(_params([10, 20, 30]), Config())
+    assert [p.name for p in plan.params] == ["p2", "p1", "p0"]
+    assert [(p.offset, p.end) for p in plan.params] == [(0, 30), (30, 50), (50, 60)]
+
+
+def test_buckets_hold_at_most_the_bucket_size():
+    cfg = Config.from_dict({"zero_optimization": {"reduce_bucket_size": 50}})
+    plan = make_plan(_params([10, 20, 30, 100, 5]), cfg)
+    assert [b.params for b in plan.buckets] == [("p4", "p3"), ("p2", "p1"), ("p0",)] or \
+        all(b.numel <= 50 or len(b.params) == 1 for b in plan.buckets)
+    # every parameter in exactly one bucket, buckets tile the buffer
+    assert sorted(n for b in plan.buckets for n in b.params) == sorted(f"p{i}" for i in range(5))
+    ends = [b.offset + b.numel for b in plan.buckets]
+    assert [b.offset for b in plan.buckets[1:]] == ends[:-1] and ends[-1] == plan.numel
+    for b in plan.buckets:
+        assert b.numel <= 50 or len(b.params) == 1  # only an oversized tensor overflows
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 3])
+def test_shards_cover_the_padded_buffer(world):
+    plan = make_plan(_params([7, 6]), Config(), rank=world - 1, world_size=world)
+    assert plan.padded_numel % world == 0 and plan.padded_numel - plan.numel < world
+    assert sum(s.numel for s in plan.shards) == plan.padded_numel
+    assert plan.my_shard.dp_rank == world - 1
+
+
+def test_grid_tp_neighbours_adjacent():
+    grid = ProcessGrid(8, 2)
+    assert grid.tp_groups() == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert grid.dp_groups() == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert (grid.tp_rank(5), grid.dp_rank(5)) == (1, 2)
+    with pytest.raises(ValueError, match="must divide the world size"):
+        ProcessGrid(6, 4)
+
+
+def test_predicted_bytes_shrink_with_zero_stage():
+    params = _params([1000, 24])
+    cfg = lambda s: Config.from_dict({"zero_optimization": {"stage": s}})  # noqa: E731
+    full = make_plan(params, cfg(0), world_size=4).predicted_bytes()
+    z2 = make_plan(params, cfg(2), world_size=4).predicted_bytes()
+    assert z2["optimizer_state"] * 4 == full["optimizer_state"] == 8 * 1024
+    assert z2["gradients"] * 4 == full["gradients"]
+    assert "fc" not in make_plan(params, cfg(1)).describe()
