@@ -24,7 +24,9 @@ class Block(nn.Module):
         self.heads = heads
         self.emb = nn.Embedding(vocab, d)
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        # No qkv bias: the key bias gets a gradient of pure rounding noise (softmax ignores a
+        # per-row constant), which Adam amplifies to a full lr step: no tight reference holds.
+        self.qkv, self.proj = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d)
         self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
         self.head = nn.Linear(d, vocab, bias=False)
 

@@ -10,6 +10,7 @@ and the AssertionError names the failing rank and shows its traceback.
 """
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import queue
@@ -36,7 +37,11 @@ def _rank_main(body, rank, world_size, port, args, env, results):
 
     torch.set_num_threads(1)
     try:
-        results.put((rank, "ok", body(rank, world_size, *args)))
+        # torch.save bytes, not the Queue's pickling: tensors would travel as shared-memory
+        # handles that die with this process before the parent reads them.
+        buf = io.BytesIO()
+        torch.save(body(rank, world_size, *args), buf)
+        results.put((rank, "ok", buf.getvalue()))
     except BaseException:  # noqa: BLE001 - report everything, including SystemExit
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -86,5 +91,7 @@ def _collect(procs, results, world_size, timeout_s) -> list:
             continue
         if status == "error":
             raise AssertionError(f"rank {rank} of {world_size} failed:\n{value}")
-        got[rank] = value
+        import torch
+
+        got[rank] = torch.load(io.BytesIO(value), weights_only=False)
     return [got[r] for r in range(world_size)]

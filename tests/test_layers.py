@@ -13,7 +13,9 @@ ALLOWED = {
     "zerofx.csrc": [],
     "zerofx.runtime": ["zerofx.runtime", "zerofx.config"],
     "zerofx.passes": ["zerofx.passes", "zerofx.plan", "zerofx.config"],
-    "zerofx.backend": ["zerofx.passes", "zerofx.runtime", "zerofx.plan", "zerofx.config"],
+    "zerofx.backend": ["zerofx.passes", "zerofx.runtime", "zerofx.plan", "zerofx.config",
+                       "zerofx.step_graph"],
+    "zerofx.step_graph": ["zerofx.passes", "zerofx.runtime", "zerofx.plan", "zerofx.config"],
 }
 
 

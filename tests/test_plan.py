@@ -14,13 +14,13 @@ def test_flat_layout_is_contiguous_in_reverse_registration_order():
     plan = make_plan(_params([10, 20, 30]), Config())
     assert [p.name for p in plan.params] == ["p2", "p1", "p0"]
     assert [(p.offset, p.end) for p in plan.params] == [(0, 30), (30, 50), (50, 60)]
+    assert plan.padded_numel == plan.numel == 60  # one rank: nothing to pad
 
 
 def test_buckets_hold_at_most_the_bucket_size():
     cfg = Config.from_dict({"zero_optimization": {"reduce_bucket_size": 50}})
     plan = make_plan(_params([10, 20, 30, 100, 5]), cfg)
-    assert [b.params for b in plan.buckets] == [("p4", "p3"), ("p2", "p1"), ("p0",)] or \
-        all(b.numel <= 50 or len(b.params) == 1 for b in plan.buckets)
+    assert [b.params for b in plan.buckets] == [("p4",), ("p3",), ("p2", "p1"), ("p0",)]
     # every parameter in exactly one bucket, buckets tile the buffer
     assert sorted(n for b in plan.buckets for n in b.params) == sorted(f"p{i}" for i in range(5))
     ends = [b.offset + b.numel for b in plan.buckets]
@@ -30,11 +30,22 @@ def test_buckets_hold_at_most_the_bucket_size():
 
 
 @pytest.mark.parametrize("world", [1, 2, 4, 3])
-def test_shards_cover_the_padded_buffer(world):
-    plan = make_plan(_params([7, 6]), Config(), rank=world - 1, world_size=world)
-    assert plan.padded_numel % world == 0 and plan.padded_numel - plan.numel < world
-    assert sum(s.numel for s in plan.shards) == plan.padded_numel
-    assert plan.my_shard.dp_rank == world - 1
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_owned_ranges_tile_every_bucket(world, stage):
+    cfg = Config.from_dict({"zero_optimization": {"stage": stage, "reduce_bucket_size": 8}})
+    plan = make_plan(_params([7, 6, 3]), cfg, rank=world - 1, world_size=world)
+    assert all(b.padded % world == 0 and b.padded - b.numel < world for b in plan.buckets)
+    owned = [plan.owned(r) for r in range(world)]
+    if stage == 0 or world == 1:  # every rank updates everything
+        assert all(o == owned[0] for o in owned) and plan.shard_numel == plan.padded_numel
+        return
+    for b in plan.buckets:  # ranks' slices of a bucket: disjoint, in rank order, covering it
+        pieces = [o[b.index] for o in owned]
+        assert pieces[0].start == b.offset and all(p.numel == b.padded // world for p in pieces)
+        assert [p.start for p in pieces] == [b.offset + r * pieces[0].numel for r in range(world)]
+    assert plan.shard_numel * world == plan.padded_numel
+    assert [r.at for r in plan.owned()] == [0, *[sum(r.numel for r in plan.owned()[:i + 1])
+                                                 for i in range(len(plan.buckets) - 1)]]
 
 
 def test_grid_tp_neighbours_adjacent():
@@ -50,7 +61,9 @@ def test_predicted_bytes_shrink_with_zero_stage():
     params = _params([1000, 24])
     cfg = lambda s: Config.from_dict({"zero_optimization": {"stage": s}})  # noqa: E731
     full = make_plan(params, cfg(0), world_size=4).predicted_bytes()
+    z1 = make_plan(params, cfg(1), world_size=4).predicted_bytes()
     z2 = make_plan(params, cfg(2), world_size=4).predicted_bytes()
     assert z2["optimizer_state"] * 4 == full["optimizer_state"] == 8 * 1024
+    assert z1["optimizer_state"] == z2["optimizer_state"] and z1["gradients"] == full["gradients"]
     assert z2["gradients"] * 4 == full["gradients"]
     assert "fc" not in make_plan(params, cfg(1)).describe()

@@ -9,6 +9,7 @@ run eagerly by default; ``{"zerofx": {"inductor": true}}`` hands them to Inducto
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -24,22 +25,14 @@ from functorch.compile import make_boxed_func
 from zerofx.config import Config, ConfigError
 from zerofx.passes import PassContext, PassSpec, build_pipeline, run_pipeline
 from zerofx.passes.dump import GraphDump
-from zerofx.passes.nodes import META_INPUT
+from zerofx.passes.nodes import META_INPUT, InputRole
 from zerofx.plan import Plan, make_plan
 from zerofx.runtime.dist import init_distributed
 
 log = logging.getLogger(__name__)
 
-OPTION_KEYS = ("config", "extra_passes")
+OPTION_KEYS = ("config", "runtime", "extra_passes")
 DUMP_ENV = "ZEROFX_DUMP"
-
-
-@dataclass(frozen=True)
-class InputRole:
-    """What a graph input is: a parameter, buffer, user input or incoming gradient."""
-
-    kind: str  # "param" | "buffer" | "input" | "tangent"
-    name: str
 
 
 @dataclass(frozen=True)
@@ -53,6 +46,7 @@ class Compilation:
     graph_id: str
     rank: int
     dump_root: str | None
+    runtime: object | None  # a ZeroRuntime: ZeRO buckets, loss scale and the step graph
 
 
 def zero_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None = None,
@@ -66,8 +60,11 @@ def zero_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None = N
     if unknown:
         raise ConfigError(f"unknown zero backend option(s) {unknown}; "
                           f"allowed: {list(OPTION_KEYS)}")
-    comp = _prepare(gm, example_inputs, Config.from_any(options.get("config")),
-                    tuple(options.get("extra_passes", ())))
+    runtime = options.get("runtime")
+    config = runtime.config if runtime is not None and options.get("config") is None \
+        else Config.from_any(options.get("config"))
+    comp = _prepare(gm, example_inputs, config, tuple(options.get("extra_passes", ())),
+                    runtime)
     return aot_autograd(
         # Inductor lowers only graphs decomposed with its own table; the passes see the
         # same decomposed graph it will compile.
@@ -86,20 +83,29 @@ def _inductor_decompositions():
     return select_decomp_table()
 
 
-def _prepare(gm, example_inputs, config: Config, extra) -> Compilation:
+def _prepare(gm, example_inputs, config: Config, extra, runtime) -> Compilation:
     world = init_distributed()
     roles = input_roles(gm, example_inputs)
     params = [(r.name, t) for r, t in zip(roles, _flat_inputs(gm, example_inputs))
               if r.kind == "param"]
-    plan = make_plan(params, config, rank=world.rank, world_size=world.world_size)
+    # With a runtime, its plan (made from the whole model) is the one layout everyone uses.
+    plan = runtime.plan if runtime is not None else \
+        make_plan(params, config, rank=world.rank, world_size=world.world_size)
     cid = CompileContext.current_compile_id()
     graph_id = "g" + re.sub(r"[^0-9]+", "_", str(cid)).strip("_") if cid else "g"
     dump_root = os.environ.get(DUMP_ENV) or config.zerofx.dump_dir
-    comp = Compilation(config, plan, build_pipeline(config, extra=extra), roles, graph_id,
-                       world.rank, dump_root)
+    passes = build_pipeline(config, extra=extra, with_runtime=runtime is not None)
+    comp = Compilation(config, plan, passes, roles, graph_id, world.rank, dump_root, runtime)
     if dump_root:
         GraphDump.create(dump_root, rank=world.rank, graph=graph_id).write_text(
             "plan.txt", plan.describe() + "\n")
+    if runtime is not None and runtime.step_builder is None:
+        # Traced at the first step, outside Dynamo's tracing context (whose fake mode would
+        # make the step's buffer sizes symbolic).
+        from zerofx.step_graph import build_step_program
+
+        runtime.step_builder = functools.partial(
+            build_step_program, runtime, passes=passes, dump_root=dump_root, graph_id=graph_id)
     log.info("zero backend: compiling %s (%d inputs, %d params, passes: %s)", graph_id,
              len(roles), len(params), ", ".join(p.name for p in comp.passes) or "none")
     return comp
@@ -158,7 +164,9 @@ def _compile_graph(gm: fx.GraphModule, example_inputs, comp: Compilation, kind: 
 
 def _run(gm: fx.GraphModule, comp: Compilation, kind: str, **facts) -> fx.GraphModule:
     name = f"{comp.graph_id}_{kind}"
-    ctx = PassContext(comp.config, comp.plan, kind, name, **facts)
+    sid = comp.runtime.id if comp.runtime is not None else None
+    ctx = PassContext(comp.config, comp.plan, kind, name, state_id=sid, roles=comp.roles,
+                      **facts)
     dump = GraphDump.create(comp.dump_root, rank=comp.rank, graph=comp.graph_id, kind=kind) \
         if comp.dump_root else None
     return run_pipeline(gm, ctx, comp.passes, dump=dump)

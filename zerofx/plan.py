@@ -2,9 +2,14 @@
 
 Computed once per model (or compiled graph) and config, before any pass runs:
 
-    parameters ─▶ one flat fp32 buffer (offsets, padded to divide by the DP size)
-               ─▶ constant-size gradient buckets (reduce_bucket_size elements)
-               ─▶ per-rank shard ranges (ZeRO 1/2)
+    parameters ─▶ one flat buffer, cut into constant-size buckets (reduce_bucket_size
+                  elements), each padded to divide by the data-parallel size
+               ─▶ per-rank shards: under ZeRO 1/2 rank r owns the r-th 1/N of every bucket
+
+Sharding bucket by bucket (not the flat buffer as a whole) makes every bucket's
+reduce-scatter and all-gather an equal split with no re-layout; a rank's shard is the
+concatenation of its slices, in bucket order, so the fused optimizer still runs over one
+contiguous flat tensor.
     ranks      ─▶ a tensor-parallel × data-parallel grid of process groups
 
 Passes read the plan; the runtime allocates from it; the dump prints it. It holds plain data
@@ -13,7 +18,7 @@ only (no tensors, no process-group handles) so it can be built, printed and test
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tabulate import tabulate
@@ -43,17 +48,19 @@ class Bucket:
 
     index: int
     offset: int
-    numel: int
+    numel: int  # elements of parameters in it
+    padded: int  # numel rounded up to a multiple of the DP size
     params: tuple[str, ...]  # in the order their gradients fill the bucket
 
 
 @dataclass(frozen=True)
-class Shard:
-    """The slice of the (padded) flat buffer a data-parallel rank owns under ZeRO."""
+class OwnedRange:
+    """The part of one bucket a rank updates: flat[start:start+numel] = shard[at:at+numel]."""
 
-    dp_rank: int
-    offset: int
+    bucket: int
+    start: int
     numel: int
+    at: int
 
 
 @dataclass(frozen=True)
@@ -100,16 +107,31 @@ class Plan:
     compute_dtype: torch.dtype
     params: tuple[ParamSlot, ...]
     buckets: tuple[Bucket, ...]
-    padded_numel: int  # flat buffer length, a multiple of dp_size
-    shards: tuple[Shard, ...] = field(default=())
+    padded_numel: int  # flat buffer length: the sum of the padded buckets
 
     @property
     def numel(self) -> int:
         return sum(p.numel for p in self.params)
 
     @property
-    def my_shard(self) -> Shard:
-        return self.shards[self.grid.dp_rank(self.rank)]
+    def sharded(self) -> bool:
+        """ZeRO 1/2: master weights and optimizer state are split across the DP group."""
+        return self.zero_stage >= 1 and self.grid.dp_size > 1
+
+    def owned(self, dp_rank: int | None = None) -> tuple[OwnedRange, ...]:
+        """What ``dp_rank`` (default: this rank) updates, bucket by bucket."""
+        dp_rank = self.grid.dp_rank(self.rank) if dp_rank is None else dp_rank
+        ranges, at = [], 0
+        for b in self.buckets:
+            per = b.padded // self.grid.dp_size if self.sharded else b.padded
+            start = b.offset + (dp_rank * per if self.sharded else 0)
+            ranges.append(OwnedRange(b.index, start, per, at))
+            at += per
+        return tuple(ranges)
+
+    @property
+    def shard_numel(self) -> int:
+        return sum(r.numel for r in self.owned())
 
     def slot(self, name: str) -> ParamSlot:
         for p in self.params:
@@ -119,8 +141,8 @@ class Plan:
 
     def predicted_bytes(self) -> dict[str, int]:
         """Bytes per rank of the training state this plan implies (what the dump reports)."""
-        total, mine = self.padded_numel, self.padded_numel // self.grid.dp_size
-        state = mine if self.zero_stage >= 1 else total
+        total, mine = self.padded_numel, self.shard_numel
+        state = mine
         grads = mine if self.zero_stage >= 2 else total
         lowp = self.compute_dtype.itemsize
         return {
@@ -158,33 +180,30 @@ def make_plan(
     """
     grid = ProcessGrid(world_size, config.tensor_parallel.size)
     order = list(reversed(named_params))
-    slots, offset = [], 0
-    bucket_cap = max(1, config.zero_optimization.reduce_bucket_size)
-    bucket_of, buckets = _fill_buckets(order, bucket_cap)
-    for name, p in order:
-        slots.append(ParamSlot(name, tuple(p.shape), p.dtype, offset, p.numel(), bucket_of[name]))
-        offset += p.numel()
-    padded = math.ceil(max(offset, 1) / grid.dp_size) * grid.dp_size
-    per = padded // grid.dp_size
-    shards = tuple(Shard(r, r * per, per) for r in range(grid.dp_size))
+    groups = _group_into_buckets(order, max(1, config.zero_optimization.reduce_bucket_size))
+    slots, buckets, offset = [], [], 0
+    for index, group in enumerate(groups):
+        start = offset
+        for name, p in group:
+            slots.append(ParamSlot(name, tuple(p.shape), p.dtype, offset, p.numel(), index))
+            offset += p.numel()
+        numel = offset - start
+        padded = math.ceil(max(numel, 1) / grid.dp_size) * grid.dp_size
+        buckets.append(Bucket(index, start, numel, padded, tuple(n for n, _ in group)))
+        offset = start + padded
     return Plan(rank=rank, grid=grid, zero_stage=config.zero_optimization.stage,
                 compute_dtype=config.compute_dtype, params=tuple(slots),
-                buckets=tuple(buckets), padded_numel=padded, shards=shards)
+                buckets=tuple(buckets), padded_numel=offset)
 
 
-def _fill_buckets(order, cap: int) -> tuple[dict[str, int], list[Bucket]]:
+def _group_into_buckets(order, cap: int) -> list[list]:
     """Greedy: a bucket closes once it holds ``cap`` elements (a big tensor gets its own)."""
-    bucket_of: dict[str, int] = {}
-    buckets: list[Bucket] = []
-    start = filled = 0
-    names: list[str] = []
+    groups: list[list] = []
+    filled = cap
     for name, p in order:
-        if names and filled + p.numel() > cap:
-            buckets.append(Bucket(len(buckets), start, filled, tuple(names)))
-            start, filled, names = start + filled, 0, []
-        bucket_of[name] = len(buckets)
-        names.append(name)
+        if filled + p.numel() > cap and (not groups or groups[-1]):
+            groups.append([])
+            filled = 0
+        groups[-1].append((name, p))
         filled += p.numel()
-    if names:
-        buckets.append(Bucket(len(buckets), start, filled, tuple(names)))
-    return bucket_of, buckets
+    return groups

@@ -11,6 +11,7 @@ Graph kinds (AOTAutograd's aten graphs, never a split of the Dynamo graph):
     forward    the partitioned forward graph
     backward   the partitioned backward graph (gradient buckets, collectives)
     inference  a forward graph compiled without autograd
+    optimizer  the optimizer step (ZeroRuntime), traced with make_fx
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from zerofx.plan import Plan
 
 log = logging.getLogger(__name__)
 
-GRAPH_KINDS = ("joint", "forward", "backward", "inference")
+GRAPH_KINDS = ("joint", "forward", "backward", "inference", "optimizer")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class PassContext:
     graph_kind: str
     graph_name: str
     num_fwd_outputs: int | None = None  # joint graphs: outputs before the gradients
+    state_id: int | None = None  # the ZeroRuntime the graph's zerofx ops talk to, if any
+    roles: tuple = ()  # InputRole of each forward input (bucketing maps gradients by it)
 
 
 @dataclass(frozen=True)
@@ -54,20 +57,31 @@ class PassSpec:
     after: tuple[str, ...] = ()  # must run after these when they are in the pipeline
     requires: tuple[str, ...] = ()  # these must be in the pipeline too
     enabled: Callable[[Config], bool] = field(default=lambda cfg: True)
+    needs_runtime: bool = False  # only when a ZeroRuntime owns the training state
 
 
 def declared_passes() -> tuple[PassSpec, ...]:
     """Every zerofx pass, in pipeline order. Importing here keeps pass modules independent."""
+    from zerofx.passes.bucketing import bucketing_pass
+    from zerofx.passes.loss_scale import loss_scale_pass
     from zerofx.passes.mixed_precision import mixed_precision_pass
 
     return (
         PassSpec("mixed_precision", mixed_precision_pass, frozenset({"joint", "inference"}),
                  enabled=lambda cfg: cfg.fp16.enabled or cfg.bf16.enabled),
+        PassSpec("loss_scale", loss_scale_pass, frozenset({"joint"}),
+                 after=("mixed_precision",), enabled=lambda cfg: cfg.fp16.enabled,
+                 needs_runtime=True),
+        PassSpec("bucketing", bucketing_pass, frozenset({"backward"}), needs_runtime=True),
     )
 
 
-def build_pipeline(config: Config, *, extra: tuple[PassSpec, ...] = ()) -> tuple[PassSpec, ...]:
-    """The passes this config runs, in order; ``extra`` (tests, plugins) go last."""
+def build_pipeline(config: Config, *, extra: tuple[PassSpec, ...] = (),
+                   with_runtime: bool = False) -> tuple[PassSpec, ...]:
+    """The passes this config runs, in order; ``extra`` (tests, plugins) go last.
+
+    Passes that hand state to a ZeroRuntime (loss scale, buckets) run only ``with_runtime``.
+    """
     declared = declared_passes() + tuple(extra)
     names = [p.name for p in declared]
     for bad in set(config.zerofx.disable_passes) - set(names):
@@ -76,7 +90,8 @@ def build_pipeline(config: Config, *, extra: tuple[PassSpec, ...] = ()) -> tuple
         raise ConfigError(f"zerofx.disable_passes: no pass named {bad!r}{hint} "
                           f"(passes: {', '.join(names)})")
     chosen = tuple(p for p in declared
-                   if p.enabled(config) and p.name not in config.zerofx.disable_passes)
+                   if p.enabled(config) and p.name not in config.zerofx.disable_passes
+                   and (with_runtime or not p.needs_runtime))
     check_order(chosen)
     return chosen
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 from torch import fx
@@ -11,6 +12,20 @@ aten = torch.ops.aten
 # node.meta keys: constants, so passes never invent their own spellings.
 META_PASS = "zerofx"  # {"pass": name} on every node a pass adds
 META_INPUT = "zerofx_input"  # InputRole on placeholders
+
+
+
+@dataclass(frozen=True)
+class InputRole:
+    """What a graph input is: a parameter, buffer, user input or incoming gradient."""
+
+    kind: str  # "param" | "buffer" | "input" | "tangent"
+    name: str
+
+
+def role_of(node: fx.Node) -> InputRole | None:
+    return node.meta.get(META_INPUT)
+
 
 _CAST_TARGETS = {
     aten._to_copy.default,

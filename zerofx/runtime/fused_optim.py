@@ -1,0 +1,289 @@
+"""Fused Adam, AdamW and LAMB over a rank's flat fp32 shard: kernel loading and thin front-ends.
+
+The ops (schemas in ``optim_ops``) are ``torch.ops.zerofx.adam_step_``, ``lamb_moments_`` and
+``lamb_apply_``. One pass over the shard reads the gradient in its stored dtype, multiplies it
+by ``grad_scale`` (1/loss_scale x clip coefficient), updates the moments and the fp32 master
+weight and writes the bf16/fp16 copy for the all-gather; a nonzero ``skip`` (overflow) leaves
+everything untouched. ZeRO LAMB across ranks::
+
+    sums = lamb_moments_(...)            # [2, T] partial sum w^2, sum u^2 of this shard's pieces
+    dist.all_reduce(sums)                # whole-tensor sums (what lamb_step_(group=...) does)
+    ratio = lamb_trust_ratio(sums, hyper=hyper)
+    lamb_apply_(..., trust_ratio=ratio)
+
+``load_kernels()`` JIT-builds zerofx/csrc on first use (cached on disk by
+torch.utils.cpp_extension); if that fails the same ops run a plain-torch fallback.
+"""
+import dataclasses
+import functools
+import logging
+import math
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+from zerofx.runtime import optim_ops  # noqa: F401  (importing it defines the zerofx:: ops)
+
+log = logging.getLogger(__name__)
+zerofx_ops = torch.ops.zerofx
+
+_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+_CPU_SOURCES = ("fused_adam.cpp", "fused_lamb.cpp")
+_CUDA_SOURCES = ("fused_adam.cu", "fused_lamb.cu")
+
+__all__ = [
+    "AdamHyper", "LambHyper", "load_kernels", "adam_step_", "lamb_moments_", "lamb_apply_",
+    "lamb_trust_ratio", "lamb_step_", "combined_grad_scale", "lamb_reference", "adam_kwargs",
+    "lamb_kwargs",
+]
+
+
+def _check_betas(betas, eps, weight_decay):
+    if not all(0.0 <= b < 1.0 for b in betas) or len(betas) != 2:
+        raise ValueError(f"betas must be two values in [0, 1), got {betas}")
+    if eps < 0 or weight_decay < 0:
+        raise ValueError(f"eps and weight_decay must be >= 0, got {eps}, {weight_decay}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamHyper:
+    """Fixed Adam/AdamW hyperparameters, named as in DeepSpeed's FusedAdam (lr is per step)."""
+
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Decay rates of the first and second moment."""
+    eps: float = 1e-8
+    """Added to the denominator, outside the square root."""
+    weight_decay: float = 0.0
+    """Decoupled (AdamW) or L2 (Adam) weight decay, per adam_w_mode."""
+    bias_correction: bool = True
+    """Divide the moments by 1 - beta^step."""
+    adam_w_mode: bool = True
+    """True: AdamW (decay shrinks the weight). False: Adam (decay joins the gradient)."""
+
+    def __post_init__(self):
+        _check_betas(self.betas, self.eps, self.weight_decay)
+
+
+@dataclasses.dataclass(frozen=True)
+class LambHyper:
+    """Fixed LAMB hyperparameters, named as in DeepSpeed's FusedLamb (lr is per step)."""
+
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Decay rates of the first and second moment."""
+    eps: float = 1e-8
+    """Added to the second moment, inside or outside its square root per eps_inside_sqrt."""
+    eps_inside_sqrt: bool = False
+    """True: denom = sqrt(v + eps). False: denom = sqrt(v) + eps."""
+    weight_decay: float = 0.0
+    """Added to the update direction as weight_decay * w (so it counts in the trust ratio)."""
+    bias_correction: bool = True
+    """Scale the step by sqrt(1 - beta2^step) / (1 - beta1^step)."""
+    max_grad_norm: float = 0.0
+    """Clip the gradient to this global norm (see combined_grad_scale); 0 disables."""
+    max_coeff: float = 10.0
+    """Upper clamp of the per-tensor trust ratio |w| / |u|."""
+    min_coeff: float = 0.01
+    """Lower clamp of the per-tensor trust ratio."""
+
+    def __post_init__(self):
+        _check_betas(self.betas, self.eps, self.weight_decay)
+        if self.max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
+
+
+def adam_kwargs(hyper: AdamHyper) -> dict:
+    """The fixed keyword arguments of zerofx::adam_step_ (for building graph nodes)."""
+    return dict(beta1=hyper.betas[0], beta2=hyper.betas[1], eps=hyper.eps,
+                weight_decay=hyper.weight_decay, bias_correction=hyper.bias_correction,
+                adam_w_mode=hyper.adam_w_mode)
+
+
+def lamb_kwargs(hyper: LambHyper, *, apply: bool) -> dict:
+    """The fixed keyword arguments of zerofx::lamb_moments_ (apply=False) or lamb_apply_."""
+    kw = dict(beta1=hyper.betas[0], beta2=hyper.betas[1], eps=hyper.eps,
+              weight_decay=hyper.weight_decay, eps_inside_sqrt=hyper.eps_inside_sqrt)
+    if apply:
+        kw["bias_correction"] = hyper.bias_correction
+    return kw
+
+
+# --------------------------------------------------------------------------- kernel loading
+def _isa_flags() -> tuple[str, list[str]]:
+    """The vector ISA to build for, and its flags: ATen's vec headers key off CPU_CAPABILITY.
+
+    Every x86 CPU torch runs with AVX2 or better gets the AVX2 build (the kernels are bound by
+    memory bandwidth, so AVX-512 would add little); anything else gets portable code.
+    """
+    capability = torch.backends.cpu.get_cpu_capability()
+    if platform.machine().lower() in ("x86_64", "amd64") and capability.startswith("AVX"):
+        return "avx2", ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2",
+                        "-DCPU_CAPABILITY_AVX2"]
+    return "default", ["-DCPU_CAPABILITY=DEFAULT"]
+
+
+def _build_and_load(sources: tuple[str, ...], *, cuda: bool) -> None:
+    from torch.utils import cpp_extension
+
+    isa, isa_flags = _isa_flags()
+    # The torch version is in the name: the extension cache is not keyed by it, and a library
+    # built against another torch's headers must never be loaded.
+    tag = re.sub(r"\W", "_", torch.__version__)
+    cpp_extension.load(
+        name=f"zerofx_optim_{tag}_{isa}{'_cuda' if cuda else ''}",
+        sources=[str(_CSRC / s) for s in sources],
+        # -ffp-contract=off: no silent FMAs, so the kernels round like the plain-torch fallback.
+        # -fopenmp: at::parallel_for is inline OpenMP code, compiled into this library.
+        extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp", *isa_flags],
+        extra_ldflags=["-fopenmp"],
+        extra_cuda_cflags=["-O3"],
+        extra_include_paths=[str(_CSRC)],
+        is_python_module=False,  # the library only registers kernels with the dispatcher
+    )
+
+
+@functools.cache
+def load_kernels() -> bool:
+    """Build (first use; cached on disk) and load the C++/CUDA kernels. Idempotent.
+
+    Returns True when the C++ kernels are in use. Otherwise logs one warning and returns
+    False: the ops keep working through their plain-torch fallback.
+    """
+    attempts = [("cpu", _CPU_SOURCES)]
+    if torch.version.cuda is not None:
+        attempts.insert(0, ("cuda", _CPU_SOURCES + _CUDA_SOURCES))
+    failures = []
+    for variant, sources in attempts:
+        try:
+            _build_and_load(sources, cuda=variant == "cuda")
+        # Any failure (no compiler, no ninja, a build error, a load error) means the same
+        # thing to the caller: fall back to plain torch.
+        except Exception as e:  # noqa: BLE001
+            failures.append(f"{variant}: {type(e).__name__}: {str(e).strip()[-2000:]}")
+            continue
+        if failures:
+            log.warning("zerofx: CUDA optimizer kernels unavailable, CUDA tensors use the "
+                        "plain-torch fallback (%s)", failures[0])
+        return True
+    log.warning("zerofx: fused optimizer kernels could not be built or loaded; using the "
+                "plain-torch fallback of the same ops (slower). %s", "; ".join(failures))
+    return False
+
+
+# --------------------------------------------------------------------------- front-ends
+def _scalar(x, device) -> torch.Tensor:
+    """A per-step value as the one-element fp32 tensor the ops take (numbers are converted)."""
+    if isinstance(x, torch.Tensor):
+        return x
+    return torch.tensor(float(x), dtype=torch.float32, device=device)
+
+
+@torch.no_grad()
+def adam_step_(param, grad, exp_avg, exp_avg_sq, *, lr, step, hyper: AdamHyper = AdamHyper(),
+               grad_scale=1.0, skip=0.0, param_out=None) -> None:
+    """One fused Adam/AdamW step of a flat fp32 shard, in place (see zerofx::adam_step_).
+
+    step is the count after this step's increment; leave it unchanged on a skipped step.
+    """
+    load_kernels()
+    dev = param.device
+    zerofx_ops.adam_step_(param, grad, exp_avg, exp_avg_sq, param_out, _scalar(lr, dev),
+                          _scalar(step, dev), _scalar(grad_scale, dev), _scalar(skip, dev),
+                          **adam_kwargs(hyper))
+
+
+@torch.no_grad()
+def lamb_moments_(param, grad, exp_avg, exp_avg_sq, tensor_bounds, *, hyper: LambHyper,
+                  grad_scale=1.0, skip=0.0, shard_offset: int = 0) -> torch.Tensor:
+    """LAMB pass 1: update the moments; return [2, T] partial sums (sum w^2, sum u^2)."""
+    load_kernels()
+    dev = param.device
+    return zerofx_ops.lamb_moments_(param, grad, exp_avg, exp_avg_sq, tensor_bounds,
+                                    _scalar(grad_scale, dev), _scalar(skip, dev),
+                                    shard_offset=shard_offset, **lamb_kwargs(hyper, apply=False))
+
+
+def lamb_trust_ratio(sums: torch.Tensor, *, hyper: LambHyper) -> torch.Tensor:
+    """Per-tensor trust ratio |w| / |u| from whole-tensor square sums, as DeepSpeed clamps it.
+
+    1.0 where either norm is zero. Plain torch ops, so it traces into the step graph.
+    """
+    w_norm, u_norm = sums[0].sqrt(), sums[1].sqrt()
+    ratio = (w_norm / u_norm).clamp(max=hyper.max_coeff).clamp(min=hyper.min_coeff)
+    return torch.where((w_norm != 0) & (u_norm != 0), ratio, torch.ones_like(ratio))
+
+
+@torch.no_grad()
+def lamb_apply_(param, exp_avg, exp_avg_sq, tensor_bounds, trust_ratio, *, lr, step,
+                hyper: LambHyper, skip=0.0, shard_offset: int = 0, param_out=None) -> None:
+    """LAMB pass 2: param -= step_size * trust_ratio[tensor] * u; writes param_out too."""
+    load_kernels()
+    dev = param.device
+    zerofx_ops.lamb_apply_(param, exp_avg, exp_avg_sq, param_out, tensor_bounds, trust_ratio,
+                           _scalar(lr, dev), _scalar(step, dev), _scalar(skip, dev),
+                           shard_offset=shard_offset, **lamb_kwargs(hyper, apply=True))
+
+
+@torch.no_grad()
+def lamb_step_(param, grad, exp_avg, exp_avg_sq, tensor_bounds, *, lr, step, hyper: LambHyper,
+               grad_scale=1.0, skip=0.0, shard_offset: int = 0, param_out=None,
+               group=None) -> torch.Tensor:
+    """A whole LAMB step of one shard; returns the per-tensor trust ratios.
+
+    group: the process group whose shards together hold the tensors (their partial norms are
+    all-reduced over it); None when this shard is the only one.
+    """
+    sums = lamb_moments_(param, grad, exp_avg, exp_avg_sq, tensor_bounds, hyper=hyper,
+                         grad_scale=grad_scale, skip=skip, shard_offset=shard_offset)
+    if group is not None:
+        torch.distributed.all_reduce(sums, group=group)
+    ratio = lamb_trust_ratio(sums, hyper=hyper)
+    lamb_apply_(param, exp_avg, exp_avg_sq, tensor_bounds, ratio, lr=lr, step=step, hyper=hyper,
+                skip=skip, shard_offset=shard_offset, param_out=param_out)
+    return ratio
+
+
+def combined_grad_scale(loss_scale, *, grad_norm=None, max_grad_norm: float = 0.0):
+    """grad_scale for the ops: 1 / (loss_scale x clip), clip as in DeepSpeed's FusedLamb.
+
+    grad_norm is the global norm of the still-scaled gradients; with max_grad_norm > 0 the
+    gradient is clipped when (grad_norm / loss_scale + 1e-6) / max_grad_norm > 1. Tensor ops
+    only, so nothing is read on the host.
+    """
+    loss_scale = torch.as_tensor(loss_scale, dtype=torch.float32)
+    combined = loss_scale
+    if max_grad_norm > 0 and grad_norm is not None:
+        clip = (grad_norm / loss_scale + 1e-6) / max_grad_norm
+        combined = torch.where(clip > 1, clip * loss_scale, loss_scale)
+    return 1.0 / combined
+
+
+# --------------------------------------------------------------------------- reference
+@torch.no_grad()
+def lamb_reference(params, grads, exp_avgs, exp_avg_sqs, *, lr: float, step: int,
+                   hyper: LambHyper, grad_scale: float = 1.0) -> list[float]:
+    """DeepSpeed's FusedLamb step over whole (unsharded) fp32 tensors, in place; for tests.
+
+    A plain transcription of fused_lamb_cuda_kernel.cu with Python numbers; returns the trust
+    ratio of each tensor.
+    """
+    beta1, beta2 = hyper.betas
+    step_size = lr
+    if hyper.bias_correction:
+        step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+    ratios = []
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+        g = g.float() * grad_scale
+        m.mul_(beta1).add_((1 - beta1) * g)
+        v.mul_(beta2).add_((1 - beta2) * g * g)
+        denom = (v + hyper.eps).sqrt() if hyper.eps_inside_sqrt else v.sqrt() + hyper.eps
+        update = m / denom + hyper.weight_decay * p
+        w_norm, u_norm = p.double().norm().item(), update.double().norm().item()
+        coeff = 1.0
+        if w_norm != 0 and u_norm != 0:
+            coeff = max(min(w_norm / u_norm, hyper.max_coeff), hyper.min_coeff)
+        p.sub_(step_size * coeff * update)
+        ratios.append(coeff)
+    return ratios
+

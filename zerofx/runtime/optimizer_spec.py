@@ -1,0 +1,56 @@
+"""Which update the sharded step runs: from the config's optimizer block or a torch optimizer.
+
+A DeepSpeed user names the optimizer in JSON; a torch user passes ``torch.optim.Adam/AdamW``.
+Both become one frozen spec with DeepSpeed's parameter names, read once at set-up.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from zerofx.config import Config, ConfigError
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    kind: str  # "adam" (Adam and AdamW, per adam_w_mode)
+    lr: float
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+    bias_correction: bool
+    adam_w_mode: bool
+
+    @classmethod
+    def from_config_or_torch(cls, config: Config, optimizer=None) -> "OptimizerSpec":
+        if optimizer is not None:
+            return cls.from_torch(optimizer)
+        opt = config.optimizer
+        if opt is None:
+            raise ConfigError("no optimizer: add an \"optimizer\" block to the config "
+                              "(e.g. {\"type\": \"AdamW\", \"params\": {\"lr\": 1e-3}}) or "
+                              "pass a torch.optim.Adam/AdamW")
+        if opt.type == "Lamb":
+            raise ConfigError("optimizer.type 'Lamb' is not yet wired into the ZeRO step; "
+                              "use Adam or AdamW (the fused LAMB kernels exist in "
+                              "zerofx.runtime.fused_optim)")
+        return cls("adam", opt.lr, tuple(opt.betas), opt.eps, opt.weight_decay,
+                   opt.bias_correction, opt.adam_w_mode)
+
+    @classmethod
+    def from_torch(cls, optimizer: torch.optim.Optimizer) -> "OptimizerSpec":
+        if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+            raise ConfigError(f"{type(optimizer).__name__} is not supported by the ZeRO step "
+                              f"yet; pass torch.optim.Adam or AdamW, or name the optimizer "
+                              f"in the config")
+        groups = optimizer.param_groups
+        keys = ("lr", "betas", "eps", "weight_decay", "amsgrad")
+        first = {k: groups[0].get(k) for k in keys}
+        if any({k: g.get(k) for k in keys} != first for g in groups[1:]):
+            raise ConfigError("parameter groups with different hyperparameters are not "
+                              "supported by the ZeRO step yet; use one group")
+        if first["amsgrad"]:
+            raise ConfigError("amsgrad=True is not supported; DeepSpeed's Adam has no amsgrad")
+        return cls("adam", float(first["lr"]), tuple(first["betas"]), first["eps"],
+                   first["weight_decay"], True, isinstance(optimizer, torch.optim.AdamW))

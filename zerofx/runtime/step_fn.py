@@ -1,0 +1,64 @@
+"""The optimizer step as plain torch code, traced once into the optimizer-step graph.
+
+    wait for the bucket collectives
+    → squared gradient norm of this rank's shard, summed over the DP group (one all-reduce)
+    → overflow = norm not finite; coefficient = clip / (loss_scale × dp × accumulation)
+    → fused Adam/AdamW on the fp32 master shard (skipped on overflow), writing the compute-
+      dtype copy → all-gather every bucket's slices back into the model's parameters
+    → loss-scale update and skip count, on the device
+
+Everything per-step is a tensor argument, so the traced graph never changes and never reads
+a value on the host.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed._functional_collectives as funcol
+
+from zerofx.runtime.fused_optim import AdamHyper, adam_step_
+from zerofx.runtime.loss_scaler import LossScaler
+
+# torch 2.13 renamed all_gather_tensor (now deprecated, warning per call); 2.11 lacks the new name.
+_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+
+
+def make_step_fn(rt):
+    """Close a step function over ``rt``'s static facts (plan, optimizer, group)."""
+    plan, spec, scaler = rt.plan, rt.spec, rt.scaler
+    clip = rt.config.gradient_clipping
+    owned, group, sid = plan.owned(), rt.group, rt.id
+    reduced_in_shard = rt.reduces_into_shard
+    hyper = AdamHyper(betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay,
+                      bias_correction=spec.bias_correction, adam_w_mode=spec.adam_w_mode)
+    # Gradients arrive summed over DP ranks and accumulation steps, and loss-scaled.
+    divisor = float(plan.grid.dp_size * rt.gas)
+
+    def step_fn(shard_grads, full_grads, master, exp_avg, exp_avg_sq, shard_lowp, flat_params,
+                lr, step, scale, hysteresis, it, last_overflow, skipped):
+        torch.ops.zerofx.wait_buckets(sid)
+        if plan.sharded and not reduced_in_shard:  # stage 1: keep only what this rank owns
+            for r in owned:
+                shard_grads[r.at:r.at + r.numel].copy_(full_grads[r.start:r.start + r.numel])
+        g = shard_grads
+        sq = g.float().square().sum()
+        if plan.sharded and group is not None:
+            sq = funcol.all_reduce(sq, "sum", group)
+        overflow = ~torch.isfinite(sq)
+        denom = scale * divisor
+        coef = 1.0 / denom
+        if clip > 0:
+            norm = sq.sqrt() / denom
+            coef = coef * torch.clamp(clip / (norm + 1e-6), max=1.0)
+        step.add_((~overflow).float())
+        out = shard_lowp if plan.sharded else flat_params
+        adam_step_(master, g, exp_avg, exp_avg_sq, lr=lr, step=step, hyper=hyper,
+                   grad_scale=coef, skip=overflow.float(), param_out=out)
+        if plan.sharded:
+            for r, b in zip(owned, plan.buckets):
+                gathered = _all_gather(shard_lowp[r.at:r.at + r.numel], 0, group)
+                flat_params[b.offset:b.offset + b.padded].copy_(gathered)
+        LossScaler(scale, hysteresis, it, last_overflow, scaler.dynamic, scaler.window,
+                   scaler.delayed_shift, scaler.min_scale).update(overflow)
+        skipped.add_(overflow.long())
+
+    return step_fn

@@ -1,0 +1,182 @@
+"""ZeroRuntime: the per-model training state of ZeRO stages 0-2, laid out by the plan.
+
+    rt = ZeroRuntime(model, config)            # params become views of one flat buffer
+    model = torch.compile(model, backend="zero", options={"config": config, "runtime": rt})
+    loss = model(x, y); loss.backward()        # backward hands buckets to rt (reduce_bucket)
+    rt.step()                                  # the optimizer-step graph, at the boundary
+
+Buffers (N = data-parallel size, "shard" = what this rank updates, see plan.owned):
+    flat_params   padded_numel, compute dtype: the model's parameters are views into it
+    master, exp_avg, exp_avg_sq   shard, fp32
+    shard_lowp    shard, compute dtype: the updated shard, all-gathered into flat_params
+    shard_grads   shard, compute dtype: reduce-scatter target (stage 2)
+    full_grads    padded_numel: all-reduce target (stages 0/1) and the local accumulation
+                  buffer when gradient_accumulation_steps > 1 (stage 2 keeps it only then)
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from zerofx.config import Config, ConfigError
+from zerofx.plan import Plan, make_plan
+from zerofx.runtime import zero_ops
+from zerofx.runtime.dist import init_distributed
+from zerofx.runtime.loss_scaler import LossScaler
+from zerofx.runtime.optimizer_spec import OptimizerSpec
+
+log = logging.getLogger(__name__)
+
+# torch 2.13 renamed reduce_scatter_tensor (deprecated, warning per call); 2.11 lacks the new name.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class ZeroRuntime:
+    """Flat buffers, shards, pending collectives and step state of one model."""
+
+    def __init__(self, model: nn.Module, config=None, *, optimizer=None):
+        self.config = Config.from_any(config)
+        world = init_distributed()
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ConfigError("the model has no trainable parameters for zerofx to optimize")
+        self.plan: Plan = make_plan(named, self.config, rank=world.rank,
+                                    world_size=world.world_size)
+        self.spec = OptimizerSpec.from_config_or_torch(self.config, optimizer)
+        self.group = _dp_group(self.plan) if world.world_size > 1 else None
+        self.gas = _accumulation_steps(self.config, self.plan.grid.dp_size)
+        self.micro_steps = 0
+        self.scaler = LossScaler.from_config(self.config.fp16)
+        self.step_count = torch.zeros((), dtype=torch.float32)
+        self.skipped = torch.zeros((), dtype=torch.int64)
+        self.lr = torch.tensor(self.spec.lr, dtype=torch.float32)
+        self._pending: list = []
+        self.step_builder = None  # set by the backend: traces the optimizer-step graph
+        self.step_program = None  # that graph, built at the first step
+        self._allocate(named)
+        self.id = zero_ops.register(self)
+
+    # ---- layout -------------------------------------------------------------------------
+    def _allocate(self, named) -> None:
+        plan, low = self.plan, self.plan.compute_dtype
+        self.flat_params = torch.zeros(plan.padded_numel, dtype=low)
+        master_full = torch.zeros(plan.padded_numel, dtype=torch.float32)
+        for name, p in named:
+            s = plan.slot(name)
+            master_full[s.offset:s.end].copy_(p.detach().reshape(-1))
+            self.flat_params[s.offset:s.end].copy_(p.detach().reshape(-1))
+            # The parameter now lives in the flat buffer, in the compute dtype: the
+            # all-gather writes straight into the model and no per-step cast is needed.
+            p.data = self.flat_params[s.offset:s.end].view(s.shape)
+        self.master = torch.cat([master_full[r.start:r.start + r.numel] for r in plan.owned()])
+        self.exp_avg = torch.zeros_like(self.master)
+        self.exp_avg_sq = torch.zeros_like(self.master)
+        self.shard_lowp = self.master.to(low)
+        # Stage 2 with reduce-scatter and no accumulation never holds the full gradients.
+        needs_full = not self.reduces_into_shard or self.gas > 1
+        self.full_grads = torch.zeros(plan.padded_numel, dtype=low) if needs_full else None
+        self.shard_grads = torch.zeros(plan.shard_numel, dtype=low) if plan.sharded \
+            else self.full_grads
+
+    @property
+    def reduces_into_shard(self) -> bool:
+        """Stage 2: each bucket is reduce-scattered straight into this rank's shard."""
+        return (self.plan.zero_stage >= 2 and self.plan.sharded
+                and self.config.zero_optimization.reduce_scatter)
+
+    @property
+    def is_boundary(self) -> bool:
+        """Whether the backward now running ends an accumulation window."""
+        return (self.micro_steps + 1) % self.gas == 0
+
+    # ---- backward: called by zerofx::reduce_bucket -------------------------------------
+    @torch.no_grad()
+    def intake(self, index: int, grads) -> None:
+        """Write one bucket's gradients into its flat buffer; at a boundary, reduce it."""
+        b = self.plan.buckets[index]
+        first = self.micro_steps % self.gas == 0
+        if self.full_grads is not None:
+            flat = self.full_grads[b.offset:b.offset + b.padded]
+        else:
+            flat = torch.zeros(b.padded, dtype=self.plan.compute_dtype)
+        for name, g in zip(b.params, grads):
+            s = self.plan.slot(name)
+            dst = flat[s.offset - b.offset:s.end - b.offset]
+            if g is None:
+                if first:
+                    dst.zero_()
+            elif first:
+                dst.copy_(g.reshape(-1))
+            else:
+                dst.add_(g.reshape(-1))
+        if self.is_boundary and self.group is not None:
+            self._pending.append((self._start_collective(b, flat), flat))
+
+    def _start_collective(self, b, flat):
+        if self.reduces_into_shard:
+            mine = self.plan.owned()[b.index]
+            out = self.shard_grads[mine.at:mine.at + mine.numel]
+            return _reduce_scatter(out, flat, group=self.group, async_op=True)
+        return dist.all_reduce(flat, group=self.group, async_op=True)
+
+    def wait_buckets(self) -> None:
+        for work, _ in self._pending:
+            work.wait()
+        self._pending.clear()
+
+    # ---- the step -----------------------------------------------------------------------
+    def step(self) -> bool:
+        """Count a micro-step; at the accumulation boundary run the optimizer step.
+
+        Returns whether an update was attempted (it may still be skipped on overflow).
+        """
+        boundary = self.is_boundary
+        self.micro_steps += 1
+        if not boundary:
+            return False
+        if self.step_program is None:
+            if self.step_builder is None:
+                raise RuntimeError(
+                    "ZeroRuntime.step() before any compiled backward: compile the model with "
+                    "torch.compile(model, backend='zero', options={'runtime': rt}) and call "
+                    "backward first")
+            self.step_builder()
+        self.step_program(*self.step_inputs())
+        return True
+
+    def step_inputs(self) -> list[torch.Tensor]:
+        """The tensors the optimizer-step graph reads and updates, in its argument order."""
+        s = self.scaler
+        full = self.full_grads if self.full_grads is not None else self.shard_grads
+        return [self.shard_grads, full, self.master, self.exp_avg, self.exp_avg_sq,
+                self.shard_lowp, self.flat_params, self.lr, self.step_count, s.scale,
+                s.hysteresis, s.iter, s.last_overflow_iter, self.skipped]
+
+    @property
+    def loss_scale(self) -> float:
+        return float(self.scaler.scale)
+
+    @property
+    def skipped_steps(self) -> int:
+        return int(self.skipped)
+
+
+def _accumulation_steps(config: Config, dp_size: int) -> int:
+    if config.train_batch_size is None and config.train_micro_batch_size_per_gpu is None:
+        return config.gradient_accumulation_steps or 1
+    return config.batch_sizes(dp_size).gradient_accumulation_steps
+
+
+def _dp_group(plan: Plan):
+    """This rank's data-parallel group; every rank creates every group, as torch requires."""
+    if plan.grid.tp_size == 1:
+        return dist.group.WORLD
+    mine = None
+    for ranks in plan.grid.dp_groups():
+        g = dist.new_group(ranks)
+        if plan.rank in ranks:
+            mine = g
+    return mine

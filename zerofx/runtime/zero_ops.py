@@ -1,0 +1,69 @@
+"""zerofx's communication ops, as graph nodes: ``torch.ops.zerofx.reduce_bucket``, ``loss_scale``.
+
+Graphs cannot hold a Python object, so an op names the training state it works on by an
+integer id; ``register`` hands out ids and the ops look the state up. The registry holds
+weak references: a runtime that the user drops is freed, and its id is never reused.
+"""
+from __future__ import annotations
+
+import itertools
+import weakref
+
+import torch
+from torch.fx.node import has_side_effect
+
+_RUNTIMES: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
+_IDS = itertools.count(1)
+
+
+def register(runtime) -> int:
+    sid = next(_IDS)
+    _RUNTIMES[sid] = runtime
+    return sid
+
+
+def lookup(sid: int):
+    runtime = _RUNTIMES.get(sid)
+    if runtime is None:
+        raise RuntimeError(f"zerofx training state {sid} no longer exists: keep the "
+                           f"ZeroRuntime alive as long as the compiled model is used")
+    return runtime
+
+
+@torch.library.custom_op("zerofx::reduce_bucket", mutates_args=())
+def reduce_bucket(sid: int, bucket: int, grads: list[torch.Tensor | None]) -> None:
+    """Hand one bucket's gradients to the runtime: it copies them into the bucket's flat
+    buffer and, on an accumulation boundary, starts the bucket's collective (async)."""
+    lookup(sid).intake(bucket, grads)
+
+
+@reduce_bucket.register_fake
+def _(sid, bucket, grads):
+    return None
+
+
+@torch.library.custom_op("zerofx::loss_scale", mutates_args=())
+def loss_scale(sid: int, like: torch.Tensor) -> torch.Tensor:
+    """The current loss scale as a 0-d tensor of ``like``'s dtype and device (a copy)."""
+    return lookup(sid).scaler.scale.to(dtype=like.dtype, device=like.device).clone()
+
+
+@loss_scale.register_fake
+def _(sid, like):
+    return like.new_empty(())
+
+
+@torch.library.custom_op("zerofx::wait_buckets", mutates_args=())
+def wait_buckets(sid: int) -> None:
+    """Block until every bucket collective started in backward has finished."""
+    lookup(sid).wait_buckets()
+
+
+@wait_buckets.register_fake
+def _(sid):
+    return None
+
+
+# Ops without outputs would be dead code to FX; they act by side effect.
+for _op in (torch.ops.zerofx.reduce_bucket.default, torch.ops.zerofx.wait_buckets.default):
+    has_side_effect(_op)

@@ -1,0 +1,25 @@
+"""Build the optimizer-step graph: trace the runtime's step function, run the pipeline, dump.
+
+The step is traced with make_fx over fake tensors (nothing runs while tracing), so its
+collectives appear as functional-collective nodes and the fused update as
+``torch.ops.zerofx.adam_step_``: the dump shows the whole step, and "optimizer" passes can
+rewrite it like any other graph.
+"""
+from __future__ import annotations
+
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from zerofx.passes import PassContext, run_pipeline
+from zerofx.passes.dump import GraphDump
+from zerofx.runtime.step_fn import make_step_fn
+
+
+def build_step_program(rt, *, passes, dump_root: str | None, graph_id: str):
+    """Trace ``rt``'s optimizer step into a GraphModule and install it as ``rt.step_program``."""
+    gm = make_fx(make_step_fn(rt), tracing_mode="fake")(*rt.step_inputs())
+    ctx = PassContext(rt.config, rt.plan, "optimizer", f"{graph_id}_optimizer",
+                      state_id=rt.id)
+    dump = GraphDump.create(dump_root, rank=rt.plan.rank, graph=graph_id, kind="optimizer") \
+        if dump_root else None
+    rt.step_program = run_pipeline(gm, ctx, passes, dump=dump)
+    return rt.step_program
