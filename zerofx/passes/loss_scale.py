@@ -23,16 +23,17 @@ def loss_scale_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                 and (r := role_of(n)) is not None and r.kind == "tangent"
                 and isinstance(n.meta.get("val"), torch.Tensor)
                 and n.meta["val"].dtype.is_floating_point]
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
     for t in tangents:
         users = list(t.users)
-        with gm.graph.inserting_before(_first_compute(gm.graph)):
+        if not users:
+            continue
+        # Just before the tangent's first use: the partitioner assigns nodes that precede
+        # the backward region to the forward, and these depend on a tangent.
+        with gm.graph.inserting_before(min(users, key=position.__getitem__)):
             scale = gm.graph.call_function(torch.ops.zerofx.loss_scale.default,
                                            (ctx.state_id, t))
             scaled = gm.graph.call_function(aten.mul.Tensor, (t, scale))
         for u in users:
             u.replace_input_with(t, scaled)
     return gm
-
-
-def _first_compute(graph: fx.Graph) -> fx.Node:
-    return next(n for n in graph.nodes if n.op != "placeholder")

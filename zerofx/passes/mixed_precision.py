@@ -85,12 +85,13 @@ def _cast_args(graph, node, dtype, leading, casts, mode, *, only_from=None) -> N
             return a
         if only_from is not None and have != only_from:
             return a
-        return _cast_of(graph, a, dtype, casts, mode)
+        return _cast_of(graph, a, dtype, casts, mode, node)
 
     node.args = tuple(convert(i, a) for i, a in enumerate(node.args))
 
 
-def _cast_of(graph: fx.Graph, value: fx.Node, dtype: torch.dtype, casts, mode) -> fx.Node:
+def _cast_of(graph: fx.Graph, value: fx.Node, dtype: torch.dtype, casts, mode,
+             consumer: fx.Node) -> fx.Node:
     """One cast per (value, dtype); a view of a cast-able value is replayed on its cast."""
     key = (value, dtype)
     if key in casts:
@@ -99,20 +100,20 @@ def _cast_of(graph: fx.Graph, value: fx.Node, dtype: torch.dtype, casts, mode) -
     if isinstance(parent, fx.Node) and _dtype(parent) == _dtype(value):
         # Hoist: cast the viewed value once (a parameter: right after the placeholders),
         # then replay the view on the cast, so every use shares one cast.
-        base = _cast_of(graph, parent, dtype, casts, mode)
+        base = _cast_of(graph, parent, dtype, casts, mode, consumer)
         with graph.inserting_after(base):
             cast = graph.call_function(value.target, (base, *value.args[1:]), dict(value.kwargs))
     else:
-        anchor = value if value.op != "placeholder" else _last_placeholder(graph)
-        with graph.inserting_after(anchor):
+        # A graph input is cast just before its first consumer (the nodes are visited in
+        # order): a parameter's cast lands in the forward and serves the backward too, a
+        # tangent's stays in the backward, where the partitioner needs it.
+        point = graph.inserting_before(consumer) if value.op == "placeholder" \
+            else graph.inserting_after(value)
+        with point:
             cast = graph.call_function(prims.convert_element_type.default, (value, dtype))
     compute_val(cast, mode)
     casts[key] = cast
     return cast
-
-
-def _last_placeholder(graph: fx.Graph) -> fx.Node:
-    return [n for n in graph.nodes if n.op == "placeholder"][-1]
 
 
 def _restore_output_dtypes(graph: fx.Graph, original, casts, mode) -> None:
@@ -121,5 +122,5 @@ def _restore_output_dtypes(graph: fx.Graph, original, casts, mode) -> None:
     flat = list(out.args[0])
     for i, v in enumerate(flat):
         if isinstance(v, fx.Node) and original.get(v) and _dtype(v) != original[v]:
-            flat[i] = _cast_of(graph, v, original[v], casts, mode)
+            flat[i] = _cast_of(graph, v, original[v], casts, mode, out)
     out.args = (tuple(flat),)

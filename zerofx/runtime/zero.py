@@ -52,6 +52,8 @@ class ZeroRuntime:
         self.scaler = LossScaler.from_config(self.config.fp16)
         self.step_count = torch.zeros((), dtype=torch.float32)
         self.skipped = torch.zeros((), dtype=torch.int64)
+        self._skips_reported = 0
+        self._scale_before = self.scaler.scale.clone()
         self.lr = torch.tensor(self.spec.lr, dtype=torch.float32)
         self._pending: list = []
         self.step_builder = None  # set by the backend: traces the optimizer-step graph
@@ -144,8 +146,24 @@ class ZeroRuntime:
                     "torch.compile(model, backend='zero', options={'runtime': rt}) and call "
                     "backward first")
             self.step_builder()
+        self._report_skip(self.update_steps - 1)
+        self._scale_before.copy_(self.scaler.scale)
         self.step_program(*self.step_inputs())
         return True
+
+    def _report_skip(self, step_no: int) -> None:
+        """Log the previous step if it was skipped (rank 0), one step late on purpose.
+
+        Reading the skip counter right after the step would stall on its result; a step
+        later it is long computed, so the host read costs nothing.
+        """
+        if self.plan.rank != 0 or self.step_program is None:
+            return
+        skipped = int(self.skipped)
+        if skipped > self._skips_reported:
+            self._skips_reported = skipped
+            log.warning("overflow: step %d skipped (loss scale %g -> %g), %d skipped so far",
+                        step_no, float(self._scale_before), self.loss_scale, skipped)
 
     def step_inputs(self) -> list[torch.Tensor]:
         """The tensors the optimizer-step graph reads and updates, in its argument order."""
@@ -154,6 +172,15 @@ class ZeroRuntime:
         return [self.shard_grads, full, self.master, self.exp_avg, self.exp_avg_sq,
                 self.shard_lowp, self.flat_params, self.lr, self.step_count, s.scale,
                 s.hysteresis, s.iter, s.last_overflow_iter, self.skipped]
+
+    @property
+    def update_steps(self) -> int:
+        """Optimizer steps attempted (accumulation boundaries reached)."""
+        return self.micro_steps // self.gas
+
+    def flush_report(self) -> None:
+        """Log a skip of the last step now (e.g. at the end of training)."""
+        self._report_skip(self.update_steps)
 
     @property
     def loss_scale(self) -> float:
