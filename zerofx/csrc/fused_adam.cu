@@ -69,7 +69,8 @@ void adam_step_cuda(const at::Tensor& param, const at::Tensor& grad, const at::T
   const int64_t n = param.numel();
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(param.device());
-  const at::Tensor lr_d = device_scalar(lr, param, "lr"), step_d = device_scalar(step, param, "step");
+  const at::Tensor lr_d = device_scalar(lr, param, "lr");
+  const at::Tensor step_d = device_scalar(step, param, "step");
   const at::Tensor gs_d = device_scalar(grad_scale, param, "grad_scale");
   const at::Tensor skip_d = device_scalar(skip, param, "skip");
   const StepScalars s{lr_d.const_data_ptr<float>(), step_d.const_data_ptr<float>(),

@@ -72,12 +72,13 @@ LambConsts lamb_consts(double grad_scale, double beta1, double beta2, double eps
 }
 
 // DeepSpeed's update direction from the already-updated moments.
-inline fVec lamb_direction(const LambConsts& c, const fVec& p, const fVec& m, const fVec& v) {
+C10_ALWAYS_INLINE fVec lamb_direction(const LambConsts& c, const fVec& p, const fVec& m,
+                                      const fVec& v) {
   const fVec denom = c.eps_inside_sqrt ? (v + c.eps).sqrt() : v.sqrt() + c.eps;
   return m / denom + c.weight_decay * p;
 }
 
-inline void lamb_moments_vec(const LambConsts& c, fVec g, fVec& m, fVec& v) {
+C10_ALWAYS_INLINE void lamb_moments_vec(const LambConsts& c, fVec g, fVec& m, fVec& v) {
   g = g * c.grad_scale;
   m = c.beta1 * m + c.omb1 * g;
   v = c.beta2 * v + c.omb2 * g * g;
@@ -92,7 +93,8 @@ struct Shard {
 // Updates the moments over one piece; returns its {sum w^2, sum u^2}.
 template <typename G>
 std::pair<double, double> moments_piece(const Shard& s, const G* g, const Piece& pc,
-                                        const LambConsts& c) {
+                                        const LambConsts& cs) {
+  const LambConsts c = cs;  // a local copy: the stores below cannot alias it
   fVec w0(0.f), w1(0.f), u0(0.f), u1(0.f);
   for_each_step(pc.begin, pc.end, [&](int64_t i, int64_t k) {
     fVec p0, p1, g0, g1, m0, m1, v0, v1;
@@ -152,7 +154,8 @@ at::Tensor lamb_moments_cpu(const at::Tensor& param, const at::Tensor& grad,
 }
 
 template <typename O>
-void apply_piece(const Shard& s, O* out, const Piece& pc, const LambConsts& c, float scale) {
+void apply_piece(const Shard& s, O* out, const Piece& pc, const LambConsts& cs, float scale) {
+  const LambConsts c = cs;  // a local copy: the stores below cannot alias it
   const fVec neg_scale(-scale);
   for_each_step(pc.begin, pc.end, [&](int64_t i, int64_t k) {
     fVec p0, p1, m0, m1, v0, v1;

@@ -154,7 +154,8 @@ void lamb_apply_cuda(const at::Tensor& param, const at::Tensor& exp_avg,
                   trust_ratio.device() == param.device() && trust_ratio.is_contiguous(),
               "trust_ratio must be a contiguous float32 tensor on param's device, one per tensor");
   if (l.n == 0 || l.num_tensors == 0) return;
-  const at::Tensor lr_d = device_scalar(lr, param, "lr"), step_d = device_scalar(step, param, "step");
+  const at::Tensor lr_d = device_scalar(lr, param, "lr");
+  const at::Tensor step_d = device_scalar(step, param, "step");
   const at::Tensor skip_d = device_scalar(skip, param, "skip");
   const LambArgs a{beta1, beta2, static_cast<float>(eps), static_cast<float>(weight_decay),
                    eps_inside_sqrt, bias_correction};

@@ -137,7 +137,7 @@ def _build_and_load(sources: tuple[str, ...], *, cuda: bool) -> None:
         # -fopenmp: at::parallel_for is inline OpenMP code, compiled into this library.
         extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp", *isa_flags],
         extra_ldflags=["-fopenmp"],
-        extra_cuda_cflags=["-O3"],
+        extra_cuda_cflags=["-O3", "--fmad=false"],  # likewise on the GPU
         extra_include_paths=[str(_CSRC)],
         is_python_module=False,  # the library only registers kernels with the dispatcher
     )
@@ -229,10 +229,11 @@ def lamb_apply_(param, exp_avg, exp_avg_sq, tensor_bounds, trust_ratio, *, lr, s
 def lamb_step_(param, grad, exp_avg, exp_avg_sq, tensor_bounds, *, lr, step, hyper: LambHyper,
                grad_scale=1.0, skip=0.0, shard_offset: int = 0, param_out=None,
                group=None) -> torch.Tensor:
-    """A whole LAMB step of one shard; returns the per-tensor trust ratios.
+    """A whole LAMB step of one shard (eager); returns the per-tensor trust ratios.
 
     group: the process group whose shards together hold the tensors (their partial norms are
-    all-reduced over it); None when this shard is the only one.
+    all-reduced over it); None when this shard is the only one. A traced step graph calls the
+    two ops itself, with a functional all-reduce between them.
     """
     sums = lamb_moments_(param, grad, exp_avg, exp_avg_sq, tensor_bounds, hyper=hyper,
                          grad_scale=grad_scale, skip=skip, shard_offset=shard_offset)

@@ -97,6 +97,9 @@ def _lamb_direction(param, m, v, *, eps, weight_decay, eps_inside_sqrt):
 def lamb_moments_fallback(param, grad, exp_avg, exp_avg_sq, tensor_bounds, grad_scale, skip, *,
                           shard_offset, beta1, beta2, eps, weight_decay, eps_inside_sqrt):
     """zerofx::lamb_moments_ in plain torch: new moments, returns [2, T] partial square sums."""
+    num_tensors = tensor_bounds.numel() - 1
+    if num_tensors < 1:  # nothing in this shard belongs to a tensor
+        return param.new_zeros(2, max(num_tensors, 0))
     idx, inside = _element_tensor(tensor_bounds, shard_offset, param.numel())
     g = grad.float() * grad_scale.reshape(()).float()
     m = torch.where(inside, beta1 * exp_avg + (1 - beta1) * g, exp_avg)
@@ -106,7 +109,6 @@ def lamb_moments_fallback(param, grad, exp_avg, exp_avg_sq, tensor_bounds, grad_
     zero = torch.zeros((), dtype=param.dtype, device=param.device)
     squares = torch.stack([torch.where(inside, param * param, zero),
                            torch.where(inside, u * u, zero)])
-    num_tensors = tensor_bounds.numel() - 1
     sums = torch.zeros(2, num_tensors, dtype=torch.float64, device=param.device)
     sums.index_add_(1, idx, squares.double())
     _keep_unless_skipped(skip, exp_avg, m)
@@ -118,6 +120,8 @@ def lamb_apply_fallback(param, exp_avg, exp_avg_sq, param_out, tensor_bounds, tr
                         step, skip, *, shard_offset, beta1, beta2, eps, weight_decay,
                         bias_correction, eps_inside_sqrt):
     """zerofx::lamb_apply_ in plain torch: param -= step_size * trust_ratio[tensor] * update."""
+    if tensor_bounds.numel() < 2:
+        return
     idx, inside = _element_tensor(tensor_bounds, shard_offset, param.numel())
     bc1, bc2_sqrt = _bias_corrections(step, beta1, beta2, bias_correction)
     step_size = lr.reshape(()).to(torch.float64) * bc2_sqrt / bc1
