@@ -1,0 +1,157 @@
+"""ZeRO-2 step time and per-rank peak memory: zerofx vs torch DDP (+autocast) vs FSDP2.
+
+    python benchmarks/bench_zero.py [--ranks 2] [--steps 12] [--bucket 2000000]
+
+Model (issue 4): 8 residual blocks of Linear(512, 2048) -> GELU -> Linear(2048, 512), about
+17M parameters, micro-batch 16, bf16 compute, Adam(W), gradient clipping 1.0. Every framework
+runs in fresh processes (gloo on this CPU), one after the other in the same invocation; the
+table goes to stdout (markdown) for benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from multiproc import run_ranks  # noqa: E402  (the tests' N-process runner)
+
+D, H, BLOCKS, MICRO = 512, 2048, 8, 16
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(D, H), nn.Linear(H, D)
+
+    def forward(self, x):
+        return x + self.fc2(nn.functional.gelu(self.fc1(x)))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block() for _ in range(BLOCKS))
+
+    def forward(self, x, y):
+        for b in self.blocks:
+            x = b(x)
+        return nn.functional.mse_loss(x.float(), y)
+
+
+def _batch(rank, step):
+    g = torch.Generator().manual_seed(100 * step + rank)
+    return torch.randn(MICRO, D, generator=g), torch.randn(MICRO, D, generator=g)
+
+
+def _time_steps(step_fn, rank, steps, warmup=3):
+    times = []
+    for i in range(warmup + steps):
+        x, y = _batch(rank, i)
+        torch.distributed.barrier()
+        t0 = time.perf_counter()
+        loss = step_fn(x, y)
+        times.append(time.perf_counter() - t0)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return statistics.median(times[warmup:]), peak_mib, float(loss)
+
+
+def run_zerofx(rank, world, steps, bucket):
+    import zerofx
+
+    torch.manual_seed(0)
+    model = Net()
+    cfg = {"bf16": {"enabled": True}, "gradient_clipping": 1.0,
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
+           "zero_optimization": {"stage": 2, "reduce_bucket_size": bucket}}
+    rt = zerofx.ZeroRuntime(model, cfg)
+    compiled = torch.compile(model, backend="zero", options={"runtime": rt})
+
+    def step(x, y):
+        loss = compiled(x, y)
+        loss.backward()
+        rt.step()
+        return loss
+
+    return _time_steps(step, rank, steps)
+
+
+def run_ddp(rank, world, steps, bucket):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    model = DDP(Net())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def step(x, y):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return _time_steps(step, rank, steps)
+
+
+def run_fsdp2(rank, world, steps, bucket):
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    torch.manual_seed(0)
+    model = Net()
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+    for b in model.blocks:
+        fully_shard(b, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step(x, y):
+        loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return _time_steps(step, rank, steps)
+
+
+def _rank_entry(rank, world, name, steps, bucket):
+    torch.distributed.init_process_group("gloo")
+    return {"zerofx": run_zerofx, "ddp": run_ddp, "fsdp2": run_fsdp2}[name](
+        rank, world, steps, bucket)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--bucket", type=int, default=2_000_000, help="zerofx reduce_bucket_size")
+    p.add_argument("--only", nargs="*", default=["zerofx", "ddp", "fsdp2"])
+    args = p.parse_args(argv)
+    params = sum(q.numel() for q in Net().parameters())
+    rows = []
+    for name in args.only:
+        print(f"running {name} on {args.ranks} ranks ...", file=sys.stderr, flush=True)
+        res = run_ranks(_rank_entry, args.ranks, args=(name, args.steps, args.bucket),
+                        timeout_s=900)
+        rows.append((name, max(r[0] for r in res) * 1e3, max(r[1] for r in res), res[0][2]))
+    print(f"\n{params / 1e6:.1f}M params, {args.ranks} ranks (gloo), micro-batch {MICRO}, bf16, "
+          f"clip 1.0, {args.steps} timed steps; {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, torch {torch.__version__}\n")
+    print("| framework | median step (ms) | peak RSS per rank (MiB) | last loss |")
+    print("|---|---|---|---|")
+    for name, ms, mib, loss in rows:
+        print(f"| {name} | {ms:.1f} | {mib:.0f} | {loss:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
