@@ -133,3 +133,39 @@ def test_bf16_stage2_within_bf16_tolerance():
 def test_single_process_matches_torch_adamw(no_torchrun_env):
     cases = [(0, 1, 0.0), (2, 2, 0.5)]
     _check([_body(0, 1, "block", cases)], "block", 1, cases)
+
+
+def _lamb_cfg():
+    return {"optimizer": {"type": "Lamb", "params": {"lr": 2e-2, "weight_decay": 0.01,
+                                                      "max_grad_norm": 1.0}},
+            # small buckets: tensors straddle rank boundaries inside buckets
+            "zero_optimization": {"stage": 2, "reduce_bucket_size": 300}}
+
+
+def _lamb_body(rank, world):
+    losses, params, _ = _train(rank, "mlp", _lamb_cfg())
+    return losses, params
+
+
+@pytest.mark.slow
+def test_zero2_lamb_two_ranks_equals_single_process_lamb():
+    from zerofx.runtime.fused_optim import LambHyper, lamb_reference
+
+    results = run_ranks(_lamb_body, 2)
+    model, _ = make("mlp")
+    params = list(model.parameters())
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    hyper = LambHyper(weight_decay=0.01, max_grad_norm=1.0)
+    for step in range(STEPS):
+        for r in range(2):
+            (model(*_batch("mlp", step, r, 0)) / 2).backward()
+        norm = torch.sqrt(sum(p.grad.double().square().sum() for p in params)).item()
+        scale = 1.0 / max(1.0, (norm + 1e-6) / 1.0)
+        lamb_reference(params, [p.grad for p in params], m, v, lr=2e-2, step=step + 1,
+                       hyper=hyper, grad_scale=scale)
+        model.zero_grad()
+    for _, got in results:
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(got[n], p.detach(), rtol=1e-4, atol=2e-5,
+                                       msg=lambda msg: f"{n}: {msg}")

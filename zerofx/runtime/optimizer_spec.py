@@ -14,13 +14,17 @@ from zerofx.config import Config, ConfigError
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    kind: str  # "adam" (Adam and AdamW, per adam_w_mode)
+    kind: str  # "adam" (Adam and AdamW, per adam_w_mode) or "lamb"
     lr: float
     betas: tuple[float, float]
     eps: float
     weight_decay: float
     bias_correction: bool
-    adam_w_mode: bool
+    adam_w_mode: bool = True
+    max_coeff: float = 10.0  # LAMB's trust-ratio clamp, max_grad_norm and eps placement
+    min_coeff: float = 0.01
+    max_grad_norm: float = 0.0
+    eps_inside_sqrt: bool = False
 
     @classmethod
     def from_config_or_torch(cls, config: Config, optimizer=None) -> "OptimizerSpec":
@@ -32,9 +36,9 @@ class OptimizerSpec:
                               "(e.g. {\"type\": \"AdamW\", \"params\": {\"lr\": 1e-3}}) or "
                               "pass a torch.optim.Adam/AdamW")
         if opt.type == "Lamb":
-            raise ConfigError("optimizer.type 'Lamb' is not yet wired into the ZeRO step; "
-                              "use Adam or AdamW (the fused LAMB kernels exist in "
-                              "zerofx.runtime.fused_optim)")
+            return cls("lamb", opt.lr, tuple(opt.betas), opt.eps, opt.weight_decay,
+                       opt.bias_correction, max_coeff=opt.max_coeff, min_coeff=opt.min_coeff,
+                       max_grad_norm=opt.max_grad_norm, eps_inside_sqrt=opt.eps_inside_sqrt)
         return cls("adam", opt.lr, tuple(opt.betas), opt.eps, opt.weight_decay,
                    opt.bias_correction, opt.adam_w_mode)
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 import torch.distributed._functional_collectives as funcol
 
-from zerofx.runtime.fused_optim import AdamHyper, adam_step_
+from zerofx.runtime.fused_optim import (AdamHyper, LambHyper, adam_step_, lamb_apply_,
+                                        lamb_moments_, lamb_trust_ratio)
 from zerofx.runtime.loss_scaler import LossScaler
 
 # torch 2.13 renamed all_gather_tensor (now deprecated, warning per call); 2.11 lacks the new name.
@@ -28,8 +29,7 @@ def make_step_fn(rt):
     clip = rt.config.gradient_clipping
     owned, group, sid = plan.owned(), rt.group, rt.id
     reduced_in_shard = rt.reduces_into_shard
-    hyper = AdamHyper(betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay,
-                      bias_correction=spec.bias_correction, adam_w_mode=spec.adam_w_mode)
+    update = _make_update(rt)
     # Gradients arrive summed over DP ranks and accumulation steps, and loss-scaled.
     divisor = float(plan.grid.dp_size * rt.gas)
 
@@ -46,13 +46,15 @@ def make_step_fn(rt):
         overflow = ~torch.isfinite(sq)
         denom = scale * divisor
         coef = 1.0 / denom
+        norm = sq.sqrt() / denom  # the true global norm of the unscaled gradients
         if clip > 0:
-            norm = sq.sqrt() / denom
             coef = coef * torch.clamp(clip / (norm + 1e-6), max=1.0)
+        if spec.max_grad_norm > 0:  # LAMB's own clipping, as DeepSpeed's FusedLamb does it
+            coef = coef / torch.clamp((norm + 1e-6) / spec.max_grad_norm, min=1.0)
         step.add_((~overflow).float())
         out = shard_lowp if plan.sharded else flat_params
-        adam_step_(master, g, exp_avg, exp_avg_sq, lr=lr, step=step, hyper=hyper,
-                   grad_scale=coef, skip=overflow.float(), param_out=out)
+        update(master, g, exp_avg, exp_avg_sq, out, lr=lr, step=step, coef=coef,
+               skip=overflow.float())
         if plan.sharded:
             for r, b in zip(owned, plan.buckets):
                 gathered = _all_gather(shard_lowp[r.at:r.at + r.numel], 0, group)
@@ -62,3 +64,40 @@ def make_step_fn(rt):
         skipped.add_(overflow.long())
 
     return step_fn
+
+
+def _make_update(rt):
+    """The fused update of this rank's shard: Adam/AdamW in one call, LAMB in two passes
+    around one all-reduce of per-tensor partial norms (a shard can cut a tensor)."""
+    spec, plan, group = rt.spec, rt.plan, rt.group
+    if spec.kind == "adam":
+        hyper = AdamHyper(betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay,
+                          bias_correction=spec.bias_correction, adam_w_mode=spec.adam_w_mode)
+
+        def adam(master, g, m, v, out, *, lr, step, coef, skip):
+            adam_step_(master, g, m, v, lr=lr, step=step, hyper=hyper, grad_scale=coef,
+                       skip=skip, param_out=out)
+        return adam
+
+    hyper = LambHyper(betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay,
+                      bias_correction=spec.bias_correction, max_coeff=spec.max_coeff,
+                      min_coeff=spec.min_coeff, eps_inside_sqrt=spec.eps_inside_sqrt)
+    # Tensor i spans flat[starts[i]:starts[i+1]]; bucket padding joins the tensor before it
+    # (its weights and gradients are zero, so it adds nothing to either norm).
+    starts = [s.offset for s in plan.params] + [plan.padded_numel]
+    owned = plan.owned()
+
+    def lamb(master, g, m, v, out, *, lr, step, coef, skip):
+        bounds = torch.tensor(starts, dtype=torch.int64)
+        pieces = [(slice(r.at, r.at + r.numel), r.start) for r in owned]
+        sums = sum(lamb_moments_(master[sl], g[sl], m[sl], v[sl], bounds, hyper=hyper,
+                                 grad_scale=coef, skip=skip, shard_offset=start)
+                   for sl, start in pieces)
+        if plan.sharded and group is not None:
+            sums = funcol.all_reduce(sums, "sum", group)
+        ratio = lamb_trust_ratio(sums, hyper=hyper)
+        for sl, start in pieces:
+            dst = out[sl] if plan.sharded else out[start:start + (sl.stop - sl.start)]
+            lamb_apply_(master[sl], m[sl], v[sl], bounds, ratio, lr=lr, step=step,
+                        hyper=hyper, skip=skip, shard_offset=start, param_out=dst)
+    return lamb
