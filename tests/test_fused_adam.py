@@ -1,6 +1,9 @@
 """zerofx::adam_step_: the kernel against torch.optim.Adam/AdamW and against its plain-torch
 transcription (optim_ops.adam_step_fallback), over many steps, dtypes, odd sizes and the skip
 flag."""
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -16,8 +19,15 @@ def kernels():
     return fused_optim.load_kernels()
 
 
+def _can_build() -> bool:
+    from torch.utils.cpp_extension import is_ninja_available
+
+    return is_ninja_available() and shutil.which(os.environ.get("CXX", "c++")) is not None
+
+
+@pytest.mark.skipif(not _can_build(), reason="no C++ toolchain (ninja, c++): fallback only")
 def test_kernels_are_built():
-    # Where a C++ compiler exists (CI, dev machines) the fallback must not hide a build break.
+    # Where the toolchain exists (CI, dev machines) the fallback must not hide a build break.
     assert fused_optim.load_kernels() is True
 
 
