@@ -22,7 +22,8 @@ def _batch(name, step, rank, micro):
 
 def _config(stage, gas, clip, opt="AdamW", extra=None):
     cfg = {"optimizer": {"type": opt, "params": {"lr": LR, "weight_decay": 0.01}},
-           "zero_optimization": {"stage": stage, "reduce_bucket_size": 300},
+           "zero_optimization": {"stage": stage, "reduce_bucket_size": 300,
+                                 "allgather_bucket_size": 5000},
            "gradient_accumulation_steps": gas, "gradient_clipping": clip}
     cfg.update(extra or {})
     return cfg
@@ -30,6 +31,7 @@ def _config(stage, gas, clip, opt="AdamW", extra=None):
 
 CASES = [(0, 1, 0.0), (1, 1, 0.0), (2, 1, 0.0), (2, 2, 0.0), (1, 2, 0.5), (2, 1, 0.5),
          (0, 2, 0.5)]
+# allgather_bucket_size 5000 > reduce_bucket_size 300: one all-gather spans several buckets
 
 
 def _train(rank, name, cfg, count=None):
@@ -169,3 +171,21 @@ def test_zero2_lamb_two_ranks_equals_single_process_lamb():
         for n, p in model.named_parameters():
             torch.testing.assert_close(got[n], p.detach(), rtol=1e-4, atol=2e-5,
                                        msg=lambda msg: f"{n}: {msg}")
+
+
+def test_allgather_chunks_group_consecutive_buckets():
+    from zerofx import Config
+    from zerofx.plan import make_plan
+    from zerofx.runtime.step_fn import _allgather_chunks
+
+    model, _ = make("block")
+    cfg = Config.from_dict({"zero_optimization": {"stage": 2, "reduce_bucket_size": 300}})
+    plan = make_plan(list(model.named_parameters()), cfg, rank=0, world_size=2)
+    for limit in (1, 5000, 10**9):
+        chunks = _allgather_chunks(plan, limit)
+        flat = [b.index for chunk in chunks for _, b in chunk]
+        assert flat == list(range(len(plan.buckets)))  # every bucket once, in order
+        assert all(sum(b.padded for _, b in c) <= limit or len(c) == 1 for c in chunks)
+    assert len(_allgather_chunks(plan, 10**9)) == 1
+    assert len(_allgather_chunks(plan, 1)) == len(plan.buckets)
+    assert 1 < len(_allgather_chunks(plan, 5000)) < len(plan.buckets)

@@ -30,6 +30,8 @@ def make_step_fn(rt):
     owned, group, sid = plan.owned(), rt.group, rt.id
     reduced_in_shard = rt.reduces_into_shard
     update = _make_update(rt)
+    dp = plan.grid.dp_size
+    chunks = _allgather_chunks(plan, rt.config.zero_optimization.allgather_bucket_size)
     # Gradients arrive summed over DP ranks and accumulation steps, and loss-scaled.
     divisor = float(plan.grid.dp_size * rt.gas)
 
@@ -56,9 +58,7 @@ def make_step_fn(rt):
         update(master, g, exp_avg, exp_avg_sq, out, lr=lr, step=step, coef=coef,
                skip=overflow.float())
         if plan.sharded:
-            for r, b in zip(owned, plan.buckets):
-                gathered = _all_gather(shard_lowp[r.at:r.at + r.numel], 0, group)
-                flat_params[b.offset:b.offset + b.padded].copy_(gathered)
+            _gather_params(shard_lowp, flat_params, chunks, dp, group)
         LossScaler(scale, hysteresis, it, last_overflow, scaler.dynamic, scaler.window,
                    scaler.delayed_shift, scaler.min_scale).update(overflow)
         skipped.add_(overflow.long())
@@ -101,3 +101,32 @@ def _make_update(rt):
             lamb_apply_(master[sl], m[sl], v[sl], bounds, ratio, lr=lr, step=step,
                         hyper=hyper, skip=skip, shard_offset=start, param_out=dst)
     return lamb
+
+
+def _allgather_chunks(plan, limit: int) -> list[list[tuple]]:
+    """Consecutive buckets grouped so each all-gather moves about ``limit`` elements: fewer,
+    larger collectives (each gloo call costs ~0.3 ms however small)."""
+    chunks, size = [], limit
+    for r, b in zip(plan.owned(), plan.buckets):
+        if size + b.padded > limit and (not chunks or chunks[-1]):
+            chunks.append([])
+            size = 0
+        chunks[-1].append((r, b))
+        size += b.padded
+    return chunks
+
+
+def _gather_params(shard_lowp, flat_params, chunks, dp: int, group) -> None:
+    """All-gather every chunk of this rank's updated slices into the flat parameters.
+
+    A chunk's slices are contiguous in the shard, so one collective gathers them; the result
+    is rank-major ([rank][bucket slice]) and each bucket is copied to its bucket-major place.
+    """
+    for chunk in chunks:
+        first, last = chunk[0][0], chunk[-1][0]
+        src = shard_lowp[first.at:last.at + last.numel]
+        gathered = _all_gather(src, 0, group).view(dp, src.numel())
+        for r, b in chunk:
+            off = r.at - first.at
+            flat_params[b.offset:b.offset + b.padded].view(dp, r.numel).copy_(
+                gathered[:, off:off + r.numel])
