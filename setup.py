@@ -24,6 +24,9 @@ setup(
         "networkx>=3.0",
         # torch warns on every import without NumPy; tests and benchmarks use it too.
         "numpy",
+        # torch.utils.cpp_extension JIT-builds zerofx/csrc with ninja; without it zerofx
+        # falls back to the (slower) plain-torch optimizer math.
+        "ninja",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "pytest-timeout>=2"],
