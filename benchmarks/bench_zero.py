@@ -51,7 +51,20 @@ def _batch(rank, step):
     return torch.randn(MICRO, D, generator=g), torch.randn(MICRO, D, generator=g)
 
 
-def _time_steps(step_fn, rank, steps, warmup=3):
+def _tensor_bytes(tensors) -> int:
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors if t is not None]
+    return sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in local}.values())
+
+
+def _torch_state_bytes(model, opt) -> int:
+    """Parameters, gradients and optimizer state this rank holds (local shards for FSDP2)."""
+    params = list(model.parameters())
+    states = [v for st in opt.state.values() for v in st.values()
+              if isinstance(v, torch.Tensor) and v.dim() > 0]
+    return _tensor_bytes(params + [p.grad for p in params] + states)
+
+
+def _time_steps(step_fn, rank, steps, state_bytes, warmup=3):
     times = []
     for i in range(warmup + steps):
         x, y = _batch(rank, i)
@@ -60,7 +73,7 @@ def _time_steps(step_fn, rank, steps, warmup=3):
         loss = step_fn(x, y)
         times.append(time.perf_counter() - t0)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return statistics.median(times[warmup:]), peak_mib, float(loss)
+    return statistics.median(times[warmup:]), peak_mib, float(loss), state_bytes() / 2**20
 
 
 def run_zerofx(rank, world, steps, bucket):
@@ -80,7 +93,7 @@ def run_zerofx(rank, world, steps, bucket):
         rt.step()
         return loss
 
-    return _time_steps(step, rank, steps)
+    return _time_steps(step, rank, steps, rt.state_bytes)
 
 
 def run_ddp(rank, world, steps, bucket):
@@ -96,10 +109,10 @@ def run_ddp(rank, world, steps, bucket):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=False)  # keep grads allocated, as between steps
         return loss
 
-    return _time_steps(step, rank, steps)
+    return _time_steps(step, rank, steps, lambda: _torch_state_bytes(model, opt))
 
 
 def run_fsdp2(rank, world, steps, bucket):
@@ -118,10 +131,10 @@ def run_fsdp2(rank, world, steps, bucket):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=False)
         return loss
 
-    return _time_steps(step, rank, steps)
+    return _time_steps(step, rank, steps, lambda: _torch_state_bytes(model, opt))
 
 
 def _rank_entry(rank, world, name, steps, bucket):
@@ -143,14 +156,16 @@ def main(argv=None):
         print(f"running {name} on {args.ranks} ranks ...", file=sys.stderr, flush=True)
         res = run_ranks(_rank_entry, args.ranks, args=(name, args.steps, args.bucket),
                         timeout_s=900)
-        rows.append((name, max(r[0] for r in res) * 1e3, max(r[1] for r in res), res[0][2]))
+        rows.append((name, max(r[0] for r in res) * 1e3, max(r[1] for r in res), res[0][2],
+                     max(r[3] for r in res)))
     print(f"\n{params / 1e6:.1f}M params, {args.ranks} ranks (gloo), micro-batch {MICRO}, bf16, "
           f"clip 1.0, {args.steps} timed steps; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, torch {torch.__version__}\n")
-    print("| framework | median step (ms) | peak RSS per rank (MiB) | last loss |")
-    print("|---|---|---|---|")
-    for name, ms, mib, loss in rows:
-        print(f"| {name} | {ms:.1f} | {mib:.0f} | {loss:.4f} |")
+    print("| framework | median step (ms) | training state per rank (MiB) "
+          "| peak RSS per rank (MiB) | last loss |")
+    print("|---|---|---|---|---|")
+    for name, ms, mib, loss, state in rows:
+        print(f"| {name} | {ms:.1f} | {state:.0f} | {mib:.0f} | {loss:.4f} |")
 
 
 if __name__ == "__main__":

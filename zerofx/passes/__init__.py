@@ -64,6 +64,7 @@ def declared_passes() -> tuple[PassSpec, ...]:
     """Every zerofx pass, in pipeline order. Importing here keeps pass modules independent."""
     from zerofx.passes.bucketing import bucketing_pass
     from zerofx.passes.loss_scale import loss_scale_pass
+    from zerofx.passes.matmul_tuning import matmul_tuning_pass
     from zerofx.passes.mixed_precision import mixed_precision_pass
 
     return (
@@ -73,6 +74,11 @@ def declared_passes() -> tuple[PassSpec, ...]:
                  after=("mixed_precision",), enabled=lambda cfg: cfg.fp16.enabled,
                  needs_runtime=True),
         PassSpec("bucketing", bucketing_pass, frozenset({"backward"}), needs_runtime=True),
+        # Eager execution only: Inductor picks its own GEMM forms.
+        PassSpec("matmul_tuning", matmul_tuning_pass,
+                 frozenset({"forward", "backward", "inference"}), after=("bucketing",),
+                 enabled=lambda cfg: (cfg.fp16.enabled or cfg.bf16.enabled)
+                 and not cfg.zerofx.inductor),
     )
 
 

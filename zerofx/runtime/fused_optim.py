@@ -30,11 +30,11 @@ log = logging.getLogger(__name__)
 zerofx_ops = torch.ops.zerofx
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
-_CPU_SOURCES = ("fused_adam.cpp", "fused_lamb.cpp")
+_CPU_SOURCES = ("fused_adam.cpp", "fused_lamb.cpp", "grad_norm.cpp")
 _CUDA_SOURCES = ("fused_adam.cu", "fused_lamb.cu")
 
 __all__ = [
-    "AdamHyper", "LambHyper", "load_kernels", "adam_step_", "lamb_moments_", "lamb_apply_",
+    "grad_sumsq", "AdamHyper", "LambHyper", "load_kernels", "adam_step_", "lamb_moments_", "lamb_apply_",
     "lamb_trust_ratio", "lamb_step_", "combined_grad_scale", "lamb_reference", "adam_kwargs",
     "lamb_kwargs",
 ]
@@ -177,6 +177,12 @@ def _scalar(x, device) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x
     return torch.tensor(float(x), dtype=torch.float32, device=device)
+
+
+def grad_sumsq(grad: torch.Tensor) -> torch.Tensor:
+    """Float32 sum of squares of a flat gradient (one vectorised pass; inf/nan propagate)."""
+    load_kernels()
+    return zerofx_ops.grad_sumsq(grad)
 
 
 @torch.no_grad()

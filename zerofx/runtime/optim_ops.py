@@ -19,7 +19,7 @@ are left untouched.
 """
 import torch
 
-__all__ = ["SCHEMAS", "adam_step_fallback", "lamb_moments_fallback", "lamb_apply_fallback"]
+__all__ = ["SCHEMAS", "grad_sumsq_fallback", "adam_step_fallback", "lamb_moments_fallback", "lamb_apply_fallback"]
 
 # name -> schema. Per-step values are tensors (no recompile when they change); fixed
 # hyperparameters are plain floats and bools, named as in DeepSpeed.
@@ -41,6 +41,8 @@ SCHEMAS = {
         "int shard_offset, float beta1, float beta2, float eps, float weight_decay, "
         "bool bias_correction, bool eps_inside_sqrt) -> ()"
     ),
+    # The step's global norm and overflow check: float32 sum of squares of a flat gradient.
+    "grad_sumsq": "(Tensor grad) -> Tensor",
 }
 
 
@@ -146,8 +148,18 @@ def _lamb_apply_fake(*args, **kwargs):
     return None
 
 
+def grad_sumsq_fallback(grad):
+    """zerofx::grad_sumsq in plain torch: sum of squares in float32 (non-finite on overflow)."""
+    return torch.linalg.vector_norm(grad, 2, dtype=torch.float32).square()
+
+
+def _grad_sumsq_fake(grad):
+    return grad.new_empty((), dtype=torch.float32)
+
+
 def _define_ops() -> None:
     impls = {
+        "grad_sumsq": (grad_sumsq_fallback, _grad_sumsq_fake),
         "adam_step_": (adam_step_fallback, _adam_fake),
         "lamb_moments_": (lamb_moments_fallback, _lamb_moments_fake),
         "lamb_apply_": (lamb_apply_fallback, _lamb_apply_fake),

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.distributed._functional_collectives as funcol
 
-from zerofx.runtime.fused_optim import (AdamHyper, LambHyper, adam_step_, lamb_apply_,
-                                        lamb_moments_, lamb_trust_ratio)
+from zerofx.runtime.fused_optim import (AdamHyper, LambHyper, adam_step_, grad_sumsq,
+                                        lamb_apply_, lamb_moments_, lamb_trust_ratio)
 from zerofx.runtime.loss_scaler import LossScaler
 
 # torch 2.13 renamed all_gather_tensor (now deprecated, warning per call); 2.11 lacks the new name.
@@ -42,7 +42,7 @@ def make_step_fn(rt):
             for r in owned:
                 shard_grads[r.at:r.at + r.numel].copy_(full_grads[r.start:r.start + r.numel])
         g = shard_grads
-        sq = g.float().square().sum()
+        sq = grad_sumsq(g)
         if plan.sharded and group is not None:
             sq = funcol.all_reduce(sq, "sum", group)
         overflow = ~torch.isfinite(sq)

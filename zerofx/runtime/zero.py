@@ -65,15 +65,19 @@ class ZeroRuntime:
     def _allocate(self, named) -> None:
         plan, low = self.plan, self.plan.compute_dtype
         self.flat_params = torch.zeros(plan.padded_numel, dtype=low)
-        master_full = torch.zeros(plan.padded_numel, dtype=torch.float32)
+        self.master = torch.zeros(plan.shard_numel, dtype=torch.float32)
+        owned = plan.owned()
         for name, p in named:
-            s = plan.slot(name)
-            master_full[s.offset:s.end].copy_(p.detach().reshape(-1))
-            self.flat_params[s.offset:s.end].copy_(p.detach().reshape(-1))
+            s, flat = plan.slot(name), p.detach().reshape(-1)
+            for r in owned:  # the fp32 master copy of the pieces this rank owns
+                lo, hi = max(s.offset, r.start), min(s.end, r.start + r.numel)
+                if lo < hi:
+                    self.master[r.at + lo - r.start:r.at + hi - r.start].copy_(
+                        flat[lo - s.offset:hi - s.offset])
+            self.flat_params[s.offset:s.end].copy_(flat)
             # The parameter now lives in the flat buffer, in the compute dtype: the
             # all-gather writes straight into the model and no per-step cast is needed.
             p.data = self.flat_params[s.offset:s.end].view(s.shape)
-        self.master = torch.cat([master_full[r.start:r.start + r.numel] for r in plan.owned()])
         self.exp_avg = torch.zeros_like(self.master)
         self.exp_avg_sq = torch.zeros_like(self.master)
         self.shard_lowp = self.master.to(low)
@@ -181,6 +185,13 @@ class ZeroRuntime:
     def flush_report(self) -> None:
         """Log a skip of the last step now (e.g. at the end of training)."""
         self._report_skip(self.update_steps)
+
+    def state_bytes(self) -> int:
+        """Bytes of training state this rank holds: parameters, gradients, optimizer state."""
+        tensors = (self.flat_params, self.master, self.exp_avg, self.exp_avg_sq,
+                   self.shard_lowp, self.shard_grads, self.full_grads)
+        unique = {t.data_ptr(): t for t in tensors if t is not None}
+        return sum(t.numel() * t.element_size() for t in unique.values())
 
     @property
     def loss_scale(self) -> float:
