@@ -74,9 +74,12 @@ def test_broken_graph_fails_lint():
 def test_declared_pipeline_follows_config():
     assert [p.name for p in build_pipeline(Config())] == []
     bf16 = Config.from_dict({"bf16": {"enabled": True}})
-    assert [p.name for p in build_pipeline(bf16)] == ["mixed_precision"]
+    assert [p.name for p in build_pipeline(bf16)] == ["mixed_precision", "matmul_tuning"]
+    fp16_zero = Config.from_dict({"fp16": {"enabled": True}})
+    assert [p.name for p in build_pipeline(fp16_zero, with_runtime=True)] == \
+        ["mixed_precision", "loss_scale", "bucketing", "matmul_tuning"]
     off = Config.from_dict({"bf16": {"enabled": True},
-                            "zerofx": {"disable_passes": ["mixed_precision"]}})
+                            "zerofx": {"disable_passes": ["mixed_precision", "matmul_tuning"]}})
     assert build_pipeline(off) == ()
 
 
