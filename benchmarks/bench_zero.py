@@ -76,14 +76,15 @@ def _time_steps(step_fn, rank, steps, state_bytes, warmup=3):
     return statistics.median(times[warmup:]), peak_mib, float(loss), state_bytes() / 2**20
 
 
-def run_zerofx(rank, world, steps, bucket):
+def run_zerofx(rank, world, steps, bucket, disable=()):
     import zerofx
 
     torch.manual_seed(0)
     model = Net()
     cfg = {"bf16": {"enabled": True}, "gradient_clipping": 1.0,
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
-           "zero_optimization": {"stage": 2, "reduce_bucket_size": bucket}}
+           "zero_optimization": {"stage": 2, "reduce_bucket_size": bucket},
+           "zerofx": {"disable_passes": list(disable)}}
     rt = zerofx.ZeroRuntime(model, cfg)
     compiled = torch.compile(model, backend="zero", options={"runtime": rt})
 
@@ -137,10 +138,18 @@ def run_fsdp2(rank, world, steps, bucket):
     return _time_steps(step, rank, steps, lambda: _torch_state_bytes(model, opt))
 
 
+def run_zerofx_untuned(rank, world, steps, bucket):
+    """Ablation: zerofx without its matmul_tuning pass (bf16 GEMMs as traced)."""
+    return run_zerofx(rank, world, steps, bucket, disable=("matmul_tuning",))
+
+
+RUNNERS = {"zerofx": run_zerofx, "zerofx-untuned": run_zerofx_untuned, "ddp": run_ddp,
+           "fsdp2": run_fsdp2}
+
+
 def _rank_entry(rank, world, name, steps, bucket):
     torch.distributed.init_process_group("gloo")
-    return {"zerofx": run_zerofx, "ddp": run_ddp, "fsdp2": run_fsdp2}[name](
-        rank, world, steps, bucket)
+    return RUNNERS[name](rank, world, steps, bucket)
 
 
 def main(argv=None):
@@ -148,7 +157,8 @@ def main(argv=None):
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--bucket", type=int, default=2_000_000, help="zerofx reduce_bucket_size")
-    p.add_argument("--only", nargs="*", default=["zerofx", "ddp", "fsdp2"])
+    p.add_argument("--only", nargs="*", default=["zerofx", "ddp", "fsdp2"],
+                   choices=sorted(RUNNERS))
     args = p.parse_args(argv)
     params = sum(q.numel() for q in Net().parameters())
     rows = []
