@@ -77,12 +77,8 @@ void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Te
                    const at::Tensor& lr, const at::Tensor& step, const at::Tensor& grad_scale,
                    const at::Tensor& skip, double beta1, double beta2, double eps,
                    double weight_decay, bool bias_correction, bool adam_w_mode) {
-  check_state(param, param, "param");
+  const auto out = check_update_state(param, exp_avg, exp_avg_sq, param_out);
   check_same_shape(grad, param, "grad");
-  check_state(exp_avg, param, "exp_avg");
-  check_state(exp_avg_sq, param, "exp_avg_sq");
-  const auto out = out_dtype(param_out);
-  if (out) check_same_shape(*param_out, param, "param_out");
   if (host_scalar(skip, "skip") != 0.0) return;  // overflow: leave every tensor untouched
   const AdamConsts c = adam_consts(host_scalar(lr, "lr"), host_scalar(step, "step"),
                                    host_scalar(grad_scale, "grad_scale"), beta1, beta2, eps,

@@ -60,12 +60,8 @@ void adam_step_cuda(const at::Tensor& param, const at::Tensor& grad, const at::T
                     const at::Tensor& lr, const at::Tensor& step, const at::Tensor& grad_scale,
                     const at::Tensor& skip, double beta1, double beta2, double eps,
                     double weight_decay, bool bias_correction, bool adam_w_mode) {
-  check_state(param, param, "param");
+  const auto out = check_update_state(param, exp_avg, exp_avg_sq, param_out);
   check_same_shape(grad, param, "grad");
-  check_state(exp_avg, param, "exp_avg");
-  check_state(exp_avg_sq, param, "exp_avg_sq");
-  const auto out = out_dtype(param_out);
-  if (out) check_same_shape(*param_out, param, "param_out");
   const int64_t n = param.numel();
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(param.device());

@@ -181,11 +181,7 @@ void lamb_apply_cpu(const at::Tensor& param, const at::Tensor& exp_avg,
                     const at::Tensor& lr, const at::Tensor& step, const at::Tensor& skip,
                     int64_t shard_offset, double beta1, double beta2, double eps,
                     double weight_decay, bool bias_correction, bool eps_inside_sqrt) {
-  check_state(param, param, "param");
-  check_state(exp_avg, param, "exp_avg");
-  check_state(exp_avg_sq, param, "exp_avg_sq");
-  const auto out = out_dtype(param_out);
-  if (out) check_same_shape(*param_out, param, "param_out");
+  const auto out = check_update_state(param, exp_avg, exp_avg_sq, param_out);
   const std::vector<Piece> pieces = shard_pieces(tensor_bounds, shard_offset, param.numel());
   TORCH_CHECK(trust_ratio.numel() == tensor_bounds.numel() - 1 &&
                   trust_ratio.scalar_type() == at::kFloat && trust_ratio.device().is_cpu(),

@@ -84,4 +84,17 @@ inline std::optional<at::ScalarType> out_dtype(const std::optional<at::Tensor>& 
   return param_out->scalar_type();
 }
 
+// The checks every update kernel starts with: fp32 state shaped like param, and the optional
+// compute-dtype copy; returns that copy's dtype (nullopt when none is written).
+inline std::optional<at::ScalarType> check_update_state(
+    const at::Tensor& param, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+    const std::optional<at::Tensor>& param_out) {
+  check_state(param, param, "param");
+  check_state(exp_avg, param, "exp_avg");
+  check_state(exp_avg_sq, param, "exp_avg_sq");
+  const auto out = out_dtype(param_out);
+  if (out) check_same_shape(*param_out, param, "param_out");
+  return out;
+}
+
 }  // namespace zerofx
