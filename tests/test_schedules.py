@@ -1,0 +1,259 @@
+"""LR schedules against a plain-Python transcription of DeepSpeed's lr_schedules.py."""
+import logging
+import math
+
+import pytest
+
+from zerofx.config import (ConfigError, LRRangeTestParams, OneCycleParams, SchedulerConfig,
+                           WarmupDecayLRParams, WarmupLRParams)
+from zerofx.schedules import Schedule, make_schedule
+
+
+# ---- the reference: DeepSpeed's get_lr()/get_mom() as functions of last_batch_iteration ----
+
+def ds_warmup_gamma(it, warmup, kind):
+    warmup = max(2, warmup)
+    if it < warmup:
+        if kind == "log":
+            return (1.0 / math.log(warmup)) * math.log(it + 1)
+        return it / warmup
+    return 1.0
+
+
+def ds_warmup_lr(it, lo, hi, warmup, kind):
+    if it < 0:
+        return lo
+    return lo + (hi - lo) * ds_warmup_gamma(it, warmup, kind)
+
+
+def ds_warmup_decay_lr(it, lo, hi, warmup, kind, total):
+    if it < 0:
+        return lo
+    if it < max(2, warmup):
+        gamma = ds_warmup_gamma(it, warmup, kind)
+    else:
+        gamma = max(0.0, float(total - it) / float(max(1.0, total - max(2, warmup))))
+    return lo + (hi - lo) * gamma
+
+
+def ds_one_cycle_scale(it, first, second):
+    total = float(first) + float(second)
+    ratio = float(first) / total
+    bi = it + 1
+    cycle = math.floor(1 + bi / total)
+    x = 1.0 + bi / total - cycle
+    return x / ratio if x <= ratio else (x - 1) / (ratio - 1)
+
+
+def ds_one_cycle(it, p):
+    """(lr, beta1 or None), DeepSpeed's OneCycle.get_lr()/get_mom() for OneCycleParams p."""
+    first = p.cycle_first_step_size
+    second = first if p.cycle_second_step_size is None else p.cycle_second_step_size
+    total = float(first + second)
+    if it < total:
+        s = ds_one_cycle_scale(it, first, second)
+        lr = p.cycle_min_lr + (p.cycle_max_lr - p.cycle_min_lr) * s
+        mom = p.cycle_max_mom - (p.cycle_max_mom - p.cycle_min_mom) * s
+    else:
+        interval = (it - total + 1) / p.decay_step_size if p.decay_step_size else None
+        lr, mom = p.cycle_min_lr, p.cycle_max_mom
+        if interval is not None and p.decay_lr_rate != 0:
+            lr = p.cycle_min_lr / (1 + p.decay_lr_rate * interval)
+        if interval is not None and p.decay_mom_rate != 0:
+            mom = p.cycle_max_mom * (1 + p.decay_mom_rate * interval)
+    return lr, (mom if p.cycle_momentum else None)
+
+
+def ds_range_test_lr(it, lo, size, rate, staircase):
+    interval = float(it + 1) / size
+    if staircase:
+        interval = math.floor(interval)
+    return lo * (1 + rate * interval)
+
+
+def close(a, b):
+    return a == pytest.approx(b, rel=1e-12, abs=1e-300)
+
+
+def steps_around(*marks):
+    """Steps 0..3 and each mark -1/0/+1, plus far past the end."""
+    pts = {-1, 0, 1, 2, 3, 10_000, 123_457}
+    for m in marks:
+        pts |= {m - 1, m, m + 1}
+    return sorted(p for p in pts if p >= -1)
+
+
+def sched(type_, params):
+    return make_schedule(SchedulerConfig(type=type_, params=params))
+
+
+# ---- WarmupLR / WarmupDecayLR ----
+
+WARMUP_CASES = [
+    dict(warmup_min_lr=0.0, warmup_max_lr=1e-3, warmup_num_steps=10, warmup_type="linear"),
+    dict(warmup_min_lr=0.0, warmup_max_lr=1e-3, warmup_num_steps=10, warmup_type="log"),
+    dict(warmup_min_lr=1e-5, warmup_max_lr=3e-4, warmup_num_steps=1000, warmup_type="log"),
+    dict(warmup_min_lr=2e-4, warmup_max_lr=1e-4, warmup_num_steps=7, warmup_type="linear"),
+    dict(warmup_min_lr=0.0, warmup_max_lr=1e-3, warmup_num_steps=0, warmup_type="log"),
+    dict(warmup_min_lr=0.0, warmup_max_lr=1e-3, warmup_num_steps=1, warmup_type="linear"),
+]
+
+
+@pytest.mark.parametrize("kw", WARMUP_CASES)
+def test_warmup_lr_matches_deepspeed(kw):
+    s = sched("WarmupLR", WarmupLRParams(**kw))
+    args = (kw["warmup_min_lr"], kw["warmup_max_lr"], kw["warmup_num_steps"], kw["warmup_type"])
+    for it in steps_around(kw["warmup_num_steps"], 2):
+        assert close(s.lr_at(it), ds_warmup_lr(it, *args)), it
+        assert s.momentum_at(it) is None
+
+
+@pytest.mark.parametrize("kw", WARMUP_CASES)
+@pytest.mark.parametrize("total", [1, 10, 25, 5000])
+def test_warmup_decay_lr_matches_deepspeed(kw, total):
+    s = sched("WarmupDecayLR", WarmupDecayLRParams(total_num_steps=total, **kw))
+    args = (kw["warmup_min_lr"], kw["warmup_max_lr"], kw["warmup_num_steps"], kw["warmup_type"])
+    for it in steps_around(kw["warmup_num_steps"], total, 2):
+        assert close(s.lr_at(it), ds_warmup_decay_lr(it, *args, total)), it
+
+
+def test_warmup_known_values():
+    lin = sched("WarmupLR", WarmupLRParams(warmup_max_lr=1e-3, warmup_num_steps=10,
+                                           warmup_type="linear"))
+    assert [lin.lr_at(i) for i in (0, 5, 10, 50)] == pytest.approx([0.0, 5e-4, 1e-3, 1e-3])
+    lg = sched("WarmupLR", WarmupLRParams(warmup_max_lr=1e-3, warmup_num_steps=10))
+    assert lg.lr_at(0) == 0.0 and lg.lr_at(9) == pytest.approx(1e-3)  # log(10)/log(10)
+    assert lg.lr_at(4) == pytest.approx(1e-3 * math.log(5) / math.log(10))
+    dec = sched("WarmupDecayLR", WarmupDecayLRParams(warmup_max_lr=1e-3, warmup_num_steps=10,
+                                                     warmup_type="linear", total_num_steps=20))
+    assert [dec.lr_at(i) for i in (10, 15, 20, 30)] == pytest.approx([1e-3, 5e-4, 0.0, 0.0])
+
+
+def test_warmup_decay_short_total_warns_and_runs(caplog):
+    with caplog.at_level(logging.WARNING, logger="zerofx.schedules"):
+        s = sched("WarmupDecayLR", WarmupDecayLRParams(total_num_steps=5, warmup_num_steps=10))
+    assert "total_num_steps 5 is less than warmup_num_steps 10" in caplog.text
+    assert s.lr_at(9) > 0 and s.lr_at(10) == 0.0
+
+
+# ---- OneCycle ----
+
+ONE_CYCLE_CASES = [
+    dict(cycle_min_lr=1e-4, cycle_max_lr=1e-3, cycle_first_step_size=10),
+    dict(cycle_min_lr=1e-4, cycle_max_lr=1e-3, cycle_first_step_size=10, cycle_second_step_size=30,
+         decay_step_size=5, decay_lr_rate=0.5, decay_mom_rate=0.01),
+    dict(cycle_min_lr=0.0, cycle_max_lr=0.1, cycle_first_step_size=7, cycle_second_step_size=3,
+         decay_step_size=4, decay_lr_rate=0.1, cycle_momentum=False),
+    dict(cycle_min_lr=1e-3, cycle_max_lr=1e-2, cycle_first_step_size=1, cycle_second_step_size=1,
+         decay_step_size=0, decay_lr_rate=0.3, cycle_min_mom=0.85, cycle_max_mom=0.95),
+    dict(cycle_min_lr=2e-3, cycle_max_lr=5e-4, cycle_first_step_size=2000),
+]
+
+
+@pytest.mark.parametrize("kw", ONE_CYCLE_CASES)
+def test_one_cycle_matches_deepspeed(kw):
+    p = OneCycleParams(**kw)
+    s = sched("OneCycle", p)
+    first = p.cycle_first_step_size
+    total = first + (p.cycle_second_step_size or first)
+    for it in steps_around(first, total, total + p.decay_step_size, total + 3 * p.decay_step_size):
+        lr, mom = ds_one_cycle(it, p)
+        assert close(s.lr_at(it), lr), it
+        got = s.momentum_at(it)
+        assert (got is None) if mom is None else close(got, mom), it
+
+
+def test_one_cycle_known_values():
+    s = sched("OneCycle", OneCycleParams(cycle_min_lr=0.0, cycle_max_lr=1.0,
+                                         cycle_first_step_size=4, cycle_min_mom=0.8,
+                                         cycle_max_mom=0.9))
+    # peak after first_step_size steps (DeepSpeed's +1: lr_at(k) is position k+1 of the cycle)
+    assert [s.lr_at(i) for i in (-1, 0, 1, 3, 5, 6, 7)] == pytest.approx(
+        [0.0, 0.25, 0.5, 1.0, 0.5, 0.25, 0.0])
+    assert s.momentum_at(3) == pytest.approx(0.8) and s.momentum_at(-1) == pytest.approx(0.9)
+    assert s.lr_at(100) == 0.0 and s.momentum_at(100) == 0.9  # no decay configured
+
+
+@pytest.mark.parametrize("stairs", [(4, None), (3, 5)])
+def test_one_cycle_stairs_ignored_like_deepspeed(stairs, caplog):
+    kw = dict(cycle_min_lr=1e-4, cycle_max_lr=1e-3, cycle_first_step_size=10)
+    plain = sched("OneCycle", OneCycleParams(**kw))
+    with caplog.at_level(logging.WARNING, logger="zerofx.schedules"):
+        stair = sched("OneCycle", OneCycleParams(cycle_first_stair_count=stairs[0],
+                                                 cycle_second_stair_count=stairs[1], **kw))
+    assert "stair_count is ignored" in caplog.text
+    for it in range(-1, 30):
+        assert stair.lr_at(it) == plain.lr_at(it) and stair.momentum_at(it) == plain.momentum_at(it)
+
+
+# ---- LRRangeTest ----
+
+@pytest.mark.parametrize("staircase", [False, True])
+@pytest.mark.parametrize("lo,size,rate", [(1e-3, 2000, 1.0), (1e-5, 3, 0.5), (0.01, 1, 2.0)])
+def test_range_test_matches_deepspeed(staircase, lo, size, rate):
+    s = sched("LRRangeTest", LRRangeTestParams(lr_range_test_min_lr=lo,
+                                               lr_range_test_step_size=size,
+                                               lr_range_test_step_rate=rate,
+                                               lr_range_test_staircase=staircase))
+    for it in steps_around(size, 2 * size, 5 * size):
+        assert close(s.lr_at(it), ds_range_test_lr(it, lo, size, rate, staircase)), it
+        assert s.momentum_at(it) is None
+
+
+def test_range_test_staircase_known_values():
+    p = dict(lr_range_test_min_lr=1.0, lr_range_test_step_size=4, lr_range_test_step_rate=1.0)
+    stair = sched("LRRangeTest", LRRangeTestParams(lr_range_test_staircase=True, **p))
+    smooth = sched("LRRangeTest", LRRangeTestParams(**p))
+    assert [stair.lr_at(i) for i in (-1, 0, 2, 3, 6, 7)] == [1.0, 1.0, 1.0, 2.0, 2.0, 3.0]
+    assert [smooth.lr_at(i) for i in (-1, 0, 1, 3)] == [1.0, 1.25, 1.5, 2.0]
+
+
+# ---- the counter: DeepSpeed's step()/get_last_lr()/state_dict() surface ----
+
+ALL_CONFIGS = [
+    SchedulerConfig(type="WarmupLR"),
+    SchedulerConfig(type="WarmupDecayLR", params=WarmupDecayLRParams(total_num_steps=30,
+                                                                     warmup_num_steps=8)),
+    SchedulerConfig(type="OneCycle", params=OneCycleParams(
+        cycle_min_lr=1e-4, cycle_max_lr=1e-3, cycle_first_step_size=5, decay_step_size=2,
+        decay_lr_rate=0.2)),
+    SchedulerConfig(type="LRRangeTest", params=LRRangeTestParams(lr_range_test_step_size=3,
+                                                                 lr_range_test_staircase=True)),
+]
+
+
+@pytest.mark.parametrize("cfg", ALL_CONFIGS, ids=lambda c: c.type)
+def test_counter_and_state_dict_round_trip(cfg):
+    s = make_schedule(cfg)
+    assert isinstance(s, Schedule) and s.last_batch_iteration == 0
+    seq = []
+    for i in range(40):
+        assert s.last_batch_iteration == i
+        seq.append((s.get_last_lr(), s.momentum_at(s.last_batch_iteration)))
+        s.step()
+    assert [lr for lr, _ in seq] == [[s.lr_at(i)] for i in range(40)]
+    # save mid-run, resume in a fresh schedule: the same sequence continues
+    s = make_schedule(cfg)
+    for _ in range(17):
+        s.step()
+    sd = s.state_dict()
+    assert sd == {"last_batch_iteration": 17}
+    resumed = make_schedule(cfg)
+    resumed.load_state_dict(sd)
+    for i in range(17, 40):
+        assert (resumed.get_last_lr(), resumed.momentum_at(i)) == seq[i]
+        resumed.step()
+
+
+def test_step_jump_start_and_bad_values():
+    s = make_schedule(ALL_CONFIGS[0], last_batch_iteration=-1)  # DeepSpeed's "not started"
+    assert s.get_last_lr() == [0.0]
+    s.step(25)
+    assert s.last_batch_iteration == 25 and s.get_last_lr() == [s.lr_at(25)]
+    for bad in (-2, 1.5, True):
+        with pytest.raises(ValueError, match="last_batch_iteration"):
+            s.step(bad)
+        with pytest.raises(ValueError, match="last_batch_iteration"):
+            s.lr_at(bad)
+    with pytest.raises(ConfigError, match="last_batch_iteration"):
+        s.load_state_dict({"step": 3})

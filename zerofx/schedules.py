@@ -1,0 +1,204 @@
+"""DeepSpeed's learning-rate schedules (WarmupLR, WarmupDecayLR, OneCycle, LRRangeTest).
+
+Each schedule is a pure function of the step count, `lr_at(step)`, plus a counter. The formulas
+are DeepSpeed's `deepspeed/runtime/lr_schedules.py` (the current ones, which have `warmup_type`,
+the `max(2, warmup_num_steps)` clamp and OneCycle's off-by-one fixes), computed in the same
+order so that values agree to the last bit.
+
+Step convention: `step` is DeepSpeed's `last_batch_iteration`, and `lr_at(step)` is what
+DeepSpeed's `get_lr()` returns when `last_batch_iteration == step`. A schedule starts at
+`last_batch_iteration = 0` (as if constructed and stepped once), so the lr of the first
+optimizer step is `lr_at(0)`; `step()` after each optimizer step advances it. `lr_at(-1)` is
+also defined (the lr a DeepSpeed scheduler gives the optimizer before its first `step()`), so
+an engine that wants DeepSpeed's exact timing can start the counter at -1.
+
+The lr is a plain float: the engine copies it into the step graph's lr tensor input, so a
+changing lr never recompiles (see DESIGN.md, "state that changes every step").
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from zerofx.config import (ConfigError, LRRangeTestParams, OneCycleParams, SchedulerConfig,
+                           WarmupDecayLRParams, WarmupLRParams)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LRRangeTest", "OneCycle", "Schedule", "WarmupDecayLR", "WarmupLR", "make_schedule"]
+
+
+class Schedule:
+    """A step counter over a pure `lr_at(step)`; the DeepSpeed scheduler surface."""
+
+    def __init__(self, *, last_batch_iteration: int = 0) -> None:
+        self._step = _check_step(last_batch_iteration)
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate when `last_batch_iteration == step` (step >= -1)."""
+        raise NotImplementedError
+
+    def momentum_at(self, step: int) -> float | None:
+        """Adam's beta1 at `step`, or None where the schedule leaves momentum alone."""
+        return None
+
+    @property
+    def last_batch_iteration(self) -> int:
+        return self._step
+
+    def step(self, batch_iteration: int | None = None) -> None:
+        """Advance by one, or jump to `batch_iteration` (DeepSpeed's optional argument)."""
+        self._step = _check_step(self._step + 1 if batch_iteration is None else batch_iteration)
+
+    def get_last_lr(self) -> list[float]:
+        """The current lr, one entry per param group (zerofx has one schedule for all)."""
+        return [self.lr_at(self._step)]
+
+    def state_dict(self) -> dict[str, Any]:
+        # DeepSpeed's checkpoint key, so checkpoints move between the two both ways
+        return {"last_batch_iteration": self._step}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        if "last_batch_iteration" not in d:
+            raise ConfigError(f"scheduler state has no 'last_batch_iteration'; got keys {sorted(d)}")
+        self._step = _check_step(d["last_batch_iteration"])
+
+
+def _check_step(step: Any) -> int:
+    # -1 is DeepSpeed's "not started"; anything below is a caller bug, not a schedule value
+    if isinstance(step, bool) or not isinstance(step, int) or step < -1:
+        raise ValueError(f"last_batch_iteration must be an int >= -1; got {step!r}")
+    return step
+
+
+class WarmupLR(Schedule):
+    """lr rises from warmup_min_lr to warmup_max_lr over warmup_num_steps, then stays."""
+
+    def __init__(self, p: WarmupLRParams, *, last_batch_iteration: int = 0) -> None:
+        super().__init__(last_batch_iteration=last_batch_iteration)
+        self.min_lr = p.warmup_min_lr
+        self.delta_lr = p.warmup_max_lr - p.warmup_min_lr
+        # DeepSpeed clamps to 2: log(1) = 0 would make the log warmup divide by zero
+        self.warmup_num_steps = max(2, p.warmup_num_steps)
+        self.warmup_type = p.warmup_type
+        self._inverse_log_warmup = 1.0 / math.log(self.warmup_num_steps)
+
+    def lr_at(self, step: int) -> float:
+        if _check_step(step) < 0:
+            return self.min_lr  # DeepSpeed's get_lr() before the first step()
+        return self.min_lr + self.delta_lr * self._gamma(step)
+
+    def _gamma(self, step: int) -> float:
+        """Fraction of the way from min to max lr (DeepSpeed's _get_gamma)."""
+        if step < self.warmup_num_steps:
+            return self._warmup_gamma(step)
+        return 1.0
+
+    def _warmup_gamma(self, step: int) -> float:
+        if self.warmup_type == "log":  # same operation order as DeepSpeed: bit-identical
+            return self._inverse_log_warmup * math.log(step + 1)
+        return step / self.warmup_num_steps
+
+
+class WarmupDecayLR(WarmupLR):
+    """WarmupLR, then linear decay from warmup_max_lr to 0 at total_num_steps."""
+
+    def __init__(self, p: WarmupDecayLRParams, *, last_batch_iteration: int = 0) -> None:
+        super().__init__(p, last_batch_iteration=last_batch_iteration)
+        self.total_num_steps = p.total_num_steps
+        if self.total_num_steps < self.warmup_num_steps:
+            # DeepSpeed warms up to the clamped warmup length, then its decay term is already
+            # clipped to 0; it warns and runs, so do we
+            log.warning("total_num_steps %d is less than warmup_num_steps %d",
+                        p.total_num_steps, p.warmup_num_steps)
+
+    def _gamma(self, step: int) -> float:
+        if step < self.warmup_num_steps:
+            return self._warmup_gamma(step)
+        # max(1, ...): total == warmup would divide by zero
+        return max(0.0, float(self.total_num_steps - step)
+                   / float(max(1.0, self.total_num_steps - self.warmup_num_steps)))
+
+
+class OneCycle(Schedule):
+    """One triangular lr cycle (beta1 moves the other way), then optional decay.
+
+    As in DeepSpeed, the stair counts are accepted and ignored (DeepSpeed stores them and
+    never reads them), and after the cycle lr decays as min_lr / (1 + rate * interval) while
+    beta1 *grows* as max_mom * (1 + rate * interval). DeepSpeed also sets beta2 to 0.99 when
+    it cycles momentum; momentum_at returns beta1 only and leaves that to the engine.
+    """
+
+    def __init__(self, p: OneCycleParams, *, last_batch_iteration: int = 0) -> None:
+        super().__init__(last_batch_iteration=last_batch_iteration)
+        first = float(p.cycle_first_step_size)
+        second = first if p.cycle_second_step_size is None else float(p.cycle_second_step_size)
+        self.total_size = first + second
+        self.step_ratio = first / self.total_size
+        self.min_lr, self.max_lr, self.decay_lr_rate = p.cycle_min_lr, p.cycle_max_lr, p.decay_lr_rate
+        self.cycle_momentum = p.cycle_momentum
+        self.min_mom, self.max_mom, self.decay_mom_rate = p.cycle_min_mom, p.cycle_max_mom, p.decay_mom_rate
+        self.decay_step_size = p.decay_step_size
+        # decay_step_size 0 means "no decay" (and would divide by zero)
+        self.skip_lr_decay = p.decay_step_size == 0 or p.decay_lr_rate == 0
+        self.skip_mom_decay = p.decay_step_size == 0 or p.decay_mom_rate == 0
+        if p.cycle_first_stair_count or p.cycle_second_stair_count:
+            log.warning("OneCycle: cycle_*_stair_count is ignored (as DeepSpeed ignores it); "
+                        "the cycle is continuous")
+
+    def _scale(self, step: int) -> float:
+        """Position in the triangle, 0 at the ends and 1 at the peak (DeepSpeed's +1 offset)."""
+        batch_iteration = step + 1
+        cycle = math.floor(1 + batch_iteration / self.total_size)
+        x = 1.0 + batch_iteration / self.total_size - cycle
+        if x <= self.step_ratio:
+            return x / self.step_ratio
+        return (x - 1) / (self.step_ratio - 1)
+
+    def _decay_interval(self, step: int) -> float:
+        return (step - self.total_size + 1) / self.decay_step_size
+
+    def lr_at(self, step: int) -> float:
+        if _check_step(step) < self.total_size:
+            return self.min_lr + (self.max_lr - self.min_lr) * self._scale(step)
+        if self.skip_lr_decay:
+            return self.min_lr
+        return self.min_lr / (1 + self.decay_lr_rate * self._decay_interval(step))
+
+    def momentum_at(self, step: int) -> float | None:
+        if not self.cycle_momentum:
+            return None
+        if _check_step(step) < self.total_size:
+            return self.max_mom - (self.max_mom - self.min_mom) * self._scale(step)
+        if self.skip_mom_decay:
+            return self.max_mom
+        return self.max_mom * (1 + self.decay_mom_rate * self._decay_interval(step))
+
+
+class LRRangeTest(Schedule):
+    """lr grows linearly (or in stairs) from lr_range_test_min_lr, to find a usable maximum."""
+
+    def __init__(self, p: LRRangeTestParams, *, last_batch_iteration: int = 0) -> None:
+        super().__init__(last_batch_iteration=last_batch_iteration)
+        self.min_lr = p.lr_range_test_min_lr
+        self.step_size = p.lr_range_test_step_size
+        self.step_rate = p.lr_range_test_step_rate
+        self.staircase = p.lr_range_test_staircase
+
+    def lr_at(self, step: int) -> float:
+        interval = float(_check_step(step) + 1) / self.step_size
+        if self.staircase:
+            interval = math.floor(interval)
+        return self.min_lr * (1 + self.step_rate * interval)
+
+
+_BY_TYPE: dict[str, type[Schedule]] = {
+    "WarmupLR": WarmupLR, "WarmupDecayLR": WarmupDecayLR,
+    "OneCycle": OneCycle, "LRRangeTest": LRRangeTest,
+}
+
+
+def make_schedule(cfg: SchedulerConfig, *, last_batch_iteration: int = 0) -> Schedule:
+    """The schedule that `cfg` describes, at `last_batch_iteration` (0: before training)."""
+    return _BY_TYPE[cfg.type](cfg.params, last_batch_iteration=last_batch_iteration)
