@@ -36,13 +36,24 @@ def ds_warmup_decay_lr(it, lo, hi, warmup, kind, total):
     return lo + (hi - lo) * gamma
 
 
-def ds_one_cycle_scale(it, first, second):
+def ds_one_cycle_scale(it, first, second, stairs1, stairs2):
     total = float(first) + float(second)
     ratio = float(first) / total
     bi = it + 1
     cycle = math.floor(1 + bi / total)
     x = 1.0 + bi / total - cycle
-    return x / ratio if x <= ratio else (x - 1) / (ratio - 1)
+    if x <= ratio:
+        scale, stairs = x / ratio, stairs1
+    else:
+        scale, stairs = (x - 1) / (ratio - 1), stairs2
+    if stairs > 0:
+        ci = bi % total
+        if ci <= first:
+            pos = ci * stairs / float(first)
+        else:
+            pos = (total - ci) * stairs / float(second)
+        scale = math.floor(pos) / stairs
+    return scale
 
 
 def ds_one_cycle(it, p):
@@ -51,7 +62,9 @@ def ds_one_cycle(it, p):
     second = first if p.cycle_second_step_size is None else p.cycle_second_step_size
     total = float(first + second)
     if it < total:
-        s = ds_one_cycle_scale(it, first, second)
+        stairs2 = p.cycle_first_stair_count if p.cycle_second_stair_count is None \
+            else p.cycle_second_stair_count
+        s = ds_one_cycle_scale(it, first, second, p.cycle_first_stair_count, stairs2)
         lr = p.cycle_min_lr + (p.cycle_max_lr - p.cycle_min_lr) * s
         mom = p.cycle_max_mom - (p.cycle_max_mom - p.cycle_min_mom) * s
     else:
@@ -61,6 +74,8 @@ def ds_one_cycle(it, p):
             lr = p.cycle_min_lr / (1 + p.decay_lr_rate * interval)
         if interval is not None and p.decay_mom_rate != 0:
             mom = p.cycle_max_mom * (1 + p.decay_mom_rate * interval)
+    if it < 0:  # the constructor sets betas to the min momentum, off the cycle
+        mom = p.cycle_min_mom
     return lr, (mom if p.cycle_momentum else None)
 
 
@@ -94,7 +109,8 @@ WARMUP_CASES = [
     dict(warmup_min_lr=0.0, warmup_max_lr=1e-3, warmup_num_steps=10, warmup_type="log"),
     dict(warmup_min_lr=1e-5, warmup_max_lr=3e-4, warmup_num_steps=1000, warmup_type="log"),
     dict(warmup_min_lr=2e-4, warmup_max_lr=1e-4, warmup_num_steps=7, warmup_type="linear"),
-    dict(warmup_min_lr=0.0, warmup_max_lr=1e-3, warmup_num_steps=0, warmup_type="log"),
+    dict(warmup_min_lr=0.0, warmup_max_lr=1e-3, warmup_num_steps=1, warmup_type="log"),
+    dict(warmup_min_lr=0.0, warmup_max_lr=1e-3, warmup_num_steps=2, warmup_type="log"),
     dict(warmup_min_lr=0.0, warmup_max_lr=1e-3, warmup_num_steps=1, warmup_type="linear"),
 ]
 
@@ -129,6 +145,14 @@ def test_warmup_known_values():
     assert [dec.lr_at(i) for i in (10, 15, 20, 30)] == pytest.approx([1e-3, 5e-4, 0.0, 0.0])
 
 
+@pytest.mark.parametrize("type_,cls", [("WarmupLR", WarmupLRParams),
+                                       ("WarmupDecayLR", WarmupDecayLRParams)])
+def test_zero_warmup_steps_is_a_config_error(type_, cls):
+    extra = {"total_num_steps": 10} if cls is WarmupDecayLRParams else {}
+    with pytest.raises(ConfigError, match="warmup_num_steps must be >= 1"):
+        sched(type_, cls(warmup_num_steps=0, **extra))
+
+
 def test_warmup_decay_short_total_warns_and_runs(caplog):
     with caplog.at_level(logging.WARNING, logger="zerofx.schedules"):
         s = sched("WarmupDecayLR", WarmupDecayLRParams(total_num_steps=5, warmup_num_steps=10))
@@ -147,6 +171,12 @@ ONE_CYCLE_CASES = [
     dict(cycle_min_lr=1e-3, cycle_max_lr=1e-2, cycle_first_step_size=1, cycle_second_step_size=1,
          decay_step_size=0, decay_lr_rate=0.3, cycle_min_mom=0.85, cycle_max_mom=0.95),
     dict(cycle_min_lr=2e-3, cycle_max_lr=5e-4, cycle_first_step_size=2000),
+    dict(cycle_min_lr=1e-4, cycle_max_lr=1e-3, cycle_first_step_size=10, cycle_first_stair_count=4),
+    dict(cycle_min_lr=1e-4, cycle_max_lr=1e-3, cycle_first_step_size=9, cycle_second_step_size=6,
+         cycle_first_stair_count=3, cycle_second_stair_count=5, decay_step_size=2,
+         decay_lr_rate=0.5),
+    dict(cycle_min_lr=0.0, cycle_max_lr=1.0, cycle_first_step_size=7, cycle_second_step_size=3,
+         cycle_first_stair_count=0, cycle_second_stair_count=2),
 ]
 
 
@@ -170,20 +200,22 @@ def test_one_cycle_known_values():
     # peak after first_step_size steps (DeepSpeed's +1: lr_at(k) is position k+1 of the cycle)
     assert [s.lr_at(i) for i in (-1, 0, 1, 3, 5, 6, 7)] == pytest.approx(
         [0.0, 0.25, 0.5, 1.0, 0.5, 0.25, 0.0])
-    assert s.momentum_at(3) == pytest.approx(0.8) and s.momentum_at(-1) == pytest.approx(0.9)
+    assert s.momentum_at(3) == pytest.approx(0.8) and s.momentum_at(0) == pytest.approx(0.875)
+    assert s.momentum_at(-1) == 0.8  # DeepSpeed's constructor value, not the cycle's 0.9
     assert s.lr_at(100) == 0.0 and s.momentum_at(100) == 0.9  # no decay configured
 
 
-@pytest.mark.parametrize("stairs", [(4, None), (3, 5)])
-def test_one_cycle_stairs_ignored_like_deepspeed(stairs, caplog):
-    kw = dict(cycle_min_lr=1e-4, cycle_max_lr=1e-3, cycle_first_step_size=10)
-    plain = sched("OneCycle", OneCycleParams(**kw))
-    with caplog.at_level(logging.WARNING, logger="zerofx.schedules"):
-        stair = sched("OneCycle", OneCycleParams(cycle_first_stair_count=stairs[0],
-                                                 cycle_second_stair_count=stairs[1], **kw))
-    assert "stair_count is ignored" in caplog.text
-    for it in range(-1, 30):
-        assert stair.lr_at(it) == plain.lr_at(it) and stair.momentum_at(it) == plain.momentum_at(it)
+def test_one_cycle_stairs_known_values():
+    # 2 stairs up over 4 steps, 1 stair down over 2: the lr holds flat, then jumps
+    s = sched("OneCycle", OneCycleParams(cycle_min_lr=0.0, cycle_max_lr=1.0,
+                                         cycle_first_step_size=4, cycle_second_step_size=2,
+                                         cycle_first_stair_count=2, cycle_second_stair_count=1))
+    assert [s.lr_at(i) for i in range(-1, 7)] == [0.0, 0.0, 0.5, 0.5, 1.0, 0.0, 0.0, 0.0]
+    # asymmetric cycle: the float scale is 1e-16 under the peak; stairs still reach it
+    kw = dict(cycle_min_lr=0.0, cycle_max_lr=1.0, cycle_first_step_size=1,
+              cycle_second_step_size=2)
+    assert sched("OneCycle", OneCycleParams(**kw)).lr_at(0) < 1.0
+    assert sched("OneCycle", OneCycleParams(cycle_first_stair_count=1, **kw)).lr_at(0) == 1.0
 
 
 # ---- LRRangeTest ----

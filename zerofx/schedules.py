@@ -1,16 +1,16 @@
 """DeepSpeed's learning-rate schedules (WarmupLR, WarmupDecayLR, OneCycle, LRRangeTest).
 
 Each schedule is a pure function of the step count, `lr_at(step)`, plus a counter. The formulas
-are DeepSpeed's `deepspeed/runtime/lr_schedules.py` (the current ones, which have `warmup_type`,
-the `max(2, warmup_num_steps)` clamp and OneCycle's off-by-one fixes), computed in the same
-order so that values agree to the last bit.
+are DeepSpeed's `deepspeed/runtime/lr_schedules.py` as of 0.19 (which has `warmup_type`, the
+`max(2, warmup_num_steps)` clamp, OneCycle's +1 offsets and its stairs), computed in the same
+operation order so that values agree to the last bit.
 
 Step convention: `step` is DeepSpeed's `last_batch_iteration`, and `lr_at(step)` is what
-DeepSpeed's `get_lr()` returns when `last_batch_iteration == step`. A schedule starts at
-`last_batch_iteration = 0` (as if constructed and stepped once), so the lr of the first
-optimizer step is `lr_at(0)`; `step()` after each optimizer step advances it. `lr_at(-1)` is
-also defined (the lr a DeepSpeed scheduler gives the optimizer before its first `step()`), so
-an engine that wants DeepSpeed's exact timing can start the counter at -1.
+DeepSpeed's `get_lr()` returns when `last_batch_iteration == step`. By default a schedule starts
+at 0, so the first optimizer step uses `lr_at(0)` and `step()` after each optimizer step
+advances it. DeepSpeed itself starts at -1 (its constructor puts `lr_at(-1)` into the optimizer
+and does not step), so its k-th optimizer step uses `lr_at(k - 1)`: pass
+`last_batch_iteration=-1` to `make_schedule` for that exact timing.
 
 The lr is a plain float: the engine copies it into the step graph's lr tensor input, so a
 changing lr never recompiles (see DESIGN.md, "state that changes every step").
@@ -61,7 +61,8 @@ class Schedule:
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         if "last_batch_iteration" not in d:
-            raise ConfigError(f"scheduler state has no 'last_batch_iteration'; got keys {sorted(d)}")
+            raise ConfigError("scheduler state has no 'last_batch_iteration'; "
+                              f"got keys {sorted(d)}")
         self._step = _check_step(d["last_batch_iteration"])
 
 
@@ -80,6 +81,8 @@ class WarmupLR(Schedule):
         self.min_lr = p.warmup_min_lr
         self.delta_lr = p.warmup_max_lr - p.warmup_min_lr
         # DeepSpeed clamps to 2: log(1) = 0 would make the log warmup divide by zero
+        if p.warmup_num_steps == 0:  # DeepSpeed raises ValueError in its constructor
+            raise ConfigError("scheduler.params.warmup_num_steps must be >= 1; got 0")
         self.warmup_num_steps = max(2, p.warmup_num_steps)
         self.warmup_type = p.warmup_type
         self._inverse_log_warmup = 1.0 / math.log(self.warmup_num_steps)
@@ -124,28 +127,30 @@ class WarmupDecayLR(WarmupLR):
 class OneCycle(Schedule):
     """One triangular lr cycle (beta1 moves the other way), then optional decay.
 
-    As in DeepSpeed, the stair counts are accepted and ignored (DeepSpeed stores them and
-    never reads them), and after the cycle lr decays as min_lr / (1 + rate * interval) while
-    beta1 *grows* as max_mom * (1 + rate * interval). DeepSpeed also sets beta2 to 0.99 when
-    it cycles momentum; momentum_at returns beta1 only and leaves that to the engine.
+    As in DeepSpeed, after the cycle lr decays as min_lr / (1 + rate * interval) while beta1
+    *grows* as max_mom * (1 + rate * interval). DeepSpeed also sets beta2 to 0.99 when it
+    cycles momentum; momentum_at returns beta1 only and leaves that to the engine.
     """
 
     def __init__(self, p: OneCycleParams, *, last_batch_iteration: int = 0) -> None:
         super().__init__(last_batch_iteration=last_batch_iteration)
         first = float(p.cycle_first_step_size)
         second = first if p.cycle_second_step_size is None else float(p.cycle_second_step_size)
+        self.first_step_size, self.second_step_size = first, second
         self.total_size = first + second
         self.step_ratio = first / self.total_size
-        self.min_lr, self.max_lr, self.decay_lr_rate = p.cycle_min_lr, p.cycle_max_lr, p.decay_lr_rate
+        self.first_stair_count = p.cycle_first_stair_count
+        self.second_stair_count = (p.cycle_first_stair_count if p.cycle_second_stair_count is None
+                                   else p.cycle_second_stair_count)
+        self.min_lr, self.max_lr = p.cycle_min_lr, p.cycle_max_lr
+        self.decay_lr_rate = p.decay_lr_rate
         self.cycle_momentum = p.cycle_momentum
-        self.min_mom, self.max_mom, self.decay_mom_rate = p.cycle_min_mom, p.cycle_max_mom, p.decay_mom_rate
+        self.min_mom, self.max_mom = p.cycle_min_mom, p.cycle_max_mom
+        self.decay_mom_rate = p.decay_mom_rate
         self.decay_step_size = p.decay_step_size
         # decay_step_size 0 means "no decay" (and would divide by zero)
         self.skip_lr_decay = p.decay_step_size == 0 or p.decay_lr_rate == 0
         self.skip_mom_decay = p.decay_step_size == 0 or p.decay_mom_rate == 0
-        if p.cycle_first_stair_count or p.cycle_second_stair_count:
-            log.warning("OneCycle: cycle_*_stair_count is ignored (as DeepSpeed ignores it); "
-                        "the cycle is continuous")
 
     def _scale(self, step: int) -> float:
         """Position in the triangle, 0 at the ends and 1 at the peak (DeepSpeed's +1 offset)."""
@@ -153,8 +158,26 @@ class OneCycle(Schedule):
         cycle = math.floor(1 + batch_iteration / self.total_size)
         x = 1.0 + batch_iteration / self.total_size - cycle
         if x <= self.step_ratio:
-            return x / self.step_ratio
-        return (x - 1) / (self.step_ratio - 1)
+            scale, stairs = x / self.step_ratio, self.first_stair_count
+        else:
+            scale, stairs = (x - 1) / (self.step_ratio - 1), self.second_stair_count
+        if stairs > 0:
+            return self._stair_scale(batch_iteration, stairs)
+        return scale
+
+    def _stair_scale(self, batch_iteration: int, stairs: int) -> float:
+        """`scale` held flat over `stairs` equal stairs per half (0: continuous).
+
+        Like DeepSpeed, quantised from the integer offset into the cycle, not by flooring the
+        float scale: that can sit 1e-16 under a stair edge and drop a whole stair (even the
+        peak) for an asymmetric cycle.
+        """
+        cycle_iteration = batch_iteration % self.total_size
+        if cycle_iteration <= self.first_step_size:
+            position = cycle_iteration * stairs / self.first_step_size
+        else:
+            position = (self.total_size - cycle_iteration) * stairs / self.second_step_size
+        return math.floor(position) / stairs
 
     def _decay_interval(self, step: int) -> float:
         return (step - self.total_size + 1) / self.decay_step_size
@@ -169,7 +192,11 @@ class OneCycle(Schedule):
     def momentum_at(self, step: int) -> float | None:
         if not self.cycle_momentum:
             return None
-        if _check_step(step) < self.total_size:
+        if _check_step(step) < 0:
+            # DeepSpeed's constructor puts cycle_min_mom into the optimizer, not the cycle's
+            # value there (max_mom); the first step() then moves it onto the cycle
+            return self.min_mom
+        if step < self.total_size:
             return self.max_mom - (self.max_mom - self.min_mom) * self._scale(step)
         if self.skip_mom_decay:
             return self.max_mom
