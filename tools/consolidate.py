@@ -1,0 +1,62 @@
+"""zerofx-consolidate: one fp32 state dict from a sharded zerofx checkpoint.
+
+    zerofx-consolidate CKPT_DIR -o model.pt              the tag `latest` names
+    zerofx-consolidate CKPT_DIR --tag global_step100 -o model.pt
+
+Writes {parameter name: fp32 tensor} from the fp32 master shards (not the compute-dtype
+weights), so ``model.load_state_dict(torch.load("model.pt"), strict=False)`` restores the
+trained parameters at full precision. Needs no torch.distributed and no model.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from zerofx.checkpoint_io import CheckpointError, full_state, resolve_tag
+
+
+def consolidate(ckpt_dir, out, *, tag=None, echo=print) -> dict[str, torch.Tensor]:
+    """Assemble the full fp32 master of ``ckpt_dir``/``tag`` and save it to ``out``."""
+    path = resolve_tag(ckpt_dir, tag)
+    if path is None:
+        raise CheckpointError(f"{Path(ckpt_dir) / 'latest'} does not exist; pass --tag "
+                              f"(the tag directories in {ckpt_dir})")
+    state = full_state(path, "master", on_file=lambda f: echo(f"read {f}"))
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")  # never leave a half-written output behind
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {out} ({e.strerror}); pick a writable path") \
+            from None
+    total = sum(t.numel() for t in state.values())
+    echo(f"wrote {out}: {len(state)} parameters, {total} elements (fp32) from {path}")
+    return state
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="zerofx-consolidate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ckpt_dir", help="the directory save_checkpoint wrote to")
+    p.add_argument("--tag", help="the checkpoint tag (default: the one `latest` names)")
+    p.add_argument("-o", "--output", required=True, help="where to write the state dict")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        consolidate(args.ckpt_dir, args.output, tag=args.tag)
+    except CheckpointError as e:
+        print(f"zerofx-consolidate: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""DeepSpeed-shaped checkpoints of a ZeroRuntime: atomic saves, loads that re-shard.
+
+    path = save_checkpoint(rt, "ckpt", client_state={"epoch": 3})   # every rank calls it
+    path, client_state = load_checkpoint(rt, "ckpt")                 # tag None: read `latest`
+
+Atomic: every rank writes into ``<dir>/.<tag>.tmp``; once all have written, rank 0 swaps it
+in as ``<dir>/<tag>`` and then points ``latest`` at it (temp file + os.replace). A crash at
+any point leaves the previous checkpoint loadable and ``latest`` naming a complete one.
+
+Loading at another data-parallel size or ZeRO stage needs no offline conversion (DeepSpeed
+needs one): the full fp32 master and moments are assembled by parameter name from all old
+rank files and this runtime's owned ranges are cut from them, in the new layout. The
+compute-dtype parameters are written from the full master, so loading needs no collective.
+File format and checked reading: zerofx/checkpoint_io.py.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from zerofx.checkpoint_io import (FORMAT_VERSION, LATEST_FILE, META_FILE, STATE_KEYS,
+                                  CheckpointError, assemble, by_name, check_tag, rank_file,
+                                  read_meta, read_shards, resolve_tag)
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+# What torch.load(weights_only=True) reads back: client_state is checked against this at
+# save time, so a checkpoint never saves what it could not load.
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+
+
+def save_checkpoint(rt, save_dir, tag=None, client_state=None, save_latest: bool = True) -> str:
+    """Write ``rt``'s training state as ``<save_dir>/<tag>``; every DP rank must call it.
+
+    ``client_state`` (rank 0's is kept) must be plain data: dicts, lists, tuples, numbers,
+    strings, tensors. Returns the tag directory.
+    """
+    _check_saveable(rt)
+    tag = check_tag(f"global_step{rt.micro_steps // rt.gas}" if tag is None else tag)
+    _check_plain(client_state, "client_state")
+    root = Path(save_dir)
+    final, tmp = root / tag, root / f".{tag}.tmp"
+    dp_rank = rt.plan.grid.dp_rank(rt.plan.rank)
+    first = rt.plan.rank == 0
+    # A tmp left by a crashed save is cleared before anyone writes into it.
+    _all_ok(rt, lambda: _fresh_dir(tmp) if first else None, "preparing", tmp)
+    _all_ok(rt, lambda: _write_files(rt, tmp, dp_rank, client_state, first), "writing", tmp)
+    _all_ok(rt, lambda: _publish(root, tmp, final, tag, save_latest) if first else None,
+            "publishing", final)
+    log.info("saved checkpoint %s", final)
+    return str(final)
+
+
+def load_checkpoint(rt, load_dir, tag=None):
+    """Restore ``rt`` from ``<load_dir>/<tag>`` (tag None: the one ``latest`` names).
+
+    Returns ``(tag directory, client_state)``; ``(None, None)`` with a warning when ``tag``
+    is None and the directory holds no ``latest``, as DeepSpeed does.
+    """
+    path = resolve_tag(load_dir, tag)
+    if path is None:
+        warnings.warn(f"no checkpoint in {load_dir}: {Path(load_dir) / LATEST_FILE} does not "
+                      f"exist; starting from scratch", stacklevel=2)
+        return None, None
+    meta = read_meta(path)
+    _check_params(rt, meta, path)
+    shards = read_shards(path, meta)
+    _restore_state(rt, meta, shards)
+    _restore_counters(rt, shards[0])
+    log.info("loaded checkpoint %s (saved at DP size %d, stage %d; now %d, %d)", path,
+             meta["dp_size"], meta["zero_stage"], rt.plan.grid.dp_size, rt.plan.zero_stage)
+    return str(path), meta["client_state"]
+
+
+# ---- saving -----------------------------------------------------------------------------
+def _check_saveable(rt) -> None:
+    if rt.plan.grid.tp_size > 1:
+        raise CheckpointError("checkpoints with tensor parallelism (tensor_parallel.size > 1) "
+                              "are not supported yet; save with tensor_parallel.size 1")
+    if rt.micro_steps % rt.gas:
+        # Accumulated gradients are not saved (DeepSpeed does not either): a save inside an
+        # accumulation window would silently drop them on resume.
+        raise CheckpointError(
+            f"save_checkpoint at micro-step {rt.micro_steps}, inside an accumulation window of "
+            f"{rt.gas}: save after the rt.step() that ends the window")
+
+
+def _check_plain(obj, where: str) -> None:
+    """Reject what torch.load(weights_only=True) could not read back, naming where it is."""
+    if isinstance(obj, _PLAIN):
+        return
+    if type(obj) in (torch.Tensor, torch.nn.Parameter):
+        return
+    if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
+        for i, v in enumerate(obj):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, (str, int, float, bool, type(None))):
+                raise CheckpointError(f"{where} has a key of type {type(k).__name__}: "
+                                      f"use str or int keys")
+            _check_plain(v, f"{where}[{k!r}]")
+        return
+    raise CheckpointError(
+        f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}: checkpoints are read "
+        f"with weights_only=True, so client_state may hold only dicts, lists, tuples, numbers, "
+        f"strings and plain tensors; save its state_dict() or convert it")
+
+
+def _fresh_dir(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+
+
+def _save(obj, path: Path) -> None:
+    # fsync: the swap below must never publish a directory whose files are still in flight.
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_files(rt, tmp: Path, dp_rank: int, client_state, first: bool) -> None:
+    plan = rt.plan
+    if first:
+        _save({"format": FORMAT_VERSION, "world_size": plan.grid.world_size,
+               "dp_size": plan.grid.dp_size, "zero_stage": plan.zero_stage,
+               "sharded": plan.sharded, "padded_numel": plan.padded_numel,
+               "compute_dtype": plan.compute_dtype,
+               "params": [{"name": p.name, "shape": list(p.shape), "offset": p.offset,
+                           "numel": p.numel} for p in plan.params],
+               "client_state": client_state}, tmp / META_FILE)
+    _save({"dp_rank": dp_rank,
+           "ranges": [[r.start, r.numel, r.at] for r in plan.owned()],
+           **{k: getattr(rt, k) for k in STATE_KEYS},
+           "step_count": rt.step_count, "lr": rt.lr, "skipped": rt.skipped,
+           "micro_steps": rt.micro_steps, "gas": rt.gas,
+           "scaler": rt.scaler.state_dict()}, tmp / rank_file(dp_rank))
+
+
+def _publish(root: Path, tmp: Path, final: Path, tag: str, save_latest: bool) -> None:
+    """Swap ``tmp`` in as ``final``, then point ``latest`` at it; each step leaves a
+    loadable state (resolve_tag names the aside copy if a crash hits between the renames)."""
+    aside = root / f".{tag}.old"
+    if aside.exists():
+        shutil.rmtree(aside)
+    if final.exists():
+        os.rename(final, aside)
+    os.rename(tmp, final)
+    if save_latest:
+        latest_tmp = root / f".{LATEST_FILE}.tmp"
+        with open(latest_tmp, "w") as f:
+            f.write(tag)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(latest_tmp, root / LATEST_FILE)
+    if aside.exists():
+        shutil.rmtree(aside)
+
+
+def _all_ok(rt, action, what: str, path: Path) -> None:
+    """Run ``action`` here, then agree across the DP group whether every rank succeeded.
+
+    An agreement (all-reduce MIN) instead of a bare barrier: a rank that fails must not leave
+    the others waiting forever, and no rank may go on to publish a partial checkpoint.
+    """
+    error = None
+    try:
+        action()
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the others know
+        error = e
+    if rt.group is not None:
+        ok = torch.tensor(0 if error else 1, dtype=torch.int32, device=rt.master.device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=rt.group)
+        if error is None and int(ok) == 0:
+            raise CheckpointError(f"another rank failed while {what} {path}; see its error. "
+                                  f"The previous checkpoint and `latest` are unchanged")
+    if error is not None:
+        raise error
+
+
+# ---- loading ----------------------------------------------------------------------------
+def _check_params(rt, meta: dict, path: Path) -> None:
+    saved = {p["name"]: tuple(p["shape"]) for p in meta["params"]}
+    mine = {p.name: tuple(p.shape) for p in rt.plan.params}
+    problems = [f"{n} missing from the checkpoint" for n in mine if n not in saved]
+    problems += [f"{n} not in the model" for n in saved if n not in mine]
+    problems += [f"{n} shape {list(saved[n])} in the checkpoint, {list(s)} in the model"
+                 for n, s in mine.items() if n in saved and saved[n] != s]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(f"{path / META_FILE} does not fit this model: "
+                              f"{'; '.join(problems[:3])}{more}; load it into the model that "
+                              f"saved it")
+
+
+@torch.no_grad()
+def _restore_state(rt, meta: dict, shards: list[dict]) -> None:
+    """Fill this runtime's owned ranges and flat_params, parameter by parameter, by name."""
+    plan = rt.plan
+    for key in STATE_KEYS:
+        full = by_name(meta, assemble(meta, shards, key))
+        dst = getattr(rt, key)
+        dst.zero_()  # padding stays zero
+        for r in plan.owned():
+            for s in plan.params:
+                lo, hi = max(s.offset, r.start), min(s.end, r.start + r.numel)
+                if lo < hi:
+                    src = full[s.name].reshape(-1)[lo - s.offset:hi - s.offset]
+                    dst[r.at + lo - r.start:r.at + hi - r.start].copy_(src)
+        if key == "master":
+            for s in plan.params:  # in place: the model's parameters are views of it
+                rt.flat_params[s.offset:s.end].copy_(full[s.name].reshape(-1))
+    rt.shard_lowp.copy_(rt.master)
+
+
+def _restore_counters(rt, shard: dict) -> None:
+    for name in ("step_count", "lr", "skipped"):
+        getattr(rt, name).copy_(shard[name])
+    rt.scaler.load_state_dict(shard["scaler"])
+    # Same number of optimizer steps when the accumulation count changed with the DP size.
+    rt.micro_steps = shard["micro_steps"] // shard["gas"] * rt.gas
+    # ZeroRuntime logs each newly skipped step; the loaded ones are old news.
+    rt._skips_reported = int(rt.skipped)

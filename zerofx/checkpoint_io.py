@@ -1,0 +1,172 @@
+"""The checkpoint files on disk: names, format, checked reading, assembly of full tensors.
+
+    <dir>/latest                      the newest complete tag (text, one line)
+    <dir>/<tag>/meta.pt               rank 0: format, sizes, the plan's parameter list, client_state
+    <dir>/<tag>/zero_dp_rank_{r}.pt   DP rank r: its owned flat ranges and their fp32 state
+                                      (master, exp_avg, exp_avg_sq), plus the step counters
+
+This module knows nothing of a live runtime, so tools (zerofx-consolidate) read checkpoints
+without torch.distributed or a model. Everything is read with ``weights_only=True``: a
+checkpoint can come from anywhere, and a pickle could run code.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+FORMAT_VERSION = 1
+META_FILE = "meta.pt"
+LATEST_FILE = "latest"
+STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read as asked; the message names file and fix."""
+
+
+def rank_file(dp_rank: int) -> str:
+    return f"zero_dp_rank_{dp_rank}.pt"
+
+
+def check_tag(tag) -> str:
+    """A tag is one plain directory name; a leading dot is reserved for temp directories."""
+    tag = str(tag)
+    if (not tag or tag in (".", "..", LATEST_FILE) or tag.startswith(".")
+            or "/" in tag or os.sep in tag):
+        raise CheckpointError(f"checkpoint tag {tag!r} is not a plain directory name; use "
+                              f"something like 'global_step100' (no '/', no leading '.')")
+    return tag
+
+
+def resolve_tag(load_dir, tag=None) -> Path | None:
+    """The tag directory to read; None when ``tag`` is None and no ``latest`` exists."""
+    root = Path(load_dir)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: no such checkpoint directory; pass the directory "
+                              f"save_checkpoint wrote to")
+    if tag is None:
+        latest = root / LATEST_FILE
+        if not latest.is_file():
+            return None
+        tag = latest.read_text().strip()
+        if not tag:
+            raise CheckpointError(f"{latest} is empty; pass tag= explicitly")
+        where = f"{latest} names tag {tag!r}, but"
+    else:
+        tag = check_tag(tag)
+        where = f"tag {tag!r}:"
+    path = root / tag
+    if not path.is_dir():
+        aside = root / f".{tag}.old"
+        hint = (f" ({aside} holds the previous copy: a save was interrupted while swapping; "
+                f"rename it to {path})") if aside.is_dir() else ""
+        have = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        raise CheckpointError(f"{where} {path} does not exist{hint}; tags present: "
+                              f"{', '.join(have) or 'none'}")
+    return path
+
+
+def load_file(path: Path) -> dict:
+    """torch.load with weights_only, every failure turned into a CheckpointError."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete (a rank did "
+                              f"not write it?); load another tag or save again")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle, forbidden global...
+        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); the file is "
+                              f"truncated or corrupt: load another tag") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a zerofx checkpoint "
+                              f"dict; is this a zerofx checkpoint?")
+    return obj
+
+
+def read_meta(tag_dir: Path) -> dict:
+    path = Path(tag_dir) / META_FILE
+    meta = load_file(path)
+    version = meta.get("format")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {version!r}, this zerofx reads format "
+                              f"{FORMAT_VERSION}; load it with the zerofx version that wrote it "
+                              f"and consolidate it (zerofx-consolidate)")
+    _require(meta, ("dp_size", "zero_stage", "params", "padded_numel", "sharded"), path)
+    return meta
+
+
+def _require(obj: dict, keys, path) -> None:
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise CheckpointError(f"{path} lacks {missing}: not a complete zerofx checkpoint file; "
+                              f"load another tag")
+
+
+def read_rank(tag_dir: Path, meta: dict, dp_rank: int) -> dict:
+    """One rank file, checked against meta: its ranges fit the flat buffer and its tensors."""
+    path = Path(tag_dir) / rank_file(dp_rank)
+    shard = load_file(path)
+    _require(shard, ("dp_rank", "ranges", *STATE_KEYS, "step_count", "lr", "skipped",
+                     "micro_steps", "gas", "scaler"), path)
+    if shard["dp_rank"] != dp_rank:
+        raise CheckpointError(f"{path} was written by DP rank {shard['dp_rank']}, not "
+                              f"{dp_rank}: files from different saves are mixed; save again")
+    numel = sum(n for _, n, _ in shard["ranges"])
+    for key in STATE_KEYS:
+        t = shard[key]
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.numel() < numel:
+            raise CheckpointError(f"{path}: {key!r} is not an fp32 tensor covering its "
+                                  f"{numel} owned elements; the file is corrupt")
+    if any(s < 0 or n < 0 or s + n > meta["padded_numel"] for s, n, _ in shard["ranges"]):
+        raise CheckpointError(f"{path}: owned ranges exceed the flat buffer of "
+                              f"{meta['padded_numel']} elements named in meta.pt; the files "
+                              f"are from different saves")
+    return shard
+
+
+def needed_ranks(meta: dict) -> list[int]:
+    """Unsharded (stage 0 or one rank): every rank holds everything, so rank 0 suffices."""
+    return list(range(meta["dp_size"])) if meta["sharded"] else [0]
+
+
+def read_shards(tag_dir: Path, meta: dict,
+                on_file: Callable[[Path], None] | None = None) -> list[dict]:
+    """The rank files needed to rebuild the full state, after checking all of them exist."""
+    tag_dir = Path(tag_dir)
+    for r in range(meta["dp_size"]):
+        if not (tag_dir / rank_file(r)).is_file():
+            raise CheckpointError(f"{tag_dir / rank_file(r)} is missing: the checkpoint was "
+                                  f"saved by {meta['dp_size']} DP ranks; copy every rank's "
+                                  f"file or load another tag")
+    shards = []
+    for r in needed_ranks(meta):
+        shards.append(read_rank(tag_dir, meta, r))
+        if on_file is not None:
+            on_file(tag_dir / rank_file(r))
+    return shards
+
+
+def assemble(meta: dict, shards: list[dict], key: str) -> torch.Tensor:
+    """The full flat fp32 ``key`` state in the saved layout (padding zero)."""
+    flat = torch.zeros(meta["padded_numel"], dtype=torch.float32)
+    for shard in shards:
+        for start, numel, at in shard["ranges"]:
+            flat[start:start + numel].copy_(shard[key][at:at + numel])
+    return flat
+
+
+def by_name(meta: dict, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Cut a flat buffer in the saved layout into {parameter name: tensor of its shape}."""
+    return {p["name"]: flat[p["offset"]:p["offset"] + p["numel"]].view(p["shape"])
+            for p in meta["params"]}
+
+
+def full_state(tag_dir, key: str = "master",
+               on_file: Callable[[Path], None] | None = None) -> dict[str, torch.Tensor]:
+    """{parameter name: full fp32 tensor} of one state kind, from the shard files alone."""
+    meta = read_meta(Path(tag_dir))
+    flat = assemble(meta, read_shards(Path(tag_dir), meta, on_file), key)
+    return {n: t.clone() for n, t in by_name(meta, flat).items()}
