@@ -17,6 +17,8 @@ ALLOWED = {
     "zerofx.backend": ["zerofx.passes", "zerofx.runtime", "zerofx.plan", "zerofx.config",
                        "zerofx.step_graph"],
     "zerofx.step_graph": ["zerofx.passes", "zerofx.runtime", "zerofx.plan", "zerofx.config"],
+    "zerofx.schedules": ["zerofx.config"],
+    "zerofx.data": [],
 }
 
 

@@ -4,14 +4,19 @@
 """
 from zerofx.config import Config, ConfigError
 
-__all__ = ["Config", "ConfigError", "ZeroRuntime"]
+__all__ = ["Config", "ConfigError", "ZeroRuntime", "ZeroEngine", "initialize",
+           "add_config_arguments"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    # ZeroRuntime pulls in torch.distributed and the kernels: load it on first use only.
+    # The runtime and engine pull in torch.distributed and the kernels: load on first use.
     if name == "ZeroRuntime":
         from zerofx.runtime.zero import ZeroRuntime
 
         return ZeroRuntime
+    if name in ("ZeroEngine", "initialize", "add_config_arguments"):
+        from zerofx import engine
+
+        return getattr(engine, name)
     raise AttributeError(f"module 'zerofx' has no attribute {name!r}")

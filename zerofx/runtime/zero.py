@@ -16,6 +16,7 @@ Buffers (N = data-parallel size, "shard" = what this rank updates, see plan.owne
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 import torch.distributed as dist
@@ -56,6 +57,7 @@ class ZeroRuntime:
         self._scale_before = self.scaler.scale.clone()
         self.lr = torch.tensor(self.spec.lr, dtype=torch.float32)
         self._pending: list = []
+        self.comm_wait_s = 0.0
         self.step_builder = None  # set by the backend: traces the optimizer-step graph
         self.step_program = None  # that graph, built at the first step
         self._allocate(named)
@@ -129,9 +131,11 @@ class ZeroRuntime:
         return dist.all_reduce(flat, group=self.group, async_op=True)
 
     def wait_buckets(self) -> None:
+        t0 = time.perf_counter()
         for work, _ in self._pending:
             work.wait()
         self._pending.clear()
+        self.comm_wait_s += time.perf_counter() - t0  # what backward did not hide
 
     # ---- the step -----------------------------------------------------------------------
     def step(self) -> bool:

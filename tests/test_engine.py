@@ -1,0 +1,102 @@
+"""zerofx.initialize and the engine: DeepSpeed's API over the zero backend."""
+import argparse
+import json
+
+import pytest
+import torch
+
+import zerofx
+from models import make, mlp_batch
+
+
+def _cfg(**extra):
+    cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+           "steps_per_print": 3,
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.0}},
+           "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0,
+                                                        "warmup_max_lr": 1e-2,
+                                                        "warmup_num_steps": 5,
+                                                        "warmup_type": "linear"}}}
+    cfg.update(extra)
+    return cfg
+
+
+def _warmup_lr(k):
+    """DeepSpeed's WarmupLR (linear, min 0, max 1e-2, 5 steps) for the k-th step (k >= 1).
+
+    DeepSpeed's scheduler starts at last_batch_iteration = -1 and steps after each optimizer
+    step, so step k runs with iteration k - 2 (clamped at 0: the warmup starts at min_lr).
+    """
+    it = max(k - 2, 0)
+    return 1e-2 * min(it, 5) / 5
+
+
+def test_training_matches_eager_adamw_with_the_same_schedule(no_torchrun_env):
+    model, _ = make("mlp")
+    ref, _ = make("mlp")
+    engine, opt, loader, sched = zerofx.initialize(model=model, config=_cfg())
+    assert loader is None and opt is engine.runtime and sched is engine.lr_scheduler
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.0)
+    for k in range(1, 9):
+        batch = mlp_batch(seed=k)
+        loss = engine(*batch)
+        engine.backward(loss)
+        engine.step()
+        for group in ref_opt.param_groups:
+            group["lr"] = _warmup_lr(k)
+        ref_loss = ref(*batch)
+        ref_loss.backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert engine.global_steps == 8
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_accumulation_boundary_and_step_count(no_torchrun_env):
+    engine, *_ = zerofx.initialize(model=make("mlp")[0],
+                                   config=_cfg(gradient_accumulation_steps=3))
+    seen = []
+    for k in range(6):
+        seen.append(engine.is_gradient_accumulation_boundary())
+        engine.backward(engine(*mlp_batch(seed=k)))
+        engine.step()
+    assert seen == [False, False, True, False, False, True]
+    assert engine.global_steps == 2 and engine.gradient_accumulation_steps() == 3
+    assert engine.train_batch_size() == 12
+
+
+def test_report_every_steps_per_print(no_torchrun_env, capsys):
+    engine, *_ = zerofx.initialize(model=make("mlp")[0], config=_cfg(wall_clock_breakdown=True))
+    for k in range(6):
+        engine.backward(engine(*mlp_batch(seed=k)))
+        engine.step()
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("step ")]
+    assert [l.split(" |")[0] for l in lines] == ["step 3", "step 6"]
+    for word in ("loss", "lr", "loss scale", "skipped", "samples/s", "forward", "comm wait"):
+        assert word in lines[0]
+
+
+def test_training_data_gives_this_ranks_micro_batches(no_torchrun_env):
+    data = torch.utils.data.TensorDataset(torch.randn(20, 16), torch.randn(20, 8))
+    engine, _, loader, _ = zerofx.initialize(model=make("mlp")[0], config=_cfg(),
+                                             training_data=data)
+    first = [x for x, _ in loader]
+    second = [x for x, _ in loader]
+    assert [len(x) for x in first] == [4] * 5
+    assert sorted(torch.cat(first).sum(1).tolist()) == sorted(data.tensors[0].sum(1).tolist())
+    assert not all(torch.equal(a, b) for a, b in zip(first, second))  # reshuffled per epoch
+
+
+def test_config_from_args_and_conflicts(tmp_path, no_torchrun_env):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(_cfg()))
+    parser = zerofx.add_config_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--deepspeed", "--deepspeed_config", str(path)])
+    engine, *_ = zerofx.initialize(args=args, model=make("mlp")[0])
+    assert engine.train_micro_batch_size_per_gpu() == 4
+    with pytest.raises(zerofx.ConfigError, match="more than once"):
+        zerofx.initialize(args=args, model=make("mlp")[0], config=_cfg())
+    with pytest.raises(zerofx.ConfigError, match="needs model="):
+        zerofx.initialize(config=_cfg())

@@ -1,0 +1,29 @@
+"""The distributed data loader behind ``zerofx.initialize(training_data=...)``.
+
+Each data-parallel rank reads its own part of the dataset (DistributedSampler), reshuffled
+every epoch, in micro-batches of ``train_micro_batch_size_per_gpu``, as DeepSpeed does.
+"""
+from __future__ import annotations
+
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+
+class DistributedLoader:
+    """Iterate over this rank's micro-batches; every pass over it is a new, reshuffled epoch."""
+
+    def __init__(self, dataset: Dataset, *, batch_size: int, dp_rank: int, dp_size: int,
+                 shuffle: bool = True, seed: int = 0, collate_fn=None, drop_last: bool = True):
+        self.sampler = DistributedSampler(dataset, num_replicas=dp_size, rank=dp_rank,
+                                          shuffle=shuffle, seed=seed, drop_last=drop_last)
+        # drop_last: every rank must run the same number of steps, or a collective hangs.
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler,
+                                 collate_fn=collate_fn, drop_last=drop_last)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        self.sampler.set_epoch(self.epoch)
+        self.epoch += 1
+        return iter(self.loader)

@@ -1,0 +1,214 @@
+"""The DeepSpeed-compatible training API: ``zerofx.initialize`` and the engine it returns.
+
+    engine, optimizer, loader, scheduler = zerofx.initialize(model=model, config="ds.json")
+    for batch in loader:
+        loss = engine(*batch)
+        engine.backward(loss)
+        engine.step()
+
+A thin layer over the ``zero`` backend: the engine builds a ZeroRuntime, compiles the model
+with ``torch.compile(backend="zero", options={"runtime": ...})`` and adds what a training
+loop wants around it: LR schedules, a distributed loader, logging, checkpoints.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+import torch
+from torch import nn
+
+from zerofx.config import Config, ConfigError
+from zerofx.data import DistributedLoader
+from zerofx.runtime.dist import init_distributed
+from zerofx.runtime.zero import ZeroRuntime
+from zerofx.schedules import make_schedule
+
+log = logging.getLogger(__name__)
+SCHEDULER_KEY = "zerofx_lr_scheduler"  # the engine's own entry in a checkpoint's client_state
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add DeepSpeed's launcher-facing flags (and zerofx's alias) to ``parser``."""
+    group = parser.add_argument_group("zerofx", "zerofx / DeepSpeed configuration")
+    group.add_argument("--deepspeed", action="store_true",
+                       help="accepted for DeepSpeed compatibility (zerofx is always on)")
+    group.add_argument("--deepspeed_config", default=None, help="DeepSpeed JSON config path")
+    group.add_argument("--zerofx_config", default=None, help="alias of --deepspeed_config")
+    group.add_argument("--local_rank", type=int, default=-1,
+                       help="set by launchers; zerofx reads LOCAL_RANK from the environment")
+    return parser
+
+
+def initialize(args=None, model: nn.Module | None = None, model_parameters=None,
+               optimizer=None, lr_scheduler=None, training_data=None, config=None,
+               config_params=None, collate_fn=None):
+    """Build the engine: ``(engine, optimizer, training_dataloader, lr_scheduler)``."""
+    if model is None:
+        raise ConfigError("zerofx.initialize needs model=<your nn.Module>")
+    source = _config_source(args, config, config_params)
+    if model_parameters is not None:
+        trainable = {id(p) for p in model_parameters}
+        for p in model.parameters():  # as in DeepSpeed: only these are optimized
+            p.requires_grad_(id(p) in trainable)
+    engine = ZeroEngine(model, Config.from_any(source), optimizer=optimizer,
+                        lr_scheduler=lr_scheduler, training_data=training_data,
+                        collate_fn=collate_fn)
+    return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
+
+
+def _config_source(args, config, config_params):
+    given = [c for c in (config, config_params) if c is not None]
+    from_args = None
+    if args is not None:
+        from_args = getattr(args, "deepspeed_config", None) or getattr(args, "zerofx_config",
+                                                                         None)
+    if from_args is not None:
+        given.append(from_args)
+    if len(given) > 1:
+        raise ConfigError("the config was given more than once (config=, config_params= or "
+                          "--deepspeed_config): pass exactly one")
+    return given[0] if given else None
+
+
+class ZeroEngine(nn.Module):
+    """What ``zerofx.initialize`` returns: call it, ``backward``, ``step``, checkpoint it."""
+
+    def __init__(self, model: nn.Module, config: Config, *, optimizer=None, lr_scheduler=None,
+                 training_data=None, collate_fn=None):
+        super().__init__()
+        world = init_distributed()
+        self.config = config
+        self.module = model
+        self.runtime = ZeroRuntime(model, config, optimizer=optimizer)
+        self.compiled = torch.compile(model, backend="zero", options={"runtime": self.runtime})
+        self.optimizer = self.runtime  # DeepSpeed hands back its optimizer wrapper likewise
+        # last_batch_iteration=-1 is DeepSpeed's start: its k-th step uses lr_at(k - 1).
+        self.lr_scheduler = lr_scheduler or (
+            make_schedule(config.scheduler, last_batch_iteration=-1)
+            if config.scheduler is not None else None)
+        self._set_lr()
+        dp = self.runtime.plan.grid
+        self.training_dataloader = None
+        if training_data is not None:
+            self.training_dataloader = DistributedLoader(
+                training_data, batch_size=self.train_micro_batch_size_per_gpu(),
+                dp_rank=dp.dp_rank(world.rank), dp_size=dp.dp_size, collate_fn=collate_fn)
+        self._timers = {"forward": 0.0, "backward": 0.0, "step": 0.0}
+        self._last_loss = None
+        self._window_start, self._window_samples = time.perf_counter(), 0
+
+    # ---- the training loop ---------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = self.compiled(*args, **kwargs)
+        self._timers["forward"] += time.perf_counter() - t0
+        return out
+
+    def backward(self, loss: torch.Tensor) -> torch.Tensor:
+        """Backpropagate ``loss``; loss scaling and 1/accumulation happen in the graphs."""
+        t0 = time.perf_counter()
+        loss.backward()
+        self._timers["backward"] += time.perf_counter() - t0
+        self._last_loss = loss.detach()
+        return loss
+
+    def step(self) -> None:
+        """Count a micro-step; at the accumulation boundary update, schedule and log."""
+        t0 = time.perf_counter()
+        self._window_samples += self.train_micro_batch_size_per_gpu() * \
+            self.runtime.plan.grid.dp_size
+        updated = self.runtime.step()
+        self._timers["step"] += time.perf_counter() - t0
+        if not updated:
+            return
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+            self._set_lr()
+        if self.global_steps % self.config.steps_per_print == 0:
+            self._report()
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return self.runtime.is_boundary
+
+    def _set_lr(self) -> None:
+        if self.lr_scheduler is not None:
+            # A host-to-device write of the next step's lr: the step graph reads a tensor.
+            self.runtime.lr.fill_(self.lr_scheduler.get_last_lr()[0])
+
+    # ---- what DeepSpeed users read -------------------------------------------------------
+    @property
+    def global_steps(self) -> int:
+        return self.runtime.update_steps
+
+    @property
+    def loss_scale(self) -> float:
+        return self.runtime.loss_scale
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.runtime.skipped_steps
+
+    def get_lr(self) -> list[float]:
+        return [float(self.runtime.lr)]
+
+    def train_micro_batch_size_per_gpu(self) -> int:
+        return self._batch_sizes().train_micro_batch_size_per_gpu
+
+    def train_batch_size(self) -> int:
+        return self._batch_sizes().train_batch_size
+
+    def gradient_accumulation_steps(self) -> int:
+        return self.runtime.gas
+
+    def _batch_sizes(self):
+        cfg = self.config
+        if cfg.train_batch_size is None and cfg.train_micro_batch_size_per_gpu is None:
+            raise ConfigError("set train_batch_size or train_micro_batch_size_per_gpu in the "
+                              "config: the engine needs a batch size for this")
+        return cfg.batch_sizes(self.runtime.plan.grid.dp_size)
+
+    # ---- logging -------------------------------------------------------------------------
+    def _report(self) -> None:
+        if self.runtime.plan.rank != 0:
+            return
+        elapsed = time.perf_counter() - self._window_start
+        loss = float(self._last_loss) if self._last_loss is not None else float("nan")
+        line = (f"step {self.global_steps} | loss {loss:.4f} | lr {self.get_lr()[0]:.3e} | "
+                f"loss scale {self.loss_scale:g} | skipped {self.skipped_steps} | "
+                f"{self._window_samples / max(elapsed, 1e-9):.1f} samples/s")
+        if self.config.wall_clock_breakdown:
+            line += " | " + " ".join(f"{k} {v * 1e3:.0f}ms" for k, v in self._timers.items())
+            line += f" (comm wait {self.runtime.comm_wait_s * 1e3:.0f}ms)"
+        log.info(line)
+        print(line, flush=True)
+        self._timers = dict.fromkeys(self._timers, 0.0)
+        self.runtime.comm_wait_s = 0.0
+        self._window_start, self._window_samples = time.perf_counter(), 0
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True) -> str:
+        from zerofx.checkpoint import save_checkpoint
+
+        state = dict(client_state or {})
+        if SCHEDULER_KEY in state:
+            raise ConfigError(f"client_state key {SCHEDULER_KEY!r} is reserved by zerofx")
+        if self.lr_scheduler is not None:
+            state[SCHEDULER_KEY] = self.lr_scheduler.state_dict()
+        return save_checkpoint(self.runtime, save_dir, tag=tag, client_state=state,
+                               save_latest=save_latest)
+
+    def load_checkpoint(self, load_dir, tag=None):
+        """Restore everything saved; returns ``(path, client_state)`` (None, None if absent)."""
+        from zerofx.checkpoint import load_checkpoint
+
+        path, state = load_checkpoint(self.runtime, load_dir, tag=tag)
+        if path is None:
+            return None, None
+        state = dict(state or {})
+        sched = state.pop(SCHEDULER_KEY, None)
+        if sched is not None and self.lr_scheduler is not None:
+            self.lr_scheduler.load_state_dict(sched)
+            self._set_lr()
+        return path, state
