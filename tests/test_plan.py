@@ -67,3 +67,11 @@ def test_predicted_bytes_shrink_with_zero_stage():
     assert z1["optimizer_state"] == z2["optimizer_state"] and z1["gradients"] == full["gradients"]
     assert z2["gradients"] * 4 == full["gradients"]
     assert "fc" not in make_plan(params, cfg(1)).describe()
+
+
+def test_describe_lists_buckets_and_their_collective():
+    cfg = Config.from_dict({"zero_optimization": {"stage": 2, "reduce_bucket_size": 25}})
+    text = make_plan(_params([10, 20, 30]), cfg, world_size=2).describe()
+    assert "collective" in text and text.count("reduce_scatter") == 3
+    no_rs = Config.from_dict({"zero_optimization": {"stage": 2, "reduce_scatter": False}})
+    assert "all_reduce" in make_plan(_params([10]), no_rs, world_size=2).describe()

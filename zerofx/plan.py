@@ -108,6 +108,7 @@ class Plan:
     params: tuple[ParamSlot, ...]
     buckets: tuple[Bucket, ...]
     padded_numel: int  # flat buffer length: the sum of the padded buckets
+    reduce_scatter: bool = True  # stage 2 reduce-scatters buckets (else all-reduce + slice)
 
     @property
     def numel(self) -> int:
@@ -128,6 +129,14 @@ class Plan:
             ranges.append(OwnedRange(b.index, start, per, at))
             at += per
         return tuple(ranges)
+
+    @property
+    def bucket_collective(self) -> str:
+        """The collective each bucket's gradients go through at an accumulation boundary."""
+        if self.grid.dp_size == 1:
+            return "none (one rank)"
+        return "reduce_scatter" if self.zero_stage >= 2 and self.reduce_scatter \
+            else "all_reduce"
 
     @property
     def shard_numel(self) -> int:
@@ -163,7 +172,10 @@ class Plan:
                 f"{len(self.buckets)} bucket(s)")
         mem = tabulate(sorted(self.predicted_bytes().items()), headers=["state", "bytes/rank"])
         table = tabulate(rows, headers=["param", "shape", "offset", "numel", "bucket"])
-        return f"{head}\n{table}\n{mem}"
+        buckets = tabulate([(b.index, b.numel, b.padded, len(b.params), self.bucket_collective)
+                            for b in self.buckets],
+                           headers=["bucket", "numel", "padded", "params", "collective"])
+        return f"{head}\n{table}\n\n{buckets}\n\n{mem}"
 
 
 def make_plan(
@@ -193,7 +205,8 @@ def make_plan(
         offset = start + padded
     return Plan(rank=rank, grid=grid, zero_stage=config.zero_optimization.stage,
                 compute_dtype=config.compute_dtype, params=tuple(slots),
-                buckets=tuple(buckets), padded_numel=offset)
+                buckets=tuple(buckets), padded_numel=offset,
+                reduce_scatter=config.zero_optimization.reduce_scatter)
 
 
 def _group_into_buckets(order, cap: int) -> list[list]:

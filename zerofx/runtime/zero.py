@@ -92,8 +92,7 @@ class ZeroRuntime:
     @property
     def reduces_into_shard(self) -> bool:
         """Stage 2: each bucket is reduce-scattered straight into this rank's shard."""
-        return (self.plan.zero_stage >= 2 and self.plan.sharded
-                and self.config.zero_optimization.reduce_scatter)
+        return self.plan.sharded and self.plan.bucket_collective == "reduce_scatter"
 
     @property
     def is_boundary(self) -> bool:
