@@ -4,7 +4,6 @@ The reference for a resume is the same run without the interruption; the referen
 saved state is the runtime's own shards, assembled here from plan.owned() (not by the
 checkpoint code under test).
 """
-import warnings
 
 import pytest
 import torch
@@ -153,3 +152,168 @@ def test_load_two_rank_checkpoint_into_one_process(two_ranks, stage, no_torchrun
     torch.testing.assert_close(losses, expected, rtol=1e-5, atol=1e-6)
     for n, p in _params(model).items():
         torch.testing.assert_close(p, results[0]["final"][n], rtol=1e-5, atol=1e-6)
+
+
+# ---- atomic saves, client_state, bad input (no compile: state filled in directly) --------
+@pytest.fixture
+def rt(no_torchrun_env):
+    return _filled(_runtime(stage=2)[1], seed=0)
+
+
+def _filled(rt, seed):
+    """Distinct, recognisable state, as if trained."""
+    g = torch.Generator().manual_seed(seed)
+    for key in ("master", "exp_avg", "exp_avg_sq"):
+        getattr(rt, key).copy_(torch.randn(getattr(rt, key).shape, generator=g))
+    rt.step_count.fill_(seed + 3)
+    rt.micro_steps = seed + 3
+    return rt
+
+
+def _load_fresh(path, tag=None):
+    from zerofx.checkpoint import load_checkpoint
+
+    fresh = _runtime(stage=2, seed=5)[1]
+    return fresh, load_checkpoint(fresh, path, tag)
+
+
+def test_client_state_round_trip(rt, tmp_path):
+    from zerofx.checkpoint import save_checkpoint
+
+    client = {"epoch": 3, "sched": {"last": [1, 2.5, None], "t": torch.ones(2, 2)},
+              "name": "run", "pair": (1, "a"), 7: True}
+    save_checkpoint(rt, tmp_path, tag="t", client_state=client)
+    fresh, (path, got) = _load_fresh(tmp_path)
+    assert path == str(tmp_path / "t")
+    assert torch.equal(got["sched"].pop("t"), client["sched"].pop("t"))
+    assert got == client
+    _equal(_gather(fresh)["master"], _gather(rt)["master"], "master")
+    assert torch.equal(fresh.step_count, rt.step_count) and fresh.micro_steps == rt.micro_steps
+
+
+@pytest.mark.parametrize("bad, culprit", [
+    ({"sched": {"fn": lambda s: s}}, "client_state['sched']['fn']"),
+    ({"opt": [1, object()]}, "client_state['opt'][1]"),
+    ({("a", 1): 2}, "key of type tuple"),
+])
+def test_client_state_must_be_plain_data(rt, tmp_path, bad, culprit):
+    from zerofx.checkpoint import CheckpointError, save_checkpoint
+
+    with pytest.raises(CheckpointError, match="client_state") as e:
+        save_checkpoint(rt, tmp_path, client_state=bad)
+    assert culprit in str(e.value)
+    assert not tmp_path.joinpath("latest").exists()
+
+
+def _crash_on_second_save(monkeypatch):
+    real, calls = torch.save, []
+
+    def save(obj, f, *a, **k):
+        calls.append(f)
+        if len(calls) == 2:
+            raise OSError("disk full (simulated)")
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+@pytest.mark.parametrize("second_tag", ["b", "a"])  # a new tag, and overwriting the old one
+def test_crash_mid_save_keeps_previous_checkpoint(rt, tmp_path, monkeypatch, second_tag):
+    from zerofx.checkpoint import save_checkpoint
+
+    save_checkpoint(rt, tmp_path, tag="a")
+    before = _gather(rt)["master"]
+    _filled(rt, seed=1)
+    with monkeypatch.context() as m:
+        _crash_on_second_save(m)
+        with pytest.raises(OSError, match="simulated"):
+            save_checkpoint(rt, tmp_path, tag=second_tag)
+    assert (tmp_path / "latest").read_text() == "a"
+    assert not (tmp_path / "b").exists()
+    fresh, (path, _) = _load_fresh(tmp_path)
+    assert path == str(tmp_path / "a")
+    _equal(_gather(fresh)["master"], before, "master after the crash")
+    # the next save clears the crashed temp directory and succeeds
+    save_checkpoint(rt, tmp_path, tag=second_tag)
+    assert (tmp_path / "latest").read_text() == second_tag
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"a", second_tag, "latest"})
+    _equal(_gather(_load_fresh(tmp_path)[0])["master"], _gather(rt)["master"], "new save")
+
+
+def test_save_latest_false_leaves_latest(rt, tmp_path):
+    from zerofx.checkpoint import save_checkpoint
+
+    save_checkpoint(rt, tmp_path, tag="a")
+    save_checkpoint(rt, tmp_path, tag="b", save_latest=False)
+    assert (tmp_path / "latest").read_text() == "a"
+    assert _load_fresh(tmp_path, tag="b")[1][0] == str(tmp_path / "b")
+
+
+def test_no_checkpoint_returns_none_with_warning(rt, tmp_path):
+    from zerofx.checkpoint import load_checkpoint
+
+    with pytest.warns(UserWarning, match="no checkpoint"):
+        assert load_checkpoint(rt, tmp_path) == (None, None)
+
+
+def test_save_rejects_bad_tag_and_open_accumulation_window(tmp_path, no_torchrun_env):
+    from zerofx.checkpoint import CheckpointError, save_checkpoint
+
+    _, rt = _runtime(stage=2, gas=2)
+    with pytest.raises(CheckpointError, match="tag '../x'"):
+        save_checkpoint(rt, tmp_path, tag="../x")
+    rt.micro_steps = 3
+    with pytest.raises(CheckpointError, match="inside an accumulation window of 2"):
+        save_checkpoint(rt, tmp_path)
+
+
+def _corrupt(kind, root):
+    tag = root / "a"
+    if kind == "missing tag":
+        return "tag 'nope'", "nope"
+    if kind == "latest target":
+        (root / "latest").write_text("gone")
+        (root / ".gone.old").mkdir()
+        return "names tag 'gone'.*interrupted", None
+    if kind == "missing rank file":
+        (tag / "zero_dp_rank_0.pt").unlink()
+        return "zero_dp_rank_0.pt is missing", None
+    if kind == "truncated":
+        data = (tag / "zero_dp_rank_0.pt").read_bytes()
+        (tag / "zero_dp_rank_0.pt").write_bytes(data[:len(data) // 2])
+        return "zero_dp_rank_0.pt cannot be read.*truncated or corrupt", None
+    if kind == "corrupt meta":
+        (tag / "meta.pt").write_bytes(b"not a checkpoint")
+        return "meta.pt cannot be read", None
+    meta = torch.load(tag / "meta.pt", weights_only=True)
+    if kind == "format":
+        meta["format"] = 99
+        msg = "format 99, this zerofx reads format 1"
+    else:  # names and shapes
+        meta["params"][0]["name"] = "renamed"
+        meta["params"][1]["shape"] = [1, 2, 3]
+        msg = (r"does not fit this model: \S+ missing from the checkpoint; renamed not in the "
+               r"model; \S+ shape \[1, 2, 3\] in the checkpoint")
+    torch.save(meta, tag / "meta.pt")
+    return msg, None
+
+
+@pytest.mark.parametrize("kind", ["missing dir", "missing tag", "latest target",
+                                  "missing rank file", "truncated", "corrupt meta", "format",
+                                  "params"])
+def test_bad_checkpoints_name_the_file_and_the_fix(rt, tmp_path, kind):
+    from zerofx.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+    if kind == "missing dir":
+        with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+            load_checkpoint(rt, tmp_path / "absent")
+        return
+    save_checkpoint(rt, tmp_path, tag="a")
+    msg, tag = _corrupt(kind, tmp_path)
+    fresh = _filled(_runtime(stage=2)[1], seed=7)
+    before = _gather(fresh)
+    with pytest.raises(CheckpointError, match=msg):
+        load_checkpoint(fresh, tmp_path, tag)
+    # every check runs before the first write: a failed load leaves the runtime as it was
+    for key in before:
+        _equal(_gather(fresh)[key], before[key], key)

@@ -21,19 +21,22 @@ from zerofx.checkpoint_io import CheckpointError, full_state, resolve_tag
 
 def consolidate(ckpt_dir, out, *, tag=None, echo=print) -> dict[str, torch.Tensor]:
     """Assemble the full fp32 master of ``ckpt_dir``/``tag`` and save it to ``out``."""
+    out = Path(out)
+    if not out.parent.is_dir():  # fail before reading what may be gigabytes of shards
+        raise CheckpointError(f"cannot write {out}: {out.parent} is not a directory; create "
+                              f"it or pick another -o path")
     path = resolve_tag(ckpt_dir, tag)
     if path is None:
         raise CheckpointError(f"{Path(ckpt_dir) / 'latest'} does not exist; pass --tag "
                               f"(the tag directories in {ckpt_dir})")
     state = full_state(path, "master", on_file=lambda f: echo(f"read {f}"))
-    out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")  # never leave a half-written output behind
     try:
         torch.save(state, tmp)
         os.replace(tmp, out)
-    except OSError as e:
-        raise CheckpointError(f"cannot write {out} ({e.strerror}); pick a writable path") \
-            from None
+    except (OSError, RuntimeError) as e:  # torch.save raises RuntimeError for some I/O errors
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write {out} ({e}); pick a writable -o path") from None
     total = sum(t.numel() for t in state.values())
     echo(f"wrote {out}: {len(state)} parameters, {total} elements (fp32) from {path}")
     return state
