@@ -94,7 +94,8 @@ def read_meta(tag_dir: Path) -> dict:
         raise CheckpointError(f"{path}: checkpoint format {version!r}, this zerofx reads format "
                               f"{FORMAT_VERSION}; load it with the zerofx version that wrote it "
                               f"and consolidate it (zerofx-consolidate)")
-    _require(meta, ("dp_size", "zero_stage", "params", "padded_numel", "sharded"), path)
+    _require(meta, ("dp_size", "zero_stage", "params", "padded_numel", "sharded",
+                    "client_state"), path)
     return meta
 
 
