@@ -37,6 +37,7 @@ setup(
         "console_scripts": [
             "zerofx-launch = zerofx.tools.launch:main",
             "zerofx-dump = zerofx.tools.dump:main",
+            "zerofx-consolidate = zerofx.tools.consolidate:main",
         ],
     },
 )

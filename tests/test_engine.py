@@ -100,3 +100,30 @@ def test_config_from_args_and_conflicts(tmp_path, no_torchrun_env):
         zerofx.initialize(args=args, model=make("mlp")[0], config=_cfg())
     with pytest.raises(zerofx.ConfigError, match="needs model="):
         zerofx.initialize(config=_cfg())
+
+
+def _run(engine, seeds):
+    losses = []
+    for k in seeds:
+        loss = engine(*mlp_batch(seed=k))
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.detach())
+    return losses
+
+
+def test_checkpoint_resume_is_bitwise_including_the_schedule(tmp_path, no_torchrun_env):
+    torch.manual_seed(0)
+    engine, *_ = zerofx.initialize(model=make("mlp")[0], config=_cfg())
+    _run(engine, range(4))
+    engine.save_checkpoint(tmp_path, client_state={"epoch": 3})
+    after = _run(engine, range(4, 8))
+    torch._dynamo.reset()
+    fresh, *_ = zerofx.initialize(model=make("mlp", seed=5)[0], config=_cfg())
+    path, client = fresh.load_checkpoint(tmp_path)
+    assert client == {"epoch": 3} and fresh.global_steps == 4
+    assert fresh.get_lr() == pytest.approx([_warmup_lr(5)])  # stored as a float32 tensor
+    resumed = _run(fresh, range(4, 8))
+    assert all(torch.equal(a, b) for a, b in zip(after, resumed))
+    for p, q in zip(engine.module.parameters(), fresh.module.parameters()):
+        assert torch.equal(p, q)

@@ -231,4 +231,4 @@ def _restore_counters(rt, shard: dict) -> None:
     # Same number of optimizer steps when the accumulation count changed with the DP size.
     rt.micro_steps = shard["micro_steps"] // shard["gas"] * rt.gas
     # ZeroRuntime logs each newly skipped step; the loaded ones are old news.
-    rt._skips_reported = int(rt.skipped)
+    rt.mark_skips_reported()

@@ -185,6 +185,10 @@ class ZeroRuntime:
         """Optimizer steps attempted (accumulation boundaries reached)."""
         return self.micro_steps // self.gas
 
+    def mark_skips_reported(self) -> None:
+        """Treat every skip counted so far as logged (e.g. skips restored from a checkpoint)."""
+        self._skips_reported = int(self.skipped)
+
     def flush_report(self) -> None:
         """Log a skip of the last step now (e.g. at the end of training)."""
         self._report_skip(self.update_steps)
