@@ -34,11 +34,13 @@ CASES = [(0, 1, 0.0), (1, 1, 0.0), (2, 1, 0.0), (2, 2, 0.0), (1, 2, 0.5), (2, 1,
 # allgather_bucket_size 5000 > reduce_bucket_size 300: one all-gather spans several buckets
 
 
-def _train(rank, name, cfg, count=None):
+def _train(rank, name, cfg, native=False):
     import zerofx
 
     model, _ = make(name)
     rt = zerofx.ZeroRuntime(model, cfg)
+    if native:  # gloo's own reduce-scatter and all-gather (what other backends use)
+        rt.gloo_allreduce = False
     compiled = torch.compile(model, backend="zero", options={"runtime": rt})
     losses = []
     for step in range(STEPS):
@@ -51,11 +53,11 @@ def _train(rank, name, cfg, count=None):
     return losses, params, rt
 
 
-def _body(rank, world, name, cases):
+def _body(rank, world, name, cases, native=False):
     torch._dynamo.reset()
     out = []
     for stage, gas, clip in cases:
-        losses, params, rt = _train(rank, name, _config(stage, gas, clip))
+        losses, params, rt = _train(rank, name, _config(stage, gas, clip), native=native)
         state = sum(t.numel() for t in (rt.master, rt.exp_avg, rt.exp_avg_sq))
         grads = sum(t.numel() for t in {id(t): t for t in (rt.full_grads, rt.shard_grads)
                                         if t is not None}.values())
@@ -104,6 +106,13 @@ def _check(results, name, world, cases):
 def test_mlp_two_ranks_all_stages():
     results = run_ranks(_body, 2, args=("mlp", CASES), timeout_s=280)
     _check(results, "mlp", 2, CASES)
+
+
+@pytest.mark.slow
+def test_native_reduce_scatter_and_all_gather_path():
+    cases = [(2, 1, 0.5), (2, 2, 0.0)]
+    results = run_ranks(_body, 2, args=("mlp", cases, True))
+    _check(results, "mlp", 2, cases)
 
 
 @pytest.mark.slow

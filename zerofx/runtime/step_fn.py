@@ -121,6 +121,8 @@ def _gather_params(shard_lowp, flat_params, chunks, dp: int, group) -> None:
 
     A chunk's slices are contiguous in the shard, so one collective gathers them; the result
     is rank-major ([rank][bucket slice]) and each bucket is copied to its bucket-major place.
+    (On gloo, gathering by an all-reduce of zeros plus this rank's row measured slower than
+    all_gather: benchmarks/bench_collectives.py.)
     """
     for chunk in chunks:
         first, last = chunk[0][0], chunk[-1][0]
