@@ -198,3 +198,51 @@ def test_allgather_chunks_group_consecutive_buckets():
     assert len(_allgather_chunks(plan, 10**9)) == 1
     assert len(_allgather_chunks(plan, 1)) == len(plan.buckets)
     assert 1 < len(_allgather_chunks(plan, 5000)) < len(plan.buckets)
+
+
+def _groups(model, cls):
+    """Two groups with their own hyperparameters: weights decay, biases do not."""
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if not n.endswith("weight")]
+    extra = {"momentum": 0.9} if cls is torch.optim.SGD else {}
+    return cls([{"params": weights, "weight_decay": 0.1},
+                {"params": biases, "weight_decay": 0.0, "lr": 5e-3}], lr=2e-2, **extra)
+
+
+def _unfused_body(rank, world, cls_name, stage):
+    import zerofx
+
+    cls = getattr(torch.optim, cls_name)
+    model, _ = make("mlp")
+    cfg = {"zero_optimization": {"stage": stage, "reduce_bucket_size": 300},
+           "gradient_clipping": 0.5}
+    rt = zerofx.ZeroRuntime(model, cfg, optimizer=_groups(model, cls))
+    compiled = torch.compile(model, backend="zero", options={"runtime": rt})
+    for step in range(STEPS):
+        compiled(*_batch("mlp", step, rank, 0)).backward()
+        rt.step()
+    owned_state = sum(t.numel() for s in rt.shard_optimizer.inner.state.values()
+                      for t in s.values() if isinstance(t, torch.Tensor) and t.dim() > 0)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, owned_state
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cls_name", ["SGD", "AdamW"])
+def test_unfused_optimizer_and_param_groups_on_the_shard(cls_name):
+    results = run_ranks(_unfused_body, 2, args=(cls_name, 2))
+    cls = getattr(torch.optim, cls_name)
+    model, _ = make("mlp")
+    opt = _groups(model, cls)
+    for step in range(STEPS):
+        for r in range(2):
+            (model(*_batch("mlp", step, r, 0)) / 2).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        opt.step()
+        opt.zero_grad()
+    total = sum(p.numel() for p in model.parameters())
+    for params, owned_state in results:
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(params[n], p.detach(), rtol=1e-4, atol=2e-5,
+                                       msg=lambda m: f"{cls_name} {n}: {m}")
+        per_elem = 1 if cls_name == "SGD" else 2  # momentum buffer / two moments
+        assert owned_state <= per_elem * (total // 2 + 2)  # the state is sharded

@@ -14,7 +14,7 @@ from zerofx.config import Config, ConfigError
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    kind: str  # "adam" (Adam and AdamW, per adam_w_mode) or "lamb"
+    kind: str  # "adam" (Adam and AdamW, per adam_w_mode), "lamb", or "torch" (unfused)
     lr: float
     betas: tuple[float, float]
     eps: float
@@ -44,17 +44,15 @@ class OptimizerSpec:
 
     @classmethod
     def from_torch(cls, optimizer: torch.optim.Optimizer) -> "OptimizerSpec":
-        if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
-            raise ConfigError(f"{type(optimizer).__name__} is not supported by the ZeRO step "
-                              f"yet; pass torch.optim.Adam or AdamW, or name the optimizer "
-                              f"in the config")
+        """Adam/AdamW with one set of hyperparameters run fused; anything else runs as the
+        user's own optimizer class on the shard (ShardOptimizer)."""
         groups = optimizer.param_groups
         keys = ("lr", "betas", "eps", "weight_decay", "amsgrad")
         first = {k: groups[0].get(k) for k in keys}
-        if any({k: g.get(k) for k in keys} != first for g in groups[1:]):
-            raise ConfigError("parameter groups with different hyperparameters are not "
-                              "supported by the ZeRO step yet; use one group")
-        if first["amsgrad"]:
-            raise ConfigError("amsgrad=True is not supported; DeepSpeed's Adam has no amsgrad")
+        fusable = (type(optimizer) in (torch.optim.Adam, torch.optim.AdamW)
+                   and not first["amsgrad"]
+                   and all({k: g.get(k) for k in keys} == first for g in groups[1:]))
+        if not fusable:
+            return cls("torch", float(first["lr"]), (0.0, 0.0), 0.0, 0.0, False)
         return cls("adam", float(first["lr"]), tuple(first["betas"]), first["eps"],
                    first["weight_decay"], True, isinstance(optimizer, torch.optim.AdamW))

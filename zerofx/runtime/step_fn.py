@@ -70,6 +70,14 @@ def _make_update(rt):
     """The fused update of this rank's shard: Adam/AdamW in one call, LAMB in two passes
     around one all-reduce of per-tensor partial norms (a shard can cut a tensor)."""
     spec, plan, group = rt.spec, rt.plan, rt.group
+    if spec.kind == "torch":
+        sid = rt.id
+
+        def unfused(master, g, m, v, out, *, lr, step, coef, skip):
+            torch.ops.zerofx.shard_optimizer_step(sid, g, coef, lr, skip)
+            out.copy_(master)  # unchanged master when skipped: the same values again
+        return unfused
+
     if spec.kind == "adam":
         hyper = AdamHyper(betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay,
                           bias_correction=spec.bias_correction, adam_w_mode=spec.adam_w_mode)

@@ -28,6 +28,7 @@ from zerofx.runtime import zero_ops
 from zerofx.runtime.dist import init_distributed
 from zerofx.runtime.loss_scaler import LossScaler
 from zerofx.runtime.optimizer_spec import OptimizerSpec
+from zerofx.runtime.shard_optimizer import ShardOptimizer
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,9 @@ class ZeroRuntime:
         self.step_builder = None  # set by the backend: traces the optimizer-step graph
         self.step_program = None  # that graph, built at the first step
         self._allocate(named)
+        self.shard_optimizer = ShardOptimizer(optimizer, named=named, plan=self.plan,
+                                              master=self.master) \
+            if self.spec.kind == "torch" else None
         self.id = zero_ops.register(self)
 
     # ---- layout -------------------------------------------------------------------------

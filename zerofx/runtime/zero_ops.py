@@ -64,6 +64,24 @@ def _(sid):
     return None
 
 
+@torch.library.custom_op("zerofx::shard_optimizer_step", mutates_args=())
+def shard_optimizer_step(sid: int, grad: torch.Tensor, coef: torch.Tensor, lr: torch.Tensor,
+                         skip: torch.Tensor) -> None:
+    """Step the user's (unfused) torch optimizer on this rank's shard, unless ``skip``.
+
+    The one place the step reads a value on the host: a torch optimizer cannot be skipped
+    on the device. The fused Adam/LAMB path never does.
+    """
+    if not bool(skip):
+        lookup(sid).shard_optimizer.step(grad, coef, lr)
+
+
+@shard_optimizer_step.register_fake
+def _(sid, grad, coef, lr, skip):
+    return None
+
+
 # Ops without outputs would be dead code to FX; they act by side effect.
-for _op in (torch.ops.zerofx.reduce_bucket.default, torch.ops.zerofx.wait_buckets.default):
+for _op in (torch.ops.zerofx.reduce_bucket.default, torch.ops.zerofx.wait_buckets.default,
+            torch.ops.zerofx.shard_optimizer_step.default):
     has_side_effect(_op)
