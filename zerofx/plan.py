@@ -17,6 +17,7 @@ only (no tensors, no process-group handles) so it can be built, printed and test
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -142,11 +143,15 @@ class Plan:
     def shard_numel(self) -> int:
         return sum(r.numel for r in self.owned())
 
+    @functools.cached_property
+    def _slot_index(self) -> dict[str, ParamSlot]:
+        return {p.name: p for p in self.params}
+
     def slot(self, name: str) -> ParamSlot:
-        for p in self.params:
-            if p.name == name:
-                return p
-        raise KeyError(f"parameter {name!r} is not in the plan")
+        try:  # called per gradient per step by the runtime: a dict, not a scan
+            return self._slot_index[name]
+        except KeyError:
+            raise KeyError(f"parameter {name!r} is not in the plan") from None
 
     def predicted_bytes(self) -> dict[str, int]:
         """Bytes per rank of the training state this plan implies (what the dump reports)."""
