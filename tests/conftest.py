@@ -21,3 +21,13 @@ def _fresh_dynamo():
 def no_torchrun_env(monkeypatch):
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _kernels_built_once():
+    """JIT-build the C++ kernels once, up front, in this process: on a fresh machine the
+    first build takes about a minute, and it must not land inside a time-bounded
+    multi-rank test where every rank would wait on it."""
+    from zerofx.runtime.fused_optim import load_kernels
+
+    load_kernels()
