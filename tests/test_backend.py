@@ -104,3 +104,16 @@ def test_inductor_switch_matches_eager(no_torchrun_env):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_runtime_and_a_different_config_are_refused(no_torchrun_env):
+    model, batch = make("mlp")
+    rt = zerofx.ZeroRuntime(model, {"optimizer": {"type": "AdamW"}})
+    same = torch.compile(model, backend="zero",
+                         options={"runtime": rt, "config": {"optimizer": {"type": "AdamW"}}})
+    same(*batch).backward()  # the same config twice is fine
+    torch._dynamo.reset()
+    other = torch.compile(model, backend="zero",
+                          options={"runtime": rt, "config": {"bf16": {"enabled": True}}})
+    with pytest.raises(Exception, match="differs from the config the ZeroRuntime"):
+        other(*batch)

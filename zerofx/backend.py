@@ -61,8 +61,12 @@ def zero_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None = N
         raise ConfigError(f"unknown zero backend option(s) {unknown}; "
                           f"allowed: {list(OPTION_KEYS)}")
     runtime = options.get("runtime")
-    config = runtime.config if runtime is not None and options.get("config") is None \
-        else Config.from_any(options.get("config"))
+    config = Config.from_any(options.get("config"))
+    if runtime is not None:
+        if options.get("config") is not None and config != runtime.config:
+            raise ConfigError("options 'config' differs from the config the ZeroRuntime was "
+                              "built with; pass only options={'runtime': rt}")
+        config = runtime.config
     comp = _prepare(gm, example_inputs, config, tuple(options.get("extra_passes", ())),
                     runtime)
     return aot_autograd(
