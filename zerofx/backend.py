@@ -88,6 +88,10 @@ def _inductor_decompositions():
 
 
 def _prepare(gm, example_inputs, config: Config, extra, runtime) -> Compilation:
+    if config.tensor_parallel.size > 1 and runtime is None:
+        raise ConfigError("tensor_parallel.size > 1 needs zerofx to hold the split weights: "
+                          "use zerofx.initialize(model=..., config=...), or pass "
+                          "options={'runtime': ZeroRuntime(model, config)}")
     world = init_distributed()
     roles = input_roles(gm, example_inputs)
     params = [(r.name, t) for r, t in zip(roles, _flat_inputs(gm, example_inputs))
@@ -168,9 +172,10 @@ def _compile_graph(gm: fx.GraphModule, example_inputs, comp: Compilation, kind: 
 
 def _run(gm: fx.GraphModule, comp: Compilation, kind: str, **facts) -> fx.GraphModule:
     name = f"{comp.graph_id}_{kind}"
-    sid = comp.runtime.id if comp.runtime is not None else None
-    ctx = PassContext(comp.config, comp.plan, kind, name, state_id=sid, roles=comp.roles,
-                      **facts)
+    rt = comp.runtime
+    ctx = PassContext(comp.config, comp.plan, kind, name,
+                      state_id=rt.id if rt is not None else None, roles=comp.roles,
+                      tp_group=rt.tp_group_name if rt is not None else None, **facts)
     dump = GraphDump.create(comp.dump_root, rank=comp.rank, graph=comp.graph_id, kind=kind) \
         if comp.dump_root else None
     return run_pipeline(gm, ctx, comp.passes, dump=dump)

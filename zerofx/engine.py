@@ -43,8 +43,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 def initialize(args=None, model: nn.Module | None = None, model_parameters=None,
                optimizer=None, lr_scheduler=None, training_data=None, config=None,
-               config_params=None, collate_fn=None):
-    """Build the engine: ``(engine, optimizer, training_dataloader, lr_scheduler)``."""
+               config_params=None, collate_fn=None, mpu=None):
+    """Build the engine: ``(engine, optimizer, training_dataloader, lr_scheduler)``.
+
+    ``mpu``: a model that does its own tensor (model) parallelism passes Megatron's mpu
+    object, as with DeepSpeed; ZeRO then shards over its data-parallel group.
+    """
     if model is None:
         raise ConfigError("zerofx.initialize needs model=<your nn.Module>")
     source = _config_source(args, config, config_params)
@@ -54,7 +58,7 @@ def initialize(args=None, model: nn.Module | None = None, model_parameters=None,
             p.requires_grad_(id(p) in trainable)
     engine = ZeroEngine(model, Config.from_any(source), optimizer=optimizer,
                         lr_scheduler=lr_scheduler, training_data=training_data,
-                        collate_fn=collate_fn)
+                        collate_fn=collate_fn, mpu=mpu)
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
 
 
@@ -76,12 +80,12 @@ class ZeroEngine(nn.Module):
     """What ``zerofx.initialize`` returns: call it, ``backward``, ``step``, checkpoint it."""
 
     def __init__(self, model: nn.Module, config: Config, *, optimizer=None, lr_scheduler=None,
-                 training_data=None, collate_fn=None):
+                 training_data=None, collate_fn=None, mpu=None):
         super().__init__()
         world = init_distributed()
         self.config = config
         self.module = model
-        self.runtime = ZeroRuntime(model, config, optimizer=optimizer)
+        self.runtime = ZeroRuntime(model, config, optimizer=optimizer, mpu=mpu)
         self.compiled = torch.compile(model, backend="zero", options={"runtime": self.runtime})
         self.optimizer = self.runtime  # DeepSpeed hands back its optimizer wrapper likewise
         # last_batch_iteration=-1 is DeepSpeed's start: its k-th step uses lr_at(k - 1).
@@ -102,7 +106,8 @@ class ZeroEngine(nn.Module):
     # ---- the training loop ---------------------------------------------------------------
     def forward(self, *args, **kwargs):
         t0 = time.perf_counter()
-        out = self.compiled(*args, **kwargs)
+        with self.runtime.shape_carriers():  # tensor-parallel weights: see ZeroRuntime
+            out = self.compiled(*args, **kwargs)
         self._timers["forward"] += time.perf_counter() - t0
         return out
 

@@ -25,6 +25,7 @@ import torch
 from tabulate import tabulate
 
 from zerofx.config import Config
+from zerofx.tp_layout import TPLayout, TPShard
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,8 @@ class ParamSlot:
     offset: int  # first element in the flat buffer
     numel: int
     bucket: int  # index into Plan.buckets
+    tp: TPShard | None = None  # split by zerofx over the TP group (shape is the local one)
+    tp_split: bool = False  # differs across TP ranks (else replicated: counted once in norms)
 
     @property
     def end(self) -> int:
@@ -110,6 +113,7 @@ class Plan:
     buckets: tuple[Bucket, ...]
     padded_numel: int  # flat buffer length: the sum of the padded buckets
     reduce_scatter: bool = True  # stage 2 reduce-scatters buckets (else all-reduce + slice)
+    tp_choices: tuple = ()  # TPChoice per split Linear: what the layout chose and why
 
     @property
     def numel(self) -> int:
@@ -168,19 +172,33 @@ class Plan:
 
     def describe(self) -> str:
         """A readable table of the layout, for dumps and logs."""
-        rows = [(p.name, "x".join(map(str, p.shape)) or "scalar", p.offset, p.numel, p.bucket)
-                for p in self.params]
+        rows = [(p.name, "x".join(map(str, p.shape)) or "scalar", p.offset, p.numel, p.bucket,
+                 _tp_text(p.tp)) for p in self.params]
         head = (f"plan: rank {self.rank}, world {self.grid.world_size} "
                 f"(tp {self.grid.tp_size} x dp {self.grid.dp_size}), zero stage "
                 f"{self.zero_stage}, compute {str(self.compute_dtype).removeprefix('torch.')}, "
                 f"{self.numel} elements ({self.padded_numel} padded), "
                 f"{len(self.buckets)} bucket(s)")
         mem = tabulate(sorted(self.predicted_bytes().items()), headers=["state", "bytes/rank"])
-        table = tabulate(rows, headers=["param", "shape", "offset", "numel", "bucket"])
+        table = tabulate(rows, headers=["param", "local shape", "offset", "numel", "bucket",
+                                        "tensor parallel"])
         buckets = tabulate([(b.index, b.numel, b.padded, len(b.params), self.bucket_collective)
                             for b in self.buckets],
                            headers=["bucket", "numel", "padded", "params", "collective"])
-        return f"{head}\n{table}\n\n{buckets}\n\n{mem}"
+        text = f"{head}\n{table}\n\n{buckets}\n\n{mem}"
+        if self.tp_choices:
+            text += "\n\ntensor-parallel layout:\n" + tabulate(
+                [(c.module, c.style, c.parts, c.reason) for c in self.tp_choices],
+                headers=["module", "style", "parts", "chosen because"])
+        return text
+
+
+def _tp_text(shard: TPShard | None) -> str:
+    if shard is None:
+        return ""
+    full = "x".join(map(str, shard.full_shape))
+    parts = f", {shard.parts} parts" if shard.parts > 1 else ""
+    return f"split dim {shard.dim} of {full}{parts}"
 
 
 def make_plan(
@@ -189,21 +207,33 @@ def make_plan(
     *,
     rank: int = 0,
     world_size: int = 1,
+    tp_layout: TPLayout | None = None,
+    mp_params: frozenset = frozenset(),
 ) -> Plan:
     """Lay out ``named_params`` (in registration order) for ``config`` on this rank.
+
+    With a ``tp_layout``, split parameters take their local (1/tp) shape. ``mp_params`` names
+    parameters a user's own model parallelism (an mpu) has already split.
 
     Buckets fill in *reverse* registration order: backward produces gradients roughly last
     layer first, so a bucket completes (and its collective can start) as early as possible.
     """
-    grid = ProcessGrid(world_size, config.tensor_parallel.size)
+    grid = ProcessGrid(world_size, tp_layout.size if tp_layout is not None
+                       else config.tensor_parallel.size)
     order = list(reversed(named_params))
-    groups = _group_into_buckets(order, max(1, config.zero_optimization.reduce_bucket_size))
+    shards = tp_layout.shards if tp_layout is not None else {}
+    shapes = {n: shards[n].local_shape(grid.tp_size) if n in shards else tuple(p.shape)
+              for n, p in named_params}
+    groups = _group_into_buckets([(n, math.prod(shapes[n])) for n, _ in order],
+                                 max(1, config.zero_optimization.reduce_bucket_size))
+    dtypes = dict((n, p.dtype) for n, p in named_params)
     slots, buckets, offset = [], [], 0
     for index, group in enumerate(groups):
         start = offset
-        for name, p in group:
-            slots.append(ParamSlot(name, tuple(p.shape), p.dtype, offset, p.numel(), index))
-            offset += p.numel()
+        for name, numel in group:
+            slots.append(ParamSlot(name, shapes[name], dtypes[name], offset, numel, index,
+                                   shards.get(name), name in shards or name in mp_params))
+            offset += numel
         numel = offset - start
         padded = math.ceil(max(numel, 1) / grid.dp_size) * grid.dp_size
         buckets.append(Bucket(index, start, numel, padded, tuple(n for n, _ in group)))
@@ -211,17 +241,18 @@ def make_plan(
     return Plan(rank=rank, grid=grid, zero_stage=config.zero_optimization.stage,
                 compute_dtype=config.compute_dtype, params=tuple(slots),
                 buckets=tuple(buckets), padded_numel=offset,
-                reduce_scatter=config.zero_optimization.reduce_scatter)
+                reduce_scatter=config.zero_optimization.reduce_scatter,
+                tp_choices=tp_layout.choices if tp_layout is not None else ())
 
 
 def _group_into_buckets(order, cap: int) -> list[list]:
     """Greedy: a bucket closes once it holds ``cap`` elements (a big tensor gets its own)."""
     groups: list[list] = []
     filled = cap
-    for name, p in order:
-        if filled + p.numel() > cap and (not groups or groups[-1]):
+    for name, numel in order:
+        if filled + numel > cap and (not groups or groups[-1]):
             groups.append([])
             filled = 0
-        groups[-1].append((name, p))
-        filled += p.numel()
+        groups[-1].append((name, numel))
+        filled += numel
     return groups

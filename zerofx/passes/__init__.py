@@ -45,6 +45,7 @@ class PassContext:
     num_fwd_outputs: int | None = None  # joint graphs: outputs before the gradients
     state_id: int | None = None  # the ZeroRuntime the graph's zerofx ops talk to, if any
     roles: tuple = ()  # InputRole of each forward input (bucketing maps gradients by it)
+    tp_group: str | None = None  # name of the tensor-parallel process group, if any
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ def declared_passes() -> tuple[PassSpec, ...]:
     from zerofx.passes.loss_scale import loss_scale_pass
     from zerofx.passes.matmul_tuning import matmul_tuning_pass
     from zerofx.passes.mixed_precision import mixed_precision_pass
+    from zerofx.passes.tensor_parallel import tensor_parallel_pass
 
     return (
         PassSpec("mixed_precision", mixed_precision_pass, frozenset({"joint", "inference"}),
@@ -73,6 +75,9 @@ def declared_passes() -> tuple[PassSpec, ...]:
         PassSpec("loss_scale", loss_scale_pass, frozenset({"joint"}),
                  after=("mixed_precision",), enabled=lambda cfg: cfg.fp16.enabled,
                  needs_runtime=True),
+        PassSpec("tensor_parallel", tensor_parallel_pass, frozenset({"joint", "inference"}),
+                 after=("mixed_precision", "loss_scale"),
+                 enabled=lambda cfg: cfg.tensor_parallel.size > 1, needs_runtime=True),
         PassSpec("bucketing", bucketing_pass, frozenset({"backward"}), needs_runtime=True),
         # Eager execution only: Inductor picks its own GEMM forms.
         PassSpec("matmul_tuning", matmul_tuning_pass,

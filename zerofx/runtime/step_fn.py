@@ -27,7 +27,7 @@ def make_step_fn(rt):
     """Close a step function over ``rt``'s static facts (plan, optimizer, group)."""
     plan, spec, scaler = rt.plan, rt.spec, rt.scaler
     clip = rt.config.gradient_clipping
-    owned, group, sid = plan.owned(), rt.group, rt.id
+    owned, group, sid, norm_group = plan.owned(), rt.group, rt.id, rt.norm_group
     reduced_in_shard = rt.reduces_into_shard
     update = _make_update(rt)
     dp = plan.grid.dp_size
@@ -42,9 +42,9 @@ def make_step_fn(rt):
             for r in owned:
                 shard_grads[r.at:r.at + r.numel].copy_(full_grads[r.start:r.start + r.numel])
         g = shard_grads
-        sq = grad_sumsq(g)
-        if plan.sharded and group is not None:
-            sq = funcol.all_reduce(sq, "sum", group)
+        sq = _sumsq(g, plan)
+        if norm_group is not None:
+            sq = funcol.all_reduce(sq, "sum", norm_group)
         overflow = ~torch.isfinite(sq)
         denom = scale * divisor
         coef = 1.0 / denom
@@ -66,10 +66,41 @@ def make_step_fn(rt):
     return step_fn
 
 
+def _sumsq(g: torch.Tensor, plan) -> torch.Tensor:
+    """This rank's share of the squared global gradient norm: tensor-parallel replicas of a
+    weight hold equal gradients, so each counts 1/tp and the TP sum counts it once."""
+    tp = plan.grid.tp_size
+    if tp == 1:
+        return grad_sumsq(g)
+    split, whole = _tp_ranges(plan)
+    sq = torch.zeros((), dtype=torch.float32, device=g.device)
+    for a, b in split:
+        sq = sq + grad_sumsq(g[a:b])
+    for a, b in whole:
+        sq = sq + grad_sumsq(g[a:b]) / tp
+    return sq
+
+
+def _tp_ranges(plan) -> tuple[list, list]:
+    """(split, replicated) ranges of this rank's shard, adjacent ranges merged."""
+    ranges: dict[bool, list] = {True: [], False: []}
+    for r in plan.owned():
+        for s in plan.params:
+            lo, hi = max(s.offset, r.start), min(s.end, r.start + r.numel)
+            if lo < hi:
+                a, b = r.at + lo - r.start, r.at + hi - r.start
+                out = ranges[s.tp_split]
+                if out and out[-1][1] == a:
+                    out[-1] = (out[-1][0], b)
+                else:
+                    out.append((a, b))
+    return ranges[True], ranges[False]
+
+
 def _make_update(rt):
     """The fused update of this rank's shard: Adam/AdamW in one call, LAMB in two passes
     around one all-reduce of per-tensor partial norms (a shard can cut a tensor)."""
-    spec, plan, group = rt.spec, rt.plan, rt.group
+    spec, plan, norm_group = rt.spec, rt.plan, rt.norm_group
     if spec.kind == "torch":
         sid = rt.id
 
@@ -94,6 +125,9 @@ def _make_update(rt):
     # (its weights and gradients are zero, so it adds nothing to either norm).
     starts = [s.offset for s in plan.params] + [plan.padded_numel]
     owned = plan.owned()
+    # A tensor-parallel replica's norms count 1/tp on each rank, so the TP sum counts once.
+    tp = plan.grid.tp_size
+    weights = [1.0 if s.tp_split else 1.0 / tp for s in plan.params]
 
     def lamb(master, g, m, v, out, *, lr, step, coef, skip):
         bounds = torch.tensor(starts, dtype=torch.int64)
@@ -101,8 +135,10 @@ def _make_update(rt):
         sums = sum(lamb_moments_(master[sl], g[sl], m[sl], v[sl], bounds, hyper=hyper,
                                  grad_scale=coef, skip=skip, shard_offset=start)
                    for sl, start in pieces)
-        if plan.sharded and group is not None:
-            sums = funcol.all_reduce(sums, "sum", group)
+        if tp > 1:
+            sums = sums * torch.tensor(weights, dtype=sums.dtype, device=sums.device)
+        if norm_group is not None:
+            sums = funcol.all_reduce(sums, "sum", norm_group)
         ratio = lamb_trust_ratio(sums, hyper=hyper)
         for sl, start in pieces:
             dst = out[sl] if plan.sharded else out[start:start + (sl.stop - sl.start)]

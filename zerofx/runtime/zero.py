@@ -15,6 +15,7 @@ Buffers (N = data-parallel size, "shard" = what this rank updates, see plan.owne
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -24,6 +25,7 @@ from torch import nn
 
 from zerofx.config import Config, ConfigError
 from zerofx.plan import Plan, make_plan
+from zerofx.tp_layout import TPLayout, TPPlanError, resolve_tp_layout
 from zerofx.runtime import zero_ops
 from zerofx.runtime.dist import init_distributed
 from zerofx.runtime.loss_scaler import LossScaler
@@ -39,16 +41,19 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 class ZeroRuntime:
     """Flat buffers, shards, pending collectives and step state of one model."""
 
-    def __init__(self, model: nn.Module, config=None, *, optimizer=None):
+    def __init__(self, model: nn.Module, config=None, *, optimizer=None, mpu=None):
         self.config = Config.from_any(config)
         world = init_distributed()
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ConfigError("the model has no trainable parameters for zerofx to optimize")
+        layout, split = _tp_layout(model, named, self.config, mpu)
         self.plan: Plan = make_plan(named, self.config, rank=world.rank,
-                                    world_size=world.world_size)
+                                    world_size=world.world_size, tp_layout=layout,
+                                    mp_params=split)
         self.spec = OptimizerSpec.from_config_or_torch(self.config, optimizer)
-        self.group = _dp_group(self.plan) if world.world_size > 1 else None
+        self.group, self.tp_group = _groups(self.plan, mpu) if world.world_size > 1 \
+            else (None, None)
         # Measured on gloo (benchmarks/bench_collectives.py): its all-reduce beats its
         # reduce-scatter by 2.2x, so stage 2 reduces buckets with all-reduce + slice there.
         self.gloo_allreduce = self.group is not None and dist.get_backend(self.group) == "gloo"
@@ -75,9 +80,12 @@ class ZeroRuntime:
         plan, low = self.plan, self.plan.compute_dtype
         self.flat_params = torch.zeros(plan.padded_numel, dtype=low)
         self.master = torch.zeros(plan.shard_numel, dtype=torch.float32)
-        owned = plan.owned()
+        owned, tp, tp_rank = plan.owned(), plan.grid.tp_size, plan.grid.tp_rank(plan.rank)
+        self._carriers = []  # (param, full-shape stand-in, local view): see shape_carriers
         for name, p in named:
-            s, flat = plan.slot(name), p.detach().reshape(-1)
+            s = plan.slot(name)
+            local = s.tp.local_piece(p.detach(), tp, tp_rank) if s.tp is not None else p.detach()
+            flat = local.reshape(-1)
             for r in owned:  # the fp32 master copy of the pieces this rank owns
                 lo, hi = max(s.offset, r.start), min(s.end, r.start + r.numel)
                 if lo < hi:
@@ -87,6 +95,9 @@ class ZeroRuntime:
             # The parameter now lives in the flat buffer, in the compute dtype: the
             # all-gather writes straight into the model and no per-step cast is needed.
             p.data = self.flat_params[s.offset:s.end].view(s.shape)
+            if s.tp is not None:  # one element of storage each: distinct inputs to AOT
+                stand_in = torch.zeros(1, dtype=low).view([1] * len(s.shape))
+                self._carriers.append((p, stand_in.expand(s.tp.full_shape), p.data))
         self.exp_avg = torch.zeros_like(self.master)
         self.exp_avg_sq = torch.zeros_like(self.master)
         self.shard_lowp = self.master.to(low)
@@ -95,6 +106,42 @@ class ZeroRuntime:
         self.full_grads = torch.zeros(plan.padded_numel, dtype=low) if needs_full else None
         self.shard_grads = torch.zeros(plan.shard_numel, dtype=low) if plan.sharded \
             else self.full_grads
+
+    @contextlib.contextmanager
+    def shape_carriers(self):
+        """Give tensor-parallel parameters their full shape while the model is traced or run.
+
+        The model's code is written for whole weights (``qkv(x).split(C)``, ``view(B, T,
+        heads, C // heads)``), so Dynamo traces it with full-shape stand-ins that own one
+        element; the tensor_parallel pass makes the graph read the local shard instead
+        (``zerofx.tp_param``) and fixes its shapes. Outside this context the parameters are
+        the local shards, as in Megatron. Every call swaps the same stand-ins in, so Dynamo's
+        guards hold and nothing recompiles.
+        """
+        for p, full, _ in self._carriers:
+            p.data = full
+        try:
+            yield
+        finally:
+            for p, _, local in self._carriers:
+                p.data = local
+
+    def local_param(self, name: str) -> torch.Tensor:
+        """This rank's piece of parameter ``name``: a view of the flat compute-dtype buffer."""
+        s = self.plan.slot(name)
+        return self.flat_params[s.offset:s.end].view(s.shape)
+
+    @property
+    def norm_group(self):
+        """Where the squared gradient norm is summed: over the DP shards, and over the TP
+        group when weights are split (replicated weights then count 1/tp on each rank)."""
+        if self.plan.grid.tp_size > 1:
+            return dist.group.WORLD if self.plan.sharded else self.tp_group
+        return self.group if self.plan.sharded else None
+
+    @property
+    def tp_group_name(self) -> str | None:
+        return self.tp_group.group_name if self.tp_group is not None else None
 
     @property
     def reduces_into_shard(self) -> bool:
@@ -232,13 +279,55 @@ def _accumulation_steps(config: Config, dp_size: int) -> int:
     return config.batch_sizes(dp_size).gradient_accumulation_steps
 
 
-def _dp_group(plan: Plan):
-    """This rank's data-parallel group; every rank creates every group, as torch requires."""
-    if plan.grid.tp_size == 1:
-        return dist.group.WORLD
-    mine = None
-    for ranks in plan.grid.dp_groups():
-        g = dist.new_group(ranks)
-        if plan.rank in ranks:
-            mine = g
-    return mine
+def _tp_layout(model, named, config: Config, mpu):
+    """The tensor-parallel layout zerofx applies, or (with ``mpu``) the one the model has."""
+    if mpu is None:
+        return resolve_tp_layout(model, config), frozenset()
+    if config.tensor_parallel.size > 1:
+        raise TPPlanError("both an mpu and tensor_parallel.size > 1 were given: with an mpu "
+                          "the model is already split; drop the tensor_parallel block")
+    # Megatron marks its split parameters; the rest are replicated across the TP group.
+    split = frozenset(n for n, p in named if getattr(p, "tensor_model_parallel", False)
+                      or getattr(p, "model_parallel", False))
+    return TPLayout(mpu.get_model_parallel_world_size(), {}, ()), split
+
+
+def _groups(plan: Plan, mpu):
+    """(data-parallel group or None, tensor-parallel group or None) of this rank.
+
+    Every rank creates every group in the same order, as torch requires. A group of one
+    rank is None: nothing to communicate.
+    """
+    grid = plan.grid
+    if mpu is not None:
+        _check_mpu(mpu, plan)
+        return (mpu.get_data_parallel_group() if grid.dp_size > 1 else None,
+                mpu.get_model_parallel_group() if grid.tp_size > 1 else None)
+    if grid.tp_size == 1:
+        return dist.group.WORLD, None
+    mine = {}
+    for kind, groups in (("tp", grid.tp_groups()), ("dp", grid.dp_groups())):
+        for ranks in groups:
+            g = dist.new_group(ranks)
+            if plan.rank in ranks:
+                mine[kind] = g
+    return (mine["dp"] if grid.dp_size > 1 else None), mine["tp"]
+
+
+def _check_mpu(mpu, plan: Plan) -> None:
+    want = ("get_model_parallel_rank", "get_model_parallel_world_size",
+            "get_model_parallel_group", "get_data_parallel_rank",
+            "get_data_parallel_world_size", "get_data_parallel_group")
+    missing = [m for m in want if not callable(getattr(mpu, m, None))]
+    if missing:
+        raise ConfigError(f"mpu lacks Megatron's method(s) {missing}; an mpu must provide "
+                          f"{', '.join(want)}")
+    grid, rank = plan.grid, plan.rank
+    got = (mpu.get_model_parallel_rank(), mpu.get_data_parallel_rank(),
+           mpu.get_data_parallel_world_size())
+    if got != (grid.tp_rank(rank), grid.dp_rank(rank), grid.dp_size):
+        raise ConfigError(
+            f"mpu on rank {rank} reports (model-parallel rank, data-parallel rank, "
+            f"data-parallel size) = {got}, but zerofx lays ranks out Megatron's way "
+            f"(model-parallel neighbours adjacent): expected "
+            f"{(grid.tp_rank(rank), grid.dp_rank(rank), grid.dp_size)}")

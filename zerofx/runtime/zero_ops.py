@@ -81,6 +81,21 @@ def _(sid, grad, coef, lr, skip):
     return None
 
 
+@torch.library.custom_op("zerofx::tp_param", mutates_args=())
+def tp_param(sid: int, name: str) -> torch.Tensor:
+    """This rank's piece of tensor-parallel parameter ``name`` (the tensor_parallel pass reads
+    it in place of the full-shape stand-in Dynamo traced). A view, never a copy: the
+    all-gather of the step writes it, and forward only reads it."""
+    return lookup(sid).local_param(name)
+
+
+@tp_param.register_fake
+def _(sid, name):
+    rt = lookup(sid)  # shapes only: no real tensor may be touched under fake mode
+    return torch.empty(rt.plan.slot(name).shape, dtype=rt.plan.compute_dtype,
+                       device=rt.flat_params.device)
+
+
 # Ops without outputs would be dead code to FX; they act by side effect.
 for _op in (torch.ops.zerofx.reduce_bucket.default, torch.ops.zerofx.wait_buckets.default,
             torch.ops.zerofx.shard_optimizer_step.default):

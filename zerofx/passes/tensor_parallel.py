@@ -1,0 +1,242 @@
+"""tensor_parallel: Megatron's tensor parallelism on the joint graph, by sharding propagation.
+
+    before (traced with full-shape weights):
+        t = t(W1); a = addmm(b1, x, t); g = gelu(a); o = addmm(b2, g, t(W2))   # [B, 4C] ...
+        ... backward: dx = mm(da, t(t)) ...
+    after (W1, b1 split by rows, W2 by columns; shapes are this rank's):
+        W1 = zerofx.tp_param(sid, "fc1.weight")                             # [4C/tp, C]
+        a = addmm(b1', x, t(W1)); g = gelu(a)                               # [B, 4C/tp]
+        o = add(wait(all_reduce(mm(g, t(W2')))), b2)                        # row-parallel out
+        ... backward: dx = wait(all_reduce(mm(da, W1)))                     # column-parallel in
+
+The runtime keeps each split parameter's local piece; the graph reads it with
+``zerofx.tp_param`` instead of the full-shape stand-in Dynamo traced. Walking the graph in
+order, every value gets a sharding (tp_rules): shape constants of views, expands and splits
+are divided where the split lands (heads per rank), and wherever a split dimension is summed
+away (a row-parallel matmul in forward, a column-parallel input gradient in backward) the
+partial sums are all-reduced over the tensor-parallel group right there. An op with no rule
+for split inputs is an error naming it: nothing silently computes on the wrong shapes.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+from zerofx.passes import PassContext
+from zerofx.passes import tp_rules as R
+from zerofx.passes.fake_vals import compute_val, fake_mode_of
+from zerofx.passes.nodes import role_of
+from zerofx.tp_layout import TPPlanError
+
+aten = torch.ops.aten
+_c10d = torch.ops._c10d_functional
+
+_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+_PASS_THROUGH = {aten._to_copy.default, aten.clone.default, aten.detach.default,
+                 aten.alias.default, aten.contiguous.default, aten.native_dropout.default}
+# Attention kernels: heads (dim 1 of every 4-D operand) are independent.
+_HEAD_PARALLEL = {getattr(aten, n).default for n in (
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention_for_cpu_backward",
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_efficient_attention_backward",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_cudnn_attention_backward",
+) if hasattr(aten, n)}
+
+
+def tensor_parallel_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """Read split parameters' local pieces, fix shapes, all-reduce partial sums."""
+    tp = ctx.plan.grid.tp_size
+    split = {s.name: s for s in ctx.plan.params if s.tp is not None}
+    if tp == 1 or not split:
+        return gm
+    if ctx.tp_group is None or ctx.state_id is None:
+        raise TPPlanError("tensor_parallel.size > 1 needs the training state that holds the "
+                          "split weights: use zerofx.initialize (or a ZeroRuntime)")
+    full = {n: _shapes(n.meta.get("val")) for n in gm.graph.nodes}
+    state, origin = _read_local_params(gm, ctx, split, full)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node in state:
+            continue
+        ins = [a for a in node.all_input_nodes if state.get(a) is not None]
+        if not ins:
+            continue
+        origin[node] = origin[ins[0]]
+        try:
+            state[node] = _propagate(node, state, full, tp)
+        except R.Unshardable as e:
+            raise TPPlanError(_explain(node, origin[node], str(e))) from None
+        if state[node] == R.PARTIAL:
+            _all_reduce_after(gm, node, ctx.tp_group, state, full)
+    _check_outputs(gm, ctx, state, split, tp, full)
+    mode = fake_mode_of(gm.graph)
+    for node in gm.graph.nodes:  # shapes changed all along the way: recompute every value
+        compute_val(node, mode)
+    return gm
+
+
+def _shapes(val):
+    if isinstance(val, torch.Tensor):
+        return tuple(val.shape)
+    if isinstance(val, (tuple, list)):
+        return [_shapes(v) for v in val]
+    return None
+
+
+def _read_local_params(gm, ctx, split, full):
+    """Replace each split parameter's placeholder by zerofx.tp_param (its local piece)."""
+    state, origin = {}, {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for ph in placeholders:
+        role = role_of(ph)
+        if role is None or role.kind != "param" or role.name not in split:
+            continue
+        shard = split[role.name].tp
+        with gm.graph.inserting_after(placeholders[-1]):
+            local = gm.graph.call_function(torch.ops.zerofx.tp_param.default,
+                                           (ctx.state_id, role.name))
+        ph.replace_all_uses_with(local)
+        n = shard.full_shape[shard.dim]
+        state[local] = R.normalize(R.Shard(shard.dim, n // shard.parts, 1), n)
+        full[local], origin[local] = shard.full_shape, role.name
+    return state, origin
+
+
+def _propagate(node: fx.Node, state, full, tp: int):
+    """The output sharding of ``node``; rewrites its shape arguments to local sizes."""
+    t, args = node.target, node.args
+    sh = state.get(args[0]) if args and isinstance(args[0], fx.Node) else None
+    if t is operator.getitem:
+        return sh[args[1]] if isinstance(sh, list) else None
+    if t in _VIEWS:
+        out = R.reshape(sh, full[args[0]], full[node], tp)
+        node.args = (args[0], _local(full[node], out, tp))
+        return out
+    if t in (aten.t.default, aten.transpose.int, aten.permute.default):
+        nd = len(full[args[0]])
+        perm = list(range(nd))
+        if t is aten.permute.default:
+            perm = [d % nd for d in args[1]]
+        elif nd == 2 or t is aten.transpose.int:
+            a, b = (0, 1) if t is aten.t.default else (args[1] % nd, args[2] % nd)
+            perm[a], perm[b] = perm[b], perm[a]
+        return R.permute(sh, perm)
+    if t is aten.expand.default:
+        out = R.moved(sh, len(args[1]) - len(full[args[0]]))
+        sizes = list(args[1])
+        if sizes[out.dim] != -1:
+            sizes[out.dim] //= tp
+        node.args = (args[0], sizes, *args[2:])
+        return out
+    if t is aten.unsqueeze.default:
+        d = args[1] % (len(full[args[0]]) + 1)
+        return R.moved(sh, 1 if d <= sh.dim else 0)
+    if t in (aten.split.Tensor, aten.split_with_sizes.default):
+        return _split(node, sh, full, tp)
+    if t is aten.cat.default:
+        dim = (args[1] if len(args) > 1 else 0) % len(full[node])
+        return R.cat([state.get(a) for a in args[0]], [full[a] for a in args[0]], dim)
+    if t in (aten.mm.default, aten.bmm.default):
+        return R.matmul(sh, state.get(args[1]), full[args[0]], full[args[1]])
+    if t is aten.addmm.default:
+        return _addmm(node, state, full)
+    if t in (aten.sum.dim_IntList, aten.sum.default):
+        dims = args[1] if len(args) > 1 else node.kwargs.get("dim")
+        keep = args[2] if len(args) > 2 else node.kwargs.get("keepdim", False)
+        return R.reduced(sh, dims, len(full[args[0]]), keep)
+    if t in _HEAD_PARALLEL:
+        return _head_parallel(node, state, full)
+    if t in _PASS_THROUGH or torch.Tag.pointwise in getattr(t, "tags", ()):
+        tensors = [(state.get(a), full[a]) for a in node.all_input_nodes]
+        out = R.pointwise(tensors, full[node] if not isinstance(full[node], list)
+                          else full[node][0])
+        return [out] * len(full[node]) if isinstance(full[node], list) else out
+    raise R.Unshardable(f"no tensor-parallel rule for {t}")
+
+
+def _local(shape, sh: R.Shard, tp: int) -> list[int]:
+    local = list(shape)
+    local[sh.dim] //= tp
+    return local
+
+
+def _split(node, sh, full, tp):
+    x, size_arg, dim = node.args[0], node.args[1], node.args[2] if len(node.args) > 2 else 0
+    dim %= len(full[x])
+    sizes = [p[dim] for p in full[node]]
+    local, pieces = R.split_pieces(sh, dim, sizes, full[x][dim], tp)
+    if dim == sh.dim:
+        new = local if node.target is aten.split_with_sizes.default else size_arg // tp
+        node.args = (x, new, dim)
+    return pieces
+
+
+def _addmm(node, state, full):
+    """addmm(bias, a, b) whose matmul is a partial sum: the bias is added once, after the
+    all-reduce (Megatron's row-parallel layer), so the node becomes mm and an add follows."""
+    bias, a, b = node.args[:3]
+    mm = R.matmul(state.get(a), state.get(b), full[a], full[b])
+    if mm != R.PARTIAL:
+        return R.pointwise([(mm, full[node]), (state.get(bias), full[bias])], full[node])
+    if state.get(bias) is not None or node.kwargs or len(node.args) > 3:
+        raise R.Unshardable("a row-parallel addmm with a split or scaled bias")
+    node.target, node.args = aten.mm.default, (a, b)
+    graph = node.graph
+    with graph.inserting_after(node):
+        add = graph.call_function(aten.add.Tensor, (node, bias))
+    node.replace_all_uses_with(add, delete_user_cb=lambda u: u is not add)
+    full[add] = full[node]
+    return R.PARTIAL
+
+
+def _head_parallel(node, state, full):
+    four_d = [a for a in node.all_input_nodes if len(full[a] or ()) == 4]
+    shards = {R.normalize(state.get(a), full[a][1]) if isinstance(state.get(a), R.Shard)
+              else None for a in four_d if full[a][1] != 1}
+    if len(shards) != 1 or None in shards or next(iter(shards)).dim != 1:
+        raise R.Unshardable("attention operands are not all split by heads (dimension 1)")
+    sh = shards.pop()
+    outs = full[node] if isinstance(full[node], list) else [full[node]]
+    return [sh if o is not None and len(o) >= 3 else None for o in outs]
+
+
+def _all_reduce_after(gm, node, group: str, state, full) -> None:
+    """Sum the partial results of ``node`` over the tensor-parallel group, right after it."""
+    with gm.graph.inserting_after(node):
+        reduced = gm.graph.call_function(_c10d.all_reduce.default, (node, "sum", group))
+    with gm.graph.inserting_after(reduced):
+        done = gm.graph.call_function(_c10d.wait_tensor.default, (reduced,))
+    node.replace_all_uses_with(done, delete_user_cb=lambda u: u is not reduced)
+    state[reduced], state[done] = R.PARTIAL, None
+    full[reduced] = full[done] = full[node]
+
+
+def _check_outputs(gm, ctx, state, split, tp, full) -> None:
+    """User-visible outputs must be whole; parameter gradients must match their piece."""
+    outs = list(gm.graph.output_node().args[0])
+    n_fwd = ctx.num_fwd_outputs if ctx.graph_kind == "joint" else len(outs)
+    for i, out in enumerate(outs[:n_fwd]):
+        if isinstance(out, fx.Node) and state.get(out) is not None:
+            raise TPPlanError(f"output {i} of the model is split across tensor-parallel ranks "
+                              f"(shape {list(full[out])}): return values computed after a "
+                              f"row-parallel layer, or leave its layers out of the plan")
+    primals = [role_of(n) for n in gm.graph.nodes if n.op == "placeholder"]
+    primals = [r for r in primals if r is None or r.kind != "tangent"]
+    for role, grad in zip(primals, outs[n_fwd:]):
+        if role is not None and role.name in split and isinstance(grad, fx.Node):
+            shard = split[role.name].tp
+            n = shard.full_shape[shard.dim]
+            want = R.normalize(R.Shard(shard.dim, n // shard.parts, 1), n)
+            if state.get(grad) != want:
+                raise TPPlanError(f"the gradient of {role.name} comes out split as "
+                                  f"{state.get(grad)}, not as the weight ({want})")
+
+
+def _explain(node: fx.Node, param: str, reason: str) -> str:
+    trace = (node.meta.get("stack_trace") or "").strip().splitlines()
+    where = f" (model code: {trace[-1].strip()})" if trace else ""
+    return (f"tensor parallelism cannot run {node.target} on values split from {param}"
+            f"{where}: {reason}. Leave that layer out of tensor_parallel.plan, or split "
+            f"the layers around it so the split ends at a row-parallel layer")

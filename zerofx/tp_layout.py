@@ -1,0 +1,180 @@
+"""Which weights are tensor-parallel, and how: Megatron's column and row split, decided per model.
+
+    colwise  Linear(in, out): weight [out, in] and bias [out] split along out (dim 0); each
+             rank computes out/tp of the features. A fused q|k|v projection is split per part
+             (rank r takes rows r of q, of k and of v), so each rank holds whole heads.
+    rowwise  Linear(in, out): weight split along in (dim 1); each rank's output is a partial
+             sum, all-reduced by the tensor_parallel pass; the bias stays whole (added once).
+
+The layout must exist before the runtime allocates its shards, which is before any graph is
+traced, so it is read from the module tree: the config's ``tensor_parallel.plan`` patterns,
+or, without a plan, Megatron's two patterns found by structure (an attention module with a
+head count: fused qkv Linear(d, 3d) → colwise, Linear(d, d) → rowwise; an MLP: Linear(d, h)
+followed by Linear(h, d') → colwise, rowwise). The tensor_parallel pass then proves the choice
+on the traced graph (sharding propagation) or names the op it cannot shard.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from zerofx.config import Config, ConfigError
+
+HEAD_ATTRS = ("heads", "n_head", "n_heads", "num_heads", "num_attention_heads")
+
+
+class TPPlanError(ConfigError):
+    """A tensor-parallel plan that cannot be applied to this model."""
+
+
+@dataclass(frozen=True)
+class TPShard:
+    """How one parameter is split over the tensor-parallel group."""
+
+    dim: int  # the split dimension of the full parameter
+    parts: int  # equal parts along dim, each split separately (3 for a fused qkv)
+    full_shape: tuple[int, ...]
+
+    def local_shape(self, tp: int) -> tuple[int, ...]:
+        shape = list(self.full_shape)
+        shape[self.dim] //= tp
+        return tuple(shape)
+
+    def local_piece(self, full: torch.Tensor, tp: int, tp_rank: int) -> torch.Tensor:
+        """This rank's piece of ``full`` (a copy, contiguous)."""
+        d, n = self.dim, self.full_shape[self.dim]
+        per = n // self.parts // tp
+        pieces = [full.narrow(d, p * (n // self.parts) + tp_rank * per, per)
+                  for p in range(self.parts)]
+        return torch.cat(pieces, dim=d).contiguous()
+
+
+@dataclass(frozen=True)
+class TPChoice:
+    """One Linear the layout splits, and why (shown in the plan dump)."""
+
+    module: str
+    style: str  # "colwise" | "rowwise"
+    parts: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class TPLayout:
+    size: int
+    shards: dict  # parameter name -> TPShard (absent: replicated)
+    choices: tuple[TPChoice, ...]
+
+
+def resolve_tp_layout(model: nn.Module, config: Config) -> TPLayout:
+    """The tensor-parallel layout of ``model`` under ``config`` (empty when size is 1)."""
+    tp = config.tensor_parallel.size
+    if tp == 1:
+        return TPLayout(1, {}, ())
+    modules = dict(model.named_modules())
+    choices = _from_plan(modules, config.tensor_parallel.plan) if config.tensor_parallel.plan \
+        else _detect(modules, tp)
+    if not choices:
+        raise TPPlanError(
+            f"tensor_parallel.size={tp} but no Linear layer to split was found: give "
+            f"tensor_parallel.plan, e.g. {{\"blocks.*.mlp.fc1\": \"colwise\", "
+            f"\"blocks.*.mlp.fc2\": \"rowwise\"}}")
+    shards = {}
+    for c in choices:
+        lin = modules[c.module]
+        _check_divisible(c, lin, modules, tp)
+        prefix = f"{c.module}." if c.module else ""
+        w = lin.weight
+        shards[prefix + "weight"] = TPShard(0 if c.style == "colwise" else 1, c.parts,
+                                            tuple(w.shape))
+        if lin.bias is not None and c.style == "colwise":
+            shards[prefix + "bias"] = TPShard(0, c.parts, tuple(lin.bias.shape))
+    return TPLayout(tp, shards, tuple(choices))
+
+
+def _from_plan(modules: dict, plan) -> list[TPChoice]:
+    linears = [name for name, m in modules.items() if isinstance(m, nn.Linear)]
+    chosen: dict[str, TPChoice] = {}
+    for pattern, style in plan:
+        # A pattern may name the module ("mlp.fc1") or one of its parameters ("mlp.fc1.weight").
+        hits = [n for n in linears if fnmatch.fnmatchcase(n, pattern)
+                or fnmatch.fnmatchcase(f"{n}.weight", pattern)]
+        if not hits:
+            close = [n for n in linears if fnmatch.fnmatchcase(n, f"*{pattern.split('.')[-1]}*")]
+            hint = f" (Linear layers with a similar name: {close[:4]})" if close else \
+                f" (Linear layers: {linears[:6]}{'...' if len(linears) > 6 else ''})"
+            raise TPPlanError(f"tensor_parallel.plan: pattern {pattern!r} matches no Linear "
+                              f"layer{hint}; fix or remove it")
+        for n in hits:
+            if n in chosen and chosen[n].style != style:
+                raise TPPlanError(f"tensor_parallel.plan: {n!r} is matched as "
+                                  f"{chosen[n].style} and as {style} (pattern {pattern!r}); "
+                                  f"make the patterns disjoint")
+            chosen[n] = TPChoice(n, style, _fused_parts(n, modules) if style == "colwise"
+                                 else 1, f"plan pattern {pattern!r}")
+    return sorted(chosen.values(), key=lambda c: list(modules).index(c.module))
+
+
+def _fused_parts(name: str, modules: dict) -> int:
+    """3 for a fused q|k|v projection (Linear(d, 3d) inside a module with a head count)."""
+    lin, parent = modules[name], modules[name.rpartition(".")[0]]
+    return 3 if _heads(parent) and lin.out_features == 3 * lin.in_features else 1
+
+
+def _heads(module: nn.Module) -> int | None:
+    for attr in HEAD_ATTRS:
+        value = getattr(module, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _detect(modules: dict, tp: int) -> list[TPChoice]:
+    """Megatron's attention and MLP patterns, found among each module's direct Linears.
+
+    Only candidates whose split dimension divides by ``tp`` are taken (an explicit plan
+    that names an indivisible layer is an error instead).
+    """
+    choices: list[TPChoice] = []
+    for name, mod in modules.items():
+        prefix = f"{name}." if name else ""
+        lins = [(prefix + n, m) for n, m in mod.named_children() if isinstance(m, nn.Linear)]
+        heads, taken = _heads(mod), set()
+        if heads:
+            qkv = [(n, m) for n, m in lins if m.out_features == 3 * m.in_features]
+            if len(qkv) == 1 and heads % tp == 0 and qkv[0][1].in_features % tp == 0:
+                d = qkv[0][1].in_features
+                out = [(n, m) for n, m in lins if (m.in_features, m.out_features) == (d, d)]
+                if len(out) == 1:
+                    why = f"attention ({heads} heads): fused qkv"
+                    choices += [TPChoice(qkv[0][0], "colwise", 3, why),
+                                TPChoice(out[0][0], "rowwise", 1, f"attention ({heads} heads): "
+                                                                   f"output projection")]
+                    taken = {qkv[0][0], out[0][0]}
+        rest = [(n, m) for n, m in lins if n not in taken]
+        for (n1, a), (n2, b) in zip(rest, rest[1:]):
+            if n1 in taken:
+                continue
+            if a.out_features == b.in_features and a.out_features % tp == 0:
+                taken |= {n1, n2}
+                why = f"MLP {a.in_features}->{a.out_features}->{b.out_features}"
+                choices += [TPChoice(n1, "colwise", 1, why), TPChoice(n2, "rowwise", 1, why)]
+    return choices
+
+
+def _check_divisible(c: TPChoice, lin: nn.Linear, modules: dict, tp: int) -> None:
+    n = lin.out_features if c.style == "colwise" else lin.in_features
+    what = "out_features" if c.style == "colwise" else "in_features"
+    if n % (c.parts * tp):
+        per = f" per part (a fused q|k|v of {c.parts} parts)" if c.parts > 1 else ""
+        raise TPPlanError(f"{c.module} ({c.style}): {what}={n}{per} is not divisible by "
+                          f"tensor_parallel.size={tp}; choose a size that divides it or "
+                          f"leave the layer out of tensor_parallel.plan")
+    parent = modules[c.module.rpartition(".")[0]]
+    heads = _heads(parent)
+    if heads and heads % tp and (c.parts > 1 or lin.in_features == lin.out_features):
+        raise TPPlanError(f"{c.module}: {heads} attention heads are not divisible by "
+                          f"tensor_parallel.size={tp}; each rank must hold whole heads")
