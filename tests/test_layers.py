@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parent.parent / "zerofx"
 # module prefix -> zerofx modules it may import (prefix match). tools/ may import anything.
 ALLOWED = {
     "zerofx.config": ["zerofx.config"],
-    "zerofx.plan": ["zerofx.config"],
+    "zerofx.plan": ["zerofx.plan", "zerofx.config"],  # plan_tp: its tensor-parallel part
     "zerofx.csrc": [],
     # DESIGN.md: "the runtime allocates from [the plan]", so runtime may read it.
     "zerofx.runtime": ["zerofx.runtime", "zerofx.plan", "zerofx.config"],

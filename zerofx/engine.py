@@ -106,8 +106,16 @@ class ZeroEngine(nn.Module):
     # ---- the training loop ---------------------------------------------------------------
     def forward(self, *args, **kwargs):
         t0 = time.perf_counter()
-        with self.runtime.shape_carriers():  # tensor-parallel weights: see ZeroRuntime
-            out = self.compiled(*args, **kwargs)
+        try:
+            with self.runtime.shape_carriers():  # tensor-parallel weights: see ZeroRuntime
+                out = self.compiled(*args, **kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            # A bad plan or config found while compiling: the user needs zerofx's message,
+            # not Dynamo's wrapper and its traceback.
+            inner = getattr(e, "inner_exception", None)
+            if isinstance(inner, ConfigError):
+                raise inner from None
+            raise
         self._timers["forward"] += time.perf_counter() - t0
         return out
 

@@ -28,7 +28,7 @@ from zerofx.passes import PassContext
 from zerofx.passes import tp_rules as R
 from zerofx.passes.fake_vals import compute_val, fake_mode_of
 from zerofx.passes.nodes import role_of
-from zerofx.tp_layout import TPPlanError
+from zerofx.plan_tp import TPPlanError
 
 aten = torch.ops.aten
 _c10d = torch.ops._c10d_functional
@@ -63,7 +63,7 @@ def tensor_parallel_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
         ins = [a for a in node.all_input_nodes if state.get(a) is not None]
         if not ins:
             continue
-        origin[node] = origin[ins[0]]
+        origin[node] = frozenset().union(*(origin.get(a, ()) for a in ins))
         try:
             state[node] = _propagate(node, state, full, tp)
         except R.Unshardable as e:
@@ -100,7 +100,7 @@ def _read_local_params(gm, ctx, split, full):
         ph.replace_all_uses_with(local)
         n = shard.full_shape[shard.dim]
         state[local] = R.normalize(R.Shard(shard.dim, n // shard.parts, 1), n)
-        full[local], origin[local] = shard.full_shape, role.name
+        full[local], origin[local] = shard.full_shape, frozenset({role.name})
     return state, origin
 
 
@@ -234,9 +234,10 @@ def _check_outputs(gm, ctx, state, split, tp, full) -> None:
                                   f"{state.get(grad)}, not as the weight ({want})")
 
 
-def _explain(node: fx.Node, param: str, reason: str) -> str:
+def _explain(node: fx.Node, params, reason: str) -> str:
     trace = (node.meta.get("stack_trace") or "").strip().splitlines()
     where = f" (model code: {trace[-1].strip()})" if trace else ""
-    return (f"tensor parallelism cannot run {node.target} on values split from {param}"
+    return (f"tensor parallelism cannot run {node.target} on values split from "
+            f"{', '.join(sorted(params))}"
             f"{where}: {reason}. Leave that layer out of tensor_parallel.plan, or split "
             f"the layers around it so the split ends at a row-parallel layer")

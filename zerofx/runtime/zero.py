@@ -25,7 +25,7 @@ from torch import nn
 
 from zerofx.config import Config, ConfigError
 from zerofx.plan import Plan, make_plan
-from zerofx.tp_layout import TPLayout, TPPlanError, resolve_tp_layout
+from zerofx.plan_tp import TPLayout, TPPlanError, resolve_tp_layout
 from zerofx.runtime import zero_ops
 from zerofx.runtime.dist import init_distributed
 from zerofx.runtime.loss_scaler import LossScaler
@@ -283,6 +283,7 @@ def _tp_layout(model, named, config: Config, mpu):
     """The tensor-parallel layout zerofx applies, or (with ``mpu``) the one the model has."""
     if mpu is None:
         return resolve_tp_layout(model, config), frozenset()
+    _check_mpu_methods(mpu)
     if config.tensor_parallel.size > 1:
         raise TPPlanError("both an mpu and tensor_parallel.size > 1 were given: with an mpu "
                           "the model is already split; drop the tensor_parallel block")
@@ -314,7 +315,7 @@ def _groups(plan: Plan, mpu):
     return (mine["dp"] if grid.dp_size > 1 else None), mine["tp"]
 
 
-def _check_mpu(mpu, plan: Plan) -> None:
+def _check_mpu_methods(mpu) -> None:
     want = ("get_model_parallel_rank", "get_model_parallel_world_size",
             "get_model_parallel_group", "get_data_parallel_rank",
             "get_data_parallel_world_size", "get_data_parallel_group")
@@ -322,6 +323,9 @@ def _check_mpu(mpu, plan: Plan) -> None:
     if missing:
         raise ConfigError(f"mpu lacks Megatron's method(s) {missing}; an mpu must provide "
                           f"{', '.join(want)}")
+
+
+def _check_mpu(mpu, plan: Plan) -> None:
     grid, rank = plan.grid, plan.rank
     got = (mpu.get_model_parallel_rank(), mpu.get_data_parallel_rank(),
            mpu.get_data_parallel_world_size())
