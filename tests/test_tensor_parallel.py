@@ -82,11 +82,15 @@ def test_tp2_loss_gradients_and_eval_equal_single_process(name, tmp_path):
             assert "tensor-parallel layout" in plan and "fused qkv" in plan
 
 
-def _train_body(rank, world, steps, clip):
+LAMB = {"optimizer": {"type": "Lamb", "params": {"lr": 2e-2, "weight_decay": 0.01,
+                                                 "max_grad_norm": 1.0}}}
+
+
+def _train_body(rank, world, steps, clip, extra=None):
     import zerofx
 
     model, _ = make("block")
-    engine, *_ = zerofx.initialize(model=model, config=_cfg(stage=2, clip=clip))
+    engine, *_ = zerofx.initialize(model=model, config=_cfg(stage=2, clip=clip, extra=extra))
     dp_rank = engine.runtime.plan.grid.dp_rank(rank)
     losses = []
     for step in range(steps):
@@ -132,6 +136,32 @@ def test_tp2_dp2_zero2_twenty_steps_equal_single_process():
                 shards[n].local_piece(p.detach(), 2, tp_rank)
             torch.testing.assert_close(pieces[n], want, rtol=1e-3, atol=1e-4,
                                        msg=lambda m: f"rank {rank} {n}: {m}")
+
+
+@pytest.mark.slow
+def test_tp2_dp2_lamb_trust_ratios_span_the_split():
+    """LAMB's per-tensor norms of a split weight sum over its TP pieces (and ZeRO shards)."""
+    from zerofx.runtime.fused_optim import LambHyper, lamb_reference
+
+    steps = 8
+    results = run_ranks(_train_body, 4, args=(steps, 0.0, LAMB))
+    model, _ = make("block")
+    params = list(model.parameters())
+    m, v = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    hyper = LambHyper(weight_decay=0.01, max_grad_norm=1.0)
+    for step in range(steps):
+        for r in range(2):
+            (model(*block_batch(seed=100 * step + r)) / 2).backward()
+        norm = torch.sqrt(sum(p.grad.double().square().sum() for p in params)).item()
+        lamb_reference(params, [p.grad for p in params], m, v, lr=2e-2, step=step + 1,
+                       hyper=hyper, grad_scale=1.0 / max(1.0, (norm + 1e-6) / 1.0))
+        model.zero_grad()
+    for rank, (_, pieces, shards, _) in enumerate(results):
+        for n, p in model.named_parameters():
+            want = p.detach() if shards[n] is None else \
+                shards[n].local_piece(p.detach(), 2, rank % 2)
+            torch.testing.assert_close(pieces[n], want, rtol=1e-3, atol=1e-4,
+                                       msg=lambda msg: f"rank {rank} {n}: {msg}")
 
 
 def _bad_plan_body(rank, world):

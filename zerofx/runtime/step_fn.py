@@ -125,9 +125,8 @@ def _make_update(rt):
     # (its weights and gradients are zero, so it adds nothing to either norm).
     starts = [s.offset for s in plan.params] + [plan.padded_numel]
     owned = plan.owned()
-    # A tensor-parallel replica's norms count 1/tp on each rank, so the TP sum counts once.
-    tp = plan.grid.tp_size
-    weights = [1.0 if s.tp_split else 1.0 / tp for s in plan.params]
+    # norm_group spans the TP group too: a split tensor's sums add up over its pieces. A
+    # replicated tensor's sums come tp times over, both of them: the ratio is unchanged.
 
     def lamb(master, g, m, v, out, *, lr, step, coef, skip):
         bounds = torch.tensor(starts, dtype=torch.int64)
@@ -135,8 +134,6 @@ def _make_update(rt):
         sums = sum(lamb_moments_(master[sl], g[sl], m[sl], v[sl], bounds, hyper=hyper,
                                  grad_scale=coef, skip=skip, shard_offset=start)
                    for sl, start in pieces)
-        if tp > 1:
-            sums = sums * torch.tensor(weights, dtype=sums.dtype, device=sums.device)
         if norm_group is not None:
             sums = funcol.all_reduce(sums, "sum", norm_group)
         ratio = lamb_trust_ratio(sums, hyper=hyper)
