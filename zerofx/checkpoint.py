@@ -7,9 +7,10 @@ Atomic: every rank writes into ``<dir>/.<tag>.tmp``; once all have written, rank
 in as ``<dir>/<tag>`` and then points ``latest`` at it (temp file + os.replace). A crash at
 any point leaves the previous checkpoint loadable and ``latest`` naming a complete one.
 
-Loading at another data-parallel size or ZeRO stage needs no offline conversion (DeepSpeed
-needs one): the full fp32 master and moments are assembled by parameter name from all old
-rank files and this runtime's owned ranges are cut from them, in the new layout. The
+Loading at another data-parallel size, ZeRO stage or tensor-parallel size needs no offline
+conversion (DeepSpeed needs one): the whole fp32 master and moments are assembled by
+parameter name from all old rank files (tensor-parallel pieces joined) and this runtime's
+piece and owned ranges are cut from them, in the new layout. The
 compute-dtype parameters are written from the full master, so loading needs no collective.
 File format and checked reading: zerofx/checkpoint_io.py.
 """
@@ -25,8 +26,8 @@ import torch
 import torch.distributed as dist
 
 from zerofx.checkpoint_io import (FORMAT_VERSION, LATEST_FILE, META_FILE, STATE_KEYS,
-                                  CheckpointError, assemble, by_name, check_tag, rank_file,
-                                  read_meta, read_shards, resolve_tag)
+                                  CheckpointError, check_tag, full_states, rank_file,
+                                  read_meta, resolve_tag, tp_dir)
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint"]
 
@@ -72,19 +73,21 @@ def load_checkpoint(rt, load_dir, tag=None):
         return None, None
     meta = read_meta(path)
     _check_params(rt, meta, path)
-    shards = read_shards(path, meta)
-    _restore_state(rt, meta, shards)
-    _restore_counters(rt, shards[0])
-    log.info("loaded checkpoint %s (saved at DP size %d, stage %d; now %d, %d)", path,
-             meta["dp_size"], meta["zero_stage"], rt.plan.grid.dp_size, rt.plan.zero_stage)
+    states, counters = full_states(path)
+    _restore_state(rt, states)
+    _restore_counters(rt, counters)
+    log.info("loaded checkpoint %s (saved at TP %d x DP %d, stage %d; now TP %d x DP %d, "
+             "stage %d)", path, meta.get("tp_size", 1), meta["dp_size"], meta["zero_stage"],
+             rt.plan.grid.tp_size, rt.plan.grid.dp_size, rt.plan.zero_stage)
     return str(path), meta["client_state"]
 
 
 # ---- saving -----------------------------------------------------------------------------
 def _check_saveable(rt) -> None:
-    if rt.plan.grid.tp_size > 1:
-        raise CheckpointError("checkpoints with tensor parallelism (tensor_parallel.size > 1) "
-                              "are not supported yet; save with tensor_parallel.size 1")
+    if any(s.tp_split and s.tp is None for s in rt.plan.params):
+        raise CheckpointError("checkpoints of a model split by its own mpu are not supported: "
+                              "zerofx does not know how its pieces join; save the model's "
+                              "state_dict per model-parallel rank yourself")
     if rt.micro_steps % rt.gas:
         # Accumulated gradients are not saved (DeepSpeed does not either): a save inside an
         # accumulation window would silently drop them on resume.
@@ -130,16 +133,33 @@ def _save(obj, path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _meta(plan, client_state, *, whole: bool) -> dict:
+    """meta.pt: the layout of this TP rank's pieces, or (``whole``) the TP checkpoint's
+    list of whole parameters and how each is split."""
+    def param(p):
+        if not whole:
+            return {"name": p.name, "shape": list(p.shape), "offset": p.offset,
+                    "numel": p.numel}
+        split = {"dim": p.tp.dim, "parts": p.tp.parts} if p.tp is not None else None
+        return {"name": p.name, "shape": list(p.tp.full_shape if p.tp else p.shape),
+                "tp": split}
+    return {"format": FORMAT_VERSION, "world_size": plan.grid.world_size,
+            **({"tp_size": plan.grid.tp_size} if whole else {}),
+            "dp_size": plan.grid.dp_size, "zero_stage": plan.zero_stage,
+            "sharded": plan.sharded, "padded_numel": plan.padded_numel,
+            "compute_dtype": plan.compute_dtype, "params": [param(p) for p in plan.params],
+            "client_state": client_state}
+
+
 def _write_files(rt, tmp: Path, dp_rank: int, client_state, first: bool) -> None:
     plan = rt.plan
-    if first:
-        _save({"format": FORMAT_VERSION, "world_size": plan.grid.world_size,
-               "dp_size": plan.grid.dp_size, "zero_stage": plan.zero_stage,
-               "sharded": plan.sharded, "padded_numel": plan.padded_numel,
-               "compute_dtype": plan.compute_dtype,
-               "params": [{"name": p.name, "shape": list(p.shape), "offset": p.offset,
-                           "numel": p.numel} for p in plan.params],
-               "client_state": client_state}, tmp / META_FILE)
+    if plan.grid.tp_size > 1:
+        if first:
+            _save(_meta(plan, client_state, whole=True), tmp / META_FILE)
+        tmp = tmp / tp_dir(plan.grid.tp_rank(plan.rank))
+        tmp.mkdir(exist_ok=True)
+    if dp_rank == 0:
+        _save(_meta(plan, client_state, whole=False), tmp / META_FILE)
     _save({"dp_rank": dp_rank,
            "ranges": [[r.start, r.numel, r.at] for r in plan.owned()],
            **{k: getattr(rt, k) for k in STATE_KEYS},
@@ -179,9 +199,9 @@ def _all_ok(rt, action, what: str, path: Path) -> None:
         action()
     except Exception as e:  # noqa: BLE001 - re-raised below, after the others know
         error = e
-    if rt.group is not None:
+    if rt.plan.grid.world_size > 1:  # every rank: TP ranks write files of their own too
         ok = torch.tensor(0 if error else 1, dtype=torch.int32, device=rt.master.device)
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=rt.group)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         if error is None and int(ok) == 0:
             raise CheckpointError(f"another rank failed while {what} {path}; see its error. "
                                   f"The previous checkpoint and `latest` are unchanged")
@@ -192,7 +212,7 @@ def _all_ok(rt, action, what: str, path: Path) -> None:
 # ---- loading ----------------------------------------------------------------------------
 def _check_params(rt, meta: dict, path: Path) -> None:
     saved = {p["name"]: tuple(p["shape"]) for p in meta["params"]}
-    mine = {p.name: tuple(p.shape) for p in rt.plan.params}
+    mine = {p.name: tuple(p.tp.full_shape if p.tp else p.shape) for p in rt.plan.params}
     problems = [f"{n} missing from the checkpoint" for n in mine if n not in saved]
     problems += [f"{n} not in the model" for n in saved if n not in mine]
     problems += [f"{n} shape {list(saved[n])} in the checkpoint, {list(s)} in the model"
@@ -205,11 +225,13 @@ def _check_params(rt, meta: dict, path: Path) -> None:
 
 
 @torch.no_grad()
-def _restore_state(rt, meta: dict, shards: list[dict]) -> None:
-    """Fill this runtime's owned ranges and flat_params, parameter by parameter, by name."""
+def _restore_state(rt, states: dict) -> None:
+    """Fill this runtime's owned ranges and flat_params from whole tensors, by name."""
     plan = rt.plan
+    tp, tp_rank = plan.grid.tp_size, plan.grid.tp_rank(plan.rank)
     for key in STATE_KEYS:
-        full = by_name(meta, assemble(meta, shards, key))
+        full = {s.name: s.tp.local_piece(states[key][s.name], tp, tp_rank) if s.tp
+                else states[key][s.name] for s in plan.params}
         dst = getattr(rt, key)
         dst.zero_()  # padding stays zero
         for r in plan.owned():

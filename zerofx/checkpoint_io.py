@@ -4,6 +4,9 @@
     <dir>/<tag>/meta.pt               rank 0: format, sizes, the plan's parameter list, client_state
     <dir>/<tag>/zero_dp_rank_{r}.pt   DP rank r: its owned flat ranges and their fp32 state
                                       (master, exp_avg, exp_avg_sq), plus the step counters
+    with tensor parallelism (tp > 1): <tag>/meta.pt lists whole parameters and how each is
+    split; <tag>/tp_rank_{t}/ holds TP rank t's pieces in the layout above (its own meta.pt
+    and one file per DP rank). Reading joins the pieces, so any TP size can load it.
 
 This module knows nothing of a live runtime, so tools (zerofx-consolidate) read checkpoints
 without torch.distributed or a model. Everything is read with ``weights_only=True``: a
@@ -25,6 +28,10 @@ STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or read as asked; the message names file and fix."""
+
+
+def tp_dir(tp_rank: int) -> str:
+    return f"tp_rank_{tp_rank}"
 
 
 def rank_file(dp_rank: int) -> str:
@@ -168,6 +175,38 @@ def by_name(meta: dict, flat: torch.Tensor) -> dict[str, torch.Tensor]:
 def full_state(tag_dir, key: str = "master",
                on_file: Callable[[Path], None] | None = None) -> dict[str, torch.Tensor]:
     """{parameter name: full fp32 tensor} of one state kind, from the shard files alone."""
-    meta = read_meta(Path(tag_dir))
-    flat = assemble(meta, read_shards(Path(tag_dir), meta, on_file), key)
-    return {n: t.clone() for n, t in by_name(meta, flat).items()}
+    return full_states(tag_dir, (key,), on_file)[0][key]
+
+
+def full_states(tag_dir, keys=STATE_KEYS, on_file: Callable[[Path], None] | None = None):
+    """({key: {parameter name: whole fp32 tensor}}, a rank file for the step counters).
+
+    Each file is read once; tensor-parallel pieces are joined into whole parameters.
+    """
+    tag_dir = Path(tag_dir)
+    meta = read_meta(tag_dir)
+    tp = meta.get("tp_size", 1)
+    if tp == 1:
+        shards = read_shards(tag_dir, meta, on_file)
+        states = {k: {n: t.clone() for n, t in by_name(meta, assemble(meta, shards, k)).items()}
+                  for k in keys}
+        return states, shards[0]
+    per_rank = [full_states(tag_dir / tp_dir(t), keys, on_file) for t in range(tp)]
+    joined: dict = {k: {} for k in keys}
+    for p in meta["params"]:
+        for k in keys:
+            pieces = [states[k].get(p["name"]) for states, _ in per_rank]
+            if any(piece is None for piece in pieces):
+                raise CheckpointError(f"{tag_dir}: {p['name']} is missing from a {tp_dir(0)[:-2]}* "
+                                      f"directory; the files are from different saves")
+            split = p.get("tp")
+            joined[k][p["name"]] = join_tp_pieces(pieces, split["dim"], split["parts"]) \
+                if split else pieces[0]
+    return joined, per_rank[0][1]
+
+
+def join_tp_pieces(pieces: list[torch.Tensor], dim: int, parts: int) -> torch.Tensor:
+    """The whole parameter from its TP ranks' pieces (inverse of TPShard.local_piece): each
+    piece holds its block of every part, so blocks are regrouped part by part."""
+    chunks = [p.chunk(parts, dim) for p in pieces]
+    return torch.cat([c[k] for k in range(parts) for c in chunks], dim)
