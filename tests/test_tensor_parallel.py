@@ -25,11 +25,11 @@ def _cfg(tp=2, stage=0, clip=0.0, extra=None):
     return cfg
 
 
-def _grads_body(rank, world, name, dump):
+def _grads_body(rank, world, name, dump, inductor=False):
     import zerofx
 
     model, batch = make(name)
-    cfg = _cfg(extra={"zerofx": {"dump_dir": dump}} if dump else None)
+    cfg = _cfg(extra={"zerofx": {"dump_dir": dump, "inductor": inductor}})
     rt = zerofx.ZeroRuntime(model, cfg)
     compiled = torch.compile(model, backend="zero", options={"runtime": rt})
     with rt.shape_carriers():
@@ -58,7 +58,23 @@ def _collectives(dump, rank, kind):
 @pytest.mark.parametrize("name", ["mlp", "block"])
 def test_tp2_loss_gradients_and_eval_equal_single_process(name, tmp_path):
     dump = str(tmp_path / "dump") if name == "block" else None
-    results = run_ranks(_grads_body, 2, args=(name, dump))
+    _check_grads(name, run_ranks(_grads_body, 2, args=(name, dump)))
+    if dump:  # Megatron's placement: after each row-parallel layer in forward, and for
+        # each column-parallel layer's input gradient in backward (qkv, fc1)
+        for rank in range(2):
+            assert _collectives(dump, rank, "forward") == 2
+            assert _collectives(dump, rank, "backward") == 2
+            plan = open(os.path.join(dump, "rank0", os.listdir(os.path.join(dump, "rank0"))[0],
+                                     "plan.txt")).read()
+            assert "tensor-parallel layout" in plan and "fused qkv" in plan
+
+
+@pytest.mark.slow
+def test_tp2_through_inductor():
+    _check_grads("block", run_ranks(_grads_body, 2, args=("block", None, True), timeout_s=280))
+
+
+def _check_grads(name, results):
     model, batch = make(name)
     loss = model(*batch)
     loss.backward()
@@ -72,14 +88,6 @@ def test_tp2_loss_gradients_and_eval_equal_single_process(name, tmp_path):
                                        msg=lambda m: f"rank {rank} {n}: {m}")
             # the split weights are halved on every rank, and the model holds only its piece
             assert local[n] == (tuple(p.shape) if shard is None else shard.local_shape(2))
-    if dump:  # Megatron's placement: after each row-parallel layer in forward, and for
-        # each column-parallel layer's input gradient in backward (qkv, fc1)
-        for rank in range(2):
-            assert _collectives(dump, rank, "forward") == 2
-            assert _collectives(dump, rank, "backward") == 2
-            plan = open(os.path.join(dump, "rank0", os.listdir(os.path.join(dump, "rank0"))[0],
-                                     "plan.txt")).read()
-            assert "tensor-parallel layout" in plan and "fused qkv" in plan
 
 
 LAMB = {"optimizer": {"type": "Lamb", "params": {"lr": 2e-2, "weight_decay": 0.01,
@@ -289,3 +297,23 @@ def test_mpu_without_megatrons_methods_is_refused(no_torchrun_env):
 
     with pytest.raises(zerofx.ConfigError, match="get_data_parallel_group"):
         zerofx.ZeroRuntime(torch.nn.Linear(2, 2), {}, mpu=object())
+
+
+def _low_precision_body(rank, world, steps):
+    out = {}
+    for kind in ("bf16", "fp16"):
+        torch._dynamo.reset()
+        extra = {kind: {"enabled": True}, "zero_optimization": {"stage": 1}}
+        losses, *_ = _train_body(rank, world, steps, 0.0, extra)
+        out[kind] = losses
+    return out
+
+
+def test_tp2_bf16_and_fp16_follow_fp32_within_their_precision():
+    steps = 4
+    results = run_ranks(_low_precision_body, 2, args=(steps,))
+    ref, _, _ = _reference(steps, 1, 0.0)
+    for rank, out in enumerate(results):
+        for kind, losses in out.items():
+            torch.testing.assert_close(losses, ref[0], rtol=3e-2, atol=3e-2,
+                                       msg=lambda m: f"rank {rank} {kind}: {m}")
