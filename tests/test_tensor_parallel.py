@@ -34,6 +34,10 @@ def _grads_body(rank, world, name, dump, inductor=False):
     compiled = torch.compile(model, backend="zero", options={"runtime": rt})
     with rt.shape_carriers():
         loss = compiled(*batch)
+        # the whole-shape stand-ins Dynamo sees own one element each: never a whole weight
+        stand_in = {n: p.untyped_storage().nbytes() // p.element_size()
+                    for n, p in model.named_parameters() if rt.plan.slot(n).tp is not None}
+        assert stand_in and set(stand_in.values()) == {1}, stand_in
     loss.backward()  # stage 0, one DP rank: full_grads holds this rank's gradient pieces
     grads = {s.name: rt.full_grads[s.offset:s.end].view(s.shape).clone()
              for s in rt.plan.params}
