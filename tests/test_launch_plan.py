@@ -44,7 +44,7 @@ def test_multi_node_torchrun_per_host():
         guard_end = run.index("--")
         assert run[:guard_end] == [PY, "-u", "-m", "zerofx.tools.node_guard", "--watch-stdin"]
         assert run[guard_end + 1:] == [
-            PY, "-u", "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node_rank}",
+            PY, "-u", "-m", "zerofx.tools.torchrun", "--nnodes=2", f"--node_rank={node_rank}",
             f"--nproc_per_node={nproc}", "--master_addr=10.0.0.1", "--master_port=29500",
             "--tee=3", "train.py"]
 

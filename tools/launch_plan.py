@@ -5,7 +5,7 @@ else runs one torchrun per host over ssh (or pdsh), wrapped in ``zerofx.tools.no
 so that the remote ranks die when the connection or the launcher does:
 
     ssh -o BatchMode=yes ... worker-1 'cd /job && export PATH=... && exec python -u -m
-        zerofx.tools.node_guard --watch-stdin -- python -u -m torch.distributed.run
+        zerofx.tools.node_guard --watch-stdin -- python -u -m zerofx.tools.torchrun
         --nnodes=2 --node_rank=0 --nproc_per_node=2 --master_addr=... train.py --lr 1'
 
 Everything user-given that reaches a remote shell goes through ``shlex.quote``.
@@ -86,7 +86,7 @@ def torchrun_argv(script_argv: list[str], *, python: str, nnodes: int, node_rank
     """One host's torchrun: static rendezvous at the master, ranks in node order."""
     # Heterogeneous hosts are fine: torchrun gives node k the global ranks that follow the
     # local ranks of nodes 0..k-1, matching world_info's order.
-    return [python, "-u", "-m", "torch.distributed.run", f"--nnodes={nnodes}",
+    return [python, "-u", "-m", "zerofx.tools.torchrun", f"--nnodes={nnodes}",
             f"--node_rank={node_rank}", f"--nproc_per_node={nproc}",
             f"--master_addr={master_addr}", f"--master_port={master_port}", "--tee=3",
             *script_argv]
