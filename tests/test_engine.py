@@ -127,3 +127,14 @@ def test_checkpoint_resume_is_bitwise_including_the_schedule(tmp_path, no_torchr
     assert all(torch.equal(a, b) for a, b in zip(after, resumed))
     for p, q in zip(engine.module.parameters(), fresh.module.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("cycle", [True, False])
+def test_onecycle_momentum_is_reported_as_not_applied(no_torchrun_env, caplog, cycle):
+    sched = {"type": "OneCycle", "params": {"cycle_min_lr": 1e-3, "cycle_max_lr": 1e-2,
+                                            "cycle_first_step_size": 4,
+                                            "cycle_momentum": cycle}}
+    with caplog.at_level("WARNING", logger="zerofx.engine"):
+        zerofx.initialize(model=make("mlp")[0], config=_cfg(scheduler=sched))
+    said = "cycle_momentum is not applied" in caplog.text
+    assert said == cycle  # a user with the default (true) learns beta1 does not move

@@ -93,6 +93,12 @@ class ZeroEngine(nn.Module):
             make_schedule(config.scheduler, last_batch_iteration=-1)
             if config.scheduler is not None else None)
         self._set_lr()
+        if self.lr_scheduler is not None and self.lr_scheduler.momentum_at(0) is not None \
+                and world.rank == 0:
+            # The fused kernels take beta1 as a constant of the step graph: not cycled yet.
+            log.warning("scheduler %s: cycle_momentum is not applied by zerofx; Adam's beta1 "
+                        "stays at its configured value (set cycle_momentum false to silence "
+                        "this)", config.scheduler.type)
         dp = self.runtime.plan.grid
         self.training_dataloader = None
         if training_data is not None:
