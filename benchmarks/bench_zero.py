@@ -64,10 +64,10 @@ def _torch_state_bytes(model, opt) -> int:
     return _tensor_bytes(params + [p.grad for p in params] + states)
 
 
-def _time_steps(step_fn, rank, steps, state_bytes, warmup=3):
+def _time_steps(step_fn, rank, steps, state_bytes, warmup=3, batch=None):
     times = []
     for i in range(warmup + steps):
-        x, y = _batch(rank, i)
+        x, y = (batch or _batch)(rank, i)
         torch.distributed.barrier()
         t0 = time.perf_counter()
         loss = step_fn(x, y)
