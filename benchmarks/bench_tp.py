@@ -96,6 +96,7 @@ def run_zerofx(rank, world, steps, tp):
 
 def run_dtensor(rank, world, steps, tp):
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.experimental import implicit_replication
     from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
                                                    parallelize_module)
 
@@ -112,7 +113,8 @@ def run_dtensor(rank, world, steps, tp):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(x, y)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        with implicit_replication():  # LayerNorm's plain-tensor grads count as replicated
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=False)
         return loss
