@@ -321,3 +321,34 @@ def test_tp2_bf16_and_fp16_follow_fp32_within_their_precision():
         for kind, losses in out.items():
             torch.testing.assert_close(losses, ref[0], rtol=3e-2, atol=3e-2,
                                        msg=lambda m: f"rank {rank} {kind}: {m}")
+
+
+SEQ_LENS = (8, 12, 16, 8)  # the third length makes Dynamo compile a dynamic-shape graph
+
+
+def _dynamic_body(rank, world):
+    import zerofx
+
+    engine, *_ = zerofx.initialize(model=make("block")[0], config=_cfg())
+    losses = []
+    for t in SEQ_LENS:
+        loss = engine(*block_batch(t=t, seed=t))
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_tp2_with_changing_sequence_lengths_equals_single_process():
+    results = run_ranks(_dynamic_body, 2)
+    model, _ = make("block")
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
+    ref = []
+    for t in SEQ_LENS:
+        loss = model(*block_batch(t=t, seed=t))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        ref.append(loss.item())
+    for rank, losses in enumerate(results):
+        torch.testing.assert_close(losses, ref, rtol=1e-5, atol=1e-5, msg=f"rank {rank}")

@@ -78,11 +78,20 @@ def tensor_parallel_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
 
 
 def _shapes(val):
+    """Full shapes as ints: a dynamic (symbolic) size counts by its hint. Only the weights'
+    dimensions are split, and those are static; the rules just need the layout."""
     if isinstance(val, torch.Tensor):
-        return tuple(val.shape)
+        return tuple(_concrete(d) for d in val.shape)
     if isinstance(val, (tuple, list)):
         return [_shapes(v) for v in val]
     return None
+
+
+def _concrete(size) -> int:
+    if isinstance(size, torch.SymInt):
+        hint = size.node.hint
+        return int(hint) if hint is not None else int(size)
+    return int(size)
 
 
 def _read_local_params(gm, ctx, split, full):
@@ -112,7 +121,7 @@ def _propagate(node: fx.Node, state, full, tp: int):
         return sh[args[1]] if isinstance(sh, list) else None
     if t in _VIEWS:
         out = R.reshape(sh, full[args[0]], full[node], tp)
-        node.args = (args[0], _local(full[node], out, tp))
+        node.args = (args[0], _divide_at(args[1], out.dim, tp))
         return out
     if t in (aten.t.default, aten.transpose.int, aten.permute.default):
         nd = len(full[args[0]])
@@ -125,10 +134,7 @@ def _propagate(node: fx.Node, state, full, tp: int):
         return R.permute(sh, perm)
     if t is aten.expand.default:
         out = R.moved(sh, len(args[1]) - len(full[args[0]]))
-        sizes = list(args[1])
-        if sizes[out.dim] != -1:
-            sizes[out.dim] //= tp
-        node.args = (args[0], sizes, *args[2:])
+        node.args = (args[0], _divide_at(args[1], out.dim, tp), *args[2:])
         return out
     if t is aten.unsqueeze.default:
         d = args[1] % (len(full[args[0]]) + 1)
@@ -156,10 +162,15 @@ def _propagate(node: fx.Node, state, full, tp: int):
     raise R.Unshardable(f"no tensor-parallel rule for {t}")
 
 
-def _local(shape, sh: R.Shard, tp: int) -> list[int]:
-    local = list(shape)
-    local[sh.dim] //= tp
-    return local
+def _divide_at(sizes, dim: int, tp: int) -> list:
+    """A shape argument with the split dimension divided; the other entries (symbolic sizes
+    of a dynamic batch or sequence among them) stay as traced. -1 infers the local size."""
+    sizes = list(sizes)
+    if isinstance(sizes[dim], fx.Node):
+        raise R.Unshardable("the split dimension has a dynamic size")
+    if sizes[dim] != -1:
+        sizes[dim] //= tp
+    return sizes
 
 
 def _split(node, sh, full, tp):
