@@ -129,12 +129,53 @@ def test_checkpoint_resume_is_bitwise_including_the_schedule(tmp_path, no_torchr
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("cycle", [True, False])
-def test_onecycle_momentum_is_reported_as_not_applied(no_torchrun_env, caplog, cycle):
-    sched = {"type": "OneCycle", "params": {"cycle_min_lr": 1e-3, "cycle_max_lr": 1e-2,
-                                            "cycle_first_step_size": 4,
-                                            "cycle_momentum": cycle}}
+ONECYCLE = {"type": "OneCycle", "params": {"cycle_min_lr": 1e-3, "cycle_max_lr": 1e-2,
+                                           "cycle_first_step_size": 3, "decay_step_size": 2,
+                                           "decay_lr_rate": 0.1, "decay_mom_rate": 0.05,
+                                           "cycle_min_mom": 0.8, "cycle_max_mom": 0.9}}
+
+
+@pytest.mark.parametrize("opt_type", ["AdamW", "Lamb"])
+def test_onecycle_cycles_beta1_like_deepspeed(no_torchrun_env, opt_type):
+    """DeepSpeed's OneCycle sets betas = (momentum_at(step), 0.99) before every step; the
+    fused kernels read beta1 as a step-graph tensor, so it moves without retracing."""
+    from zerofx.runtime.fused_optim import LambHyper, lamb_reference
+    from zerofx.schedules import make_schedule
+
+    model, ref = make("mlp")[0], make("mlp")[0]
+    cfg = _cfg(scheduler=ONECYCLE)
+    cfg["optimizer"] = {"type": opt_type, "params": {"lr": 1e-2, "weight_decay": 0.0}}
+    engine, *_ = zerofx.initialize(model=model, config=cfg)
+    sched = make_schedule(zerofx.Config.from_dict(cfg).scheduler, last_batch_iteration=-1)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.0)
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in ref.parameters()]
+    betas_seen = set()
+    for k in range(1, 10):  # through the cycle (6 steps) into the decay
+        x, y = mlp_batch(seed=k)
+        engine.backward(engine(x, y))
+        engine.step()
+        lr, mom = sched.get_last_lr()[0], sched.momentum_at(sched.last_batch_iteration)
+        betas_seen.add(mom)
+        ref(x, y).backward()
+        if opt_type == "AdamW":
+            for g in ref_opt.param_groups:
+                g["lr"], g["betas"] = lr, (mom, 0.99)
+            ref_opt.step()
+        else:
+            params = list(ref.parameters())
+            lamb_reference(params, [p.grad for p in params], [m for m, _ in moments],
+                           [v for _, v in moments], lr=lr, step=k,
+                           hyper=LambHyper(betas=(mom, 0.99), weight_decay=0.0))
+        ref.zero_grad()
+        sched.step()
+    assert len(betas_seen) >= 4  # beta1 really moved
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_onecycle_momentum_on_a_torch_optimizer_is_reported(no_torchrun_env, caplog):
+    model = make("mlp")[0]
     with caplog.at_level("WARNING", logger="zerofx.engine"):
-        zerofx.initialize(model=make("mlp")[0], config=_cfg(scheduler=sched))
-    said = "cycle_momentum is not applied" in caplog.text
-    assert said == cycle  # a user with the default (true) learns beta1 does not move
+        zerofx.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                          config=_cfg(scheduler=ONECYCLE))
+    assert "cycle_momentum is not applied to SGD" in caplog.text

@@ -176,8 +176,8 @@ def test_kernels_agree_with_plain_torch_fallback(eps_inside_sqrt, shard):
     p, m, v = (torch.randn(b - a, generator=gen) for _ in range(3))
     v = v.abs()
     g = torch.randn(b - a, generator=gen).bfloat16()
-    kw = dict(shard_offset=a, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.01,
-              eps_inside_sqrt=eps_inside_sqrt)
+    kw = dict(shard_offset=a, beta1=torch.tensor(0.9, dtype=torch.float64), beta2=0.99,
+              eps=1e-6, weight_decay=0.01, eps_inside_sqrt=eps_inside_sqrt)
     scale, skip = torch.tensor(0.5), torch.tensor(0.0)
     m2, v2 = m.clone(), v.clone()
     sums = torch.ops.zerofx.lamb_moments_(p, g, m, v, bounds, scale, skip, **kw)

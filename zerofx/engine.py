@@ -23,7 +23,7 @@ from zerofx.config import Config, ConfigError
 from zerofx.data import DistributedLoader
 from zerofx.runtime.dist import init_distributed
 from zerofx.runtime.zero import ZeroRuntime
-from zerofx.schedules import make_schedule
+from zerofx.schedules import Schedule, make_schedule
 
 log = logging.getLogger(__name__)
 SCHEDULER_KEY = "zerofx_lr_scheduler"  # the engine's own entry in a checkpoint's client_state
@@ -93,12 +93,12 @@ class ZeroEngine(nn.Module):
             make_schedule(config.scheduler, last_batch_iteration=-1)
             if config.scheduler is not None else None)
         self._set_lr()
-        if self.lr_scheduler is not None and self.lr_scheduler.momentum_at(0) is not None \
-                and world.rank == 0:
-            # The fused kernels take beta1 as a constant of the step graph: not cycled yet.
-            log.warning("scheduler %s: cycle_momentum is not applied by zerofx; Adam's beta1 "
-                        "stays at its configured value (set cycle_momentum false to silence "
-                        "this)", config.scheduler.type)
+        if isinstance(self.lr_scheduler, Schedule) and self.lr_scheduler.momentum_at(0) \
+                is not None and self.runtime.spec.kind == "torch" and world.rank == 0:
+            # The fused kernels read beta1 per step; a user's own optimizer class does not.
+            log.warning("scheduler %s: cycle_momentum is not applied to %s (only to the "
+                        "config's Adam/AdamW/Lamb); set cycle_momentum false to silence this",
+                        config.scheduler.type, type(optimizer).__name__)
         dp = self.runtime.plan.grid
         self.training_dataloader = None
         if training_data is not None:
@@ -155,6 +155,10 @@ class ZeroEngine(nn.Module):
         if self.lr_scheduler is not None:
             # A host-to-device write of the next step's lr: the step graph reads a tensor.
             self.runtime.lr.fill_(self.lr_scheduler.get_last_lr()[0])
+        if isinstance(self.lr_scheduler, Schedule):
+            momentum = self.lr_scheduler.momentum_at(self.lr_scheduler.last_batch_iteration)
+            if momentum is not None:  # OneCycle's beta1, likewise a tensor of the step graph
+                self.runtime.beta1.fill_(momentum)
 
     # ---- what DeepSpeed users read -------------------------------------------------------
     @property

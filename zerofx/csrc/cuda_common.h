@@ -23,6 +23,13 @@ inline at::Tensor device_scalar(const at::Tensor& t, const at::Tensor& param, co
   return t.to(param.device(), at::kFloat).contiguous();
 }
 
+// The same, kept in float64 (beta1: the kernels compute with it in double).
+inline at::Tensor device_scalar_f64(const at::Tensor& t, const at::Tensor& param,
+                                    const char* name) {
+  check_scalar(t, name);
+  return t.to(param.device(), at::kDouble).contiguous();
+}
+
 // Blocks for a grid-stride loop over n elements: enough to fill the GPU, no more.
 inline unsigned int grid_blocks(int64_t n, const at::Tensor& param) {
   int sms = 0;

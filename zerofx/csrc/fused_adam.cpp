@@ -75,13 +75,14 @@ AdamConsts adam_consts(double lr, double step, double grad_scale, double beta1, 
 void adam_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
                    const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& param_out,
                    const at::Tensor& lr, const at::Tensor& step, const at::Tensor& grad_scale,
-                   const at::Tensor& skip, double beta1, double beta2, double eps,
+                   const at::Tensor& skip, const at::Tensor& beta1, double beta2, double eps,
                    double weight_decay, bool bias_correction, bool adam_w_mode) {
   const auto out = check_update_state(param, exp_avg, exp_avg_sq, param_out);
   check_same_shape(grad, param, "grad");
   if (host_scalar(skip, "skip") != 0.0) return;  // overflow: leave every tensor untouched
   const AdamConsts c = adam_consts(host_scalar(lr, "lr"), host_scalar(step, "step"),
-                                   host_scalar(grad_scale, "grad_scale"), beta1, beta2, eps,
+                                   host_scalar(grad_scale, "grad_scale"),
+                                   host_scalar(beta1, "beta1"), beta2, eps,
                                    weight_decay, bias_correction, adam_w_mode);
   dispatch_grad_out(grad.scalar_type(), out, [&](auto g_tag, auto o_tag) {
     using G = typename decltype(g_tag)::type;

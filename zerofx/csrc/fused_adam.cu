@@ -1,7 +1,7 @@
 // zerofx::adam_step_ on CUDA: the same one-pass step as fused_adam.cpp, as one grid-stride
 // launch over the rank's whole flat shard (the flat shard already is the "multi-tensor" batch:
-// every parameter of the rank in one buffer, one launch). lr, step, grad_scale and skip are
-// read on the device, so nothing here waits for the GPU.
+// every parameter of the rank in one buffer, one launch). lr, step, grad_scale, skip and beta1
+// are read on the device, so nothing here waits for the GPU.
 #include <torch/library.h>
 
 #include "cuda_common.h"
@@ -10,7 +10,7 @@ namespace zerofx {
 namespace {
 
 struct AdamArgs {
-  double beta1, beta2;
+  double beta2;
   float eps, weight_decay;
   bool bias_correction, adam_w_mode;
 };
@@ -20,6 +20,7 @@ struct StepScalars {
   const float* step;
   const float* grad_scale;
   const float* skip;
+  const double* beta1;  // double: a schedule's value, exactly as configured
 };
 
 template <typename G, typename O>
@@ -27,13 +28,13 @@ __global__ void adam_kernel(float* __restrict__ p, const G* __restrict__ g, floa
                             float* __restrict__ v, O* __restrict__ out, int64_t n,
                             StepScalars s, AdamArgs a) {
   if (*s.skip != 0.f) return;  // overflow: leave every tensor untouched
-  const double lr = *s.lr;
-  const DeviceBiasCorrection bc = device_bias_correction(a.bias_correction, a.beta1, a.beta2,
+  const double lr = *s.lr, beta1 = *s.beta1;
+  const DeviceBiasCorrection bc = device_bias_correction(a.bias_correction, beta1, a.beta2,
                                                          *s.step);
   const float neg_step_size = static_cast<float>(-lr / bc.bc1);
   const float inv_bc2_sqrt = static_cast<float>(1.0 / bc.bc2_sqrt);
   const float decay_keep = static_cast<float>(1.0 - lr * a.weight_decay);
-  const float omb1 = static_cast<float>(1.0 - a.beta1), beta2 = static_cast<float>(a.beta2);
+  const float omb1 = static_cast<float>(1.0 - beta1), beta2 = static_cast<float>(a.beta2);
   const float omb2 = static_cast<float>(1.0 - a.beta2), grad_scale = *s.grad_scale;
   const bool l2 = a.weight_decay != 0.f && !a.adam_w_mode;
   const bool decay = a.weight_decay != 0.f && a.adam_w_mode;
@@ -58,7 +59,7 @@ __global__ void adam_kernel(float* __restrict__ p, const G* __restrict__ g, floa
 void adam_step_cuda(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
                     const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& param_out,
                     const at::Tensor& lr, const at::Tensor& step, const at::Tensor& grad_scale,
-                    const at::Tensor& skip, double beta1, double beta2, double eps,
+                    const at::Tensor& skip, const at::Tensor& beta1, double beta2, double eps,
                     double weight_decay, bool bias_correction, bool adam_w_mode) {
   const auto out = check_update_state(param, exp_avg, exp_avg_sq, param_out);
   check_same_shape(grad, param, "grad");
@@ -69,9 +70,11 @@ void adam_step_cuda(const at::Tensor& param, const at::Tensor& grad, const at::T
   const at::Tensor step_d = device_scalar(step, param, "step");
   const at::Tensor gs_d = device_scalar(grad_scale, param, "grad_scale");
   const at::Tensor skip_d = device_scalar(skip, param, "skip");
+  const at::Tensor beta1_d = device_scalar_f64(beta1, param, "beta1");
   const StepScalars s{lr_d.const_data_ptr<float>(), step_d.const_data_ptr<float>(),
-                      gs_d.const_data_ptr<float>(), skip_d.const_data_ptr<float>()};
-  const AdamArgs a{beta1, beta2, static_cast<float>(eps), static_cast<float>(weight_decay),
+                      gs_d.const_data_ptr<float>(), skip_d.const_data_ptr<float>(),
+                      beta1_d.const_data_ptr<double>()};
+  const AdamArgs a{beta2, static_cast<float>(eps), static_cast<float>(weight_decay),
                    bias_correction, adam_w_mode};
   const unsigned int blocks = grid_blocks(n, param);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

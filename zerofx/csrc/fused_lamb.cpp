@@ -119,8 +119,10 @@ std::pair<double, double> moments_piece(const Shard& s, const G* g, const Piece&
 at::Tensor lamb_moments_cpu(const at::Tensor& param, const at::Tensor& grad,
                             const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                             const at::Tensor& tensor_bounds, const at::Tensor& grad_scale,
-                            const at::Tensor& skip, int64_t shard_offset, double beta1,
-                            double beta2, double eps, double weight_decay, bool eps_inside_sqrt) {
+                            const at::Tensor& skip, int64_t shard_offset,
+                            const at::Tensor& beta1_t, double beta2, double eps,
+                            double weight_decay, bool eps_inside_sqrt) {
+  const double beta1 = host_scalar(beta1_t, "beta1");
   check_state(param, param, "param");
   check_same_shape(grad, param, "grad");
   check_state(exp_avg, param, "exp_avg");
@@ -179,9 +181,10 @@ void lamb_apply_cpu(const at::Tensor& param, const at::Tensor& exp_avg,
                     const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& param_out,
                     const at::Tensor& tensor_bounds, const at::Tensor& trust_ratio,
                     const at::Tensor& lr, const at::Tensor& step, const at::Tensor& skip,
-                    int64_t shard_offset, double beta1, double beta2, double eps,
+                    int64_t shard_offset, const at::Tensor& beta1_t, double beta2, double eps,
                     double weight_decay, bool bias_correction, bool eps_inside_sqrt) {
   const auto out = check_update_state(param, exp_avg, exp_avg_sq, param_out);
+  const double beta1 = host_scalar(beta1_t, "beta1");
   const std::vector<Piece> pieces = shard_pieces(tensor_bounds, shard_offset, param.numel());
   TORCH_CHECK(trust_ratio.numel() == tensor_bounds.numel() - 1 &&
                   trust_ratio.scalar_type() == at::kFloat && trust_ratio.device().is_cpu(),

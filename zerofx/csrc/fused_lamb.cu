@@ -14,7 +14,7 @@ namespace {
 constexpr int64_t kChunk = 4096;
 
 struct LambArgs {
-  double beta1, beta2;
+  double beta2;  // beta1 is a device scalar: a schedule may move it per step
   float eps, weight_decay;
   bool eps_inside_sqrt, bias_correction;
 };
@@ -41,7 +41,8 @@ __device__ __forceinline__ void flush(float* sums, const Layout& l, int64_t t, f
 template <typename G>
 __global__ void lamb_moments_kernel(const float* __restrict__ p, const G* __restrict__ g,
                                     float* __restrict__ m, float* __restrict__ v, Layout l,
-                                    const float* grad_scale, const float* skip, LambArgs a,
+                                    const float* grad_scale, const float* skip,
+                                    const double* beta1_d, LambArgs a,
                                     float* __restrict__ sums) {
   if (*skip != 0.f) return;  // overflow: moments untouched, sums stay zero
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * kChunk;
@@ -52,8 +53,8 @@ __global__ void lamb_moments_kernel(const float* __restrict__ p, const G* __rest
     last = tensor_of(l.bounds, l.num_tensors, l.offset + end - 1);
   }
   __syncthreads();
-  const float gs = *grad_scale, beta1 = a.beta1, beta2 = a.beta2;
-  const float omb1 = 1.0 - a.beta1, omb2 = 1.0 - a.beta2;
+  const float gs = *grad_scale, beta1 = *beta1_d, beta2 = a.beta2;
+  const float omb1 = 1.0 - *beta1_d, omb2 = 1.0 - a.beta2;
   float w = 0.f, u = 0.f;
   int64_t t = first;
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
@@ -80,9 +81,10 @@ template <typename O>
 __global__ void lamb_apply_kernel(float* __restrict__ p, const float* __restrict__ m,
                                   const float* __restrict__ v, O* __restrict__ out, Layout l,
                                   const float* __restrict__ trust_ratio, const float* lr,
-                                  const float* step, const float* skip, LambArgs a) {
+                                  const float* step, const float* skip, const double* beta1,
+                                  LambArgs a) {
   if (*skip != 0.f) return;
-  const DeviceBiasCorrection bc = device_bias_correction(a.bias_correction, a.beta1, a.beta2,
+  const DeviceBiasCorrection bc = device_bias_correction(a.bias_correction, *beta1, a.beta2,
                                                          *step);
   const double step_size = static_cast<double>(*lr) * bc.bc2_sqrt / bc.bc1;
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * kChunk;
@@ -111,8 +113,9 @@ unsigned int chunks(int64_t n) { return static_cast<unsigned int>((n + kChunk - 
 at::Tensor lamb_moments_cuda(const at::Tensor& param, const at::Tensor& grad,
                              const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                              const at::Tensor& tensor_bounds, const at::Tensor& grad_scale,
-                             const at::Tensor& skip, int64_t shard_offset, double beta1,
-                             double beta2, double eps, double weight_decay, bool eps_inside_sqrt) {
+                             const at::Tensor& skip, int64_t shard_offset,
+                             const at::Tensor& beta1, double beta2, double eps,
+                             double weight_decay, bool eps_inside_sqrt) {
   check_state(param, param, "param");
   check_same_shape(grad, param, "grad");
   check_state(exp_avg, param, "exp_avg");
@@ -123,7 +126,8 @@ at::Tensor lamb_moments_cuda(const at::Tensor& param, const at::Tensor& grad,
   if (l.n == 0 || l.num_tensors == 0) return sums;
   const at::Tensor gs_d = device_scalar(grad_scale, param, "grad_scale");
   const at::Tensor skip_d = device_scalar(skip, param, "skip");
-  const LambArgs a{beta1, beta2, static_cast<float>(eps), static_cast<float>(weight_decay),
+  const at::Tensor beta1_d = device_scalar_f64(beta1, param, "beta1");
+  const LambArgs a{beta2, static_cast<float>(eps), static_cast<float>(weight_decay),
                    eps_inside_sqrt, false};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_grad_out(grad.scalar_type(), std::nullopt, [&](auto g_tag, auto) {
@@ -131,7 +135,8 @@ at::Tensor lamb_moments_cuda(const at::Tensor& param, const at::Tensor& grad,
     lamb_moments_kernel<G><<<chunks(l.n), kThreads, 0, stream>>>(
         param.const_data_ptr<float>(), grad.const_data_ptr<G>(), exp_avg.data_ptr<float>(),
         exp_avg_sq.data_ptr<float>(), l, gs_d.const_data_ptr<float>(),
-        skip_d.const_data_ptr<float>(), a, sums.data_ptr<float>());
+        skip_d.const_data_ptr<float>(), beta1_d.const_data_ptr<double>(), a,
+        sums.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return sums;
@@ -141,7 +146,7 @@ void lamb_apply_cuda(const at::Tensor& param, const at::Tensor& exp_avg,
                      const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& param_out,
                      const at::Tensor& tensor_bounds, const at::Tensor& trust_ratio,
                      const at::Tensor& lr, const at::Tensor& step, const at::Tensor& skip,
-                     int64_t shard_offset, double beta1, double beta2, double eps,
+                     int64_t shard_offset, const at::Tensor& beta1, double beta2, double eps,
                      double weight_decay, bool bias_correction, bool eps_inside_sqrt) {
   const auto out = check_update_state(param, exp_avg, exp_avg_sq, param_out);
   const c10::cuda::CUDAGuard guard(param.device());
@@ -153,7 +158,8 @@ void lamb_apply_cuda(const at::Tensor& param, const at::Tensor& exp_avg,
   const at::Tensor lr_d = device_scalar(lr, param, "lr");
   const at::Tensor step_d = device_scalar(step, param, "step");
   const at::Tensor skip_d = device_scalar(skip, param, "skip");
-  const LambArgs a{beta1, beta2, static_cast<float>(eps), static_cast<float>(weight_decay),
+  const at::Tensor beta1_d = device_scalar_f64(beta1, param, "beta1");
+  const LambArgs a{beta2, static_cast<float>(eps), static_cast<float>(weight_decay),
                    eps_inside_sqrt, bias_correction};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_grad_out(at::kFloat, out, [&](auto, auto o_tag) {
@@ -164,7 +170,7 @@ void lamb_apply_cuda(const at::Tensor& param, const at::Tensor& exp_avg,
         param.data_ptr<float>(), exp_avg.const_data_ptr<float>(),
         exp_avg_sq.const_data_ptr<float>(), out_ptr, l, trust_ratio.const_data_ptr<float>(),
         lr_d.const_data_ptr<float>(), step_d.const_data_ptr<float>(),
-        skip_d.const_data_ptr<float>(), a);
+        skip_d.const_data_ptr<float>(), beta1_d.const_data_ptr<double>(), a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

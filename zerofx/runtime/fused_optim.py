@@ -93,16 +93,25 @@ class LambHyper:
             raise ValueError(f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
 
 
-def adam_kwargs(hyper: AdamHyper) -> dict:
-    """The fixed keyword arguments of zerofx::adam_step_ (for building graph nodes)."""
-    return dict(beta1=hyper.betas[0], beta2=hyper.betas[1], eps=hyper.eps,
+def beta1_tensor(beta1, device=None) -> torch.Tensor:
+    """beta1 as the ops take it: a 0-d float64 tensor (a schedule may move it per step)."""
+    if isinstance(beta1, torch.Tensor):
+        return beta1
+    return torch.tensor(float(beta1), dtype=torch.float64, device=device)
+
+
+def adam_kwargs(hyper: AdamHyper, *, beta1=None) -> dict:
+    """The keyword arguments of zerofx::adam_step_ (beta1: the hyper's unless given)."""
+    return dict(beta1=beta1_tensor(hyper.betas[0] if beta1 is None else beta1),
+                beta2=hyper.betas[1], eps=hyper.eps,
                 weight_decay=hyper.weight_decay, bias_correction=hyper.bias_correction,
                 adam_w_mode=hyper.adam_w_mode)
 
 
-def lamb_kwargs(hyper: LambHyper, *, apply: bool) -> dict:
-    """The fixed keyword arguments of zerofx::lamb_moments_ (apply=False) or lamb_apply_."""
-    kw = dict(beta1=hyper.betas[0], beta2=hyper.betas[1], eps=hyper.eps,
+def lamb_kwargs(hyper: LambHyper, *, apply: bool, beta1=None) -> dict:
+    """The keyword arguments of zerofx::lamb_moments_ (apply=False) or lamb_apply_."""
+    kw = dict(beta1=beta1_tensor(hyper.betas[0] if beta1 is None else beta1),
+              beta2=hyper.betas[1], eps=hyper.eps,
               weight_decay=hyper.weight_decay, eps_inside_sqrt=hyper.eps_inside_sqrt)
     if apply:
         kw["bias_correction"] = hyper.bias_correction
@@ -187,7 +196,7 @@ def grad_sumsq(grad: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def adam_step_(param, grad, exp_avg, exp_avg_sq, *, lr, step, hyper: AdamHyper = AdamHyper(),
-               grad_scale=1.0, skip=0.0, param_out=None) -> None:
+               grad_scale=1.0, skip=0.0, param_out=None, beta1=None) -> None:
     """One fused Adam/AdamW step of a flat fp32 shard, in place (see zerofx::adam_step_).
 
     step is the count after this step's increment; leave it unchanged on a skipped step.
@@ -196,18 +205,19 @@ def adam_step_(param, grad, exp_avg, exp_avg_sq, *, lr, step, hyper: AdamHyper =
     dev = param.device
     zerofx_ops.adam_step_(param, grad, exp_avg, exp_avg_sq, param_out, _scalar(lr, dev),
                           _scalar(step, dev), _scalar(grad_scale, dev), _scalar(skip, dev),
-                          **adam_kwargs(hyper))
+                          **adam_kwargs(hyper, beta1=beta1))
 
 
 @torch.no_grad()
 def lamb_moments_(param, grad, exp_avg, exp_avg_sq, tensor_bounds, *, hyper: LambHyper,
-                  grad_scale=1.0, skip=0.0, shard_offset: int = 0) -> torch.Tensor:
+                  grad_scale=1.0, skip=0.0, shard_offset: int = 0, beta1=None) -> torch.Tensor:
     """LAMB pass 1: update the moments; return [2, T] partial sums (sum w^2, sum u^2)."""
     load_kernels()
     dev = param.device
     return zerofx_ops.lamb_moments_(param, grad, exp_avg, exp_avg_sq, tensor_bounds,
                                     _scalar(grad_scale, dev), _scalar(skip, dev),
-                                    shard_offset=shard_offset, **lamb_kwargs(hyper, apply=False))
+                                    shard_offset=shard_offset,
+                                    **lamb_kwargs(hyper, apply=False, beta1=beta1))
 
 
 def lamb_trust_ratio(sums: torch.Tensor, *, hyper: LambHyper) -> torch.Tensor:
@@ -222,13 +232,15 @@ def lamb_trust_ratio(sums: torch.Tensor, *, hyper: LambHyper) -> torch.Tensor:
 
 @torch.no_grad()
 def lamb_apply_(param, exp_avg, exp_avg_sq, tensor_bounds, trust_ratio, *, lr, step,
-                hyper: LambHyper, skip=0.0, shard_offset: int = 0, param_out=None) -> None:
+                hyper: LambHyper, skip=0.0, shard_offset: int = 0, param_out=None,
+                beta1=None) -> None:
     """LAMB pass 2: param -= step_size * trust_ratio[tensor] * u; writes param_out too."""
     load_kernels()
     dev = param.device
     zerofx_ops.lamb_apply_(param, exp_avg, exp_avg_sq, param_out, tensor_bounds, trust_ratio,
                            _scalar(lr, dev), _scalar(step, dev), _scalar(skip, dev),
-                           shard_offset=shard_offset, **lamb_kwargs(hyper, apply=True))
+                           shard_offset=shard_offset,
+                           **lamb_kwargs(hyper, apply=True, beta1=beta1))
 
 
 @torch.no_grad()

@@ -21,29 +21,34 @@ import torch
 
 __all__ = ["SCHEMAS", "grad_sumsq_fallback", "adam_step_fallback", "lamb_moments_fallback", "lamb_apply_fallback"]
 
-# name -> schema. Per-step values are tensors (no recompile when they change); fixed
-# hyperparameters are plain floats and bools, named as in DeepSpeed.
+# name -> schema. Per-step values are tensors (no recompile when they change), beta1 among them
+# (OneCycle cycles it; float64, so the kernels' double arithmetic sees the configured value
+# exactly); fixed hyperparameters are plain floats and bools, named as in DeepSpeed.
 SCHEMAS = {
     "adam_step_": (
         "(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
         "Tensor(d!)? param_out, Tensor lr, Tensor step, Tensor grad_scale, Tensor skip, *, "
-        "float beta1, float beta2, float eps, float weight_decay, bool bias_correction, "
+        "Tensor beta1, float beta2, float eps, float weight_decay, bool bias_correction, "
         "bool adam_w_mode) -> ()"
     ),
     "lamb_moments_": (
         "(Tensor param, Tensor grad, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, "
         "Tensor tensor_bounds, Tensor grad_scale, Tensor skip, *, int shard_offset, "
-        "float beta1, float beta2, float eps, float weight_decay, bool eps_inside_sqrt) -> Tensor"
+        "Tensor beta1, float beta2, float eps, float weight_decay, bool eps_inside_sqrt) -> Tensor"
     ),
     "lamb_apply_": (
         "(Tensor(a!) param, Tensor exp_avg, Tensor exp_avg_sq, Tensor(b!)? param_out, "
         "Tensor tensor_bounds, Tensor trust_ratio, Tensor lr, Tensor step, Tensor skip, *, "
-        "int shard_offset, float beta1, float beta2, float eps, float weight_decay, "
+        "int shard_offset, Tensor beta1, float beta2, float eps, float weight_decay, "
         "bool bias_correction, bool eps_inside_sqrt) -> ()"
     ),
     # The step's global norm and overflow check: float32 sum of squares of a flat gradient.
     "grad_sumsq": "(Tensor grad) -> Tensor",
 }
+
+
+def _b1(beta1: torch.Tensor) -> torch.Tensor:
+    return beta1.reshape(()).to(torch.float64)
 
 
 def _skipped(skip: torch.Tensor) -> torch.Tensor:
@@ -67,12 +72,13 @@ def _bias_corrections(step, beta1, beta2, enabled):
 def adam_step_fallback(param, grad, exp_avg, exp_avg_sq, param_out, lr, step, grad_scale, skip,
                        *, beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode):
     """zerofx::adam_step_ in plain torch (same operation order as csrc/fused_adam.cpp)."""
+    beta1 = _b1(beta1)
     lr64 = lr.reshape(()).to(torch.float64)
     bc1, bc2_sqrt = _bias_corrections(step, beta1, beta2, bias_correction)
     g = grad.float() * grad_scale.reshape(()).float()
     if weight_decay != 0 and not adam_w_mode:
         g = g + param * weight_decay
-    m = exp_avg + (1 - beta1) * (g - exp_avg)
+    m = exp_avg + (1 - beta1).float() * (g - exp_avg)
     v = exp_avg_sq * beta2 + (1 - beta2) * g * g
     p = param * (1 - lr64 * weight_decay).float() if weight_decay != 0 and adam_w_mode else param
     denom = v.sqrt() * (1 / bc2_sqrt).float() + eps
@@ -99,12 +105,13 @@ def _lamb_direction(param, m, v, *, eps, weight_decay, eps_inside_sqrt):
 def lamb_moments_fallback(param, grad, exp_avg, exp_avg_sq, tensor_bounds, grad_scale, skip, *,
                           shard_offset, beta1, beta2, eps, weight_decay, eps_inside_sqrt):
     """zerofx::lamb_moments_ in plain torch: new moments, returns [2, T] partial square sums."""
+    beta1 = _b1(beta1)
     num_tensors = tensor_bounds.numel() - 1
     if num_tensors < 1:  # nothing in this shard belongs to a tensor
         return param.new_zeros(2, max(num_tensors, 0))
     idx, inside = _element_tensor(tensor_bounds, shard_offset, param.numel())
     g = grad.float() * grad_scale.reshape(()).float()
-    m = torch.where(inside, beta1 * exp_avg + (1 - beta1) * g, exp_avg)
+    m = torch.where(inside, beta1.float() * exp_avg + (1 - beta1).float() * g, exp_avg)
     v = torch.where(inside, beta2 * exp_avg_sq + (1 - beta2) * g * g, exp_avg_sq)
     u = _lamb_direction(param, m, v, eps=eps, weight_decay=weight_decay,
                         eps_inside_sqrt=eps_inside_sqrt)
@@ -124,6 +131,7 @@ def lamb_apply_fallback(param, exp_avg, exp_avg_sq, param_out, tensor_bounds, tr
     """zerofx::lamb_apply_ in plain torch: param -= step_size * trust_ratio[tensor] * update."""
     if tensor_bounds.numel() < 2:
         return
+    beta1 = _b1(beta1)
     idx, inside = _element_tensor(tensor_bounds, shard_offset, param.numel())
     bc1, bc2_sqrt = _bias_corrections(step, beta1, beta2, bias_correction)
     step_size = lr.reshape(()).to(torch.float64) * bc2_sqrt / bc1

@@ -5,7 +5,7 @@ Both become one frozen spec with DeepSpeed's parameter names, read once at set-u
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -28,6 +28,17 @@ class OptimizerSpec:
 
     @classmethod
     def from_config_or_torch(cls, config: Config, optimizer=None) -> "OptimizerSpec":
+        spec = cls._from_config_or_torch(config, optimizer)
+        sched = config.scheduler
+        if sched is not None and sched.type == "OneCycle" and sched.params.cycle_momentum \
+                and spec.kind != "torch":
+            # DeepSpeed's OneCycle sets every group's betas to (cycle_min_mom, 0.99) and then
+            # moves beta1 each step (the engine writes it into ZeroRuntime.beta1).
+            spec = replace(spec, betas=(sched.params.cycle_min_mom, 0.99))
+        return spec
+
+    @classmethod
+    def _from_config_or_torch(cls, config: Config, optimizer=None) -> "OptimizerSpec":
         if optimizer is not None:
             return cls.from_torch(optimizer)
         opt = config.optimizer

@@ -36,7 +36,7 @@ def make_step_fn(rt):
     divisor = float(plan.grid.dp_size * rt.gas)
 
     def step_fn(shard_grads, full_grads, master, exp_avg, exp_avg_sq, shard_lowp, flat_params,
-                lr, step, scale, hysteresis, it, last_overflow, skipped):
+                lr, step, scale, hysteresis, it, last_overflow, skipped, beta1):
         torch.ops.zerofx.wait_buckets(sid)
         if plan.sharded and not reduced_in_shard:  # stage 1: keep only what this rank owns
             for r in owned:
@@ -56,7 +56,7 @@ def make_step_fn(rt):
         step.add_((~overflow).float())
         out = shard_lowp if plan.sharded else flat_params
         update(master, g, exp_avg, exp_avg_sq, out, lr=lr, step=step, coef=coef,
-               skip=overflow.float())
+               skip=overflow.float(), beta1=beta1)
         if plan.sharded:
             _gather_params(shard_lowp, flat_params, chunks, dp, group)
         LossScaler(scale, hysteresis, it, last_overflow, scaler.dynamic, scaler.window,
@@ -104,7 +104,7 @@ def _make_update(rt):
     if spec.kind == "torch":
         sid = rt.id
 
-        def unfused(master, g, m, v, out, *, lr, step, coef, skip):
+        def unfused(master, g, m, v, out, *, lr, step, coef, skip, beta1):
             torch.ops.zerofx.shard_optimizer_step(sid, g, coef, lr, skip)
             out.copy_(master)  # unchanged master when skipped: the same values again
         return unfused
@@ -113,9 +113,9 @@ def _make_update(rt):
         hyper = AdamHyper(betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay,
                           bias_correction=spec.bias_correction, adam_w_mode=spec.adam_w_mode)
 
-        def adam(master, g, m, v, out, *, lr, step, coef, skip):
+        def adam(master, g, m, v, out, *, lr, step, coef, skip, beta1):
             adam_step_(master, g, m, v, lr=lr, step=step, hyper=hyper, grad_scale=coef,
-                       skip=skip, param_out=out)
+                       skip=skip, param_out=out, beta1=beta1)
         return adam
 
     hyper = LambHyper(betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay,
@@ -128,11 +128,11 @@ def _make_update(rt):
     # norm_group spans the TP group too: a split tensor's sums add up over its pieces. A
     # replicated tensor's sums come tp times over, both of them: the ratio is unchanged.
 
-    def lamb(master, g, m, v, out, *, lr, step, coef, skip):
+    def lamb(master, g, m, v, out, *, lr, step, coef, skip, beta1):
         bounds = torch.tensor(starts, dtype=torch.int64)
         pieces = [(slice(r.at, r.at + r.numel), r.start) for r in owned]
         sums = sum(lamb_moments_(master[sl], g[sl], m[sl], v[sl], bounds, hyper=hyper,
-                                 grad_scale=coef, skip=skip, shard_offset=start)
+                                 grad_scale=coef, skip=skip, shard_offset=start, beta1=beta1)
                    for sl, start in pieces)
         if norm_group is not None:
             sums = funcol.all_reduce(sums, "sum", norm_group)
@@ -140,7 +140,8 @@ def _make_update(rt):
         for sl, start in pieces:
             dst = out[sl] if plan.sharded else out[start:start + (sl.stop - sl.start)]
             lamb_apply_(master[sl], m[sl], v[sl], bounds, ratio, lr=lr, step=step,
-                        hyper=hyper, skip=skip, shard_offset=start, param_out=dst)
+                        hyper=hyper, skip=skip, shard_offset=start, param_out=dst,
+                        beta1=beta1)
     return lamb
 
 

@@ -65,6 +65,8 @@ class ZeroRuntime:
         self._skips_reported = 0
         self._scale_before = self.scaler.scale.clone()
         self.lr = torch.tensor(self.spec.lr, dtype=torch.float32)
+        # float64: the kernels compute with beta1 in double, as torch.optim.Adam does
+        self.beta1 = torch.tensor(self.spec.betas[0], dtype=torch.float64)
         self._pending: list = []
         self.comm_wait_s = 0.0
         self.step_builder = None  # set by the backend: traces the optimizer-step graph
@@ -242,7 +244,7 @@ class ZeroRuntime:
         full = self.full_grads if self.full_grads is not None else self.shard_grads
         return [self.shard_grads, full, self.master, self.exp_avg, self.exp_avg_sq,
                 self.shard_lowp, self.flat_params, self.lr, self.step_count, s.scale,
-                s.hysteresis, s.iter, s.last_overflow_iter, self.skipped]
+                s.hysteresis, s.iter, s.last_overflow_iter, self.skipped, self.beta1]
 
     @property
     def update_steps(self) -> int:
