@@ -82,9 +82,22 @@ def test_indivisible_layer_and_heads_are_refused():
         resolve_tp_layout(block, _cfg(4, {"qkv": "colwise", "proj": "rowwise"}))
 
 
-def test_nothing_to_split_says_how_to_give_a_plan():
+class _NormedMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.norm, self.fc2 = nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 8)
+
+
+@pytest.mark.parametrize("model", [nn.Sequential(nn.Linear(4, 3)), _NormedMLP()])
+def test_nothing_to_split_says_how_to_give_a_plan(model):
+    # a LayerNorm between two Linears is not Megatron's MLP: no guess rather than a bad one
     with pytest.raises(TPPlanError, match="give tensor_parallel.plan"):
-        resolve_tp_layout(nn.Sequential(nn.Linear(4, 3)), _cfg())
+        resolve_tp_layout(model, _cfg())
+
+
+def test_activation_modules_between_an_mlps_linears_are_fine():
+    mlp = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Dropout(0.0), nn.Linear(32, 8))
+    assert _styles(resolve_tp_layout(mlp, _cfg())) == {"0": ("colwise", 1), "3": ("rowwise", 1)}
 
 
 def test_config_rejects_unknown_style():

@@ -10,7 +10,8 @@ The layout must exist before the runtime allocates its shards, which is before a
 traced, so it is read from the module tree: the config's ``tensor_parallel.plan`` patterns,
 or, without a plan, Megatron's two patterns found by structure (an attention module with a
 head count: fused qkv Linear(d, 3d) → colwise, Linear(d, d) → rowwise; an MLP: Linear(d, h)
-followed by Linear(h, d') → colwise, rowwise). The tensor_parallel pass then proves the choice
+registered right before Linear(h, d'), with at most activation or dropout modules between
+them → colwise, rowwise). The tensor_parallel pass then proves the choice
 on the traced graph (sharding propagation) or names the op it cannot shard.
 """
 from __future__ import annotations
@@ -155,14 +156,26 @@ def _detect(modules: dict, tp: int) -> list[TPChoice]:
                                                                    f"output projection")]
                     taken = {qkv[0][0], out[0][0]}
         rest = [(n, m) for n, m in lins if n not in taken]
+        order = [prefix + n for n, _ in mod.named_children()]
         for (n1, a), (n2, b) in zip(rest, rest[1:]):
-            if n1 in taken:
+            if n1 in taken or not _only_elementwise_between(mod, order, n1, n2):
                 continue
             if a.out_features == b.in_features and a.out_features % tp == 0:
                 taken |= {n1, n2}
                 why = f"MLP {a.in_features}->{a.out_features}->{b.out_features}"
                 choices += [TPChoice(n1, "colwise", 1, why), TPChoice(n2, "rowwise", 1, why)]
     return choices
+
+
+# Modules that may sit between an MLP's two Linears (registration order): elementwise only.
+_ELEMENTWISE = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Mish, nn.LeakyReLU, nn.ELU,
+                nn.Dropout, nn.Identity)
+
+
+def _only_elementwise_between(mod: nn.Module, order: list[str], first: str, second: str) -> bool:
+    children = dict(mod.named_children())
+    between = order[order.index(first) + 1:order.index(second)]
+    return all(isinstance(children[n.rpartition(".")[2]], _ELEMENTWISE) for n in between)
 
 
 def _check_divisible(c: TPChoice, lin: nn.Linear, modules: dict, tp: int) -> None:

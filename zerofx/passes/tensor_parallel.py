@@ -67,7 +67,7 @@ def tensor_parallel_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
         try:
             state[node] = _propagate(node, state, full, tp)
         except R.Unshardable as e:
-            raise TPPlanError(_explain(node, origin[node], str(e))) from None
+            raise TPPlanError(_explain(node, origin[node], str(e), ctx)) from None
         if state[node] == R.PARTIAL:
             _all_reduce_after(gm, node, ctx.tp_group, state, full)
     _check_outputs(gm, ctx, state, split, tp, full)
@@ -245,10 +245,14 @@ def _check_outputs(gm, ctx, state, split, tp, full) -> None:
                                   f"{state.get(grad)}, not as the weight ({want})")
 
 
-def _explain(node: fx.Node, params, reason: str) -> str:
+def _explain(node: fx.Node, params, reason: str, ctx: PassContext) -> str:
     trace = (node.meta.get("stack_trace") or "").strip().splitlines()
     where = f" (model code: {trace[-1].strip()})" if trace else ""
+    fix = ("Leave that layer out of tensor_parallel.plan, or split the layers around it so "
+           "the split ends at a row-parallel layer")
+    if not ctx.config.tensor_parallel.plan:  # the layout was zerofx's guess: say so
+        chosen = "; ".join(f"{c.module} {c.style} ({c.reason})" for c in ctx.plan.tp_choices)
+        fix = (f"zerofx chose the split itself ({chosen}); give tensor_parallel.plan to "
+               f"choose the layers")
     return (f"tensor parallelism cannot run {node.target} on values split from "
-            f"{', '.join(sorted(params))}"
-            f"{where}: {reason}. Leave that layer out of tensor_parallel.plan, or split "
-            f"the layers around it so the split ends at a row-parallel layer")
+            f"{', '.join(sorted(params))}{where}: {reason}. {fix}")
