@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 
 import torch
@@ -23,8 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from bench_zero import _time_steps, _torch_state_bytes  # noqa: E402
-from multiproc import run_ranks  # noqa: E402
+from bench_zero import _time_steps, _torch_state_bytes, run_table  # noqa: E402
 
 D, HEADS, BLOCKS, B, T = 512, 8, 4, 8, 64
 
@@ -139,20 +137,9 @@ def main(argv=None):
     p.add_argument("--only", nargs="*", default=list(RUNNERS), choices=list(RUNNERS))
     args = p.parse_args(argv)
     params = sum(q.numel() for q in Net().parameters())
-    rows = []
-    for name in args.only:
-        print(f"running {name} on 2 ranks ...", file=sys.stderr, flush=True)
-        res = run_ranks(_rank_entry, 2, args=(name, args.steps), timeout_s=900)
-        rows.append((name, max(r[0] for r in res) * 1e3, max(r[3] for r in res),
-                     max(r[1] for r in res), res[0][2]))
-    print(f"\n{params / 1e6:.1f}M params, 2 ranks (gloo), batch {B}x{T}, bf16, clip 1.0, "
-          f"{args.steps} timed steps; {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, torch {torch.__version__}\n")
-    print("| run | median step (ms) | training state per rank (MiB) | peak RSS per rank (MiB) "
-          "| last loss |")
-    print("|---|---|---|---|---|")
-    for name, ms, state, rss, loss in rows:
-        print(f"| {name} | {ms:.1f} | {state:.0f} | {rss:.0f} | {loss:.4f} |")
+    run_table(_rank_entry, args.only, ranks=2, extra_args=(args.steps,), label="run",
+              setup=f"{params / 1e6:.1f}M params, 2 ranks (gloo), batch {B}x{T}, bf16, "
+                    f"clip 1.0, {args.steps} timed steps")
 
 
 if __name__ == "__main__":

@@ -161,21 +161,28 @@ def main(argv=None):
                    choices=sorted(RUNNERS))
     args = p.parse_args(argv)
     params = sum(q.numel() for q in Net().parameters())
+    run_table(_rank_entry, args.only, ranks=args.ranks, extra_args=(args.steps, args.bucket),
+              setup=f"{params / 1e6:.1f}M params, {args.ranks} ranks (gloo), micro-batch "
+                    f"{MICRO}, bf16, clip 1.0, {args.steps} timed steps")
+
+
+def run_table(entry, names, *, ranks: int, extra_args: tuple, setup: str,
+              label: str = "framework") -> None:
+    """Run each of ``names`` on ``ranks`` fresh processes, one after the other, and print the
+    markdown table: the slowest rank's median step, the largest state and RSS, rank 0's loss."""
     rows = []
-    for name in args.only:
-        print(f"running {name} on {args.ranks} ranks ...", file=sys.stderr, flush=True)
-        res = run_ranks(_rank_entry, args.ranks, args=(name, args.steps, args.bucket),
-                        timeout_s=900)
-        rows.append((name, max(r[0] for r in res) * 1e3, max(r[1] for r in res), res[0][2],
-                     max(r[3] for r in res)))
-    print(f"\n{params / 1e6:.1f}M params, {args.ranks} ranks (gloo), micro-batch {MICRO}, bf16, "
-          f"clip 1.0, {args.steps} timed steps; {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, torch {torch.__version__}\n")
-    print("| framework | median step (ms) | training state per rank (MiB) "
+    for name in names:
+        print(f"running {name} on {ranks} ranks ...", file=sys.stderr, flush=True)
+        res = run_ranks(entry, ranks, args=(name, *extra_args), timeout_s=900)
+        rows.append((name, max(r[0] for r in res) * 1e3, max(r[3] for r in res),
+                     max(r[1] for r in res), res[0][2]))
+    print(f"\n{setup}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__}\n")
+    print(f"| {label} | median step (ms) | training state per rank (MiB) "
           "| peak RSS per rank (MiB) | last loss |")
     print("|---|---|---|---|---|")
-    for name, ms, mib, loss, state in rows:
-        print(f"| {name} | {ms:.1f} | {state:.0f} | {mib:.0f} | {loss:.4f} |")
+    for name, ms, state, rss, loss in rows:
+        print(f"| {name} | {ms:.1f} | {state:.0f} | {rss:.0f} | {loss:.4f} |")
 
 
 if __name__ == "__main__":
