@@ -384,3 +384,47 @@ def test_a_wrong_guess_names_itself_and_the_way_out():
     for message in run_ranks(_guess_body, 2):
         assert "aten.mul" in message and "zerofx chose the split itself" in message
         assert "up colwise (MLP 16->32->8)" in message and "tensor_parallel.plan" in message
+
+
+def _grid_body(rank, world, tp, gas, stage, steps):
+    import zerofx
+
+    engine, *_ = zerofx.initialize(model=make("block")[0], config=_cfg(
+        tp=tp, stage=stage, clip=0.5, extra={"gradient_accumulation_steps": gas}))
+    dp_rank = engine.runtime.plan.grid.dp_rank(rank)
+    losses = []
+    for step in range(steps):
+        for micro in range(gas):
+            loss = engine(*block_batch(seed=100 * step + 10 * micro + dp_rank))
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+    rt = engine.runtime
+    return (losses, {s.name: rt.local_param(s.name).float().clone() for s in rt.plan.params},
+            {s.name: s.tp for s in rt.plan.params}, dp_rank)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,gas,stage", [(4, 1, 2), (2, 2, 1)])
+def test_tp4_and_tp2_with_accumulation_equal_single_process(tp, gas, stage):
+    steps, dp = 6, 4 // tp
+    results = run_ranks(_grid_body, 4, args=(tp, gas, stage, steps), timeout_s=280)
+    model, _ = make("block")
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
+    ref = {r: [] for r in range(dp)}
+    for step in range(steps):
+        for micro in range(gas):
+            for r in range(dp):
+                loss = model(*block_batch(seed=100 * step + 10 * micro + r))
+                (loss / (dp * gas)).backward()
+                ref[r].append(loss.item())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        opt.step()
+        opt.zero_grad()
+    for rank, (losses, pieces, shards, dp_rank) in enumerate(results):
+        torch.testing.assert_close(losses, ref[dp_rank], rtol=1e-4, atol=1e-4)
+        for n, p in model.named_parameters():
+            want = p.detach() if shards[n] is None else \
+                shards[n].local_piece(p.detach(), tp, rank % tp)
+            torch.testing.assert_close(pieces[n], want, rtol=1e-3, atol=1e-4,
+                                       msg=lambda m: f"rank {rank} {n}: {m}")
