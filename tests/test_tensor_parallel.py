@@ -428,3 +428,31 @@ def test_tp4_and_tp2_with_accumulation_equal_single_process(tp, gas, stage):
                 shards[n].local_piece(p.detach(), tp, rank % tp)
             torch.testing.assert_close(pieces[n], want, rtol=1e-3, atol=1e-4,
                                        msg=lambda m: f"rank {rank} {n}: {m}")
+
+
+def _overflow_body(rank, world):
+    import zerofx
+
+    model, (x, y) = make("mlp")
+    fp16 = {"fp16": {"enabled": True, "initial_scale_power": 8}}
+    rt = zerofx.ZeroRuntime(model, _cfg(extra=fp16))
+    compiled = torch.compile(model, backend="zero", options={"runtime": rt})
+    out = []
+    for step in range(3):
+        with rt.shape_carriers():
+            loss = compiled(x.half(), y.half())
+        loss.backward()
+        if step == 1 and rank == 1:  # an overflow in rank 1's piece of a split weight only
+            s = rt.plan.slot("fc1.weight")
+            rt.full_grads[s.offset] = float("inf")
+        before = [t.clone() for t in (rt.master, rt.exp_avg, rt.flat_params)]
+        rt.step()
+        unchanged = all(torch.equal(a, b) for a, b in
+                        zip(before, (rt.master, rt.exp_avg, rt.flat_params)))
+        out.append((unchanged, rt.skipped_steps))
+    return out
+
+
+def test_overflow_in_one_tp_piece_skips_the_step_on_every_rank():
+    for rank, result in enumerate(run_ranks(_overflow_body, 2)):
+        assert result == [(False, 0), (True, 1), (False, 1)], f"rank {rank}"
