@@ -456,3 +456,22 @@ def _overflow_body(rank, world):
 def test_overflow_in_one_tp_piece_skips_the_step_on_every_rank():
     for rank, result in enumerate(run_ranks(_overflow_body, 2)):
         assert result == [(False, 0), (True, 1), (False, 1)], f"rank {rank}"
+
+
+def _no_carriers_body(rank, world):
+    import zerofx
+
+    model, (x, y) = make("mlp")
+    rt = zerofx.ZeroRuntime(model, _cfg())
+    compiled = torch.compile(model, backend="zero", options={"runtime": rt})
+    try:
+        compiled(x, y)  # without rt.shape_carriers(): Dynamo sees the local pieces
+    except Exception as e:  # noqa: BLE001 - Dynamo wraps the backend's error
+        return str(e)
+    return None
+
+
+def test_direct_compile_without_shape_carriers_says_how_to_call():
+    for message in run_ranks(_no_carriers_body, 2):
+        assert "fc1.weight was traced with shape [16, 16]" in message
+        assert "shape_carriers()" in message

@@ -103,6 +103,12 @@ def _read_local_params(gm, ctx, split, full):
         if role is None or role.kind != "param" or role.name not in split:
             continue
         shard = split[role.name].tp
+        traced = _shapes(ph.meta.get("val"))
+        if traced is not None and traced != shard.full_shape:
+            raise TPPlanError(
+                f"{role.name} was traced with shape {list(traced)}, not its full shape "
+                f"{list(shard.full_shape)}: call the compiled model inside "
+                f"`with runtime.shape_carriers():` (zerofx.initialize's engine does this)")
         with gm.graph.inserting_after(placeholders[-1]):
             local = gm.graph.call_function(torch.ops.zerofx.tp_param.default,
                                            (ctx.state_id, role.name))
