@@ -198,6 +198,30 @@ def test_allgather_chunks_group_consecutive_buckets():
     assert len(_allgather_chunks(plan, 10**9)) == 1
     assert len(_allgather_chunks(plan, 1)) == len(plan.buckets)
     assert 1 < len(_allgather_chunks(plan, 5000)) < len(plan.buckets)
+    # the cap stays DeepSpeed's allgather_bucket_size, but the buffer is cut into at least
+    # GATHERS_IN_FLIGHT pieces so that several all-gathers overlap
+    from zerofx.runtime.step_fn import GATHERS_IN_FLIGHT, _gather_limit
+
+    big = Config.from_dict({"zero_optimization": {"stage": 2, "reduce_bucket_size": 300,
+                                                  "allgather_bucket_size": 10**9}})
+    assert _gather_limit(plan, big) == -(-plan.padded_numel // GATHERS_IN_FLIGHT)
+    assert _gather_limit(plan, Config.from_dict({"zero_optimization": {
+        "stage": 2, "allgather_bucket_size": 100}})) == 100
+
+
+def _gather_order_body(rank, world):
+    losses, params, rt = _train(rank, "mlp", _config(2, 1, 0.0))
+    nodes = list(rt.step_program.graph.nodes)
+    gathers = [i for i, n in enumerate(nodes) if "all_gather" in str(n.target)]
+    waits = [i for i, n in enumerate(nodes) if "wait_tensor" in str(n.target)
+             and "all_gather" in str(n.args[0].target)]
+    return gathers, waits
+
+
+def test_step_graph_issues_every_all_gather_before_waiting():
+    for gathers, waits in run_ranks(_gather_order_body, 2):
+        assert len(gathers) > 1 and len(waits) == len(gathers)
+        assert max(gathers) < min(waits)
 
 
 def _groups(model, cls):

@@ -67,6 +67,7 @@ def declared_passes() -> tuple[PassSpec, ...]:
     from zerofx.passes.loss_scale import loss_scale_pass
     from zerofx.passes.matmul_tuning import matmul_tuning_pass
     from zerofx.passes.mixed_precision import mixed_precision_pass
+    from zerofx.passes.schedule import schedule_pass
     from zerofx.passes.tensor_parallel import tensor_parallel_pass
 
     return (
@@ -84,6 +85,8 @@ def declared_passes() -> tuple[PassSpec, ...]:
                  frozenset({"forward", "backward", "inference"}), after=("bucketing",),
                  enabled=lambda cfg: (cfg.fp16.enabled or cfg.bf16.enabled)
                  and not cfg.zerofx.inductor),
+        # The optimizer step's all-gathers: several in flight instead of one at a time.
+        PassSpec("schedule", schedule_pass, frozenset({"optimizer"}), needs_runtime=True),
     )
 
 
