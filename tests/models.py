@@ -42,6 +42,28 @@ class Block(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 
 
+class LlamaStyleAttention(nn.Module):
+    """Attention with separate q/k/v/o projections (HF naming) and a gated MLP left out."""
+
+    def __init__(self, d: int = 32, heads: int = 4, vocab: int = 64):
+        super().__init__()
+        self.num_heads = heads
+        self.emb = nn.Embedding(vocab, d)
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d, d, bias=False) for _ in range(3))
+        self.o_proj = nn.Linear(d, d, bias=False)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx, targets):
+        x = self.emb(idx)
+        B, T, C = x.shape
+        q, k, v = (p(x).view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+        logits = self.head(x)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+
 def mlp_batch(n: int = 8, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 16, generator=g), torch.randn(n, 8, generator=g)
@@ -55,4 +77,6 @@ def block_batch(n: int = 2, t: int = 8, vocab: int = 64, seed: int = 0):
 
 def make(name: str, seed: int = 0):
     torch.manual_seed(seed)
+    if name == "llama_attn":
+        return LlamaStyleAttention(), block_batch()
     return (MLP(), mlp_batch()) if name == "mlp" else (Block(), block_batch())

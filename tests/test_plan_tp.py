@@ -29,6 +29,15 @@ def test_detects_attention_and_mlp_of_a_gpt_block():
     assert all("head" not in c.module for c in layout.choices)  # the LM head stays whole
 
 
+def test_detects_separate_q_k_v_projections_by_name():
+    from models import LlamaStyleAttention
+
+    layout = resolve_tp_layout(LlamaStyleAttention(), _cfg())
+    assert _styles(layout) == {"q_proj": ("colwise", 1), "k_proj": ("colwise", 1),
+                               "v_proj": ("colwise", 1), "o_proj": ("rowwise", 1)}
+    assert all("q, k, v" in c.reason or "output" in c.reason for c in layout.choices)
+
+
 def test_explicit_plan_by_module_or_parameter_name():
     class Stack(nn.Module):
         def __init__(self):

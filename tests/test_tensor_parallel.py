@@ -59,7 +59,7 @@ def _collectives(dump, rank, kind):
     return total
 
 
-@pytest.mark.parametrize("name", ["mlp", "block"])
+@pytest.mark.parametrize("name", ["mlp", "block", "llama_attn"])
 def test_tp2_loss_gradients_and_eval_equal_single_process(name, tmp_path):
     dump = str(tmp_path / "dump") if name == "block" else None
     _check_grads(name, run_ranks(_grads_body, 2, args=(name, dump)))

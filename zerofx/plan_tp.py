@@ -9,7 +9,8 @@
 The layout must exist before the runtime allocates its shards, which is before any graph is
 traced, so it is read from the module tree: the config's ``tensor_parallel.plan`` patterns,
 or, without a plan, Megatron's two patterns found by structure (an attention module with a
-head count: fused qkv Linear(d, 3d) → colwise, Linear(d, d) → rowwise; an MLP: Linear(d, h)
+head count: fused qkv Linear(d, 3d), or q/k/v Linears by name, → colwise, its Linear(d, d)
+output projection → rowwise; an MLP: Linear(d, h)
 registered right before Linear(h, d'), with at most activation or dropout modules between
 them → colwise, rowwise). The tensor_parallel pass then proves the choice
 on the traced graph (sharding propagation) or names the op it cannot shard.
@@ -143,18 +144,9 @@ def _detect(modules: dict, tp: int) -> list[TPChoice]:
     for name, mod in modules.items():
         prefix = f"{name}." if name else ""
         lins = [(prefix + n, m) for n, m in mod.named_children() if isinstance(m, nn.Linear)]
-        heads, taken = _heads(mod), set()
-        if heads:
-            qkv = [(n, m) for n, m in lins if m.out_features == 3 * m.in_features]
-            if len(qkv) == 1 and heads % tp == 0 and qkv[0][1].in_features % tp == 0:
-                d = qkv[0][1].in_features
-                out = [(n, m) for n, m in lins if (m.in_features, m.out_features) == (d, d)]
-                if len(out) == 1:
-                    why = f"attention ({heads} heads): fused qkv"
-                    choices += [TPChoice(qkv[0][0], "colwise", 3, why),
-                                TPChoice(out[0][0], "rowwise", 1, f"attention ({heads} heads): "
-                                                                   f"output projection")]
-                    taken = {qkv[0][0], out[0][0]}
+        attention = _attention(mod, lins, tp)
+        choices += attention
+        taken = {c.module for c in attention}
         rest = [(n, m) for n, m in lins if n not in taken]
         order = [prefix + n for n, _ in mod.named_children()]
         for (n1, a), (n2, b) in zip(rest, rest[1:]):
@@ -165,6 +157,38 @@ def _detect(modules: dict, tp: int) -> list[TPChoice]:
                 why = f"MLP {a.in_features}->{a.out_features}->{b.out_features}"
                 choices += [TPChoice(n1, "colwise", 1, why), TPChoice(n2, "rowwise", 1, why)]
     return choices
+
+
+# Projection names of attention modules with separate q, k, v (HF/Llama-style and others).
+_QKV_NAMES = {"q", "k", "v", "query", "key", "value", "q_proj", "k_proj", "v_proj", "wq", "wk",
+              "wv"}
+_OUT_NAMES = {"o", "out", "proj", "o_proj", "out_proj", "c_proj", "dense", "wo"}
+
+
+def _attention(mod: nn.Module, lins: list, tp: int) -> list[TPChoice]:
+    """A module with a head count: fused qkv Linear(d, 3d), or q/k/v Linears by name, split by
+    columns; its Linear(d, d) output projection by rows."""
+    heads = _heads(mod)
+    if not heads or heads % tp:
+        return []
+    why = f"attention ({heads} heads)"
+    fused = [(n, m) for n, m in lins if m.out_features == 3 * m.in_features]
+    named = [(n, m) for n, m in lins if n.rpartition(".")[2] in _QKV_NAMES]
+    if len(fused) == 1:
+        inputs, parts, kind = fused, 3, "fused qkv"
+    elif len(named) == 3:
+        inputs, parts, kind = named, 1, "q, k, v"
+    else:
+        return []
+    d = inputs[0][1].in_features
+    out = [(n, m) for n, m in lins if (m.in_features, m.out_features) == (d, d)
+           and n not in {x for x, _ in inputs}]
+    if len(out) > 1:  # several square Linears besides q/k/v: go by name
+        out = [(n, m) for n, m in out if n.rpartition(".")[2] in _OUT_NAMES]
+    if len(out) != 1 or d % tp or any(m.out_features % (parts * tp) for _, m in inputs):
+        return []
+    return [TPChoice(n, "colwise", parts, f"{why}: {kind}") for n, _ in inputs] + \
+        [TPChoice(out[0][0], "rowwise", 1, f"{why}: output projection")]
 
 
 # Modules that may sit between an MLP's two Linears (registration order): elementwise only.
