@@ -78,11 +78,10 @@ def sample(engine, stoi, itos, prompt="Shall I ", n=200, block=64):
     keeps one compiled inference graph instead of one per length."""
     idx, pad = [stoi[c] for c in prompt], stoi.get("\n", 0)
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _ in range(n):
-            window = torch.tensor([([pad] * block + idx)[-block:]])
-            logits = engine(window)[:, -1].float()
-            idx.append(int(torch.multinomial(F.softmax(logits / 0.8, dim=-1), 1, generator=g)))
+    for _ in range(n):  # no_grad: the decorator
+        window = torch.tensor([([pad] * block + idx)[-block:]])
+        logits = engine(window)[:, -1].float()
+        idx.append(int(torch.multinomial(F.softmax(logits / 0.8, dim=-1), 1, generator=g)))
     return "".join(itos[i] for i in idx)
 
 

@@ -90,8 +90,26 @@ def _collect(procs, results, world_size, timeout_s) -> list:
                                      f"{procs[dead[0]].exitcode} before reporting")
             continue
         if status == "error":
-            raise AssertionError(f"rank {rank} of {world_size} failed:\n{value}")
+            raise AssertionError(_failure_report(procs, results, world_size, rank, value))
         import torch
 
         got[rank] = torch.load(io.BytesIO(value), weights_only=False)
     return [got[r] for r in range(world_size)]
+
+
+def _failure_report(procs, results, world_size, rank, value, *, grace_s: float = 3.0) -> str:
+    """The first failure, plus what the other ranks say or how they died within a moment:
+    a rank's "connection reset" is often only the echo of another rank's real error."""
+    report = [f"rank {rank} of {world_size} failed:\n{value}"]
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            other, status, text = results.get(timeout=0.2)
+        except queue.Empty:
+            continue
+        if status == "error":
+            report.append(f"rank {other} of {world_size} failed too:\n{text}")
+    report += [f"rank {r} exited with code {p.exitcode} without reporting"
+               for r, p in enumerate(procs)
+               if r != rank and not p.is_alive() and p.exitcode not in (0, None)]
+    return "\n".join(report)

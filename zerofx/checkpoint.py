@@ -234,12 +234,9 @@ def _restore_state(rt, states: dict) -> None:
                 else states[key][s.name] for s in plan.params}
         dst = getattr(rt, key)
         dst.zero_()  # padding stays zero
-        for r in plan.owned():
-            for s in plan.params:
-                lo, hi = max(s.offset, r.start), min(s.end, r.start + r.numel)
-                if lo < hi:
-                    src = full[s.name].reshape(-1)[lo - s.offset:hi - s.offset]
-                    dst[r.at + lo - r.start:r.at + hi - r.start].copy_(src)
+        for o in plan.owned_pieces():
+            src = full[o.slot.name].reshape(-1)[o.start:o.start + o.numel]
+            dst[o.at:o.at + o.numel].copy_(src)
         if key == "master":
             for s in plan.params:  # in place: the model's parameters are views of it
                 rt.flat_params[s.offset:s.end].copy_(full[s.name].reshape(-1))

@@ -196,9 +196,10 @@ def full_states(tag_dir, keys=STATE_KEYS, on_file: Callable[[Path], None] | None
     for p in meta["params"]:
         for k in keys:
             pieces = [states[k].get(p["name"]) for states, _ in per_rank]
-            if any(piece is None for piece in pieces):
-                raise CheckpointError(f"{tag_dir}: {p['name']} is missing from a {tp_dir(0)[:-2]}* "
-                                      f"directory; the files are from different saves")
+            missing = [tp_dir(t) for t, piece in enumerate(pieces) if piece is None]
+            if missing:
+                raise CheckpointError(f"{tag_dir}: {p['name']} is missing from {missing}; "
+                                      f"the files are from different saves")
             split = p.get("tp")
             joined[k][p["name"]] = join_tp_pieces(pieces, split["dim"], split["parts"]) \
                 if split else pieces[0]

@@ -68,6 +68,17 @@ class OwnedRange:
 
 
 @dataclass(frozen=True)
+class OwnedPiece:
+    """The part of one parameter a rank updates: shard[at:at+numel] holds the parameter's
+    flattened elements [start, start+numel)."""
+
+    slot: ParamSlot
+    start: int
+    numel: int
+    at: int
+
+
+@dataclass(frozen=True)
 class ProcessGrid:
     """Ranks as a tensor-parallel × data-parallel grid; TP neighbours are adjacent ranks.
 
@@ -134,6 +145,29 @@ class Plan:
             ranges.append(OwnedRange(b.index, start, per, at))
             at += per
         return tuple(ranges)
+
+    def owned_pieces(self, dp_rank: int | None = None) -> tuple[OwnedPiece, ...]:
+        """Every parameter's part of what ``dp_rank`` (default: this rank) updates, in shard
+        order: the one place that maps parameters onto shard offsets."""
+        pieces = []
+        for r in self.owned(dp_rank):
+            for name in self.buckets[r.bucket].params:
+                s = self.slot(name)
+                lo, hi = max(s.offset, r.start), min(s.end, r.start + r.numel)
+                if lo < hi:
+                    pieces.append(OwnedPiece(s, lo - s.offset, hi - lo, r.at + lo - r.start))
+        return tuple(pieces)
+
+    @functools.cached_property
+    def _pieces_by_name(self) -> dict[str, tuple[OwnedPiece, ...]]:
+        by_name: dict[str, list] = {}
+        for piece in self.owned_pieces():
+            by_name.setdefault(piece.slot.name, []).append(piece)
+        return {n: tuple(v) for n, v in by_name.items()}
+
+    def owned_pieces_of(self, name: str) -> tuple[OwnedPiece, ...]:
+        """This rank's pieces of parameter ``name`` (none when it owns nothing of it)."""
+        return self._pieces_by_name.get(name, ())
 
     @property
     def bucket_collective(self) -> str:

@@ -20,13 +20,13 @@ class ShardOptimizer:
     def __init__(self, optimizer: torch.optim.Optimizer, *, named, plan, master: torch.Tensor):
         self.grads = torch.zeros_like(master)
         name_of = {id(p): n for n, p in named}
-        owned, groups = plan.owned(), []
+        groups = []
         for group in optimizer.param_groups:
             pieces = []
             for p in group["params"]:
                 if id(p) in name_of:
-                    pieces += _owned_pieces(plan.slot(name_of[id(p)]), owned, master,
-                                            self.grads)
+                    pieces += [_piece(o, master, self.grads)
+                               for o in plan.owned_pieces_of(name_of[id(p)])]
             hyper = {k: v for k, v in group.items() if k != "params"}
             groups.append({"params": pieces, **hyper})
         # A rank may own nothing of a group; torch rejects only an optimizer with no params.
@@ -53,13 +53,8 @@ def _constructor_defaults(optimizer) -> dict:
     return {k: v for k, v in optimizer.defaults.items() if k in accepted}
 
 
-def _owned_pieces(slot, owned, master, grads) -> list[nn.Parameter]:
-    pieces = []
-    for r in owned:
-        lo, hi = max(slot.offset, r.start), min(slot.end, r.start + r.numel)
-        if lo < hi:
-            a, b = r.at + lo - r.start, r.at + hi - r.start
-            piece = nn.Parameter(master[a:b])  # a view: updates land in the master shard
-            piece.grad = grads[a:b]
-            pieces.append(piece)
-    return pieces
+def _piece(owned, master, grads) -> nn.Parameter:
+    """A Parameter viewing one owned piece of the master shard (updates land in it)."""
+    piece = nn.Parameter(master[owned.at:owned.at + owned.numel])
+    piece.grad = grads[owned.at:owned.at + owned.numel]
+    return piece

@@ -84,16 +84,12 @@ def _sumsq(g: torch.Tensor, plan) -> torch.Tensor:
 def _tp_ranges(plan) -> tuple[list, list]:
     """(split, replicated) ranges of this rank's shard, adjacent ranges merged."""
     ranges: dict[bool, list] = {True: [], False: []}
-    for r in plan.owned():
-        for s in plan.params:
-            lo, hi = max(s.offset, r.start), min(s.end, r.start + r.numel)
-            if lo < hi:
-                a, b = r.at + lo - r.start, r.at + hi - r.start
-                out = ranges[s.tp_split]
-                if out and out[-1][1] == a:
-                    out[-1] = (out[-1][0], b)
-                else:
-                    out.append((a, b))
+    for o in plan.owned_pieces():
+        out = ranges[o.slot.tp_split]
+        if out and out[-1][1] == o.at:
+            out[-1] = (out[-1][0], o.at + o.numel)
+        else:
+            out.append((o.at, o.at + o.numel))
     return ranges[True], ranges[False]
 
 

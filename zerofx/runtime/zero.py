@@ -82,17 +82,14 @@ class ZeroRuntime:
         plan, low = self.plan, self.plan.compute_dtype
         self.flat_params = torch.zeros(plan.padded_numel, dtype=low)
         self.master = torch.zeros(plan.shard_numel, dtype=torch.float32)
-        owned, tp, tp_rank = plan.owned(), plan.grid.tp_size, plan.grid.tp_rank(plan.rank)
+        tp, tp_rank = plan.grid.tp_size, plan.grid.tp_rank(plan.rank)
         self._carriers = []  # (param, full-shape stand-in, local view): see shape_carriers
         for name, p in named:
             s = plan.slot(name)
             local = s.tp.local_piece(p.detach(), tp, tp_rank) if s.tp is not None else p.detach()
             flat = local.reshape(-1)
-            for r in owned:  # the fp32 master copy of the pieces this rank owns
-                lo, hi = max(s.offset, r.start), min(s.end, r.start + r.numel)
-                if lo < hi:
-                    self.master[r.at + lo - r.start:r.at + hi - r.start].copy_(
-                        flat[lo - s.offset:hi - s.offset])
+            for o in plan.owned_pieces_of(name):  # fp32 master copy of what this rank owns
+                self.master[o.at:o.at + o.numel].copy_(flat[o.start:o.start + o.numel])
             self.flat_params[s.offset:s.end].copy_(flat)
             # The parameter now lives in the flat buffer, in the compute dtype: the
             # all-gather writes straight into the model and no per-step cast is needed.
