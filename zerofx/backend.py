@@ -93,7 +93,7 @@ def _prepare(gm, example_inputs, config: Config, extra, runtime) -> Compilation:
                           "use zerofx.initialize(model=..., config=...), or pass "
                           "options={'runtime': ZeroRuntime(model, config)}")
     world = init_distributed()
-    roles = input_roles(gm, example_inputs)
+    roles = input_roles(gm, example_inputs, runtime=runtime)
     params = [(r.name, t) for r, t in zip(roles, _flat_inputs(gm, example_inputs))
               if r.kind == "param"]
     # With a runtime, its plan (made from the whole model) is the one layout everyone uses.
@@ -125,9 +125,17 @@ def _flat_inputs(gm: fx.GraphModule, example_inputs) -> list:
     return [*gm.parameters(), *gm.buffers(), *example_inputs]
 
 
-def input_roles(gm: fx.GraphModule, example_inputs) -> tuple[InputRole, ...]:
-    """Role and name of each flat AOTAutograd input, in order."""
-    roles = [InputRole("param", n) for n, _ in gm.named_parameters()]
+def input_roles(gm: fx.GraphModule, example_inputs, *, runtime=None) -> tuple[InputRole, ...]:
+    """Role and name of each flat AOTAutograd input, in order.
+
+    A parameter is named by identity when a runtime holds it (the graph may reach a tied
+    weight or an alias under another attribute path); else by Dynamo's source.
+    """
+    def param(tensor, source: str) -> InputRole:
+        name = runtime.param_name(tensor) if runtime is not None else None
+        return InputRole("param", name or source)
+
+    roles = [param(t, n) for n, t in gm.named_parameters()]
     roles += [InputRole("buffer", n) for n, _ in gm.named_buffers()]
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, value in zip(placeholders, example_inputs):
@@ -135,7 +143,7 @@ def input_roles(gm: fx.GraphModule, example_inputs) -> tuple[InputRole, ...]:
         source = grapharg.source.name if grapharg is not None else node.name
         source = source() if callable(source) else source
         if isinstance(value, torch.nn.Parameter):
-            roles.append(InputRole("param", _fqn(source, "_parameters")))
+            roles.append(param(value, _fqn(source, "_parameters")))
         elif "_buffers[" in source:
             roles.append(InputRole("buffer", _fqn(source, "_buffers")))
         else:

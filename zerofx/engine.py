@@ -126,9 +126,10 @@ class ZeroEngine(nn.Module):
         return out
 
     def backward(self, loss: torch.Tensor) -> torch.Tensor:
-        """Backpropagate ``loss``; loss scaling and 1/accumulation happen in the graphs."""
+        """Backpropagate ``loss``, scaled by the fp16 loss scale (1/accumulation happens in
+        the step)."""
         t0 = time.perf_counter()
-        loss.backward()
+        self.runtime.backward(loss)
         self._timers["backward"] += time.perf_counter() - t0
         self._last_loss = loss.detach()
         return loss

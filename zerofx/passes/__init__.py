@@ -64,7 +64,7 @@ class PassSpec:
 def declared_passes() -> tuple[PassSpec, ...]:
     """Every zerofx pass, in pipeline order. Importing here keeps pass modules independent."""
     from zerofx.passes.bucketing import bucketing_pass
-    from zerofx.passes.loss_scale import loss_scale_pass
+    from zerofx.passes.expect_grads import expect_grads_pass
     from zerofx.passes.matmul_tuning import matmul_tuning_pass
     from zerofx.passes.mixed_precision import mixed_precision_pass
     from zerofx.passes.schedule import schedule_pass
@@ -73,13 +73,12 @@ def declared_passes() -> tuple[PassSpec, ...]:
     return (
         PassSpec("mixed_precision", mixed_precision_pass, frozenset({"joint", "inference"}),
                  enabled=lambda cfg: cfg.fp16.enabled or cfg.bf16.enabled),
-        PassSpec("loss_scale", loss_scale_pass, frozenset({"joint"}),
-                 after=("mixed_precision",), enabled=lambda cfg: cfg.fp16.enabled,
-                 needs_runtime=True),
         PassSpec("tensor_parallel", tensor_parallel_pass, frozenset({"joint", "inference"}),
-                 after=("mixed_precision", "loss_scale"),
+                 after=("mixed_precision",),
                  enabled=lambda cfg: cfg.tensor_parallel.size > 1, needs_runtime=True),
         PassSpec("bucketing", bucketing_pass, frozenset({"backward"}), needs_runtime=True),
+        PassSpec("expect_grads", expect_grads_pass, frozenset({"forward"}),
+                 needs_runtime=True),
         # Eager execution only: Inductor picks its own GEMM forms.
         PassSpec("matmul_tuning", matmul_tuning_pass,
                  frozenset({"forward", "backward", "inference"}), after=("bucketing",),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -28,15 +29,12 @@ from zerofx.plan import Plan, make_plan
 from zerofx.plan_tp import TPLayout, TPPlanError, resolve_tp_layout
 from zerofx.runtime import zero_ops
 from zerofx.runtime.dist import init_distributed
+from zerofx.runtime.grad_intake import GradIntake
 from zerofx.runtime.loss_scaler import LossScaler
 from zerofx.runtime.optimizer_spec import OptimizerSpec
 from zerofx.runtime.shard_optimizer import ShardOptimizer
 
 log = logging.getLogger(__name__)
-
-# torch 2.13 renamed reduce_scatter_tensor (deprecated, warning per call); 2.11 lacks the new name.
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-
 
 class ZeroRuntime:
     """Flat buffers, shards, pending collectives and step state of one model."""
@@ -67,11 +65,16 @@ class ZeroRuntime:
         self.lr = torch.tensor(self.spec.lr, dtype=torch.float32)
         # float64: the kernels compute with beta1 in double, as torch.optim.Adam does
         self.beta1 = torch.tensor(self.spec.betas[0], dtype=torch.float64)
-        self._pending: list = []
+        self._loss_scaled = False  # fp16: the loss went through backward() this micro-step
         self.comm_wait_s = 0.0
         self.step_builder = None  # set by the backend: traces the optimizer-step graph
         self.step_program = None  # that graph, built at the first step
+        self._names_by_id = {id(p): n for n, p in named}
+        self.aliases = _aliases(model, self._names_by_id)
         self._allocate(named)
+        self.intake = GradIntake(self)
+        self._hooks: list = []
+        self._hook_eager_grads(named)
         self.shard_optimizer = ShardOptimizer(optimizer, named=named, plan=self.plan,
                                               master=self.master) \
             if self.spec.kind == "torch" else None
@@ -152,52 +155,54 @@ class ZeroRuntime:
         """Whether the backward now running ends an accumulation window."""
         return (self.micro_steps + 1) % self.gas == 0
 
-    # ---- backward: called by zerofx::reduce_bucket -------------------------------------
-    @torch.no_grad()
-    def intake(self, index: int, grads) -> None:
-        """Write one bucket's gradients into its flat buffer; at a boundary, reduce it."""
-        b = self.plan.buckets[index]
-        first = self.micro_steps % self.gas == 0
-        if self.full_grads is not None:
-            flat = self.full_grads[b.offset:b.offset + b.padded]
-        else:
-            flat = torch.zeros(b.padded, dtype=self.plan.compute_dtype)
-        for name, g in zip(b.params, grads):
-            s = self.plan.slot(name)
-            dst = flat[s.offset - b.offset:s.end - b.offset]
-            if g is None:
-                if first:
-                    dst.zero_()
-            elif first:
-                dst.copy_(g.reshape(-1))
-            else:
-                dst.add_(g.reshape(-1))
-        if self.is_boundary and self.group is not None:
-            self._pending.append(self._start_collective(b, flat))
+    # ---- backward: gradients from graphs (zerofx::reduce_bucket) and eager hooks ----------
+    def param_name(self, tensor) -> str | None:
+        """The plan's name of a trained parameter, by identity (aliases share one name)."""
+        return self._names_by_id.get(id(tensor))
 
-    def _start_collective(self, b, flat):
-        """Start bucket ``b``'s reduction; returns (work, then) with ``then`` run after it."""
-        if not self.reduces_into_shard:
-            return dist.all_reduce(flat, group=self.group, async_op=True), None
-        mine = self.plan.owned()[b.index]
-        out = self.shard_grads[mine.at:mine.at + mine.numel]
-        if self.gloo_allreduce:
-            # gloo's reduce-scatter is an all-reduce plus a copy and measures 2.2x slower than
-            # all-reduce itself (17M bf16, 2 ranks: 56 vs 25 ms): all-reduce the transient
-            # bucket and keep this rank's slice.
-            piece = flat[mine.start - b.offset:mine.start - b.offset + mine.numel]
-            return (dist.all_reduce(flat, group=self.group, async_op=True),
-                    lambda: out.copy_(piece))
-        return _reduce_scatter(out, flat, group=self.group, async_op=True), None
+    def expect(self, slots) -> None:
+        """A compiled forward ran: its parameters' gradients will come from its backward."""
+        self.intake.expect(slots)
+
+    def take(self, bucket: int, slots, grads) -> None:
+        """One backward graph's gradients for bucket ``bucket`` (see GradIntake)."""
+        self.intake.take(bucket, slots, grads)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()`` with fp16 loss scaling applied at the loss, as DeepSpeed does.
+
+        The scale multiplies the loss itself (a device tensor, no host read), so gradients
+        are scaled exactly once however many graphs the model breaks into.
+        """
+        if self.config.fp16.enabled:
+            loss = loss * self.scaler.scale.to(device=loss.device, dtype=loss.dtype)
+            self._loss_scaled = True
+        loss.backward()
 
     def wait_buckets(self) -> None:
         t0 = time.perf_counter()
-        for work, then in self._pending:
-            work.wait()
-            if then is not None:
-                then()
-        self._pending.clear()
+        self.intake.wait()
         self.comm_wait_s += time.perf_counter() - t0  # what backward did not hide
+
+    def _hook_eager_grads(self, named) -> None:
+        """Gradients autograd accumulates into ``p.grad`` (a parameter used outside any
+        compiled graph) go to the buckets too, and ``p.grad`` stays None."""
+        intake = weakref.ref(self.intake)
+
+        def hook(p):
+            it = intake()
+            if it is None or p.grad is None:
+                return
+            name = it.rt.param_name(p)
+            if it.rt.plan.slot(name).tp is not None:
+                raise ConfigError(f"tensor-parallel parameter {name} got a gradient outside "
+                                  f"the compiled graphs (it ran eagerly); zerofx splits "
+                                  f"weights only inside compiled graphs")
+            it.take_eager(name, p.grad)
+            p.grad = None
+
+        for _, p in named:
+            self._hooks.append(p.register_post_accumulate_grad_hook(hook))
 
     # ---- the step -----------------------------------------------------------------------
     def step(self) -> bool:
@@ -206,8 +211,10 @@ class ZeroRuntime:
         Returns whether an update was attempted (it may still be skipped on overflow).
         """
         boundary = self.is_boundary
+        self._check_loss_scaled()
         self.micro_steps += 1
         if not boundary:
+            self.intake.end_micro_step(boundary=False)
             return False
         if self.step_program is None:
             if self.step_builder is None:
@@ -219,7 +226,15 @@ class ZeroRuntime:
         self._report_skip(self.update_steps - 1)
         self._scale_before.copy_(self.scaler.scale)
         self.step_program(*self.step_inputs())
+        self.intake.end_micro_step(boundary=True)
         return True
+
+    def _check_loss_scaled(self) -> None:
+        if self.config.fp16.enabled and not self._loss_scaled:
+            raise ConfigError(
+                "fp16 loss scaling is applied at the loss: call rt.backward(loss) (or, with "
+                "zerofx.initialize, engine.backward(loss)) instead of loss.backward()")
+        self._loss_scaled = False
 
     def _report_skip(self, step_no: int) -> None:
         """Log the previous step if it was skipped (rank 0), one step late on purpose.
@@ -270,6 +285,17 @@ class ZeroRuntime:
     @property
     def skipped_steps(self) -> int:
         return int(self.skipped)
+
+
+def _aliases(model: nn.Module, names_by_id: dict) -> dict[str, tuple[str, ...]]:
+    """{plan name: the other names model.state_dict() uses for the same tensor} (tied
+    embeddings, BERT's decoder bias): one parameter in the layout, every name on save."""
+    out: dict[str, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        canon = names_by_id.get(id(p))
+        if canon is not None and n != canon:
+            out.setdefault(canon, []).append(n)
+    return {k: tuple(v) for k, v in out.items()}
 
 
 def _accumulation_steps(config: Config, dp_size: int) -> int:

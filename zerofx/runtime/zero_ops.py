@@ -1,4 +1,5 @@
-"""zerofx's communication ops, as graph nodes: ``torch.ops.zerofx.reduce_bucket``, ``loss_scale``.
+"""The ops through which graphs talk to the runtime: gradients in (``reduce_bucket``,
+``expect_grads``), the step's waits and optimizer, tensor-parallel pieces.
 
 Graphs cannot hold a Python object, so an op names the training state it works on by an
 integer id; ``register`` hands out ids and the ops look the state up. The registry holds
@@ -31,26 +32,29 @@ def lookup(sid: int):
 
 
 @torch.library.custom_op("zerofx::reduce_bucket", mutates_args=())
-def reduce_bucket(sid: int, bucket: int, grads: list[torch.Tensor | None]) -> None:
-    """Hand one bucket's gradients to the runtime: it copies them into the bucket's flat
-    buffer and, on an accumulation boundary, starts the bucket's collective (async)."""
-    lookup(sid).intake(bucket, grads)
+def reduce_bucket(sid: int, bucket: int, slots: list[int],
+                  grads: list[torch.Tensor | None]) -> None:
+    """Hand this graph's gradients of one bucket (``slots``: indices into plan.params; op
+    schemas take no strings) to the runtime: it
+    adds them into the bucket's flat buffer and, on an accumulation boundary, starts the
+    bucket's collective (async) once all of its gradients of the step are in."""
+    lookup(sid).take(bucket, slots, grads)
 
 
 @reduce_bucket.register_fake
-def _(sid, bucket, grads):
+def _(sid, bucket, slots, grads):
     return None
 
 
-@torch.library.custom_op("zerofx::loss_scale", mutates_args=())
-def loss_scale(sid: int, like: torch.Tensor) -> torch.Tensor:
-    """The current loss scale as a 0-d tensor of ``like``'s dtype and device (a copy)."""
-    return lookup(sid).scaler.scale.to(dtype=like.dtype, device=like.device).clone()
+@torch.library.custom_op("zerofx::expect_grads", mutates_args=())
+def expect_grads(sid: int, slots: list[int]) -> None:
+    """A compiled forward ran: its backward will deliver gradients of ``slots``."""
+    lookup(sid).expect(slots)
 
 
-@loss_scale.register_fake
-def _(sid, like):
-    return like.new_empty(())
+@expect_grads.register_fake
+def _(sid, slots):
+    return None
 
 
 @torch.library.custom_op("zerofx::wait_buckets", mutates_args=())
@@ -97,6 +101,7 @@ def _(sid, name):
 
 
 # Ops without outputs would be dead code to FX; they act by side effect.
-for _op in (torch.ops.zerofx.reduce_bucket.default, torch.ops.zerofx.wait_buckets.default,
+for _op in (torch.ops.zerofx.reduce_bucket.default, torch.ops.zerofx.expect_grads.default,
+            torch.ops.zerofx.wait_buckets.default,
             torch.ops.zerofx.shard_optimizer_step.default):
     has_side_effect(_op)
