@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from zerofx.checkpoint_io import CheckpointError, full_state, resolve_tag
+from zerofx.checkpoint_io import CheckpointError, full_state, resolve_tag, with_aliases
 
 
 def consolidate(ckpt_dir, out, *, tag=None, echo=print) -> dict[str, torch.Tensor]:
@@ -29,7 +29,7 @@ def consolidate(ckpt_dir, out, *, tag=None, echo=print) -> dict[str, torch.Tenso
     if path is None:
         raise CheckpointError(f"{Path(ckpt_dir) / 'latest'} does not exist; pass --tag "
                               f"(the tag directories in {ckpt_dir})")
-    state = full_state(path, "master", on_file=lambda f: echo(f"read {f}"))
+    state = with_aliases(path, full_state(path, "master", on_file=lambda f: echo(f"read {f}")))
     tmp = out.with_name(f".{out.name}.tmp")  # never leave a half-written output behind
     try:
         torch.save(state, tmp)
@@ -37,7 +37,7 @@ def consolidate(ckpt_dir, out, *, tag=None, echo=print) -> dict[str, torch.Tenso
     except (OSError, RuntimeError) as e:  # torch.save raises RuntimeError for some I/O errors
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"cannot write {out} ({e}); pick a writable -o path") from None
-    total = sum(t.numel() for t in state.values())
+    total = sum(t.numel() for t in {id(t): t for t in state.values()}.values())
     echo(f"wrote {out}: {len(state)} parameters, {total} elements (fp32) from {path}")
     return state
 

@@ -133,7 +133,7 @@ def _save(obj, path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _meta(plan, client_state, *, whole: bool) -> dict:
+def _meta(plan, client_state, *, whole: bool, aliases: dict) -> dict:
     """meta.pt: the layout of this TP rank's pieces, or (``whole``) the TP checkpoint's
     list of whole parameters and how each is split."""
     def param(p):
@@ -148,6 +148,8 @@ def _meta(plan, client_state, *, whole: bool) -> dict:
             "dp_size": plan.grid.dp_size, "zero_stage": plan.zero_stage,
             "sharded": plan.sharded, "padded_numel": plan.padded_numel,
             "compute_dtype": plan.compute_dtype, "params": [param(p) for p in plan.params],
+            # other names of the same tensor (tied weights): consolidated under every name
+            "aliases": {k: list(v) for k, v in aliases.items()},
             "client_state": client_state}
 
 
@@ -155,11 +157,11 @@ def _write_files(rt, tmp: Path, dp_rank: int, client_state, first: bool) -> None
     plan = rt.plan
     if plan.grid.tp_size > 1:
         if first:
-            _save(_meta(plan, client_state, whole=True), tmp / META_FILE)
+            _save(_meta(plan, client_state, whole=True, aliases=rt.aliases), tmp / META_FILE)
         tmp = tmp / tp_dir(plan.grid.tp_rank(plan.rank))
         tmp.mkdir(exist_ok=True)
     if dp_rank == 0:
-        _save(_meta(plan, client_state, whole=False), tmp / META_FILE)
+        _save(_meta(plan, client_state, whole=False, aliases=rt.aliases), tmp / META_FILE)
     _save({"dp_rank": dp_rank,
            "ranges": [[r.start, r.numel, r.at] for r in plan.owned()],
            **{k: getattr(rt, k) for k in STATE_KEYS},

@@ -206,6 +206,22 @@ def full_states(tag_dir, keys=STATE_KEYS, on_file: Callable[[Path], None] | None
     return joined, per_rank[0][1]
 
 
+def with_aliases(tag_dir, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` plus every other name model.state_dict() uses for a tied tensor (the same
+    tensor object, so torch.save stores it once), for ``load_state_dict(strict=True)``."""
+    aliases = read_meta(Path(tag_dir)).get("aliases", {})
+    if not isinstance(aliases, dict) or not all(
+            isinstance(k, str) and isinstance(v, list) and all(isinstance(n, str) for n in v)
+            for k, v in aliases.items()):
+        raise CheckpointError(f"{Path(tag_dir) / META_FILE}: 'aliases' is not a map of names; "
+                              f"the file is corrupt")
+    out = dict(state)
+    for canon, others in aliases.items():
+        if canon in state:
+            out.update(dict.fromkeys(others, state[canon]))
+    return out
+
+
 def join_tp_pieces(pieces: list[torch.Tensor], dim: int, parts: int) -> torch.Tensor:
     """The whole parameter from its TP ranks' pieces (inverse of TPShard.local_piece): each
     piece holds its block of every part, so blocks are regrouped part by part."""
