@@ -29,7 +29,9 @@ setup(
         "ninja",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "pytest-timeout>=2"],
+        # transformers: the Hugging Face model zoo of the tests (tiny random-init configs)
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "pytest-timeout>=2",
+                 "transformers>=4.45"],
     },
     entry_points={
         # Lets torch.compile(model, backend="zero") find us without `import zerofx`.

@@ -79,10 +79,11 @@ def render(args) -> str:
         elif args.diff:
             out.append(render_diff(d, args.diff))
         else:
-            plan = d.parent / "plan.txt"
-            if plan.exists() and plan not in plans_shown:
-                plans_shown.add(plan)
-                out.append(plan.read_text())
+            for name in ("graph.txt", "plan.txt"):
+                extra = d.parent / name
+                if extra.exists() and extra not in plans_shown:
+                    plans_shown.add(extra)
+                    out.append(extra.read_text())
             out.append(render_graph(d))
     return "\n".join(out)
 
@@ -93,7 +94,7 @@ def parse_args(argv=None):
     p.add_argument("dir", help="the dump directory (what ZEROFX_DUMP named)")
     p.add_argument("--rank", type=int, help="only this rank")
     p.add_argument("--graph", help="only this compiled graph (e.g. g0_0)")
-    p.add_argument("--kind", choices=["joint", "forward", "backward", "inference"])
+    p.add_argument("--kind", choices=["joint", "forward", "backward", "inference", "optimizer"])
     which = p.add_mutually_exclusive_group()
     which.add_argument("--show", metavar="PASS", help="print the graph after PASS")
     which.add_argument("--diff", metavar="PASS", help="print what PASS changed")

@@ -105,8 +105,9 @@ def _prepare(gm, example_inputs, config: Config, extra, runtime) -> Compilation:
     passes = build_pipeline(config, extra=extra, with_runtime=runtime is not None)
     comp = Compilation(config, plan, passes, roles, graph_id, world.rank, dump_root, runtime)
     if dump_root:
-        GraphDump.create(dump_root, rank=world.rank, graph=graph_id).write_text(
-            "plan.txt", plan.describe() + "\n")
+        gd = GraphDump.create(dump_root, rank=world.rank, graph=graph_id)
+        gd.write_text("plan.txt", plan.describe() + "\n")
+        gd.write_text("graph.txt", describe_graph(graph_id, roles, plan, _break_reason()))
     if runtime is not None and runtime.step_builder is None:
         # Traced at the first step, outside Dynamo's tracing context (whose fake mode would
         # make the step's buffer sizes symbolic).
@@ -117,6 +118,32 @@ def _prepare(gm, example_inputs, config: Config, extra, runtime) -> Compilation:
     log.info("zero backend: compiling %s (%d inputs, %d params, passes: %s)", graph_id,
              len(roles), len(params), ", ".join(p.name for p in comp.passes) or "none")
     return comp
+
+
+def _break_reason() -> str | None:
+    """Why Dynamo ended this graph here: its reason and the model's file:line (None when
+    the graph ends at the function's return)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        reason = InstructionTranslator.current_tx().output.compile_subgraph_reason
+    except Exception:  # noqa: BLE001 - a private API: the dump goes on without it
+        return None
+    if reason is None or not reason.graph_break:
+        return None
+    where = [f"{f.filename}:{f.lineno}" for f in reason.user_stack][-1:] or ["?"]
+    return f"{reason.reason.strip().splitlines()[0]} at {where[0]}"
+
+
+def describe_graph(graph_id: str, roles, plan: Plan, reason: str | None) -> str:
+    """graph.txt: where this graph ends and which trained parameters it owns."""
+    planned = {s.name for s in plan.params}
+    owned = [r.name for r in roles if r.kind == "param" and r.name in planned]
+    end = f"ends at a graph break: {reason}" if reason else "ends at the function's return"
+    lines = [f"graph {graph_id}: {end}",
+             f"trained parameters in this graph: {len(owned)} of {len(plan.params)}",
+             *(f"  {n}" for n in owned)]
+    return "\n".join(lines) + "\n"
 
 
 def _flat_inputs(gm: fx.GraphModule, example_inputs) -> list:

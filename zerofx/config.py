@@ -298,6 +298,11 @@ class ZerofxConfig:
     """Write per-pass graph dumps into this directory."""
     disable_passes: tuple[str, ...] = setting((), names)
     """Names of passes to skip (checked against the pass registry by the pipeline)."""
+    fullgraph: bool = setting(False, boolean)
+    """The engine compiles with torch.compile(fullgraph=True): a graph break is an error
+    that names it (breaks are allowed by default; each costs a graph boundary)."""
+    dynamic: bool | None = setting(None, optional(boolean))
+    """torch.compile's ``dynamic`` for the engine (None: Dynamo decides on recompiles)."""
 
     def __post_init__(self) -> None:
         validate(self)

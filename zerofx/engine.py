@@ -86,7 +86,9 @@ class ZeroEngine(nn.Module):
         self.config = config
         self.module = model
         self.runtime = ZeroRuntime(model, config, optimizer=optimizer, mpu=mpu)
-        self.compiled = torch.compile(model, backend="zero", options={"runtime": self.runtime})
+        self.compiled = torch.compile(model, backend="zero", options={"runtime": self.runtime},
+                                      fullgraph=config.zerofx.fullgraph,
+                                      dynamic=config.zerofx.dynamic)
         self.optimizer = self.runtime  # DeepSpeed hands back its optimizer wrapper likewise
         # last_batch_iteration=-1 is DeepSpeed's start: its k-th step uses lr_at(k - 1).
         self.lr_scheduler = lr_scheduler or (

@@ -1,0 +1,56 @@
+"""Tiny random-init Hugging Face models, called as their users call them (``labels=``).
+
+Nothing is downloaded: each model is built from a config. Dropout is switched off (in the
+config where the model reads a float, on every nn.Dropout otherwise) so a run compares
+exactly with a single-process reference.
+"""
+from __future__ import annotations
+
+import torch
+
+VOCAB = 64
+HF_MODELS = ("gpt2", "bert_mlm", "llama", "t5", "mixtral")
+
+
+def _build(name: str):
+    import transformers as T
+
+    if name == "gpt2":
+        return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=32,
+                                              n_layer=2, n_head=2, bos_token_id=0,
+                                              eos_token_id=0))
+    if name == "bert_mlm":  # cls.predictions.bias is decoder.bias: an alias
+        return T.BertForMaskedLM(T.BertConfig(vocab_size=VOCAB, hidden_size=32,
+                                              num_hidden_layers=1, num_attention_heads=2,
+                                              intermediate_size=64, max_position_embeddings=32))
+    if name == "llama":  # grouped-query attention: 4 query heads, 2 kv heads
+        return T.LlamaForCausalLM(T.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+    if name == "t5":  # encoder-decoder, shared embedding tied to the LM head
+        return T.T5ForConditionalGeneration(T.T5Config(
+            vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1,
+            num_heads=4, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0))
+    if name == "mixtral":  # mixture of experts: top-2 of 4 experts per token
+        return T.MixtralForCausalLM(T.MixtralConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+            num_experts_per_tok=2, max_position_embeddings=32))
+    raise KeyError(name)
+
+
+def make_hf(name: str):
+    torch.manual_seed(0)
+    model = _build(name)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model.train()
+
+
+def hf_batch(name: str, seed: int, *, n: int = 2, t: int = 8) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (n, t), generator=g)
+    if name == "t5":
+        return {"input_ids": ids, "labels": torch.randint(1, VOCAB, (n, 5), generator=g)}
+    return {"input_ids": ids, "labels": ids}
