@@ -145,3 +145,21 @@ def test_fp16_converges_like_fp32(no_torchrun_env):
 def test_fp16_with_early_overflows_still_trains(no_torchrun_env):
     losses = _train(_fp16(power=16), steps=30)  # 2**16 overflows at first: skips, then trains
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_overflow_at_the_minimum_scale_stops_training_as_deepspeed_does(no_torchrun_env):
+    from zerofx.runtime.zero import LossScaleError
+
+    cfg = _fp16(power=1, hysteresis=1)
+    cfg["fp16"]["min_loss_scale"] = 2.0  # the scale starts at its floor
+    _, rt, compiled, (x, y) = _runtime(cfg)
+    bad = x.clone()
+    bad[0, 0] = float("inf")
+    rt.backward(compiled(bad, y))
+    rt.step()  # skipped at the floor: DeepSpeed raises here, zerofx at its next host check
+    before = [t.clone() for t in (rt.master, rt.exp_avg, rt.flat_params)]
+    rt.backward(compiled(x, y))
+    with pytest.raises(LossScaleError, match="min_loss_scale 2"):
+        rt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, (rt.master, rt.exp_avg,
+                                                          rt.flat_params)))

@@ -91,3 +91,37 @@ def test_tied_and_aliased_weights_are_one_parameter(no_torchrun_env):
     assert "dec.weight" not in names and "dec.bias" not in names
     assert "frozen.weight" not in names  # frozen: not trained, not in the layout
     assert rt.aliases == {"enc.weight": ("dec.weight",), "bias_alias": ("dec.bias",)}
+
+
+def test_recompiles_and_eval_between_steps_share_one_layout(no_torchrun_env, tmp_path):
+    import zerofx
+
+    model, ref = make_zoo("breaks"), make_zoo("breaks")
+    cfg = dict(_cfg(2, 1), zerofx={"dump_dir": str(tmp_path)})
+    rt = zerofx.ZeroRuntime(model, cfg)
+    compiled = torch.compile(model, backend="zero", options={"runtime": rt})
+    opt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=0.01)
+    programs = set()
+    for step, n in enumerate((4, 6, 3, 4)):  # new batch sizes: Dynamo recompiles
+        batch = zoo_batch(step, n=n)
+        rt.backward(compiled(*batch))
+        rt.step()
+        programs.add(id(rt.step_program))
+        with torch.no_grad():  # an eval graph between steps
+            evaluated = compiled(*zoo_batch(99, n=n))
+        ref(*batch).backward()
+        for p in ref.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            torch.testing.assert_close(evaluated, ref(*zoo_batch(99, n=n)), rtol=1e-5, atol=1e-6)
+    assert len(programs) == 1  # one step graph, one set of buckets, whatever recompiled
+    rel = float((_vector(model) - _vector(ref)).norm() / _vector(ref).norm())
+    assert rel <= 1e-5
+    texts = [p.read_text() for p in tmp_path.glob("rank0/*/graph.txt")]
+    breaks = [t for t in texts if "ends at a graph break" in t]
+    assert any("zoo_models.py:" in t for t in breaks), texts
+    assert any("inp.weight" in t for t in texts)  # which graph owns which parameters

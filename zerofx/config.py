@@ -81,7 +81,9 @@ class FP16Config:
     hysteresis: int = setting(2, integer(1))
     """Overflows tolerated before the dynamic scale is halved (DeepSpeed's delayed shift)."""
     min_loss_scale: float = setting(1.0, number(0.0, lo_open=True))
-    """The dynamic scale never drops below this."""
+    """The dynamic scale never drops below this; an overflow there stops training."""
+    consecutive_hysteresis: bool = setting(False, boolean)
+    """Refill the hysteresis on every overflow-free step (else only when the scale grows)."""
 
     def __post_init__(self) -> None:
         validate(self)

@@ -1,19 +1,25 @@
 """Loss scaling state on the device: DeepSpeed's DynamicLossScaler, without host reads.
 
-The algorithm is DeepSpeed's current ``DynamicLossScaler.update_scale`` (the one its ZeRO
-optimizers use, ``consecutive_hysteresis=False``):
+The rule is DeepSpeed's ``DynamicLossScaler.update_scale`` (deepspeed/runtime/fp16/
+loss_scaler.py), transcribed from its code:
 
-    overflow:     if hysteresis == 1 (or delayed_shift == 1): scale = max(scale / 2, min_scale)
+    overflow:     if delayed_shift == 1 or hysteresis == 1:
+                      scale at min_scale already: DeepSpeed raises ("cannot decrease")
+                      else scale = max(scale / 2, min_scale)
                   else: hysteresis -= 1
                   last_overflow_iter = iter
-    no overflow:  if (iter - last_overflow_iter) % window == 0:
-                      hysteresis = delayed_shift; scale *= 2
+    no overflow:  if consecutive_hysteresis: hysteresis = delayed_shift
+                  stable = (iter - last_overflow_iter) - 1
+                  if stable > 0 and stable % window == 0:
+                      if not consecutive_hysteresis: hysteresis = delayed_shift
+                      scale *= 2
     iter += 1
 
 Every quantity is a 0-d tensor and ``update`` is branch-free (torch.where), so the step never
-reads the scale on the host and changing it never recompiles a graph. DeepSpeed raises when an
-overflow arrives at the minimum scale; here the scale stays at the floor (raising would need a
-host read every step) and the engine logs it.
+reads the scale on the host and changing it never recompiles a graph. Where DeepSpeed raises
+at the minimum scale, the device counts the event (``floor_hits``) and the runtime raises at
+its next host check, one step later, with the skipped step's state untouched. Growth stops
+at 2**127 (MAX_SCALE), the largest power of two in float32.
 """
 from __future__ import annotations
 
@@ -24,6 +30,9 @@ import torch
 from zerofx.config import FP16Config
 
 STATE_KEYS = ("scale", "hysteresis", "iter", "last_overflow_iter")
+# The largest power of two a float32 holds: DeepSpeed's Python-float scale may double past
+# it, but a float32 scale of inf would stay inf when halved and skip every step after.
+MAX_SCALE = 2.0 ** 127
 
 
 @dataclass
@@ -38,6 +47,10 @@ class LossScaler:
     window: int
     delayed_shift: int
     min_scale: float
+    consecutive_hysteresis: bool = False
+    # int64, 0-d: overflows that arrived with the scale already at min_scale (DeepSpeed
+    # raises on the first); transient, not checkpointed
+    floor_hits: torch.Tensor | None = None
 
     @classmethod
     def from_config(cls, fp16: FP16Config, *, device="cpu") -> "LossScaler":
@@ -51,20 +64,27 @@ class LossScaler:
 
         return cls(t(initial, torch.float32), t(fp16.hysteresis, torch.int64),
                    t(0, torch.int64), t(-1, torch.int64), dynamic, fp16.loss_scale_window,
-                   fp16.hysteresis, fp16.min_loss_scale)
+                   fp16.hysteresis, fp16.min_loss_scale, fp16.consecutive_hysteresis,
+                   t(0, torch.int64))
 
     @torch.no_grad()
     def update(self, overflow: torch.Tensor) -> None:
         """Advance one step given a 0-d bool ``overflow`` (already agreed across ranks)."""
         if not self.dynamic:
             return
+        clean = ~overflow
         halve = overflow & ((self.hysteresis == 1) | (self.delayed_shift == 1))
-        grow = ~overflow & ((self.iter - self.last_overflow_iter) % self.window == 0)
+        stable = (self.iter - self.last_overflow_iter) - 1
+        grow = clean & (stable > 0) & (stable % self.window == 0)
+        refill = clean & (torch.ones_like(clean) if self.consecutive_hysteresis else grow)
+        if self.floor_hits is not None:
+            self.floor_hits.add_((halve & (self.scale <= self.min_scale)).long())
         new_scale = torch.where(halve, torch.clamp(self.scale / 2, min=self.min_scale),
-                                torch.where(grow, self.scale * 2, self.scale))
+                                torch.where(grow, torch.clamp(self.scale * 2, max=MAX_SCALE),
+                                            self.scale))
         new_hyst = torch.where(overflow & ~halve, self.hysteresis - 1,
-                               torch.where(grow, torch.full_like(self.hysteresis,
-                                                                 self.delayed_shift),
+                               torch.where(refill, torch.full_like(self.hysteresis,
+                                                                   self.delayed_shift),
                                            self.hysteresis))
         self.last_overflow_iter.copy_(torch.where(overflow, self.iter, self.last_overflow_iter))
         self.scale.copy_(new_scale)

@@ -36,7 +36,7 @@ def make_step_fn(rt):
     divisor = float(plan.grid.dp_size * rt.gas)
 
     def step_fn(shard_grads, full_grads, master, exp_avg, exp_avg_sq, shard_lowp, flat_params,
-                lr, step, scale, hysteresis, it, last_overflow, skipped, beta1):
+                lr, step, scale, hysteresis, it, last_overflow, skipped, beta1, floor_hits):
         torch.ops.zerofx.wait_buckets(sid)
         if plan.sharded and not reduced_in_shard:  # stage 1: keep only what this rank owns
             for r in owned:
@@ -60,7 +60,8 @@ def make_step_fn(rt):
         if plan.sharded:
             _gather_params(shard_lowp, flat_params, chunks, dp, group)
         LossScaler(scale, hysteresis, it, last_overflow, scaler.dynamic, scaler.window,
-                   scaler.delayed_shift, scaler.min_scale).update(overflow)
+                   scaler.delayed_shift, scaler.min_scale, scaler.consecutive_hysteresis,
+                   floor_hits).update(overflow)
         skipped.add_(overflow.long())
 
     return step_fn

@@ -242,7 +242,16 @@ class ZeroRuntime:
         Reading the skip counter right after the step would stall on its result; a step
         later it is long computed, so the host read costs nothing.
         """
-        if self.plan.rank != 0 or self.step_program is None:
+        if self.step_program is None:
+            return
+        if int(self.scaler.floor_hits):  # every rank: the same device state everywhere
+            self.scaler.floor_hits.zero_()
+            raise LossScaleError(
+                f"fp16 loss scale is at its minimum (min_loss_scale {self.scaler.min_scale:g}) "
+                f"and the gradients still overflow (step {step_no} skipped, parameters "
+                f"untouched): DeepSpeed stops here too. Lower the learning rate, fix the "
+                f"inf/NaN in the model or data, lower min_loss_scale, or use bf16")
+        if self.plan.rank != 0:
             return
         skipped = int(self.skipped)
         if skipped > self._skips_reported:
@@ -256,7 +265,8 @@ class ZeroRuntime:
         full = self.full_grads if self.full_grads is not None else self.shard_grads
         return [self.shard_grads, full, self.master, self.exp_avg, self.exp_avg_sq,
                 self.shard_lowp, self.flat_params, self.lr, self.step_count, s.scale,
-                s.hysteresis, s.iter, s.last_overflow_iter, self.skipped, self.beta1]
+                s.hysteresis, s.iter, s.last_overflow_iter, self.skipped, self.beta1,
+                s.floor_hits]
 
     @property
     def update_steps(self) -> int:
@@ -285,6 +295,10 @@ class ZeroRuntime:
     @property
     def skipped_steps(self) -> int:
         return int(self.skipped)
+
+
+class LossScaleError(RuntimeError):
+    """Overflow with the dynamic loss scale already at min_loss_scale."""
 
 
 def _aliases(model: nn.Module, names_by_id: dict) -> dict[str, tuple[str, ...]]:

@@ -1,0 +1,38 @@
+"""zerofx errors on a multi-rank run: one line, printed once, by the rank that found it."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from zerofx.config import ConfigError
+from zerofx.runtime.error_report import zerofx_error
+
+SCRIPT = Path(__file__).parent / "launch_scripts" / "config_error.py"
+
+
+def test_finds_the_zerofx_error_behind_dynamos_wrapper():
+    inner = ConfigError("tensor_parallel.plan: bad")
+    try:
+        try:
+            raise inner
+        except ConfigError as e:
+            raise RuntimeError("BackendCompilerFailed") from e
+    except RuntimeError as outer:
+        assert zerofx_error(outer) is inner
+    assert zerofx_error(KeyError("x")) is None  # a bug keeps its traceback
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_same_error_on_every_rank_is_one_line(tmp_path):
+    from test_launch import free_port
+
+    done = subprocess.run([sys.executable, "-m", "zerofx.tools.launch", "--num_procs", "2",
+                           "--master_port", str(free_port()), str(SCRIPT)], cwd=tmp_path,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=100)
+    text = done.stdout + done.stderr
+    assert done.returncode != 0, text
+    lines = [line for line in text.splitlines() if "zerofx: error" in line]
+    assert len(lines) == 1, text
+    assert "matches no Linear layer" in lines[0] and "Traceback" not in text
