@@ -12,7 +12,7 @@ setup(
     description="DeepSpeed-style ZeRO training as a torch.compile backend made of torch.fx passes",
     python_requires=">=3.10",
     # tools/ holds the command-line programs; it is installed as zerofx.tools so the console
-    # scripts work after a plain `pip install` (DESIGN.md: tools/ sits above the package).
+    # scripts work after a plain `pip install` (docs/design.md: tools/ sits above the package).
     package_dir={"zerofx": "zerofx", "zerofx.tools": "tools"},
     packages=["zerofx", "zerofx.passes", "zerofx.runtime", "zerofx.tools"],
     package_data={"zerofx": ["csrc/*.cpp", "csrc/*.h", "csrc/*.cu", "passes/README.md"]},

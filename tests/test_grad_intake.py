@@ -31,9 +31,9 @@ def test_buckets_launch_in_order_only_when_complete(no_torchrun_env):
     for b in range(3):
         it.expect(_slots(rt, b))
     # bucket 1 completes first (another graph's backward): it must wait for bucket 0
-    it.take(1, _slots(rt, 1), [torch.ones(rt.plan.params[i].numel) for i in _slots(rt, 1)])
+    it.take(_slots(rt, 1), [torch.ones(rt.plan.params[i].numel) for i in _slots(rt, 1)])
     assert it._launched == 0
-    it.take(0, _slots(rt, 0), [torch.ones(rt.plan.params[i].numel) for i in _slots(rt, 0)])
+    it.take(_slots(rt, 0), [torch.ones(rt.plan.params[i].numel) for i in _slots(rt, 0)])
     assert it._launched == 2  # 0 and the waiting 1 together; 2 still missing
     it.wait()
     assert it._launched == 3
@@ -44,7 +44,7 @@ def test_missing_gradients_are_zero_and_old_values_do_not_leak(no_torchrun_env):
     rt.full_grads.fill_(7.0)  # stale values of an earlier step
     slots = _slots(rt, 0)
     first = slots[:1]
-    rt.intake.take(0, first, [torch.full((rt.plan.params[first[0]].numel,), 2.0)])
+    rt.intake.take(first, [torch.full((rt.plan.params[first[0]].numel,), 2.0)])
     rt.intake.wait()
     for i, s in enumerate(rt.plan.params):
         got = rt.full_grads[s.offset:s.end]
@@ -56,8 +56,8 @@ def test_two_graphs_add_into_one_parameter(no_torchrun_env):
     (i, *_) = _slots(rt, 0)
     n = rt.plan.params[i].numel
     for micro in range(2):  # two graphs in each of two micro-steps
-        rt.intake.take(0, [i], [torch.ones(n)])
-        rt.intake.take(0, [i], [torch.ones(n)])
+        rt.intake.take([i], [torch.ones(n)])
+        rt.intake.take([i], [torch.ones(n)])
         rt.intake.end_micro_step(boundary=False)
     s = rt.plan.params[i]
     assert torch.all(rt.full_grads[s.offset:s.end] == 4.0)
@@ -68,7 +68,7 @@ def test_gradient_after_its_bucket_was_reduced_is_an_error(no_torchrun_env):
     rt.intake.finish()  # the boundary's backward ended: every bucket launched
     (i, *_) = _slots(rt, 0)
     with pytest.raises(LateGradientError, match="once per micro-step"):
-        rt.intake.take(0, [i], [torch.ones(rt.plan.params[i].numel)])
+        rt.intake.take([i], [torch.ones(rt.plan.params[i].numel)])
 
 
 def test_eager_gradient_goes_to_the_bucket_and_not_to_p_grad(no_torchrun_env):

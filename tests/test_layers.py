@@ -1,4 +1,4 @@
-"""DESIGN.md's layer rules: arrows point down only. Checked on the import statements."""
+"""docs/design.md's layer rules: arrows point down only. Checked on the import statements."""
 import ast
 from pathlib import Path
 
@@ -11,7 +11,7 @@ ALLOWED = {
     "zerofx.config": ["zerofx.config"],
     "zerofx.plan": ["zerofx.plan", "zerofx.config"],  # plan_tp: its tensor-parallel part
     "zerofx.csrc": [],
-    # DESIGN.md: "the runtime allocates from [the plan]", so runtime may read it.
+    # docs/design.md: "the runtime allocates from [the plan]", so runtime may read it.
     "zerofx.runtime": ["zerofx.runtime", "zerofx.plan", "zerofx.config"],
     "zerofx.passes": ["zerofx.passes", "zerofx.plan", "zerofx.config"],
     "zerofx.backend": ["zerofx.passes", "zerofx.runtime", "zerofx.plan", "zerofx.config",

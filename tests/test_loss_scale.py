@@ -50,7 +50,7 @@ def test_loss_scaled_once_at_the_loss_and_buckets_handed_over(no_torchrun_env):
         assert torch.allclose(got, want, rtol=2e-2, atol=1e-3), s.name
     bw = graphs["backward"].graph
     reduces = [n for n in bw.nodes if n.target == torch.ops.zerofx.reduce_bucket.default]
-    assert [n.args[1] for n in reduces] == list(range(len(rt.plan.buckets)))
+    assert len(reduces) == len(rt.plan.buckets)  # one per bucket (the mlp: one graph)
     assert all(added_by(n) == "bucketing" for n in reduces)
     assert all(v is None for v in bw.output_node().args[0][:4])  # no param grads to autograd
 

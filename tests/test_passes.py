@@ -77,7 +77,7 @@ def test_declared_pipeline_follows_config():
     assert [p.name for p in build_pipeline(bf16)] == ["mixed_precision", "matmul_tuning"]
     fp16_zero = Config.from_dict({"fp16": {"enabled": True}})
     assert [p.name for p in build_pipeline(fp16_zero, with_runtime=True)] == \
-        ["mixed_precision", "bucketing", "expect_grads", "matmul_tuning", "schedule"]
+        ["mixed_precision", "param_identity", "bucketing", "matmul_tuning", "schedule"]
     off = Config.from_dict({"bf16": {"enabled": True},
                             "zerofx": {"disable_passes": ["mixed_precision", "matmul_tuning"]}})
     assert build_pipeline(off) == ()

@@ -79,7 +79,31 @@ class EagerPart(nn.Module):
         return F.mse_loss(self.c(h), y)
 
 
-ZOO = {"breaks": Breaks, "shared": Shared, "eager": EagerPart}
+class Loop(nn.Module):
+    """A graph break inside a loop over blocks: Dynamo compiles ``_Block.forward`` once and
+    calls that one graph for every block, each time with other parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(_Block() for _ in range(4))
+
+    def forward(self, x, y):
+        for block in self.blocks:
+            x = block(x)
+            torch._dynamo.graph_break()
+        return F.mse_loss(x, y)
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(D, 2 * D), nn.Linear(2 * D, D)
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(x)))
+
+
+ZOO = {"breaks": Breaks, "shared": Shared, "eager": EagerPart, "loop": Loop}
 
 
 def make_zoo(name: str) -> nn.Module:

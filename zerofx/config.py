@@ -1,6 +1,6 @@
 """Typed zerofx configuration and the reader for DeepSpeed's JSON config format.
 
-The only module that knows raw JSON key strings (DESIGN.md rule 5): everything downstream reads
+The only module that knows raw JSON key strings (docs/design.md, conventions): everything downstream reads
 the frozen dataclasses below. Attribute names mirror DeepSpeed's JSON keys so a DeepSpeed user
 recognises them, and the defaults are DeepSpeed's.
 

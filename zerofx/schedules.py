@@ -13,7 +13,7 @@ and does not step), so its k-th optimizer step uses `lr_at(k - 1)`: pass
 `last_batch_iteration=-1` to `make_schedule` for that exact timing.
 
 The lr is a plain float: the engine copies it into the step graph's lr tensor input, so a
-changing lr never recompiles (see DESIGN.md, "state that changes every step").
+changing lr never recompiles (docs/design.md: "state that changes every step").
 """
 from __future__ import annotations
 

@@ -64,9 +64,9 @@ class PassSpec:
 def declared_passes() -> tuple[PassSpec, ...]:
     """Every zerofx pass, in pipeline order. Importing here keeps pass modules independent."""
     from zerofx.passes.bucketing import bucketing_pass
-    from zerofx.passes.expect_grads import expect_grads_pass
     from zerofx.passes.matmul_tuning import matmul_tuning_pass
     from zerofx.passes.mixed_precision import mixed_precision_pass
+    from zerofx.passes.param_identity import param_identity_pass
     from zerofx.passes.schedule import schedule_pass
     from zerofx.passes.tensor_parallel import tensor_parallel_pass
 
@@ -76,9 +76,11 @@ def declared_passes() -> tuple[PassSpec, ...]:
         PassSpec("tensor_parallel", tensor_parallel_pass, frozenset({"joint", "inference"}),
                  after=("mixed_precision",),
                  enabled=lambda cfg: cfg.tensor_parallel.size > 1, needs_runtime=True),
-        PassSpec("bucketing", bucketing_pass, frozenset({"backward"}), needs_runtime=True),
-        PassSpec("expect_grads", expect_grads_pass, frozenset({"forward"}),
-                 needs_runtime=True),
+        # Last on the joint graph: tags the final parameter gradients of each call.
+        PassSpec("param_identity", param_identity_pass, frozenset({"joint"}),
+                 after=("mixed_precision", "tensor_parallel"), needs_runtime=True),
+        PassSpec("bucketing", bucketing_pass, frozenset({"backward"}),
+                 requires=("param_identity",), needs_runtime=True),
         # Eager execution only: Inductor picks its own GEMM forms.
         PassSpec("matmul_tuning", matmul_tuning_pass,
                  frozenset({"forward", "backward", "inference"}), after=("bucketing",),

@@ -1,57 +1,58 @@
-"""bucketing: hand this graph's gradients to the plan's buckets as soon as each is produced.
+"""bucketing: hand this call's parameter gradients to the buckets as soon as they exist.
 
-    before:  ... g_w2 = mm(..) ... g_w1 = mm(..) ...        return (g_w1, g_b1, g_w2, ...)
+    before:  ... g_w2 = mm(..) ...  t2 = zerofx.tag_grad(g_w2, slots, 1) ...
+             return (zerofx.tag_grad(g_w1, slots, 0), t2, ...)
     after:   ... g_w2 = mm(..) ... g_b2 = ..
-                 zerofx.reduce_bucket(sid, 0, [2, 3], [g_w2, g_b2])   # plan.params 2, 3
+                 zerofx.reduce_bucket(sid, slots, [1, 2], [g_w2, g_b2])   # a bucket's worth
              ... g_w1 = mm(..) ...
-                 zerofx.reduce_bucket(sid, 1, [0, 1], [g_w1, g_b1])
-             return (None, None, None, ...)                   # autograd gets no param grads
+                 zerofx.reduce_bucket(sid, slots, [0], [g_w1])
+             return (None, None, ...)                       # autograd gets no param grads
 
-A step is many graphs (graph breaks, eager code): each backward hands over only the
-parameters it owns, right after the last of its gradients in that bucket is produced. The
-runtime (GradIntake) starts a bucket's collective once its gradients from every graph of
-the step are in, so it overlaps the rest of the backward; the wait is in the optimizer step.
-Buckets come from the plan (one source of truth for layout); parameters are matched by
-identity, so an alias (BERT's decoder bias) or a tied weight is one parameter.
+``slots`` (from param_identity) says which plan parameters this call read; each op goes
+right after the last gradient of one group, grouped by the buckets of the parameters the
+graph was traced with, so the runtime (GradIntake) can start a bucket's collective while
+the rest of the backward runs. The wait is in the optimizer step.
 """
 from __future__ import annotations
 
-from torch import fx
 import torch
+from torch import fx
 
 from zerofx.passes import PassContext
 
-
-def trained_inputs(ctx: PassContext) -> dict[str, int]:
-    """{plan name: forward input index} of the trained parameters this graph reads."""
-    planned = {s.name for s in ctx.plan.params}
-    return {r.name: i for i, r in enumerate(ctx.roles)
-            if r.kind == "param" and r.name in planned}
-
-
-def slot_indices(ctx: PassContext, names) -> list[int]:
-    """Positions in plan.params (op schemas take ints, not strings)."""
-    index = {s.name: i for i, s in enumerate(ctx.plan.params)}
-    return [index[n] for n in names]
-
-
 def bucketing_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """Insert one zerofx.reduce_bucket per bucket this graph touches; params' grads -> None."""
+    """Replace tag_grad outputs by one zerofx.reduce_bucket per bucket group."""
+    tag_op = torch.ops.zerofx.tag_grad.default  # registered by the runtime, which runs this
     out = gm.graph.output_node()
-    grads = list(out.args[0])
-    index_of = trained_inputs(ctx)
+    outputs = list(out.args[0])
+    tagged = [(k, n) for k, n in enumerate(outputs)
+              if isinstance(n, fx.Node) and n.op == "call_function" and n.target is tag_op]
+    if not tagged:
+        return gm
     position = {n: i for i, n in enumerate(gm.graph.nodes)}
-    for b in ctx.plan.buckets:
-        names = [name for name in b.params if name in index_of]
-        if not names:
-            continue
-        nodes = [grads[index_of[name]] for name in names]
-        produced = [n for n in nodes if isinstance(n, fx.Node)]
-        anchor = max(produced, key=position.__getitem__) if produced else out.prev
+    slot_of_param = _traced_slots(ctx)
+    groups: dict[int, list] = {}
+    for k, tag in tagged:
+        grad, slots, pos = tag.args
+        bucket = ctx.plan.params[slot_of_param[pos]].bucket if pos in slot_of_param else -1
+        groups.setdefault(bucket, []).append((pos, grad, slots))
+        outputs[k] = None
+    out.args = (tuple(outputs),)
+    for bucket in sorted(groups):
+        members = groups[bucket]
+        anchor = max([g for _, g, _ in members] + [members[0][2]], key=position.__getitem__)
         with gm.graph.inserting_after(anchor):
             gm.graph.call_function(torch.ops.zerofx.reduce_bucket.default,
-                                   (ctx.state_id, b.index, slot_indices(ctx, names), nodes))
-        for name in names:
-            grads[index_of[name]] = None
-    out.args = (tuple(grads),)
+                                   (ctx.state_id, members[0][2], [p for p, _, _ in members],
+                                    [g for _, g, _ in members]))
+    for _, tag in tagged:
+        gm.graph.erase_node(tag)
     return gm
+
+
+def _traced_slots(ctx: PassContext) -> dict[int, int]:
+    """{tag position: plan index} for the parameters the graph was traced with (grouping
+    only; the runtime routes by the slots of each call)."""
+    index = {s.name: i for i, s in enumerate(ctx.plan.params)}
+    names = [r.name for r in ctx.roles if r.kind == "param" and r.name in index]
+    return {pos: index[n] for pos, n in enumerate(names)}

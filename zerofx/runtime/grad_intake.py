@@ -2,13 +2,14 @@
 
 A training step is many graphs: Dynamo breaks real models (library logging, branches on
 tensor values, ``.item()``), and what it cannot compile runs eagerly. Gradients therefore
-arrive in pieces: each compiled backward hands over the parameters it owns
-(``zerofx.reduce_bucket``), a parameter used eagerly arrives through its
+arrive in pieces: each compiled backward hands over the parameters it read in this call
+(``zerofx.reduce_bucket``; one compiled graph may serve several modules, e.g. every block of
+a loop Dynamo could not trace whole, so parameters are identified per call), a parameter used eagerly arrives through its
 post-accumulate-grad hook, and a parameter nobody used this step never arrives.
 
 Per micro-step:
     forward graphs    expect(names)      each compiled forward counts its parameters
-    backward graphs   take(b, names, gs) copy (first in the window) or add into bucket b
+    backward graphs   take(slots, gs)    copy (first in the window) or add into the buckets
     eager autograd    take_eager(name, g)
     end of backward   finish()           launch every bucket not yet launched
     step graph        wait()             (launch the rest,) wait for all of them
@@ -62,20 +63,21 @@ class GradIntake:
             self._expected[i] += 1
 
     @torch.no_grad()
-    def take(self, bucket: int, slots, grads) -> None:
-        """One backward graph's gradients of bucket ``bucket`` (None: no gradient)."""
+    def take(self, slots, grads) -> None:
+        """Gradients of parameters ``slots`` (indices into plan.params; None: no gradient)."""
         boundary = self.rt.is_boundary
-        if boundary and bucket < self._launched:
+        params = self.rt.plan.params
+        if boundary and any(params[i].bucket < self._launched for i in slots):
             self._late(slots)
-        flat = self._region(bucket)
-        b = self.rt.plan.buckets[bucket]
         for i, g in zip(slots, grads):
             self._arrived[i] += 1
             if g is None:
                 continue
-            s = self.rt.plan.params[i]
+            s = params[i]
+            b = self.rt.plan.buckets[s.bucket]
+            flat = self._region(s.bucket)
             dst = flat[s.offset - b.offset:s.end - b.offset]
-            if self._written[i] or bucket in self._staging:
+            if self._written[i] or s.bucket in self._staging:
                 dst.add_(g.reshape(-1))
             else:
                 dst.copy_(g.reshape(-1))
@@ -91,7 +93,7 @@ class GradIntake:
         if i not in self._eager:
             self._eager.add(i)
             log.debug("parameter %s got its gradient outside compiled graphs", name)
-        self.take(self.rt.plan.params[i].bucket, (i,), (grad,))
+        self.take((i,), (grad,))
 
     def _late(self, slots) -> None:
         names = [self.rt.plan.params[i].name for i in slots]

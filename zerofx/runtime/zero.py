@@ -73,6 +73,7 @@ class ZeroRuntime:
         self.aliases = _aliases(model, self._names_by_id)
         self._allocate(named)
         self.intake = GradIntake(self)
+        self._index_storage(named)
         self._hooks: list = []
         self._hook_eager_grads(named)
         self.shard_optimizer = ShardOptimizer(optimizer, named=named, plan=self.plan,
@@ -108,6 +109,13 @@ class ZeroRuntime:
         self.full_grads = torch.zeros(plan.padded_numel, dtype=low) if needs_full else None
         self.shard_grads = torch.zeros(plan.shard_numel, dtype=low) if plan.sharded \
             else self.full_grads
+
+    def _index_storage(self, named) -> None:
+        index = {s.name: i for i, s in enumerate(self.plan.params)}
+        self._slot_by_ptr = {p.data_ptr(): index[n] for n, p in named if p.numel()}
+        self._slot_by_id = {id(p): index[n] for n, p in named}
+        for p, full, _ in self._carriers:  # traced and run with the stand-in in place
+            self._slot_by_ptr[full.data_ptr()] = self._slot_by_id[id(p)]
 
     @contextlib.contextmanager
     def shape_carriers(self):
@@ -160,13 +168,33 @@ class ZeroRuntime:
         """The plan's name of a trained parameter, by identity (aliases share one name)."""
         return self._names_by_id.get(id(tensor))
 
+    def slot_of(self, tensor: torch.Tensor) -> int:
+        """The plan index of the trained parameter whose storage ``tensor`` is (-1: none).
+        Parameters are views of flat_params (TP ones: their stand-ins), so the address
+        identifies them in any graph call, whatever object carries it."""
+        if tensor.numel() == 0:
+            return self._slot_by_id.get(id(tensor), -1)
+        return self._slot_by_ptr.get(tensor.data_ptr(), -1)
+
+    def check_reused_graph(self, slots, traced) -> None:
+        """A graph runs with other parameters than it was traced with (one graph for every
+        block of a loop): fine for gradients, wrong for tensor-parallel pieces, which the
+        graph reads by the traced names."""
+        if self.plan.grid.tp_size > 1:
+            moved = [self.plan.params[t].name for s, t in zip(slots, traced) if s != t]
+            raise ConfigError(
+                f"one compiled graph runs for several modules (a graph break inside a loop "
+                f"over blocks? it was traced with {moved[:2]}), but tensor parallelism "
+                f"reads each weight's pieces by name: remove the graph break (set "
+                f"zerofx.fullgraph true to find it)")
+
     def expect(self, slots) -> None:
         """A compiled forward ran: its parameters' gradients will come from its backward."""
         self.intake.expect(slots)
 
-    def take(self, bucket: int, slots, grads) -> None:
-        """One backward graph's gradients for bucket ``bucket`` (see GradIntake)."""
-        self.intake.take(bucket, slots, grads)
+    def take(self, slots, grads) -> None:
+        """One backward graph's gradients (see GradIntake)."""
+        self.intake.take(slots, grads)
 
     def backward(self, loss: torch.Tensor) -> None:
         """``loss.backward()`` with fp16 loss scaling applied at the loss, as DeepSpeed does.

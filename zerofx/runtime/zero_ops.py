@@ -31,29 +31,66 @@ def lookup(sid: int):
     return runtime
 
 
-@torch.library.custom_op("zerofx::reduce_bucket", mutates_args=())
-def reduce_bucket(sid: int, bucket: int, slots: list[int],
-                  grads: list[torch.Tensor | None]) -> None:
-    """Hand this graph's gradients of one bucket (``slots``: indices into plan.params; op
-    schemas take no strings) to the runtime: it
-    adds them into the bucket's flat buffer and, on an accumulation boundary, starts the
-    bucket's collective (async) once all of its gradients of the step are in."""
-    lookup(sid).take(bucket, slots, grads)
+@torch.library.custom_op("zerofx::param_slots", mutates_args=())
+def param_slots(sid: int, params: list[torch.Tensor], traced: list[int],
+                kept: list[int]) -> torch.Tensor:
+    """Which trained parameters this call of a graph reads, as plan indices (-1: not
+    trained), found by storage address: one compiled graph may run for several modules
+    (a loop of blocks Dynamo resumes in), so the answer belongs to the call, not the graph.
+    A small int64 CPU tensor, saved for the backward of the same call. ``traced``: the
+    indices the graph was traced with; ``kept``: those of tensor-parallel weights, which the
+    graph reads by name (their slots stay as traced, in ``traced``'s order)."""
+    rt = lookup(sid)
+    found, kept = iter([rt.slot_of(p) for p in params]), set(kept)
+    slots = [t if t in kept else next(found) for t in traced]
+    if slots != traced:
+        rt.check_reused_graph(slots, traced)
+    return torch.tensor(slots, dtype=torch.int64)
 
 
-@reduce_bucket.register_fake
-def _(sid, bucket, slots, grads):
-    return None
+@param_slots.register_fake
+def _(sid, params, traced, kept):
+    return torch.empty(len(traced), dtype=torch.int64, device="cpu")
 
 
 @torch.library.custom_op("zerofx::expect_grads", mutates_args=())
-def expect_grads(sid: int, slots: list[int]) -> None:
-    """A compiled forward ran: its backward will deliver gradients of ``slots``."""
-    lookup(sid).expect(slots)
+def expect_grads(sid: int, slots: torch.Tensor) -> torch.Tensor:
+    """A training forward ran: its backward will bring gradients of ``slots`` (returned,
+    copied, for that backward to read)."""
+    lookup(sid).expect([i for i in slots.tolist() if i >= 0])
+    return slots.clone()
 
 
 @expect_grads.register_fake
 def _(sid, slots):
+    return torch.empty_like(slots)
+
+
+@torch.library.custom_op("zerofx::tag_grad", mutates_args=())
+def tag_grad(grad: torch.Tensor, slots: torch.Tensor, position: int) -> torch.Tensor:
+    """Marks the gradient of the ``position``-th parameter of the call ``slots`` describes;
+    the bucketing pass replaces it by a reduce_bucket (it only exists between the passes)."""
+    return grad.clone()
+
+
+@tag_grad.register_fake
+def _(grad, slots, position):
+    return torch.empty_like(grad)
+
+
+@torch.library.custom_op("zerofx::reduce_bucket", mutates_args=())
+def reduce_bucket(sid: int, slots: torch.Tensor, positions: list[int],
+                  grads: list[torch.Tensor | None]) -> None:
+    """Hand gradients to the runtime: ``grads[k]`` belongs to parameter ``slots[positions[k]]``
+    of this call. The runtime adds them into their buckets and, on an accumulation boundary,
+    starts a bucket's collective (async) once all of its gradients of the step are in."""
+    index = slots.tolist()
+    pairs = [(index[k], g) for k, g in zip(positions, grads) if index[k] >= 0]
+    lookup(sid).take([i for i, _ in pairs], [g for _, g in pairs])
+
+
+@reduce_bucket.register_fake
+def _(sid, slots, positions, grads):
     return None
 
 
@@ -101,7 +138,6 @@ def _(sid, name):
 
 
 # Ops without outputs would be dead code to FX; they act by side effect.
-for _op in (torch.ops.zerofx.reduce_bucket.default, torch.ops.zerofx.expect_grads.default,
-            torch.ops.zerofx.wait_buckets.default,
+for _op in (torch.ops.zerofx.reduce_bucket.default, torch.ops.zerofx.wait_buckets.default,
             torch.ops.zerofx.shard_optimizer_step.default):
     has_side_effect(_op)
