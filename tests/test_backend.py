@@ -82,13 +82,16 @@ def test_input_roles_name_parameters():
 
 
 def _two_rank_body(rank, world_size, name):
+    """Inference on several ranks (training there is refused: see below)."""
     import torch.distributed as dist
 
-    (loss, grads), (ref_loss, ref_grads) = _compiled_vs_eager(name, seed=rank)
+    model, batch = make(name, rank)
+    ref, _ = make(name, rank)
+    compiled = torch.compile(model, backend="zero", options={"config": {}})
+    with torch.no_grad():
+        out = compiled(*batch)
     assert dist.is_initialized() and dist.get_world_size() == world_size  # backend bootstrapped
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, ref(*batch), rtol=1e-6, atol=1e-6)
     return dist.get_rank()
 
 
@@ -117,3 +120,41 @@ def test_runtime_and_a_different_config_are_refused(no_torchrun_env):
                           options={"runtime": rt, "config": {"bf16": {"enabled": True}}})
     with pytest.raises(Exception, match="differs from the config the ZeroRuntime"):
         other(*batch)
+
+
+@pytest.mark.parametrize("config, culprit", [
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}, "the optimizer block"),
+    ({"scheduler": {"type": "WarmupLR"}}, "the scheduler block"),
+    ({"zero_optimization": {"stage": 2}}, "zero_optimization.stage 2"),
+    ({"fp16": {"enabled": True}}, "fp16 loss scaling"),
+    ({"gradient_clipping": 1.0}, "gradient_clipping"),
+    ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps"),
+])
+def test_plain_training_refuses_what_it_cannot_apply(no_torchrun_env, config, culprit):
+    from zerofx.config import ConfigError
+
+    model, batch = make("mlp")
+    compiled = torch.compile(model, backend="zero", options={"config": config})
+    with torch.no_grad():  # inference needs none of it: allowed with the same config
+        torch.testing.assert_close(compiled(*batch), make("mlp")[0](*batch), rtol=1e-2,
+                                   atol=1e-3)  # (fp16 compute for the fp16 case)
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as info:
+        compiled(*batch)
+    assert isinstance(info.value.inner_exception, ConfigError)
+    assert culprit in str(info.value) and "zerofx.initialize" in str(info.value)
+
+
+def _plain_two_ranks(rank, world):
+    model, batch = make("mlp")
+    compiled = torch.compile(model, backend="zero", options={"config": {}})
+    try:
+        compiled(*batch).backward()
+    except torch._dynamo.exc.BackendCompilerFailed as e:
+        return str(e.inner_exception)
+    return "trained"
+
+
+@pytest.mark.slow
+def test_plain_training_on_two_ranks_is_refused_not_diverging():
+    for message in run_ranks(_plain_two_ranks, 2):
+        assert "2 ranks" in message and "never averaged" in message

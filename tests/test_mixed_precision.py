@@ -20,7 +20,8 @@ def _spy_joint(store):
 def _run(name, dtype, store=None):
     model, batch = make(name)
     key = "bf16" if dtype == torch.bfloat16 else "fp16"
-    options = {"config": {key: {"enabled": True}}}
+    # fp16 on the plain path only without loss scaling (a static scale of 1)
+    options = {"config": {key: {"enabled": True, **({"loss_scale": 1} if key == "fp16" else {})}}}
     if store is not None:
         options["extra_passes"] = [_spy_joint(store)]
     loss = torch.compile(model, backend="zero", options=options)(*batch)

@@ -185,12 +185,42 @@ def _fqn(source: str, leaf: str) -> str:
 
 
 def _partition(joint: fx.GraphModule, joint_inputs, comp: Compilation, **kw):
+    if comp.runtime is None:  # a training graph without zerofx's training state
+        check_plain_training(comp.config)
     num_fwd = kw["num_fwd_outputs"]
     _annotate(joint, comp.roles, tangents=True)
     joint = _run(joint, comp, "joint", num_fwd_outputs=num_fwd)
     split = min_cut_rematerialization_partition if comp.config.zerofx.inductor else \
         default_partition
     return split(joint, joint_inputs, **kw)
+
+
+def check_plain_training(config: Config) -> None:
+    """Training with plain torch.compile(backend="zero"): refuse, in one error, everything
+    it would not do. Without a ZeroRuntime no gradient is averaged and no config optimizer,
+    schedule, loss scale or ZeRO sharding exists, so silently going on would train wrong."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    ignored = [what for what, on in (
+        (f"{world} ranks (each would train its own replica: gradients are never averaged)",
+         world > 1),
+        ("the optimizer block", config.optimizer is not None),
+        ("the scheduler block", config.scheduler is not None),
+        (f"zero_optimization.stage {config.zero_optimization.stage}",
+         config.zero_optimization.stage >= 1),
+        ("fp16 loss scaling (set fp16.loss_scale 1 to train fp16 without it)",
+         config.fp16.enabled and config.fp16.loss_scale != 1.0),
+        ("gradient_clipping", config.gradient_clipping > 0),
+        ("gradient_accumulation_steps > 1", (config.gradient_accumulation_steps or 1) > 1),
+    ) if on]
+    if ignored:
+        raise ConfigError(
+            "plain torch.compile(model, backend='zero') trains with the casts only, so it "
+            f"cannot apply: {'; '.join(ignored)}. Use engine, *_ = zerofx.initialize("
+            "model=model, config=cfg) (engine(x), engine.backward(loss), engine.step()), or "
+            "rt = zerofx.ZeroRuntime(model, cfg) with options={'runtime': rt} and "
+            "rt.backward(loss); rt.step()")
 
 
 def _compile_graph(gm: fx.GraphModule, example_inputs, comp: Compilation, kind: str):
