@@ -10,6 +10,7 @@ and the AssertionError names the failing rank and shows its traceback.
 """
 from __future__ import annotations
 
+import faulthandler
 import io
 import multiprocessing as mp
 import os
@@ -27,7 +28,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(body, rank, world_size, port, args, env, results):
+def _rank_main(body, rank, world_size, port, args, env, results, timeout_s=None):
+    # A crash (SIGSEGV/SIGABRT) or a hang prints every thread's Python stack to stderr,
+    # which pytest shows with the failure: the rank that died says where.
+    faulthandler.enable()
+    if timeout_s:
+        faulthandler.dump_traceback_later(max(1.0, timeout_s - 5), exit=False)
     os.environ.update(env)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
@@ -58,7 +64,8 @@ def run_ranks(body, world_size: int, *, args: tuple = (), env: dict | None = Non
     results = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_rank_main, daemon=True,
-                         args=(body, r, world_size, port, args, dict(env or {}), results))
+                         args=(body, r, world_size, port, args, dict(env or {}), results,
+                               timeout_s))
              for r in range(world_size)]
     for p in procs:
         p.start()

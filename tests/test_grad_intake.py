@@ -83,3 +83,38 @@ def test_eager_gradient_goes_to_the_bucket_and_not_to_p_grad(no_torchrun_env):
     for name, p in ref.named_parameters():
         s = rt.plan.slot(name)
         torch.testing.assert_close(rt.full_grads[s.offset:s.end].view(s.shape), p.grad)
+
+
+def test_predivide_factor_scales_before_the_reduction_and_not_the_update(no_torchrun_env):
+    import zerofx
+
+    def train(extra):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+        cfg = {"optimizer": {"type": "Adam", "params": {"lr": 1e-2}}, **extra}
+        rt = zerofx.ZeroRuntime(model, cfg)
+        compiled = torch.compile(model, backend="zero", options={"runtime": rt})
+        for step in range(3):
+            x = torch.randn(2, 4, generator=torch.Generator().manual_seed(step))
+            rt.backward(compiled(x).square().mean())
+            if step == 0:
+                rt.wait_buckets()
+                first = rt.full_grads.clone()
+            rt.step()
+        return first, torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    plain_grads, plain = train({})
+    split_grads, split = train({"gradient_predivide_factor": 4.0})
+    torch.testing.assert_close(split_grads, plain_grads / 4)  # before the (1-rank) reduction
+    torch.testing.assert_close(split, plain)  # the step divides by what is left
+
+
+def test_untested_optimizer_with_zero_needs_consent(no_torchrun_env):
+    import zerofx
+
+    model = nn.Linear(4, 4)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(zerofx.ConfigError, match="zero_allow_untested_optimizer"):
+        zerofx.ZeroRuntime(model, {"zero_optimization": {"stage": 1}}, optimizer=sgd)
+    zerofx.ZeroRuntime(model, {"zero_optimization": {"stage": 1},
+                               "zero_allow_untested_optimizer": True}, optimizer=sgd)

@@ -397,6 +397,16 @@ class Config:
     """ZeRO stage and bucketing; JSON also takes DeepSpeed 2020's true (stage 1) / false."""
     gradient_clipping: float = setting(0.0, number(0.0))
     """Clip gradients to this global L2 norm (0 disables)."""
+    prescale_gradients: bool = setting(False, boolean)
+    """Divide gradients by the data-parallel size before their reduction (else after)."""
+    gradient_predivide_factor: float = setting(1.0, number(0.0, lo_open=True))
+    """Without prescale_gradients: divide by this before the reduction and by
+    dp_size / factor after it (DeepSpeed's split of the averaging, against fp16 overflow)."""
+    zero_allow_untested_optimizer: bool = setting(False, boolean)
+    """Allow ZeRO (stage >= 1) with a torch optimizer other than Adam/AdamW (DeepSpeed's
+    guard: such an optimizer steps each shard on its own, per-tensor math sees pieces)."""
+    dataloader_drop_last: bool = setting(False, boolean)
+    """The engine's loader drops a last incomplete batch (DeepSpeed's default: keep it)."""
     wall_clock_breakdown: bool = setting(False, boolean)
     """Log per-phase step timings (forward, backward, step)."""
     tensor_parallel: TensorParallelConfig = nested_setting(TensorParallelConfig)
@@ -416,7 +426,9 @@ class Config:
         """Parse a DeepSpeed-style config dict (as json.load returns it)."""
         if not isinstance(d, Mapping):
             raise ConfigError(f"a config must be a JSON object (dict); got {show(d)}")
-        return parse_block(cls, d)
+        from zerofx.config_deepspeed import screen
+
+        return parse_block(cls, screen(d))
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Config:
@@ -455,6 +467,12 @@ class Config:
         if self.fp16.enabled:
             return torch.float16
         return torch.bfloat16 if self.bf16.enabled else torch.float32
+
+    @property
+    def pre_reduce_factor(self) -> float | None:
+        """What gradients are multiplied by before their data-parallel reduction, as a
+        fraction of the DP size (None: 1/dp_size, i.e. prescale_gradients)."""
+        return None if self.prescale_gradients else 1.0 / self.gradient_predivide_factor
 
     def batch_sizes(self, dp_world_size: int) -> BatchSizes:
         """Resolve DeepSpeed's three batch keys for `dp_world_size` data-parallel ranks."""

@@ -7,17 +7,27 @@ from __future__ import annotations
 
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from zerofx.config import ConfigError
+
 
 class DistributedLoader:
     """Iterate over this rank's micro-batches; every pass over it is a new, reshuffled epoch."""
 
     def __init__(self, dataset: Dataset, *, batch_size: int, dp_rank: int, dp_size: int,
-                 shuffle: bool = True, seed: int = 0, collate_fn=None, drop_last: bool = True):
+                 shuffle: bool = True, seed: int = 0, collate_fn=None, drop_last: bool = False):
+        # The sampler pads every rank to the same sample count (drop_last=False) or cuts
+        # them to it, so every rank runs the same number of steps: a collective never hangs.
+        # drop_last follows DeepSpeed's dataloader_drop_last (default false).
         self.sampler = DistributedSampler(dataset, num_replicas=dp_size, rank=dp_rank,
                                           shuffle=shuffle, seed=seed, drop_last=drop_last)
-        # drop_last: every rank must run the same number of steps, or a collective hangs.
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler,
                                  collate_fn=collate_fn, drop_last=drop_last)
+        if len(self.loader) == 0:
+            raise ConfigError(
+                f"the training data ({len(dataset)} samples) gives no batch of "
+                f"train_micro_batch_size_per_gpu={batch_size} on each of {dp_size} "
+                f"data-parallel rank(s) with dataloader_drop_last true: use more data, a "
+                f"smaller micro-batch, or dataloader_drop_last false")
         self.epoch = 0
 
     def __len__(self) -> int:

@@ -106,7 +106,8 @@ class ZeroEngine(nn.Module):
         if training_data is not None:
             self.training_dataloader = DistributedLoader(
                 training_data, batch_size=self.train_micro_batch_size_per_gpu(),
-                dp_rank=dp.dp_rank(world.rank), dp_size=dp.dp_size, collate_fn=collate_fn)
+                dp_rank=dp.dp_rank(world.rank), dp_size=dp.dp_size, collate_fn=collate_fn,
+                drop_last=config.dataloader_drop_last)
         self._timers = {"forward": 0.0, "backward": 0.0, "step": 0.0}
         self._last_loss = None
         self._window_start, self._window_samples = time.perf_counter(), 0

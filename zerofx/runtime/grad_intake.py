@@ -136,6 +136,8 @@ class GradIntake:
             if not self._written[i] and bucket not in self._staging:
                 s = rt.plan.params[i]
                 flat[s.offset - b.offset:s.end - b.offset].zero_()
+        if rt.pre_reduce != 1.0:  # prescale_gradients / gradient_predivide_factor
+            flat.mul_(rt.pre_reduce)
         if rt.group is not None:  # (staging buckets exist only then: stage 2 needs N ranks)
             self._pending.append(self._start_collective(b, flat))
         self._staging.pop(bucket, None)

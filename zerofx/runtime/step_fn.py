@@ -33,7 +33,7 @@ def make_step_fn(rt):
     dp = plan.grid.dp_size
     chunks = _allgather_chunks(plan, _gather_limit(plan, rt.config))
     # Gradients arrive summed over DP ranks and accumulation steps, and loss-scaled.
-    divisor = float(plan.grid.dp_size * rt.gas)
+    divisor = float(plan.grid.dp_size * rt.gas) * rt.pre_reduce  # what is left to divide
 
     def step_fn(shard_grads, full_grads, master, exp_avg, exp_avg_sq, shard_lowp, flat_params,
                 lr, step, scale, hysteresis, it, last_overflow, skipped, beta1, floor_hits):

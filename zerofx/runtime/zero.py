@@ -50,12 +50,17 @@ class ZeroRuntime:
                                     world_size=world.world_size, tp_layout=layout,
                                     mp_params=split)
         self.spec = OptimizerSpec.from_config_or_torch(self.config, optimizer)
+        _check_tested_optimizer(self.config, optimizer)
         self.group, self.tp_group = _groups(self.plan, mpu) if world.world_size > 1 \
             else (None, None)
         # Measured on gloo (benchmarks/bench_collectives.py): its all-reduce beats its
         # reduce-scatter by 2.2x, so stage 2 reduces buckets with all-reduce + slice there.
         self.gloo_allreduce = self.group is not None and dist.get_backend(self.group) == "gloo"
         self.gas = _accumulation_steps(self.config, self.plan.grid.dp_size)
+        # DeepSpeed's split of the 1/dp averaging around the reduction: the factor applied
+        # before it (prescale_gradients: all of it); the step divides by the rest.
+        factor = self.config.pre_reduce_factor
+        self.pre_reduce = 1.0 / self.plan.grid.dp_size if factor is None else factor
         self.micro_steps = 0
         self.scaler = LossScaler.from_config(self.config.fp16)
         self.step_count = torch.zeros((), dtype=torch.float32)
@@ -323,6 +328,21 @@ class ZeroRuntime:
     @property
     def skipped_steps(self) -> int:
         return int(self.skipped)
+
+
+def _check_tested_optimizer(config: Config, optimizer) -> None:
+    """DeepSpeed's guard: ZeRO with an optimizer it has not tested needs the config's consent
+    (each shard is stepped on its own, so per-tensor math sees pieces of tensors)."""
+    if optimizer is None or config.zero_optimization.stage < 1 \
+            or type(optimizer) in (torch.optim.Adam, torch.optim.AdamW) \
+            or config.zero_allow_untested_optimizer:
+        return
+    raise ConfigError(
+        f"ZeRO stage {config.zero_optimization.stage} with {type(optimizer).__name__}, an "
+        f"optimizer zerofx has no fused kernel for: it steps each rank's shard as a flat "
+        f"tensor, so per-tensor math (norms, trust ratios) would see pieces. Add "
+        f"\"zero_allow_untested_optimizer\": true to the config to run it anyway (as with "
+        f"DeepSpeed), or use Adam/AdamW or the config's Lamb")
 
 
 class LossScaleError(RuntimeError):

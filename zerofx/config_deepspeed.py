@@ -1,0 +1,201 @@
+"""DeepSpeed's keys that zerofx does not parse as settings: accepted without effect, or refused
+by feature name, before the typed config sees the JSON.
+
+A typo must stay an error ("did you mean"), but DeepSpeed's own keys are not typos: each is
+either applied (a field of zerofx.config), accepted with a documented reason it changes
+nothing here (logged once), or refused as a DeepSpeed feature zerofx does not implement, with
+what to do instead. A block that is switched off (``false``, ``{}``, ``{"enabled": false}``,
+a zero ``size``) is accepted whatever it is. ``"auto"`` values are the Hugging Face
+Trainer/Accelerate integration's placeholders and get their own message.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from zerofx.config_schema import ConfigError
+
+log = logging.getLogger(__name__)
+
+# key -> why it changes nothing in zerofx
+NO_EFFECT = {
+    "cuda_visible_devices": "zerofx-launch and torchrun choose devices per rank",
+    "autotuning": "zerofx does not autotune; the block only matters to DeepSpeed's autotuner",
+    "memory_breakdown": "zerofx reports state bytes in the plan dump instead",
+    "dump_state": "the plan dump (zerofx.dump_dir) shows the layout",
+    "checkpoint": "zerofx checkpoints always validate their files and tags",
+    "activation_checkpointing": "applies to deepspeed.checkpointing calls, which zerofx "
+                                "does not provide; use torch.utils.checkpoint in the model",
+    "zero_force_ds_cpu_optimizer": "zerofx has no CPU-offload optimizer to force",
+    "comms_logger": "zerofx logs communication wait time with wall_clock_breakdown",
+    "flops_profiler": "no FLOPs profiler in zerofx (use torch.profiler)",
+    "elasticity": "zerofx does not resize jobs",
+}
+
+# key -> (DeepSpeed feature, what to do instead); refused unless switched off
+REFUSED = {
+    "compression_training": ("compression (quantization/pruning during training)",
+                             "drop the block, or compress with DeepSpeed and train here"),
+    "data_efficiency": ("data efficiency (curriculum learning, data routing)",
+                        "drop the block; order your data in the loader"),
+    "curriculum_learning": ("curriculum learning", "drop the block"),
+    "progressive_layer_drop": ("progressive layer drop", "drop the block"),
+    "sparse_attention": ("sparse attention kernels", "use dense attention (drop the block)"),
+    "aio": ("NVMe offload (aio)", "drop the block: zerofx keeps state in memory"),
+    "amp": ("NVIDIA apex amp", "use the bf16 or fp16 block"),
+    "pipeline": ("pipeline parallelism", "use tensor_parallel and ZeRO"),
+    "sequence_parallel_size": ("sequence parallelism (Ulysses)", "drop the key"),
+    "hybrid_engine": ("the RLHF hybrid engine", "drop the block"),
+    "eigenvalue": ("eigenvalue computation", "drop the block"),
+    "quantize_training": ("quantized training", "drop the block"),
+    "weight_quantization": ("weight quantization", "drop the block"),
+    "nebula": ("Nebula checkpointing", "drop the block: zerofx saves atomically itself"),
+    "tensorboard": ("the TensorBoard monitor", "drop the block; log from your loop"),
+    "csv_monitor": ("the CSV monitor", "drop the block; log from your loop"),
+    "wandb": ("the Weights & Biases monitor", "drop the block; log from your loop"),
+    "comet": ("the Comet monitor", "drop the block; log from your loop"),
+    "sparse_gradients": ("sparse embedding gradients", "drop the key"),
+    "communication_data_type": ("a separate communication dtype",
+                                "drop the key: buckets travel in the compute dtype"),
+    "torch_autocast": ("torch.autocast as DeepSpeed applies it",
+                       "use the bf16 or fp16 block: zerofx applies autocast's op policy "
+                       "inside the graph, with fp32 master weights"),
+    "compile": ("DeepSpeed's compile block (DeepCompile)",
+                "drop it: zerofx is the compiler; compile settings are in the zerofx block "
+                "(fullgraph, dynamic)"),
+}
+
+# zero_optimization keys, likewise
+ZERO_NO_EFFECT = {
+    "allgather_partitions": "zerofx always all-gathers the updated shards",
+    "load_from_fp32_weights": "zerofx always restores from the fp32 master copy",
+    "elastic_checkpoint": "zerofx checkpoints load at any data-parallel size",
+    "round_robin_gradients": "an offload-only ordering; zerofx does not offload",
+    "ignore_unused_parameters": "unused parameters always get a zero gradient (README)",
+    "use_multi_rank_bucket_allreduce": "zerofx reduces one bucket per collective",
+    "sub_group_size": "the fused optimizer runs over one flat shard",
+    "memory_efficient_linear": "a ZeRO-3 option",
+    "log_trace_cache_warnings": "a ZeRO-3 option",
+}
+ZERO_REFUSED = {
+    "offload_optimizer": ("optimizer state offload", "drop it or set device 'none'"),
+    "offload_param": ("parameter offload", "drop it or set device 'none'"),
+    "cpu_offload": ("ZeRO-Offload (cpu_offload)", "drop it"),
+    "zero_quantized_weights": ("ZeRO++ quantized weights", "drop it"),
+    "zero_quantized_gradients": ("ZeRO++ quantized gradients", "drop it"),
+    "zero_hpz_partition_size": ("ZeRO++ hierarchical partitioning", "drop it"),
+    "mics_shard_size": ("MiCS sharding", "drop it"),
+}
+STAGE3_PREFIX = "stage3_"
+ONE_BIT = {"onebitadam", "zerooneadam", "onebitlamb"}
+FP16_REFUSED = {"fp16_master_weights_and_grads": ("fp16 master weights", "drop it"),
+                "auto_cast": ("fp16.auto_cast (casting the inputs)",
+                              "cast the inputs yourself; zerofx casts inside the graph")}
+BF16_REFUSED = {"bf16_master_weights_and_grads": ("bf16 master weights", "drop it: zerofx "
+                                                  "keeps fp32 masters"),
+                "bf16_optimizer_states": ("bf16 optimizer states", "drop it")}
+BF16_NO_EFFECT = {"immediate_grad_update": "gradients always go to their buckets at once",
+                  "check_grad_overflow": "bf16 steps are never skipped"}
+
+
+def is_off(value: Any) -> bool:
+    """false / {} / {"enabled": false} / a size of 1 or less / device none."""
+    if value is None or value is False or value == {} or value == [] or value == 0:
+        return True
+    if value == 1 and not isinstance(value, bool):
+        return True  # sequence_parallel_size 1
+    if isinstance(value, Mapping):
+        if value.get("enabled") is False:
+            return True
+        if "device" in value and value["device"] in ("none", None):
+            return True
+        if "deepcompile" in value and not value.get("deepcompile"):
+            return all(not v for k, v in value.items() if k != "passes")
+    return False
+
+
+def refuse(key: str, feature: str, instead: str) -> ConfigError:
+    return ConfigError(f"config key '{key}': DeepSpeed feature {feature} is not supported by "
+                       f"zerofx; {instead}", key=key)
+
+
+def find_auto(raw: Any, path: str = "") -> None:
+    if isinstance(raw, Mapping):
+        for k, v in raw.items():
+            find_auto(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(raw, list):
+        for i, v in enumerate(raw):
+            find_auto(v, f"{path}[{i}]")
+    elif raw == "auto":
+        raise ConfigError(
+            f"config key '{path}' is \"auto\": that value is filled in by the Hugging Face "
+            f"Trainer/Accelerate integration of DeepSpeed, which zerofx does not run; write "
+            f"the number here", key=path)
+
+
+def screen(raw: Mapping) -> dict:
+    """The config without the keys that have no effect (logged once), or a ConfigError for
+    a DeepSpeed feature zerofx does not implement or an "auto" value."""
+    find_auto(raw)
+    out, notes = dict(raw), []
+    for key, value in raw.items():
+        if key in NO_EFFECT:
+            notes.append(f"{key} ({NO_EFFECT[key]})")
+            del out[key]
+        elif key in REFUSED:
+            if not is_off(value):
+                raise refuse(key, *REFUSED[key])
+            del out[key]
+    if isinstance(raw.get("zero_optimization"), Mapping):
+        out["zero_optimization"] = _screen_zero(raw["zero_optimization"], notes)
+    for block, refused, quiet in (("fp16", FP16_REFUSED, {}), ("bf16", BF16_REFUSED,
+                                                                BF16_NO_EFFECT)):
+        if isinstance(raw.get(block), Mapping):
+            out[block] = _screen_block(block, raw[block], refused, quiet, notes)
+    _screen_optimizer(raw.get("optimizer"))
+    if notes:
+        log.info("zerofx: accepted without effect: %s", "; ".join(notes))
+    return out
+
+
+def _screen_zero(zero: Mapping, notes: list) -> dict:
+    out = dict(zero)
+    if zero.get("stage") == 3:
+        raise refuse("zero_optimization.stage", "ZeRO stage 3 (parameter partitioning)",
+                     "use stage 2: gradients and optimizer state are sharded, parameters "
+                     "stay whole on each rank")
+    for key, value in zero.items():
+        path = f"zero_optimization.{key}"
+        if key.startswith(STAGE3_PREFIX):
+            notes.append(f"{path} (only read at stage 3)")
+            del out[key]
+        elif key in ZERO_NO_EFFECT:
+            notes.append(f"{path} ({ZERO_NO_EFFECT[key]})")
+            del out[key]
+        elif key in ZERO_REFUSED:
+            if not is_off(value):
+                raise refuse(path, *ZERO_REFUSED[key])
+            del out[key]
+    return out
+
+
+def _screen_block(block: str, raw: Mapping, refused: dict, quiet: dict, notes: list) -> dict:
+    out = dict(raw)
+    for key, value in raw.items():
+        if key in refused:
+            if value:
+                raise refuse(f"{block}.{key}", *refused[key])
+            del out[key]
+        elif key in quiet:
+            notes.append(f"{block}.{key} ({quiet[key]})")
+            del out[key]
+    return out
+
+
+def _screen_optimizer(raw: Any) -> None:
+    if isinstance(raw, Mapping) and isinstance(raw.get("type"), str) \
+            and raw["type"].lower() in ONE_BIT:
+        raise refuse("optimizer.type", f"{raw['type']} (1-bit communication compression)",
+                     "use type Adam, AdamW or Lamb: the same update without compressed "
+                     "communication")
