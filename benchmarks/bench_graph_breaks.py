@@ -15,7 +15,7 @@ import argparse
 import torch
 import torch.nn as nn
 
-from bench_zero import BLOCKS, Block, _batch, _time_steps, _torch_state_bytes, run_table
+from bench_zero import BLOCKS, Block, _batch, _time_steps, run_table, time_ddp
 
 
 class BrokenNet(nn.Module):
@@ -60,19 +60,7 @@ def run_ddp(rank, world, steps, breaks):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.manual_seed(0)
-    model = DDP(BrokenNet(breaks))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-
-    def step(x, y):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=False)
-        return loss
-
-    return _time_steps(step, rank, steps, lambda: _torch_state_bytes(model, opt))
+    return time_ddp(DDP(BrokenNet(breaks)), rank, steps)
 
 
 def _rank_entry(rank, world, name, steps):

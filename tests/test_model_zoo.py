@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from multiproc import run_ranks
+from reference import deepspeed_step
 from zoo_models import ZOO, make_zoo, zoo_batch
 
 STEPS = 4
@@ -53,12 +54,7 @@ def _reference(name, world, gas):
         for micro in range(gas):
             for r in range(world):  # each rank's loss, as that rank computes it
                 (model(*zoo_batch(_seed(step, micro, r))) / (world * gas)).backward()
-        for p in model.parameters():  # DeepSpeed's rule: no gradient this step = zeros, and
-            if p.requires_grad and p.grad is None:  # the flat partition steps it anyway
-                p.grad = torch.zeros_like(p)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
+        deepspeed_step(model, opt, 1.0)
     return _vector(model)
 
 
@@ -110,12 +106,7 @@ def test_recompiles_and_eval_between_steps_share_one_layout(no_torchrun_env, tmp
         with torch.no_grad():  # an eval graph between steps
             evaluated = compiled(*zoo_batch(99, n=n))
         ref(*batch).backward()
-        for p in ref.parameters():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
+        deepspeed_step(ref, opt, 1.0)
         with torch.no_grad():
             torch.testing.assert_close(evaluated, ref(*zoo_batch(99, n=n)), rtol=1e-5, atol=1e-6)
     assert len(programs) == 1  # one step graph, one set of buckets, whatever recompiled
