@@ -83,6 +83,14 @@ def test_declared_pipeline_follows_config():
     assert build_pipeline(off) == ()
 
 
+def test_gradient_passes_cannot_be_disabled_apart():
+    """Without bucketing the tagged gradients would never reach the runtime's buckets."""
+    for name, needed in (("bucketing", "bucketing"), ("param_identity", "param_identity")):
+        cfg = Config.from_dict({"zerofx": {"disable_passes": [name]}})
+        with pytest.raises(ConfigError, match=f"requires pass '{needed}'"):
+            build_pipeline(cfg, with_runtime=True)
+
+
 def test_unknown_disabled_pass_suggests_name():
     cfg = Config.from_dict({"zerofx": {"disable_passes": ["mixed_precison"]}})
     with pytest.raises(ConfigError, match="did you mean 'mixed_precision'"):

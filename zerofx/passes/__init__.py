@@ -78,7 +78,8 @@ def declared_passes() -> tuple[PassSpec, ...]:
                  enabled=lambda cfg: cfg.tensor_parallel.size > 1, needs_runtime=True),
         # Last on the joint graph: tags the final parameter gradients of each call.
         PassSpec("param_identity", param_identity_pass, frozenset({"joint"}),
-                 after=("mixed_precision", "tensor_parallel"), needs_runtime=True),
+                 after=("mixed_precision", "tensor_parallel"), requires=("bucketing",),
+                 needs_runtime=True),
         PassSpec("bucketing", bucketing_pass, frozenset({"backward"}),
                  requires=("param_identity",), needs_runtime=True),
         # Eager execution only: Inductor picks its own GEMM forms.
