@@ -101,6 +101,20 @@ def test_full_config_reads_as_typed_values():
     assert c.compute_dtype == torch.float16
 
 
+@pytest.mark.parametrize("raw, culprit", [
+    ({"fp16": {"loss_scale": 1e-300}}, "'fp16.loss_scale'"),
+    ({"fp16": {"loss_scale": 1e300}}, "'fp16.loss_scale'"),
+    ({"fp16": {"min_loss_scale": 1e39}}, "'fp16.min_loss_scale'"),
+    ({"optimizer": {"type": "Adam", "params": {"lr": 1e308}}}, "'optimizer.params.lr'"),
+    ({"train_batch_size": 2**63}, "'train_batch_size'"),
+    ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 0}}},
+     "'scheduler.params.warmup_num_steps'"),
+])
+def test_numbers_are_bounded_where_they_enter(raw, culprit):
+    with pytest.raises(ConfigError, match=culprit):
+        Config.from_dict(raw)
+
+
 def test_round_trip_through_json_text():
     c = Config.from_dict(FULL)
     text = json.dumps(c.to_dict(), allow_nan=False)
@@ -197,9 +211,9 @@ BAD = [
     ({"fp16": {"initial_scale_power": True}}, ["'fp16.initial_scale_power'", "True", "integer"]),
     ({"fp16": {"loss_scale_window": 0}}, ["'fp16.loss_scale_window'", "0", ">= 1"]),
     ({"fp16": {"hysteresis": 0}}, ["'fp16.hysteresis'", "0", ">= 1"]),
-    ({"fp16": {"loss_scale": -1}}, ["'fp16.loss_scale'", "-1", ">= 0"]),
-    ({"fp16": {"min_loss_scale": 0}}, ["'fp16.min_loss_scale'", "0", "> 0"]),
-    ({"fp16": {"loss_scale": float("nan")}}, ["'fp16.loss_scale'", "nan", ">= 0"]),
+    ({"fp16": {"loss_scale": -1}}, ["'fp16.loss_scale'", "-1", "[0.0,"]),
+    ({"fp16": {"min_loss_scale": 0}}, ["'fp16.min_loss_scale'", "0", "(0.0,"]),
+    ({"fp16": {"loss_scale": float("nan")}}, ["'fp16.loss_scale'", "nan", "[0.0,"]),
     ({"fp16": []}, ["'fp16'", "[]", "a JSON object"]),
     ({"fp16": {"enabled": True}, "bf16": {"enabled": True}},
      ["'bf16.enabled'", "true", "'fp16.enabled'", "at most one"]),
@@ -207,7 +221,7 @@ BAD = [
     ({"optimizer": {"params": {}}}, ["'optimizer.type'", "required"]),
     ({"optimizer": {"type": "adam", "parms": {}}}, ["'optimizer.parms'", "did you mean 'params'?"]),
     ({"optimizer": {"type": "adam", "params": {"lr": -1}}},
-     ["'optimizer.params.lr'", "-1", ">= 0"]),
+     ["'optimizer.params.lr'", "-1", "[0.0, 1000.0]"]),
     ({"optimizer": {"type": "adam", "params": {"betas": [0.9, 1.0]}}},
      ["'optimizer.params.betas'", "[0.9, 1.0]", "two numbers in [0, 1)"]),
     ({"optimizer": {"type": "adam", "params": {"betas": 0.9}}},
@@ -242,7 +256,7 @@ BAD = [
      ["'zerofx.disable_passes'", "'zero'", "list of non-empty strings"]),
     ({"zerofx": {"dump_dir": 3}}, ["'zerofx.dump_dir'", "3", "path"]),
     ({"gradient_clipping": -1.0}, ["'gradient_clipping'", "-1.0", ">= 0"]),
-    ({"train_batch_size": 0}, ["'train_batch_size'", "0", ">= 1"]),
+    ({"train_batch_size": 0}, ["'train_batch_size'", "0", "[1, 2147483647]"]),
     ({"train_micro_batch_size_per_gpu": True}, ["'train_micro_batch_size_per_gpu'", "True"]),
     ({"steps_per_print": 2.5}, ["'steps_per_print'", "2.5", "integer"]),
     ({"wall_clock_breakdown": 0}, ["'wall_clock_breakdown'", "0", "true or false"]),
@@ -510,7 +524,7 @@ OPTIMIZERS = st.one_of(
 )
 SCHEDULERS = st.one_of(
     st.fixed_dictionaries({"type": st.just("WarmupLR"), "params": st.fixed_dictionaries(
-        {}, optional={"warmup_num_steps": st.integers(0, 10**6),
+        {}, optional={"warmup_num_steps": st.integers(1, 10**6),
                       "warmup_type": st.sampled_from(["log", "linear"])})}),
     st.fixed_dictionaries({"type": st.just("OneCycle"), "params": st.fixed_dictionaries(
         {"cycle_min_lr": st.floats(0, 1), "cycle_max_lr": st.floats(0, 1)},
@@ -520,7 +534,8 @@ VALID = st.fixed_dictionaries({}, optional={
     "train_batch_size": st.integers(1, 4096), "gradient_accumulation_steps": st.integers(1, 64),
     "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS,
     "fp16": st.fixed_dictionaries({}, optional={"enabled": st.booleans(),
-                                                "loss_scale": st.floats(0, 2**24),
+                                                "loss_scale": st.just(0.0) |
+                                                st.floats(2**-24, 2**24),
                                                 "initial_scale_power": st.integers(0, 32)}),
     "zero_optimization": st.booleans() | st.fixed_dictionaries({}, optional={
         "stage": st.integers(0, 2), "reduce_bucket_size": st.integers(1, 10**9).map(float)}),

@@ -65,3 +65,18 @@ def test_renderer_errors_are_one_line(dumped, capsys, argv, message):
     assert dump_cli.main([a.format(root=dumped) for a in argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_unwritable_dump_dir_is_a_config_error(no_torchrun_env, tmp_path):
+    import zerofx
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    model, batch = make("mlp")
+    rt = zerofx.ZeroRuntime(model, {"optimizer": {"type": "Adam"},
+                                    "zerofx": {"dump_dir": str(blocker / "dumps")}})
+    compiled = torch.compile(model, backend="zero", options={"runtime": rt})
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as info:
+        compiled(*batch)
+    assert isinstance(info.value.inner_exception, zerofx.ConfigError)
+    assert "cannot be written" in str(info.value.inner_exception)

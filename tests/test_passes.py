@@ -91,6 +91,13 @@ def test_gradient_passes_cannot_be_disabled_apart():
             build_pipeline(cfg, with_runtime=True)
 
 
+def test_mixed_precision_cannot_be_disabled_under_bf16_with_a_runtime():
+    cfg = Config.from_dict({"bf16": {"enabled": True},
+                            "zerofx": {"disable_passes": ["mixed_precision"]}})
+    with pytest.raises(ConfigError, match="disable bf16/fp16 instead"):
+        build_pipeline(cfg, with_runtime=True)
+
+
 def test_unknown_disabled_pass_suggests_name():
     cfg = Config.from_dict({"zerofx": {"disable_passes": ["mixed_precison"]}})
     with pytest.raises(ConfigError, match="did you mean 'mixed_precision'"):

@@ -149,7 +149,7 @@ def test_warmup_known_values():
                                        ("WarmupDecayLR", WarmupDecayLRParams)])
 def test_zero_warmup_steps_is_a_config_error(type_, cls):
     extra = {"total_num_steps": 10} if cls is WarmupDecayLRParams else {}
-    with pytest.raises(ConfigError, match="warmup_num_steps must be >= 1"):
+    with pytest.raises(ConfigError, match="warmup_num_steps.*>= 1"):  # at Config already
         sched(type_, cls(warmup_num_steps=0, **extra))
 
 

@@ -105,7 +105,11 @@ def _prepare(gm, example_inputs, config: Config, extra, runtime) -> Compilation:
     passes = build_pipeline(config, extra=extra, with_runtime=runtime is not None)
     comp = Compilation(config, plan, passes, roles, graph_id, world.rank, dump_root, runtime)
     if dump_root:
-        gd = GraphDump.create(dump_root, rank=world.rank, graph=graph_id)
+        try:
+            gd = GraphDump.create(dump_root, rank=world.rank, graph=graph_id)
+        except OSError as e:
+            raise ConfigError(f"zerofx.dump_dir (or ZEROFX_DUMP) {dump_root!r} cannot be "
+                              f"written ({e.strerror}); pick a writable directory") from None
         gd.write_text("plan.txt", plan.describe() + "\n")
         gd.write_text("graph.txt", describe_graph(graph_id, roles, plan, _break_reason()))
     if runtime is not None and runtime.step_builder is None:

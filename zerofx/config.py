@@ -64,6 +64,12 @@ def _tp_plan(v: Any) -> tuple[tuple[str, str], ...]:
         raise Invalid(allowed) from None
 
 
+# Bounds where a number enters (issue: a huge lr gives NaN parameters, a scale beyond
+# float32 is inf). 2**127 is the largest power of two a float32 holds.
+MAX_SCALE = 2.0 ** 127
+MIN_STATIC_SCALE = 2.0 ** -24
+MAX_LR = 1e3
+
 # ---- the config blocks ----
 
 @dataclass(frozen=True)
@@ -72,21 +78,25 @@ class FP16Config:
 
     enabled: bool = setting(False, boolean)
     """Compute in float16; the optimizer keeps an fp32 master copy of the parameters."""
-    loss_scale: float = setting(0.0, number(0.0))
-    """0 selects dynamic loss scaling; a positive value is a fixed (static) scale."""
+    loss_scale: float = setting(0.0, number(0.0, MAX_SCALE))
+    """0 selects dynamic loss scaling; a positive value is a fixed (static) scale, at least
+    2**-24 (smaller rounds gradients to zero in fp16) and at most 2**127 (float32)."""
     initial_scale_power: int = setting(16, integer(0, 127))
     """Dynamic scaling starts at 2**initial_scale_power (<= 127 keeps it a finite float32)."""
     loss_scale_window: int = setting(1000, integer(1))
     """Overflow-free steps after which the dynamic scale doubles."""
     hysteresis: int = setting(2, integer(1))
     """Overflows tolerated before the dynamic scale is halved (DeepSpeed's delayed shift)."""
-    min_loss_scale: float = setting(1.0, number(0.0, lo_open=True))
+    min_loss_scale: float = setting(1.0, number(0.0, MAX_SCALE, lo_open=True))
     """The dynamic scale never drops below this; an overflow there stops training."""
     consecutive_hysteresis: bool = setting(False, boolean)
     """Refill the hysteresis on every overflow-free step (else only when the scale grows)."""
 
     def __post_init__(self) -> None:
         validate(self)
+        if 0 < self.loss_scale < MIN_STATIC_SCALE:
+            raise bad("loss_scale", self.loss_scale, "0 (dynamic) or a static scale >= "
+                      "2**-24 (a smaller one rounds every fp16 gradient to zero)")
 
 
 @dataclass(frozen=True)
@@ -140,7 +150,7 @@ class OptimizerConfig:
 
     type: str = required_setting(_OPTIMIZER_TYPE)
     """"Adam", "AdamW" or "Lamb" (JSON spelling is case-insensitive)."""
-    lr: float = setting(1e-3, number(0.0))
+    lr: float = setting(1e-3, number(0.0, MAX_LR))
     """Learning rate (a scheduler, if configured, overrides it each step)."""
     betas: tuple[float, float] = setting((0.9, 0.999), _betas)
     """Decay rates of the first and second moment estimates."""
@@ -177,11 +187,11 @@ class OptimizerConfig:
 class WarmupLRParams:
     """DeepSpeed WarmupLR: lr rises from min to max over warmup_num_steps, then stays."""
 
-    warmup_min_lr: float = setting(0.0, number(0.0))
+    warmup_min_lr: float = setting(0.0, number(0.0, MAX_LR))
     """Learning rate at step 0."""
-    warmup_max_lr: float = setting(0.001, number(0.0))
+    warmup_max_lr: float = setting(0.001, number(0.0, MAX_LR))
     """Learning rate reached at the end of warmup."""
-    warmup_num_steps: int = setting(1000, integer(0))
+    warmup_num_steps: int = setting(1000, integer(1))
     """Length of the warmup in optimizer steps."""
     warmup_type: str = setting("log", choice("log", "linear"))
     """Shape of the rise: "log" or "linear"."""
@@ -204,7 +214,7 @@ class OneCycleParams:
 
     cycle_min_lr: float = required_setting(number(0.0))
     """Learning rate at the start and end of the cycle (required)."""
-    cycle_max_lr: float = required_setting(number(0.0))
+    cycle_max_lr: float = required_setting(number(0.0, MAX_LR))
     """Learning rate at the peak of the cycle (required)."""
     decay_lr_rate: float = setting(0.0, number(0.0))
     """Learning rate decay rate after the cycle."""
@@ -235,7 +245,7 @@ class OneCycleParams:
 class LRRangeTestParams:
     """DeepSpeed LRRangeTest: lr grows from lr_range_test_min_lr to find a usable maximum."""
 
-    lr_range_test_min_lr: float = setting(1e-3, number(0.0))
+    lr_range_test_min_lr: float = setting(1e-3, number(0.0, MAX_LR))
     """Starting learning rate."""
     lr_range_test_step_size: int = setting(2000, integer(1))
     """Steps per increase interval."""
@@ -368,7 +378,7 @@ def _dump_optimizer(opt: OptimizerConfig) -> dict[str, Any]:
 
 # ---- the whole config ----
 
-_OPT_BATCH = optional(integer(1))
+_OPT_BATCH = optional(integer(1, 2**31 - 1))  # beyond int32, samplers and shapes fail
 
 
 @dataclass(frozen=True)

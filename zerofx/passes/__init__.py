@@ -105,6 +105,12 @@ def build_pipeline(config: Config, *, extra: tuple[PassSpec, ...] = (),
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"zerofx.disable_passes: no pass named {bad!r}{hint} "
                           f"(passes: {', '.join(names)})")
+    if "mixed_precision" in config.zerofx.disable_passes and with_runtime and (
+            config.fp16.enabled or config.bf16.enabled):
+        # The runtime stores parameters in the compute dtype; without the casts the graph
+        # would mix dtypes 30 frames deep.
+        raise ConfigError("zerofx.disable_passes: 'mixed_precision' cannot be disabled while "
+                          "bf16 or fp16 is enabled; disable bf16/fp16 instead")
     chosen = tuple(p for p in declared
                    if p.enabled(config) and p.name not in config.zerofx.disable_passes
                    and (with_runtime or not p.needs_runtime))
