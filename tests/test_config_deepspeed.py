@@ -44,6 +44,10 @@ def test_most_examples_load():
     ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}, "offload"),
     ({"tensorboard": {"enabled": True}}, "TensorBoard"),
     ({"fp16": {"enabled": True, "auto_cast": True}}, "fp16.auto_cast"),
+    ({"gradient_allreduce_op": "sum"}, "gradient_allreduce_op"),
+    ({"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}},
+     "grad_accum_dtype 'fp32' with bf16 compute"),
+    ({"expert_parallel": {"enabled": True}}, "expert parallelism"),
 ])
 def test_refusals_name_the_feature(raw, culprit):
     with pytest.raises(ConfigError, match="not supported by zerofx|auto") as info:
@@ -63,6 +67,14 @@ def test_switched_off_and_no_effect_blocks_are_accepted(caplog):
     assert cfg.zero_optimization.stage == 2
     text = caplog.text
     assert "autotuning" in text and "cuda_visible_devices" in text and "stage3_" in text
+
+
+def test_keys_that_mean_what_zerofx_does_load():
+    cfg = Config.from_dict({"bf16": {"enabled": True}, "gradient_allreduce_op": "mean",
+                            "data_types": {"grad_accum_dtype": "bf16"},
+                            "zero_optimization": {"stage": 1, "max_live_parameters": 10},
+                            "disable_allgather": False, "timers": {}})
+    assert cfg.bf16.enabled and cfg.zero_optimization.stage == 1
 
 
 def test_typos_still_suggest_the_key():

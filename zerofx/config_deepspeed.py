@@ -31,6 +31,14 @@ NO_EFFECT = {
     "comms_logger": "zerofx logs communication wait time with wall_clock_breakdown",
     "flops_profiler": "no FLOPs profiler in zerofx (use torch.profiler)",
     "elasticity": "zerofx does not resize jobs",
+    "disable_allgather": "a legacy ZeRO-1 switch; zerofx's step always all-gathers",
+    "vocabulary_size": "read only by DeepSpeed's sparse-embedding path",
+    "legacy_fusion": "zerofx has its own fused optimizer step",
+    "managed_gradient_accumulation": "zerofx always accumulates in its gradient buffers",
+    "graph_harvesting": "a CUDA-graph option of DeepSpeed's engine",
+    "seq_parallel_communication_data_type": "no sequence parallelism here",
+    "timers": "zerofx times with wall_clock_breakdown",
+    "use_data_before_expert_parallel_": "no expert parallelism here",
 }
 
 # key -> (DeepSpeed feature, what to do instead); refused unless switched off
@@ -61,6 +69,7 @@ REFUSED = {
     "torch_autocast": ("torch.autocast as DeepSpeed applies it",
                        "use the bf16 or fp16 block: zerofx applies autocast's op policy "
                        "inside the graph, with fp32 master weights"),
+    "expert_parallel": ("expert parallelism (MoE)", "drop it: experts train data-parallel"),
     "compile": ("DeepSpeed's compile block (DeepCompile)",
                 "drop it: zerofx is the compiler; compile settings are in the zerofx block "
                 "(fullgraph, dynamic)"),
@@ -77,7 +86,19 @@ ZERO_NO_EFFECT = {
     "sub_group_size": "the fused optimizer runs over one flat shard",
     "memory_efficient_linear": "a ZeRO-3 option",
     "log_trace_cache_warnings": "a ZeRO-3 option",
+    "legacy_stage1": "zerofx has one stage-1 implementation",
+    "pipeline_loading_checkpoint": "a ZeRO-3 option",
+    "override_module_apply": "a ZeRO-3 option",
+    "module_granularity_threshold": "a ZeRO-3 option",
+    "use_all_reduce_for_fetch_params": "a ZeRO-3 option",
+    "mics_hierarchical_params_gather": "a MiCS option",
+    "zeropp_loco_param": "a ZeRO++ option",
+    "cpu_offload_use_pin_memory": "no offload here",
 }
+# ZeRO-3 keys DeepSpeed also takes without the stage3_ prefix
+STAGE3_ALIASES = ("prefetch_bucket_size", "param_persistence_threshold",
+                  "model_persistence_threshold", "max_live_parameters", "max_reuse_distance",
+                  "gather_16bit_weights_on_model_save", "gather_fp16_weights_on_model_save")
 ZERO_REFUSED = {
     "offload_optimizer": ("optimizer state offload", "drop it or set device 'none'"),
     "offload_param": ("parameter offload", "drop it or set device 'none'"),
@@ -86,6 +107,8 @@ ZERO_REFUSED = {
     "zero_quantized_gradients": ("ZeRO++ quantized gradients", "drop it"),
     "zero_hpz_partition_size": ("ZeRO++ hierarchical partitioning", "drop it"),
     "mics_shard_size": ("MiCS sharding", "drop it"),
+    "cpu_offload_param": ("ZeRO-Offload of parameters", "drop it"),
+    "zero_quantized_nontrainable_weights": ("ZeRO++ quantized frozen weights", "drop it"),
 }
 STAGE3_PREFIX = "stage3_"
 ONE_BIT = {"onebitadam", "zerooneadam", "onebitlamb"}
@@ -154,6 +177,7 @@ def screen(raw: Mapping) -> dict:
         if isinstance(raw.get(block), Mapping):
             out[block] = _screen_block(block, raw[block], refused, quiet, notes)
     _screen_optimizer(raw.get("optimizer"))
+    _screen_reduction(raw, out, notes)
     if notes:
         log.info("zerofx: accepted without effect: %s", "; ".join(notes))
     return out
@@ -167,7 +191,7 @@ def _screen_zero(zero: Mapping, notes: list) -> dict:
                      "stay whole on each rank")
     for key, value in zero.items():
         path = f"zero_optimization.{key}"
-        if key.startswith(STAGE3_PREFIX):
+        if key.startswith(STAGE3_PREFIX) or key in STAGE3_ALIASES:
             notes.append(f"{path} (only read at stage 3)")
             del out[key]
         elif key in ZERO_NO_EFFECT:
@@ -191,6 +215,38 @@ def _screen_block(block: str, raw: Mapping, refused: dict, quiet: dict, notes: l
             notes.append(f"{block}.{key} ({quiet[key]})")
             del out[key]
     return out
+
+
+_DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "torch.float32": "fp32",
+                "bf16": "bf16", "bfloat16": "bf16", "torch.bfloat16": "bf16",
+                "fp16": "fp16", "float16": "fp16", "half": "fp16", "torch.float16": "fp16"}
+
+
+def _screen_reduction(raw: Mapping, out: dict, notes: list) -> None:
+    """data_types.grad_accum_dtype and gradient_allreduce_op: zerofx accumulates gradients
+    in the compute dtype and averages them; the DeepSpeed value that means the same loads."""
+    if "gradient_allreduce_op" in raw:
+        op = raw["gradient_allreduce_op"]
+        if op != "mean":
+            raise refuse("gradient_allreduce_op", f"gradient_allreduce_op {op!r}",
+                         "use \"mean\": zerofx averages gradients over data-parallel ranks")
+        notes.append("gradient_allreduce_op (mean: what zerofx does)")
+        del out["gradient_allreduce_op"]
+    types = raw.get("data_types")
+    if types is None:
+        return
+    accum = types.get("grad_accum_dtype") if isinstance(types, Mapping) else types
+    compute = "fp16" if _on(raw.get("fp16")) else "bf16" if _on(raw.get("bf16")) else "fp32"
+    if accum is not None and _DTYPE_NAMES.get(str(accum).lower()) != compute:
+        raise refuse("data_types.grad_accum_dtype", f"grad_accum_dtype {accum!r} with "
+                     f"{compute} compute", f"zerofx accumulates gradients in the compute "
+                     f"dtype: drop the key or set it to {compute!r}")
+    notes.append("data_types (gradients accumulate in the compute dtype)")
+    del out["data_types"]
+
+
+def _on(block: Any) -> bool:
+    return isinstance(block, Mapping) and block.get("enabled") is True
 
 
 def _screen_optimizer(raw: Any) -> None:
