@@ -161,21 +161,15 @@ def screen(raw: Mapping) -> dict:
     """The config without the keys that have no effect (logged once), or a ConfigError for
     a DeepSpeed feature zerofx does not implement or an "auto" value."""
     find_auto(raw)
-    out, notes = dict(raw), []
-    for key, value in raw.items():
-        if key in NO_EFFECT:
-            notes.append(f"{key} ({NO_EFFECT[key]})")
-            del out[key]
-        elif key in REFUSED:
-            if not is_off(value):
-                raise refuse(key, *REFUSED[key])
-            del out[key]
+    notes: list[str] = []
+    out = _screen_block("", raw, REFUSED, NO_EFFECT, notes, off=is_off)
     if isinstance(raw.get("zero_optimization"), Mapping):
         out["zero_optimization"] = _screen_zero(raw["zero_optimization"], notes)
     for block, refused, quiet in (("fp16", FP16_REFUSED, {}), ("bf16", BF16_REFUSED,
                                                                 BF16_NO_EFFECT)):
-        if isinstance(raw.get(block), Mapping):
-            out[block] = _screen_block(block, raw[block], refused, quiet, notes)
+        if isinstance(raw.get(block), Mapping):  # boolean flags: refused when true
+            out[block] = _screen_block(block, raw[block], refused, quiet, notes,
+                                       off=lambda v: not v)
     _screen_optimizer(raw.get("optimizer"))
     _screen_reduction(raw, out, notes)
     if notes:
@@ -184,35 +178,29 @@ def screen(raw: Mapping) -> dict:
 
 
 def _screen_zero(zero: Mapping, notes: list) -> dict:
-    out = dict(zero)
     if zero.get("stage") == 3:
         raise refuse("zero_optimization.stage", "ZeRO stage 3 (parameter partitioning)",
                      "use stage 2: gradients and optimizer state are sharded, parameters "
                      "stay whole on each rank")
-    for key, value in zero.items():
-        path = f"zero_optimization.{key}"
-        if key.startswith(STAGE3_PREFIX) or key in STAGE3_ALIASES:
-            notes.append(f"{path} (only read at stage 3)")
-            del out[key]
-        elif key in ZERO_NO_EFFECT:
-            notes.append(f"{path} ({ZERO_NO_EFFECT[key]})")
-            del out[key]
-        elif key in ZERO_REFUSED:
-            if not is_off(value):
-                raise refuse(path, *ZERO_REFUSED[key])
-            del out[key]
-    return out
+    quiet = dict(ZERO_NO_EFFECT)
+    quiet.update((k, "only read at stage 3") for k in zero
+                 if k.startswith(STAGE3_PREFIX) or k in STAGE3_ALIASES)
+    return _screen_block("zero_optimization", zero, ZERO_REFUSED, quiet, notes, off=is_off)
 
 
-def _screen_block(block: str, raw: Mapping, refused: dict, quiet: dict, notes: list) -> dict:
+def _screen_block(block: str, raw: Mapping, refused: dict, quiet: dict, notes: list, *,
+                  off) -> dict:
+    """``raw`` without its ``quiet`` keys (noted with their reason) and its ``refused`` keys
+    that are switched off (``off(value)``); a refused key switched on is an error."""
     out = dict(raw)
     for key, value in raw.items():
-        if key in refused:
-            if value:
-                raise refuse(f"{block}.{key}", *refused[key])
+        path = f"{block}.{key}" if block else key
+        if key in quiet:
+            notes.append(f"{path} ({quiet[key]})")
             del out[key]
-        elif key in quiet:
-            notes.append(f"{block}.{key} ({quiet[key]})")
+        elif key in refused:
+            if not off(value):
+                raise refuse(path, *refused[key])
             del out[key]
     return out
 

@@ -19,6 +19,8 @@ import torch
 from torch import fx
 
 from zerofx.passes import PassContext
+from zerofx.passes.param_identity import traced_slots
+
 
 def bucketing_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Replace tag_grad outputs by one zerofx.reduce_bucket per bucket group."""
@@ -30,7 +32,7 @@ def bucketing_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     if not tagged:
         return gm
     position = {n: i for i, n in enumerate(gm.graph.nodes)}
-    slot_of_param = _traced_slots(ctx)
+    slot_of_param = dict(enumerate(traced_slots(ctx)))  # grouping only: calls route by slots
     groups: dict[int, list] = {}
     for k, tag in tagged:
         grad, slots, pos = tag.args
@@ -48,11 +50,3 @@ def bucketing_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     for _, tag in tagged:
         gm.graph.erase_node(tag)
     return gm
-
-
-def _traced_slots(ctx: PassContext) -> dict[int, int]:
-    """{tag position: plan index} for the parameters the graph was traced with (grouping
-    only; the runtime routes by the slots of each call)."""
-    index = {s.name: i for i, s in enumerate(ctx.plan.params)}
-    names = [r.name for r in ctx.roles if r.kind == "param" and r.name in index]
-    return {pos: index[n] for pos, n in enumerate(names)}

@@ -23,9 +23,15 @@ from zerofx.passes import PassContext
 from zerofx.passes.nodes import role_of
 
 
+def traced_slots(ctx: PassContext) -> list[int]:
+    """Plan indices of the trained parameters the graph was traced with, in input order
+    (judged by those parameters: Dynamo guards requires_grad). Tag positions index this."""
+    index = {s.name: i for i, s in enumerate(ctx.plan.params)}
+    return [index[r.name] for r in ctx.roles if r.kind == "param" and r.name in index]
+
+
 def trained_primals(gm: fx.GraphModule, ctx: PassContext) -> list[tuple[int, fx.Node]]:
-    """(input position, placeholder) of the parameters of this graph that the plan trains
-    (judged by the parameters it was traced with: Dynamo guards requires_grad)."""
+    """(input position, placeholder) of the parameters of this graph that the plan trains."""
     planned = {s.name for s in ctx.plan.params}
     out = []
     for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
@@ -43,8 +49,7 @@ def param_identity_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     graph = gm.graph
     last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
     with graph.inserting_after(last_input):
-        index = {s.name: i for i, s in enumerate(ctx.plan.params)}
-        traced = [index[role_of(n).name] for _, n in primals]
+        traced = traced_slots(ctx)
         # Tensor-parallel weights are read by name (tp_param), their traced stand-ins never:
         # they keep their traced index, and the others show whether the graph is reused.
         split = {s.name for s in ctx.plan.params if s.tp is not None}

@@ -3,14 +3,15 @@
 A training step is many graphs: Dynamo breaks real models (library logging, branches on
 tensor values, ``.item()``), and what it cannot compile runs eagerly. Gradients therefore
 arrive in pieces: each compiled backward hands over the parameters it read in this call
-(``zerofx.reduce_bucket``; one compiled graph may serve several modules, e.g. every block of
-a loop Dynamo could not trace whole, so parameters are identified per call), a parameter used eagerly arrives through its
-post-accumulate-grad hook, and a parameter nobody used this step never arrives.
+(``zerofx.reduce_bucket``; one compiled graph may serve several modules, e.g. every block
+of a loop Dynamo could not trace whole, so parameters are identified per call), a parameter
+used eagerly arrives through its post-accumulate-grad hook, and a parameter nobody used
+this step never arrives. Parameters are plan indices ("slots") throughout.
 
 Per micro-step:
-    forward graphs    expect(names)      each compiled forward counts its parameters
+    forward graphs    expect(slots)      each compiled forward counts its parameters
     backward graphs   take(slots, gs)    copy (first in the window) or add into the buckets
-    eager autograd    take_eager(name, g)
+    eager autograd    take_eager(slot, g)
     end of backward   finish()           launch every bucket not yet launched
     step graph        wait()             (launch the rest,) wait for all of them
 
@@ -44,7 +45,8 @@ class GradIntake:
     def __init__(self, rt):
         self.rt = rt  # reads its buffers, group and boundary state; never its optimizer
         plan = rt.plan
-        self._index = {s.name: i for i, s in enumerate(plan.params)}
+        index = {s.name: i for i, s in enumerate(plan.params)}
+        self._bucket_slots = [[index[n] for n in b.params] for b in plan.buckets]
         n = len(plan.params)
         self._written = bytearray(n)  # region holds this accumulation window's gradient
         self._expected = [0] * n  # compiled forwards that used the parameter this micro-step
@@ -87,12 +89,13 @@ class GradIntake:
             if self._learned:
                 self._launch_ready()
 
-    def take_eager(self, name: str, grad: torch.Tensor) -> None:
-        """A gradient autograd accumulated into ``param.grad`` (the parameter ran eagerly)."""
-        i = self._index[name]
+    def take_eager(self, i: int, grad: torch.Tensor) -> None:
+        """A gradient autograd accumulated into ``param.grad`` of plan parameter ``i`` (the
+        parameter ran eagerly)."""
         if i not in self._eager:
             self._eager.add(i)
-            log.debug("parameter %s got its gradient outside compiled graphs", name)
+            log.debug("parameter %s got its gradient outside compiled graphs",
+                      self.rt.plan.params[i].name)
         self.take((i,), (grad,))
 
     def _late(self, slots) -> None:
@@ -116,8 +119,7 @@ class GradIntake:
 
     # ---- launches -------------------------------------------------------------------------
     def _complete(self, bucket: int) -> bool:
-        for name in self.rt.plan.buckets[bucket].params:
-            i = self._index[name]
+        for i in self._bucket_slots[bucket]:
             if i in self._eager or self._expected[i] == 0 or \
                     self._arrived[i] < self._expected[i]:
                 return False
@@ -131,9 +133,8 @@ class GradIntake:
     def _launch(self, bucket: int) -> None:
         rt, b = self.rt, self.rt.plan.buckets[bucket]
         flat = self._region(bucket)
-        for name in b.params:  # no gradient this window: zero, as DeepSpeed's flat partition
-            i = self._index[name]
-            if not self._written[i] and bucket not in self._staging:
+        for i in self._bucket_slots[bucket]:  # no gradient this window: zero, as DeepSpeed's
+            if not self._written[i] and bucket not in self._staging:  # flat partition
                 s = rt.plan.params[i]
                 flat[s.offset - b.offset:s.end - b.offset].zero_()
         if rt.pre_reduce != 1.0:  # prescale_gradients / gradient_predivide_factor
@@ -175,17 +176,14 @@ class GradIntake:
         for bucket in range(self._launched, len(self.rt.plan.buckets)):
             self._launch(bucket)
 
-    def wait(self) -> float:
-        """Launch what is left, block until every bucket is reduced; returns the bucket count
-        that was still unlaunched (0 when backward launched them all)."""
-        left = len(self.rt.plan.buckets) - self._launched
+    def wait(self) -> None:
+        """Launch what is left, then block until every bucket is reduced."""
         self.finish()
         for work, then, _ in self._pending:
             work.wait()
             if then is not None:
                 then()
         self._pending.clear()
-        return left
 
     # ---- step boundaries ------------------------------------------------------------------
     def end_micro_step(self, boundary: bool) -> None:

@@ -27,12 +27,11 @@ from dataclasses import dataclass
 
 import torch
 
-from zerofx.config import FP16Config
+# MAX_SCALE: the largest power of two a float32 holds. DeepSpeed's Python-float scale may
+# double past it, but a float32 scale of inf would stay inf when halved and skip every step.
+from zerofx.config import MAX_SCALE, FP16Config
 
 STATE_KEYS = ("scale", "hysteresis", "iter", "last_overflow_iter")
-# The largest power of two a float32 holds: DeepSpeed's Python-float scale may double past
-# it, but a float32 scale of inf would stay inf when halved and skip every step after.
-MAX_SCALE = 2.0 ** 127
 
 
 @dataclass

@@ -117,8 +117,9 @@ class ZeroRuntime:
 
     def _index_storage(self, named) -> None:
         index = {s.name: i for i, s in enumerate(self.plan.params)}
-        self._slot_by_ptr = {p.data_ptr(): index[n] for n, p in named if p.numel()}
-        self._slot_by_id = {id(p): index[n] for n, p in named}
+        self._slot_by_id = {pid: index[n] for pid, n in self._names_by_id.items()}
+        self._slot_by_ptr = {p.data_ptr(): self._slot_by_id[id(p)] for _, p in named
+                             if p.numel()}
         for p, full, _ in self._carriers:  # traced and run with the stand-in in place
             self._slot_by_ptr[full.data_ptr()] = self._slot_by_id[id(p)]
 
@@ -226,12 +227,13 @@ class ZeroRuntime:
             it = intake()
             if it is None or p.grad is None:
                 return
-            name = it.rt.param_name(p)
-            if it.rt.plan.slot(name).tp is not None:
-                raise ConfigError(f"tensor-parallel parameter {name} got a gradient outside "
-                                  f"the compiled graphs (it ran eagerly); zerofx splits "
-                                  f"weights only inside compiled graphs")
-            it.take_eager(name, p.grad)
+            i = it.rt._slot_by_id[id(p)]
+            slot = it.rt.plan.params[i]
+            if slot.tp is not None:
+                raise ConfigError(f"tensor-parallel parameter {slot.name} got a gradient "
+                                  f"outside the compiled graphs (it ran eagerly); zerofx "
+                                  f"splits weights only inside compiled graphs")
+            it.take_eager(i, p.grad)
             p.grad = None
 
         for _, p in named:
