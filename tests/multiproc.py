@@ -7,6 +7,11 @@ MASTER_ADDR, MASTER_PORT on a free port), so the code under test bootstraps exac
 zerofx-launch. The body must be a module-level function (it is pickled by name). Results
 come back in rank order; if any rank raises or the time bound passes, the others are killed
 and the AssertionError names the failing rank and shows its traceback.
+
+A rank killed by a signal (SIGABRT/SIGSEGV: glibc's heap check firing inside gloo's worker
+thread, seen on the CI host about once in ten suite runs and never in 60 local runs of the
+same test) is run again once, with a warning that keeps the first crash's report; a second
+crash, a raised error, a wrong result or a hang fails at once.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import queue
 import socket
 import time
 import traceback
+import warnings
 
 DEFAULT_TIMEOUT_S = 180.0
 
@@ -57,9 +63,22 @@ def _rank_main(body, rank, world_size, port, args, env, results, timeout_s=None)
             dist.destroy_process_group()
 
 
+class RankKilled(AssertionError):
+    """A rank died by a signal before reporting."""
+
+
 def run_ranks(body, world_size: int, *, args: tuple = (), env: dict | None = None,
               timeout_s: float = DEFAULT_TIMEOUT_S) -> list:
     """Run ``body(rank, world_size, *args)`` on ``world_size`` processes; return results."""
+    try:
+        return _run_once(body, world_size, args, env, timeout_s)
+    except RankKilled as first:
+        warnings.warn(f"rerunning once after a rank was killed by a signal: {first}",
+                      stacklevel=2)
+        return _run_once(body, world_size, args, env, timeout_s)
+
+
+def _run_once(body, world_size, args, env, timeout_s) -> list:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
@@ -93,11 +112,17 @@ def _collect(procs, results, world_size, timeout_s) -> list:
             dead = [r for r, p in enumerate(procs)
                     if not p.is_alive() and p.exitcode not in (0, None) and r not in got]
             if dead:
-                raise AssertionError(f"rank {dead[0]} of {world_size} died with exit code "
-                                     f"{procs[dead[0]].exitcode} before reporting")
+                code = procs[dead[0]].exitcode
+                raise (RankKilled if code < 0 else AssertionError)(
+                    f"rank {dead[0]} of {world_size} died with exit code {code} before "
+                    f"reporting")
             continue
         if status == "error":
-            raise AssertionError(_failure_report(procs, results, world_size, rank, value))
+            report = _failure_report(procs, results, world_size, rank, value)
+            # a peer's "connection reset" is only the echo of a rank killed by a signal
+            killed = any(p.exitcode is not None and p.exitcode < 0 and r not in got
+                         for r, p in enumerate(procs))
+            raise (RankKilled if killed else AssertionError)(report)
         import torch
 
         got[rank] = torch.load(io.BytesIO(value), weights_only=False)

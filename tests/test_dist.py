@@ -64,3 +64,21 @@ def test_harness_time_bound():
     with pytest.raises(AssertionError, match="did not finish within 3 s"):
         run_ranks(_hang, 2, timeout_s=3)
     assert time.monotonic() - t0 < 30
+
+
+def _abort_on_rank_one(rank, world_size, marker, always):
+    import os
+    from pathlib import Path
+
+    if rank == 1 and (always or not Path(marker).exists()):
+        Path(marker).touch()
+        os.abort()
+    return rank
+
+
+def test_harness_reruns_once_after_a_signal_death(tmp_path):
+    marker = str(tmp_path / "crashed")
+    with pytest.warns(UserWarning, match="rerunning once after a rank was killed"):
+        assert run_ranks(_abort_on_rank_one, 2, args=(marker, False)) == [0, 1]
+    with pytest.warns(UserWarning), pytest.raises(AssertionError, match="exit code -6"):
+        run_ranks(_abort_on_rank_one, 2, args=(marker, True))
