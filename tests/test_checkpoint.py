@@ -288,13 +288,16 @@ def _corrupt(kind, root):
     meta = torch.load(tag / "meta.pt", weights_only=True)
     if kind == "format":
         meta["format"] = 99
-        msg = "format 99, this zerofx reads format 1"
+        msg = "format 99, this zerofx reads format 2"
     else:  # names and shapes
         meta["params"][0]["name"] = "renamed"
-        meta["params"][1]["shape"] = [1, 2, 3]
+        meta["params"][1].update(shape=[1, 2, 3], numel=6)  # another model's, consistent
         msg = (r"does not fit this model: \S+ missing from the checkpoint; renamed not in the "
                r"model; \S+ shape \[1, 2, 3\] in the checkpoint")
-    torch.save(meta, tag / "meta.pt")
+    from zerofx.checkpoint_schema import DIGEST_KEY, with_digest
+
+    meta.pop(DIGEST_KEY, None)
+    torch.save(with_digest(meta), tag / "meta.pt")
     return msg, None
 
 

@@ -97,3 +97,10 @@ def test_runs_as_a_module_without_a_latest(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("zerofx-consolidate: ") and "latest" in proc.stderr
     assert not (tmp_path / "o.pt").exists()
+
+
+def test_every_rank_file_carries_the_same_save_id(saved):
+    ckpt, _ = saved
+    ids = {torch.load(f, weights_only=True)["save_id"]
+           for f in (ckpt / "s").glob("*.pt")}
+    assert len(list((ckpt / "s").glob("*.pt"))) == 3 and len(ids) == 1  # meta + 2 ranks

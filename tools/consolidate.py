@@ -21,7 +21,13 @@ from zerofx.checkpoint_io import CheckpointError, full_state, resolve_tag, with_
 
 def consolidate(ckpt_dir, out, *, tag=None, echo=print) -> dict[str, torch.Tensor]:
     """Assemble the full fp32 master of ``ckpt_dir``/``tag`` and save it to ``out``."""
+    if not str(out) or Path(out).name in ("", ".", ".."):
+        raise CheckpointError(f"-o {str(out)!r} is not a file name; pass the file to write, "
+                              f"e.g. -o model.pt")
     out = Path(out)
+    if out.is_dir():
+        raise CheckpointError(f"cannot write {out}: it is a directory; pass a file path "
+                              f"inside it, e.g. -o {out / 'model.pt'}")
     if not out.parent.is_dir():  # fail before reading what may be gigabytes of shards
         raise CheckpointError(f"cannot write {out}: {out.parent} is not a directory; create "
                               f"it or pick another -o path")
@@ -57,6 +63,10 @@ def main(argv=None) -> int:
         consolidate(args.ckpt_dir, args.output, tag=args.tag)
     except CheckpointError as e:
         print(f"zerofx-consolidate: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. a directory that cannot be listed: no traceback for that
+        print(f"zerofx-consolidate: {e}; check the paths and their permissions",
+              file=sys.stderr)
         return 2
     return 0
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import warnings
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch.distributed as dist
 from zerofx.checkpoint_io import (FORMAT_VERSION, LATEST_FILE, META_FILE, STATE_KEYS,
                                   CheckpointError, check_tag, full_states, rank_file,
                                   read_meta, resolve_tag, tp_dir)
+from zerofx.checkpoint_schema import with_digest
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint"]
 
@@ -53,7 +55,9 @@ def save_checkpoint(rt, save_dir, tag=None, client_state=None, save_latest: bool
     first = rt.plan.rank == 0
     # A tmp left by a crashed save is cleared before anyone writes into it.
     _all_ok(rt, lambda: _fresh_dir(tmp) if first else None, "preparing", tmp)
-    _all_ok(rt, lambda: _write_files(rt, tmp, dp_rank, client_state, first), "writing", tmp)
+    save_id = _save_id(rt)
+    _all_ok(rt, lambda: _write_files(rt, tmp, dp_rank, client_state, first, save_id),
+            "writing", tmp)
     _all_ok(rt, lambda: _publish(root, tmp, final, tag, save_latest) if first else None,
             "publishing", final)
     log.info("saved checkpoint %s", final)
@@ -119,6 +123,15 @@ def _check_plain(obj, where: str) -> None:
         f"strings and plain tensors; save its state_dict() or convert it")
 
 
+def _save_id(rt) -> str:
+    """One random id for this save, the same on every rank: every file records it, so files
+    of different saves are never loaded together."""
+    draw = torch.tensor(secrets.randbits(62), dtype=torch.int64, device=rt.master.device)
+    if rt.plan.grid.world_size > 1:
+        dist.broadcast(draw, src=0)
+    return f"{int(draw):016x}"
+
+
 def _fresh_dir(path: Path) -> None:
     if path.exists():
         shutil.rmtree(path)
@@ -128,12 +141,12 @@ def _fresh_dir(path: Path) -> None:
 def _save(obj, path: Path) -> None:
     # fsync: the swap below must never publish a directory whose files are still in flight.
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        torch.save(with_digest(obj), f)
         f.flush()
         os.fsync(f.fileno())
 
 
-def _meta(plan, client_state, *, whole: bool, aliases: dict) -> dict:
+def _meta(plan, client_state, *, whole: bool, aliases: dict, save_id: str) -> dict:
     """meta.pt: the layout of this TP rank's pieces, or (``whole``) the TP checkpoint's
     list of whole parameters and how each is split."""
     def param(p):
@@ -143,7 +156,7 @@ def _meta(plan, client_state, *, whole: bool, aliases: dict) -> dict:
         split = {"dim": p.tp.dim, "parts": p.tp.parts} if p.tp is not None else None
         return {"name": p.name, "shape": list(p.tp.full_shape if p.tp else p.shape),
                 "tp": split}
-    return {"format": FORMAT_VERSION, "world_size": plan.grid.world_size,
+    return {"format": FORMAT_VERSION, "save_id": save_id, "world_size": plan.grid.world_size,
             **({"tp_size": plan.grid.tp_size} if whole else {}),
             "dp_size": plan.grid.dp_size, "zero_stage": plan.zero_stage,
             "sharded": plan.sharded, "padded_numel": plan.padded_numel,
@@ -153,16 +166,19 @@ def _meta(plan, client_state, *, whole: bool, aliases: dict) -> dict:
             "client_state": client_state}
 
 
-def _write_files(rt, tmp: Path, dp_rank: int, client_state, first: bool) -> None:
+def _write_files(rt, tmp: Path, dp_rank: int, client_state, first: bool,
+                 save_id: str) -> None:
     plan = rt.plan
     if plan.grid.tp_size > 1:
         if first:
-            _save(_meta(plan, client_state, whole=True, aliases=rt.aliases), tmp / META_FILE)
+            _save(_meta(plan, client_state, whole=True, aliases=rt.aliases, save_id=save_id),
+                  tmp / META_FILE)
         tmp = tmp / tp_dir(plan.grid.tp_rank(plan.rank))
         tmp.mkdir(exist_ok=True)
     if dp_rank == 0:
-        _save(_meta(plan, client_state, whole=False, aliases=rt.aliases), tmp / META_FILE)
-    _save({"dp_rank": dp_rank,
+        _save(_meta(plan, client_state, whole=False, aliases=rt.aliases, save_id=save_id),
+              tmp / META_FILE)
+    _save({"dp_rank": dp_rank, "save_id": save_id,
            "ranges": [[r.start, r.numel, r.at] for r in plan.owned()],
            **{k: getattr(rt, k) for k in STATE_KEYS},
            "step_count": rt.step_count, "lr": rt.lr, "skipped": rt.skipped,
@@ -174,6 +190,8 @@ def _publish(root: Path, tmp: Path, final: Path, tag: str, save_latest: bool) ->
     """Swap ``tmp`` in as ``final``, then point ``latest`` at it; each step leaves a
     loadable state (resolve_tag names the aside copy if a crash hits between the renames)."""
     aside = root / f".{tag}.old"
+    if aside.exists() and not final.exists():
+        os.rename(aside, final)  # an earlier re-save crashed mid-swap: put the copy back
     if aside.exists():
         shutil.rmtree(aside)
     if final.exists():

@@ -15,19 +15,19 @@ checkpoint can come from anywhere, and a pickle could run code.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-FORMAT_VERSION = 1
+from zerofx.checkpoint_schema import (CheckpointError, check_digest, check_meta, check_rank,
+                                      check_same_save)
+
+FORMAT_VERSION = 2  # 2: every file carries save_id and a crc32 of its content
 META_FILE = "meta.pt"
 LATEST_FILE = "latest"
 STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be written or read as asked; the message names file and fix."""
 
 
 def tp_dir(tp_rank: int) -> str:
@@ -58,18 +58,33 @@ def resolve_tag(load_dir, tag=None) -> Path | None:
         latest = root / LATEST_FILE
         if not latest.is_file():
             return None
-        tag = latest.read_text().strip()
+        try:
+            tag = latest.read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{latest} cannot be read ({e}); pass tag= explicitly") \
+                from None
         if not tag:
             raise CheckpointError(f"{latest} is empty; pass tag= explicitly")
+        try:  # `latest` names a directory inside load_dir, never a path elsewhere
+            check_tag(tag)
+        except CheckpointError:
+            raise CheckpointError(f"{latest} names {tag!r}, not a tag directory inside "
+                                  f"{root}; write a tag name there or pass tag=") from None
         where = f"{latest} names tag {tag!r}, but"
     else:
         tag = check_tag(tag)
         where = f"tag {tag!r}:"
     path = root / tag
+    aside = root / f".{tag}.old"
+    if not path.is_dir() and aside.is_dir() and (aside / META_FILE).is_file():
+        # A re-save of this tag crashed between its two renames: the aside copy is the
+        # previous, complete checkpoint (the next save of the tag puts it back in place).
+        warnings.warn(f"{path} is missing; loading {aside}, the copy a crashed re-save of "
+                      f"tag {tag!r} set aside", stacklevel=3)
+        return aside
     if not path.is_dir():
-        aside = root / f".{tag}.old"
-        hint = (f" ({aside} holds the previous copy: a save was interrupted while swapping; "
-                f"rename it to {path})") if aside.is_dir() else ""
+        hint = (f" ({aside} exists but is incomplete: a save was interrupted while "
+                f"swapping)") if aside.is_dir() else ""
         have = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         raise CheckpointError(f"{where} {path} does not exist{hint}; tags present: "
                               f"{', '.join(have) or 'none'}")
@@ -90,7 +105,9 @@ def load_file(path: Path) -> dict:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a zerofx checkpoint "
                               f"dict; is this a zerofx checkpoint?")
-    return obj
+    if path.name == META_FILE and obj.get("format") != FORMAT_VERSION:
+        return obj  # read_meta names the format mismatch, the clearer message
+    return check_digest(obj, path)
 
 
 def read_meta(tag_dir: Path) -> dict:
@@ -103,6 +120,7 @@ def read_meta(tag_dir: Path) -> dict:
                               f"and consolidate it (zerofx-consolidate)")
     _require(meta, ("dp_size", "zero_stage", "params", "padded_numel", "sharded",
                     "client_state"), path)
+    check_meta(meta, path, whole="tp_size" in meta)
     return meta
 
 
@@ -122,16 +140,8 @@ def read_rank(tag_dir: Path, meta: dict, dp_rank: int) -> dict:
     if shard["dp_rank"] != dp_rank:
         raise CheckpointError(f"{path} was written by DP rank {shard['dp_rank']}, not "
                               f"{dp_rank}: files from different saves are mixed; save again")
-    numel = sum(n for _, n, _ in shard["ranges"])
-    for key in STATE_KEYS:
-        t = shard[key]
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.numel() < numel:
-            raise CheckpointError(f"{path}: {key!r} is not an fp32 tensor covering its "
-                                  f"{numel} owned elements; the file is corrupt")
-    if any(s < 0 or n < 0 or s + n > meta["padded_numel"] for s, n, _ in shard["ranges"]):
-        raise CheckpointError(f"{path}: owned ranges exceed the flat buffer of "
-                              f"{meta['padded_numel']} elements named in meta.pt; the files "
-                              f"are from different saves")
+    check_same_save(shard, path, meta.get("save_id"), Path(tag_dir) / META_FILE)
+    shard["owned_numel"] = check_rank(shard, path, meta["padded_numel"], STATE_KEYS)
     return shard
 
 
@@ -154,6 +164,14 @@ def read_shards(tag_dir: Path, meta: dict,
         shards.append(read_rank(tag_dir, meta, r))
         if on_file is not None:
             on_file(tag_dir / rank_file(r))
+    # The needed ranks' ranges tile the flat buffer exactly: a padded size that disagrees
+    # (a hand-edited 1e12, a meta.pt from another layout) is refused before allocating it.
+    owned = sum(s["owned_numel"] for s in shards)
+    if owned != meta["padded_numel"]:
+        raise CheckpointError(f"{tag_dir / META_FILE} names a flat buffer of "
+                              f"{meta['padded_numel']} elements, but the rank files own "
+                              f"{owned}: the files are from different saves or corrupt; load "
+                              f"another tag")
     return shards
 
 
@@ -191,6 +209,9 @@ def full_states(tag_dir, keys=STATE_KEYS, on_file: Callable[[Path], None] | None
         states = {k: {n: t.clone() for n, t in by_name(meta, assemble(meta, shards, k)).items()}
                   for k in keys}
         return states, shards[0]
+    for t in range(tp):
+        sub = tag_dir / tp_dir(t) / META_FILE
+        check_same_save(read_meta(sub.parent), sub, meta.get("save_id"), tag_dir / META_FILE)
     per_rank = [full_states(tag_dir / tp_dir(t), keys, on_file) for t in range(tp)]
     joined: dict = {k: {} for k in keys}
     for p in meta["params"]:
