@@ -36,6 +36,26 @@ def test_duplicate_host_names_both_lines():
         hosts("a slots=1\nb slots=1\na slots=2\n")
 
 
+@pytest.mark.parametrize("count", ["99999999999999999999", "100000000", "4097"])
+def test_slot_counts_are_bounded(count):
+    with pytest.raises(HostfileError, match=f"slots={count} is more than the 4096"):
+        hosts(f"a slots={count}\n")
+
+
+@pytest.mark.parametrize("digits", ["\u0661", "\uff14", "\u0967"])  # Arabic-Indic, fullwidth, Devanagari
+def test_non_ascii_digits_are_not_counts(digits):
+    with pytest.raises(HostfileError, match="hostname slots=N"):
+        hosts(f"a slots={digits}\n")
+    with pytest.raises(HostfileError, match="bad slot list"):
+        hostfile.parse_filter(f"a:{digits}", flag="--include")
+
+
+@pytest.mark.parametrize("spec", ["a:+1", "a: 1", "a:1_0", "a:0x1"])
+def test_slot_lists_are_plain_ascii_integers(spec):
+    with pytest.raises(HostfileError, match="bad slot list"):
+        hostfile.parse_filter(spec, flag="--include")
+
+
 def test_zero_slots():
     with pytest.raises(HostfileError, match=r"/job/hostfile line 1 \('a slots=0'\): slots=0"):
         hosts("a slots=0\n")

@@ -22,7 +22,12 @@ log = logging.getLogger(__name__)
 # (a leading "-") and shell metacharacters. ":" and "@" are the filter's separators, so
 # IPv6 literals are not accepted; name such hosts in /etc/hosts or ~/.ssh/config.
 _HOSTNAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?")
-_LINE = re.compile(r"(?P<host>\S+)\s+slots=(?P<slots>\d+)")
+# ASCII digits only: str patterns' \d also matches '١' and other scripts' digits.
+_LINE = re.compile(r"(?P<host>\S+)\s+slots=(?P<slots>[0-9]+)")
+_SLOT = re.compile(r"[0-9]{1,6}")
+# Processes (GPUs) one host may run: well above any machine's GPU count, small enough that a
+# typo (slots=100000000) is an error instead of minutes and gigabytes of plans.
+MAX_SLOTS = 4096
 
 Resources = dict[str, list[int]]
 
@@ -63,7 +68,11 @@ def parse_hostfile(text: str, *, path: str) -> dict[str, Host]:
         match = _LINE.fullmatch(line)
         if match is None:
             raise HostfileError(f"{where}: expected 'hostname slots=N'")
-        name, slots = match["host"], int(match["slots"])
+        name, digits = match["host"], match["slots"]
+        if len(digits) > 6 or int(digits) > MAX_SLOTS:
+            raise HostfileError(f"{where}: slots={digits} is more than the {MAX_SLOTS} "
+                                f"processes one host can run; give its GPU count")
+        slots = int(digits)
         if not is_valid_hostname(name):
             raise HostfileError(
                 f"{where}: {name!r} is not a valid hostname (letters, digits, '.', '-', '_'; "
@@ -111,10 +120,8 @@ def parse_filter(spec: str, *, flag: str) -> dict[str, list[int] | None]:
 
 
 def _parse_slots(text: str, *, spec: str, flag: str) -> list[int]:
-    try:
-        slots = [int(s) for s in text.split(",")]
-    except ValueError:
-        slots = [-1]
+    parts = text.split(",")
+    slots = [int(s) if _SLOT.fullmatch(s) else -1 for s in parts]  # no '+1', ' 1', '1_0'
     if any(s < 0 for s in slots):
         raise HostfileError(f"{flag} {spec!r}: bad slot list {text!r}; slots are "
                             "comma-separated non-negative integers, e.g. worker-0:0,2")
@@ -124,6 +131,10 @@ def _parse_slots(text: str, *, spec: str, flag: str) -> list[int]:
 def select(hosts: dict[str, Host], *, include: str | None = None, exclude: str | None = None,
            num_nodes: int | None = None, num_gpus: int | None = None) -> Resources:
     """Apply the launcher's resource flags to ``hosts``; returns the resource map."""
+    for flag, spec in (("--include", include), ("--exclude", exclude)):
+        if spec is not None and not spec.strip():
+            raise HostfileError(f"{flag} is empty: name hosts (host[:slot,...][@host...]) "
+                                f"or leave the flag out to use every host")
     if include and exclude:
         raise HostfileError("--include and --exclude are mutually exclusive; use one")
     if (include or exclude) and (num_nodes is not None or num_gpus is not None):

@@ -73,6 +73,9 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag} {value}: must be at least 1")
+    if args.num_gpus is not None and args.num_gpus > hostfile.MAX_SLOTS:
+        raise UsageError(f"--num_gpus {args.num_gpus}: more than the {hostfile.MAX_SLOTS} "
+                         f"processes one host can run")
     if not 1 <= args.master_port <= 65535:
         raise UsageError(f"--master_port {args.master_port}: must be between 1 and 65535")
     if args.master_addr is not None and not _is_address(args.master_addr):
