@@ -132,6 +132,28 @@ def test_signal_is_forwarded_and_nothing_is_left(tmp_path, sig):
             launcher.wait(timeout=10)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_local_ranks_stop_when_the_launcher_is_killed(tmp_path):
+    launcher = subprocess.Popen(LAUNCH + ["--num_procs", "2", "--master_port", str(free_port()),
+                                          FAIL, str(tmp_path), "-1"],
+                                cwd=tmp_path, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pids = []
+    try:
+        pid_files = [tmp_path / f"pid.{r}" for r in range(2)]
+        assert wait_for(lambda: all(p.exists() for p in pid_files), 60)
+        pids = [int(p.read_text()) for p in pid_files]
+        launcher.kill()  # SIGKILL: the launcher cannot stop anything itself
+        launcher.wait(timeout=10)
+        assert wait_for(lambda: not any(proc_tree.is_alive(p) for p in pids), 15), \
+            "ranks ran on after their launcher was killed"
+    finally:
+        for pid in pids:
+            if proc_tree.is_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_supervise_returns_first_failure_and_stops_the_rest():
     def child(name, code):
         argv = [sys.executable, "-c", f"import time; time.sleep({0.2 if code else 60}); "

@@ -78,7 +78,10 @@ def start_local_ranks(plan: LaunchPlan, *, environ: dict[str, str],
                       gpu_ids: list[str]) -> list[Child]:
     """Start every rank of the single local host, output prefixed with ``[rank N] ``."""
     (host, slots), = plan.world_info.items()
-    argv = plan.commands[host]
+    # Each rank under node_guard, as on remote hosts: if this launcher is killed (even by
+    # SIGKILL, which nothing can catch) the guard is orphaned and stops its rank at once,
+    # instead of the rank running on unsupervised until it next writes to the dead pipe.
+    argv = [sys.executable, "-u", "-m", "zerofx.tools.node_guard", "--", *plan.commands[host]]
     children: list[Child] = []
     for rank in range(len(slots)):
         env = rank_env(environ, rank=rank, world_size=len(slots),
