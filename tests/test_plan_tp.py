@@ -78,9 +78,10 @@ def test_plan_shapes_are_local_and_bytes_halve():
     ({"fc3": "colwise"}, r"'fc3' matches no Linear"),
     ({"fc1": "colwise", "fc*": "rowwise"}, "matched as colwise and as rowwise"),
 ])
-def test_bad_plans_name_the_pattern(plan, match):
+@pytest.mark.parametrize("size", [1, 2])  # size 1 checks the plan too: no typo waits
+def test_bad_plans_name_the_pattern(plan, match, size):
     with pytest.raises(TPPlanError, match=match):
-        resolve_tp_layout(MLP(), _cfg(plan=plan))
+        resolve_tp_layout(MLP(), _cfg(size, plan=plan))
 
 
 def test_indivisible_layer_and_heads_are_refused():

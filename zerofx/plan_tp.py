@@ -74,9 +74,11 @@ class TPLayout:
 def resolve_tp_layout(model: nn.Module, config: Config) -> TPLayout:
     """The tensor-parallel layout of ``model`` under ``config`` (empty when size is 1)."""
     tp = config.tensor_parallel.size
-    if tp == 1:
-        return TPLayout(1, {}, ())
     modules = dict(model.named_modules())
+    if tp == 1:
+        if config.tensor_parallel.plan:  # checked anyway: a typo must not wait for size 2
+            _from_plan(modules, config.tensor_parallel.plan)
+        return TPLayout(1, {}, ())
     choices = _from_plan(modules, config.tensor_parallel.plan) if config.tensor_parallel.plan \
         else _detect(modules, tp)
     if not choices:
