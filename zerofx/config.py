@@ -129,9 +129,12 @@ class ZeroConfig:
     allgather_bucket_size: int = setting(500_000_000, integer(1))
     """Elements per all-gather of updated parameter shards."""
     overlap_comm: bool = setting(False, boolean)
-    """Issue gradient reductions during the backward pass instead of after it."""
+    """Accepted for DeepSpeed configs; zerofx always overlaps: a bucket's reduction starts in
+    backward as soon as its last gradient arrives (false would only delay it to the end of
+    backward, with the same numbers)."""
     contiguous_gradients: bool = setting(True, boolean)
-    """Copy gradients into one contiguous buffer as they are produced."""
+    """Accepted for DeepSpeed configs; zerofx always copies each gradient into its bucket's
+    contiguous buffer as it is produced (its buckets are slices of one flat buffer)."""
     reduce_scatter: bool = setting(True, boolean)
     """Reduce gradients with reduce-scatter (True) or all-reduce (False)."""
 
