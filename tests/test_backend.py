@@ -142,19 +142,3 @@ def test_plain_training_refuses_what_it_cannot_apply(no_torchrun_env, config, cu
         compiled(*batch)
     assert isinstance(info.value.inner_exception, ConfigError)
     assert culprit in str(info.value) and "zerofx.initialize" in str(info.value)
-
-
-def _plain_two_ranks(rank, world):
-    model, batch = make("mlp")
-    compiled = torch.compile(model, backend="zero", options={"config": {}})
-    try:
-        compiled(*batch).backward()
-    except torch._dynamo.exc.BackendCompilerFailed as e:
-        return str(e.inner_exception)
-    return "trained"
-
-
-@pytest.mark.slow
-def test_plain_training_on_two_ranks_is_refused_not_diverging():
-    for message in run_ranks(_plain_two_ranks, 2):
-        assert "2 ranks" in message and "never averaged" in message

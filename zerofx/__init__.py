@@ -5,7 +5,7 @@
 from zerofx.config import Config, ConfigError
 
 __all__ = ["Config", "ConfigError", "ZeroRuntime", "ZeroEngine", "initialize",
-           "add_config_arguments"]
+           "add_config_arguments", "no_sync"]
 __version__ = "0.1.0"
 
 
@@ -15,6 +15,10 @@ def __getattr__(name):
         from zerofx.runtime.zero import ZeroRuntime
 
         return ZeroRuntime
+    if name == "no_sync":  # plain torch.compile on several ranks: DDP's accumulation switch
+        from zerofx.runtime.plain_dp import no_sync
+
+        return no_sync
     if name in ("ZeroEngine", "initialize", "add_config_arguments"):
         from zerofx import engine
 

@@ -47,6 +47,7 @@ class Compilation:
     rank: int
     dump_root: str | None
     runtime: object | None  # a ZeroRuntime: ZeRO buckets, loss scale and the step graph
+    params: tuple = ()  # (name, tensor) of the graph's parameters (plain path: averaged)
 
 
 def zero_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None = None,
@@ -103,7 +104,8 @@ def _prepare(gm, example_inputs, config: Config, extra, runtime) -> Compilation:
     graph_id = "g" + re.sub(r"[^0-9]+", "_", str(cid)).strip("_") if cid else "g"
     dump_root = os.environ.get(DUMP_ENV) or config.zerofx.dump_dir
     passes = build_pipeline(config, extra=extra, with_runtime=runtime is not None)
-    comp = Compilation(config, plan, passes, roles, graph_id, world.rank, dump_root, runtime)
+    comp = Compilation(config, plan, passes, roles, graph_id, world.rank, dump_root, runtime,
+                       tuple(params))
     if dump_root:
         try:
             gd = GraphDump.create(dump_root, rank=world.rank, graph=graph_id)
@@ -191,6 +193,7 @@ def _fqn(source: str, leaf: str) -> str:
 def _partition(joint: fx.GraphModule, joint_inputs, comp: Compilation, **kw):
     if comp.runtime is None:  # a training graph without zerofx's training state
         check_plain_training(comp.config)
+        _plain_data_parallel(comp)
     num_fwd = kw["num_fwd_outputs"]
     _annotate(joint, comp.roles, tangents=True)
     joint = _run(joint, comp, "joint", num_fwd_outputs=num_fwd)
@@ -199,29 +202,51 @@ def _partition(joint: fx.GraphModule, joint_inputs, comp: Compilation, **kw):
     return split(joint, joint_inputs, **kw)
 
 
-def check_plain_training(config: Config) -> None:
-    """Training with plain torch.compile(backend="zero"): refuse, in one error, everything
-    it would not do. Without a ZeroRuntime no gradient is averaged and no config optimizer,
-    schedule, loss scale or ZeRO sharding exists, so silently going on would train wrong."""
+def _plain_data_parallel(comp: Compilation) -> None:
+    """On several ranks, average this graph's parameter gradients as DDP does."""
     import torch.distributed as dist
 
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from zerofx.runtime import plain_dp
+
+        plain_dp.attach(comp.params, module=_frame_module(),
+                        bucket_numel=comp.config.zero_optimization.reduce_bucket_size)
+
+
+def _frame_module():
+    """The nn.Module whose forward Dynamo is compiling (the frame's ``self``), if any."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        owner = InstructionTranslator.current_tx().f_locals.get("self")
+    except Exception:  # noqa: BLE001 - a private API: fall back to the graph's own inputs
+        return None
+    return owner if isinstance(owner, torch.nn.Module) else None
+
+
+def check_plain_training(config: Config) -> None:
+    """Training with plain torch.compile(backend="zero"): refuse, in one error, everything
+    it would not do. Without a ZeroRuntime gradients are averaged across ranks (DDP's
+    data parallelism, runtime/plain_dp.py) and stepped by the user's own optimizer; no config
+    optimizer, schedule, loss scale or ZeRO sharding exists, so going on would train wrong."""
     ignored = [what for what, on in (
-        (f"{world} ranks (each would train its own replica: gradients are never averaged)",
-         world > 1),
-        ("the optimizer block", config.optimizer is not None),
+        ("the optimizer block (step your own torch optimizer)", config.optimizer is not None),
         ("the scheduler block", config.scheduler is not None),
         (f"zero_optimization.stage {config.zero_optimization.stage}",
          config.zero_optimization.stage >= 1),
         ("fp16 loss scaling (set fp16.loss_scale 1 to train fp16 without it)",
          config.fp16.enabled and config.fp16.loss_scale != 1.0),
-        ("gradient_clipping", config.gradient_clipping > 0),
-        ("gradient_accumulation_steps > 1", (config.gradient_accumulation_steps or 1) > 1),
+        ("gradient_clipping (call torch.nn.utils.clip_grad_norm_ after backward)",
+         config.gradient_clipping > 0),
+        ("gradient_accumulation_steps > 1 (accumulate in your loop, inside "
+         "zerofx.no_sync(model) but for the last micro-batch)",
+         (config.gradient_accumulation_steps or 1) > 1),
     ) if on]
     if ignored:
         raise ConfigError(
-            "plain torch.compile(model, backend='zero') trains with the casts only, so it "
-            f"cannot apply: {'; '.join(ignored)}. Use engine, *_ = zerofx.initialize("
+            "plain torch.compile(model, backend='zero') applies the casts and averages "
+            "gradients across ranks; your loop and optimizer do the rest, so it cannot "
+            f"apply: {'; '.join(ignored)}. Use engine, *_ = zerofx.initialize("
             "model=model, config=cfg) (engine(x), engine.backward(loss), engine.step()), or "
             "rt = zerofx.ZeroRuntime(model, cfg) with options={'runtime': rt} and "
             "rt.backward(loss); rt.step()")
