@@ -42,7 +42,7 @@ def test_most_examples_load():
     ({"compression_training": {"weight_quantization": {}}}, "compression"),
     ({"zero_optimization": {"stage": 3}}, "ZeRO stage 3"),
     ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}, "offload"),
-    ({"tensorboard": {"enabled": True}}, "TensorBoard"),
+    ({"wandb": {"enabled": True}}, "Weights & Biases"),
     ({"fp16": {"enabled": True, "auto_cast": True}}, "fp16.auto_cast"),
     ({"gradient_allreduce_op": "sum"}, "gradient_allreduce_op"),
     ({"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}},

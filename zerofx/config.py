@@ -290,6 +290,29 @@ class SchedulerConfig:
             raise bad("params", self.params, f"a {want.__name__} for type {self.type}")
 
 
+def _job_name(v: Any) -> str:
+    if not isinstance(v, str) or not v or "/" in v or v in (".", ".."):
+        raise Invalid("a non-empty name without '/'")
+    return v
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """DeepSpeed's "csv_monitor" / "tensorboard" blocks: rank 0 writes the learning rate,
+    the fp16 loss scale and the mean training loss at every optimizer step, against the
+    number of samples seen, into ``<output_path>/<job_name>``."""
+
+    enabled: bool = setting(False, boolean)
+    """Write the events."""
+    output_path: str = setting("", lambda v: v if isinstance(v, str) else path_string(v))
+    """Directory for the job's folder ("": the working directory, as in DeepSpeed)."""
+    job_name: str = setting("DeepSpeedJobName", _job_name)
+    """The folder the files go into."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
 @dataclass(frozen=True)
 class TensorParallelConfig:
     """The "tensor_parallel" block: Megatron-style sharding of matching weights."""
@@ -424,6 +447,10 @@ class Config:
     """Log per-phase step timings (forward, backward, step)."""
     tensor_parallel: TensorParallelConfig = nested_setting(TensorParallelConfig)
     """Tensor (model) parallelism."""
+    csv_monitor: MonitorConfig = nested_setting(MonitorConfig)
+    """Training curves as CSV files, one per event (DeepSpeed's layout)."""
+    tensorboard: MonitorConfig = nested_setting(MonitorConfig)
+    """Training curves as TensorBoard event files (needs the tensorboard package)."""
     zerofx: ZerofxConfig = nested_setting(ZerofxConfig)
     """zerofx's own settings."""
 

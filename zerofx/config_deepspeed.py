@@ -59,8 +59,6 @@ REFUSED = {
     "quantize_training": ("quantized training", "drop the block"),
     "weight_quantization": ("weight quantization", "drop the block"),
     "nebula": ("Nebula checkpointing", "drop the block: zerofx saves atomically itself"),
-    "tensorboard": ("the TensorBoard monitor", "drop the block; log from your loop"),
-    "csv_monitor": ("the CSV monitor", "drop the block; log from your loop"),
     "wandb": ("the Weights & Biases monitor", "drop the block; log from your loop"),
     "comet": ("the Comet monitor", "drop the block; log from your loop"),
     "sparse_gradients": ("sparse embedding gradients", "drop the key"),

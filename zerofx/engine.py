@@ -21,6 +21,7 @@ from torch import nn
 
 from zerofx.config import Config, ConfigError
 from zerofx.data import DistributedLoader
+from zerofx.monitor import Monitor
 from zerofx.runtime.dist import init_distributed
 from zerofx.runtime.zero import ZeroRuntime
 from zerofx.schedules import Schedule, make_schedule
@@ -110,6 +111,9 @@ class ZeroEngine(nn.Module):
                 drop_last=config.dataloader_drop_last)
         self._timers = {"forward": 0.0, "backward": 0.0, "step": 0.0}
         self._last_loss = None
+        self.monitor = Monitor(config, rank=world.rank)
+        self._window_losses: list[torch.Tensor] = []  # this optimizer step's micro losses
+        self.global_samples = 0
         self._window_start, self._window_samples = time.perf_counter(), 0
 
     # ---- the training loop ---------------------------------------------------------------
@@ -135,6 +139,8 @@ class ZeroEngine(nn.Module):
         self.runtime.backward(loss)
         self._timers["backward"] += time.perf_counter() - t0
         self._last_loss = loss.detach()
+        if self.monitor.enabled:
+            self._window_losses.append(self._last_loss)
         return loss
 
     def step(self) -> None:
@@ -146,11 +152,25 @@ class ZeroEngine(nn.Module):
         self._timers["step"] += time.perf_counter() - t0
         if not updated:
             return
+        self.global_samples += self.train_batch_size()
+        if self.monitor.enabled:
+            self._write_monitor()
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
             self._set_lr()
         if self.global_steps % self.config.steps_per_print == 0:
             self._report()
+
+    def _write_monitor(self) -> None:
+        """DeepSpeed's step events, against samples seen (the lr this step used)."""
+        events = [("Train/Samples/lr", self.get_lr()[0], self.global_samples)]
+        if self._window_losses:
+            mean = torch.stack([x.float() for x in self._window_losses]).mean()
+            events.append(("Train/Samples/train_loss", float(mean), self.global_samples))
+        if self.config.fp16.enabled:
+            events.append(("Train/Samples/loss_scale", self.loss_scale, self.global_samples))
+        self._window_losses = []
+        self.monitor.write_events(events)
 
     def is_gradient_accumulation_boundary(self) -> bool:
         return self.runtime.is_boundary
@@ -233,6 +253,8 @@ class ZeroEngine(nn.Module):
         path, state = load_checkpoint(self.runtime, load_dir, tag=tag)
         if path is None:
             return None, None
+        if self.config.train_batch_size or self.config.train_micro_batch_size_per_gpu:
+            self.global_samples = self.global_steps * self.train_batch_size()
         state = dict(state or {})
         sched = state.pop(SCHEDULER_KEY, None)
         if sched is not None and self.lr_scheduler is not None:
