@@ -52,10 +52,24 @@ def _tunable(node: fx.Node) -> bool:
             and all(isinstance(a, fx.Node) for a in node.args[:TUNED[node.target]]))
 
 
+def _hint(x) -> int:
+    """A size as a number: a symbolic one (dynamic shapes, e.g. a last, smaller batch) by the
+    value it was traced with; timing needs real tensors."""
+    if isinstance(x, int):
+        return x
+    hint = getattr(getattr(x, "node", None), "hint", None)
+    return int(hint) if hint is not None else 16  # unbacked: any plausible size will do
+
+
+def _shape(v) -> tuple:
+    return tuple(_hint(d) for d in v.shape), tuple(_hint(d) for d in v.stride())
+
+
 def _signature(node: fx.Node) -> tuple:
     vals = [a.meta["val"] for a in node.args[:TUNED[node.target]]]
-    return (node.target, *((tuple(v.shape), tuple(v.stride()), v.dtype) for v in vals),
-            tuple(node.args[TUNED[node.target]:]), tuple(sorted(node.kwargs.items())))
+    return (node.target, *((*_shape(v), v.dtype) for v in vals),
+            tuple(map(str, node.args[TUNED[node.target]:])),
+            tuple(sorted((k, str(v)) for k, v in node.kwargs.items())))
 
 
 def _fastest(node: fx.Node) -> str:
@@ -63,8 +77,11 @@ def _fastest(node: fx.Node) -> str:
     metas = [a.meta["val"] for a in node.args[:n]]
     rest, kwargs = node.args[n:], node.kwargs
     with unset_fake_temporarily(), torch.no_grad():
-        real = [torch.randn(m.shape, dtype=m.dtype).as_strided(m.shape, m.stride())
-                if _dense(m) else torch.randn(m.shape, dtype=m.dtype) for m in metas]
+        real = []
+        for m in metas:
+            shape, stride = _shape(m)
+            t = torch.randn(shape, dtype=m.dtype)
+            real.append(t.as_strided(shape, stride) if _dense(m) else t)
         low = real[-1].dtype
         variants = {
             "asis": lambda: node.target(*real, *rest, **kwargs),

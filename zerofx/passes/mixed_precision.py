@@ -102,10 +102,12 @@ def _cast_of(graph: fx.Graph, value: fx.Node, dtype: torch.dtype, casts, mode,
         return casts[key]
     parent = value.args[0] if is_view(value) else None
     if isinstance(parent, fx.Node) and _dtype(parent) == _dtype(value):
-        # Hoist: cast the viewed value once (a parameter: right after the placeholders),
-        # then replay the view on the cast, so every use shares one cast.
+        # Hoist: cast the viewed value once, then replay the view on the cast, so every use
+        # shares one cast. The replay goes just before the consumer, not after the cast: a
+        # view's shape may be computed in between (symbolic sizes under dynamic shapes,
+        # e.g. a last, smaller batch), and the consumer follows both.
         base = _cast_of(graph, parent, dtype, casts, mode, consumer)
-        with graph.inserting_after(base):
+        with graph.inserting_before(consumer):
             cast = graph.call_function(value.target, (base, *value.args[1:]), dict(value.kwargs))
     else:
         # A graph input is cast just before its first consumer (the nodes are visited in
