@@ -27,11 +27,16 @@ setup(
         # torch.utils.cpp_extension JIT-builds zerofx/csrc with ninja; without it zerofx
         # falls back to the (slower) plain-torch optimizer math.
         "ninja",
+        # the main job's progress bar (tqdm: maintained, no dependencies, handles terminals
+        # and pipes, which a hand-drawn bar did not)
+        "tqdm>=4.60",
     ],
     extras_require={
         # transformers: the Hugging Face model zoo of the tests (tiny random-init configs)
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "pytest-timeout>=2",
                  "transformers>=4.45"],
+        # curve.png next to the main job's curve.csv
+        "plot": ["matplotlib>=3.5"],
     },
     entry_points={
         # Lets torch.compile(model, backend="zero") find us without `import zerofx`.

@@ -5,9 +5,15 @@
         --resume --steps 450        # continues the curve from the saved checkpoint
 
 bf16, ZeRO-2, Adam with warmup and clipping, from the DeepSpeed JSON config. The text ships
-in examples/data (public domain); nothing is downloaded.
+in examples/data (public domain); nothing is downloaded. The last 10% of the text is held
+out: its loss (validation) shows when the model starts memorising the rest. Everything the
+run writes goes under --out_dir (default examples/runs/<config name>, so the data-parallel
+and tensor-parallel variants never overwrite each other): the checkpoint, curve.csv (train
+and validation loss per step) and, with matplotlib installed (pip install -e ".[plot]"),
+curve.png.
 """
 import argparse
+import csv
 import math
 import os
 import resource
@@ -18,10 +24,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import zerofx
 
-DATA = Path(__file__).resolve().parent / "data" / "sonnets.txt"
+HERE = Path(__file__).resolve().parent
+DATA = HERE / "data" / "sonnets.txt"
+BLOCK = 64  # characters of context
+WARMUP_STEPS = 5  # steps that include compilation: left out of the steady-state throughput
 
 
 class Block(nn.Module):
@@ -72,7 +82,7 @@ class Windows(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
-def sample(engine, stoi, itos, prompt="Shall I ", n=200, block=64):
+def sample(engine, stoi, itos, prompt="Shall I ", n=200, block=BLOCK):
     """Generate through the engine, on every rank: tensor-parallel ranks compute each token
     together. A fixed window of ``block`` tokens (newlines in front while the text is short)
     keeps one compiled inference graph instead of one per length."""
@@ -90,14 +100,75 @@ def batches(loader):
         yield from loader
 
 
+@torch.no_grad()
+def validation_loss(engine, val_ids, batches=8, batch=16):
+    """Mean loss over fixed, evenly spread windows of the held-out text (the same on every
+    rank, so data- and tensor-parallel ranks agree)."""
+    starts = torch.linspace(0, len(val_ids) - BLOCK - 2, batches * batch).long()
+    total = 0.0
+    for chunk in starts.split(batch):
+        x = torch.stack([val_ids[i:i + BLOCK] for i in chunk])
+        y = torch.stack([val_ids[i + 1:i + 1 + BLOCK] for i in chunk])
+        total += float(engine(x, y))
+    return total / batches
+
+
+class Curve:
+    """curve.csv (step, train_loss, val_loss) on rank 0; a resumed run appends to it."""
+
+    def __init__(self, path: Path, resume: bool):
+        self.path, self.rows = path, []
+        if not (resume and path.exists()):
+            with open(path, "w", newline="") as f:
+                csv.writer(f).writerow(["step", "train_loss", "val_loss"])
+
+    def add(self, step, train, val=None):
+        self.rows.append((step, f"{train:.4f}", "" if val is None else f"{val:.4f}"))
+
+    def flush(self):
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerows(self.rows)
+        self.rows = []
+
+    def plot(self) -> Path | None:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        with open(self.path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([int(r["step"]) for r in rows], [float(r["train_loss"]) for r in rows],
+                label="train")
+        val = [r for r in rows if r["val_loss"]]
+        ax.plot([int(r["step"]) for r in val], [float(r["val_loss"]) for r in val], "o-",
+                label="validation (held-out 10%)")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("cross-entropy loss")
+        ax.legend()
+        out = self.path.with_suffix(".png")
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+        return out
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=300, help="train until this optimizer step")
-    p.add_argument("--save_dir", default="checkpoints/gpt")
-    p.add_argument("--resume", action="store_true", help="continue from save_dir's latest")
+    p.add_argument("--out_dir", help="where the checkpoint and the curve go (default: "
+                                     "examples/runs/<config file name>)")
+    p.add_argument("--resume", action="store_true", help="continue from out_dir's checkpoint")
+    p.add_argument("--eval_every", type=int, default=50, help="validation loss every N steps")
+    p.add_argument("--log_every", type=int, default=10, help="a progress line every N steps")
     p.add_argument("--sample_chars", type=int, default=200)
     zerofx.add_config_arguments(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.out_dir is None:
+        name = Path(args.deepspeed_config).stem if args.deepspeed_config else "default"
+        args.out_dir = str(HERE / "runs" / name)
+    return args
 
 
 def main(argv=None):
@@ -106,42 +177,81 @@ def main(argv=None):
     chars = sorted(set(text))
     stoi, itos = {c: i for i, c in enumerate(chars)}, dict(enumerate(chars))
     ids = torch.tensor([stoi[c] for c in text], dtype=torch.long)
+    split = int(0.9 * len(ids))
+    train_ids, val_ids = ids[:split], ids[split:]
     torch.manual_seed(1337)
-    model = GPT(len(chars))
+    model = GPT(len(chars), block=BLOCK)
     engine, _, loader, _ = zerofx.initialize(args=args, model=model,
-                                             training_data=Windows(ids, 64))
+                                             training_data=Windows(train_ids, BLOCK))
     rank = int(os.environ.get("RANK", 0))
+    out_dir, ckpt = Path(args.out_dir), Path(args.out_dir) / "checkpoint"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    grid = engine.runtime.plan.grid
+    if rank == 0:
+        print(f"{grid.world_size} ranks: tensor parallel {grid.tp_size} x data parallel "
+              f"{grid.dp_size}; global batch {engine.train_batch_size()} windows of {BLOCK} "
+              f"characters; writing to {out_dir}", flush=True)
     if args.resume:
-        path, state = engine.load_checkpoint(args.save_dir)
+        path, _ = engine.load_checkpoint(ckpt)
         if path is None:
-            print(f"no checkpoint in {args.save_dir}: starting from scratch", file=sys.stderr)
+            print(f"no checkpoint in {ckpt}: starting from scratch", file=sys.stderr)
         elif rank == 0:
             print(f"resumed from {path} at step {engine.global_steps}", flush=True)
-    data, t0, tokens, losses = batches(loader), time.perf_counter(), 0, []
+    curve = Curve(out_dir / "curve.csv", args.resume) if rank == 0 else None
+    # A bar where rank 0 owns a terminal; piped (launcher, CI) it stays off (disable=None)
+    # and the labelled lines below carry the progress.
+    bar = tqdm(total=args.steps, initial=engine.global_steps, disable=None if rank == 0
+               else True, unit="step", dynamic_ncols=True)
+    data, losses, first, val = batches(loader), [], None, None
+    t0, tokens, steady_t0, steady_tokens = time.perf_counter(), 0, None, 0
+    start = engine.global_steps
     while engine.global_steps < args.steps:
         x, y = next(data)
         loss = engine(x, y)
         engine.backward(loss)
         engine.step()
         tokens += x.numel()
-        losses.append(loss.item())
-        if rank == 0 and engine.global_steps % 10 == 0:
-            rate = tokens / (time.perf_counter() - t0)
-            bar = "#" * int(30 * engine.global_steps / args.steps)
-            print(f"[{bar:<30}] step {engine.global_steps}/{args.steps} "
-                  f"loss {sum(losses[-10:]) / len(losses[-10:]):.3f} {rate:.0f} tok/s",
-                  flush=True)
-    engine.save_checkpoint(args.save_dir)
+        step, value = engine.global_steps, loss.item()
+        first = value if first is None else first
+        losses.append(value)
+        if step - start == WARMUP_STEPS:
+            steady_t0, steady_tokens = time.perf_counter(), tokens
+        if step % args.eval_every == 0 or step == args.steps:
+            val = validation_loss(engine, val_ids)
+        if rank != 0:
+            continue
+        curve.add(step, value, val if step % args.eval_every == 0 or step == args.steps
+                  else None)
+        mean = sum(losses[-10:]) / len(losses[-10:])
+        rate = (tokens - steady_tokens) / (time.perf_counter() - steady_t0) \
+            if steady_t0 is not None and tokens > steady_tokens else float("nan")
+        bar.update(1)
+        bar.set_postfix(train=f"{mean:.3f}", val="-" if val is None else f"{val:.3f}",
+                        tok_s=f"{rate:.0f}", refresh=False)
+        if step % args.log_every == 0:
+            bar.write(f"step {step}/{args.steps} | train loss (10-step mean) {mean:.3f} | "
+                      f"val loss {'-' if val is None else f'{val:.3f}'} | "
+                      f"{rate:.0f} tokens/s (steady state)", file=sys.stdout)
+            curve.flush()
+    bar.close()
+    engine.save_checkpoint(ckpt)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     state_mib = engine.runtime.state_bytes() / 2**20
+    steady = (tokens - steady_tokens) / (time.perf_counter() - steady_t0) \
+        if steady_t0 is not None else float("nan")
     print(f"rank {rank}: peak RSS {peak:.0f} MiB, training state {state_mib:.1f} MiB, "
-          f"{tokens / (time.perf_counter() - t0):.0f} tokens/s", flush=True)
+          f"{steady:.0f} tokens/s steady state ({tokens / (time.perf_counter() - t0):.0f} "
+          f"including compilation)", flush=True)
     text = sample(engine, stoi, itos, n=args.sample_chars)
     if rank == 0:
-        first = losses[0] if losses else math.nan
-        print(f"loss {first:.3f} -> {losses[-1] if losses else math.nan:.3f}; "
-              f"checkpoint in {args.save_dir}")
+        curve.flush()
+        png = curve.plot()
         print("--- sample ---\n" + text)
+        print(f"train loss {first if first is not None else math.nan:.3f} -> "
+              f"{losses[-1] if losses else math.nan:.3f}, validation loss "
+              f"{'-' if val is None else f'{val:.3f}'}; checkpoint {ckpt}, curve "
+              f"{out_dir / 'curve.csv'}" + (f" and {png}" if png else
+                                            " (pip install matplotlib for curve.png)"))
     return 0
 
 

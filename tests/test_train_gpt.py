@@ -1,4 +1,5 @@
 """The main job, shortened: 2 ranks through zerofx-launch, save, resume, sample."""
+import csv
 import os
 import re
 import subprocess
@@ -14,7 +15,8 @@ def _launch(tmp_path, *extra, timeout=400, config="ds_config.json"):
     cmd = [sys.executable, "-m", "zerofx.tools.launch", "--num_gpus", "2",
            str(ROOT / "examples" / "train_gpt.py"),
            "--deepspeed_config", str(ROOT / "examples" / config),
-           "--save_dir", str(tmp_path / "ckpt"), "--sample_chars", "40", *extra]
+           "--out_dir", str(tmp_path / "run"), "--sample_chars", "40", "--eval_every", "20",
+           *extra]
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tmp_path,
@@ -24,7 +26,13 @@ def _launch(tmp_path, *extra, timeout=400, config="ds_config.json"):
 
 
 def _losses(stdout):
-    return [float(m) for m in re.findall(r"step \d+/\d+ loss ([0-9.]+)", stdout)]
+    return [float(m) for m in re.findall(r"step \d+/\d+ \| train loss \(10-step mean\) "
+                                         r"([0-9.]+)", stdout)]
+
+
+def _curve(tmp_path):
+    with open(tmp_path / "run" / "curve.csv", newline="") as f:
+        return list(csv.DictReader(f))
 
 
 @pytest.mark.slow
@@ -33,11 +41,18 @@ def test_train_save_resume_sample(tmp_path):
     losses = _losses(first)
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.5, first  # clearly falling
     assert "--- sample ---" in first and "Shall I " in first
-    assert first.count("peak RSS") == 2 and "tokens/s" in first  # both ranks report
+    assert first.count("peak RSS") == 2 and "tokens/s steady state" in first  # both ranks
+    assert "tensor parallel 1 x data parallel 2; global batch 32" in first
+    rows = _curve(tmp_path)
+    assert [int(r["step"]) for r in rows] == list(range(1, 41))
+    vals = [float(r["val_loss"]) for r in rows if r["val_loss"]]
+    assert len(vals) == 2 and vals[-1] < vals[0]  # held-out loss, at steps 20 and 40
+    assert (tmp_path / "run" / "checkpoint" / "latest").read_text() == "global_step40"
     resumed = _launch(tmp_path, "--steps", "60", "--resume")
     assert "resumed from" in resumed and "at step 40" in resumed
     more = _losses(resumed)
     assert len(more) == 2 and more[0] < losses[0] - 0.5  # continues the curve, no restart
+    assert [int(r["step"]) for r in _curve(tmp_path)] == list(range(1, 61))  # appended
 
 
 @pytest.mark.slow
@@ -46,3 +61,16 @@ def test_tensor_parallel_variant_trains_and_samples(tmp_path):
     losses = _losses(out)
     assert len(losses) == 3 and losses[-1] < losses[0] - 0.5, out
     assert "--- sample ---" in out and out.count("peak RSS") == 2
+    assert "tensor parallel 2 x data parallel 1; global batch 16" in out
+
+
+def test_default_outputs_are_per_config_inside_the_examples_folder():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_gpt", ROOT / "examples" / "train_gpt.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    dirs = {c: Path(job.parse_args(["--deepspeed_config", str(ROOT / "examples" / c)]).out_dir)
+            for c in ("ds_config.json", "ds_config_tp.json")}
+    assert dirs["ds_config.json"] == ROOT / "examples" / "runs" / "ds_config"
+    assert dirs["ds_config_tp.json"] == ROOT / "examples" / "runs" / "ds_config_tp"

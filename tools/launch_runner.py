@@ -88,17 +88,30 @@ def start_local_ranks(plan: LaunchPlan, *, environ: dict[str, str],
                        master_addr=plan.master_addr, master_port=plan.master_port)
         if gpu_ids:  # slots index the GPUs this launcher can see
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_ids[s] for s in slots)
+        # Rank 0 keeps a terminal's stderr: progress bars (tqdm) redraw in place there, which
+        # a line-prefixing pipe would break up; its stdout is prefixed like every rank's.
+        tty = rank == 0 and _is_tty(sys.stderr)
         try:
             proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    stdout=subprocess.PIPE,
+                                    stderr=None if tty else subprocess.PIPE,
                                     start_new_session=True)
         except OSError as e:
             proc_tree.stop([c.proc for c in children], grace=GRACE_S)
             raise LaunchError(f"cannot start rank {rank} ({argv[0]}): {e}") from None
         prefix = f"[rank {rank}] ".encode()
-        pumps = [_pump(proc.stdout, sys.stdout, prefix), _pump(proc.stderr, sys.stderr, prefix)]
+        pumps = [_pump(proc.stdout, sys.stdout, prefix)]
+        if proc.stderr is not None:
+            pumps.append(_pump(proc.stderr, sys.stderr, prefix))
         children.append(Child(f"rank {rank}", proc, pumps))
     return children
+
+
+def _is_tty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # replaced or closed streams (tests capture them)
+        return False
 
 
 def start_hosts(plan: LaunchPlan, *, environ: dict[str, str]) -> list[Child]:
