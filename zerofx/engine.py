@@ -222,7 +222,8 @@ class ZeroEngine(nn.Module):
             return
         elapsed = time.perf_counter() - self._window_start
         loss = float(self._last_loss) if self._last_loss is not None else float("nan")
-        line = (f"step {self.global_steps} | loss {loss:.4f} | lr {self.get_lr()[0]:.3e} | "
+        line = (f"step {self.global_steps} | loss (last micro-batch) {loss:.4f} | "
+                f"lr {self.get_lr()[0]:.3e} | "
                 f"loss scale {self.loss_scale:g} | skipped {self.skipped_steps} | "
                 f"{self._window_samples / max(elapsed, 1e-9):.1f} samples/s")
         if self.config.wall_clock_breakdown:
