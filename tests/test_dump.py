@@ -80,3 +80,57 @@ def test_unwritable_dump_dir_is_a_config_error(no_torchrun_env, tmp_path):
         compiled(*batch)
     assert isinstance(info.value.inner_exception, zerofx.ConfigError)
     assert "cannot be written" in str(info.value.inner_exception)
+
+
+def test_dumped_code_names_the_inputs_and_html_colours_the_passes(dumped):
+    d = _only(dumped, "joint")
+    code = (d / "00_input.py").read_text()
+    assert "=param fc1.weight" in code.replace(" = ", "=") and "=param fc2.bias" in \
+        code.replace(" = ", "=")
+    page = (d / "graph.html").read_text()
+    assert page.startswith("<!doctype html>") and "mixed_precision" in page
+    assert "param fc1.weight" in page and "plan: rank 0" in page
+    # the casts the pass added are coloured rows, AOTAutograd's are not
+    assert page.count("<tr style='background:") == \
+        json.loads((d / "summary.json").read_text())["passes"][1]["added"]
+
+
+def _explode(gm, ctx):
+    node = next(n for n in gm.graph.nodes if n.op == "call_function")
+    raise ValueError(f"cannot handle {node.name}")
+
+
+def test_a_failing_pass_leaves_a_record_naming_pass_node_and_model_line(tmp_path, monkeypatch,
+                                                                         no_torchrun_env):
+    from zerofx.passes import PassSpec
+
+    monkeypatch.setenv("ZEROFX_DUMP", str(tmp_path / "dump"))
+    model, batch = make("mlp")
+    compiled = torch.compile(model, backend="zero", options={
+        "config": {}, "extra_passes": [PassSpec("explode", _explode, frozenset({"joint"}))]})
+    with pytest.raises(Exception) as info:
+        compiled(*batch).backward()
+    assert "raised in pass 'explode'" in "".join(getattr(info.value, "__notes__", [])) or \
+        "raised in pass 'explode'" in str(info.value) + "".join(
+            getattr(getattr(info.value, "inner_exception", None), "__notes__", []))
+    (failure,) = (tmp_path / "dump").glob("rank0/*/joint/failure.txt")
+    text = failure.read_text()
+    assert text.startswith("pass explode raised ValueError: cannot handle")
+    assert "models.py" in text and "self.fc" in text  # the model line of the named node
+    assert (failure.parent / "01_explode.failed.py").exists()
+
+
+@pytest.mark.slow
+def test_torch_trace_carries_zerofx_graphs(tmp_path):
+    import subprocess
+    import sys
+
+    script = ("import torch, sys; sys.path.insert(0, 'tests'); from models import make; "
+              "m, b = make('mlp'); torch.compile(m, backend='zero', options={'config': "
+              "{'bf16': {'enabled': True}}})(*b).backward()")
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env["TORCH_TRACE"] = str(tmp_path / "trace")
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=300,
+                   cwd=str(__import__("pathlib").Path(__file__).resolve().parent.parent))
+    logs = "".join(p.read_text() for p in (tmp_path / "trace").glob("*"))
+    assert "zerofx_" in logs and "mixed_precision" in logs

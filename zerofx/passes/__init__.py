@@ -141,10 +141,17 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, passes: tuple[PassSpec, .
             continue
         before = set(gm.graph.nodes)
         t0 = time.perf_counter()
-        gm = p.fn(gm, ctx)
-        new = tag_new_nodes(gm.graph, before, p.name)
-        fill_fake_vals(gm)
-        gm.graph.lint()
+        try:
+            gm = p.fn(gm, ctx)
+            new = tag_new_nodes(gm.graph, before, p.name)
+            fill_fake_vals(gm)
+            gm.graph.lint()
+        except Exception as e:
+            if dump is not None:
+                dump.failure(p.name, gm, e)
+            e.add_note(f"(zerofx: raised in pass {p.name!r} on graph {ctx.graph_name}"
+                       f"{'; see failure.txt in the dump' if dump is not None else ''})")
+            raise
         gm.recompile()
         ms = (time.perf_counter() - t0) * 1e3
         removed = len(before - set(gm.graph.nodes))
@@ -152,4 +159,17 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, passes: tuple[PassSpec, .
                   removed, ms)
         if dump is not None:
             dump.record(p.name, gm, added=len(new), removed=removed, ms=ms)
+        trace_artifact(ctx.graph_name, p.name, gm)
     return gm
+
+
+def trace_artifact(graph_name: str, pass_name: str, gm: fx.GraphModule) -> None:
+    """The graph after a pass as a structured-trace artifact: with TORCH_TRACE set, tlparse
+    shows zerofx's graphs next to Dynamo's and AOTAutograd's (a no-op otherwise)."""
+    try:
+        from torch._logging import trace_structured
+    except ImportError:
+        return
+    trace_structured("artifact", metadata_fn=lambda: {
+        "name": f"zerofx_{graph_name}_{pass_name}", "encoding": "string"},
+        payload_fn=lambda: gm.print_readable(print_output=False))

@@ -7,6 +7,8 @@ Layout (one directory per rank and compiled graph):
     <root>/rank0/<graph>/<kind>/01_<pass>.py     the graph after each pass (readable code)
     <root>/rank0/<graph>/<kind>/summary.txt      table: node kinds, added/removed per pass
     <root>/rank0/<graph>/<kind>/summary.json     the same, machine-readable (zerofx-dump)
+    <root>/rank0/<graph>/<kind>/graph.html       the latest graph, coloured by pass (dump_html)
+    <root>/rank0/<graph>/<kind>/failure.txt      a pass that raised: which, on what, why
 
 <graph> is Dynamo's compile id (g<frame>_<attempt>); <kind> is joint, forward, backward or
 inference.
@@ -16,12 +18,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tabulate import tabulate
 from torch import fx
 
+from zerofx.passes.dump_html import input_names, model_line, render_html
 from zerofx.passes.nodes import added_by, count_kinds
 
 SUMMARY_JSON = "summary.json"
@@ -70,6 +74,18 @@ class GraphDump:
         self.records.append(PassRecord(step, name, added, removed, len(gm.graph.nodes),
                                        round(ms, 3), kinds, file))
         self._write_summary()
+        plan = self.directory.parent / "plan.txt"
+        self.write_text("graph.html", render_html(
+            gm, title=f"{self.directory.parent.name} {self.directory.name} after {name}",
+            summary=(self.directory / "summary.txt").read_text(),
+            plan=plan.read_text() if plan.exists() else ""))
+
+    def failure(self, name: str, gm: fx.GraphModule, error: BaseException) -> None:
+        """Record a pass that raised, before the error propagates: the pass, the nodes the
+        message names with their model lines, the traceback, the graph as the pass left it."""
+        file = f"{len(self.records):02d}_{name}.failed.py"
+        self.write_text(file, _graph_code(gm, f"{name} (raised)"))
+        self.write_text("failure.txt", failure_text(name, gm, error, file))
 
     def _write_summary(self) -> None:
         rows = [asdict(r) for r in self.records]
@@ -89,9 +105,24 @@ def render_summary(rows: list[dict]) -> str:
     return tabulate(table, headers=headers)
 
 
+def failure_text(name: str, gm: fx.GraphModule, error: BaseException, file: str) -> str:
+    message = str(error)
+    named = [n for n in gm.graph.nodes
+             if re.search(rf"(?<![\w]){re.escape(n.name)}(?![\w])", message)]
+    lines = [f"pass {name} raised {type(error).__name__}: {message.splitlines()[0] if message else ''}",
+             f"graph as the pass left it: {file}", ""]
+    for n in named[:8]:
+        lines.append(f"node {n.name} ({n.op} {n.target}): {model_line(n) or 'no model line'}")
+    lines += ["", *traceback.format_exception(type(error), error, error.__traceback__)]
+    return "\n".join(lines) + "\n"
+
+
 def _graph_code(gm: fx.GraphModule, pass_name: str) -> str:
-    """Readable code, with each added node's line marked by the pass that added it."""
-    lines = [f"# graph after: {pass_name}", ""]
+    """Readable code, with each added node's line marked by the pass that added it, and
+    what each input is (``primals_3`` alone does not say it is ``fc1.weight``)."""
+    lines = [f"# graph after: {pass_name}"]
+    lines += [f"#   {name} = {what}" for name, what in input_names(gm).items()]
+    lines.append("")
     owners = {n.name: added_by(n) for n in gm.graph.nodes if added_by(n)}
     for line in gm.print_readable(print_output=False).splitlines():
         lhs = line.strip().split(" ", 1)[0].rstrip(":")
