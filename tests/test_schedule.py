@@ -46,3 +46,34 @@ def test_a_mutation_is_a_barrier():
     assert _order(gm) == ["placeholder"] * 3 + [
         "all_gather_into_tensor", "wait_tensor", "copy_",
         "all_gather_into_tensor", "wait_tensor", "copy_", "copy_", "output"]
+
+
+def _with_values(gm, dst_aliases_src2: bool):
+    """Traced values on the inputs: distinct storages, or dst a view of src2's storage."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    src1, src2 = torch.zeros(4), torch.zeros(8)
+    dst = src2[:4] if dst_aliases_src2 else torch.zeros(4)
+    vals = dict(zip(("src1", "src2", "dst"), (mode.from_tensor(t) for t in (src1, src2, dst))))
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            n.meta["val"] = vals[n.target]
+    return gm
+
+
+def test_alias_analysis_lets_waits_pass_writes_elsewhere():
+    gm = schedule_pass(_with_values(_gathers(False), dst_aliases_src2=False), ctx=None)
+    gm.graph.lint()
+    # copy_(dst, w1) writes nothing the second gather reads: w2 waits only before its user
+    assert _order(gm) == ["placeholder"] * 3 + [
+        "all_gather_into_tensor", "all_gather_into_tensor",
+        "wait_tensor", "copy_", "wait_tensor", "copy_", "output"]
+
+
+def test_a_write_into_a_view_of_the_gathered_source_is_a_barrier():
+    gm = schedule_pass(_with_values(_gathers(False), dst_aliases_src2=True), ctx=None)
+    gm.graph.lint()
+    assert _order(gm) == ["placeholder"] * 3 + [
+        "all_gather_into_tensor", "all_gather_into_tensor",
+        "wait_tensor", "wait_tensor", "copy_", "copy_", "output"]
