@@ -43,7 +43,10 @@ def test_most_examples_load():
     ({"zero_optimization": {"stage": 3}}, "ZeRO stage 3"),
     ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}, "offload"),
     ({"wandb": {"enabled": True}}, "Weights & Biases"),
-    ({"fp16": {"enabled": True, "auto_cast": True}}, "fp16.auto_cast"),
+    ({"torch_autocast": {"enabled": True, "lower_precision_safe_modules": ["my.Mod"]}},
+     "per-module autocast"),
+    ({"torch_autocast": {"enabled": True}, "bf16": {"enabled": True}},
+     "torch_autocast together"),
     ({"gradient_allreduce_op": "sum"}, "gradient_allreduce_op"),
     ({"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}},
      "grad_accum_dtype 'fp32' with bf16 compute"),
@@ -88,3 +91,45 @@ def test_applied_keys_parse():
                                       '"dataloader_drop_last": true}'))
     assert cfg.pre_reduce_factor is None and cfg.dataloader_drop_last
     assert Config.from_dict({"gradient_predivide_factor": 4}).pre_reduce_factor == 0.25
+
+
+@pytest.mark.parametrize("dtype, block", [("bfloat16", "bf16"), ("float16", "fp16"),
+                                          ("torch.bfloat16", "bf16")])
+def test_torch_autocast_maps_onto_the_precision_blocks(dtype, block):
+    cfg = Config.from_dict({"torch_autocast": {"enabled": True, "dtype": dtype,
+                                               "lower_precision_safe_modules":
+                                                   ["torch.nn.Linear"]}})
+    assert getattr(cfg, block).enabled and cfg.compute_dtype is not None
+    off = Config.from_dict({"torch_autocast": {"enabled": False, "dtype": dtype}})
+    assert not off.bf16.enabled and not off.fp16.enabled
+
+
+def test_fp16_auto_cast_casts_the_engine_inputs(no_torchrun_env):
+    import torch
+
+    import zerofx
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 1)
+
+        def forward(self, x, extra):
+            seen.append((x.dtype, extra["ids"].dtype))
+            return self.lin(x).float().mean()
+
+    for auto, want in ((True, torch.float16), (False, torch.float32)):
+        engine, *_ = zerofx.initialize(model=Probe(), config={
+            "train_micro_batch_size_per_gpu": 2, "fp16": {"enabled": True, "auto_cast": auto},
+            "optimizer": {"type": "Adam", "params": {"lr": 1e-3}}})
+        engine(torch.randn(2, 4), {"ids": torch.arange(2)})
+        assert seen[-1] == (want, torch.int64)
+
+
+def test_deepspeeds_compile_block_is_accepted_but_offload_refused():
+    cfg = Config.from_dict({"compile": {"deepcompile": True, "double_buffer": False}})
+    assert cfg == Config.from_dict({})
+    with pytest.raises(ConfigError, match="DeepCompile offload"):
+        Config.from_dict({"compile": {"deepcompile": True, "offload_opt_states": True}})

@@ -91,6 +91,9 @@ class FP16Config:
     """The dynamic scale never drops below this; an overflow there stops training."""
     consecutive_hysteresis: bool = setting(False, boolean)
     """Refill the hysteresis on every overflow-free step (else only when the scale grows)."""
+    auto_cast: bool = setting(False, boolean)
+    """The engine casts floating-point forward inputs to float16 (DeepSpeed's auto_cast);
+    zerofx casts inside the graph either way, so this only rounds the inputs."""
 
     def __post_init__(self) -> None:
         validate(self)

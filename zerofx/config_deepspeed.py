@@ -64,13 +64,22 @@ REFUSED = {
     "sparse_gradients": ("sparse embedding gradients", "drop the key"),
     "communication_data_type": ("a separate communication dtype",
                                 "drop the key: buckets travel in the compute dtype"),
-    "torch_autocast": ("torch.autocast as DeepSpeed applies it",
-                       "use the bf16 or fp16 block: zerofx applies autocast's op policy "
-                       "inside the graph, with fp32 master weights"),
     "expert_parallel": ("expert parallelism (MoE)", "drop it: experts train data-parallel"),
-    "compile": ("DeepSpeed's compile block (DeepCompile)",
-                "drop it: zerofx is the compiler; compile settings are in the zerofx block "
-                "(fullgraph, dynamic)"),
+}
+
+# DeepSpeed's "compile" block (DeepCompile): zerofx is itself the compiler, so compiling is
+# accepted; what DeepCompile adds on top is offload (refused) or tuning of its own schedule.
+COMPILE_REFUSED = {k: ("DeepCompile offload (compile." + k + ")",
+                       "drop it: zerofx keeps parameters, activations and state in memory")
+                   for k in ("offload_activation", "offload_opt_states", "offload_parameters")}
+COMPILE_NO_EFFECT = {
+    "deepcompile": "zerofx always compiles: it is a torch.compile backend",
+    **dict.fromkeys(("free_activation", "free_activation_threshold", "double_buffer",
+                     "symmetric_memory", "sync_before_reduce", "sync_after_reduce",
+                     "sync_before_allgather", "sync_after_allgather",
+                     "keep_int_input_tensors", "keep_all_input_tensors", "passes",
+                     "offload_activation_pin_memory", "debug_log"),
+                    "DeepCompile's own schedule; zerofx's passes decide that"),
 }
 
 # zero_optimization keys, likewise
@@ -110,9 +119,7 @@ ZERO_REFUSED = {
 }
 STAGE3_PREFIX = "stage3_"
 ONE_BIT = {"onebitadam", "zerooneadam", "onebitlamb"}
-FP16_REFUSED = {"fp16_master_weights_and_grads": ("fp16 master weights", "drop it"),
-                "auto_cast": ("fp16.auto_cast (casting the inputs)",
-                              "cast the inputs yourself; zerofx casts inside the graph")}
+FP16_REFUSED = {"fp16_master_weights_and_grads": ("fp16 master weights", "drop it")}
 BF16_REFUSED = {"bf16_master_weights_and_grads": ("bf16 master weights", "drop it: zerofx "
                                                   "keeps fp32 masters"),
                 "bf16_optimizer_states": ("bf16 optimizer states", "drop it")}
@@ -168,6 +175,18 @@ def screen(raw: Mapping) -> dict:
         if isinstance(raw.get(block), Mapping):  # boolean flags: refused when true
             out[block] = _screen_block(block, raw[block], refused, quiet, notes,
                                        off=lambda v: not v)
+    if isinstance(raw.get("compile"), Mapping):
+        unknown = sorted(set(raw["compile"]) - set(COMPILE_REFUSED) - set(COMPILE_NO_EFFECT))
+        if unknown:
+            raise refuse(f"compile.{unknown[0]}", f"DeepCompile's {unknown[0]}", "drop it")
+        _screen_block("compile", raw["compile"], COMPILE_REFUSED, COMPILE_NO_EFFECT, notes,
+                      off=lambda v: not v)
+        del out["compile"]
+    elif "compile" in raw:  # DeepSpeed's block is a mapping; anything else is not its shape
+        raise refuse("compile", f"compile: {raw['compile']!r}", "give DeepSpeed's compile "
+                     "block as a mapping, e.g. {\"deepcompile\": true}, or drop it")
+    if isinstance(raw.get("torch_autocast"), Mapping):
+        _map_torch_autocast(raw["torch_autocast"], out, notes)
     _screen_optimizer(raw.get("optimizer"))
     _screen_reduction(raw, out, notes)
     if notes:
@@ -201,6 +220,39 @@ def _screen_block(block: str, raw: Mapping, refused: dict, quiet: dict, notes: l
                 raise refuse(path, *refused[key])
             del out[key]
     return out
+
+
+_AUTOCAST_DEFAULT_MODULES = {"torch.nn.Linear", "torch.nn.Conv1d", "torch.nn.Conv2d",
+                             "torch.nn.Conv3d", "torch.nn.modules.linear.Linear"}
+
+
+def _map_torch_autocast(block: Mapping, out: dict, notes: list) -> None:
+    """DeepSpeed's torch_autocast (fp32 weights, the forward under torch.autocast) is what
+    zerofx's bf16/fp16 blocks do: autocast's op policy inside the graph, fp32 masters. It
+    maps onto them; what cannot map is refused."""
+    del out["torch_autocast"]
+    unknown = sorted(set(block) - {"enabled", "dtype", "lower_precision_safe_modules"})
+    if unknown:
+        raise refuse(f"torch_autocast.{unknown[0]}", f"torch_autocast.{unknown[0]}",
+                     "drop the key")
+    if not block.get("enabled", False):
+        return
+    dtype = _DTYPE_NAMES.get(str(block.get("dtype", "bfloat16")).lower())
+    if dtype not in ("bf16", "fp16"):
+        raise refuse("torch_autocast.dtype", f"torch_autocast with dtype "
+                     f"{block.get('dtype')!r}", 'use "bfloat16" or "float16"')
+    modules = block.get("lower_precision_safe_modules")
+    if modules is not None and not set(modules) <= _AUTOCAST_DEFAULT_MODULES:
+        raise refuse("torch_autocast.lower_precision_safe_modules",
+                     f"per-module autocast lists ({sorted(set(modules))})",
+                     "drop the key: zerofx runs matmul-class ops (Linear, Conv) in low "
+                     "precision and precision-sensitive ops in fp32 for every module")
+    if _on(out.get("bf16")) or _on(out.get("fp16")):
+        raise refuse("torch_autocast", "torch_autocast together with the bf16/fp16 block",
+                     "keep one of them: they mean the same here")
+    out["bf16" if dtype == "bf16" else "fp16"] = {"enabled": True}
+    notes.append(f"torch_autocast (applied as the {dtype} block: the same op policy inside "
+                 f"the graph, fp32 master weights)")
 
 
 _DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "torch.float32": "fp32",

@@ -119,6 +119,8 @@ class ZeroEngine(nn.Module):
     # ---- the training loop ---------------------------------------------------------------
     def forward(self, *args, **kwargs):
         t0 = time.perf_counter()
+        if self.config.fp16.enabled and self.config.fp16.auto_cast:
+            args, kwargs = _half_inputs(args), _half_inputs(kwargs)
         try:
             with self.runtime.shape_carriers():  # tensor-parallel weights: see ZeroRuntime
                 out = self.compiled(*args, **kwargs)
@@ -262,3 +264,15 @@ class ZeroEngine(nn.Module):
             self.lr_scheduler.load_state_dict(sched)
             self._set_lr()
         return path, state
+
+
+def _half_inputs(obj):
+    """fp16.auto_cast: floating-point tensors in the inputs become float16 (DeepSpeed's
+    _cast_inputs_half: containers walked, integer tensors untouched)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.half() if obj.is_floating_point() else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_half_inputs(v) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _half_inputs(v) for k, v in obj.items()}
+    return obj
