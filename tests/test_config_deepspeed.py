@@ -42,7 +42,7 @@ def test_most_examples_load():
     ({"compression_training": {"weight_quantization": {}}}, "compression"),
     ({"zero_optimization": {"stage": 3}}, "ZeRO stage 3"),
     ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}, "offload"),
-    ({"wandb": {"enabled": True}}, "Weights & Biases"),
+    ({"comet": {"enabled": True}}, "Comet"),
     ({"torch_autocast": {"enabled": True, "lower_precision_safe_modules": ["my.Mod"]}},
      "per-module autocast"),
     ({"torch_autocast": {"enabled": True}, "bf16": {"enabled": True}},

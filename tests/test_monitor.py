@@ -74,3 +74,13 @@ def test_monitor_blocks_are_checked(tmp_path, no_torchrun_env):
     except ImportError:
         with pytest.raises(ConfigError, match="pip install tensorboard"):
             _engine(tmp_path, tensorboard={"enabled": True, "output_path": str(tmp_path)})
+
+
+def test_wandb_is_applied_or_a_clear_error(tmp_path, no_torchrun_env):
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="pip install wandb"):
+            _engine(tmp_path, wandb={"enabled": True, "project": "p"})
+    else:
+        pytest.skip("wandb is installed: a real run would log to the network")

@@ -317,6 +317,24 @@ class MonitorConfig:
 
 
 @dataclass(frozen=True)
+class WandbConfig:
+    """DeepSpeed's "wandb" block: the same events as csv_monitor, logged to Weights & Biases
+    on rank 0 (needs the wandb package)."""
+
+    enabled: bool = setting(False, boolean)
+    """Log the events."""
+    group: str | None = setting(None, optional(_job_name))
+    """The run's wandb group."""
+    team: str | None = setting(None, optional(_job_name))
+    """The wandb entity (team) the project belongs to."""
+    project: str = setting("deepspeed", _job_name)
+    """The wandb project."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+@dataclass(frozen=True)
 class TensorParallelConfig:
     """The "tensor_parallel" block: Megatron-style sharding of matching weights."""
 
@@ -454,6 +472,8 @@ class Config:
     """Training curves as CSV files, one per event (DeepSpeed's layout)."""
     tensorboard: MonitorConfig = nested_setting(MonitorConfig)
     """Training curves as TensorBoard event files (needs the tensorboard package)."""
+    wandb: WandbConfig = nested_setting(WandbConfig)
+    """Training curves in Weights & Biases (needs the wandb package)."""
     zerofx: ZerofxConfig = nested_setting(ZerofxConfig)
     """zerofx's own settings."""
 

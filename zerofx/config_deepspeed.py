@@ -59,7 +59,6 @@ REFUSED = {
     "quantize_training": ("quantized training", "drop the block"),
     "weight_quantization": ("weight quantization", "drop the block"),
     "nebula": ("Nebula checkpointing", "drop the block: zerofx saves atomically itself"),
-    "wandb": ("the Weights & Biases monitor", "drop the block; log from your loop"),
     "comet": ("the Comet monitor", "drop the block; log from your loop"),
     "sparse_gradients": ("sparse embedding gradients", "drop the key"),
     "communication_data_type": ("a separate communication dtype",

@@ -3,6 +3,7 @@
     {"csv_monitor": {"enabled": true, "output_path": "runs", "job_name": "gpt"}}
     -> runs/gpt/Train_Samples_lr.csv, Train_Samples_train_loss.csv, ...   (step,<name> rows)
     {"tensorboard": {...same keys...}} -> TensorBoard event files in runs/gpt
+    {"wandb": {"enabled": true, "project": "p", "group": ..., "team": ...}} -> a wandb run
 
 Events are DeepSpeed's ``(name, value, samples)`` tuples: the engine writes
 ``Train/Samples/lr``, ``Train/Samples/train_loss`` and, under fp16,
@@ -29,10 +30,12 @@ class Monitor:
             else None
         self._tb = _tensorboard(config.tensorboard) if mine and config.tensorboard.enabled \
             else None
+        self.enabled = self.enabled or config.wandb.enabled
+        self._wandb = _wandb(config.wandb) if mine and config.wandb.enabled else None
 
     def write_events(self, events) -> None:
         """``events``: (name, value, step) tuples, as DeepSpeed's monitors take them."""
-        if self._csv is None and self._tb is None:
+        if self._csv is None and self._tb is None and self._wandb is None:
             return
         events = list(events)
         if self._csv is not None:
@@ -41,6 +44,9 @@ class Monitor:
             for name, value, step in events:
                 self._tb.add_scalar(name, value, step)
             self._tb.flush()
+        if self._wandb is not None:
+            for name, value, step in events:
+                self._wandb.log({name: value, "samples": step})
 
 
 def _folder(block, which: str) -> Path:
@@ -77,3 +83,12 @@ def _tensorboard(block):
         raise ConfigError("tensorboard.enabled needs the tensorboard package: pip install "
                           "tensorboard, or use csv_monitor") from None
     return SummaryWriter(log_dir=os.fspath(_folder(block, "tensorboard")))
+
+
+def _wandb(block):
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("wandb.enabled needs the wandb package: pip install wandb, or use "
+                          "csv_monitor") from None
+    return wandb.init(project=block.project, group=block.group, entity=block.team)
