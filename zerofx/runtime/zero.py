@@ -36,6 +36,26 @@ from zerofx.runtime.shard_optimizer import ShardOptimizer
 
 log = logging.getLogger(__name__)
 
+def _drive(optimizer: torch.optim.Optimizer, rt: "ZeroRuntime") -> None:
+    """The user's optimizer, handed to the runtime, now runs zerofx's step: a loop that
+    calls ``opt.step(); opt.zero_grad()`` keeps working, sharded (ZeRO) and fused. The
+    first group's lr is read at every step, so a torch LR scheduler on ``optimizer`` moves
+    zerofx's lr (other groups keep their ratio to it); its state lives in the runtime (save
+    it with zerofx's checkpoints)."""
+    def step(closure=None):
+        if closure is not None:
+            raise ConfigError("optimizer.step(closure) is not supported once the optimizer "
+                              "is handed to zerofx: compute the loss first, then step")
+        rt.lr.fill_(float(optimizer.param_groups[0]["lr"]))
+        rt.step()
+
+    def zero_grad(set_to_none: bool = True):
+        pass  # gradients live in zerofx's buckets, cleared at every optimizer step
+
+    optimizer.step = step
+    optimizer.zero_grad = zero_grad
+
+
 class ZeroRuntime:
     """Flat buffers, shards, pending collectives and step state of one model."""
 
@@ -85,6 +105,8 @@ class ZeroRuntime:
                                               master=self.master) \
             if self.spec.kind == "torch" else None
         self.id = zero_ops.register(self)
+        if optimizer is not None:
+            _drive(optimizer, self)
 
     # ---- layout -------------------------------------------------------------------------
     def _allocate(self, named) -> None:
@@ -202,6 +224,14 @@ class ZeroRuntime:
         """One backward graph's gradients (see GradIntake)."""
         self.intake.take(slots, grads)
 
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss`` times the fp16 loss scale (``loss`` itself otherwise), to call
+        ``.backward()`` on: torch.amp.GradScaler's spelling of ``rt.backward(loss)``."""
+        if not self.config.fp16.enabled:
+            return loss
+        self._loss_scaled = True
+        return loss * self.scaler.scale.to(device=loss.device, dtype=loss.dtype)
+
     def backward(self, loss: torch.Tensor) -> None:
         """``loss.backward()`` with fp16 loss scaling applied at the loss, as DeepSpeed does.
 
@@ -267,8 +297,9 @@ class ZeroRuntime:
     def _check_loss_scaled(self) -> None:
         if self.config.fp16.enabled and not self._loss_scaled:
             raise ConfigError(
-                "fp16 loss scaling is applied at the loss: call rt.backward(loss) (or, with "
-                "zerofx.initialize, engine.backward(loss)) instead of loss.backward()")
+                "fp16 loss scaling is applied at the loss: call rt.backward(loss) or "
+                "rt.scale(loss).backward() (or, with zerofx.initialize, "
+                "engine.backward(loss)) instead of loss.backward()")
         self._loss_scaled = False
 
     def _report_skip(self, step_no: int) -> None:
