@@ -133,3 +133,14 @@ def test_deepspeeds_compile_block_is_accepted_but_offload_refused():
     assert cfg == Config.from_dict({})
     with pytest.raises(ConfigError, match="DeepCompile offload"):
         Config.from_dict({"compile": {"deepcompile": True, "offload_opt_states": True}})
+
+
+def test_autotp_size_is_zerofx_tensor_parallel_size():
+    assert Config.from_dict({"tensor_parallel": {"autotp_size": 2}}).tensor_parallel.size == 2
+    cfg = Config.from_dict({"tensor_parallel": {"autotp_size": 2, "tp_overlap_comm": True}})
+    assert cfg.tensor_parallel.size == 2
+    assert Config.from_dict({"tensor_parallel": {"autotp_size": 0}}).tensor_parallel.size == 1
+    with pytest.raises(ConfigError, match="sizes"):
+        Config.from_dict({"tensor_parallel": {"autotp_size": 2, "size": 4}})
+    with pytest.raises(ConfigError, match="partition rules"):
+        Config.from_dict({"tensor_parallel": {"autotp_size": 2, "partition_config": {"a": 1}}})

@@ -184,6 +184,8 @@ def screen(raw: Mapping) -> dict:
     elif "compile" in raw:  # DeepSpeed's block is a mapping; anything else is not its shape
         raise refuse("compile", f"compile: {raw['compile']!r}", "give DeepSpeed's compile "
                      "block as a mapping, e.g. {\"deepcompile\": true}, or drop it")
+    if isinstance(raw.get("tensor_parallel"), Mapping):
+        out["tensor_parallel"] = _map_autotp(raw["tensor_parallel"], notes)
     if isinstance(raw.get("torch_autocast"), Mapping):
         _map_torch_autocast(raw["torch_autocast"], out, notes)
     _screen_optimizer(raw.get("optimizer"))
@@ -218,6 +220,47 @@ def _screen_block(block: str, raw: Mapping, refused: dict, quiet: dict, notes: l
             if not off(value):
                 raise refuse(path, *refused[key])
             del out[key]
+    return out
+
+
+AUTOTP_REFUSED = {
+    "partition_config": ("AutoTP partition rules", "give zerofx's tensor_parallel.plan"),
+    "injection_policy_tuple": ("AutoTP injection policies", "give tensor_parallel.plan"),
+    "preset_model": ("AutoTP model presets", "give tensor_parallel.plan or let zerofx find "
+                                              "the layout"),
+    "replace_with_kernel_inject": ("DeepSpeed's inference kernel injection", "drop it"),
+    "kernel_inject": ("DeepSpeed's inference kernel injection", "drop it"),
+    "mpu": ("an mpu object in the config", "pass mpu= to zerofx.initialize"),
+    "tp_group": ("a process group in the config", "drop it: zerofx makes the groups"),
+}
+AUTOTP_NO_EFFECT = {
+    "tp_overlap_comm": "zerofx orders TP collectives in its graph passes",
+    "tp_grain_size": "zerofx splits by whole heads and whole rows/columns",
+    "dtype": "the bf16/fp16 block sets the compute dtype",
+    "keep_module_on_host": "weights are split when the runtime is built",
+}
+
+
+def _map_autotp(block: Mapping, notes: list) -> dict:
+    """DeepSpeed's training AutoTP keys inside "tensor_parallel": ``autotp_size`` (or its
+    ``tp_size``/``tp`` spellings) is zerofx's ``size``: zerofx finds the layout from the
+    model as AutoTP does."""
+    out = _screen_block("tensor_parallel", block, AUTOTP_REFUSED, AUTOTP_NO_EFFECT, notes,
+                        off=lambda v: not v)
+    sizes = {k: out.pop(k) for k in ("autotp_size", "tp_size") if k in out}
+    inner = out.pop("tp", None)
+    if isinstance(inner, Mapping) and "tp_size" in inner:
+        sizes["tp.tp_size"] = inner["tp_size"]
+    given = {v for v in sizes.values() if v not in (0, None)}
+    if "size" in out:
+        given.add(out["size"])
+    if len(given) > 1:
+        raise refuse("tensor_parallel.autotp_size", f"tensor_parallel sizes {sorted(given)}",
+                     "give one size")
+    if given:
+        out["size"] = given.pop()
+    if sizes:
+        notes.append("tensor_parallel.autotp_size (applied as tensor_parallel.size)")
     return out
 
 
