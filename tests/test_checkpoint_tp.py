@@ -79,7 +79,7 @@ def test_tp2_checkpoint_joins_into_whole_parameters(tp_run, no_torchrun_env):
 
 def test_join_is_the_inverse_of_the_split():
     from zerofx.checkpoint_io import join_tp_pieces
-    from zerofx.plan_tp import TPShard
+    from zerofx.tp_layout import TPShard
 
     w = torch.randn(12, 5)
     for shard in (TPShard(0, 3, (12, 5)), TPShard(0, 1, (12, 5))):

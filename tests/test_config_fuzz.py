@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import zerofx
 from zerofx.config_schema import ConfigError
-from zerofx.schedules import Schedule
+from zerofx.lr_schedules import Schedule
 
 ANY = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
                 st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=4),

@@ -140,7 +140,7 @@ def test_onecycle_cycles_beta1_like_deepspeed(no_torchrun_env, opt_type):
     """DeepSpeed's OneCycle sets betas = (momentum_at(step), 0.99) before every step; the
     fused kernels read beta1 as a step-graph tensor, so it moves without retracing."""
     from zerofx.runtime.fused_optim import LambHyper, lamb_reference
-    from zerofx.schedules import make_schedule
+    from zerofx.lr_schedules import make_schedule
 
     model, ref = make("mlp")[0], make("mlp")[0]
     cfg = _cfg(scheduler=ONECYCLE)

@@ -9,15 +9,17 @@ ROOT = Path(__file__).resolve().parent.parent / "zerofx"
 # module prefix -> zerofx modules it may import (prefix match). tools/ may import anything.
 ALLOWED = {
     "zerofx.config": ["zerofx.config"],
-    "zerofx.plan": ["zerofx.plan", "zerofx.config"],  # plan_tp: its tensor-parallel part
+    "zerofx.tp_layout": ["zerofx.config"],  # which weights are tensor-parallel, and how
+    "zerofx.plan": ["zerofx.plan", "zerofx.tp_layout", "zerofx.config"],
     "zerofx.csrc": [],
     # docs/design.md: "the runtime allocates from [the plan]", so runtime may read it.
-    "zerofx.runtime": ["zerofx.runtime", "zerofx.plan", "zerofx.config"],
-    "zerofx.passes": ["zerofx.passes", "zerofx.plan", "zerofx.config"],
-    "zerofx.backend": ["zerofx.passes", "zerofx.runtime", "zerofx.plan", "zerofx.config",
-                       "zerofx.step_graph"],
-    "zerofx.step_graph": ["zerofx.passes", "zerofx.runtime", "zerofx.plan", "zerofx.config"],
-    "zerofx.schedules": ["zerofx.config"],
+    "zerofx.runtime": ["zerofx.runtime", "zerofx.plan", "zerofx.tp_layout", "zerofx.config"],
+    "zerofx.passes": ["zerofx.passes", "zerofx.plan", "zerofx.tp_layout", "zerofx.config"],
+    "zerofx.backend": ["zerofx.passes", "zerofx.runtime", "zerofx.plan", "zerofx.tp_layout",
+                       "zerofx.config", "zerofx.step_graph"],
+    "zerofx.step_graph": ["zerofx.passes", "zerofx.runtime", "zerofx.plan", "zerofx.tp_layout",
+                          "zerofx.config"],
+    "zerofx.lr_schedules": ["zerofx.config"],
     "zerofx.data": ["zerofx.config"],  # its errors are ConfigErrors
 }
 

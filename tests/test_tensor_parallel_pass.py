@@ -11,8 +11,8 @@ from zerofx.backend import _annotate, input_roles
 from zerofx.passes import PassContext
 from zerofx.passes.tensor_parallel import tensor_parallel_pass
 from zerofx.plan import make_plan
-from zerofx.plan_tp import resolve_tp_layout
-from zerofx.runtime import zero_ops
+from zerofx.tp_layout import resolve_tp_layout
+from zerofx.runtime import graph_ops
 
 aten = torch.ops.aten
 
@@ -51,7 +51,7 @@ def test_mlp_joint_graph_reads_pieces_and_reduces_the_row_parallel_output(no_tor
                      tp_layout=resolve_tp_layout(model, cfg))
     shapes = _Shapes(plan)
     ctx = PassContext(cfg, plan, "joint", "test", num_fwd_outputs=cap["n_fwd"],
-                      state_id=zero_ops.register(shapes), roles=cap["roles"], tp_group="tp")
+                      state_id=graph_ops.register(shapes), roles=cap["roles"], tp_group="tp")
     gm = tensor_parallel_pass(cap["joint"], ctx)
     gm.graph.lint()
     nodes = list(gm.graph.nodes)

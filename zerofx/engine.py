@@ -24,7 +24,7 @@ from zerofx.data import DistributedLoader
 from zerofx.monitor import Monitor
 from zerofx.runtime.dist import init_distributed
 from zerofx.runtime.zero import ZeroRuntime
-from zerofx.schedules import Schedule, make_schedule
+from zerofx.lr_schedules import Schedule, make_schedule
 
 log = logging.getLogger(__name__)
 SCHEDULER_KEY = "zerofx_lr_scheduler"  # the engine's own entry in a checkpoint's client_state

@@ -25,7 +25,7 @@ import torch
 from tabulate import tabulate
 
 from zerofx.config import Config
-from zerofx.plan_tp import TPLayout, TPShard
+from zerofx.tp_layout import TPLayout, TPShard
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from zerofx.passes import PassContext
 from zerofx.passes import tp_rules as R
 from zerofx.passes.fake_vals import compute_val, fake_mode_of
 from zerofx.passes.nodes import role_of
-from zerofx.plan_tp import TPPlanError
+from zerofx.tp_layout import TPPlanError
 
 aten = torch.ops.aten
 _c10d = torch.ops._c10d_functional

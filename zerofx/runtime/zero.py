@@ -26,8 +26,8 @@ from torch import nn
 
 from zerofx.config import Config, ConfigError
 from zerofx.plan import Plan, make_plan
-from zerofx.plan_tp import TPLayout, TPPlanError, resolve_tp_layout
-from zerofx.runtime import zero_ops
+from zerofx.tp_layout import TPLayout, TPPlanError, resolve_tp_layout
+from zerofx.runtime import graph_ops
 from zerofx.runtime.dist import init_distributed
 from zerofx.runtime.grad_intake import GradIntake
 from zerofx.runtime.loss_scaler import LossScaler
@@ -104,7 +104,7 @@ class ZeroRuntime:
         self.shard_optimizer = ShardOptimizer(optimizer, named=named, plan=self.plan,
                                               master=self.master) \
             if self.spec.kind == "torch" else None
-        self.id = zero_ops.register(self)
+        self.id = graph_ops.register(self)
         if optimizer is not None:
             _drive(optimizer, self)
 

@@ -6,7 +6,7 @@ import pytest
 
 from zerofx.config import (ConfigError, LRRangeTestParams, OneCycleParams, SchedulerConfig,
                            WarmupDecayLRParams, WarmupLRParams)
-from zerofx.schedules import Schedule, make_schedule
+from zerofx.lr_schedules import Schedule, make_schedule
 
 
 # ---- the reference: DeepSpeed's get_lr()/get_mom() as functions of last_batch_iteration ----
@@ -154,7 +154,7 @@ def test_zero_warmup_steps_is_a_config_error(type_, cls):
 
 
 def test_warmup_decay_short_total_warns_and_runs(caplog):
-    with caplog.at_level(logging.WARNING, logger="zerofx.schedules"):
+    with caplog.at_level(logging.WARNING, logger="zerofx.lr_schedules"):
         s = sched("WarmupDecayLR", WarmupDecayLRParams(total_num_steps=5, warmup_num_steps=10))
     assert "total_num_steps 5 is less than warmup_num_steps 10" in caplog.text
     assert s.lr_at(9) > 0 and s.lr_at(10) == 0.0
