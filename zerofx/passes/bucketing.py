@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from zerofx.passes import PassContext
+from zerofx.passes.context import PassContext
 from zerofx.passes.param_identity import traced_slots
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from zerofx.passes import PassContext
+from zerofx.passes.context import PassContext
 
 aten = torch.ops.aten
 prims = torch.ops.prims

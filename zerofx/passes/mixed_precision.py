@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from zerofx.passes import PassContext
+from zerofx.passes.context import PassContext
 from zerofx.passes.fake_vals import compute_val, fake_mode_of
 from zerofx.passes.nodes import is_view
 

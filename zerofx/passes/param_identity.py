@@ -19,7 +19,7 @@ import torch
 from torch import fx
 from torch.utils.checkpoint import CheckpointPolicy
 
-from zerofx.passes import PassContext
+from zerofx.passes.context import PassContext
 from zerofx.passes.nodes import role_of
 
 

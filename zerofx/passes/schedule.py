@@ -24,7 +24,7 @@ import networkx as nx
 import torch
 from torch import fx
 
-from zerofx.passes import PassContext
+from zerofx.passes.context import PassContext
 
 _WAIT = torch.ops._c10d_functional.wait_tensor.default
 _UNKNOWN = "<input of unknown storage>"  # graph inputs without a traced value may alias

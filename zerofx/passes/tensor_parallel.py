@@ -24,7 +24,7 @@ import operator
 import torch
 from torch import fx
 
-from zerofx.passes import PassContext
+from zerofx.passes.context import PassContext
 from zerofx.passes import tp_rules as R
 from zerofx.passes.fake_vals import compute_val, fake_mode_of
 from zerofx.passes.nodes import role_of

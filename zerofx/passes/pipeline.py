@@ -1,0 +1,144 @@
+"""The pass pipeline: one ordered list of graph passes, built from the config and run by one runner.
+
+Each pass is a plain function ``xxx_pass(gm, ctx) -> gm`` in a module of its own. It is
+declared here once, as data: the graph kinds it runs on, the passes it must follow, and when
+the config turns it on. ``build_pipeline`` checks the order constraints; ``run_pipeline``
+logs, times, lints, tags the nodes each pass adds, keeps fake values valid, and dumps.
+
+Graph kinds (AOTAutograd's aten graphs, never a split of the Dynamo graph):
+    joint      forward + backward traced together, before partitioning: passes that must
+               change both sides consistently (dtype casts, loss scaling) run here
+    forward    the partitioned forward graph
+    backward   the partitioned backward graph (gradient buckets, collectives)
+    inference  a forward graph compiled without autograd
+    optimizer  the optimizer step (ZeroRuntime), traced with make_fx
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+import time
+
+from torch import fx
+
+from zerofx.config import Config, ConfigError
+from zerofx.passes.context import PassContext, PassSpec
+from zerofx.passes.dump import GraphDump
+from zerofx.passes.fake_vals import fill_fake_vals
+from zerofx.passes.nodes import tag_new_nodes
+
+log = logging.getLogger(__name__)
+
+
+def declared_passes() -> tuple[PassSpec, ...]:
+    """Every zerofx pass, in pipeline order. Importing here keeps pass modules independent."""
+    from zerofx.passes.bucketing import bucketing_pass
+    from zerofx.passes.matmul_tuning import matmul_tuning_pass
+    from zerofx.passes.mixed_precision import mixed_precision_pass
+    from zerofx.passes.param_identity import param_identity_pass
+    from zerofx.passes.schedule import schedule_pass
+    from zerofx.passes.tensor_parallel import tensor_parallel_pass
+
+    return (
+        PassSpec("mixed_precision", mixed_precision_pass, frozenset({"joint", "inference"}),
+                 enabled=lambda cfg: cfg.fp16.enabled or cfg.bf16.enabled),
+        PassSpec("tensor_parallel", tensor_parallel_pass, frozenset({"joint", "inference"}),
+                 after=("mixed_precision",),
+                 enabled=lambda cfg: cfg.tensor_parallel.size > 1, needs_runtime=True),
+        # Last on the joint graph: tags the final parameter gradients of each call.
+        PassSpec("param_identity", param_identity_pass, frozenset({"joint"}),
+                 after=("mixed_precision", "tensor_parallel"), requires=("bucketing",),
+                 needs_runtime=True),
+        PassSpec("bucketing", bucketing_pass, frozenset({"backward"}),
+                 requires=("param_identity",), needs_runtime=True),
+        # Eager execution only: Inductor picks its own GEMM forms.
+        PassSpec("matmul_tuning", matmul_tuning_pass,
+                 frozenset({"forward", "backward", "inference"}), after=("bucketing",),
+                 enabled=lambda cfg: (cfg.fp16.enabled or cfg.bf16.enabled)
+                 and not cfg.zerofx.inductor),
+        # The optimizer step's all-gathers: several in flight instead of one at a time.
+        PassSpec("schedule", schedule_pass, frozenset({"optimizer"}), needs_runtime=True),
+    )
+
+
+def build_pipeline(config: Config, *, extra: tuple[PassSpec, ...] = (),
+                   with_runtime: bool = False) -> tuple[PassSpec, ...]:
+    """The passes this config runs, in order; ``extra`` (tests, plugins) go last.
+
+    Passes that hand state to a ZeroRuntime (loss scale, buckets) run only ``with_runtime``.
+    """
+    declared = declared_passes() + tuple(extra)
+    names = [p.name for p in declared]
+    for bad in set(config.zerofx.disable_passes) - set(names):
+        close = difflib.get_close_matches(bad, names, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"zerofx.disable_passes: no pass named {bad!r}{hint} "
+                          f"(passes: {', '.join(names)})")
+    if "mixed_precision" in config.zerofx.disable_passes and with_runtime and (
+            config.fp16.enabled or config.bf16.enabled):
+        # The runtime stores parameters in the compute dtype; without the casts the graph
+        # would mix dtypes 30 frames deep.
+        raise ConfigError("zerofx.disable_passes: 'mixed_precision' cannot be disabled while "
+                          "bf16 or fp16 is enabled; disable bf16/fp16 instead")
+    chosen = tuple(p for p in declared
+                   if p.enabled(config) and p.name not in config.zerofx.disable_passes
+                   and (with_runtime or not p.needs_runtime))
+    check_order(chosen)
+    return chosen
+
+
+def check_order(passes: tuple[PassSpec, ...]) -> None:
+    """Order constraints are data; a violated one is a bug or a bad disable_passes."""
+    position = {p.name: i for i, p in enumerate(passes)}
+    for i, p in enumerate(passes):
+        for dep in p.requires:
+            if dep not in position:
+                raise ConfigError(f"pass {p.name!r} requires pass {dep!r}, which is disabled "
+                                  f"or off in this config; re-enable it or disable {p.name!r}")
+        for dep in p.after:
+            if position.get(dep, -1) > i:
+                raise ValueError(f"pass {p.name!r} must run after {dep!r}, but is before it")
+
+
+def run_pipeline(gm: fx.GraphModule, ctx: PassContext, passes: tuple[PassSpec, ...], *,
+                 dump: GraphDump | None = None) -> fx.GraphModule:
+    """Run the passes that apply to ``ctx.graph_kind`` over ``gm``, checking after each."""
+    if dump is not None:
+        dump.record("input", gm, added=0, removed=0, ms=0.0)
+    for p in passes:
+        if ctx.graph_kind not in p.graph_kinds:
+            continue
+        before = set(gm.graph.nodes)
+        t0 = time.perf_counter()
+        try:
+            gm = p.fn(gm, ctx)
+            new = tag_new_nodes(gm.graph, before, p.name)
+            fill_fake_vals(gm)
+            gm.graph.lint()
+        except Exception as e:
+            if dump is not None:
+                dump.failure(p.name, gm, e)
+            e.add_note(f"(zerofx: raised in pass {p.name!r} on graph {ctx.graph_name}"
+                       f"{'; see failure.txt in the dump' if dump is not None else ''})")
+            raise
+        gm.recompile()
+        ms = (time.perf_counter() - t0) * 1e3
+        removed = len(before - set(gm.graph.nodes))
+        log.debug("%s on %s: +%d -%d nodes in %.1f ms", p.name, ctx.graph_name, len(new),
+                  removed, ms)
+        if dump is not None:
+            dump.record(p.name, gm, added=len(new), removed=removed, ms=ms)
+        trace_artifact(ctx.graph_name, p.name, gm)
+    return gm
+
+
+def trace_artifact(graph_name: str, pass_name: str, gm: fx.GraphModule) -> None:
+    """The graph after a pass as a structured-trace artifact: with TORCH_TRACE set, tlparse
+    shows zerofx's graphs next to Dynamo's and AOTAutograd's (a no-op otherwise)."""
+    try:
+        from torch._logging import trace_structured
+    except ImportError:
+        return
+    trace_structured("artifact", metadata_fn=lambda: {
+        "name": f"zerofx_{graph_name}_{pass_name}", "encoding": "string"},
+        payload_fn=lambda: gm.print_readable(print_output=False))
