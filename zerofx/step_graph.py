@@ -11,12 +11,12 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from zerofx.passes import PassContext, run_pipeline
 from zerofx.passes.dump import GraphDump
-from zerofx.runtime.step_fn import make_step_fn
+from zerofx.runtime.step_fn import make_step_fn, traceable
 
 
 def build_step_program(rt, *, passes, dump_root: str | None, graph_id: str):
     """Trace ``rt``'s optimizer step into a GraphModule and install it as ``rt.step_program``."""
-    gm = make_fx(make_step_fn(rt), tracing_mode="fake")(*rt.step_inputs())
+    gm = make_fx(traceable(make_step_fn(rt)), tracing_mode="fake")(*rt.step_inputs().tensors())
     ctx = PassContext(rt.config, rt.plan, "optimizer", f"{graph_id}_optimizer",
                       state_id=rt.id)
     dump = GraphDump.create(dump_root, rank=rt.plan.rank, graph=graph_id, kind="optimizer") \

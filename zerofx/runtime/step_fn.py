@@ -12,6 +12,8 @@ a value on the host.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 import torch
 import torch.distributed._functional_collectives as funcol
 
@@ -21,6 +23,43 @@ from zerofx.runtime.loss_scaler import LossScaler
 
 # torch 2.13 renamed all_gather_tensor (now deprecated, warning per call); 2.11 lacks the new name.
 _all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+
+
+@dataclass
+class StepState:
+    """Every tensor the optimizer-step graph reads or updates, by name: the one contract
+    between the runtime (which owns them) and the traced step (which takes them flat, in
+    this field order)."""
+
+    shard_grads: torch.Tensor  # this rank's reduced gradient shard (compute dtype)
+    full_grads: torch.Tensor  # full gradient buffer (stage 1 copies its part out)
+    master: torch.Tensor  # fp32 master weights of the shard
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    shard_lowp: torch.Tensor  # compute-dtype copy of the shard, what the all-gather sends
+    flat_params: torch.Tensor  # the model's parameters, one flat buffer
+    lr: torch.Tensor
+    step: torch.Tensor  # optimizer steps taken (not skipped)
+    scale: torch.Tensor  # fp16 loss scale and its schedule's state
+    hysteresis: torch.Tensor
+    it: torch.Tensor
+    last_overflow: torch.Tensor
+    skipped: torch.Tensor
+    beta1: torch.Tensor  # float64: a schedule (OneCycle) may move it
+    floor_hits: torch.Tensor  # overflows at the minimum loss scale
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+
+def traceable(step_fn):
+    """``step_fn(StepState)`` as a function of the flat tensors, with the fields' names as
+    its parameters, so the traced graph's inputs carry them (dumps show ``master_1``)."""
+    names = [f.name for f in fields(StepState)]
+    namespace = {"step_fn": step_fn, "StepState": StepState}
+    exec(f"def step({', '.join(names)}):\n"  # noqa: S102 - a fixed, local template
+         f"    return step_fn(StepState({', '.join(names)}))\n", namespace)
+    return namespace["step"]
 
 
 def make_step_fn(rt):
@@ -35,8 +74,12 @@ def make_step_fn(rt):
     # Gradients arrive summed over DP ranks and accumulation steps, and loss-scaled.
     divisor = float(plan.grid.dp_size * rt.gas) * rt.pre_reduce  # what is left to divide
 
-    def step_fn(shard_grads, full_grads, master, exp_avg, exp_avg_sq, shard_lowp, flat_params,
-                lr, step, scale, hysteresis, it, last_overflow, skipped, beta1, floor_hits):
+    def step_fn(state: StepState):
+        shard_grads, full_grads, master = state.shard_grads, state.full_grads, state.master
+        exp_avg, exp_avg_sq, shard_lowp = state.exp_avg, state.exp_avg_sq, state.shard_lowp
+        flat_params, lr, step, scale = state.flat_params, state.lr, state.step, state.scale
+        hysteresis, it, last_overflow = state.hysteresis, state.it, state.last_overflow
+        skipped, beta1, floor_hits = state.skipped, state.beta1, state.floor_hits
         torch.ops.zerofx.wait_buckets(sid)
         if plan.sharded and not reduced_in_shard:  # stage 1: keep only what this rank owns
             for r in owned:

@@ -33,6 +33,7 @@ from zerofx.runtime.grad_intake import GradIntake
 from zerofx.runtime.loss_scaler import LossScaler
 from zerofx.runtime.optimizer_spec import OptimizerSpec
 from zerofx.runtime.shard_optimizer import ShardOptimizer
+from zerofx.runtime.step_fn import StepState
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +291,7 @@ class ZeroRuntime:
             self.step_builder()
         self._report_skip(self.update_steps - 1)
         self._scale_before.copy_(self.scaler.scale)
-        self.step_program(*self.step_inputs())
+        self.step_program(*self.step_inputs().tensors())
         self.intake.end_micro_step(boundary=True)
         return True
 
@@ -325,14 +326,16 @@ class ZeroRuntime:
             log.warning("overflow: step %d skipped (loss scale %g -> %g), %d skipped so far",
                         step_no, float(self._scale_before), self.loss_scale, skipped)
 
-    def step_inputs(self) -> list[torch.Tensor]:
-        """The tensors the optimizer-step graph reads and updates, in its argument order."""
+    def step_inputs(self) -> StepState:
+        """The tensors the optimizer-step graph reads and updates, by name."""
         s = self.scaler
         full = self.full_grads if self.full_grads is not None else self.shard_grads
-        return [self.shard_grads, full, self.master, self.exp_avg, self.exp_avg_sq,
-                self.shard_lowp, self.flat_params, self.lr, self.step_count, s.scale,
-                s.hysteresis, s.iter, s.last_overflow_iter, self.skipped, self.beta1,
-                s.floor_hits]
+        return StepState(
+            shard_grads=self.shard_grads, full_grads=full, master=self.master,
+            exp_avg=self.exp_avg, exp_avg_sq=self.exp_avg_sq, shard_lowp=self.shard_lowp,
+            flat_params=self.flat_params, lr=self.lr, step=self.step_count, scale=s.scale,
+            hysteresis=s.hysteresis, it=s.iter, last_overflow=s.last_overflow_iter,
+            skipped=self.skipped, beta1=self.beta1, floor_hits=s.floor_hits)
 
     @property
     def update_steps(self) -> int:
