@@ -114,13 +114,13 @@ def _prepare(gm, example_inputs, config: Config, extra, runtime) -> Compilation:
                               f"written ({e.strerror}); pick a writable directory") from None
         gd.write_text("plan.txt", plan.describe() + "\n")
         gd.write_text("graph.txt", describe_graph(graph_id, roles, plan, _break_reason()))
-    if runtime is not None and runtime.step_builder is None:
+    if runtime is not None:
         # Traced at the first step, outside Dynamo's tracing context (whose fake mode would
         # make the step's buffer sizes symbolic).
         from zerofx.step_graph import build_step_program
 
-        runtime.step_builder = functools.partial(
-            build_step_program, runtime, passes=passes, dump_root=dump_root, graph_id=graph_id)
+        runtime.offer_step_builder(functools.partial(
+            build_step_program, runtime, passes=passes, dump_root=dump_root, graph_id=graph_id))
     log.info("zero backend: compiling %s (%d inputs, %d params, passes: %s)", graph_id,
              len(roles), len(params), ", ".join(p.name for p in comp.passes) or "none")
     return comp

@@ -264,10 +264,6 @@ def _restore_state(rt, states: dict) -> None:
 
 
 def _restore_counters(rt, shard: dict) -> None:
-    for name in ("step_count", "lr", "skipped"):
-        getattr(rt, name).copy_(shard[name])
-    rt.scaler.load_state_dict(shard["scaler"])
-    # Same number of optimizer steps when the accumulation count changed with the DP size.
-    rt.micro_steps = shard["micro_steps"] // shard["gas"] * rt.gas
-    # ZeroRuntime logs each newly skipped step; the loaded ones are old news.
-    rt.mark_skips_reported()
+    rt.restore_counters(step_count=shard["step_count"], lr=shard["lr"],
+                        skipped=shard["skipped"], scaler=shard["scaler"],
+                        micro_steps=shard["micro_steps"], saved_gas=shard["gas"])

@@ -180,11 +180,11 @@ class ZeroEngine(nn.Module):
     def _set_lr(self) -> None:
         if self.lr_scheduler is not None:
             # A host-to-device write of the next step's lr: the step graph reads a tensor.
-            self.runtime.lr.fill_(self.lr_scheduler.get_last_lr()[0])
+            self.runtime.set_lr(self.lr_scheduler.get_last_lr()[0])
         if isinstance(self.lr_scheduler, Schedule):
             momentum = self.lr_scheduler.momentum_at(self.lr_scheduler.last_batch_iteration)
             if momentum is not None:  # OneCycle's beta1, likewise a tensor of the step graph
-                self.runtime.beta1.fill_(momentum)
+                self.runtime.set_beta1(momentum)
 
     # ---- what DeepSpeed users read -------------------------------------------------------
     @property

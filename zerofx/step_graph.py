@@ -15,11 +15,10 @@ from zerofx.runtime.step_fn import make_step_fn, traceable
 
 
 def build_step_program(rt, *, passes, dump_root: str | None, graph_id: str):
-    """Trace ``rt``'s optimizer step into a GraphModule and install it as ``rt.step_program``."""
+    """Trace ``rt``'s optimizer step into a GraphModule, run the passes over it, return it."""
     gm = make_fx(traceable(make_step_fn(rt)), tracing_mode="fake")(*rt.step_inputs().tensors())
     ctx = PassContext(rt.config, rt.plan, "optimizer", f"{graph_id}_optimizer",
                       state_id=rt.id)
     dump = GraphDump.create(dump_root, rank=rt.plan.rank, graph=graph_id, kind="optimizer") \
         if dump_root else None
-    rt.step_program = run_pipeline(gm, ctx, passes, dump=dump)
-    return rt.step_program
+    return run_pipeline(gm, ctx, passes, dump=dump)

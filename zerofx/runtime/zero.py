@@ -47,7 +47,7 @@ def _drive(optimizer: torch.optim.Optimizer, rt: "ZeroRuntime") -> None:
         if closure is not None:
             raise ConfigError("optimizer.step(closure) is not supported once the optimizer "
                               "is handed to zerofx: compute the loss first, then step")
-        rt.lr.fill_(float(optimizer.param_groups[0]["lr"]))
+        rt.set_lr(float(optimizer.param_groups[0]["lr"]))
         rt.step()
 
     def zero_grad(set_to_none: bool = True):
@@ -93,8 +93,8 @@ class ZeroRuntime:
         self.beta1 = torch.tensor(self.spec.betas[0], dtype=torch.float64)
         self._loss_scaled = False  # fp16: the loss went through backward() this micro-step
         self.comm_wait_s = 0.0
-        self.step_builder = None  # set by the backend: traces the optimizer-step graph
-        self.step_program = None  # that graph, built at the first step
+        self._step_builder = None  # given by the backend: traces the optimizer-step graph
+        self._step_program = None  # that graph, built at the first step
         self._names_by_id = {id(p): n for n, p in named}
         self.aliases = _aliases(model, self._names_by_id)
         self._allocate(named)
@@ -282,16 +282,16 @@ class ZeroRuntime:
         if not boundary:
             self.intake.end_micro_step(boundary=False)
             return False
-        if self.step_program is None:
-            if self.step_builder is None:
+        if self._step_program is None:
+            if self._step_builder is None:
                 raise RuntimeError(
                     "ZeroRuntime.step() before any compiled backward: compile the model with "
                     "torch.compile(model, backend='zero', options={'runtime': rt}) and call "
                     "backward first")
-            self.step_builder()
+            self._step_program = self._step_builder()
         self._report_skip(self.update_steps - 1)
         self._scale_before.copy_(self.scaler.scale)
-        self.step_program(*self.step_inputs().tensors())
+        self._step_program(*self.step_inputs().tensors())
         self.intake.end_micro_step(boundary=True)
         return True
 
@@ -309,7 +309,7 @@ class ZeroRuntime:
         Reading the skip counter right after the step would stall on its result; a step
         later it is long computed, so the host read costs nothing.
         """
-        if self.step_program is None:
+        if self._step_program is None:
             return
         if int(self.scaler.floor_hits):  # every rank: the same device state everywhere
             self.scaler.floor_hits.zero_()
@@ -325,6 +325,37 @@ class ZeroRuntime:
             self._skips_reported = skipped
             log.warning("overflow: step %d skipped (loss scale %g -> %g), %d skipped so far",
                         step_no, float(self._scale_before), self.loss_scale, skipped)
+
+    @property
+    def step_program(self):
+        """The optimizer-step graph (None before the first step), for dumps and tests."""
+        return self._step_program
+
+    # ---- what other layers may set (the runtime's whole writable surface) ------------------
+    def offer_step_builder(self, build) -> None:
+        """The backend offers how to trace the optimizer step (``build() -> GraphModule``),
+        run at the first step outside Dynamo's tracing; the first offer is kept."""
+        if self._step_builder is None:
+            self._step_builder = build
+
+    def set_lr(self, lr: float) -> None:
+        """The next step's learning rate (a device write: the step graph reads a tensor)."""
+        self.lr.fill_(lr)
+
+    def set_beta1(self, beta1: float) -> None:
+        """The next step's Adam beta1 (OneCycle's momentum cycle)."""
+        self.beta1.fill_(beta1)
+
+    def restore_counters(self, *, step_count, lr, skipped, scaler: dict, micro_steps: int,
+                         saved_gas: int) -> None:
+        """Step counters from a checkpoint: the same number of optimizer steps when the
+        accumulation count changed with the data-parallel size."""
+        self.step_count.copy_(step_count)
+        self.lr.copy_(lr)
+        self.skipped.copy_(skipped)
+        self.scaler.load_state_dict(scaler)
+        self.micro_steps = micro_steps // saved_gas * self.gas
+        self.mark_skips_reported()  # the loaded skips are old news
 
     def step_inputs(self) -> StepState:
         """The tensors the optimizer-step graph reads and updates, by name."""
