@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from zerofx.runtime import fused_optim
+from zerofx.runtime import fused_optim, kernels
 from zerofx.runtime.fused_optim import AdamHyper, LambHyper
 
 CSRC = Path(fused_optim.__file__).resolve().parent.parent / "csrc"
@@ -28,9 +28,9 @@ def test_build_failure_warns_and_falls_back(monkeypatch, caplog):
     def fail(sources, *, cuda):
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(fused_optim, "_build_and_load", fail)
+    monkeypatch.setattr(kernels, "_build_and_load", fail)
     monkeypatch.setattr(torch.version, "cuda", None)
-    with caplog.at_level(logging.WARNING, logger=fused_optim.__name__):
+    with caplog.at_level(logging.WARNING, logger=kernels.__name__):
         assert fused_optim.load_kernels.__wrapped__() is False  # the uncached body, run once
     [record] = caplog.records
     assert "plain-torch fallback" in record.getMessage()
@@ -45,11 +45,11 @@ def test_cuda_build_failure_keeps_the_cpu_kernels(monkeypatch, caplog):
             raise RuntimeError("nvcc missing")
         built.append(sources)
 
-    monkeypatch.setattr(fused_optim, "_build_and_load", build)
+    monkeypatch.setattr(kernels, "_build_and_load", build)
     monkeypatch.setattr(torch.version, "cuda", "12.8")
-    with caplog.at_level(logging.WARNING, logger=fused_optim.__name__):
+    with caplog.at_level(logging.WARNING, logger=kernels.__name__):
         assert fused_optim.load_kernels.__wrapped__() is True
-    assert built == [fused_optim._CPU_SOURCES]
+    assert built == [kernels._CPU_SOURCES]
     [record] = caplog.records
     assert "CUDA tensors use the plain-torch fallback" in record.getMessage()
 
@@ -57,10 +57,10 @@ def test_cuda_build_failure_keeps_the_cpu_kernels(monkeypatch, caplog):
 _FALLBACK_SCRIPT = textwrap.dedent("""
     import logging, torch
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    from zerofx.runtime import fused_optim, optim_ops
+    from zerofx.runtime import fused_optim, kernels, optim_ops
     def fail(sources, *, cuda):
         raise RuntimeError("simulated build failure")
-    fused_optim._build_and_load = fail
+    kernels._build_and_load = fail
     assert fused_optim.load_kernels() is False and fused_optim.load_kernels() is False
     p, m, v, g = torch.randn(100), torch.zeros(100), torch.zeros(100), torch.randn(100)
     p2, m2, v2 = p.clone(), m.clone(), v.clone()

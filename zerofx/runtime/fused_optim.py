@@ -11,31 +11,22 @@ everything untouched. ZeRO LAMB across ranks::
     ratio = lamb_trust_ratio(sums, hyper=hyper)
     lamb_apply_(..., trust_ratio=ratio)
 
-``load_kernels()`` JIT-builds zerofx/csrc on first use (cached on disk by
-torch.utils.cpp_extension); if that fails the same ops run a plain-torch fallback.
+``load_kernels()`` (runtime/kernels.py) JIT-builds zerofx/csrc on first use; if that fails
+the same ops run a plain-torch fallback. The unsharded LAMB reference the tests check the
+kernels against is in tests/reference.py.
 """
 import dataclasses
-import functools
-import logging
-import math
-import platform
-import re
-from pathlib import Path
 
 import torch
 
 from zerofx.runtime import optim_ops  # noqa: F401  (importing it defines the zerofx:: ops)
+from zerofx.runtime.kernels import load_kernels
 
-log = logging.getLogger(__name__)
 zerofx_ops = torch.ops.zerofx
-
-_CSRC = Path(__file__).resolve().parent.parent / "csrc"
-_CPU_SOURCES = ("fused_adam.cpp", "fused_lamb.cpp", "grad_norm.cpp")
-_CUDA_SOURCES = ("fused_adam.cu", "fused_lamb.cu")
 
 __all__ = [
     "grad_sumsq", "AdamHyper", "LambHyper", "load_kernels", "adam_step_", "lamb_moments_", "lamb_apply_",
-    "lamb_trust_ratio", "lamb_step_", "combined_grad_scale", "lamb_reference", "adam_kwargs",
+    "lamb_trust_ratio", "lamb_step_", "combined_grad_scale", "adam_kwargs",
     "lamb_kwargs",
 ]
 
@@ -116,68 +107,6 @@ def lamb_kwargs(hyper: LambHyper, *, apply: bool, beta1=None) -> dict:
     if apply:
         kw["bias_correction"] = hyper.bias_correction
     return kw
-
-
-# --------------------------------------------------------------------------- kernel loading
-def _isa_flags() -> tuple[str, list[str]]:
-    """The vector ISA to build for, and its flags: ATen's vec headers key off CPU_CAPABILITY.
-
-    Every x86 CPU torch runs with AVX2 or better gets the AVX2 build (the kernels are bound by
-    memory bandwidth, so AVX-512 would add little); anything else gets portable code.
-    """
-    capability = torch.backends.cpu.get_cpu_capability()
-    if platform.machine().lower() in ("x86_64", "amd64") and capability.startswith("AVX"):
-        return "avx2", ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2",
-                        "-DCPU_CAPABILITY_AVX2"]
-    return "default", ["-DCPU_CAPABILITY=DEFAULT"]
-
-
-def _build_and_load(sources: tuple[str, ...], *, cuda: bool) -> None:
-    from torch.utils import cpp_extension
-
-    isa, isa_flags = _isa_flags()
-    # The torch version is in the name: the extension cache is not keyed by it, and a library
-    # built against another torch's headers must never be loaded.
-    tag = re.sub(r"\W", "_", torch.__version__)
-    cpp_extension.load(
-        name=f"zerofx_optim_{tag}_{isa}{'_cuda' if cuda else ''}",
-        sources=[str(_CSRC / s) for s in sources],
-        # -ffp-contract=off: no silent FMAs, so the kernels round like the plain-torch fallback.
-        # -fopenmp: at::parallel_for is inline OpenMP code, compiled into this library.
-        extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp", *isa_flags],
-        extra_ldflags=["-fopenmp"],
-        extra_cuda_cflags=["-O3", "--fmad=false"],  # likewise on the GPU
-        extra_include_paths=[str(_CSRC)],
-        is_python_module=False,  # the library only registers kernels with the dispatcher
-    )
-
-
-@functools.cache
-def load_kernels() -> bool:
-    """Build (first use; cached on disk) and load the C++/CUDA kernels. Idempotent.
-
-    Returns True when the C++ kernels are in use. Otherwise logs one warning and returns
-    False: the ops keep working through their plain-torch fallback.
-    """
-    attempts = [("cpu", _CPU_SOURCES)]
-    if torch.version.cuda is not None:
-        attempts.insert(0, ("cuda", _CPU_SOURCES + _CUDA_SOURCES))
-    failures = []
-    for variant, sources in attempts:
-        try:
-            _build_and_load(sources, cuda=variant == "cuda")
-        # Any failure (no compiler, no ninja, a build error, a load error) means the same
-        # thing to the caller: fall back to plain torch.
-        except Exception as e:  # noqa: BLE001
-            failures.append(f"{variant}: {type(e).__name__}: {str(e).strip()[-2000:]}")
-            continue
-        if failures:
-            log.warning("zerofx: CUDA optimizer kernels unavailable, CUDA tensors use the "
-                        "plain-torch fallback (%s)", failures[0])
-        return True
-    log.warning("zerofx: fused optimizer kernels could not be built or loaded; using the "
-                "plain-torch fallback of the same ops (slower). %s", "; ".join(failures))
-    return False
 
 
 # --------------------------------------------------------------------------- front-ends
@@ -276,33 +205,3 @@ def combined_grad_scale(loss_scale, *, grad_norm=None, max_grad_norm: float = 0.
         clip = (grad_norm / loss_scale + 1e-6) / max_grad_norm
         combined = torch.where(clip > 1, clip * loss_scale, loss_scale)
     return 1.0 / combined
-
-
-# --------------------------------------------------------------------------- reference
-@torch.no_grad()
-def lamb_reference(params, grads, exp_avgs, exp_avg_sqs, *, lr: float, step: int,
-                   hyper: LambHyper, grad_scale: float = 1.0) -> list[float]:
-    """DeepSpeed's FusedLamb step over whole (unsharded) fp32 tensors, in place; for tests.
-
-    A plain transcription of fused_lamb_cuda_kernel.cu with Python numbers; returns the trust
-    ratio of each tensor.
-    """
-    beta1, beta2 = hyper.betas
-    step_size = lr
-    if hyper.bias_correction:
-        step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
-    ratios = []
-    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
-        g = g.float() * grad_scale
-        m.mul_(beta1).add_((1 - beta1) * g)
-        v.mul_(beta2).add_((1 - beta2) * g * g)
-        denom = (v + hyper.eps).sqrt() if hyper.eps_inside_sqrt else v.sqrt() + hyper.eps
-        update = m / denom + hyper.weight_decay * p
-        w_norm, u_norm = p.double().norm().item(), update.double().norm().item()
-        coeff = 1.0
-        if w_norm != 0 and u_norm != 0:
-            coeff = max(min(w_norm / u_norm, hyper.max_coeff), hyper.min_coeff)
-        p.sub_(step_size * coeff * update)
-        ratios.append(coeff)
-    return ratios
-
