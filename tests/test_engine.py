@@ -139,7 +139,8 @@ ONECYCLE = {"type": "OneCycle", "params": {"cycle_min_lr": 1e-3, "cycle_max_lr":
 def test_onecycle_cycles_beta1_like_deepspeed(no_torchrun_env, opt_type):
     """DeepSpeed's OneCycle sets betas = (momentum_at(step), 0.99) before every step; the
     fused kernels read beta1 as a step-graph tensor, so it moves without retracing."""
-    from zerofx.runtime.fused_optim import LambHyper, lamb_reference
+    from reference import lamb_reference
+    from zerofx.runtime.fused_optim import LambHyper
     from zerofx.lr_schedules import make_schedule
 
     model, ref = make("mlp")[0], make("mlp")[0]

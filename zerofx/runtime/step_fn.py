@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.distributed._functional_collectives as funcol
 
-from zerofx.runtime.fused_optim import (AdamHyper, LambHyper, adam_step_, grad_sumsq,
+from zerofx.runtime.fused_optim import (adam_step_, grad_sumsq,
                                         lamb_apply_, lamb_moments_, lamb_trust_ratio)
 from zerofx.runtime.loss_scaler import LossScaler
 
@@ -149,18 +149,14 @@ def _make_update(rt):
             out.copy_(master)  # unchanged master when skipped: the same values again
         return unfused
 
+    hyper = spec.hyper
     if spec.kind == "adam":
-        hyper = AdamHyper(betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay,
-                          bias_correction=spec.bias_correction, adam_w_mode=spec.adam_w_mode)
 
         def adam(master, g, m, v, out, *, lr, step, coef, skip, beta1):
             adam_step_(master, g, m, v, lr=lr, step=step, hyper=hyper, grad_scale=coef,
                        skip=skip, param_out=out, beta1=beta1)
         return adam
 
-    hyper = LambHyper(betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay,
-                      bias_correction=spec.bias_correction, max_coeff=spec.max_coeff,
-                      min_coeff=spec.min_coeff, eps_inside_sqrt=spec.eps_inside_sqrt)
     # Tensor i spans flat[starts[i]:starts[i+1]]; bucket padding joins the tensor before it
     # (its weights and gradients are zero, so it adds nothing to either norm).
     starts = [s.offset for s in plan.params] + [plan.padded_numel]

@@ -90,7 +90,7 @@ class ZeroRuntime:
         self._scale_before = self.scaler.scale.clone()
         self.lr = torch.tensor(self.spec.lr, dtype=torch.float32)
         # float64: the kernels compute with beta1 in double, as torch.optim.Adam does
-        self.beta1 = torch.tensor(self.spec.betas[0], dtype=torch.float64)
+        self.beta1 = torch.tensor(self.spec.beta1, dtype=torch.float64)
         self._loss_scaled = False  # fp16: the loss went through backward() this micro-step
         self.comm_wait_s = 0.0
         self._step_builder = None  # given by the backend: traces the optimizer-step graph
