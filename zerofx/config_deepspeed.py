@@ -251,14 +251,14 @@ def _map_autotp(block: Mapping, notes: list) -> dict:
     inner = out.pop("tp", None)
     if isinstance(inner, Mapping) and "tp_size" in inner:
         sizes["tp.tp_size"] = inner["tp_size"]
-    given = {v for v in sizes.values() if v not in (0, None)}
+    given = [v for v in sizes.values() if v not in (0, None)]
     if "size" in out:
-        given.add(out["size"])
-    if len(given) > 1:
-        raise refuse("tensor_parallel.autotp_size", f"tensor_parallel sizes {sorted(given)}",
+        given.append(out["size"])  # whatever it is: the Config check names a bad value
+    if any(v != given[0] for v in given):
+        raise refuse("tensor_parallel.autotp_size", f"tensor_parallel sizes {given}",
                      "give one size")
     if given:
-        out["size"] = given.pop()
+        out["size"] = given[0]
     if sizes:
         notes.append("tensor_parallel.autotp_size (applied as tensor_parallel.size)")
     return out
