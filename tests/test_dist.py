@@ -76,6 +76,7 @@ def _abort_on_rank_one(rank, world_size, marker, always):
     return rank
 
 
+@pytest.mark.slow
 def test_harness_reruns_once_after_a_signal_death(tmp_path):
     marker = str(tmp_path / "crashed")
     with pytest.warns(UserWarning, match="rerunning once after a rank was killed"):
