@@ -195,6 +195,8 @@ def test_a_split_the_graph_cannot_carry_is_a_clear_error():
         assert message is not None
         assert "fc1.weight" in message and "tensor_parallel.plan" in message
         assert "contracts a split dimension" in message and "TORCHDYNAMO" not in message
+        code = message.split("model code: ", 1)[1]
+        assert code.startswith("File ") and "^^" not in code.split(")")[0]  # the source line
 
 
 class _MPU:

@@ -25,8 +25,8 @@ from pathlib import Path
 from tabulate import tabulate
 from torch import fx
 
-from zerofx.passes.dump_html import input_names, model_line, render_html
-from zerofx.passes.nodes import added_by, count_kinds
+from zerofx.passes.dump_html import input_names, render_html
+from zerofx.passes.nodes import added_by, count_kinds, model_line
 
 SUMMARY_JSON = "summary.json"
 KINDS = ("placeholder", "compute", "view", "cast", "collective", "zerofx_op", "output")

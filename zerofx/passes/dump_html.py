@@ -12,7 +12,7 @@ import html
 import torch
 from torch import fx
 
-from zerofx.passes.nodes import added_by, kind_of, role_of
+from zerofx.passes.nodes import added_by, kind_of, model_line, role_of
 
 _PALETTE = ("#fde2e4", "#e2ece9", "#dfe7fd", "#fff1c1", "#e8dff5", "#d9f2d9", "#fce1c8",
             "#e0f4ff")
@@ -26,19 +26,6 @@ def input_names(gm: fx.GraphModule) -> dict[str, str]:
         if role is not None:
             out[n.name] = f"{role.kind} {role.name}"
     return out
-
-
-def model_line(node: fx.Node) -> str:
-    """The user's source line a node was traced from (the last frame of its stack trace)."""
-    trace = node.meta.get("stack_trace") or ""
-    frames = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
-    files = [ln for ln in frames if ln.startswith("File ")]
-    if not files:
-        return ""
-    at = frames.index(files[-1])
-    code = frames[at + 1] if at + 1 < len(frames) and not frames[at + 1].startswith(
-        "File ") else ""
-    return f"{files[-1]} {code}".strip()
 
 
 def _meta(node: fx.Node) -> str:

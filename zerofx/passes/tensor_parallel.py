@@ -27,7 +27,7 @@ from torch import fx
 from zerofx.passes.context import PassContext
 from zerofx.passes import tp_rules as R
 from zerofx.passes.fake_vals import compute_val, fake_mode_of
-from zerofx.passes.nodes import role_of
+from zerofx.passes.nodes import model_line, role_of
 from zerofx.tp_layout import TPPlanError
 
 aten = torch.ops.aten
@@ -252,8 +252,8 @@ def _check_outputs(gm, ctx, state, split, tp, full) -> None:
 
 
 def _explain(node: fx.Node, params, reason: str, ctx: PassContext) -> str:
-    trace = (node.meta.get("stack_trace") or "").strip().splitlines()
-    where = f" (model code: {trace[-1].strip()})" if trace else ""
+    line = model_line(node)
+    where = f" (model code: {line})" if line else ""
     fix = ("Leave that layer out of tensor_parallel.plan, or split the layers around it so "
            "the split ends at a row-parallel layer")
     if not ctx.config.tensor_parallel.plan:  # the layout was zerofx's guess: say so
