@@ -48,6 +48,7 @@ def tp_run(tmp_path_factory):
     return ckpt, run_ranks(_body, 2, args=(ckpt,))
 
 
+@pytest.mark.slow
 def test_tp2_resume_is_bitwise(tp_run):
     _, results = tp_run
     for rank, (_, _, after, resumed, client) in enumerate(results):

@@ -59,6 +59,7 @@ def _collectives(dump, rank, kind):
     return total
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mlp", "block", "llama_attn"])
 def test_tp2_loss_gradients_and_eval_equal_single_process(name, tmp_path):
     dump = str(tmp_path / "dump") if name == "block" else None
@@ -316,6 +317,7 @@ def _low_precision_body(rank, world, steps):
     return out
 
 
+@pytest.mark.slow
 def test_tp2_bf16_and_fp16_follow_fp32_within_their_precision():
     steps = 4
     results = run_ranks(_low_precision_body, 2, args=(steps,))
@@ -342,6 +344,7 @@ def _dynamic_body(rank, world):
     return losses
 
 
+@pytest.mark.slow
 def test_tp2_with_changing_sequence_lengths_equals_single_process():
     results = run_ranks(_dynamic_body, 2)
     model, _ = make("block")
@@ -456,6 +459,7 @@ def _overflow_body(rank, world):
     return out
 
 
+@pytest.mark.slow
 def test_overflow_in_one_tp_piece_skips_the_step_on_every_rank():
     for rank, result in enumerate(run_ranks(_overflow_body, 2)):
         assert result == [(False, 0), (True, 1), (False, 1)], f"rank {rank}"

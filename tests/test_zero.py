@@ -219,6 +219,7 @@ def _gather_order_body(rank, world):
     return gathers, waits
 
 
+@pytest.mark.slow
 def test_step_graph_issues_every_all_gather_before_waiting():
     for gathers, waits in run_ranks(_gather_order_body, 2):
         assert len(gathers) > 1 and len(waits) == len(gathers)
