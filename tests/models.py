@@ -42,12 +42,24 @@ class Block(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 
 
+def _rotate_half(x):
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rope_tables(t: int, hd: int, device):
+    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2, device=device).float() / hd))
+    freqs = torch.outer(torch.arange(t, device=device).float(), inv)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
 class LlamaStyleAttention(nn.Module):
     """Attention with separate q/k/v/o projections (HF naming) and a gated MLP left out."""
 
-    def __init__(self, d: int = 32, heads: int = 4, vocab: int = 64):
+    def __init__(self, d: int = 32, heads: int = 4, vocab: int = 64, rope: bool = False):
         super().__init__()
-        self.num_heads = heads
+        self.num_heads, self.rope = heads, rope
         self.emb = nn.Embedding(vocab, d)
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d, d, bias=False) for _ in range(3))
         self.o_proj = nn.Linear(d, d, bias=False)
@@ -58,6 +70,9 @@ class LlamaStyleAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = (p(x).view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
+        if self.rope:  # Hugging Face Llama's rotary embedding, rotate_half included
+            cos, sin = _rope_tables(T, C // self.num_heads, x.device)
+            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.o_proj(y.transpose(1, 2).reshape(B, T, C))
         logits = self.head(x)
@@ -77,6 +92,6 @@ def block_batch(n: int = 2, t: int = 8, vocab: int = 64, seed: int = 0):
 
 def make(name: str, seed: int = 0):
     torch.manual_seed(seed)
-    if name == "llama_attn":
-        return LlamaStyleAttention(), block_batch()
+    if name in ("llama_attn", "llama_rope"):
+        return LlamaStyleAttention(rope=name == "llama_rope"), block_batch()
     return (MLP(), mlp_batch()) if name == "mlp" else (Block(), block_batch())

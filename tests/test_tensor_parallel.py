@@ -60,7 +60,7 @@ def _collectives(dump, rank, kind):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mlp", "block", "llama_attn"])
+@pytest.mark.parametrize("name", ["mlp", "block", "llama_attn", "llama_rope"])
 def test_tp2_loss_gradients_and_eval_equal_single_process(name, tmp_path):
     dump = str(tmp_path / "dump") if name == "block" else None
     _check_grads(name, run_ranks(_grads_body, 2, args=(name, dump)))

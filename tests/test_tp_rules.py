@@ -97,3 +97,15 @@ def test_pointwise_broadcast_and_reductions():
     assert R.reduced(sh, [0], 2, True) == sh
     assert R.reduced(sh, [0], 2, False) == R.Shard(0, 8, 1)
     assert R.reduced(sh, [1], 2, False) == R.PARTIAL
+
+
+def test_slices_pass_a_split_elsewhere_and_refuse_cutting_it():
+    heads = R.Shard(1, 8, 1)  # [B, H, T, hd] split over H
+    # rotate_half: x[..., :hd/2] and x[..., hd/2:] along the unsplit head dimension
+    assert R.sliced(heads, 3, 0, 8, 1, 16) == heads
+    assert R.sliced(heads, 3, 8, 2**63 - 1, 1, 16) == heads
+    assert R.sliced(None, 3, 0, 8, 1, 16) is None
+    assert R.sliced(R.PARTIAL, 0, 0, 1, 1, 4) == R.PARTIAL
+    assert R.sliced(heads, 1, 0, 2**63 - 1, 1, 8) == heads  # the whole split dimension
+    with pytest.raises(R.Unshardable, match="dimension 1, which is split"):
+        R.sliced(heads, 1, 0, 4, 1, 8)

@@ -147,6 +147,16 @@ def _propagate(node: fx.Node, state, full, tp: int):
         return R.moved(sh, 1 if d <= sh.dim else 0)
     if t in (aten.split.Tensor, aten.split_with_sizes.default):
         return _split(node, sh, full, tp)
+    if t is aten.slice_backward.default:  # (grad, input_sizes, dim, start, end, step)
+        dim = args[2] % len(args[1])
+        out = R.sliced(sh, dim, args[3], args[4], args[5], args[1][dim])
+        if isinstance(out, R.Shard):
+            node.args = (args[0], _divide_at(args[1], out.dim, tp), *args[2:])
+        return out
+    if t is aten.slice.Tensor:
+        dim = (args[1] if len(args) > 1 else 0) % len(full[args[0]])
+        start, end, step = (list(args[2:]) + [None, None, None])[:3]
+        return R.sliced(sh, dim, start, end, step, full[args[0]][dim])
     if t is aten.cat.default:
         dim = (args[1] if len(args) > 1 else 0) % len(full[node])
         return R.cat([state.get(a) for a in args[0]], [full[a] for a in args[0]], dim)

@@ -145,3 +145,17 @@ def reduced(sh, dims, ndim: int, keepdim: bool):
     if sh.dim in dims:
         return PARTIAL
     return sh if keepdim else moved(sh, -sum(1 for d in dims if d < sh.dim))
+
+
+def sliced(sh, dim: int, start, end, step, size: int):
+    """slice along ``dim`` (RoPE's rotate_half halves the head dimension): a split elsewhere,
+    a partial sum, or a replicated value pass through; slicing the split dimension itself
+    keeps the split only when the slice is the whole dimension."""
+    if not isinstance(sh, Shard) or dim != sh.dim:
+        return sh
+    whole = (start in (None, 0) and (end is None or (isinstance(end, int) and end >= size))
+             and step in (None, 1))
+    if whole:
+        return sh
+    raise Unshardable(f"a slice [{start}:{end}:{step}] of dimension {dim}, which is split "
+                      f"across tensor-parallel ranks")
