@@ -20,7 +20,9 @@ import io
 import multiprocessing as mp
 import os
 import queue
+import shutil
 import socket
+import tempfile
 import time
 import traceback
 import warnings
@@ -34,9 +36,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(body, rank, world_size, port, args, env, results, timeout_s=None):
-    # A crash (SIGSEGV/SIGABRT) or a hang prints every thread's Python stack to stderr,
-    # which pytest shows with the failure: the rank that died says where.
+def _rank_main(body, rank, world_size, port, args, env, results, timeout_s=None,
+               log_path=None):
+    # A crash (SIGSEGV/SIGABRT) or a hang prints every thread's Python stack to stderr.
+    # stderr (fd 2, so glibc's and faulthandler's C-level writes too) goes to this rank's own
+    # file, whose tail the parent puts into the failure: the rank that died says where.
+    if log_path is not None:
+        log = open(log_path, "w", buffering=1)
+        os.dup2(log.fileno(), 2)
     faulthandler.enable()
     if timeout_s:
         faulthandler.dump_traceback_later(max(1.0, timeout_s - 5), exit=False)
@@ -82,19 +89,42 @@ def _run_once(body, world_size, args, env, timeout_s) -> list:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
+    logdir = tempfile.mkdtemp(prefix="zerofx-ranks-")
+    logs = [os.path.join(logdir, f"rank{r}.stderr") for r in range(world_size)]
     procs = [ctx.Process(target=_rank_main, daemon=True,
                          args=(body, r, world_size, port, args, dict(env or {}), results,
-                               timeout_s))
+                               timeout_s, logs[r]))
              for r in range(world_size)]
     for p in procs:
         p.start()
     try:
         return _collect(procs, results, world_size, timeout_s)
+    except AssertionError as e:
+        e.args = (f"{e.args[0] if e.args else e}{_stderr_tails(procs, logs)}",)
+        raise
     finally:
         for p in procs:
             if p.is_alive():
                 p.kill()
             p.join(5)
+        shutil.rmtree(logdir, ignore_errors=True)
+
+
+def _stderr_tails(procs, logs, chars: int = 3000) -> str:
+    """The end of the stderr of every rank that died or hung (faulthandler's stacks)."""
+    out = []
+    for r, (p, path) in enumerate(zip(procs, logs)):
+        if p.exitcode == 0:
+            continue
+        try:
+            with open(path, errors="replace") as f:
+                text = f.read()[-chars:]
+        except OSError:
+            continue
+        if text.strip():
+            out.append(f"\n--- rank {r} stderr (exit code {p.exitcode}), last {chars} chars "
+                       f"---\n{text}")
+    return "".join(out)
 
 
 def _collect(procs, results, world_size, timeout_s) -> list:

@@ -81,5 +81,7 @@ def test_harness_reruns_once_after_a_signal_death(tmp_path):
     marker = str(tmp_path / "crashed")
     with pytest.warns(UserWarning, match="rerunning once after a rank was killed"):
         assert run_ranks(_abort_on_rank_one, 2, args=(marker, False)) == [0, 1]
-    with pytest.warns(UserWarning), pytest.raises(AssertionError, match="exit code -6"):
+    with pytest.warns(UserWarning), pytest.raises(AssertionError, match="exit code -6") as e:
         run_ranks(_abort_on_rank_one, 2, args=(marker, True))
+    # the killed rank's own stderr, faulthandler's stack of where it died, comes along
+    assert "rank 1 stderr" in str(e.value) and "_abort_on_rank_one" in str(e.value)
