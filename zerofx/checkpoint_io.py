@@ -196,23 +196,25 @@ def full_state(tag_dir, key: str = "master",
     return full_states(tag_dir, (key,), on_file)[0][key]
 
 
-def full_states(tag_dir, keys=STATE_KEYS, on_file: Callable[[Path], None] | None = None):
+def full_states(tag_dir, keys=STATE_KEYS, on_file: Callable[[Path], None] | None = None,
+                _parent: tuple | None = None):
     """({key: {parameter name: whole fp32 tensor}}, a rank file for the step counters).
 
     Each file is read once; tensor-parallel pieces are joined into whole parameters.
+    ``_parent``: (save id, path) of the TP checkpoint's meta.pt a TP rank's must match.
     """
     tag_dir = Path(tag_dir)
     meta = read_meta(tag_dir)
+    if _parent is not None:
+        check_same_save(meta, tag_dir / META_FILE, *_parent)
     tp = meta.get("tp_size", 1)
     if tp == 1:
         shards = read_shards(tag_dir, meta, on_file)
         states = {k: {n: t.clone() for n, t in by_name(meta, assemble(meta, shards, k)).items()}
                   for k in keys}
         return states, shards[0]
-    for t in range(tp):
-        sub = tag_dir / tp_dir(t) / META_FILE
-        check_same_save(read_meta(sub.parent), sub, meta.get("save_id"), tag_dir / META_FILE)
-    per_rank = [full_states(tag_dir / tp_dir(t), keys, on_file) for t in range(tp)]
+    parent = (meta.get("save_id"), tag_dir / META_FILE)
+    per_rank = [full_states(tag_dir / tp_dir(t), keys, on_file, parent) for t in range(tp)]
     joined: dict = {k: {} for k in keys}
     for p in meta["params"]:
         for k in keys:

@@ -17,13 +17,11 @@ import zlib
 
 import torch
 
+from zerofx.config_schema import is_int
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or read as asked; the message names file and fix."""
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _bad(path, what: str) -> CheckpointError:
@@ -35,11 +33,11 @@ def check_meta(meta: dict, path, *, whole: bool) -> None:
     """meta.pt of one layout (``whole``: a tensor-parallel checkpoint's list of whole
     parameters, which has no flat layout of its own)."""
     for key in ("dp_size", "padded_numel", "zero_stage"):
-        if not _is_int(meta[key]) or meta[key] < (1 if key == "dp_size" else 0):
+        if not is_int(meta[key]) or meta[key] < (1 if key == "dp_size" else 0):
             raise _bad(path, f"{key} is {meta[key]!r}, not a {'positive' if key == 'dp_size' else 'non-negative'} integer")
     if not isinstance(meta["sharded"], bool):
         raise _bad(path, f"sharded is {meta['sharded']!r}, not a bool")
-    if whole and (not _is_int(meta.get("tp_size")) or meta["tp_size"] < 1):
+    if whole and (not is_int(meta.get("tp_size")) or meta["tp_size"] < 1):
         raise _bad(path, f"tp_size is {meta.get('tp_size')!r}, not a positive integer")
     params = meta["params"]
     if not isinstance(params, list):
@@ -54,17 +52,17 @@ def _check_param(p, i: int, path, padded: int, *, whole: bool) -> None:
         raise _bad(path, f"params[{i}] lacks one of {list(keys)}")
     shape = p["shape"]
     if not isinstance(p["name"], str) or not isinstance(shape, list) or \
-            not all(_is_int(d) and d >= 0 for d in shape):
+            not all(is_int(d) and d >= 0 for d in shape):
         raise _bad(path, f"params[{i}] has name {p['name']!r} and shape {shape!r}")
     if whole:
         split = p["tp"]
-        if split is not None and not (isinstance(split, dict) and _is_int(split.get("dim"))
-                                      and _is_int(split.get("parts")) and split["parts"] >= 1
+        if split is not None and not (isinstance(split, dict) and is_int(split.get("dim"))
+                                      and is_int(split.get("parts")) and split["parts"] >= 1
                                       and 0 <= split["dim"] < max(len(shape), 1)):
             raise _bad(path, f"params[{i}] ({p['name']}) has tensor-parallel split {split!r}")
         return
     offset, numel = p["offset"], p["numel"]
-    if not (_is_int(offset) and _is_int(numel)) or numel != math.prod(shape) or \
+    if not (is_int(offset) and is_int(numel)) or numel != math.prod(shape) or \
             offset < 0 or offset + numel > padded:
         raise _bad(path, f"params[{i}] ({p['name']}) spans [{offset!r}, +{numel!r}) with "
                          f"shape {shape}, outside the flat buffer of {padded} elements")
@@ -74,7 +72,7 @@ def check_rank(shard: dict, path, padded: int, state_keys) -> int:
     """A rank file's ranges, state tensors and counters; returns its owned element count."""
     ranges = shard["ranges"]
     if not isinstance(ranges, list) or not all(
-            isinstance(r, (list, tuple)) and len(r) == 3 and all(_is_int(v) for v in r)
+            isinstance(r, (list, tuple)) and len(r) == 3 and all(is_int(v) for v in r)
             for r in ranges):
         raise _bad(path, "ranges is not a list of [start, numel, at] integer triples")
     owned = 0
@@ -92,9 +90,9 @@ def check_rank(shard: dict, path, padded: int, state_keys) -> int:
     for key in ("step_count", "lr", "skipped"):
         if not isinstance(shard[key], torch.Tensor) or shard[key].numel() != 1:
             raise _bad(path, f"{key!r} is not a one-element tensor")
-    if not _is_int(shard["micro_steps"]) or shard["micro_steps"] < 0:
+    if not is_int(shard["micro_steps"]) or shard["micro_steps"] < 0:
         raise _bad(path, f"micro_steps is {shard['micro_steps']!r}")
-    if not _is_int(shard["gas"]) or shard["gas"] < 1:
+    if not is_int(shard["gas"]) or shard["gas"] < 1:
         raise _bad(path, f"gradient accumulation steps (gas) is {shard['gas']!r}, not >= 1")
     scaler = shard["scaler"]
     from zerofx.runtime.loss_scaler import STATE_KEYS as SCALER_KEYS

@@ -24,13 +24,13 @@ class Monitor:
     """The enabled monitors of a config; ``write_events`` is a no-op off rank 0."""
 
     def __init__(self, config: Config, *, rank: int):
-        self.enabled = config.csv_monitor.enabled or config.tensorboard.enabled
+        self.enabled = (config.csv_monitor.enabled or config.tensorboard.enabled
+                        or config.wandb.enabled)
         mine = rank == 0
         self._csv = _CsvWriter(config.csv_monitor) if mine and config.csv_monitor.enabled \
             else None
         self._tb = _tensorboard(config.tensorboard) if mine and config.tensorboard.enabled \
             else None
-        self.enabled = self.enabled or config.wandb.enabled
         self._wandb = _wandb(config.wandb) if mine and config.wandb.enabled else None
 
     def write_events(self, events) -> None:

@@ -58,7 +58,6 @@ class PlainDataParallel:
         self.groups: list[_Group] = []
         self.buckets: list[list[int]] = []  # group indices, the order collectives run in
         self._local: list[weakref.ref | None] = []  # group -> this rank's tensor
-        self._bucket_of: dict[int, int] = {}  # id(tensor) -> bucket
         self._ready: set[int] = set()
         self._launched = 0
         self._pending: list = []
@@ -157,9 +156,6 @@ class PlainDataParallel:
                 size = 0
             self.buckets[-1].append(i)
             size += g.numel
-        self._bucket_of = {id(ref()): b for b, members in enumerate(self.buckets)
-                           for i in members if (ref := self._local[i]) is not None
-                           and ref() is not None}
 
     # ---- one backward --------------------------------------------------------------------
     @torch.no_grad()
@@ -174,9 +170,14 @@ class PlainDataParallel:
         while self._launched < len(self.buckets) and self._complete(self._launched):
             self._launch(self._launched)
 
+    def _tensor(self, i: int):
+        """This rank's live tensor of group ``i`` (None: it lacks or freed it)."""
+        ref = self._local[i]
+        return ref() if ref is not None else None
+
     def _complete(self, b: int) -> bool:
         for i in self.buckets[b]:
-            p = self._local[i]() if self._local[i] is not None else None
+            p = self._tensor(i)
             if p is not None and id(p) not in self._ready:
                 return False
         return True
@@ -185,7 +186,7 @@ class PlainDataParallel:
         pieces = []
         for i in self.buckets[b]:
             g = self.groups[i]
-            p = self._local[i]() if self._local[i] is not None else None
+            p = self._tensor(i)
             grad = p.grad if p is not None else None
             pieces.append(grad.reshape(-1).to(g.dtype) if grad is not None else
                           torch.zeros(g.numel, dtype=g.dtype, device=self.device))
@@ -205,7 +206,7 @@ class PlainDataParallel:
                 at = 0
                 for i in self.buckets[b]:
                     numel = self.groups[i].numel
-                    p = self._local[i]() if self._local[i] is not None else None
+                    p = self._tensor(i)
                     if p is not None:
                         avg = flat[at:at + numel].view_as(p)
                         if p.grad is None:

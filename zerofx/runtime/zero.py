@@ -239,10 +239,7 @@ class ZeroRuntime:
         The scale multiplies the loss itself (a device tensor, no host read), so gradients
         are scaled exactly once however many graphs the model breaks into.
         """
-        if self.config.fp16.enabled:
-            loss = loss * self.scaler.scale.to(device=loss.device, dtype=loss.dtype)
-            self._loss_scaled = True
-        loss.backward()
+        self.scale(loss).backward()
 
     def wait_buckets(self) -> None:
         t0 = time.perf_counter()
