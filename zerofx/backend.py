@@ -199,7 +199,12 @@ def _partition(joint: fx.GraphModule, joint_inputs, comp: Compilation, **kw):
     joint = _run(joint, comp, "joint", num_fwd_outputs=num_fwd)
     split = min_cut_rematerialization_partition if comp.config.zerofx.inductor else \
         default_partition
-    return split(joint, joint_inputs, **kw)
+    fw, bw = split(joint, joint_inputs, **kw)
+    if comp.plan.partitioned and any(p.name == "zero3" for p in comp.passes):
+        from zerofx.passes.zero3 import regather_for_backward
+
+        regather_for_backward(fw, bw, num_fwd, comp.config.zero_optimization)
+    return fw, bw
 
 
 def _plain_data_parallel(comp: Compilation) -> None:

@@ -258,8 +258,10 @@ def _restore_state(rt, states: dict) -> None:
             src = full[o.slot.name].reshape(-1)[o.start:o.start + o.numel]
             dst[o.at:o.at + o.numel].copy_(src)
         if key == "master":
+            base = plan.persist_offset  # stage 3: only the persistent ones are whole
             for s in plan.params:  # in place: the model's parameters are views of it
-                rt.flat_params[s.offset:s.end].copy_(full[s.name].reshape(-1))
+                if s.offset >= base:
+                    rt.flat_params[s.offset - base:s.end - base].copy_(full[s.name].reshape(-1))
     rt.shard_lowp.copy_(rt.master)
 
 

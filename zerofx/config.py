@@ -113,20 +113,13 @@ class BF16Config:
         validate(self)
 
 
-def _zero_stage(v: Any) -> int:
-    try:
-        return integer(0, 2)(v)
-    except Invalid:
-        why = " (ZeRO stage 3 is not supported; stages 0-2 are)" if is_int(v) and v == 3 else ""
-        raise Invalid("0, 1 or 2" + why) from None
-
-
 @dataclass(frozen=True)
 class ZeroConfig:
     """DeepSpeed's "zero_optimization" block (ZeRO, Rajbhandari et al. 2020)."""
 
-    stage: int = setting(0, _zero_stage)
-    """0: plain data parallel; 1: shard optimizer state; 2: also shard gradients."""
+    stage: int = setting(0, integer(0, 3))
+    """0: plain data parallel; 1: shard optimizer state; 2: also shard gradients; 3: also
+    shard the parameters (gathered by the graphs right before use, freed after)."""
     reduce_bucket_size: int = setting(500_000_000, integer(1))
     """Elements per gradient reduction bucket."""
     allgather_bucket_size: int = setting(500_000_000, integer(1))
@@ -140,9 +133,29 @@ class ZeroConfig:
     contiguous buffer as it is produced (its buckets are slices of one flat buffer)."""
     reduce_scatter: bool = setting(True, boolean)
     """Reduce gradients with reduce-scatter (True) or all-reduce (False)."""
+    stage3_prefetch_bucket_size: int = setting(50_000_000, integer(1))
+    """Stage 3: elements per parameter gather, and how far ahead of use gathers are issued
+    (the next gathers up to this many elements start while the current one computes). Also
+    caps the stage-3 bucket size, since a bucket is the unit one collective gathers."""
+    stage3_param_persistence_threshold: int = setting(100_000, integer(0))
+    """Stage 3: parameters of at most this many elements stay whole on every rank (no
+    gather), DeepSpeed's default 1e5; 0 partitions every parameter."""
+    stage3_model_persistence_threshold: int = setting(2**63 - 1, integer(0))
+    """Stage 3: at most this many elements are kept whole in all (DeepSpeed's rule: in
+    registration order, a parameter persists only while the total stays within it)."""
+    stage3_max_live_parameters: int = setting(1_000_000_000, integer(1))
+    """Stage 3: gathered elements a graph may hold at once; a prefetch that would exceed it
+    waits until earlier gathered parameters are freed (one group always fits)."""
+    stage3_max_reuse_distance: int = setting(1_000_000_000, integer(0))
+    """Accepted for DeepSpeed configs: zerofx frees a gathered parameter after its last use
+    in the graph and gathers it again for backward, whatever the distance."""
+    stage3_gather_16bit_weights_on_model_save: bool = setting(False, boolean)
+    """Stage 3: ``engine.save_16bit_model`` gathers the whole weights (else it refuses, as
+    the parameters are partitioned)."""
 
     def __post_init__(self) -> None:
         validate(self)
+
 
 
 _OPTIMIZER_TYPE = choice("Adam", "AdamW", "Lamb", fold=True)

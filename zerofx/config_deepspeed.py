@@ -95,8 +95,9 @@ ZERO_NO_EFFECT = {
     "legacy_stage1": "zerofx has one stage-1 implementation",
     "pipeline_loading_checkpoint": "a ZeRO-3 option",
     "override_module_apply": "a ZeRO-3 option",
-    "module_granularity_threshold": "a ZeRO-3 option",
-    "use_all_reduce_for_fetch_params": "a ZeRO-3 option",
+    "module_granularity_threshold": "zerofx gathers by bucket, not by module",
+    "use_all_reduce_for_fetch_params": "zerofx gathers with all-gather",
+    "allgather_sequential": "zerofx gathers by bucket",
     "mics_hierarchical_params_gather": "a MiCS option",
     "zeropp_loco_param": "a ZeRO++ option",
     "cpu_offload_use_pin_memory": "no offload here",
@@ -196,14 +197,25 @@ def screen(raw: Mapping) -> dict:
 
 
 def _screen_zero(zero: Mapping, notes: list) -> dict:
-    if zero.get("stage") == 3:
-        raise refuse("zero_optimization.stage", "ZeRO stage 3 (parameter partitioning)",
-                     "use stage 2: gradients and optimizer state are sharded, parameters "
-                     "stay whole on each rank")
     quiet = dict(ZERO_NO_EFFECT)
-    quiet.update((k, "only read at stage 3") for k in zero
-                 if k.startswith(STAGE3_PREFIX) or k in STAGE3_ALIASES)
-    return _screen_block("zero_optimization", zero, ZERO_REFUSED, quiet, notes, off=is_off)
+    staged = {k: v for k, v in zero.items() if k.startswith(STAGE3_PREFIX) or k in STAGE3_ALIASES}
+    if zero.get("stage") != 3:
+        quiet.update((k, "only read at stage 3") for k in staged)
+        return _screen_block("zero_optimization", zero, ZERO_REFUSED, quiet, notes, off=is_off)
+    # Stage 3: DeepSpeed's unprefixed aliases and the old fp16 spelling name zerofx's keys.
+    out = {k: v for k, v in zero.items() if k not in staged}
+    for key, value in staged.items():
+        name = key if key.startswith(STAGE3_PREFIX) else STAGE3_PREFIX + key
+        name = name.replace("gather_fp16_weights", "gather_16bit_weights")
+        if name.removeprefix(STAGE3_PREFIX) in ZERO_NO_EFFECT:
+            notes.append(f"zero_optimization.{key}: {ZERO_NO_EFFECT[name[len(STAGE3_PREFIX):]]}")
+            continue
+        if name in out and out[name] != value:
+            raise ConfigError(f"config keys 'zero_optimization.{key}' and '{name}' spell one "
+                              f"setting with different values; keep only {name}",
+                              key=f"zero_optimization.{key}")
+        out[name] = value
+    return _screen_block("zero_optimization", out, ZERO_REFUSED, quiet, notes, off=is_off)
 
 
 def _screen_block(block: str, raw: Mapping, refused: dict, quiet: dict, notes: list, *,

@@ -40,6 +40,7 @@ class ParamSlot:
     bucket: int  # index into Plan.buckets
     tp: TPShard | None = None  # split by zerofx over the TP group (shape is the local one)
     tp_split: bool = False  # differs across TP ranks (else replicated: counted once in norms)
+    persistent: bool = False  # stage 3: kept whole on every rank (below the threshold)
 
     @property
     def end(self) -> int:
@@ -132,8 +133,22 @@ class Plan:
 
     @property
     def sharded(self) -> bool:
-        """ZeRO 1/2: master weights and optimizer state are split across the DP group."""
+        """ZeRO 1-3: master weights and optimizer state are split across the DP group."""
         return self.zero_stage >= 1 and self.grid.dp_size > 1
+
+    @property
+    def partitioned(self) -> bool:
+        """ZeRO 3: the parameters themselves live as shards, gathered for each use."""
+        return self.zero_stage == 3 and self.grid.dp_size > 1
+
+    @functools.cached_property
+    def persist_offset(self) -> int:
+        """Where the buckets of parameters kept whole begin (all of them below stage 3): the
+        model-side parameter buffer holds only ``[persist_offset, padded_numel)``."""
+        if not self.partitioned:
+            return 0
+        return next((self.buckets[p.bucket].offset for p in self.params if p.persistent),
+                    self.padded_numel)
 
     def owned(self, dp_rank: int | None = None) -> tuple[OwnedRange, ...]:
         """What ``dp_rank`` (default: this rank) updates, bucket by bucket."""
@@ -195,6 +210,8 @@ class Plan:
         """Bytes per rank of the training state this plan implies (what the dump reports)."""
         total, mine = self.padded_numel, self.shard_numel
         state = mine
+        if self.partitioned:  # a shard of each parameter, plus the persistent ones whole
+            total = mine + self.padded_numel - self.persist_offset
         grads = mine if self.zero_stage >= 2 else total
         lowp = self.compute_dtype.itemsize
         return {
@@ -220,6 +237,11 @@ class Plan:
                             for b in self.buckets],
                            headers=["bucket", "numel", "padded", "params", "collective"])
         text = f"{head}\n{table}\n\n{buckets}\n\n{mem}"
+        if self.partitioned:
+            whole = [p.name for p in self.params if p.persistent]
+            text += (f"\n\nstage 3: parameters live as 1/{self.grid.dp_size} shards, gathered "
+                     f"bucket by bucket before use; {len(whole)} kept whole (persistence "
+                     f"threshold): {', '.join(whole) or 'none'}")
         if self.tp_choices:
             text += "\n\ntensor-parallel layout:\n" + tabulate(
                 [(c.module, c.style, c.parts, c.reason) for c in self.tp_choices],
@@ -254,19 +276,29 @@ def make_plan(
     """
     grid = ProcessGrid(world_size, tp_layout.size if tp_layout is not None
                        else config.tensor_parallel.size)
-    order = list(reversed(named_params))
+    zero = config.zero_optimization
     shards = tp_layout.shards if tp_layout is not None else {}
     shapes = {n: shards[n].local_shape(grid.tp_size) if n in shards else tuple(p.shape)
               for n, p in named_params}
-    groups = _group_into_buckets([(n, math.prod(shapes[n])) for n, _ in order],
-                                 max(1, config.zero_optimization.reduce_bucket_size))
+    sizes = {n: math.prod(shapes[n]) for n in shapes}
+    persist = _persistent(named_params, sizes, zero) if zero.stage == 3 and grid.dp_size > 1 \
+        else frozenset()
+    cap = max(1, zero.reduce_bucket_size)
+    if zero.stage == 3 and grid.dp_size > 1:
+        cap = min(cap, zero.stage3_prefetch_bucket_size)  # a bucket is one gather
+    # Persistent parameters get buckets of their own, last: those are all-gathered after
+    # every step into a whole copy; the others are gathered by the graphs on demand.
+    order = [(n, sizes[n]) for n, _ in reversed(named_params) if n not in persist]
+    groups = _group_into_buckets(order, cap) + _group_into_buckets(
+        [(n, sizes[n]) for n, _ in reversed(named_params) if n in persist], cap)
     dtypes = dict((n, p.dtype) for n, p in named_params)
     slots, buckets, offset = [], [], 0
     for index, group in enumerate(groups):
         start = offset
         for name, numel in group:
             slots.append(ParamSlot(name, shapes[name], dtypes[name], offset, numel, index,
-                                   shards.get(name), name in shards or name in mp_params))
+                                   shards.get(name), name in shards or name in mp_params,
+                                   name in persist))
             offset += numel
         numel = offset - start
         padded = math.ceil(max(numel, 1) / grid.dp_size) * grid.dp_size
@@ -277,6 +309,20 @@ def make_plan(
                 buckets=tuple(buckets), padded_numel=offset,
                 reduce_scatter=config.zero_optimization.reduce_scatter,
                 tp_choices=tp_layout.choices if tp_layout is not None else ())
+
+
+def _persistent(named_params, sizes: dict, zero) -> frozenset:
+    """Stage 3's parameters kept whole, by DeepSpeed's rule (mark_persistent_parameters): in
+    registration order, one of at most ``param_persistence_threshold`` elements persists
+    while the persisted total stays within ``model_persistence_threshold``."""
+    kept, total = set(), 0
+    for name, _ in named_params:
+        if sizes[name] + total > zero.stage3_model_persistence_threshold:
+            continue
+        if sizes[name] <= zero.stage3_param_persistence_threshold:
+            kept.add(name)
+            total += sizes[name]
+    return frozenset(kept)
 
 
 def _group_into_buckets(order, cap: int) -> list[list]:

@@ -38,6 +38,7 @@ def declared_passes() -> tuple[PassSpec, ...]:
     from zerofx.passes.param_identity import param_identity_pass
     from zerofx.passes.schedule import schedule_pass
     from zerofx.passes.tensor_parallel import tensor_parallel_pass
+    from zerofx.passes.zero3 import zero3_pass
 
     return (
         PassSpec("mixed_precision", mixed_precision_pass, frozenset({"joint", "inference"}),
@@ -49,6 +50,11 @@ def declared_passes() -> tuple[PassSpec, ...]:
         PassSpec("param_identity", param_identity_pass, frozenset({"joint"}),
                  after=("mixed_precision", "tensor_parallel"), requires=("bucketing",),
                  needs_runtime=True),
+        # After param_identity: reads its per-call slots; the partitioner then sees the
+        # gathered weights (regather_for_backward runs on the partitioned pair).
+        PassSpec("zero3", zero3_pass, frozenset({"joint", "inference"}),
+                 after=("param_identity", "mixed_precision"),
+                 enabled=lambda cfg: cfg.zero_optimization.stage == 3, needs_runtime=True),
         PassSpec("bucketing", bucketing_pass, frozenset({"backward"}),
                  requires=("param_identity",), needs_runtime=True),
         # Eager execution only: Inductor picks its own GEMM forms.

@@ -137,6 +137,26 @@ def _(sid, name):
                        device=rt.flat_params.device)
 
 
+@torch.library.custom_op("zerofx::gather_bucket", mutates_args=())
+def gather_bucket(sid: int, slots: torch.Tensor, ks: list[int], offsets: list[int],
+                  length: int, ahead: list[int], check: int) -> torch.Tensor:
+    """ZeRO-3: parameters ``slots[k]`` (k in ``ks``) whole, parameter ``ks[j]`` at
+    ``offsets[j]`` of one ``length``-element tensor (normally their gathered bucket itself);
+    the buckets of the parameters at positions ``ahead`` start gathering (prefetch). Read
+    only: the graph slices its parameters out of it. ``check`` (non-zero on a graph's first
+    gather): the graph's gather sequence, compared across ranks before any of it runs."""
+    gatherer = lookup(sid).gatherer
+    slots = slots.tolist()
+    if check:
+        gatherer.check_same_graph(check, slots)
+    return gatherer.bucket(slots, ks, offsets, length, ahead)
+
+
+@gather_bucket.register_fake
+def _(sid, slots, ks, offsets, length, ahead, check):
+    return torch.empty(length, dtype=lookup(sid).plan.compute_dtype, device="cpu")
+
+
 # Ops without outputs would be dead code to FX; they act by side effect.
 for _op in (torch.ops.zerofx.reduce_bucket.default, torch.ops.zerofx.wait_buckets.default,
             torch.ops.zerofx.shard_optimizer_step.default):

@@ -101,7 +101,7 @@ def make_step_fn(rt):
         update(master, g, exp_avg, exp_avg_sq, out, lr=lr, step=step, coef=coef,
                skip=overflow.float(), beta1=beta1)
         if plan.sharded:
-            _gather_params(shard_lowp, flat_params, chunks, dp, group)
+            _gather_params(shard_lowp, flat_params, chunks, dp, group, plan.persist_offset)
         LossScaler(scale, hysteresis, it, last_overflow, scaler.dynamic, scaler.window,
                    scaler.delayed_shift, scaler.min_scale, scaler.consecutive_hysteresis,
                    floor_hits).update(overflow)
@@ -196,9 +196,12 @@ def _gather_limit(plan, config) -> int:
 
 def _allgather_chunks(plan, limit: int) -> list[list[tuple]]:
     """Consecutive buckets grouped so each all-gather moves about ``limit`` elements: fewer,
-    larger collectives (each gloo call costs ~0.3 ms however small)."""
+    larger collectives (each gloo call costs ~0.3 ms however small). At stage 3 only the
+    persistent buckets: the graphs gather the others when they read them."""
     chunks, size = [], limit
     for r, b in zip(plan.owned(), plan.buckets):
+        if b.offset < plan.persist_offset:
+            continue
         if size + b.padded > limit and (not chunks or chunks[-1]):
             chunks.append([])
             size = 0
@@ -207,7 +210,7 @@ def _allgather_chunks(plan, limit: int) -> list[list[tuple]]:
     return chunks
 
 
-def _gather_params(shard_lowp, flat_params, chunks, dp: int, group) -> None:
+def _gather_params(shard_lowp, flat_params, chunks, dp: int, group, base: int) -> None:
     """All-gather every chunk of this rank's updated slices into the flat parameters.
 
     A chunk's slices are contiguous in the shard, so one collective gathers them; the result
@@ -225,5 +228,5 @@ def _gather_params(shard_lowp, flat_params, chunks, dp: int, group) -> None:
         first = chunk[0][0]
         for r, b in chunk:
             off = r.at - first.at
-            flat_params[b.offset:b.offset + b.padded].view(dp, r.numel).copy_(
+            flat_params[b.offset - base:b.offset - base + b.padded].view(dp, r.numel).copy_(
                 gathered[:, off:off + r.numel])

@@ -32,6 +32,7 @@ from zerofx.runtime.dist import init_distributed
 from zerofx.runtime.grad_intake import GradIntake
 from zerofx.runtime.loss_scaler import LossScaler
 from zerofx.runtime.optimizer_spec import OptimizerSpec
+from zerofx.runtime.param_gather import ParamGather
 from zerofx.runtime.shard_optimizer import ShardOptimizer
 from zerofx.runtime.step_fn import StepState
 
@@ -72,8 +73,16 @@ class ZeroRuntime:
                                     mp_params=split)
         self.spec = OptimizerSpec.from_config_or_torch(self.config, optimizer)
         _check_tested_optimizer(self.config, optimizer)
+        if self.plan.zero_stage == 3 and self.plan.grid.tp_size > 1:
+            raise ConfigError("ZeRO stage 3 with tensor parallelism is not supported yet: use "
+                              "stage 2 with tensor_parallel (weights split, gradients and "
+                              "optimizer state sharded), or stage 3 without it")
         self.group, self.tp_group = _groups(self.plan, mpu) if world.world_size > 1 \
             else (None, None)
+        # Stage 3's own group: the graphs' parameter gathers never pair with bucket
+        # collectives in flight on self.group (runtime/param_gather.py).
+        self.gatherer = ParamGather(self, dist.new_group(list(range(world.world_size)))) \
+            if self.plan.partitioned else None
         # Measured on gloo (benchmarks/bench_collectives.py): its all-reduce beats its
         # reduce-scatter by 2.2x, so stage 2 reduces buckets with all-reduce + slice there.
         self.gloo_allreduce = self.group is not None and dist.get_backend(self.group) == "gloo"
@@ -112,7 +121,10 @@ class ZeroRuntime:
     # ---- layout -------------------------------------------------------------------------
     def _allocate(self, named) -> None:
         plan, low = self.plan, self.plan.compute_dtype
-        self.flat_params = torch.zeros(plan.padded_numel, dtype=low)
+        # Stage 3 keeps only the persistent parameters whole: flat_params then covers
+        # [persist_offset, padded_numel) of the layout (all of it below stage 3).
+        base = plan.persist_offset
+        self.flat_params = torch.zeros(plan.padded_numel - base, dtype=low)
         self.master = torch.zeros(plan.shard_numel, dtype=torch.float32)
         tp, tp_rank = plan.grid.tp_size, plan.grid.tp_rank(plan.rank)
         self._carriers = []  # (param, full-shape stand-in, local view): see shape_carriers
@@ -122,10 +134,17 @@ class ZeroRuntime:
             flat = local.reshape(-1)
             for o in plan.owned_pieces_of(name):  # fp32 master copy of what this rank owns
                 self.master[o.at:o.at + o.numel].copy_(flat[o.start:o.start + o.numel])
-            self.flat_params[s.offset:s.end].copy_(flat)
+            if plan.partitioned and not s.persistent:
+                # Stage 3: the graphs read the gathered bucket (zerofx.gather_bucket), never
+                # this stand-in; NaN so that an eager read of it cannot pass for a weight.
+                stand_in = torch.full([1] * len(s.shape), float("nan"), dtype=low)
+                self._carriers.append((p, stand_in.expand(s.shape), torch.empty(0, dtype=low)))
+                p.data = self._carriers[-1][2]
+                continue
+            self.flat_params[s.offset - base:s.end - base].copy_(flat)
             # The parameter now lives in the flat buffer, in the compute dtype: the
             # all-gather writes straight into the model and no per-step cast is needed.
-            p.data = self.flat_params[s.offset:s.end].view(s.shape)
+            p.data = self.flat_params[s.offset - base:s.end - base].view(s.shape)
             if s.tp is not None:  # one element of storage each: distinct inputs to AOT
                 stand_in = torch.zeros(1, dtype=low).view([1] * len(s.shape))
                 self._carriers.append((p, stand_in.expand(s.tp.full_shape), p.data))
@@ -148,14 +167,17 @@ class ZeroRuntime:
 
     @contextlib.contextmanager
     def shape_carriers(self):
-        """Give tensor-parallel parameters their full shape while the model is traced or run.
+        """Give tensor-parallel and (stage 3) partitioned parameters their full shape while
+        the model is traced or run.
 
         The model's code is written for whole weights (``qkv(x).split(C)``, ``view(B, T,
         heads, C // heads)``), so Dynamo traces it with full-shape stand-ins that own one
         element; the tensor_parallel pass makes the graph read the local shard instead
         (``zerofx.tp_param``) and fixes its shapes. Outside this context the parameters are
         the local shards, as in Megatron. Every call swaps the same stand-ins in, so Dynamo's
-        guards hold and nothing recompiles.
+        guards hold and nothing recompiles. At stage 3 the zero3 pass makes the graph read
+        the gathered bucket instead, and outside calls a partitioned parameter is an empty
+        tensor (DeepSpeed's convention; ``gathered_parameters`` gives it its value).
         """
         for p, full, _ in self._carriers:
             p.data = full
@@ -164,6 +186,46 @@ class ZeroRuntime:
         finally:
             for p, _, local in self._carriers:
                 p.data = local
+
+    @contextlib.contextmanager
+    def gathered_parameters(self, params=None, modifier_rank: int | None = None):
+        """DeepSpeed's ``GatheredParameters``: inside, the stage-3 parameters ``params`` (all
+        by default; a collective, every rank enters) hold their whole values, for eager code
+        (an eval loop without compile, printing, a state_dict). With ``modifier_rank``, that
+        rank's changes are kept: broadcast and written into every rank's shards on exit."""
+        if self.gatherer is None:
+            yield
+            return
+        wanted = {id(p) for p in params} if params is not None else None
+        carried = [(p, empty) for p, _, empty in self._carriers
+                   if wanted is None or id(p) in wanted]
+        whole = self.gatherer.whole_params([self._names_by_id[id(p)] for p, _ in carried])
+        for p, _ in carried:
+            p.data = whole[self._names_by_id[id(p)]]
+        try:
+            yield
+        finally:
+            if modifier_rank is not None:
+                self._write_back([(self._names_by_id[id(p)], p.data) for p, _ in carried],
+                                 modifier_rank)
+            for p, empty in carried:
+                p.data = empty
+
+    def named_partitioned(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, parameter) of every stage-3 parameter that lives as shards."""
+        return [(self._names_by_id[id(p)], p) for p, _, _ in self._carriers
+                if self.gatherer is not None]
+
+    @torch.no_grad()
+    def _write_back(self, values, src: int) -> None:
+        for name, value in values:
+            if self.group is not None:
+                dist.broadcast(value, src=src, group=self.group)
+            flat = value.reshape(-1)
+            for o in self.plan.owned_pieces_of(name):
+                piece = flat[o.start:o.start + o.numel]
+                self.master[o.at:o.at + o.numel].copy_(piece)
+                self.shard_lowp[o.at:o.at + o.numel].copy_(piece)
 
     def local_param(self, name: str) -> torch.Tensor:
         """This rank's piece of parameter ``name``: a view of the flat compute-dtype buffer."""
@@ -261,6 +323,13 @@ class ZeroRuntime:
                 raise ConfigError(f"tensor-parallel parameter {slot.name} got a gradient "
                                   f"outside the compiled graphs (it ran eagerly); zerofx "
                                   f"splits weights only inside compiled graphs")
+            if it.rt.plan.partitioned and not slot.persistent:
+                raise ConfigError(f"ZeRO-3 parameter {slot.name} was read outside the "
+                                  f"compiled graphs (it ran eagerly, on a stand-in, not its "
+                                  f"value): zerofx gathers partitioned weights only inside "
+                                  f"compiled graphs; remove the graph break around its use "
+                                  f"or raise stage3_param_persistence_threshold above its "
+                                  f"size ({slot.numel})")
             it.take_eager(i, p.grad)
             p.grad = None
 
@@ -288,6 +357,8 @@ class ZeroRuntime:
             self._step_program = self._step_builder()
         self._report_skip(self.update_steps - 1)
         self._scale_before.copy_(self.scaler.scale)
+        if self.gatherer is not None:
+            self.gatherer.drain()  # no gather may read the shard the step rewrites
         self._step_program(*self.step_inputs().tensors())
         self.intake.end_micro_step(boundary=True)
         return True

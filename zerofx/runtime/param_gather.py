@@ -1,0 +1,156 @@
+"""ParamGather: ZeRO stage 3's parameter side, whole parameters gathered from shards on demand.
+
+At stage 3 a parameter lives between uses only as this rank's 1/N of its bucket (the
+compute-dtype shard the optimizer writes, ``rt.shard_lowp``). The graphs gather a bucket
+right before its parameters are first read (``zerofx.gather_bucket``, inserted by the zero3
+pass) and drop it after their last read; backward gathers again. A bucket is the unit one
+all-gather moves: its rank slices are contiguous in the shard, and the all-gather's output
+is the bucket itself, so the common case copies nothing.
+
+Which collectives run is decided by the graphs alone (which node runs, with which
+parameters), never by what happens to be alive: every rank issues the same all-gathers in
+the same order on a process group of their own, so they cannot pair with the gradient
+buckets' collectives that backward has in flight on the data-parallel group.
+"""
+from __future__ import annotations
+
+import weakref
+import zlib
+
+import torch
+import torch.distributed as dist
+
+
+_DIVERGED = (
+    "ZeRO stage 3: the ranks are about to gather different parameters (their batches took "
+    "different branches, or they run different graphs); all-gathers pair by order, so the "
+    "weights would be pieces of other weights. Refused, parameters unchanged: stage 3 needs "
+    "every rank to read the same parameters in the same order (as DeepSpeed's does). Make "
+    "the branch independent of the data, or use stage 2")
+
+
+class RanksDivergedError(RuntimeError):
+    """The data-parallel ranks gathered different buckets in one step."""
+
+
+class ParamGather:
+    """Bucket all-gathers of one ZeroRuntime, prefetches in flight and live-memory counts."""
+
+    def __init__(self, rt, group):
+        self.rt = rt
+        self.group = group
+        self._inflight: dict[int, tuple[torch.Tensor, object]] = {}  # bucket -> (out, work)
+        self.gathers = 0  # all-gathers issued (tests and the dump count them)
+        self._signature = 0  # a running hash of the buckets gathered, in order
+        self.live = 0  # elements of gathered buckets some graph still holds
+        self.peak = 0  # the most ``live`` has been since reset_peak()
+
+    # ---- what the graphs call -------------------------------------------------------------
+    @torch.no_grad()
+    def bucket(self, slots: list[int], ks: list[int], offsets: list[int], length: int,
+               ahead: list[int]) -> torch.Tensor:
+        """The parameters ``slots[k]`` (k in ``ks``) whole, laid out as the graph was traced:
+        parameter ``ks[j]`` at ``offsets[j]`` of a ``length``-element tensor. ``ahead``: the
+        positions of parameters the graph reads next, whose buckets start gathering now."""
+        params = self.rt.plan.params
+        wanted = [params[slots[k]] for k in ks]
+        buckets = sorted({s.bucket for s in wanted})
+        self.prefetch([params[slots[k]].bucket for k in ahead if slots[k] >= 0])
+        if len(buckets) == 1:
+            b = self.rt.plan.buckets[buckets[0]]
+            whole = self._whole(b.index)
+            if whole.numel() == length and all(s.offset - b.offset == o
+                                               for s, o in zip(wanted, offsets)):
+                return whole  # laid out as traced: the gathered bucket itself
+        # Another call of a reused graph (other parameters, other buckets): copy each one to
+        # where the graph reads it.
+        out = torch.zeros(length, dtype=self.rt.plan.compute_dtype)
+        wholes = {i: self._whole(i) for i in buckets}
+        for s, o in zip(wanted, offsets):
+            b = self.rt.plan.buckets[s.bucket]
+            out[o:o + s.numel].copy_(wholes[s.bucket][s.offset - b.offset:s.end - b.offset])
+        return out
+
+    def check_same_graph(self, check: int, slots: list[int]) -> None:
+        """Before a graph's first gather: every rank must be about to gather the same
+        buckets. All-gathers pair by order, so a rank whose batch took another branch would
+        be sent pieces of another weight (or abort inside gloo on a size mismatch); one
+        2-element all-reduce per graph call refuses that first, on every rank."""
+        mine = zlib.crc32(repr((check, slots)).encode())
+        sig = torch.tensor([mine, -mine], dtype=torch.int64)
+        dist.all_reduce(sig, op=dist.ReduceOp.MAX, group=self.group)
+        if int(sig[0]) != -int(sig[1]):
+            raise RanksDivergedError(_DIVERGED)
+
+    def prefetch(self, buckets) -> None:
+        """Start the all-gathers of ``buckets`` not gathered or in flight yet."""
+        for i in buckets:
+            b = self.rt.plan.buckets[i]
+            if i in self._inflight or self._persistent(b):
+                continue
+            mine = self.rt.plan.owned()[i]
+            out = torch.empty(b.padded, dtype=self.rt.plan.compute_dtype)
+            src = self.rt.shard_lowp[mine.at:mine.at + mine.numel]
+            work = dist.all_gather_into_tensor(out, src, group=self.group, async_op=True)
+            self._inflight[i] = (out, work)
+            self._track(out)  # memory from now on, in flight or not
+            self.gathers += 1
+            self._signature = (self._signature * 1_000_003 + i + 1) % (1 << 61)
+
+    # ---- inside -------------------------------------------------------------------------
+    def _persistent(self, b) -> bool:
+        return b.offset >= self.rt.plan.persist_offset
+
+    def _whole(self, i: int) -> torch.Tensor:
+        b = self.rt.plan.buckets[i]
+        if self._persistent(b):  # kept whole after every step
+            base = self.rt.plan.persist_offset
+            return self.rt.flat_params[b.offset - base:b.offset - base + b.padded]
+        self.prefetch([i])
+        out, work = self._inflight.pop(i)
+        work.wait()
+        return out
+
+    def _track(self, out: torch.Tensor) -> None:
+        """Count ``out`` as live until the last view of it is gone."""
+        self.live += out.numel()
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(out, self._freed, out.numel())
+
+    def _freed(self, numel: int) -> None:
+        self.live -= numel
+
+    def drain(self) -> None:
+        """Before the shard changes (the optimizer step): finish prefetches nobody took, and
+        check that every rank gathered the same buckets in the same order since the last
+        step. All-gathers pair by order: a rank whose batch took another branch would have
+        been sent pieces of another bucket of the same size, silently; this refuses the
+        step (parameters untouched) instead. One 2-element all-reduce per step."""
+        for _, work in self._inflight.values():
+            work.wait()
+        self._inflight.clear()
+        sig = torch.tensor([self._signature, -self._signature], dtype=torch.int64)
+        dist.all_reduce(sig, op=dist.ReduceOp.MAX, group=self.group)
+        self._signature = 0
+        if int(sig[0]) != -int(sig[1]):
+            raise RanksDivergedError(_DIVERGED)
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+    # ---- eager use ----------------------------------------------------------------------
+    @torch.no_grad()
+    def whole_params(self, names) -> dict[str, torch.Tensor]:
+        """{name: whole value} of plan parameters ``names`` (a collective: every rank of the
+        data-parallel group calls it with the same names). Fresh tensors, not views."""
+        plan = self.rt.plan
+        slots = [plan.slot(n) for n in names]
+        buckets = sorted({s.bucket for s in slots})
+        self.prefetch(buckets)
+        wholes = {i: self._whole(i) for i in buckets}
+        out = {}
+        for s in slots:
+            b = plan.buckets[s.bucket]
+            out[s.name] = wholes[s.bucket][s.offset - b.offset:s.end - b.offset].view(
+                s.shape).clone()
+        return out
