@@ -195,10 +195,11 @@ BAD = [
      ["'zero_optimization.stgae'", "2", "did you mean 'stage'?", "valid keys:", "reduce_scatter"]),
     ({"zero_optimisation": {}}, ["'zero_optimisation'", "did you mean 'zero_optimization'?"]),
     ({"totally_unrelated_key": 1}, ["'totally_unrelated_key'", "is not known", "valid keys:"]),
-    ({"zero_optimization": {"stage": 3}},
-     ["'zero_optimization.stage'", "ZeRO stage 3", "not supported by zerofx", "use stage 2"]),
-    ({"zero_optimization": {"stage": "2"}}, ["'zero_optimization.stage'", "'2'", "0, 1 or 2"]),
-    ({"zero_optimization": {"stage": True}}, ["'zero_optimization.stage'", "True", "0, 1 or 2"]),
+    ({"zero_optimization": {"stage": 4}}, ["'zero_optimization.stage'", "4", "[0, 3]"]),
+    ({"zero_optimization": {"stage": "2"}}, ["'zero_optimization.stage'", "'2'", "integer"]),
+    ({"zero_optimization": {"stage": True}}, ["'zero_optimization.stage'", "True", "integer"]),
+    ({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": -1}},
+     ["'zero_optimization.stage3_param_persistence_threshold'", "-1", ">= 0"]),
     ({"zero_optimization": 1}, ["'zero_optimization'", "1", "true/false"]),
     ({"zero_optimization": {"reduce_bucket_size": 1.5}},
      ["'zero_optimization.reduce_bucket_size'", "1.5", "integer >= 1"]),
@@ -393,7 +394,7 @@ def test_unusable_file_contents(tmp_path, text, fragment):
 
 
 def test_value_errors_in_files_are_prefixed_with_the_file(tmp_path):
-    path = write(tmp_path, '{"zero_optimization": {"stage": 3}}')
+    path = write(tmp_path, '{"zero_optimization": {"stage": 4}}')
     with pytest.raises(ConfigError) as info:
         Config.from_file(path)
     assert str(info.value).startswith(f"{path}: config key 'zero_optimization.stage'")

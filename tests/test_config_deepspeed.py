@@ -40,7 +40,6 @@ def test_most_examples_load():
     ({"optimizer": {"type": "AdamW", "params": {"lr": "auto"}}}, "'optimizer.params.lr'"),
     ({"optimizer": {"type": "OneBitAdam"}}, "1-bit communication"),
     ({"compression_training": {"weight_quantization": {}}}, "compression"),
-    ({"zero_optimization": {"stage": 3}}, "ZeRO stage 3"),
     ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}, "offload"),
     ({"comet": {"enabled": True}}, "Comet"),
     ({"torch_autocast": {"enabled": True, "lower_precision_safe_modules": ["my.Mod"]}},
@@ -144,3 +143,22 @@ def test_autotp_size_is_zerofx_tensor_parallel_size():
         Config.from_dict({"tensor_parallel": {"autotp_size": 2, "size": 4}})
     with pytest.raises(ConfigError, match="partition rules"):
         Config.from_dict({"tensor_parallel": {"autotp_size": 2, "partition_config": {"a": 1}}})
+
+
+def test_stage3_keys_with_and_without_prefix_act_at_stage_3(caplog):
+    import logging
+
+    z = Config.from_dict({"zero_optimization": {
+        "stage": 3, "prefetch_bucket_size": 7, "stage3_param_persistence_threshold": 0,
+        "stage3_gather_fp16_weights_on_model_save": True,
+        "stage3_module_granularity_threshold": 5}}).zero_optimization
+    assert (z.stage3_prefetch_bucket_size, z.stage3_param_persistence_threshold) == (7, 0)
+    assert z.stage3_gather_16bit_weights_on_model_save  # DeepSpeed's old spelling
+    with caplog.at_level(logging.INFO, logger="zerofx"):
+        low = Config.from_dict({"zero_optimization": {
+            "stage": 2, "stage3_prefetch_bucket_size": 7}}).zero_optimization
+    assert low.stage3_prefetch_bucket_size == 50_000_000  # below stage 3: noted, unused
+    assert "only read at stage 3" in caplog.text
+    with pytest.raises(ConfigError, match="spell one setting"):
+        Config.from_dict({"zero_optimization": {"stage": 3, "prefetch_bucket_size": 5,
+                                                "stage3_prefetch_bucket_size": 6}})

@@ -75,3 +75,39 @@ def test_describe_lists_buckets_and_their_collective():
     assert "collective" in text and text.count("reduce_scatter") == 3
     no_rs = Config.from_dict({"zero_optimization": {"stage": 2, "reduce_scatter": False}})
     assert "all_reduce" in make_plan(_params([10]), no_rs, world_size=2).describe()
+
+
+def _stage3_plan(threshold, model_threshold=2**63 - 1, world=2):
+    torch.manual_seed(0)
+    params = [("emb", torch.zeros(50, 4)), ("ln.w", torch.zeros(4)), ("fc.w", torch.zeros(8, 4)),
+              ("fc.b", torch.zeros(8)), ("out.w", torch.zeros(4, 8))]
+    cfg = Config.from_dict({"zero_optimization": {
+        "stage": 3, "reduce_bucket_size": 1000, "stage3_prefetch_bucket_size": 40,
+        "stage3_param_persistence_threshold": threshold,
+        "stage3_model_persistence_threshold": model_threshold}})
+    return make_plan(params, cfg, rank=0, world_size=world)
+
+
+def test_stage3_persistence_follows_deepspeeds_rule():
+    """DeepSpeed's mark_persistent_parameters: in registration order, a parameter of at most
+    param_persistence_threshold elements persists while the total stays within
+    model_persistence_threshold."""
+    plan = _stage3_plan(8)
+    assert {p.name for p in plan.params if p.persistent} == {"ln.w", "fc.b"}
+    capped = _stage3_plan(8, model_threshold=5)  # ln.w (4) fits, fc.b (8) would pass 5
+    assert {p.name for p in capped.params if p.persistent} == {"ln.w"}
+    assert not any(p.persistent for p in _stage3_plan(0).params)
+    assert not any(p.persistent for p in _stage3_plan(8, world=1).params)  # one rank: whole
+
+
+def test_stage3_buckets_cap_at_the_prefetch_size_and_keep_persistent_ones_last():
+    plan = _stage3_plan(8)
+    buckets = {p.name: p.bucket for p in plan.params}
+    persistent = {buckets["ln.w"], buckets["fc.b"]}
+    assert min(persistent) > max(b for n, b in buckets.items() if n not in ("ln.w", "fc.b"))
+    assert plan.persist_offset == plan.buckets[min(persistent)].offset
+    big = [b for b in plan.buckets if b.numel > 40]
+    assert [b.params for b in big] == [("emb",)]  # one tensor larger than the cap: alone
+    mem = plan.predicted_bytes()  # stage 3: parameters are a shard plus the persistent ones
+    assert mem["compute_params"] == 0  # fp32 compute: the master is the parameter
+    assert plan.shard_numel * 2 == plan.padded_numel

@@ -1,4 +1,5 @@
-"""ZeRO stage 3 on 2 and 4 real gloo ranks against single-process eager torch.optim.AdamW.
+"""ZeRO stage 3 on 2 and 4 real gloo ranks (all slow: the plan-level rules are in
+test_plan.py) against single-process eager torch.optim.AdamW.
 
 Every rank trains on its own micro-batches; the reference trains one model on all of them
 (test_zero.py's rule). Between uses a partitioned parameter is only this rank's shard: the
@@ -32,10 +33,10 @@ def _train(rank, name, cfg, steps=STEPS):
         for micro in range(rt.gas):
             with rt.shape_carriers():
                 loss = compiled(*_batch(name, step, rank, micro))
-            loss.backward()
+            rt.backward(loss)
             rt.step()
             losses.append(loss.item())
-    peak = rt.gatherer.peak  # before gathered_parameters, which gathers everything at once
+    peak = rt.gatherer.peak if rt.gatherer else 0  # before gathered_parameters, which gathers everything at once
     with rt.gathered_parameters():
         params = {n: p.detach().float().clone() for n, p in model.named_parameters()}
     return losses, params, rt, peak
@@ -68,6 +69,7 @@ def _check(results, name, world, cases):
 CASES = [(1, 0.0, {}), (2, 0.5, {})]
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_single_process_adamw():
     results = run_ranks(_body, 2, args=("mlp", CASES), timeout_s=280)
     _check(results, "mlp", 2, CASES)
@@ -80,6 +82,7 @@ def test_four_ranks_block_with_clipping_and_accumulation():
     _check(results, "block", 4, cases)
 
 
+@pytest.mark.slow
 def test_persistent_parameters_stay_whole_and_train_exactly():
     """Biases and LayerNorm weights (32-128 elements) under the threshold are not
     partitioned; the weights are, and the result is the same."""
@@ -95,6 +98,7 @@ def _peak_body(rank, world, zero):
     return peak, max(b.padded for b in rt.plan.buckets), rt.plan.padded_numel
 
 
+@pytest.mark.slow
 def test_forward_and_backward_never_hold_every_gathered_parameter():
     """With the live bound at 4096 elements (two of the block's weights), the peak of
     gathered elements alive at once stays within the bound plus one bucket (a gather is
@@ -104,6 +108,7 @@ def test_forward_and_backward_never_hold_every_gathered_parameter():
         assert 0 < peak <= 4096 + biggest < total, (peak, biggest, total)
 
 
+@pytest.mark.slow
 def test_training_state_is_one_shard_of_everything():
     """Stage 3 holds 1/N of parameters, gradients and optimizer state (16 bytes/param/N in
     fp32 here: master, two moments, the shard's compute copy, its gradient)."""
@@ -144,6 +149,7 @@ def _zoo_body(rank, world, names):
     return out
 
 
+@pytest.mark.slow
 def test_graph_breaks_reused_graphs_and_tied_weights_match_single_process():
     """``loop`` runs one compiled block graph for four blocks (each call gathers other
     buckets than it was traced with); ``shared`` has a tied weight, an alias, a frozen and an
@@ -160,6 +166,7 @@ def test_graph_breaks_reused_graphs_and_tied_weights_match_single_process():
             assert rel <= 1e-5, f"{name} rank {rank}: {rel:.2e}"
 
 
+@pytest.mark.slow
 def test_ranks_taking_different_branches_are_refused_not_mixed():
     """``breaks`` branches on its batch: the ranks gather different weights of one size.
     The pieces would pair silently; the step refuses instead, on every rank."""
@@ -168,3 +175,123 @@ def test_ranks_taking_different_branches_are_refused_not_mixed():
         assert got["breaks"].startswith("RanksDivergedError") and "branch" in got["breaks"]
         # a parameter read by code Dynamo does not compile saw a stand-in, never its value
         assert "parameter b." in got["eager"] and "outside the compiled graphs" in got["eager"]
+
+
+# ---- mixed precision -----------------------------------------------------------------------
+def _precision_body(rank, world, stage, extra):
+    torch._dynamo.reset()
+    cfg = _config(1, 0.5, extra=extra)
+    cfg["zero_optimization"]["stage"] = stage
+    cfg["optimizer"]["params"]["lr"] = 1e-3
+    losses, params, rt, _ = _train(rank, "mlp", cfg, steps=6)
+    return losses, params, rt.skipped_steps
+
+
+@pytest.mark.slow
+def test_bf16_within_bf16_tolerance_of_fp32_single_process():
+    results = run_ranks(_precision_body, 2, args=(3, {"bf16": {"enabled": True}}))
+    model, _ = make("mlp")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    for step in range(6):
+        for r in range(2):
+            (model(*_batch("mlp", step, r, 0)) / 2).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        opt.step()
+        opt.zero_grad()
+    for losses, params, _ in results:
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(params[n], p.detach(), rtol=2e-2, atol=3e-3,
+                                       msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.slow
+def test_fp16_overflow_skips_exactly_as_stage_2():
+    """2**24 as the first loss scale overflows fp16: steps are skipped while the scale
+    falls (DeepSpeed's rule, tested in test_loss_scale.py). Stage 3 skips the same steps and
+    ends with the same weights as stage 2, whose fp16 path is tested on its own."""
+    fp16 = {"fp16": {"enabled": True, "initial_scale_power": 24, "hysteresis": 1}}
+    z3 = run_ranks(_precision_body, 2, args=(3, fp16))
+    z2 = run_ranks(_precision_body, 2, args=(2, fp16))
+    for (l3, p3, s3), (l2, p2, s2) in zip(z3, z2):
+        assert s3 == s2 >= 1
+        torch.testing.assert_close(l3, l2, rtol=0, atol=0)
+        for n in p2:
+            torch.testing.assert_close(p3[n], p2[n], rtol=0, atol=0, msg=lambda m: f"{n}: {m}")
+
+
+# ---- checkpoints, eval, the engine ---------------------------------------------------------
+def _ckpt_body(rank, world, ckpt, save_stage, load_stage):
+    import zerofx
+    from zerofx.checkpoint import load_checkpoint, save_checkpoint
+
+    torch._dynamo.reset()
+    cfg = _config(1, 0.5)
+    cfg["zero_optimization"]["stage"] = save_stage
+    losses, params, rt, _ = _train(rank, "block", cfg, steps=3)
+    save_checkpoint(rt, ckpt)
+    cfg["zero_optimization"]["stage"] = load_stage
+    model, _ = make("block", seed=7)  # other weights: the load must replace them all
+    rt2 = zerofx.ZeroRuntime(model, cfg)
+    load_checkpoint(rt2, ckpt)
+    with rt2.gathered_parameters():
+        loaded = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    compiled = torch.compile(model, backend="zero", options={"runtime": rt2})
+    x, y = _batch("block", 99, 0, 0)
+    with torch.no_grad(), rt2.shape_carriers():
+        evaluated = compiled(x, y)  # an inference graph: gathers without a backward
+    with rt2.gathered_parameters():
+        eager = model(x, y)
+    return params, loaded, float(evaluated), float(eager), rt2.micro_steps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("save_stage,load_stage", [(3, 2), (2, 3)])
+def test_checkpoints_load_across_stages_and_eval_gathers(tmp_path, save_stage, load_stage):
+    results = run_ranks(_ckpt_body, 2, args=(str(tmp_path), save_stage, load_stage))
+    for params, loaded, evaluated, eager, micro in results:
+        assert micro == 3
+        for n in params:
+            torch.testing.assert_close(loaded[n], params[n], rtol=0, atol=0)
+        assert abs(evaluated - eager) <= 1e-6 * abs(eager)
+
+
+@pytest.mark.slow
+def test_stage3_checkpoint_loads_into_one_process(tmp_path, no_torchrun_env):
+    import zerofx
+    from zerofx.checkpoint import load_checkpoint
+
+    results = run_ranks(_ckpt_body, 2, args=(str(tmp_path), 3, 3))
+    model, _ = make("block", seed=7)
+    rt = zerofx.ZeroRuntime(model, _config(1, 0.5))  # one rank: nothing to partition
+    load_checkpoint(rt, str(tmp_path))
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), results[0][0][n], rtol=0, atol=0)
+
+
+def _engine_body(rank, world, out_dir, gather):
+    import zerofx
+
+    model, _ = make("mlp")
+    cfg = _config(1, 0.0, extra={"train_micro_batch_size_per_gpu": 8})
+    cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = gather
+    engine, *_ = zerofx.initialize(model=model, config=cfg)
+    for step in range(3):
+        engine.backward(engine(*_batch("mlp", step, rank, 0)))
+        engine.step()
+    try:
+        engine.save_16bit_model(out_dir)
+    except zerofx.ConfigError as e:
+        return str(e)
+    with engine.runtime.gathered_parameters():
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.slow
+def test_engine_trains_and_saves_the_gathered_16bit_model(tmp_path):
+    results = run_ranks(_engine_body, 2, args=(str(tmp_path), True))
+    saved = torch.load(tmp_path / "pytorch_model.bin")
+    for n, p in results[0].items():
+        torch.testing.assert_close(saved[n], p, rtol=0, atol=0)
+        assert p.shape == make("mlp")[0].get_parameter(n).shape
+    refused = run_ranks(_engine_body, 2, args=(str(tmp_path / "no"), False))
+    assert all("stage3_gather_16bit_weights_on_model_save" in r for r in refused)

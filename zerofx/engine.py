@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 
 import torch
@@ -248,6 +249,24 @@ class ZeroEngine(nn.Module):
             state[SCHEDULER_KEY] = self.lr_scheduler.state_dict()
         return save_checkpoint(self.runtime, save_dir, tag=tag, client_state=state,
                                save_latest=save_latest)
+
+    def save_16bit_model(self, save_dir, save_filename: str = "pytorch_model.bin") -> bool:
+        """DeepSpeed's ``save_16bit_model``: the model's weights in the compute dtype, whole,
+        written by rank 0 (every rank calls it). At stage 3 the weights are gathered, which
+        the config must allow (``stage3_gather_16bit_weights_on_model_save``)."""
+        rt = self.runtime
+        if rt.plan.partitioned and \
+                not self.config.zero_optimization.stage3_gather_16bit_weights_on_model_save:
+            raise ConfigError("save_16bit_model at ZeRO stage 3 gathers the partitioned "
+                              "weights: set zero_optimization."
+                              "stage3_gather_16bit_weights_on_model_save true, or save a "
+                              "checkpoint and run zerofx-consolidate")
+        with rt.gathered_parameters():
+            state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        if rt.plan.rank == 0:
+            os.makedirs(save_dir, exist_ok=True)
+            torch.save(state, os.path.join(save_dir, save_filename))
+        return True
 
     def load_checkpoint(self, load_dir, tag=None):
         """Restore everything saved; returns ``(path, client_state)`` (None, None if absent)."""

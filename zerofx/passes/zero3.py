@@ -31,7 +31,11 @@ from zerofx.passes.context import PassContext
 from zerofx.passes.nodes import is_cast, is_view
 from zerofx.passes.param_identity import traced_slots, trained_primals
 
-GATHER = torch.ops.zerofx.gather_bucket.default
+
+def _gather_op():
+    # Looked up when a pass runs: the op exists once the runtime (registering it) is loaded.
+    return torch.ops.zerofx.gather_bucket.default
+
 _NOT_CHAIN = {torch.ops.aten.split.Tensor, torch.ops.aten.split_with_sizes.default}
 
 
@@ -67,7 +71,7 @@ def zero3_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         before = min((u for _, n, _ in members for u in readers(n)), key=order.__getitem__)
         bucket = plan.buckets[b]
         with graph.inserting_before(before):
-            g = graph.call_function(GATHER, (ctx.state_id, slots, [p for p, _, _ in members],
+            g = graph.call_function(_gather_op(), (ctx.state_id, slots, [p for p, _, _ in members],
                                              [s.offset - bucket.offset for _, _, s in members],
                                              bucket.padded, [], 0))
             for _, node, s in members:
@@ -203,7 +207,7 @@ def _chain_to_gather(v: fx.Node):
     """(gather, [view/cast nodes from it to ``v``]) when ``v`` is only a gathered weight."""
     chain = []
     node = v
-    while node.target is not GATHER:
+    while node.target is not _gather_op():
         if not (is_view(node) or is_cast(node)) or node.target in _NOT_CHAIN:
             return None
         tensors = [a for a in node.all_input_nodes]

@@ -1,4 +1,4 @@
-"""ZeroRuntime: the per-model training state of ZeRO stages 0-2, laid out by the plan.
+"""ZeroRuntime: the per-model training state of ZeRO stages 0-3, laid out by the plan.
 
     rt = ZeroRuntime(model, config)            # params become views of one flat buffer
     model = torch.compile(model, backend="zero", options={"config": config, "runtime": rt})
@@ -7,6 +7,8 @@
 
 Buffers (N = data-parallel size, "shard" = what this rank updates, see plan.owned):
     flat_params   padded_numel, compute dtype: the model's parameters are views into it
+                  (stage 3: only the persistent parameters' buckets; the others are
+                  gathered from shard_lowp by the graphs, runtime/param_gather.py)
     master, exp_avg, exp_avg_sq   shard, fp32
     shard_lowp    shard, compute dtype: the updated shard, all-gathered into flat_params
     shard_grads   shard, compute dtype: reduce-scatter target (stage 2)
