@@ -76,20 +76,22 @@ def _time_steps(step_fn, rank, steps, state_bytes, warmup=3, batch=None):
     return statistics.median(times[warmup:]), peak_mib, float(loss), state_bytes() / 2**20
 
 
-def run_zerofx(rank, world, steps, bucket, disable=()):
+def run_zerofx(rank, world, steps, bucket, disable=(), stage=2):
     import zerofx
 
     torch.manual_seed(0)
     model = Net()
     cfg = {"bf16": {"enabled": True}, "gradient_clipping": 1.0,
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
-           "zero_optimization": {"stage": 2, "reduce_bucket_size": bucket},
+           "zero_optimization": {"stage": stage, "reduce_bucket_size": bucket,
+                                 "stage3_prefetch_bucket_size": bucket},
            "zerofx": {"disable_passes": list(disable)}}
     rt = zerofx.ZeroRuntime(model, cfg)
     compiled = torch.compile(model, backend="zero", options={"runtime": rt})
 
     def step(x, y):
-        loss = compiled(x, y)
+        with rt.shape_carriers():  # stage 3: the partitioned weights' stand-ins
+            loss = compiled(x, y)
         loss.backward()
         rt.step()
         return loss
@@ -147,8 +149,13 @@ def run_zerofx_untuned(rank, world, steps, bucket):
     return run_zerofx(rank, world, steps, bucket, disable=("matmul_tuning",))
 
 
-RUNNERS = {"zerofx": run_zerofx, "zerofx-untuned": run_zerofx_untuned, "ddp": run_ddp,
-           "fsdp2": run_fsdp2}
+def run_zerofx_stage3(rank, world, steps, bucket):
+    """Stage 3: parameters gathered by the graphs (persistence threshold 1e5, DeepSpeed's)."""
+    return run_zerofx(rank, world, steps, bucket, stage=3)
+
+
+RUNNERS = {"zerofx": run_zerofx, "zerofx-untuned": run_zerofx_untuned,
+           "zerofx-stage3": run_zerofx_stage3, "ddp": run_ddp, "fsdp2": run_fsdp2}
 
 
 def _rank_entry(rank, world, name, steps, bucket):

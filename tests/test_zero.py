@@ -83,17 +83,22 @@ def _reference(name, world, gas, clip):
     return losses, {n: p.detach() for n, p in model.named_parameters()}
 
 
+def assert_matches(losses, params, ref_losses, ref_params, where):
+    """fp32 against the single process: losses and every trained parameter."""
+    torch.testing.assert_close(losses, ref_losses, rtol=2e-5, atol=2e-5,
+                               msg=lambda m: f"{where}: {m}")
+    for n, p in params.items():
+        torch.testing.assert_close(p, ref_params[n], rtol=1e-4, atol=2e-5,
+                                   msg=lambda m: f"{where} {n}: {m}")
+
+
 def _check(results, name, world, cases):
     for i, (stage, gas, clip) in enumerate(cases):
         ref_losses, ref_params = _reference(name, world, gas, clip)
         for rank in range(world):
             losses, params, state, grads, padded = results[rank][i]
             where = f"stage {stage} gas {gas} clip {clip} rank {rank}"
-            torch.testing.assert_close(losses, ref_losses[rank], rtol=2e-5, atol=2e-5,
-                                       msg=lambda m: f"{where}: {m}")
-            for n, p in params.items():
-                torch.testing.assert_close(p, ref_params[n], rtol=1e-4, atol=2e-5,
-                                           msg=lambda m: f"{where} {n}: {m}")
+            assert_matches(losses, params, ref_losses[rank], ref_params, where)
             # measured per-rank bytes: state is 1/N under stages 1-2, gradients under stage 2
             assert state == 3 * (padded // world if stage >= 1 else padded), where
             if stage == 2 and gas == 1:

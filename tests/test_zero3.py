@@ -10,7 +10,7 @@ import torch
 
 from models import make
 from multiproc import run_ranks
-from test_zero import LR, STEPS, _batch, _reference
+from test_zero import LR, STEPS, _batch, _reference, assert_matches
 
 
 def _config(gas=1, clip=0.0, extra=None, **zero):
@@ -58,11 +58,7 @@ def _check(results, name, world, cases):
         for rank in range(world):
             losses, params, _, gathers, _ = results[rank][i]
             where = f"gas {gas} clip {clip} rank {rank}"
-            torch.testing.assert_close(losses, ref_losses[rank], rtol=2e-5, atol=2e-5,
-                                       msg=lambda m: f"{where}: {m}")
-            for n, p in params.items():
-                torch.testing.assert_close(p, ref_params[n], rtol=1e-4, atol=2e-5,
-                                           msg=lambda m: f"{where} {n}: {m}")
+            assert_matches(losses, params, ref_losses[rank], ref_params, where)
             assert gathers > 0, where
 
 
