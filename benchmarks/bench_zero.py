@@ -89,14 +89,26 @@ def run_zerofx(rank, world, steps, bucket, disable=(), stage=2):
     rt = zerofx.ZeroRuntime(model, cfg)
     compiled = torch.compile(model, backend="zero", options={"runtime": rt})
 
+    phases = {"forward": [], "backward": [], "optimizer step": [], "exposed bucket wait": []}
+
     def step(x, y):
+        t0 = time.perf_counter()
         with rt.shape_carriers():  # stage 3: the partitioned weights' stand-ins
             loss = compiled(x, y)
+        t1 = time.perf_counter()
         loss.backward()
+        t2 = time.perf_counter()
+        waited = rt.comm_wait_s
         rt.step()
+        t3 = time.perf_counter()
+        for k, v in zip(phases, (t1 - t0, t2 - t1, t3 - t2, rt.comm_wait_s - waited)):
+            phases[k].append(v)
         return loss
 
-    return _time_steps(step, rank, steps, rt.state_bytes)
+    result = _time_steps(step, rank, steps, rt.state_bytes)
+    # where the time goes: medians of the timed steps (the optimizer step includes the
+    # bucket wait, i.e. the gradient communication backward did not hide)
+    return (*result, {k: statistics.median(v[-steps:]) for k, v in phases.items()})
 
 
 def run_ddp(rank, world, steps, bucket):
@@ -186,14 +198,21 @@ def run_table(entry, names, *, ranks: int, extra_args: tuple, setup: str,
         print(f"running {name} on {ranks} ranks ...", file=sys.stderr, flush=True)
         res = run_ranks(entry, ranks, args=(name, *extra_args), timeout_s=900)
         rows.append((name, max(r[0] for r in res) * 1e3, max(r[3] for r in res),
-                     max(r[1] for r in res), res[0][2]))
+                     max(r[1] for r in res), res[0][2], res[0][4] if len(res[0]) > 4 else None))
     print(f"\n{setup}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}\n")
     print(f"| {label} | median step (ms) | training state per rank (MiB) "
           "| peak RSS per rank (MiB) | last loss |")
     print("|---|---|---|---|---|")
-    for name, ms, state, rss, loss in rows:
+    for name, ms, state, rss, loss, _ in rows:
         print(f"| {name} | {ms:.1f} | {state:.0f} | {rss:.0f} | {loss:.4f} |")
+    split = [(name, ph) for name, *_, ph in rows if ph]
+    if split:
+        names = list(split[0][1])
+        print(f"\nwhere the time goes (rank 0, median ms)\n\n| {label} | "
+              + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+        for name, ph in split:
+            print(f"| {name} | " + " | ".join(f"{ph[k] * 1e3:.1f}" for k in names) + " |")
 
 
 if __name__ == "__main__":

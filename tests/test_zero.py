@@ -92,19 +92,28 @@ def assert_matches(losses, params, ref_losses, ref_params, where):
                                    msg=lambda m: f"{where} {n}: {m}")
 
 
-def _check(results, name, world, cases):
-    for i, (stage, gas, clip) in enumerate(cases):
+def checked_results(results, name, world, runs):
+    """Check every rank's (losses, params, ...) of each run ``(gas, clip, label)`` against
+    the single-process reference; yield ``(run index, that result, where)`` for the
+    caller's own checks."""
+    for i, (gas, clip, label) in enumerate(runs):
         ref_losses, ref_params = _reference(name, world, gas, clip)
         for rank in range(world):
-            losses, params, state, grads, padded = results[rank][i]
-            where = f"stage {stage} gas {gas} clip {clip} rank {rank}"
-            assert_matches(losses, params, ref_losses[rank], ref_params, where)
-            # measured per-rank bytes: state is 1/N under stages 1-2, gradients under stage 2
-            assert state == 3 * (padded // world if stage >= 1 else padded), where
-            if stage == 2 and gas == 1:
-                assert grads == padded // world, where
-            elif stage < 2:
-                assert grads >= padded, where
+            got, where = results[rank][i], f"{label} rank {rank}"
+            assert_matches(got[0], got[1], ref_losses[rank], ref_params, where)
+            yield i, got, where
+
+
+def _check(results, name, world, cases):
+    runs = [(gas, clip, f"stage {stage} gas {gas} clip {clip}") for stage, gas, clip in cases]
+    for i, (_, _, state, grads, padded), where in checked_results(results, name, world, runs):
+        stage, gas, _ = cases[i]
+        # measured per-rank bytes: state is 1/N under stages 1-2, gradients under stage 2
+        assert state == 3 * (padded // world if stage >= 1 else padded), where
+        if stage == 2 and gas == 1:
+            assert grads == padded // world, where
+        elif stage < 2:
+            assert grads >= padded, where
 
 
 @pytest.mark.slow

@@ -262,7 +262,8 @@ def _restore_state(rt, states: dict) -> None:
             for s in plan.params:  # in place: the model's parameters are views of it
                 if s.offset >= base:
                     rt.flat_params[s.offset - base:s.end - base].copy_(full[s.name].reshape(-1))
-    rt.shard_lowp.copy_(rt.master)
+    if plan.partitioned:  # stage 3's parameters are the shard itself
+        rt.shard_lowp.copy_(rt.master)
 
 
 def _restore_counters(rt, shard: dict) -> None:

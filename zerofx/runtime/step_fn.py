@@ -31,12 +31,12 @@ class StepState:
     between the runtime (which owns them) and the traced step (which takes them flat, in
     this field order)."""
 
-    shard_grads: torch.Tensor  # this rank's reduced gradient shard (compute dtype)
+    shard_grads: torch.Tensor  # this rank's reduced gradient shard (stage 2; else unused)
     full_grads: torch.Tensor  # full gradient buffer (stage 1 copies its part out)
     master: torch.Tensor  # fp32 master weights of the shard
     exp_avg: torch.Tensor
     exp_avg_sq: torch.Tensor
-    shard_lowp: torch.Tensor  # compute-dtype copy of the shard, what the all-gather sends
+    shard_lowp: torch.Tensor  # stage 3: this rank's shard of the parameters (else unused)
     flat_params: torch.Tensor  # the model's parameters, one flat buffer
     lr: torch.Tensor
     step: torch.Tensor  # optimizer steps taken (not skipped)
@@ -81,10 +81,9 @@ def make_step_fn(rt):
         hysteresis, it, last_overflow = state.hysteresis, state.it, state.last_overflow
         skipped, beta1, floor_hits = state.skipped, state.beta1, state.floor_hits
         torch.ops.zerofx.wait_buckets(sid)
-        if plan.sharded and not reduced_in_shard:  # stage 1: keep only what this rank owns
-            for r in owned:
-                shard_grads[r.at:r.at + r.numel].copy_(full_grads[r.start:r.start + r.numel])
         g = shard_grads
+        if plan.sharded and not reduced_in_shard:  # stage 1: what this rank owns, a temporary
+            g = torch.cat([full_grads[r.start:r.start + r.numel] for r in owned])
         sq = _sumsq(g, plan)
         if norm_group is not None:
             sq = funcol.all_reduce(sq, "sum", norm_group)
@@ -97,11 +96,18 @@ def make_step_fn(rt):
         if spec.max_grad_norm > 0:  # LAMB's own clipping, as DeepSpeed's FusedLamb does it
             coef = coef / torch.clamp((norm + 1e-6) / spec.max_grad_norm, min=1.0)
         step.add_((~overflow).float())
-        out = shard_lowp if plan.sharded else flat_params
+        out = flat_params
+        if plan.partitioned:  # stage 3: the shard is the parameter
+            out = shard_lowp
+        elif plan.sharded:
+            # Stages 1-2: the updated shard in the compute dtype is a step temporary (ZeRO's
+            # memory formulas hold no such state), starting from the current values: a
+            # skipped update writes nothing, and the all-gather sends them back unchanged.
+            out = torch.cat([flat_params[r.start:r.start + r.numel] for r in owned])
         update(master, g, exp_avg, exp_avg_sq, out, lr=lr, step=step, coef=coef,
                skip=overflow.float(), beta1=beta1)
         if plan.sharded:
-            _gather_params(shard_lowp, flat_params, chunks, dp, group, plan.persist_offset)
+            _gather_params(out, flat_params, chunks, dp, group, plan.persist_offset)
         LossScaler(scale, hysteresis, it, last_overflow, scaler.dynamic, scaler.window,
                    scaler.delayed_shift, scaler.min_scale, scaler.consecutive_hysteresis,
                    floor_hits).update(overflow)

@@ -10,7 +10,7 @@ Buffers (N = data-parallel size, "shard" = what this rank updates, see plan.owne
                   (stage 3: only the persistent parameters' buckets; the others are
                   gathered from shard_lowp by the graphs, runtime/param_gather.py)
     master, exp_avg, exp_avg_sq   shard, fp32
-    shard_lowp    shard, compute dtype: the updated shard, all-gathered into flat_params
+    shard_lowp    shard, compute dtype: stage 3's parameters (stages 1-2: a step temporary)
     shard_grads   shard, compute dtype: reduce-scatter target (stage 2)
     full_grads    padded_numel: all-reduce target (stages 0/1) and the local accumulation
                   buffer when gradient_accumulation_steps > 1 (stage 2 keeps it only then)
@@ -73,12 +73,12 @@ class ZeroRuntime:
         self.plan: Plan = make_plan(named, self.config, rank=world.rank,
                                     world_size=world.world_size, tp_layout=layout,
                                     mp_params=split)
-        self.spec = OptimizerSpec.from_config_or_torch(self.config, optimizer)
-        _check_tested_optimizer(self.config, optimizer)
         if self.plan.zero_stage == 3 and self.plan.grid.tp_size > 1:
             raise ConfigError("ZeRO stage 3 with tensor parallelism is not supported yet: use "
                               "stage 2 with tensor_parallel (weights split, gradients and "
                               "optimizer state sharded), or stage 3 without it")
+        self.spec = OptimizerSpec.from_config_or_torch(self.config, optimizer)
+        _check_tested_optimizer(self.config, optimizer)
         self.group, self.tp_group = _groups(self.plan, mpu) if world.world_size > 1 \
             else (None, None)
         # Stage 3's own group: the graphs' parameter gathers never pair with bucket
@@ -152,12 +152,15 @@ class ZeroRuntime:
                 self._carriers.append((p, stand_in.expand(s.tp.full_shape), p.data))
         self.exp_avg = torch.zeros_like(self.master)
         self.exp_avg_sq = torch.zeros_like(self.master)
-        self.shard_lowp = self.master.to(low)
+        # Stage 3's parameters between uses; below it the step makes a temporary.
+        self.shard_lowp = self.master.to(low) if plan.partitioned else torch.empty(0, dtype=low)
         # Stage 2 with reduce-scatter and no accumulation never holds the full gradients.
         needs_full = not self.reduces_into_shard or self.gas > 1
         self.full_grads = torch.zeros(plan.padded_numel, dtype=low) if needs_full else None
-        self.shard_grads = torch.zeros(plan.shard_numel, dtype=low) if plan.sharded \
-            else self.full_grads
+        if self.reduces_into_shard:  # the reduce-scatter's target (stage 1 copies in the step)
+            self.shard_grads = torch.zeros(plan.shard_numel, dtype=low)
+        else:
+            self.shard_grads = torch.empty(0, dtype=low) if plan.sharded else self.full_grads
 
     def _index_storage(self, named) -> None:
         index = {s.name: i for i, s in enumerate(self.plan.params)}
