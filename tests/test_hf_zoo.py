@@ -24,7 +24,8 @@ LR = 1e-2
 def _cfg(stage, extra=None):
     cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0,
            "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.01}},
-           "zero_optimization": {"stage": stage, "reduce_bucket_size": 5000}}
+           "zero_optimization": {"stage": stage, "reduce_bucket_size": 5000,
+                                 "stage3_param_persistence_threshold": 0}}
     cfg.update(extra or {})
     return cfg
 
@@ -42,7 +43,8 @@ def _train_body(rank, world, name, stage):
         loss = engine(**hf_batch(name, 100 * step + rank)).loss
         engine.backward(loss)
         engine.step()
-    return _vector(model)
+    with engine.runtime.gathered_parameters():  # stage 3: whole again, to compare
+        return _vector(model)
 
 
 def _reference(name, world):
@@ -59,6 +61,32 @@ def _reference(name, world):
 @pytest.mark.parametrize("name", HF_MODELS)
 def test_hf_model_trains_like_one_process(name):
     results = run_ranks(_train_body, 2, args=(name, 2), timeout_s=240)
+    want = _reference(name, 2)
+    for rank, got in enumerate(results):
+        rel = float((got - want).norm() / want.norm())
+        assert rel <= 1e-5, f"{name} rank {rank}: relative difference {rel:.2e}"
+
+
+def _stage3_body(rank, world, name):
+    from zerofx.runtime.param_gather import RanksDivergedError
+
+    try:
+        return _train_body(rank, world, name, 3)
+    except RanksDivergedError as e:
+        return str(e)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", HF_MODELS)
+def test_hf_model_trains_like_one_process_at_stage_3(name):
+    """Parameters partitioned (persistence threshold 0: every weight gathered by the graphs,
+    GPT-2's break and T5's three-name embedding included). Were Mixtral's routing to make
+    the ranks read different experts, that would be refused by name, never mixed (on these
+    batches it trains exactly)."""
+    results = run_ranks(_stage3_body, 2, args=(name,), timeout_s=240)
+    if any(isinstance(r, str) for r in results):
+        assert name == "mixtral" and all("different branches" in r for r in results), results
+        return
     want = _reference(name, 2)
     for rank, got in enumerate(results):
         rel = float((got - want).norm() / want.norm())
