@@ -65,7 +65,7 @@ def tensor_parallel_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
             continue
         origin[node] = frozenset().union(*(origin.get(a, ()) for a in ins))
         try:
-            state[node] = _propagate(node, state, full, tp)
+            state[node] = _propagate(node, state, full, tp, ctx.plan.grid.tp_rank(ctx.plan.rank))
         except R.Unshardable as e:
             raise TPPlanError(_explain(node, origin[node], str(e), ctx)) from None
         if state[node] == R.PARTIAL:
@@ -119,7 +119,7 @@ def _read_local_params(gm, ctx, split, full):
     return state, origin
 
 
-def _propagate(node: fx.Node, state, full, tp: int):
+def _propagate(node: fx.Node, state, full, tp: int, tp_rank: int):
     """The output sharding of ``node``; rewrites its shape arguments to local sizes."""
     t, args = node.target, node.args
     sh = state.get(args[0]) if args and isinstance(args[0], fx.Node) else None
@@ -159,7 +159,10 @@ def _propagate(node: fx.Node, state, full, tp: int):
         return R.sliced(sh, dim, start, end, step, full[args[0]][dim])
     if t is aten.cat.default:
         dim = (args[1] if len(args) > 1 else 0) % len(full[node])
-        return R.cat([state.get(a) for a in args[0]], [full[a] for a in args[0]], dim)
+        _localize_replicated(node, dim, state, full, tp, tp_rank)
+        # torch.cat skips 1-D empty tensors whatever the others' shapes (HF's empty cache)
+        kept = [a for a in node.args[0] if not _legacy_empty(full[a], full[node])]
+        return R.cat([state.get(a) for a in kept], [full[a] for a in kept], dim)
     if t in (aten.mm.default, aten.bmm.default):
         return R.matmul(sh, state.get(args[1]), full[args[0]], full[args[1]])
     if t is aten.addmm.default:
@@ -169,13 +172,75 @@ def _propagate(node: fx.Node, state, full, tp: int):
         keep = args[2] if len(args) > 2 else node.kwargs.get("keepdim", False)
         return R.reduced(sh, dims, len(full[args[0]]), keep)
     if t in _HEAD_PARALLEL:
-        return _head_parallel(node, state, full)
+        return _head_parallel(node, state, full, tp)
     if t in _PASS_THROUGH or torch.Tag.pointwise in getattr(t, "tags", ()):
+        _localize_pointwise(node, state, full, tp, tp_rank)
         tensors = [(state.get(a), full[a]) for a in node.all_input_nodes]
         out = R.pointwise(tensors, full[node] if not isinstance(full[node], list)
                           else full[node][0])
         return [out] * len(full[node]) if isinstance(full[node], list) else out
     raise R.Unshardable(f"no tensor-parallel rule for {t}")
+
+
+def _localize_replicated(node, dim: int, state, full, tp: int, tp_rank: int) -> None:
+    """cat of split and replicated values along another dimension (a key/value cache that
+    starts empty, then takes each step's heads): the replicated ones hold every rank's
+    part, so each rank cats its own slice of them (a redistribution, no communication)."""
+    values = list(node.args[0])
+    split = next((state.get(a) for a in values if isinstance(state.get(a), R.Shard)), None)
+    if split is None or split.dim == dim or any(state.get(a) == R.PARTIAL for a in values):
+        return
+    for i, a in enumerate(values):
+        if state.get(a) is None and full.get(a) is not None and \
+                not _legacy_empty(full[a], full[node]):
+            values[i] = _local_slice(node, a, split, full[a], tp, tp_rank)
+            state[values[i]], full[values[i]] = split, full[a]
+    node.args = (values, *node.args[1:])
+
+
+def _localize_pointwise(node, state, full, tp: int, tp_rank: int) -> None:
+    """An elementwise op of a split value and a whole replicated one (the incoming gradient
+    of an output, a full-size mask): each rank uses its slice of the replicated one."""
+    out = full[node][0] if isinstance(full[node], list) else full[node]
+    ins = node.all_input_nodes
+    split = next(((state[a], full[a]) for a in ins if isinstance(state.get(a), R.Shard)), None)
+    if split is None or out is None or any(state.get(a) == R.PARTIAL for a in ins):
+        return
+    sh, shape = split
+    d_out = sh.dim + len(out) - len(shape)
+    swap = {}
+    for a in ins:
+        if state.get(a) is not None or not full.get(a) or isinstance(full[a], list):
+            continue
+        d = d_out - (len(out) - len(full[a]))
+        if d >= 0 and full[a][d] == shape[sh.dim] and full[a][d] != 1:
+            swap[a] = _local_slice(node, a, R.Shard(d, sh.f, sh.s), full[a], tp, tp_rank)
+            state[swap[a]], full[swap[a]] = R.Shard(d, sh.f, sh.s), full[a]
+    if swap:
+        node.args = fx.node.map_arg(node.args, lambda a: swap.get(a, a))
+        node.kwargs = fx.node.map_arg(node.kwargs, lambda a: swap.get(a, a))
+
+
+def _legacy_empty(shape, out_shape) -> bool:
+    return shape is not None and tuple(shape) == (0,) and len(out_shape) != 1
+
+
+def _local_slice(before: fx.Node, value: fx.Node, sh: R.Shard, shape, tp: int, rank: int):
+    """This rank's part of a replicated ``value`` under split ``sh``: dimension d read as
+    (outer, f, s), factor indices [rank·f/tp, (rank+1)·f/tp) of every outer block."""
+    d, n = sh.dim, shape[sh.dim]
+    sh = R.normalize(sh, n)
+    graph = before.graph
+    with graph.inserting_before(before):
+        if sh.s == 1 and sh.f == n:  # a plain split: one slice
+            return graph.call_function(aten.slice.Tensor,
+                                       (value, d, rank * n // tp, (rank + 1) * n // tp))
+        blocks = [*shape[:d], n // (sh.f * sh.s), sh.f, sh.s, *shape[d + 1:]]
+        v = graph.call_function(aten.reshape.default, (value, blocks))
+        part = graph.call_function(aten.slice.Tensor, (v, d + 1, rank * sh.f // tp,
+                                                       (rank + 1) * sh.f // tp))
+        local = [*shape[:d], n // tp, *shape[d + 1:]]
+        return graph.call_function(aten.reshape.default, (part, local))
 
 
 def _divide_at(sizes, dim: int, tp: int) -> list:
@@ -218,15 +283,24 @@ def _addmm(node, state, full):
     return R.PARTIAL
 
 
-def _head_parallel(node, state, full):
-    four_d = [a for a in node.all_input_nodes if len(full[a] or ()) == 4]
-    shards = {R.normalize(state.get(a), full[a][1]) if isinstance(state.get(a), R.Shard)
-              else None for a in four_d if full[a][1] != 1}
-    if len(shards) != 1 or None in shards or next(iter(shards)).dim != 1:
-        raise R.Unshardable("attention operands are not all split by heads (dimension 1)")
-    sh = shards.pop()
+def _head_parallel(node, state, full, tp: int):
+    """Attention: every 4-D operand with more than one head is split evenly by heads
+    (dimension 1). With grouped-query attention the key/value heads are fewer: a rank's
+    query heads are then exactly the ones that read its key/value heads as long as the split
+    is even (query head i reads kv head i // (heads / kv_heads))."""
+    four_d = [a for a in node.all_input_nodes if len(full[a] or ()) == 4 and full[a][1] != 1]
+    for a in four_d:
+        sh, n = state.get(a), full[a][1]
+        if not (isinstance(sh, R.Shard) and sh.dim == 1 and R.normalize(sh, n) ==
+                R.Shard(1, n, 1) and n % tp == 0):
+            raise R.Unshardable("attention operands are not all split evenly by heads "
+                                "(dimension 1)")
+    heads = sorted({full[a][1] for a in four_d})
+    if any(h % heads[0] for h in heads):
+        raise R.Unshardable(f"attention head counts {heads} are not multiples of each other")
     outs = full[node] if isinstance(full[node], list) else [full[node]]
-    return [sh if o is not None and len(o) >= 3 else None for o in outs]
+    return [R.Shard(1, o[1], 1) if o is not None and len(o) >= 3 and o[1] in heads else None
+            for o in outs]
 
 
 def _all_reduce_after(gm, node, group: str, state, full) -> None:
@@ -246,19 +320,44 @@ def _check_outputs(gm, ctx, state, split, tp, full) -> None:
     n_fwd = ctx.num_fwd_outputs if ctx.graph_kind == "joint" else len(outs)
     for i, out in enumerate(outs[:n_fwd]):
         if isinstance(out, fx.Node) and state.get(out) is not None:
-            raise TPPlanError(f"output {i} of the model is split across tensor-parallel ranks "
-                              f"(shape {list(full[out])}): return values computed after a "
-                              f"row-parallel layer, or leave its layers out of the plan")
+            outs[i] = _gather_output(gm, ctx, out, state.get(out), full[out], tp, i)
+    gm.graph.output_node().args = (tuple(outs),)
     primals = [role_of(n) for n in gm.graph.nodes if n.op == "placeholder"]
     primals = [r for r in primals if r is None or r.kind != "tangent"]
-    for role, grad in zip(primals, outs[n_fwd:]):
-        if role is not None and role.name in split and isinstance(grad, fx.Node):
+    planned = {p.name for p in ctx.plan.params}
+    for j, (role, grad) in enumerate(zip(primals, outs[n_fwd:])):
+        if role is not None and role.name in planned and role.name not in split and \
+                isinstance(state.get(grad), R.Shard):
+            # a replicated weight used on a sliced value (a layer left out of the plan next
+            # to split ones): each rank holds its slice of the gradient, gathered whole
+            outs[n_fwd + j] = _gather_output(gm, ctx, grad, state[grad], full[grad], tp,
+                                             n_fwd + j)
+            gm.graph.output_node().args = (tuple(outs),)
+        elif role is not None and role.name in split and isinstance(grad, fx.Node):
             shard = split[role.name].tp
             n = shard.full_shape[shard.dim]
             want = R.normalize(R.Shard(shard.dim, n // shard.parts, 1), n)
             if state.get(grad) != want:
                 raise TPPlanError(f"the gradient of {role.name} comes out split as "
                                   f"{state.get(grad)}, not as the weight ({want})")
+
+
+def _gather_output(gm, ctx, out: fx.Node, sh, shape, tp: int, i: int) -> fx.Node:
+    """A model output that is split (the key/value cache a Hugging Face model returns in
+    training) is all-gathered whole: outputs are what the user sees, and they are whole."""
+    if sh == R.PARTIAL or R.normalize(sh, shape[sh.dim]) != R.Shard(sh.dim, shape[sh.dim], 1):
+        raise TPPlanError(f"output {i} of the model is split across tensor-parallel ranks "
+                          f"(shape {list(shape)}) in a way zerofx cannot gather: return "
+                          f"values computed after a row-parallel layer, or leave its layers "
+                          f"out of the plan")
+    graph, d = gm.graph, sh.dim
+    with graph.inserting_before(graph.output_node()):
+        front = graph.call_function(aten.movedim.int, (out, d, 0))
+        front = graph.call_function(aten.clone.default, (front,),
+                                    {"memory_format": torch.contiguous_format})
+        g = graph.call_function(_c10d.all_gather_into_tensor.default, (front, tp, ctx.tp_group))
+        g = graph.call_function(_c10d.wait_tensor.default, (g,))
+        return graph.call_function(aten.movedim.int, (g, 0, d))
 
 
 def _explain(node: fx.Node, params, reason: str, ctx: PassContext) -> str:
