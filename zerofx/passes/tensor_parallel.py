@@ -159,7 +159,7 @@ def _propagate(node: fx.Node, state, full, tp: int, tp_rank: int):
         return R.sliced(sh, dim, start, end, step, full[args[0]][dim])
     if t is aten.cat.default:
         dim = (args[1] if len(args) > 1 else 0) % len(full[node])
-        _localize_replicated(node, dim, state, full, tp, tp_rank)
+        _localize(node, state, full, tp, tp_rank, along=dim)
         # torch.cat skips 1-D empty tensors whatever the others' shapes (HF's empty cache)
         kept = [a for a in node.args[0] if not _legacy_empty(full[a], full[node])]
         return R.cat([state.get(a) for a in kept], [full[a] for a in kept], dim)
@@ -174,7 +174,7 @@ def _propagate(node: fx.Node, state, full, tp: int, tp_rank: int):
     if t in _HEAD_PARALLEL:
         return _head_parallel(node, state, full, tp)
     if t in _PASS_THROUGH or torch.Tag.pointwise in getattr(t, "tags", ()):
-        _localize_pointwise(node, state, full, tp, tp_rank)
+        _localize(node, state, full, tp, tp_rank)
         tensors = [(state.get(a), full[a]) for a in node.all_input_nodes]
         out = R.pointwise(tensors, full[node] if not isinstance(full[node], list)
                           else full[node][0])
@@ -182,25 +182,13 @@ def _propagate(node: fx.Node, state, full, tp: int, tp_rank: int):
     raise R.Unshardable(f"no tensor-parallel rule for {t}")
 
 
-def _localize_replicated(node, dim: int, state, full, tp: int, tp_rank: int) -> None:
-    """cat of split and replicated values along another dimension (a key/value cache that
-    starts empty, then takes each step's heads): the replicated ones hold every rank's
-    part, so each rank cats its own slice of them (a redistribution, no communication)."""
-    values = list(node.args[0])
-    split = next((state.get(a) for a in values if isinstance(state.get(a), R.Shard)), None)
-    if split is None or split.dim == dim or any(state.get(a) == R.PARTIAL for a in values):
-        return
-    for i, a in enumerate(values):
-        if state.get(a) is None and full.get(a) is not None and \
-                not _legacy_empty(full[a], full[node]):
-            values[i] = _local_slice(node, a, split, full[a], tp, tp_rank)
-            state[values[i]], full[values[i]] = split, full[a]
-    node.args = (values, *node.args[1:])
-
-
-def _localize_pointwise(node, state, full, tp: int, tp_rank: int) -> None:
-    """An elementwise op of a split value and a whole replicated one (the incoming gradient
-    of an output, a full-size mask): each rank uses its slice of the replicated one."""
+def _localize(node, state, full, tp: int, tp_rank: int, *, along: int | None = None):
+    """A split value meets a whole replicated one in an op that works elementwise along the
+    split dimension (pointwise ops; cat ``along`` another dimension): the replicated one
+    holds every rank's part, so each rank uses its own slice of it (a redistribution, no
+    communication). Hugging Face's key/value cache starts empty and replicated, then takes
+    each step's split heads; the incoming gradient of an output is whole; a layer left out of
+    the plan next to split ones computes whole values."""
     out = full[node][0] if isinstance(full[node], list) else full[node]
     ins = node.all_input_nodes
     split = next(((state[a], full[a]) for a in ins if isinstance(state.get(a), R.Shard)), None)
@@ -208,6 +196,8 @@ def _localize_pointwise(node, state, full, tp: int, tp_rank: int) -> None:
         return
     sh, shape = split
     d_out = sh.dim + len(out) - len(shape)
+    if d_out == along:  # cat along the split dimension itself: no slice of it fits
+        return
     swap = {}
     for a in ins:
         if state.get(a) is not None or not full.get(a) or isinstance(full[a], list):
@@ -315,13 +305,13 @@ def _all_reduce_after(gm, node, group: str, state, full) -> None:
 
 
 def _check_outputs(gm, ctx, state, split, tp, full) -> None:
-    """User-visible outputs must be whole; parameter gradients must match their piece."""
+    """Make split outputs and replicated weights' gradients whole; split weights' gradients
+    must match their piece."""
     outs = list(gm.graph.output_node().args[0])
     n_fwd = ctx.num_fwd_outputs if ctx.graph_kind == "joint" else len(outs)
     for i, out in enumerate(outs[:n_fwd]):
         if isinstance(out, fx.Node) and state.get(out) is not None:
             outs[i] = _gather_output(gm, ctx, out, state.get(out), full[out], tp, i)
-    gm.graph.output_node().args = (tuple(outs),)
     primals = [role_of(n) for n in gm.graph.nodes if n.op == "placeholder"]
     primals = [r for r in primals if r is None or r.kind != "tangent"]
     planned = {p.name for p in ctx.plan.params}
@@ -332,7 +322,6 @@ def _check_outputs(gm, ctx, state, split, tp, full) -> None:
             # to split ones): each rank holds its slice of the gradient, gathered whole
             outs[n_fwd + j] = _gather_output(gm, ctx, grad, state[grad], full[grad], tp,
                                              n_fwd + j)
-            gm.graph.output_node().args = (tuple(outs),)
         elif role is not None and role.name in split and isinstance(grad, fx.Node):
             shard = split[role.name].tp
             n = shard.full_shape[shard.dim]
@@ -340,11 +329,13 @@ def _check_outputs(gm, ctx, state, split, tp, full) -> None:
             if state.get(grad) != want:
                 raise TPPlanError(f"the gradient of {role.name} comes out split as "
                                   f"{state.get(grad)}, not as the weight ({want})")
+    gm.graph.output_node().args = (tuple(outs),)
 
 
 def _gather_output(gm, ctx, out: fx.Node, sh, shape, tp: int, i: int) -> fx.Node:
-    """A model output that is split (the key/value cache a Hugging Face model returns in
-    training) is all-gathered whole: outputs are what the user sees, and they are whole."""
+    """All-gather a split graph output whole: a model output (the key/value cache a Hugging
+    Face model returns in training; outputs are what the user sees) or the gradient of a
+    replicated weight (its bucket holds the whole weight's gradient)."""
     if sh == R.PARTIAL or R.normalize(sh, shape[sh.dim]) != R.Shard(sh.dim, shape[sh.dim], 1):
         raise TPPlanError(f"output {i} of the model is split across tensor-parallel ranks "
                           f"(shape {list(shape)}) in a way zerofx cannot gather: return "

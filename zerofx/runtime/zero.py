@@ -157,7 +157,7 @@ class ZeroRuntime:
         # Stage 2 with reduce-scatter and no accumulation never holds the full gradients.
         needs_full = not self.reduces_into_shard or self.gas > 1
         self.full_grads = torch.zeros(plan.padded_numel, dtype=low) if needs_full else None
-        if self.reduces_into_shard:  # the reduce-scatter's target (stage 1 copies in the step)
+        if self.reduces_into_shard:  # the reduce-scatter's target (stage 1 slices in the step)
             self.shard_grads = torch.zeros(plan.shard_numel, dtype=low)
         else:
             self.shard_grads = torch.empty(0, dtype=low) if plan.sharded else self.full_grads
