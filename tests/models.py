@@ -19,9 +19,11 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """A GPT block: causal self-attention and an MLP, each behind a LayerNorm."""
 
-    def __init__(self, d: int = 32, heads: int = 4, vocab: int = 64):
+    def __init__(self, d: int = 32, heads: int = 4, vocab: int = 64, head_attr: str = "heads"):
         super().__init__()
-        self.heads = heads
+        # head_attr: where the head count lives; "h" is a name zerofx does not know
+        self.head_attr = head_attr
+        setattr(self, head_attr, heads)
         self.emb = nn.Embedding(vocab, d)
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         # No qkv bias: the key bias gets a gradient of pure rounding noise (softmax ignores a
@@ -34,7 +36,8 @@ class Block(nn.Module):
         x = self.emb(idx)
         B, T, C = x.shape  # (batch, time, channels)
         q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+        H = getattr(self, self.head_attr)
+        q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
         x = x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
@@ -94,4 +97,6 @@ def make(name: str, seed: int = 0):
     torch.manual_seed(seed)
     if name in ("llama_attn", "llama_rope"):
         return LlamaStyleAttention(rope=name == "llama_rope"), block_batch()
+    if name == "block_h":  # the head count under a name zerofx does not know
+        return Block(head_attr="h"), block_batch()
     return (MLP(), mlp_batch()) if name == "mlp" else (Block(), block_batch())

@@ -9,12 +9,18 @@ ROOT = Path(__file__).resolve().parent.parent / "zerofx"
 # module prefix -> zerofx modules it may import (prefix match). tools/ may import anything.
 ALLOWED = {
     "zerofx.config": ["zerofx.config"],
-    "zerofx.tp_layout": ["zerofx.config"],  # which weights are tensor-parallel, and how
+    "zerofx.tp_layout": ["zerofx.config", "zerofx.tp_discovery"],  # which weights are split
+    # the layout's analysis of a traced graph, and the sharding algebra it shares with the
+    # tensor_parallel pass
+    "zerofx.tp_discovery": ["zerofx.tp_propagation", "zerofx.tp_rules", "zerofx.config"],
+    "zerofx.tp_propagation": ["zerofx.tp_rules"],
+    "zerofx.tp_rules": [],
     "zerofx.plan": ["zerofx.plan", "zerofx.tp_layout", "zerofx.config"],
     "zerofx.csrc": [],
     # docs/design.md: "the runtime allocates from [the plan]", so runtime may read it.
     "zerofx.runtime": ["zerofx.runtime", "zerofx.plan", "zerofx.tp_layout", "zerofx.config"],
-    "zerofx.passes": ["zerofx.passes", "zerofx.plan", "zerofx.tp_layout", "zerofx.config"],
+    "zerofx.passes": ["zerofx.passes", "zerofx.plan", "zerofx.tp_layout", "zerofx.tp_propagation",
+                      "zerofx.tp_rules", "zerofx.config"],
     "zerofx.backend": ["zerofx.passes", "zerofx.runtime", "zerofx.plan", "zerofx.tp_layout",
                        "zerofx.config", "zerofx.step_graph"],
     "zerofx.step_graph": ["zerofx.passes", "zerofx.runtime", "zerofx.plan", "zerofx.tp_layout",

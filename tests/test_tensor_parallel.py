@@ -30,7 +30,8 @@ def _grads_body(rank, world, name, dump, inductor=False):
 
     model, batch = make(name)
     cfg = _cfg(extra={"zerofx": {"dump_dir": dump, "inductor": inductor}})
-    rt = zerofx.ZeroRuntime(model, cfg)
+    # block_h: the layout is read from the graph of one run on the batch
+    rt = zerofx.ZeroRuntime(model, cfg, example_inputs=batch if name == "block_h" else None)
     compiled = torch.compile(model, backend="zero", options={"runtime": rt})
     with rt.shape_carriers():
         loss = compiled(*batch)
@@ -60,7 +61,7 @@ def _collectives(dump, rank, kind):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mlp", "block", "llama_attn", "llama_rope"])
+@pytest.mark.parametrize("name", ["mlp", "block", "block_h", "llama_attn", "llama_rope"])
 def test_tp2_loss_gradients_and_eval_equal_single_process(name, tmp_path):
     dump = str(tmp_path / "dump") if name == "block" else None
     _check_grads(name, run_ranks(_grads_body, 2, args=(name, dump)))
@@ -191,6 +192,7 @@ def _bad_plan_body(rank, world):
     return None
 
 
+@pytest.mark.slow
 def test_a_split_the_graph_cannot_carry_is_a_clear_error():
     for message in run_ranks(_bad_plan_body, 2):
         assert message is not None
@@ -493,6 +495,7 @@ def _no_carriers_body(rank, world):
     return None
 
 
+@pytest.mark.slow
 def test_direct_compile_without_shape_carriers_says_how_to_call():
     for message in run_ranks(_no_carriers_body, 2):
         assert "fc1.weight was traced with shape [16, 16]" in message
@@ -504,49 +507,58 @@ LLAMA_PLAN = {"*.q_proj": "colwise", "*.k_proj": "colwise", "*.v_proj": "colwise
               "*.down_proj": "rowwise"}
 
 
-def _hf_llama_body(rank, world, steps):
+def _hf_tp_body(rank, world, name, steps, plan):
     import zerofx
     from hf_models import hf_batch, make_hf
 
-    model = make_hf("llama")
-    cfg = _cfg(clip=1.0, extra={"tensor_parallel": {"size": 2, "plan": LLAMA_PLAN}})
-    engine, *_ = zerofx.initialize(model=model, config=cfg)
+    tp = {"size": 2, "plan": plan} if plan else {"size": 2}
+    cfg = _cfg(clip=1.0, extra={"tensor_parallel": tp})
+    engine, *_ = zerofx.initialize(model=make_hf(name), config=cfg)
     losses = []
     for step in range(steps):
-        out = engine(**hf_batch("llama", step))
+        out = engine(**hf_batch(name, step))
         engine.backward(out.loss)
         engine.step()
         losses.append(out.loss.item())
-    keys = out.past_key_values.layers[0].keys  # returned whole, as without TP
+    cache = getattr(out, "past_key_values", None)
+    kv_shape = cache.layers[0].keys.shape if cache is not None else None
     pieces = {s.name: engine.runtime.local_param(s.name).float().clone()
               for s in engine.runtime.plan.params}
-    return losses, pieces, {s.name: s.tp for s in engine.runtime.plan.params}, keys.shape
+    styles = {c.module: (c.style, c.parts) for c in engine.runtime.plan.tp_choices}
+    return losses, pieces, {s.name: s.tp for s in engine.runtime.plan.params}, kv_shape, styles
 
 
 @pytest.mark.slow
-def test_hf_llama_tp2_with_a_plan_trains_like_one_process():
-    """Hugging Face Llama as its users call it (labels=, the default key/value cache):
-    grouped-query attention (4 query heads, 2 kv heads) split by heads, rotary embeddings,
-    SwiGLU; the cache starts as an empty replicated tensor that each rank slices, and the
-    split cache the model returns is all-gathered whole."""
+@pytest.mark.parametrize("name,plan", [("llama", LLAMA_PLAN), ("llama", None),
+                                       ("gpt2", None), ("bert_mlm", None)],
+                         ids=["llama-plan", "llama", "gpt2", "bert_mlm"])
+def test_hf_models_tp2_train_like_one_process(name, plan):
+    """Hugging Face models as their users call them (labels=, the default key/value cache),
+    with the obvious plan or none: without one, zerofx reads the layout from the graph of
+    the model's own dummy_inputs (GPT-2's Conv1D and fused q|k|v, BERT's separate
+    query/key/value, Llama's grouped-query attention and SwiGLU). A returned cache is
+    all-gathered whole; the empty cache each rank slices."""
     pytest.importorskip("transformers")
-    from hf_models import hf_batch, make_hf
+    from hf_models import TP_LAYOUTS, hf_batch, make_hf
     from reference import deepspeed_step
 
     steps = 3
-    results = run_ranks(_hf_llama_body, 2, args=(steps,), timeout_s=240)
-    model = make_hf("llama")
+    results = run_ranks(_hf_tp_body, 2, args=(name, steps, plan), timeout_s=240)
+    model = make_hf(name)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
     want = []
     for step in range(steps):
-        out = model(**hf_batch("llama", step))
+        out = model(**hf_batch(name, step))
         out.loss.backward()
         want.append(out.loss.item())
         deepspeed_step(model, opt, 1.0)
-    for rank, (losses, pieces, shards, kv_shape) in enumerate(results):
+    for rank, (losses, pieces, shards, kv_shape, styles) in enumerate(results):
         torch.testing.assert_close(losses, want, rtol=1e-5, atol=1e-5)
-        assert kv_shape == out.past_key_values.layers[0].keys.shape
-        assert any(s is not None for s in shards.values())
+        if kv_shape is not None:
+            assert kv_shape == out.past_key_values.layers[0].keys.shape
+        if plan is None:
+            first = {m: s for m, s in styles.items() if m in TP_LAYOUTS[name]}
+            assert first == TP_LAYOUTS[name], styles
         got, ref = [], []
         for n, p in model.named_parameters():  # the HF zoo's measure: one vector, fp32
             got.append(pieces[n].reshape(-1))
@@ -557,13 +569,14 @@ def test_hf_llama_tp2_with_a_plan_trains_like_one_process():
         assert rel <= 1e-5, f"rank {rank}: relative difference {rel:.2e}"
 
 
-def _hf_llama_guess_body(rank, world):
+def _module_tree_guess_body(rank, world):
     import zerofx
-    from hf_models import hf_batch, make_hf
+    from models import make
 
-    engine, *_ = zerofx.initialize(model=make_hf("llama"), config=_cfg())
+    model, batch = make("block_h")
+    engine, *_ = zerofx.initialize(model=model, config=_cfg())  # no example inputs
     try:
-        engine(**hf_batch("llama", 0))
+        engine(*batch)
     except zerofx.ConfigError as e:
         return str(e)
     return None
@@ -571,11 +584,12 @@ def _hf_llama_guess_body(rank, world):
 
 @pytest.mark.slow
 def test_a_wrong_guess_names_itself_and_the_way_out():
-    """Without a plan zerofx still guesses Llama's layout from the module tree (q_proj and
-    k_proj taken for an MLP pair): the error says it was a guess, shows it, the model's
-    source line and the fix."""
-    pytest.importorskip("transformers")
-    for message in run_ranks(_hf_llama_guess_body, 2):
+    """With nothing to trace (no example inputs, not a Hugging Face model) zerofx guesses the
+    layout from the module tree: the block that keeps its head count as ``self.h`` has proj
+    registered right before fc1, taken for an MLP. The error says it was a guess, shows it,
+    the model's source line and both ways out."""
+    for message in run_ranks(_module_tree_guess_body, 2):
         assert message is not None and "zerofx chose the split itself" in message
-        assert "q_proj colwise (MLP" in message and "tensor_parallel.plan" in message
-        assert "modeling_llama.py" in message
+        assert "proj colwise (module tree: MLP" in message
+        assert "tensor_parallel.plan" in message and "example_inputs=" in message
+        assert "models.py" in message

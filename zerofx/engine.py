@@ -45,11 +45,14 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 def initialize(args=None, model: nn.Module | None = None, model_parameters=None,
                optimizer=None, lr_scheduler=None, training_data=None, config=None,
-               config_params=None, collate_fn=None, mpu=None):
+               config_params=None, collate_fn=None, mpu=None, example_inputs=None):
     """Build the engine: ``(engine, optimizer, training_dataloader, lr_scheduler)``.
 
     ``mpu``: a model that does its own tensor (model) parallelism passes Megatron's mpu
     object, as with DeepSpeed; ZeRO then shards over its data-parallel group.
+    ``example_inputs`` (zerofx's own; a dict of keyword arguments or a tuple): with
+    ``tensor_parallel.size > 1`` and no plan, the model runs once on them and the layout is
+    read from that graph (a Hugging Face model's ``dummy_inputs`` serve otherwise).
     """
     if model is None:
         raise ConfigError("zerofx.initialize needs model=<your nn.Module>")
@@ -60,7 +63,7 @@ def initialize(args=None, model: nn.Module | None = None, model_parameters=None,
             p.requires_grad_(id(p) in trainable)
     engine = ZeroEngine(model, Config.from_any(source), optimizer=optimizer,
                         lr_scheduler=lr_scheduler, training_data=training_data,
-                        collate_fn=collate_fn, mpu=mpu)
+                        collate_fn=collate_fn, mpu=mpu, example_inputs=example_inputs)
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
 
 
@@ -82,12 +85,13 @@ class ZeroEngine(nn.Module):
     """What ``zerofx.initialize`` returns: call it, ``backward``, ``step``, checkpoint it."""
 
     def __init__(self, model: nn.Module, config: Config, *, optimizer=None, lr_scheduler=None,
-                 training_data=None, collate_fn=None, mpu=None):
+                 training_data=None, collate_fn=None, mpu=None, example_inputs=None):
         super().__init__()
         world = init_distributed()
         self.config = config
         self.module = model
-        self.runtime = ZeroRuntime(model, config, optimizer=optimizer, mpu=mpu)
+        self.runtime = ZeroRuntime(model, config, optimizer=optimizer, mpu=mpu,
+                                   example_inputs=example_inputs)
         self.compiled = torch.compile(model, backend="zero", options={"runtime": self.runtime},
                                       fullgraph=config.zerofx.fullgraph,
                                       dynamic=config.zerofx.dynamic)

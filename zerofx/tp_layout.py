@@ -6,14 +6,20 @@
     rowwise  Linear(in, out): weight split along in (dim 1); each rank's output is a partial
              sum, all-reduced by the tensor_parallel pass; the bias stays whole (added once).
 
-The layout must exist before the runtime allocates its shards, which is before any graph is
-traced, so it is read from the module tree: the config's ``tensor_parallel.plan`` patterns,
-or, without a plan, Megatron's two patterns found by structure (an attention module with a
-head count: fused qkv Linear(d, 3d), or q/k/v Linears by name, → colwise, its Linear(d, d)
-output projection → rowwise; an MLP: Linear(d, h)
-registered right before Linear(h, d'), with at most activation or dropout modules between
-them → colwise, rowwise). The tensor_parallel pass then proves the choice
-on the traced graph (sharding propagation) or names the op it cannot shard.
+The layout must exist before the runtime allocates its shards, which is before the training
+graphs are traced, so it comes from, in this order:
+
+1. the config's ``tensor_parallel.plan`` patterns (nn.Linear and Hugging Face's Conv1D);
+2. the model's forward graph, traced once on example inputs (``example_inputs=`` of
+   ZeroRuntime or zerofx.initialize; a Hugging Face model's own ``dummy_inputs`` otherwise):
+   tp_discovery.py finds Megatron's regions by propagating splits with the tensor_parallel
+   pass's own rules, so heads, fused projections, gated MLPs and Conv1D need no names;
+3. without anything to trace, the module tree: an attention module with a head count
+   attribute (fused qkv Linear(d, 3d), or q/k/v Linears by name) and an MLP (Linear(d, h)
+   registered right before Linear(h, d'), only activations or dropout between them).
+
+The tensor_parallel pass then proves the choice on the joint graph (sharding propagation,
+backward included) or names the op it cannot shard.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import torch
 from torch import nn
 
 from zerofx.config import Config, ConfigError
+import zerofx.tp_discovery as tp_discovery
 
 HEAD_ATTRS = ("heads", "n_head", "n_heads", "num_heads", "num_attention_heads")
 
@@ -71,7 +78,7 @@ class TPLayout:
     choices: tuple[TPChoice, ...]
 
 
-def resolve_tp_layout(model: nn.Module, config: Config) -> TPLayout:
+def resolve_tp_layout(model: nn.Module, config: Config, example_inputs=None) -> TPLayout:
     """The tensor-parallel layout of ``model`` under ``config`` (empty when size is 1)."""
     tp = config.tensor_parallel.size
     modules = dict(model.named_modules())
@@ -79,28 +86,79 @@ def resolve_tp_layout(model: nn.Module, config: Config) -> TPLayout:
         if config.tensor_parallel.plan:  # checked anyway: a typo must not wait for size 2
             _from_plan(modules, config.tensor_parallel.plan)
         return TPLayout(1, {}, ())
-    choices = _from_plan(modules, config.tensor_parallel.plan) if config.tensor_parallel.plan \
-        else _detect(modules, tp)
+    if config.tensor_parallel.plan:
+        choices = _from_plan(modules, config.tensor_parallel.plan)
+    else:
+        example = example_inputs if example_inputs is not None else \
+            getattr(model, "dummy_inputs", None)  # a Hugging Face model's own
+        if example is not None:
+            return _from_graph(model, example, tp)
+        choices = _detect(modules, tp)
     if not choices:
-        raise TPPlanError(
-            f"tensor_parallel.size={tp} but no Linear layer to split was found: give "
-            f"tensor_parallel.plan, e.g. {{\"blocks.*.mlp.fc1\": \"colwise\", "
-            f"\"blocks.*.mlp.fc2\": \"rowwise\"}}")
+        raise _nothing_to_split(tp)
     shards = {}
     for c in choices:
         lin = modules[c.module]
         _check_divisible(c, lin, modules, tp)
         prefix = f"{c.module}." if c.module else ""
-        w = lin.weight
-        shards[prefix + "weight"] = TPShard(0 if c.style == "colwise" else 1, c.parts,
-                                            tuple(w.shape))
+        out_dim = _out_dim(lin)
+        shards[prefix + "weight"] = TPShard(out_dim if c.style == "colwise" else 1 - out_dim,
+                                            c.parts, tuple(lin.weight.shape))
         if lin.bias is not None and c.style == "colwise":
             shards[prefix + "bias"] = TPShard(0, c.parts, tuple(lin.bias.shape))
     return TPLayout(tp, shards, tuple(choices))
 
 
+def _nothing_to_split(tp: int) -> TPPlanError:
+    return TPPlanError(
+        f"tensor_parallel.size={tp} but no Linear layer to split was found: give "
+        f"tensor_parallel.plan, e.g. {{\"blocks.*.mlp.fc1\": \"colwise\", "
+        f"\"blocks.*.mlp.fc2\": \"rowwise\"}}")
+
+
+def _from_graph(model: nn.Module, example, tp: int) -> TPLayout:
+    """Megatron's regions found on the traced forward graph (tp_discovery.py)."""
+    try:
+        gm, names = tp_discovery.trace_forward(model, example)
+    except Exception as e:  # the model's own error on these inputs, whatever its type
+        raise TPPlanError(
+            f"zerofx traces the model once on example inputs to find its tensor-parallel "
+            f"layout, and the model raised {type(e).__name__}: {e}. Pass inputs it accepts "
+            f"(example_inputs= of zerofx.initialize or ZeroRuntime: a dict of keyword "
+            f"arguments or a tuple), or give tensor_parallel.plan") from e
+    found = tp_discovery.discover(gm, tp_discovery.find_weights(gm, names), tp)
+    if not found:
+        raise _nothing_to_split(tp)
+    params = dict(model.named_parameters())
+    shards, choices = {}, []
+    for f in found:
+        shards[f.name] = TPShard(f.dim, f.parts, tuple(params[f.name].shape))
+        if f.bias is not None:
+            shards[f.bias] = TPShard(0, f.parts, tuple(params[f.bias].shape))
+        choices.append(TPChoice(f.name.rpartition(".")[0], f.style, f.parts, f.reason))
+    order = list(params)
+    choices.sort(key=lambda c: order.index(f"{c.module}.weight" if c.module else "weight"))
+    return TPLayout(tp, shards, tuple(choices))
+
+
+def _is_projection(m: nn.Module) -> bool:
+    """nn.Linear, or Hugging Face's Conv1D (GPT-2: a Linear with its weight transposed)."""
+    return isinstance(m, nn.Linear) or (type(m).__name__ == "Conv1D" and hasattr(m, "nf"))
+
+
+def _out_dim(m: nn.Module) -> int:
+    """The weight dimension of output features: 0 for nn.Linear, 1 for Conv1D."""
+    return 0 if isinstance(m, nn.Linear) else 1
+
+
+def _features(m: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a projection."""
+    w = m.weight.shape
+    return (w[1], w[0]) if isinstance(m, nn.Linear) else (w[0], w[1])
+
+
 def _from_plan(modules: dict, plan) -> list[TPChoice]:
-    linears = [name for name, m in modules.items() if isinstance(m, nn.Linear)]
+    linears = [name for name, m in modules.items() if _is_projection(m)]
     chosen: dict[str, TPChoice] = {}
     for pattern, style in plan:
         # A pattern may name the module ("mlp.fc1") or one of its parameters ("mlp.fc1.weight").
@@ -125,7 +183,8 @@ def _from_plan(modules: dict, plan) -> list[TPChoice]:
 def _fused_parts(name: str, modules: dict) -> int:
     """3 for a fused q|k|v projection (Linear(d, 3d) inside a module with a head count)."""
     lin, parent = modules[name], modules[name.rpartition(".")[0]]
-    return 3 if _heads(parent) and lin.out_features == 3 * lin.in_features else 1
+    d_in, d_out = _features(lin)
+    return 3 if _heads(parent) and d_out == 3 * d_in else 1
 
 
 def _heads(module: nn.Module) -> int | None:
@@ -156,7 +215,7 @@ def _detect(modules: dict, tp: int) -> list[TPChoice]:
                 continue
             if a.out_features == b.in_features and a.out_features % tp == 0:
                 taken |= {n1, n2}
-                why = f"MLP {a.in_features}->{a.out_features}->{b.out_features}"
+                why = f"module tree: MLP {a.in_features}->{a.out_features}->{b.out_features}"
                 choices += [TPChoice(n1, "colwise", 1, why), TPChoice(n2, "rowwise", 1, why)]
     return choices
 
@@ -173,7 +232,7 @@ def _attention(mod: nn.Module, lins: list, tp: int) -> list[TPChoice]:
     heads = _heads(mod)
     if not heads or heads % tp:
         return []
-    why = f"attention ({heads} heads)"
+    why = f"module tree: attention ({heads} heads)"
     fused = [(n, m) for n, m in lins if m.out_features == 3 * m.in_features]
     named = [(n, m) for n, m in lins if n.rpartition(".")[2] in _QKV_NAMES]
     if len(fused) == 1:
@@ -204,8 +263,9 @@ def _only_elementwise_between(mod: nn.Module, order: list[str], first: str, seco
     return all(isinstance(children[n.rpartition(".")[2]], _ELEMENTWISE) for n in between)
 
 
-def _check_divisible(c: TPChoice, lin: nn.Linear, modules: dict, tp: int) -> None:
-    n = lin.out_features if c.style == "colwise" else lin.in_features
+def _check_divisible(c: TPChoice, lin: nn.Module, modules: dict, tp: int) -> None:
+    d_in, d_out = _features(lin)
+    n = d_out if c.style == "colwise" else d_in
     what = "out_features" if c.style == "colwise" else "in_features"
     if n % (c.parts * tp):
         per = f" per part (a fused q|k|v of {c.parts} parts)" if c.parts > 1 else ""
@@ -214,6 +274,6 @@ def _check_divisible(c: TPChoice, lin: nn.Linear, modules: dict, tp: int) -> Non
                           f"leave the layer out of tensor_parallel.plan")
     parent = modules[c.module.rpartition(".")[0]]
     heads = _heads(parent)
-    if heads and heads % tp and (c.parts > 1 or lin.in_features == lin.out_features):
+    if heads and heads % tp and (c.parts > 1 or d_in == d_out):
         raise TPPlanError(f"{c.module}: {heads} attention heads are not divisible by "
                           f"tensor_parallel.size={tp}; each rank must hold whole heads")

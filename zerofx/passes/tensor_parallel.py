@@ -19,31 +19,18 @@ for split inputs is an error naming it: nothing silently computes on the wrong s
 """
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch import fx
 
+import zerofx.tp_propagation as P
+import zerofx.tp_rules as R
 from zerofx.passes.context import PassContext
-from zerofx.passes import tp_rules as R
 from zerofx.passes.fake_vals import compute_val, fake_mode_of
 from zerofx.passes.nodes import model_line, role_of
 from zerofx.tp_layout import TPPlanError
 
 aten = torch.ops.aten
 _c10d = torch.ops._c10d_functional
-
-_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
-_PASS_THROUGH = {aten._to_copy.default, aten.clone.default, aten.detach.default,
-                 aten.alias.default, aten.contiguous.default, aten.native_dropout.default}
-# Attention kernels: heads (dim 1 of every 4-D operand) are independent.
-_HEAD_PARALLEL = {getattr(aten, n).default for n in (
-    "_scaled_dot_product_flash_attention_for_cpu",
-    "_scaled_dot_product_flash_attention_for_cpu_backward",
-    "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward",
-    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_efficient_attention_backward",
-    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_cudnn_attention_backward",
-) if hasattr(aten, n)}
 
 
 def tensor_parallel_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
@@ -55,7 +42,7 @@ def tensor_parallel_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
     if ctx.tp_group is None or ctx.state_id is None:
         raise TPPlanError("tensor_parallel.size > 1 needs the training state that holds the "
                           "split weights: use zerofx.initialize (or a ZeroRuntime)")
-    full = {n: _shapes(n.meta.get("val")) for n in gm.graph.nodes}
+    full = {n: P.shapes(n.meta.get("val")) for n in gm.graph.nodes}
     state, origin = _read_local_params(gm, ctx, split, full)
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node in state:
@@ -77,23 +64,6 @@ def tensor_parallel_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
     return gm
 
 
-def _shapes(val):
-    """Full shapes as ints: a dynamic (symbolic) size counts by its hint. Only the weights'
-    dimensions are split, and those are static; the rules just need the layout."""
-    if isinstance(val, torch.Tensor):
-        return tuple(_concrete(d) for d in val.shape)
-    if isinstance(val, (tuple, list)):
-        return [_shapes(v) for v in val]
-    return None
-
-
-def _concrete(size) -> int:
-    if isinstance(size, torch.SymInt):
-        hint = size.node.hint
-        return int(hint) if hint is not None else int(size)
-    return int(size)
-
-
 def _read_local_params(gm, ctx, split, full):
     """Replace each split parameter's placeholder by zerofx.tp_param (its local piece)."""
     state, origin = {}, {}
@@ -103,7 +73,7 @@ def _read_local_params(gm, ctx, split, full):
         if role is None or role.kind != "param" or role.name not in split:
             continue
         shard = split[role.name].tp
-        traced = _shapes(ph.meta.get("val"))
+        traced = P.shapes(ph.meta.get("val"))
         if traced is not None and traced != shard.full_shape:
             raise TPPlanError(
                 f"{role.name} was traced with shape {list(traced)}, not its full shape "
@@ -120,99 +90,38 @@ def _read_local_params(gm, ctx, split, full):
 
 
 def _propagate(node: fx.Node, state, full, tp: int, tp_rank: int):
-    """The output sharding of ``node``; rewrites its shape arguments to local sizes."""
+    """The output sharding of ``node`` (tp_propagation decides); rewrites the node to run on
+    this rank's pieces: replicated operands sliced, shape arguments divided where the split
+    lands, a row-parallel addmm turned into mm + add (the all-reduce goes between)."""
     t, args = node.target, node.args
-    sh = state.get(args[0]) if args and isinstance(args[0], fx.Node) else None
-    if t is operator.getitem:
-        return sh[args[1]] if isinstance(sh, list) else None
-    if t in _VIEWS:
-        out = R.reshape(sh, full[args[0]], full[node], tp)
+    if P.may_localize(t):
+        _localize(node, state, full, tp, tp_rank, along=P.cat_dim(node, full))
+    out = P.infer(node, state, full, tp)
+    if t in P.VIEWS:
         node.args = (args[0], _divide_at(args[1], out.dim, tp))
-        return out
-    if t in (aten.t.default, aten.transpose.int, aten.permute.default):
-        nd = len(full[args[0]])
-        perm = list(range(nd))
-        if t is aten.permute.default:
-            perm = [d % nd for d in args[1]]
-        elif nd == 2 or t is aten.transpose.int:
-            a, b = (0, 1) if t is aten.t.default else (args[1] % nd, args[2] % nd)
-            perm[a], perm[b] = perm[b], perm[a]
-        return R.permute(sh, perm)
-    if t is aten.expand.default:
-        out = R.moved(sh, len(args[1]) - len(full[args[0]]))
+    elif t is aten.expand.default:
         node.args = (args[0], _divide_at(args[1], out.dim, tp), *args[2:])
-        return out
-    if t is aten.unsqueeze.default:
-        d = args[1] % (len(full[args[0]]) + 1)
-        return R.moved(sh, 1 if d <= sh.dim else 0)
-    if t in (aten.split.Tensor, aten.split_with_sizes.default):
-        return _split(node, sh, full, tp)
-    if t is aten.slice_backward.default:  # (grad, input_sizes, dim, start, end, step)
-        dim = args[2] % len(args[1])
-        out = R.sliced(sh, dim, args[3], args[4], args[5], args[1][dim])
-        if isinstance(out, R.Shard):
-            node.args = (args[0], _divide_at(args[1], out.dim, tp), *args[2:])
-        return out
-    if t is aten.slice.Tensor:
-        dim = (args[1] if len(args) > 1 else 0) % len(full[args[0]])
-        start, end, step = (list(args[2:]) + [None, None, None])[:3]
-        return R.sliced(sh, dim, start, end, step, full[args[0]][dim])
-    if t is aten.cat.default:
-        dim = (args[1] if len(args) > 1 else 0) % len(full[node])
-        _localize(node, state, full, tp, tp_rank, along=dim)
-        # torch.cat skips 1-D empty tensors whatever the others' shapes (HF's empty cache)
-        kept = [a for a in node.args[0] if not _legacy_empty(full[a], full[node])]
-        return R.cat([state.get(a) for a in kept], [full[a] for a in kept], dim)
-    if t in (aten.mm.default, aten.bmm.default):
-        return R.matmul(sh, state.get(args[1]), full[args[0]], full[args[1]])
-    if t is aten.addmm.default:
-        return _addmm(node, state, full)
-    if t in (aten.sum.dim_IntList, aten.sum.default):
-        dims = args[1] if len(args) > 1 else node.kwargs.get("dim")
-        keep = args[2] if len(args) > 2 else node.kwargs.get("keepdim", False)
-        return R.reduced(sh, dims, len(full[args[0]]), keep)
-    if t in _HEAD_PARALLEL:
-        return _head_parallel(node, state, full, tp)
-    if t in _PASS_THROUGH or torch.Tag.pointwise in getattr(t, "tags", ()):
-        _localize(node, state, full, tp, tp_rank)
-        tensors = [(state.get(a), full[a]) for a in node.all_input_nodes]
-        out = R.pointwise(tensors, full[node] if not isinstance(full[node], list)
-                          else full[node][0])
-        return [out] * len(full[node]) if isinstance(full[node], list) else out
-    raise R.Unshardable(f"no tensor-parallel rule for {t}")
+    elif t in (aten.split.Tensor, aten.split_with_sizes.default):
+        _split(node, state, full, tp)
+    elif t is aten.slice_backward.default and isinstance(out, R.Shard):
+        node.args = (args[0], _divide_at(args[1], out.dim, tp), *args[2:])
+    elif t is aten.addmm.default and out == R.PARTIAL:
+        _row_parallel_addmm(node, full)
+    return out
 
 
 def _localize(node, state, full, tp: int, tp_rank: int, *, along: int | None = None):
-    """A split value meets a whole replicated one in an op that works elementwise along the
-    split dimension (pointwise ops; cat ``along`` another dimension): the replicated one
-    holds every rank's part, so each rank uses its own slice of it (a redistribution, no
-    communication). Hugging Face's key/value cache starts empty and replicated, then takes
-    each step's split heads; the incoming gradient of an output is whole; a layer left out of
-    the plan next to split ones computes whole values."""
-    out = full[node][0] if isinstance(full[node], list) else full[node]
-    ins = node.all_input_nodes
-    split = next(((state[a], full[a]) for a in ins if isinstance(state.get(a), R.Shard)), None)
-    if split is None or out is None or any(state.get(a) == R.PARTIAL for a in ins):
-        return
-    sh, shape = split
-    d_out = sh.dim + len(out) - len(shape)
-    if d_out == along:  # cat along the split dimension itself: no slice of it fits
-        return
+    """Slice the replicated operands that meet a split one elementwise (P.localized) to this
+    rank's part. Hugging Face's key/value cache starts empty and replicated, then takes each
+    step's split heads; the incoming gradient of an output is whole; a layer left out of the
+    plan next to split ones computes whole values."""
     swap = {}
-    for a in ins:
-        if state.get(a) is not None or not full.get(a) or isinstance(full[a], list):
-            continue
-        d = d_out - (len(out) - len(full[a]))
-        if d >= 0 and full[a][d] == shape[sh.dim] and full[a][d] != 1:
-            swap[a] = _local_slice(node, a, R.Shard(d, sh.f, sh.s), full[a], tp, tp_rank)
-            state[swap[a]], full[swap[a]] = R.Shard(d, sh.f, sh.s), full[a]
+    for a, sh in P.localized(node, state, full, along=along).items():
+        swap[a] = _local_slice(node, a, sh, full[a], tp, tp_rank)
+        state[swap[a]], full[swap[a]] = sh, full[a]
     if swap:
         node.args = fx.node.map_arg(node.args, lambda a: swap.get(a, a))
         node.kwargs = fx.node.map_arg(node.kwargs, lambda a: swap.get(a, a))
-
-
-def _legacy_empty(shape, out_shape) -> bool:
-    return shape is not None and tuple(shape) == (0,) and len(out_shape) != 1
 
 
 def _local_slice(before: fx.Node, value: fx.Node, sh: R.Shard, shape, tp: int, rank: int):
@@ -244,53 +153,27 @@ def _divide_at(sizes, dim: int, tp: int) -> list:
     return sizes
 
 
-def _split(node, sh, full, tp):
-    x, size_arg, dim = node.args[0], node.args[1], node.args[2] if len(node.args) > 2 else 0
-    dim %= len(full[x])
-    sizes = [p[dim] for p in full[node]]
-    local, pieces = R.split_pieces(sh, dim, sizes, full[x][dim], tp)
+def _split(node, state, full, tp):
+    """A split along the split dimension takes local piece sizes."""
+    x, size_arg = node.args[0], node.args[1]
+    dim = (node.args[2] if len(node.args) > 2 else 0) % len(full[x])
+    sh = state.get(x)
     if dim == sh.dim:
+        local, _ = R.split_pieces(sh, dim, [p[dim] for p in full[node]], full[x][dim], tp)
         new = local if node.target is aten.split_with_sizes.default else size_arg // tp
         node.args = (x, new, dim)
-    return pieces
 
 
-def _addmm(node, state, full):
+def _row_parallel_addmm(node, full) -> None:
     """addmm(bias, a, b) whose matmul is a partial sum: the bias is added once, after the
     all-reduce (Megatron's row-parallel layer), so the node becomes mm and an add follows."""
     bias, a, b = node.args[:3]
-    mm = R.matmul(state.get(a), state.get(b), full[a], full[b])
-    if mm != R.PARTIAL:
-        return R.pointwise([(mm, full[node]), (state.get(bias), full[bias])], full[node])
-    if state.get(bias) is not None or node.kwargs or len(node.args) > 3:
-        raise R.Unshardable("a row-parallel addmm with a split or scaled bias")
     node.target, node.args = aten.mm.default, (a, b)
     graph = node.graph
     with graph.inserting_after(node):
         add = graph.call_function(aten.add.Tensor, (node, bias))
     node.replace_all_uses_with(add, delete_user_cb=lambda u: u is not add)
     full[add] = full[node]
-    return R.PARTIAL
-
-
-def _head_parallel(node, state, full, tp: int):
-    """Attention: every 4-D operand with more than one head is split evenly by heads
-    (dimension 1). With grouped-query attention the key/value heads are fewer: a rank's
-    query heads are then exactly the ones that read its key/value heads as long as the split
-    is even (query head i reads kv head i // (heads / kv_heads))."""
-    four_d = [a for a in node.all_input_nodes if len(full[a] or ()) == 4 and full[a][1] != 1]
-    for a in four_d:
-        sh, n = state.get(a), full[a][1]
-        if not (isinstance(sh, R.Shard) and sh.dim == 1 and R.normalize(sh, n) ==
-                R.Shard(1, n, 1) and n % tp == 0):
-            raise R.Unshardable("attention operands are not all split evenly by heads "
-                                "(dimension 1)")
-    heads = sorted({full[a][1] for a in four_d})
-    if any(h % heads[0] for h in heads):
-        raise R.Unshardable(f"attention head counts {heads} are not multiples of each other")
-    outs = full[node] if isinstance(full[node], list) else [full[node]]
-    return [R.Shard(1, o[1], 1) if o is not None and len(o) >= 3 and o[1] in heads else None
-            for o in outs]
 
 
 def _all_reduce_after(gm, node, group: str, state, full) -> None:
@@ -356,9 +239,14 @@ def _explain(node: fx.Node, params, reason: str, ctx: PassContext) -> str:
     where = f" (model code: {line})" if line else ""
     fix = ("Leave that layer out of tensor_parallel.plan, or split the layers around it so "
            "the split ends at a row-parallel layer")
-    if not ctx.config.tensor_parallel.plan:  # the layout was zerofx's guess: say so
+    if not ctx.config.tensor_parallel.plan:  # the layout was zerofx's choice: say so
         chosen = "; ".join(f"{c.module} {c.style} ({c.reason})" for c in ctx.plan.tp_choices)
+        from_graph = all(c.reason.startswith("graph") for c in ctx.plan.tp_choices)
         fix = (f"zerofx chose the split itself ({chosen}); give tensor_parallel.plan to "
-               f"choose the layers")
+               f"choose the layers" + ("" if from_graph else
+                                       ", or example_inputs= (zerofx.initialize or "
+                                       "ZeroRuntime) so that zerofx reads the layout from "
+                                       "the traced graph instead of guessing it from the "
+                                       "module tree"))
     return (f"tensor parallelism cannot run {node.target} on values split from "
             f"{', '.join(sorted(params))}{where}: {reason}. {fix}")

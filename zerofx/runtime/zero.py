@@ -63,13 +63,18 @@ def _drive(optimizer: torch.optim.Optimizer, rt: "ZeroRuntime") -> None:
 class ZeroRuntime:
     """Flat buffers, shards, pending collectives and step state of one model."""
 
-    def __init__(self, model: nn.Module, config=None, *, optimizer=None, mpu=None):
+    def __init__(self, model: nn.Module, config=None, *, optimizer=None, mpu=None,
+                 example_inputs=None):
+        """``example_inputs``: what the model is called with (a dict of keyword arguments
+        or a tuple), for tensor parallelism without a plan: the layout is read from the
+        graph of one run on them (tp_layout.py). A Hugging Face model's ``dummy_inputs``
+        serve when none are given."""
         self.config = Config.from_any(config)
         world = init_distributed()
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ConfigError("the model has no trainable parameters for zerofx to optimize")
-        layout, split = _tp_layout(model, named, self.config, mpu)
+        layout, split = _tp_layout(model, named, self.config, mpu, example_inputs)
         self.plan: Plan = make_plan(named, self.config, rank=world.rank,
                                     world_size=world.world_size, tp_layout=layout,
                                     mp_params=split)
@@ -506,10 +511,10 @@ def _accumulation_steps(config: Config, dp_size: int) -> int:
     return config.batch_sizes(dp_size).gradient_accumulation_steps
 
 
-def _tp_layout(model, named, config: Config, mpu):
+def _tp_layout(model, named, config: Config, mpu, example_inputs):
     """The tensor-parallel layout zerofx applies, or (with ``mpu``) the one the model has."""
     if mpu is None:
-        return resolve_tp_layout(model, config), frozenset()
+        return resolve_tp_layout(model, config, example_inputs), frozenset()
     _check_mpu_methods(mpu)
     if config.tensor_parallel.size > 1:
         raise TPPlanError("both an mpu and tensor_parallel.size > 1 were given: with an mpu "

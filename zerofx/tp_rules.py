@@ -137,6 +137,17 @@ def cat(shardings, shapes, dim: int) -> Shard | None:
     return Shard(dim, f, s)
 
 
+def along(sh, dims, ndim: int):
+    """An op that mixes values along ``dims`` (softmax, a mean): a split elsewhere passes."""
+    dims = {d % ndim for d in ([dims] if isinstance(dims, int) else dims)}
+    if sh == PARTIAL:
+        raise Unshardable("a partial sum reaches a normalisation")
+    if isinstance(sh, Shard) and sh.dim in dims:
+        raise Unshardable(f"values are normalised along dimension {sh.dim}, which is split "
+                          f"across tensor-parallel ranks")
+    return sh
+
+
 def reduced(sh, dims, ndim: int, keepdim: bool):
     """sum over ``dims``: a split dimension summed away gives a partial sum."""
     if not isinstance(sh, Shard):

@@ -1,0 +1,117 @@
+"""The tensor-parallel layout read from the traced graph (zerofx/tp_discovery.py): Megatron's
+regions of real models found without names, and what is not a region left whole."""
+import pytest
+import torch
+from torch import nn
+
+import zerofx
+from models import Block, MLP, block_batch, mlp_batch
+from zerofx.tp_layout import TPPlanError, TPShard, resolve_tp_layout
+
+
+def _cfg(size=2):
+    return zerofx.Config.from_dict({"tensor_parallel": {"size": size}})
+
+
+def _styles(layout):
+    return {c.module: (c.style, c.parts) for c in layout.choices}
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert_mlm", "llama", "t5"])
+def test_hugging_face_layouts_come_from_their_dummy_inputs(name):
+    """No plan, no inputs: a Hugging Face model's own dummy_inputs are traced, and every
+    layer's attention and MLP are found (GPT-2's Conv1D with its fused q|k|v, BERT's and
+    T5's separate projections, Llama's grouped-query heads and gated MLP)."""
+    pytest.importorskip("transformers")
+    from hf_models import TP_LAYOUTS, make_hf
+
+    layout = resolve_tp_layout(make_hf(name), _cfg())
+    styles = _styles(layout)
+    assert {m: styles.get(m) for m in TP_LAYOUTS[name]} == TP_LAYOUTS[name]
+    assert all(c.reason.startswith("graph") for c in layout.choices)
+    # every layer is split like the first (GPT-2, Llama: 2 layers; BERT: 1; T5: encoder
+    # self-attention + MLP, decoder self- and cross-attention + MLP); embeddings and the LM
+    # head stay whole
+    assert len(styles) == {"gpt2": 8, "bert_mlm": 6, "llama": 14, "t5": 16}[name]
+    assert not any("emb" in m or "lm_head" in m or "decoder.weight" in m for m in styles)
+
+
+def test_gpt2_conv1d_shards_split_the_transposed_weight():
+    pytest.importorskip("transformers")
+    from hf_models import make_hf
+
+    layout = resolve_tp_layout(make_hf("gpt2"), _cfg())
+    # Conv1D keeps its weight as [in, out]: columns are dimension 1, rows dimension 0
+    assert layout.shards["transformer.h.0.attn.c_attn.weight"] == TPShard(1, 3, (32, 96))
+    assert layout.shards["transformer.h.0.attn.c_attn.bias"] == TPShard(0, 3, (96,))
+    assert layout.shards["transformer.h.0.mlp.c_proj.weight"] == TPShard(0, 1, (128, 32))
+    assert "transformer.h.0.mlp.c_proj.bias" not in layout.shards  # added once, whole
+
+
+def test_a_head_count_under_an_unknown_name_is_read_from_the_graph():
+    """The issue's block: heads stored as ``self.h`` and proj registered right before fc1.
+    The module tree pairs proj with fc1 as an MLP; the graph shows attention and an MLP."""
+    model = Block(head_attr="h")
+    guessed = _styles(resolve_tp_layout(model, _cfg()))
+    assert guessed.get("proj") == ("colwise", 1)  # the module tree's wrong guess
+    layout = resolve_tp_layout(model, _cfg(), example_inputs=block_batch())
+    assert _styles(layout) == {"qkv": ("colwise", 3), "proj": ("rowwise", 1),
+                               "fc1": ("colwise", 1), "fc2": ("rowwise", 1)}
+
+
+def test_a_linear_whose_features_meet_a_norm_is_left_whole():
+    """fc1's output goes through a LayerNorm over its features: no Megatron region."""
+    class Normed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.ln, self.fc2 = nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 8)
+
+        def forward(self, x, y):
+            return ((self.fc2(self.ln(self.fc1(x))) - y) ** 2).mean()
+
+    with pytest.raises(TPPlanError, match="no Linear layer to split"):
+        resolve_tp_layout(Normed(), _cfg(), example_inputs=mlp_batch())
+
+
+def test_a_layer_called_twice_is_one_region():
+    """One MLP applied twice (a loop of shared blocks): each weight's every use agrees."""
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = MLP(16, 32, 16)
+
+        def forward(self, x, y):
+            h = x + self.mlp.fc2(torch.relu(self.mlp.fc1(x)))
+            return ((h + self.mlp.fc2(torch.relu(self.mlp.fc1(h))))[:, :8] - y).pow(2).mean()
+
+    layout = resolve_tp_layout(Twice(), _cfg(), example_inputs=mlp_batch())
+    assert _styles(layout) == {"mlp.fc1": ("colwise", 1), "mlp.fc2": ("rowwise", 1)}
+
+
+def test_indivisible_features_are_not_split():
+    layout = resolve_tp_layout(MLP(16, 32, 8), _cfg(4), example_inputs=mlp_batch())
+    assert _styles(layout) == {"fc1": ("colwise", 1), "fc2": ("rowwise", 1)}
+    with pytest.raises(TPPlanError, match="no Linear layer to split"):
+        resolve_tp_layout(MLP(16, 30, 8), _cfg(4), example_inputs=mlp_batch())
+
+
+def test_inputs_the_model_rejects_name_the_model_error_and_the_way_out():
+    with pytest.raises(TPPlanError, match=r"example_inputs=.*tensor_parallel.plan") as e:
+        resolve_tp_layout(MLP(), _cfg(), example_inputs=(torch.zeros(2, 5), torch.zeros(2, 8)))
+    assert "RuntimeError" in str(e.value)  # the model's own complaint about the shape
+
+
+def test_discovered_split_computes_what_the_whole_model_computes():
+    """The discovered layout, applied by hand to plain torch: rank pieces of the column-
+    parallel output, through the block, summed after the row-parallel layer, equal the
+    whole MLP (the property Megatron's split rests on)."""
+    torch.manual_seed(0)
+    model = MLP(16, 32, 8)
+    x, _ = mlp_batch()
+    layout = resolve_tp_layout(model, _cfg(), example_inputs=mlp_batch())
+    sd = {n: p.detach() for n, p in model.named_parameters()}
+    piece = {n: [s.local_piece(sd[n], 2, r) for r in range(2)] for n, s in layout.shards.items()}
+    partial = [torch.nn.functional.gelu(x @ piece["fc1.weight"][r].T + piece["fc1.bias"][r])
+               @ piece["fc2.weight"][r].T for r in range(2)]
+    want = model.fc2(torch.nn.functional.gelu(model.fc1(x)))
+    torch.testing.assert_close(partial[0] + partial[1] + sd["fc2.bias"], want)

@@ -1,0 +1,321 @@
+"""Megatron's layout read from the model's traced forward graph, not from names.
+
+    trace:    model(**example) under make_fx, parameters as placeholders, by name
+    weights:  every 2-D parameter read only as a matmul's weight (nn.Linear through t(),
+              Hugging Face's Conv1D directly), with the dimension that gives output features
+              and the bias its addmm adds
+    regions:  in graph order, each weight not yet placed seeds a region: its output features
+              split (column-parallel), the split propagated by the tensor_parallel pass's
+              own rules (tp_propagation). Where it is blocked, the region grows:
+                a matmul contracts the split features with a replicated weight
+                    -> that weight is row-parallel (its output is a partial sum, all-reduced)
+                an op meets a replicated operand computed by another weight's matmul
+                    (attention's k and v beside q, a gated MLP's up beside gate)
+                    -> that weight is column-parallel too
+                a split cuts the features into equal pieces (a fused q|k|v)
+                    -> the weight is split per piece
+              and propagation starts over. A region that ends in row-parallel weights is
+              kept; one that reaches anything else (a norm, the loss, an embedding) is not.
+
+The same rules then run on the joint graph in the tensor_parallel pass, which proves the
+layout there (backward included) or names the op it cannot shard.
+"""
+from __future__ import annotations
+
+import heapq
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import zerofx.tp_propagation as P
+import zerofx.tp_rules as R
+
+aten = torch.ops.aten
+_TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default}
+_MATMULS = {aten.mm.default, aten.addmm.default}
+# What a replicated operand may be computed through from a weight's matmul output, for
+# that weight to join a region (views, attention's rotary embedding, activations).
+_CARRIERS = P.VIEWS | _TRANSPOSES | {aten.expand.default, aten.unsqueeze.default,
+                                     aten.slice.Tensor, aten.cat.default,
+                                     aten.split.Tensor, aten.split_with_sizes.default}
+
+
+@dataclass(frozen=True)
+class Weight:
+    """A 2-D parameter read only as the weight of matmuls."""
+
+    name: str
+    node: fx.Node  # its placeholder
+    out_dim: int  # the parameter dimension that becomes output features
+    bias: fx.Node | None  # the parameter every one of its addmms adds (None: none, or mixed)
+    bias_name: str | None
+    first_use: int  # graph position of its first matmul: seeds go in this order
+
+
+@dataclass(frozen=True)
+class Found:
+    """One weight the discovery splits."""
+
+    name: str
+    style: str  # "colwise" | "rowwise"
+    parts: int
+    dim: int  # the split dimension of the parameter
+    bias: str | None
+    reason: str
+
+
+def trace_forward(model: torch.nn.Module, example) -> tuple[fx.GraphModule, list[str]]:
+    """The model's forward, run once eagerly (no grad) on ``example``, recorded as an aten
+    graph whose first placeholders are its parameters (``named_parameters()`` order, tied
+    ones once). ``example``: a dict of keyword arguments, a tuple of positional ones, or one
+    tensor. Recorded below autograd, so the ops are the ones AOTAutograd's graphs hold; run
+    eagerly, so data-dependent Python (``.item()``, ``if mask.all()``) just runs."""
+    names, params = zip(*model.named_parameters())
+    args, kwargs = ((), dict(example)) if isinstance(example, dict) else \
+        (tuple(example) if isinstance(example, (tuple, list)) else (example,), {})
+    graph = fx.Graph()
+    recorder = _Recorder(graph)
+    for name, p in zip(names, params):
+        recorder.name(p, graph.placeholder(name.replace(".", "_")))
+    with torch.no_grad(), recorder:
+        model(*args, **kwargs)
+    return fx.GraphModule(torch.nn.Module(), graph), list(names)
+
+
+class _Recorder(TorchDispatchMode):
+    """Records every aten call into ``graph``; a tensor not made by a recorded call (an
+    input, a buffer, a constant) becomes a placeholder. Holds every tensor it saw, so no
+    id is reused while recording."""
+
+    def __init__(self, graph: fx.Graph):
+        super().__init__()
+        self.graph, self.nodes, self.keep = graph, {}, []
+
+    def name(self, t: torch.Tensor, node: fx.Node) -> fx.Node:
+        node.meta["val"] = t
+        self.nodes[id(t)] = node
+        self.keep.append(t)
+        return node
+
+    def _node_of(self, a):
+        if not isinstance(a, torch.Tensor):
+            return a
+        node = self.nodes.get(id(a))
+        return node if node is not None else \
+            self.name(a, self.graph.placeholder(f"input_{len(self.keep)}"))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        node = self.graph.call_function(func, pytree.tree_map(self._node_of, tuple(args)),
+                                        pytree.tree_map(self._node_of, kwargs))
+        if isinstance(out, torch.Tensor):
+            self.name(out, node)
+        elif isinstance(out, (tuple, list)):
+            node.meta["val"] = list(out)
+            for i, o in enumerate(out):
+                if isinstance(o, torch.Tensor):
+                    self.name(o, self.graph.call_function(operator.getitem, (node, i)))
+        return out
+
+
+def find_weights(gm: fx.GraphModule, names: list[str]) -> dict[str, Weight]:
+    """{name: Weight} for the parameters every use of which is a matmul's weight operand."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    found = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    name_of = dict(zip(placeholders, names))
+    for ph, name in name_of.items():
+        val = ph.meta.get("val")
+        if not isinstance(val, torch.Tensor) or val.dim() != 2:
+            continue
+        uses = _matmul_uses(ph)
+        if not uses:
+            continue
+        dims = {d for _, d in uses}
+        biases = {mm.args[0] if mm.target is aten.addmm.default and mm.args[0] in name_of
+                  else None for mm, _ in uses}
+        if len(dims) == 1:
+            bias = biases.pop() if len(biases) == 1 else None
+            found[name] = Weight(name, ph, dims.pop(), bias, name_of.get(bias),
+                                 min(order[mm] for mm, _ in uses))
+    return found
+
+
+def _matmul_uses(ph: fx.Node):
+    """[(matmul, output-feature dimension of the parameter)] if every use of ``ph`` is as
+    the right operand of mm/addmm (through transposes), else []."""
+    uses, frontier = [], [(ph, [0, 1])]
+    while frontier:
+        node, perm = frontier.pop()  # perm[i]: the parameter dimension at position i
+        for user in node.users:
+            if user.target in _TRANSPOSES and node is user.args[0]:
+                frontier.append((user, list(reversed(perm))))
+            elif user.target in _MATMULS and user.args[-1 if user.target is aten.mm.default
+                                                      else 2] is node and \
+                    sum(a is node for a in user.args) == 1:
+                uses.append((user, perm[1]))  # b is [k, n]: position 1 is the output
+            else:
+                return []
+    return uses
+
+
+def discover(gm: fx.GraphModule, weights: dict[str, Weight], tp: int) -> list[Found]:
+    """The weights to split and how, region by region (see the module docstring)."""
+    full = {n: P.shapes(n.meta.get("val")) for n in gm.graph.nodes}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    by_node = {w.node: w for w in weights.values()}
+    placed: dict[str, Found] = {}
+    for seed in sorted(weights.values(), key=lambda w: w.first_use):
+        if seed.name not in placed:
+            placed.update(_grow(seed, placed, by_node, full, order, tp))
+    return list(placed.values())
+
+
+def _grow(seed: Weight, placed, by_node, full, order, tp: int) -> dict[str, Found]:
+    col, row = {seed.node: 1}, set()
+    seen: list[str] = []
+    for _ in range(4 * len(by_node) + 4):  # each round adds a weight or a part count
+        free = {n: w for n, w in by_node.items() if w.name not in placed
+                and n not in col and n not in row}
+        blocked = _propagate(col, row, by_node, free, full, order, tp, seen)
+        if blocked is None:
+            return _region(col, row, by_node, full, seen) if row else {}
+        node, state = blocked
+        if not _repair(node, state, col, row, free, by_node, full, tp):
+            return {}
+    return {}
+
+
+def _propagate(col, row, by_node, free, full, order, tp, seen):
+    """Propagate the region's splits (in graph order, only where they reach); None when
+    nothing blocks them, else (the blocking node, the state so far). An elementwise op that
+    would slice a replicated operand computed by a free weight (a gated MLP's up beside
+    gate) blocks too: splitting that weight saves computing what is sliced away. ``seen``
+    collects the ops the split went through (for the reason the plan dump shows)."""
+    seen.clear()
+    state = {}
+    for node, parts in col.items():
+        w = by_node[node]
+        n = full[node][w.out_dim]
+        state[node] = R.normalize(R.Shard(w.out_dim, n // parts, 1), n)
+        if w.bias is not None:
+            nb = full[w.bias][0]
+            state[w.bias] = R.normalize(R.Shard(0, nb // parts, 1), nb)
+    for node in row:
+        d = 1 - by_node[node].out_dim
+        state[node] = R.Shard(d, full[node][d], 1)
+    heap = [(order[u], u) for n in state for u in n.users]
+    heapq.heapify(heap)
+    done = set(state)
+    while heap:
+        _, node = heapq.heappop(heap)
+        if node in done or node.op != "call_function":
+            continue
+        done.add(node)
+        if P.may_localize(node.target) and any(
+                _feeding_weights(a, free, state)
+                for a in P.localized(node, state, full, along=P.cat_dim(node, full))):
+            return node, state
+        try:
+            out = P.infer(node, state, full, tp)
+        except (R.Unshardable, AttributeError, TypeError, IndexError):
+            # no rule, or a rule meeting an operand layout it was not written for (the pass
+            # would refuse it too): either way the split cannot pass here
+            return node, state
+        if out is not None and out != R.PARTIAL:
+            state[node] = out
+            seen.append(str(node.target))
+            for u in node.users:
+                heapq.heappush(heap, (order[u], u))
+    return None
+
+
+def _repair(node, state, col, row, free, by_node, full, tp) -> bool:
+    """Grow the region so that ``node`` can run (module docstring); False: nothing fits."""
+    if node.target in _MATMULS:  # the split features meet a replicated weight: row-parallel
+        a, b = node.args[-2], node.args[-1]
+        w, sh = _weight_of(b, free), state.get(a)
+        if w is not None and isinstance(sh, R.Shard) and sh.dim == len(full[a]) - 1 and \
+                full[w][1 - free[w].out_dim] % tp == 0:
+            row.add(w)
+            return True
+    if node.target in (aten.split.Tensor, aten.split_with_sizes.default):
+        dim = node.args[2] if len(node.args) > 2 else 0
+        pieces = {p[dim] for p in full[node]}
+        src = _producer(node.args[0], col)
+        if src is None or col[src] != 1 or len(pieces) != 1:
+            return False
+        n = len(full[node])
+        if full[src][by_node[src].out_dim] % (n * tp):
+            return False
+        col[src] = n  # a fused projection: each piece split on its own
+        return True
+    joined = set()
+    for a in node.all_input_nodes:
+        if state.get(a) is None:
+            joined |= _feeding_weights(a, free, state)
+    joined = {w for w in joined if full[w][free[w].out_dim] % tp == 0}
+    col.update({w: 1 for w in joined})
+    return bool(joined)
+
+
+def _weight_of(value: fx.Node, free) -> fx.Node | None:
+    """The weight placeholder ``value`` is (through transposes), if free."""
+    while value.target in _TRANSPOSES:
+        value = value.args[0]
+    return value if value in free else None
+
+
+def _producer(value: fx.Node, col) -> fx.Node | None:
+    """The region weight whose matmul output ``value`` is (through views)."""
+    while value.op == "call_function" and value.target in P.VIEWS:
+        value = value.args[0]
+    if value.op == "call_function" and value.target in _MATMULS:
+        b = value.args[-1]
+        while b.target in _TRANSPOSES:
+            b = b.args[0]
+        return b if b in col else None
+    return None
+
+
+def _feeding_weights(value: fx.Node, free, state) -> set[fx.Node]:
+    """Free weights whose matmul output ``value`` is computed from through views, rotary
+    slices and elementwise ops, where that matmul's input is itself replicated."""
+    found, stack, seen = set(), [value], set()
+    while stack:
+        v = stack.pop()
+        if v in seen or v.op != "call_function":
+            continue
+        seen.add(v)
+        if v.target in _MATMULS:
+            w = _weight_of(v.args[-1], free)
+            if w is not None and state.get(v.args[-2]) is None:
+                found.add(w)
+        elif v.target in _CARRIERS or v.target is operator.getitem or \
+                P.is_elementwise(v.target):
+            stack.extend(v.all_input_nodes)
+    return found
+
+
+def _region(col, row, by_node, full, seen) -> dict[str, Found]:
+    through = "attention" if any("attention" in t or "bmm" in t for t in seen) else \
+        "elementwise ops"
+    rows = ", ".join(sorted(by_node[n].name for n in row))
+    out = {}
+    for node, parts in col.items():
+        w = by_node[node]
+        fused = f", {parts} equal pieces (a fused projection)" if parts > 1 else ""
+        out[w.name] = Found(w.name, "colwise", parts, w.out_dim, w.bias_name,
+                            f"graph: output features reach row-parallel {rows} through "
+                            f"{through}{fused}")
+    for node in row:
+        w = by_node[node]
+        out[w.name] = Found(w.name, "rowwise", 1, 1 - w.out_dim, None,
+                            f"graph: contracts the features split by "
+                            f"{', '.join(sorted(by_node[c].name for c in col))}")
+    return out

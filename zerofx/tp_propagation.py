@@ -1,0 +1,205 @@
+"""How a tensor-parallel split flows through one aten node of a traced graph (pure: the graph
+is never touched).
+
+Two users: the tensor_parallel pass, which then rewrites the node (local shape constants,
+all-reduces after partial sums, slices of replicated operands), and the layout discovery
+(tp_discovery.py), which tries candidate splits on a traced forward graph before any weight
+is split. Both must agree on what is shardable, so the decision lives here once.
+
+``state`` maps nodes to their sharding (absent or None: replicated; tp_rules.PARTIAL; a
+tp_rules.Shard); ``full`` maps nodes to their full (unsplit) shapes.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+import zerofx.tp_rules as R
+
+aten = torch.ops.aten
+
+VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+PASS_THROUGH = {aten._to_copy.default, aten.clone.default, aten.detach.default,
+                aten.alias.default, aten.contiguous.default, aten.native_dropout.default}
+SOFTMAX = {aten._softmax.default, aten._log_softmax.default}
+# Attention kernels: heads (dim 1 of every 4-D operand) are independent.
+HEAD_PARALLEL = {getattr(aten, n).default for n in (
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention_for_cpu_backward",
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_efficient_attention_backward",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_cudnn_attention_backward",
+) if hasattr(aten, n)}
+
+
+def shapes(val):
+    """Full shapes as ints: a dynamic (symbolic) size counts by its hint. Only the weights'
+    dimensions are split, and those are static; the rules just need the layout."""
+    if isinstance(val, torch.Tensor):
+        return tuple(_concrete(d) for d in val.shape)
+    if isinstance(val, (tuple, list)):
+        return [shapes(v) for v in val]
+    return None
+
+
+def _concrete(size) -> int:
+    if isinstance(size, torch.SymInt):
+        hint = size.node.hint
+        return int(hint) if hint is not None else int(size)
+    return int(size)
+
+
+def is_elementwise(target) -> bool:
+    return target in PASS_THROUGH or torch.Tag.pointwise in getattr(target, "tags", ())
+
+
+def may_localize(target) -> bool:
+    """Ops whose replicated operands may be sliced to a split one's part: elementwise ops,
+    cat, and attention (a per-head bias or mask beside heads split across ranks)."""
+    return target is aten.cat.default or target in HEAD_PARALLEL or is_elementwise(target)
+
+
+def cat_dim(node: fx.Node, full) -> int | None:
+    """The dimension a cat joins along (None for other ops)."""
+    if node.target is not aten.cat.default:
+        return None
+    return (node.args[1] if len(node.args) > 1 else 0) % len(full[node])
+
+
+def localized(node: fx.Node, state, full, *, along: int | None = None) -> dict:
+    """{replicated input: the split each rank's slice of it has}, where a split value meets a
+    whole replicated one in an op that works elementwise along the split dimension
+    (pointwise ops; cat ``along`` another dimension). The replicated one holds every rank's
+    part, so each rank can use its own slice (a redistribution, no communication)."""
+    out = full[node][0] if isinstance(full[node], list) else full[node]
+    ins = node.all_input_nodes
+    split = next(((state[a], full[a]) for a in ins if isinstance(state.get(a), R.Shard)), None)
+    if split is None or out is None or any(state.get(a) == R.PARTIAL for a in ins):
+        return {}
+    sh, shape = split
+    d_out = sh.dim + len(out) - len(shape)
+    if d_out == along:  # cat along the split dimension itself: no slice of it fits
+        return {}
+    found = {}
+    for a in ins:
+        if state.get(a) is not None or not full.get(a) or isinstance(full[a], list):
+            continue
+        d = d_out - (len(out) - len(full[a]))
+        if d >= 0 and full[a][d] == shape[sh.dim] and full[a][d] != 1:
+            found[a] = R.Shard(d, sh.f, sh.s)
+    return found
+
+
+def infer(node: fx.Node, state, full, tp: int):
+    """The output sharding of ``node`` from its inputs' (Unshardable where no rule fits).
+
+    Replicated operands that ``localized`` would slice count as sliced: the pass inserts
+    those slices before asking, the discovery only imagines them."""
+    t, args = node.target, node.args
+    extra = localized(node, state, full, along=cat_dim(node, full)) \
+        if may_localize(t) else {}
+
+    def get(a):
+        return extra[a] if a in extra else state.get(a)
+
+    sh = get(args[0]) if args and isinstance(args[0], fx.Node) else None
+    if t is operator.getitem:
+        return sh[args[1]] if isinstance(sh, list) else None
+    if t in VIEWS:
+        return R.reshape(sh, full[args[0]], full[node], tp)
+    if t in (aten.t.default, aten.transpose.int, aten.permute.default):
+        return R.permute(sh, _permutation(t, args, len(full[args[0]])))
+    if t is aten.expand.default:
+        return R.moved(sh, len(args[1]) - len(full[args[0]]))
+    if t is aten.unsqueeze.default:
+        d = args[1] % (len(full[args[0]]) + 1)
+        return R.moved(sh, 1 if d <= sh.dim else 0)
+    if t in (aten.split.Tensor, aten.split_with_sizes.default):
+        dim = (args[2] if len(args) > 2 else 0) % len(full[args[0]])
+        return R.split_pieces(sh, dim, [p[dim] for p in full[node]], full[args[0]][dim], tp)[1]
+    if t is aten.slice_backward.default:  # (grad, input_sizes, dim, start, end, step)
+        dim = args[2] % len(args[1])
+        return R.sliced(sh, dim, args[3], args[4], args[5], args[1][dim])
+    if t is aten.slice.Tensor:
+        dim = (args[1] if len(args) > 1 else 0) % len(full[args[0]])
+        start, end, step = (list(args[2:]) + [None, None, None])[:3]
+        return R.sliced(sh, dim, start, end, step, full[args[0]][dim])
+    if t is aten.cat.default:
+        dim = (args[1] if len(args) > 1 else 0) % len(full[node])
+        # torch.cat skips 1-D empty tensors whatever the others' shapes (HF's empty cache)
+        kept = [a for a in args[0] if not legacy_empty(full[a], full[node])]
+        return R.cat([get(a) for a in kept], [full[a] for a in kept], dim)
+    if t in (aten.mm.default, aten.bmm.default):
+        return R.matmul(sh, get(args[1]), full[args[0]], full[args[1]])
+    if t is aten.addmm.default:
+        return _addmm(node, get, full)
+    if t in (aten.sum.dim_IntList, aten.sum.default):
+        dims = args[1] if len(args) > 1 else node.kwargs.get("dim")
+        keep = args[2] if len(args) > 2 else node.kwargs.get("keepdim", False)
+        return R.reduced(sh, dims, len(full[args[0]]), keep)
+    if t in SOFTMAX:  # (x, dim, ...): normalised along dim, independent across the others
+        return R.along(sh, args[1], len(full[args[0]]))
+    if t is aten._softmax_backward_data.default:  # (grad, output, dim, dtype)
+        return R.along(R.pointwise([(get(args[0]), full[args[0]]),
+                                    (get(args[1]), full[args[1]])], full[node]),
+                       args[2], len(full[node]))
+    if t is aten.mean.dim:  # a mean over a split dimension is no partial sum: refused
+        dims = args[1] if args[1] is not None else range(len(full[args[0]]))
+        return R.reduced(R.along(sh, dims, len(full[args[0]])), dims, len(full[args[0]]),
+                         args[2] if len(args) > 2 else node.kwargs.get("keepdim", False))
+    if t in HEAD_PARALLEL:
+        return _head_parallel(node, get, full, tp)
+    if is_elementwise(t):
+        tensors = [(get(a), full[a]) for a in node.all_input_nodes]
+        out = R.pointwise(tensors, full[node] if not isinstance(full[node], list)
+                          else full[node][0])
+        return [out] * len(full[node]) if isinstance(full[node], list) else out
+    raise R.Unshardable(f"no tensor-parallel rule for {t}")
+
+
+def _permutation(t, args, nd: int) -> list[int]:
+    perm = list(range(nd))
+    if t is aten.permute.default:
+        return [d % nd for d in args[1]]
+    if nd == 2 or t is aten.transpose.int:
+        a, b = (0, 1) if t is aten.t.default else (args[1] % nd, args[2] % nd)
+        perm[a], perm[b] = perm[b], perm[a]
+    return perm
+
+
+def legacy_empty(shape, out_shape) -> bool:
+    return shape is not None and tuple(shape) == (0,) and len(out_shape) != 1
+
+
+def _addmm(node, get, full):
+    """addmm(bias, a, b): a partial-sum matmul takes its bias once, after the all-reduce
+    (Megatron's row-parallel layer: the pass makes it mm + add)."""
+    bias, a, b = node.args[:3]
+    mm = R.matmul(get(a), get(b), full[a], full[b])
+    if mm != R.PARTIAL:
+        return R.pointwise([(mm, full[node]), (get(bias), full[bias])], full[node])
+    if get(bias) is not None or node.kwargs or len(node.args) > 3:
+        raise R.Unshardable("a row-parallel addmm with a split or scaled bias")
+    return R.PARTIAL
+
+
+def _head_parallel(node, get, full, tp: int):
+    """Attention: every 4-D operand with more than one head is split evenly by heads
+    (dimension 1). With grouped-query attention the key/value heads are fewer: a rank's
+    query heads are then exactly the ones that read its key/value heads as long as the split
+    is even (query head i reads kv head i // (heads / kv_heads))."""
+    four_d = [a for a in node.all_input_nodes if len(full[a] or ()) == 4 and full[a][1] != 1]
+    for a in four_d:
+        sh, n = get(a), full[a][1]
+        if not (isinstance(sh, R.Shard) and sh.dim == 1 and R.normalize(sh, n) ==
+                R.Shard(1, n, 1) and n % tp == 0):
+            raise R.Unshardable("attention operands are not all split evenly by heads "
+                                "(dimension 1)")
+    heads = sorted({full[a][1] for a in four_d})
+    if any(h % heads[0] for h in heads):
+        raise R.Unshardable(f"attention head counts {heads} are not multiples of each other")
+    outs = full[node] if isinstance(full[node], list) else [full[node]]
+    return [R.Shard(1, o[1], 1) if o is not None and len(o) >= 3 and o[1] in heads else None
+            for o in outs]
