@@ -56,6 +56,7 @@ def test_tp2_resume_is_bitwise(tp_run):
         assert client == {"note": "tp"}
 
 
+@pytest.mark.slow
 def test_tp2_checkpoint_joins_into_whole_parameters(tp_run, no_torchrun_env):
     import zerofx
     from zerofx.checkpoint import load_checkpoint

@@ -37,7 +37,7 @@ def _bootstrap_body(rank, world_size):
     return info.rank, info.world_size, dist.get_backend(), t.item()
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("world", [1, 2, pytest.param(4, marks=pytest.mark.slow)])
 def test_ranks_join_gloo_group(world):
     results = run_ranks(_bootstrap_body, world)
     total = sum(range(world))
