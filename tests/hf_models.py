@@ -11,25 +11,30 @@ import torch
 VOCAB = 64
 HF_MODELS = ("gpt2", "bert_mlm", "llama", "t5", "mixtral")
 
-# Megatron's layout of each model's first layer: what zerofx must read from its graph.
+# Megatron's layout of each model's first layer and of its vocabulary (word embedding, LM
+# head): what zerofx must read from its graph.
 TP_LAYOUTS = {
     "llama": {"model.layers.0.self_attn." + n: ("colwise", 1) for n in ("q_proj", "k_proj",
                                                                          "v_proj")}
-    | {"model.layers.0.self_attn.o_proj": ("rowwise", 1),
+    | {"model.embed_tokens": ("vocab", 1), "lm_head": ("colwise", 1),  # untied
+       "model.layers.0.self_attn.o_proj": ("rowwise", 1),
        "model.layers.0.mlp.gate_proj": ("colwise", 1), "model.layers.0.mlp.up_proj":
        ("colwise", 1), "model.layers.0.mlp.down_proj": ("rowwise", 1)},
-    "gpt2": {"transformer.h.0.attn.c_attn": ("colwise", 3),  # Conv1D, fused q|k|v
+    "gpt2": {"transformer.wte": ("vocab", 1),  # tied to the LM head
+             "transformer.h.0.attn.c_attn": ("colwise", 3),  # Conv1D, fused q|k|v
              "transformer.h.0.attn.c_proj": ("rowwise", 1),
              "transformer.h.0.mlp.c_fc": ("colwise", 1), "transformer.h.0.mlp.c_proj":
              ("rowwise", 1)},
     "bert_mlm": {"bert.encoder.layer.0.attention.self." + n: ("colwise", 1)
                  for n in ("query", "key", "value")}
-    | {"bert.encoder.layer.0.attention.output.dense": ("rowwise", 1),
+    | {"bert.embeddings.word_embeddings": ("vocab", 1),  # tied to the MLM decoder
+       "bert.encoder.layer.0.attention.output.dense": ("rowwise", 1),
        "bert.encoder.layer.0.intermediate.dense": ("colwise", 1),
        "bert.encoder.layer.0.output.dense": ("rowwise", 1)},
 }
 TP_LAYOUTS["t5"] = {"encoder.block.0.layer.0.SelfAttention." + n: ("colwise", 1)
                     for n in ("q", "k", "v")} | {
+    "shared": ("vocab", 1),
     "encoder.block.0.layer.0.SelfAttention.o": ("rowwise", 1),
     "encoder.block.0.layer.1.DenseReluDense.wi": ("colwise", 1),
     "encoder.block.0.layer.1.DenseReluDense.wo": ("rowwise", 1),

@@ -82,6 +82,42 @@ class LlamaStyleAttention(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 
 
+class NormedMLP(nn.Module):
+    """fc1's features go through a LayerNorm before fc2: no Megatron split fits."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.ln, self.fc2 = nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 8)
+
+    def forward(self, x, y):
+        return F.mse_loss(self.fc2(self.ln(self.fc1(x))), y)
+
+
+class VocabModel(nn.Module):
+    """An embedding with a padding row and an untied LM head whose cross-entropy ignores a
+    real token id (40: on the second half of a split vocabulary of 64) and reduces by mean."""
+
+    def __init__(self, d: int = 32, vocab: int = 64):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d, padding_idx=3)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, idx, targets):
+        x = self.emb(idx)
+        x = x + self.fc2(F.gelu(self.fc1(x)))
+        logits = self.head(x)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1),
+                               ignore_index=40)
+
+
+def vocab_batch(n: int = 2, t: int = 8, seed: int = 0):
+    idx, targets = block_batch(n, t, seed=seed)
+    idx[0, :2] = 3  # the padding row
+    targets[0, :3] = 40  # ignored targets
+    return idx, targets
+
+
 def mlp_batch(n: int = 8, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 16, generator=g), torch.randn(n, 8, generator=g)
@@ -97,6 +133,10 @@ def make(name: str, seed: int = 0):
     torch.manual_seed(seed)
     if name in ("llama_attn", "llama_rope"):
         return LlamaStyleAttention(rope=name == "llama_rope"), block_batch()
+    if name == "vocab":
+        return VocabModel(), vocab_batch()
+    if name == "mlp_norm":
+        return NormedMLP(), mlp_batch()
     if name == "block_h":  # the head count under a name zerofx does not know
         return Block(head_attr="h"), block_batch()
     return (MLP(), mlp_batch()) if name == "mlp" else (Block(), block_batch())

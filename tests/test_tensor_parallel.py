@@ -30,8 +30,9 @@ def _grads_body(rank, world, name, dump, inductor=False):
 
     model, batch = make(name)
     cfg = _cfg(extra={"zerofx": {"dump_dir": dump, "inductor": inductor}})
-    # block_h: the layout is read from the graph of one run on the batch
-    rt = zerofx.ZeroRuntime(model, cfg, example_inputs=batch if name == "block_h" else None)
+    # block_h, vocab: the layout is read from the graph of one run on the batch
+    traced = name in ("block_h", "vocab")
+    rt = zerofx.ZeroRuntime(model, cfg, example_inputs=batch if traced else None)
     compiled = torch.compile(model, backend="zero", options={"runtime": rt})
     with rt.shape_carriers():
         loss = compiled(*batch)
@@ -61,7 +62,8 @@ def _collectives(dump, rank, kind):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mlp", "block", "block_h", "llama_attn", "llama_rope"])
+@pytest.mark.parametrize("name", ["mlp", "block", "block_h", "vocab", "llama_attn",
+                                  "llama_rope"])
 def test_tp2_loss_gradients_and_eval_equal_single_process(name, tmp_path):
     dump = str(tmp_path / "dump") if name == "block" else None
     _check_grads(name, run_ranks(_grads_body, 2, args=(name, dump)))
@@ -182,9 +184,9 @@ def test_tp2_dp2_lamb_trust_ratios_span_the_split():
 def _bad_plan_body(rank, world):
     import zerofx
 
-    model, batch = make("mlp")  # fc1 split by columns, but fc2 not split by rows
+    model, batch = make("mlp_norm")  # a LayerNorm over the split features of fc1
     engine, *_ = zerofx.initialize(model=model, config=_cfg(extra={
-        "tensor_parallel": {"size": 2, "plan": {"fc1": "colwise"}}}))
+        "tensor_parallel": {"size": 2, "plan": {"fc1": "colwise", "fc2": "rowwise"}}}))
     try:
         engine(*batch)
     except zerofx.ConfigError as e:  # zerofx's own error, not Dynamo's wrapper
@@ -197,7 +199,8 @@ def test_a_split_the_graph_cannot_carry_is_a_clear_error():
     for message in run_ranks(_bad_plan_body, 2):
         assert message is not None
         assert "fc1.weight" in message and "tensor_parallel.plan" in message
-        assert "contracts a split dimension" in message and "TORCHDYNAMO" not in message
+        assert "no tensor-parallel rule for aten.native_layer_norm" in message
+        assert "TORCHDYNAMO" not in message
         code = message.split("model code: ", 1)[1]
         assert code.startswith("File ") and "^^" not in code.split(")")[0]  # the source line
 
@@ -561,7 +564,46 @@ def test_hf_models_tp2_train_like_one_process(name, plan):
             first = {m: s for m, s in styles.items() if m in TP_LAYOUTS[name]}
             assert first == TP_LAYOUTS[name], styles
         rel = _relative_difference(model, pieces, shards, tp_rank=rank)
-        assert rel <= 1e-5, f"rank {rank}: relative difference {rel:.2e}"
+        # Llama without a plan splits its vocabulary: the cross-entropy's sums are split
+        # across ranks, a rounding difference (its gradients: next test, rel <= 1e-6) that
+        # Adam scales up on near-zero gradients over 3 steps (measured 1.0e-5)
+        bound = 2e-5 if (name, plan) == ("llama", None) else 1e-5
+        assert rel <= bound, f"rank {rank}: relative difference {rel:.2e}"
+
+
+def _vocab_grads_body(rank, world):
+    import zerofx
+    from hf_models import hf_batch, make_hf
+
+    engine, *_ = zerofx.initialize(model=make_hf("llama"), config=_cfg())
+    out = engine(**hf_batch("llama", 0))
+    engine.backward(out.loss)
+    rt = engine.runtime
+    grads = {s.name: rt.full_grads[s.offset:s.end].view(s.shape).clone() for s in rt.plan.params}
+    return out.loss.item(), grads, {s.name: s.tp for s in rt.plan.params}, out.logits.shape
+
+
+@pytest.mark.slow
+def test_hf_llama_vocab_parallel_loss_and_gradients_equal_one_process():
+    """Megatron's vocabulary-parallel embedding, LM head and cross-entropy (labels=, the
+    shifted targets, ignore_index): the loss and every gradient piece equal the whole
+    model's to rounding; the logits the model returns are whole."""
+    pytest.importorskip("transformers")
+    from hf_models import hf_batch, make_hf
+
+    model = make_hf("llama")
+    out = model(**hf_batch("llama", 0))
+    out.loss.backward()
+    for rank, (loss, grads, shards, logits_shape) in enumerate(run_ranks(_vocab_grads_body, 2)):
+        assert shards["model.embed_tokens.weight"].dim == 0  # split over the vocabulary
+        assert shards["lm_head.weight"].dim == 0 and logits_shape == out.logits.shape
+        assert loss == pytest.approx(out.loss.item(), rel=1e-6)
+        got = torch.cat([grads[n].reshape(-1) for n, _ in model.named_parameters()])
+        want = torch.cat([(p.grad if shards[n] is None else
+                           shards[n].local_piece(p.grad, 2, rank)).reshape(-1)
+                          for n, p in model.named_parameters()])
+        rel = float((got - want).norm() / want.norm())
+        assert rel <= 1e-6, f"rank {rank}: gradients differ by {rel:.2e}"
 
 
 def _relative_difference(model, pieces, shards, *, tp_rank: int) -> float:

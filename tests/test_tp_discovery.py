@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import zerofx
-from models import Block, MLP, block_batch, mlp_batch
+from models import Block, MLP, block_batch, make, mlp_batch
 from zerofx.tp_layout import TPPlanError, TPShard, resolve_tp_layout
 
 
@@ -30,10 +30,20 @@ def test_hugging_face_layouts_come_from_their_dummy_inputs(name):
     assert {m: styles.get(m) for m in TP_LAYOUTS[name]} == TP_LAYOUTS[name]
     assert all(c.reason.startswith("graph") for c in layout.choices)
     # every layer is split like the first (GPT-2, Llama: 2 layers; BERT: 1; T5: encoder
-    # self-attention + MLP, decoder self- and cross-attention + MLP); embeddings and the LM
-    # head stay whole
-    assert len(styles) == {"gpt2": 8, "bert_mlm": 6, "llama": 14, "t5": 16}[name]
-    assert not any("emb" in m or "lm_head" in m or "decoder.weight" in m for m in styles)
+    # self-attention + MLP, decoder self- and cross-attention + MLP), plus the vocabulary;
+    # position and token-type tables stay whole (Megatron splits the word embedding only)
+    assert len(styles) == {"gpt2": 9, "bert_mlm": 7, "llama": 16, "t5": 17}[name]
+    assert not any(k in m for m in styles for k in ("wpe", "position", "token_type"))
+
+
+def test_vocab_parallel_false_keeps_the_vocabulary_whole():
+    pytest.importorskip("transformers")
+    from hf_models import make_hf
+
+    cfg = zerofx.Config.from_dict({"tensor_parallel": {"size": 2, "vocab_parallel": False}})
+    styles = _styles(resolve_tp_layout(make_hf("llama"), cfg))
+    assert "model.embed_tokens" not in styles and "lm_head" not in styles
+    assert styles["model.layers.0.mlp.down_proj"] == ("rowwise", 1)
 
 
 def test_gpt2_conv1d_shards_split_the_transposed_weight():
@@ -56,21 +66,15 @@ def test_a_head_count_under_an_unknown_name_is_read_from_the_graph():
     assert guessed.get("proj") == ("colwise", 1)  # the module tree's wrong guess
     layout = resolve_tp_layout(model, _cfg(), example_inputs=block_batch())
     assert _styles(layout) == {"qkv": ("colwise", 3), "proj": ("rowwise", 1),
-                               "fc1": ("colwise", 1), "fc2": ("rowwise", 1)}
+                               "fc1": ("colwise", 1), "fc2": ("rowwise", 1),
+                               "emb": ("vocab", 1), "head": ("colwise", 1)}  # vocabulary
 
 
 def test_a_linear_whose_features_meet_a_norm_is_left_whole():
     """fc1's output goes through a LayerNorm over its features: no Megatron region."""
-    class Normed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.ln, self.fc2 = nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 8)
-
-        def forward(self, x, y):
-            return ((self.fc2(self.ln(self.fc1(x))) - y) ** 2).mean()
-
+    model, batch = make("mlp_norm")
     with pytest.raises(TPPlanError, match="no Linear layer to split"):
-        resolve_tp_layout(Normed(), _cfg(), example_inputs=mlp_batch())
+        resolve_tp_layout(model, _cfg(), example_inputs=batch)
 
 
 def test_a_layer_called_twice_is_one_region():

@@ -355,6 +355,9 @@ class TensorParallelConfig:
     """Ranks per tensor-parallel group (1: off)."""
     plan: tuple[tuple[str, str], ...] = setting((), _tp_plan, dump=dict)
     """(glob pattern over parameter/module names, "colwise"|"rowwise"), in JSON order."""
+    vocab_parallel: bool = setting(True, boolean)
+    """Without a plan: split the word embedding, the LM head and the cross-entropy over the
+    vocabulary too (Megatron's vocabulary-parallel layers); false keeps them whole."""
 
     def __post_init__(self) -> None:
         validate(self)

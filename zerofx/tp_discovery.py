@@ -37,6 +37,7 @@ import zerofx.tp_rules as R
 aten = torch.ops.aten
 _TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default}
 _MATMULS = {aten.mm.default, aten.addmm.default}
+_VOCAB_ENDS = {str(aten.embedding.default), str(aten.nll_loss_forward.default)}
 # What a replicated operand may be computed through from a weight's matmul output, for
 # that weight to join a region (views, attention's rotary embedding, activations).
 _CARRIERS = P.VIEWS | _TRANSPOSES | {aten.expand.default, aten.unsqueeze.default,
@@ -53,7 +54,8 @@ class Weight:
     out_dim: int  # the parameter dimension that becomes output features
     bias: fx.Node | None  # the parameter every one of its addmms adds (None: none, or mixed)
     bias_name: str | None
-    first_use: int  # graph position of its first matmul: seeds go in this order
+    first_use: int  # graph position of its first use: seeds go in this order
+    lookup: bool  # an embedding table (maybe also the LM head): vocabulary-parallel
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,9 @@ class _Recorder(TorchDispatchMode):
 
 
 def find_weights(gm: fx.GraphModule, names: list[str]) -> dict[str, Weight]:
-    """{name: Weight} for the parameters every use of which is a matmul's weight operand."""
+    """{name: Weight} for the 2-D parameters every use of which is a matmul's weight operand
+    or an embedding lookup's table (a table's rows are its output features: the vocabulary,
+    also when the table is tied to the LM head)."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     found = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -133,22 +137,22 @@ def find_weights(gm: fx.GraphModule, names: list[str]) -> dict[str, Weight]:
         val = ph.meta.get("val")
         if not isinstance(val, torch.Tensor) or val.dim() != 2:
             continue
-        uses = _matmul_uses(ph)
-        if not uses:
-            continue
+        uses = _weight_uses(ph)
         dims = {d for _, d in uses}
+        if not uses or len(dims) != 1:
+            continue
         biases = {mm.args[0] if mm.target is aten.addmm.default and mm.args[0] in name_of
-                  else None for mm, _ in uses}
-        if len(dims) == 1:
-            bias = biases.pop() if len(biases) == 1 else None
-            found[name] = Weight(name, ph, dims.pop(), bias, name_of.get(bias),
-                                 min(order[mm] for mm, _ in uses))
+                  else None for mm, _ in uses if mm.target in _MATMULS}
+        bias = biases.pop() if len(biases) == 1 else None
+        lookup = any(u.target is aten.embedding.default for u, _ in uses)
+        found[name] = Weight(name, ph, dims.pop(), bias, name_of.get(bias),
+                             min(order[u] for u, _ in uses), lookup)
     return found
 
 
-def _matmul_uses(ph: fx.Node):
-    """[(matmul, output-feature dimension of the parameter)] if every use of ``ph`` is as
-    the right operand of mm/addmm (through transposes), else []."""
+def _weight_uses(ph: fx.Node):
+    """[(use, output-feature dimension of the parameter)] if every use of ``ph`` is as the
+    right operand of mm/addmm (through transposes) or as an embedding's table, else []."""
     uses, frontier = [], [(ph, [0, 1])]
     while frontier:
         node, perm = frontier.pop()  # perm[i]: the parameter dimension at position i
@@ -159,24 +163,44 @@ def _matmul_uses(ph: fx.Node):
                                                       else 2] is node and \
                     sum(a is node for a in user.args) == 1:
                 uses.append((user, perm[1]))  # b is [k, n]: position 1 is the output
+            elif user.target is aten.embedding.default and user.args[0] is node is ph:
+                uses.append((user, 0))  # a table's rows
             else:
                 return []
     return uses
 
 
-def discover(gm: fx.GraphModule, weights: dict[str, Weight], tp: int) -> list[Found]:
-    """The weights to split and how, region by region (see the module docstring)."""
+def discover(gm: fx.GraphModule, weights: dict[str, Weight], tp: int, *,
+             vocab: bool = True) -> list[Found]:
+    """The weights to split and how, region by region (see the module docstring). With
+    ``vocab``, embedding tables and LM heads whose split reaches the cross-entropy are split
+    over the vocabulary too (Megatron's vocabulary-parallel layers)."""
     full = {n: P.shapes(n.meta.get("val")) for n in gm.graph.nodes}
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     by_node = {w.node: w for w in weights.values()}
+    # Megatron splits the word embedding, not the position or token-type tables: a lookup
+    # table is split when it is also the LM head, or has as many rows as a loss has classes
+    classes = {full[n.args[0]][-1] for n in gm.graph.nodes
+               if n.target is aten.nll_loss_forward.default}
+    word = {w.node for w in weights.values() if w.lookup and (
+        full[w.node][0] in classes or any(u.target in _MATMULS for u in _table_uses(w.node)))}
+    by_node = {n: w for n, w in by_node.items() if not w.lookup or (vocab and n in word)}
     placed: dict[str, Found] = {}
-    for seed in sorted(weights.values(), key=lambda w: w.first_use):
+    for seed in sorted(by_node.values(), key=lambda w: w.first_use):
         if seed.name not in placed:
-            placed.update(_grow(seed, placed, by_node, full, order, tp))
+            placed.update(_grow(seed, placed, by_node, full, order, tp, vocab))
     return list(placed.values())
 
 
-def _grow(seed: Weight, placed, by_node, full, order, tp: int) -> dict[str, Found]:
+def _table_uses(ph: fx.Node) -> list[fx.Node]:
+    """Every use of a table: lookups, and matmuls through transposes (a tied LM head)."""
+    out = []
+    for u in ph.users:
+        out += _table_uses(u) if u.target in _TRANSPOSES else [u]
+    return out
+
+
+def _grow(seed: Weight, placed, by_node, full, order, tp: int, vocab: bool) -> dict:
     col, row = {seed.node: 1}, set()
     seen: list[str] = []
     for _ in range(4 * len(by_node) + 4):  # each round adds a weight or a part count
@@ -184,7 +208,10 @@ def _grow(seed: Weight, placed, by_node, full, order, tp: int) -> dict[str, Foun
                 and n not in col and n not in row}
         blocked = _propagate(col, row, by_node, free, full, order, tp, seen)
         if blocked is None:
-            return _region(col, row, by_node, full, seen) if row else {}
+            # a region ends where its split is summed away: row-parallel weights, an
+            # embedding lookup, the cross-entropy (vocabulary-parallel)
+            ends = row or (vocab and any(t in _VOCAB_ENDS for t in seen))
+            return _region(col, row, by_node, full, seen) if ends else {}
         node, state = blocked
         if not _repair(node, state, col, row, free, by_node, full, tp):
             return {}
@@ -195,7 +222,9 @@ def _propagate(col, row, by_node, free, full, order, tp, seen):
     """Propagate the region's splits (in graph order, only where they reach); None when
     nothing blocks them, else (the blocking node, the state so far). An elementwise op that
     would slice a replicated operand computed by a free weight (a gated MLP's up beside
-    gate) blocks too: splitting that weight saves computing what is sliced away. ``seen``
+    gate), or that would slice a free weight itself (a matmul contracting the split: that
+    weight is row-parallel), blocks too: splitting that weight saves computing what is
+    sliced away. ``seen``
     collects the ops the split went through (for the reason the plan dump shows)."""
     seen.clear()
     state = {}
@@ -218,18 +247,18 @@ def _propagate(col, row, by_node, free, full, order, tp, seen):
             continue
         done.add(node)
         if P.may_localize(node.target) and any(
-                _feeding_weights(a, free, state)
+                _weight_of(a, free) is not None or _feeding_weights(a, free, state)
                 for a in P.localized(node, state, full, along=P.cat_dim(node, full))):
-            return node, state
+            return node, state  # split that weight (or make it row-parallel) instead
         try:
             out = P.infer(node, state, full, tp)
         except (R.Unshardable, AttributeError, TypeError, IndexError):
             # no rule, or a rule meeting an operand layout it was not written for (the pass
             # would refuse it too): either way the split cannot pass here
             return node, state
+        seen.append(str(node.target))
         if out is not None and out != R.PARTIAL:
             state[node] = out
-            seen.append(str(node.target))
             for u in node.users:
                 heapq.heappush(heap, (order[u], u))
     return None
@@ -305,14 +334,21 @@ def _feeding_weights(value: fx.Node, free, state) -> set[fx.Node]:
 def _region(col, row, by_node, full, seen) -> dict[str, Found]:
     through = "attention" if any("attention" in t or "bmm" in t for t in seen) else \
         "elementwise ops"
-    rows = ", ".join(sorted(by_node[n].name for n in row))
+    ends = ", ".join(sorted(by_node[n].name for n in row))
+    if not row:
+        ends = "the cross-entropy (vocabulary-parallel)" \
+            if str(aten.nll_loss_forward.default) in seen else "summed lookups"
     out = {}
     for node, parts in col.items():
         w = by_node[node]
         fused = f", {parts} equal pieces (a fused projection)" if parts > 1 else ""
-        out[w.name] = Found(w.name, "colwise", parts, w.out_dim, w.bias_name,
-                            f"graph: output features reach row-parallel {rows} through "
-                            f"{through}{fused}")
+        if w.lookup:
+            style, reason = "vocab", (f"graph: an embedding table split by rows (vocabulary)"
+                                      f"; its split reaches {ends}")
+        else:
+            style, reason = "colwise", f"graph: output features reach {ends}" + (
+                f" through {through}{fused}" if row else "")
+        out[w.name] = Found(w.name, style, parts, w.out_dim, w.bias_name, reason)
     for node in row:
         w = by_node[node]
         out[w.name] = Found(w.name, "rowwise", 1, 1 - w.out_dim, None,

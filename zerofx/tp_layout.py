@@ -24,6 +24,7 @@ backward included) or names the op it cannot shard.
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -89,10 +90,9 @@ def resolve_tp_layout(model: nn.Module, config: Config, example_inputs=None) -> 
     if config.tensor_parallel.plan:
         choices = _from_plan(modules, config.tensor_parallel.plan)
     else:
-        example = example_inputs if example_inputs is not None else \
-            getattr(model, "dummy_inputs", None)  # a Hugging Face model's own
+        example = example_inputs if example_inputs is not None else _hf_example(model)
         if example is not None:
-            return _from_graph(model, example, tp)
+            return _from_graph(model, example, tp, config.tensor_parallel.vocab_parallel)
         choices = _detect(modules, tp)
     if not choices:
         raise _nothing_to_split(tp)
@@ -116,7 +116,21 @@ def _nothing_to_split(tp: int) -> TPPlanError:
         f"\"blocks.*.mlp.fc2\": \"rowwise\"}}")
 
 
-def _from_graph(model: nn.Module, example, tp: int) -> TPLayout:
+def _hf_example(model: nn.Module) -> dict | None:
+    """A Hugging Face model's own ``dummy_inputs``, with ``labels=`` as its users call it
+    (so the traced graph holds the loss, and the LM head's split can end there)."""
+    example = getattr(model, "dummy_inputs", None)
+    if not isinstance(example, dict):
+        return None
+    example = dict(example)
+    ids = example.get("decoder_input_ids", example.get("input_ids"))
+    if ids is not None and "labels" not in example and \
+            "labels" in inspect.signature(model.forward).parameters:
+        example["labels"] = ids
+    return example
+
+
+def _from_graph(model: nn.Module, example, tp: int, vocab: bool) -> TPLayout:
     """Megatron's regions found on the traced forward graph (tp_discovery.py)."""
     try:
         gm, names = tp_discovery.trace_forward(model, example)
@@ -126,7 +140,7 @@ def _from_graph(model: nn.Module, example, tp: int) -> TPLayout:
             f"layout, and the model raised {type(e).__name__}: {e}. Pass inputs it accepts "
             f"(example_inputs= of zerofx.initialize or ZeroRuntime: a dict of keyword "
             f"arguments or a tuple), or give tensor_parallel.plan") from e
-    found = tp_discovery.discover(gm, tp_discovery.find_weights(gm, names), tp)
+    found = tp_discovery.discover(gm, tp_discovery.find_weights(gm, names), tp, vocab=vocab)
     if not found:
         raise _nothing_to_split(tp)
     params = dict(model.named_parameters())

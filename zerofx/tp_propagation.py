@@ -24,6 +24,13 @@ VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 PASS_THROUGH = {aten._to_copy.default, aten.clone.default, aten.detach.default,
                 aten.alias.default, aten.contiguous.default, aten.native_dropout.default}
 SOFTMAX = {aten._softmax.default, aten._log_softmax.default}
+# Megatron's vocabulary-parallel ops: they run on a split vocabulary with collectives the
+# pass adds (passes/tp_vocab.py): the embedding lookup (masked, partial sums), the
+# cross-entropy's log-softmax (max and sum of exponentials all-reduced) and its NLL (the
+# target's log-probability from the rank that holds it).
+VOCAB_PARALLEL = {aten.embedding.default, aten._log_softmax.default,
+                  aten._log_softmax_backward_data.default, aten.nll_loss_forward.default,
+                  aten.nll_loss_backward.default}
 # Attention kernels: heads (dim 1 of every 4-D operand) are independent.
 HEAD_PARALLEL = {getattr(aten, n).default for n in (
     "_scaled_dot_product_flash_attention_for_cpu",
@@ -57,8 +64,11 @@ def is_elementwise(target) -> bool:
 
 def may_localize(target) -> bool:
     """Ops whose replicated operands may be sliced to a split one's part: elementwise ops,
-    cat, and attention (a per-head bias or mask beside heads split across ranks)."""
-    return target is aten.cat.default or target in HEAD_PARALLEL or is_elementwise(target)
+    cat, attention (a per-head bias or mask beside heads split across ranks), and a matmul
+    whose other operand is split along the contracted dimension (the incoming gradient of
+    split logits, whole, times a vocabulary-split LM head: a partial sum)."""
+    return target is aten.cat.default or target in HEAD_PARALLEL or is_elementwise(target) \
+        or target in (aten.mm.default, aten.bmm.default)
 
 
 def cat_dim(node: fx.Node, full) -> int | None:
@@ -73,6 +83,8 @@ def localized(node: fx.Node, state, full, *, along: int | None = None) -> dict:
     whole replicated one in an op that works elementwise along the split dimension
     (pointwise ops; cat ``along`` another dimension). The replicated one holds every rank's
     part, so each rank can use its own slice (a redistribution, no communication)."""
+    if node.target in (aten.mm.default, aten.bmm.default):
+        return _contracted(node, state, full)
     out = full[node][0] if isinstance(full[node], list) else full[node]
     ins = node.all_input_nodes
     split = next(((state[a], full[a]) for a in ins if isinstance(state.get(a), R.Shard)), None)
@@ -90,6 +102,19 @@ def localized(node: fx.Node, state, full, *, along: int | None = None) -> dict:
         if d >= 0 and full[a][d] == shape[sh.dim] and full[a][d] != 1:
             found[a] = R.Shard(d, sh.f, sh.s)
     return found
+
+
+def _contracted(node: fx.Node, state, full) -> dict:
+    """mm/bmm(a, b) with one operand split along the contracted dimension and the other
+    whole: each rank takes its slice of the whole one; the product is a partial sum."""
+    a, b = node.args[:2]
+    k, kb = len(full[a]) - 1, len(full[b]) - 2
+    sa, sb = state.get(a), state.get(b)
+    if isinstance(sb, R.Shard) and sb.dim == kb and sa is None:
+        return {a: R.Shard(k, sb.f, sb.s)}
+    if isinstance(sa, R.Shard) and sa.dim == k and sb is None:
+        return {b: R.Shard(kb, sa.f, sa.s)}
+    return {}
 
 
 def infer(node: fx.Node, state, full, tp: int):
@@ -139,6 +164,10 @@ def infer(node: fx.Node, state, full, tp: int):
         dims = args[1] if len(args) > 1 else node.kwargs.get("dim")
         keep = args[2] if len(args) > 2 else node.kwargs.get("keepdim", False)
         return R.reduced(sh, dims, len(full[args[0]]), keep)
+    if t in VOCAB_PARALLEL:
+        out = _vocab_parallel(node, get, full)
+        if out is not NotImplemented:
+            return out
     if t in SOFTMAX:  # (x, dim, ...): normalised along dim, independent across the others
         return R.along(sh, args[1], len(full[args[0]]))
     if t is aten._softmax_backward_data.default:  # (grad, output, dim, dtype)
@@ -157,6 +186,42 @@ def infer(node: fx.Node, state, full, tp: int):
                           else full[node][0])
         return [out] * len(full[node]) if isinstance(full[node], list) else out
     raise R.Unshardable(f"no tensor-parallel rule for {t}")
+
+
+def _vocab_parallel(node, get, full):
+    """Vocabulary-parallel ops on a split vocabulary (NotImplemented: not split that way, the
+    ordinary rules decide)."""
+    t, args = node.target, node.args
+    if t is aten.embedding.default:  # (weight [V, d], ids, ...): rows of the vocabulary
+        w, ids = get(args[0]), get(args[1])
+        if isinstance(w, R.Shard) and w.dim == 0 and ids is None and \
+                R.normalize(w, full[args[0]][0]) == R.Shard(0, full[args[0]][0], 1):
+            return R.PARTIAL  # rows held elsewhere look up zeros: summed over the ranks
+        return NotImplemented
+    if t is aten._log_softmax.default:  # (x, dim, half_to_float)
+        sh = get(args[0])
+        return sh if _splits_whole(sh, args[1], full[args[0]]) else NotImplemented
+    if t is aten._log_softmax_backward_data.default:  # (grad, output, dim, dtype)
+        sh = R.pointwise([(get(args[0]), full[args[0]]), (get(args[1]), full[args[1]])],
+                         full[node])
+        return sh if _splits_whole(sh, args[2], full[node]) else NotImplemented
+    # nll_loss_forward(logp, target, weight, reduction, ignore_index) -> (loss, total)
+    # nll_loss_backward(grad, logp, target, weight, reduction, ignore_index, total)
+    logp = args[0] if t is aten.nll_loss_forward.default else args[1]
+    sh, rest = get(logp), [a for a in node.all_input_nodes if a is not logp]
+    if not _splits_whole(sh, 1 if len(full[logp]) > 1 else 0, full[logp]):
+        return NotImplemented
+    if any(get(a) is not None for a in rest) or (args[2 if logp is args[0] else 3]
+                                                 is not None):
+        raise R.Unshardable("a vocabulary-parallel loss with class weights or a split "
+                            "target")
+    return [None, None] if t is aten.nll_loss_forward.default else sh
+
+
+def _splits_whole(sh, dim: int, shape) -> bool:
+    """``sh`` is a plain (one-block) split of dimension ``dim``."""
+    return isinstance(sh, R.Shard) and sh.dim == dim % len(shape) and \
+        R.normalize(sh, shape[sh.dim]) == R.Shard(sh.dim, shape[sh.dim], 1)
 
 
 def _permutation(t, args, nd: int) -> list[int]:

@@ -26,6 +26,7 @@ import zerofx.tp_propagation as P
 import zerofx.tp_rules as R
 from zerofx.passes.context import PassContext
 from zerofx.passes.fake_vals import compute_val, fake_mode_of
+from zerofx.passes import tp_vocab
 from zerofx.passes.nodes import model_line, role_of
 from zerofx.tp_layout import TPPlanError
 
@@ -52,7 +53,8 @@ def tensor_parallel_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
             continue
         origin[node] = frozenset().union(*(origin.get(a, ()) for a in ins))
         try:
-            state[node] = _propagate(node, state, full, tp, ctx.plan.grid.tp_rank(ctx.plan.rank))
+            state[node] = _propagate(node, state, full, tp, ctx.plan.grid.tp_rank(ctx.plan.rank),
+                                     ctx.tp_group)
         except R.Unshardable as e:
             raise TPPlanError(_explain(node, origin[node], str(e), ctx)) from None
         if state[node] == R.PARTIAL:
@@ -89,10 +91,11 @@ def _read_local_params(gm, ctx, split, full):
     return state, origin
 
 
-def _propagate(node: fx.Node, state, full, tp: int, tp_rank: int):
+def _propagate(node: fx.Node, state, full, tp: int, tp_rank: int, group: str):
     """The output sharding of ``node`` (tp_propagation decides); rewrites the node to run on
     this rank's pieces: replicated operands sliced, shape arguments divided where the split
-    lands, a row-parallel addmm turned into mm + add (the all-reduce goes between)."""
+    lands, a row-parallel addmm turned into mm + add (the all-reduce goes between), the
+    vocabulary-parallel embedding and cross-entropy (tp_vocab.py)."""
     t, args = node.target, node.args
     if P.may_localize(t):
         _localize(node, state, full, tp, tp_rank, along=P.cat_dim(node, full))
@@ -107,6 +110,8 @@ def _propagate(node: fx.Node, state, full, tp: int, tp_rank: int):
         node.args = (args[0], _divide_at(args[1], out.dim, tp), *args[2:])
     elif t is aten.addmm.default and out == R.PARTIAL:
         _row_parallel_addmm(node, full)
+    elif t in P.VOCAB_PARALLEL:
+        tp_vocab.rewrite(node, out, state, full, tp=tp, tp_rank=tp_rank, group=group)
     return out
 
 
