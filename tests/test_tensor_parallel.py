@@ -25,11 +25,12 @@ def _cfg(tp=2, stage=0, clip=0.0, extra=None):
     return cfg
 
 
-def _grads_body(rank, world, name, dump, inductor=False):
+def _grads_body(rank, world, name, dump, inductor=False, sequence_parallel=False):
     import zerofx
 
     model, batch = make(name)
     cfg = _cfg(extra={"zerofx": {"dump_dir": dump, "inductor": inductor}})
+    cfg["tensor_parallel"]["sequence_parallel"] = sequence_parallel
     # block_h, vocab: the layout is read from the graph of one run on the batch
     traced = name in ("block_h", "vocab")
     rt = zerofx.ZeroRuntime(model, cfg, example_inputs=batch if traced else None)
@@ -75,6 +76,23 @@ def test_tp2_loss_gradients_and_eval_equal_single_process(name, tmp_path):
             plan = open(os.path.join(dump, "rank0", os.listdir(os.path.join(dump, "rank0"))[0],
                                      "plan.txt")).read()
             assert "tensor-parallel layout" in plan and "fused qkv" in plan
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["block", "vocab"])
+def test_sequence_parallel_equals_single_process(name, tmp_path):
+    """Megatron's sequence parallelism: LayerNorms and residual adds on each rank's tokens,
+    reduce-scatter after each row-parallel layer, all-gather before each column-parallel
+    one (and again in backward, for the weights' gradients): loss, every gradient piece and
+    eval equal the single process."""
+    dump = str(tmp_path / "dump")
+    _check_grads(name, run_ranks(_grads_body, 2, args=(name, dump, False, True)))
+    for kind, want in (("forward", "reduce_scatter_tensor"), ("backward",
+                                                              "reduce_scatter_tensor")):
+        text = "".join(open(os.path.join(root, f)).read()
+                       for root, _, files in os.walk(os.path.join(dump, "rank0"))
+                       if os.path.basename(root) == kind for f in files if f.endswith(".py"))
+        assert want in text and "all_gather_into_tensor" in text, kind
 
 
 @pytest.mark.slow
@@ -510,11 +528,12 @@ LLAMA_PLAN = {"*.q_proj": "colwise", "*.k_proj": "colwise", "*.v_proj": "colwise
               "*.down_proj": "rowwise"}
 
 
-def _hf_tp_body(rank, world, name, steps, plan, stage=0):
+def _hf_tp_body(rank, world, name, steps, plan, stage=0, sequence_parallel=False):
     import zerofx
     from hf_models import hf_batch, make_hf
 
     tp = {"size": 2, "plan": plan} if plan else {"size": 2}
+    tp["sequence_parallel"] = sequence_parallel
     cfg = _cfg(clip=1.0, stage=stage, extra={"tensor_parallel": tp})
     engine, *_ = zerofx.initialize(model=make_hf(name), config=cfg)
     dp_rank = engine.runtime.plan.grid.dp_rank(rank)
@@ -533,21 +552,23 @@ def _hf_tp_body(rank, world, name, steps, plan, stage=0):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,plan", [("llama", LLAMA_PLAN), ("llama", None),
-                                       ("gpt2", None), ("bert_mlm", None)],
-                         ids=["llama-plan", "llama", "gpt2", "bert_mlm"])
-def test_hf_models_tp2_train_like_one_process(name, plan):
+@pytest.mark.parametrize("name,plan,sp", [("llama", LLAMA_PLAN, False), ("llama", None, False),
+                                          ("gpt2", None, False), ("bert_mlm", None, False),
+                                          ("llama", None, True), ("gpt2", None, True)],
+                         ids=["llama-plan", "llama", "gpt2", "bert_mlm", "llama-sp", "gpt2-sp"])
+def test_hf_models_tp2_train_like_one_process(name, plan, sp):
     """Hugging Face models as their users call them (labels=, the default key/value cache),
     with the obvious plan or none: without one, zerofx reads the layout from the graph of
     the model's own dummy_inputs (GPT-2's Conv1D and fused q|k|v, BERT's separate
     query/key/value, Llama's grouped-query attention and SwiGLU). A returned cache is
-    all-gathered whole; the empty cache each rank slices."""
+    all-gathered whole; the empty cache each rank slices. With sequence parallelism the
+    norms (GPT-2's LayerNorm, Llama's RMSNorm) and residuals run on each rank's tokens."""
     pytest.importorskip("transformers")
     from hf_models import TP_LAYOUTS, hf_batch, make_hf
     from reference import deepspeed_step
 
     steps = 3
-    results = run_ranks(_hf_tp_body, 2, args=(name, steps, plan), timeout_s=240)
+    results = run_ranks(_hf_tp_body, 2, args=(name, steps, plan, 0, sp), timeout_s=240)
     model = make_hf(name)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
     want = []

@@ -355,6 +355,10 @@ class TensorParallelConfig:
     """Ranks per tensor-parallel group (1: off)."""
     plan: tuple[tuple[str, str], ...] = setting((), _tp_plan, dump=dict)
     """(glob pattern over parameter/module names, "colwise"|"rowwise"), in JSON order."""
+    sequence_parallel: bool = setting(False, boolean)
+    """Megatron's sequence parallelism: between tensor-parallel regions (norms, dropout,
+    residual adds) each rank keeps only its tokens; row-parallel outputs are
+    reduce-scattered and column-parallel inputs all-gathered instead of all-reduced."""
     vocab_parallel: bool = setting(True, boolean)
     """Without a plan: split the word embedding, the LM head and the cross-entropy over the
     vocabulary too (Megatron's vocabulary-parallel layers); false keeps them whole."""

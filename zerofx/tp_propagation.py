@@ -168,6 +168,17 @@ def infer(node: fx.Node, state, full, tp: int):
         out = _vocab_parallel(node, get, full)
         if out is not NotImplemented:
             return out
+    if t is aten.native_layer_norm.default:  # (x, shape, w, b, eps) -> (y, mean, rstd)
+        return [_token_wise(node, get, full, args[0], len(args[1]))] * 3
+    if t is aten.native_layer_norm_backward.default:
+        # (grad, x, shape, mean, rstd, w, b, mask) -> (dx, dw, db): dw, db sum over tokens
+        sh = R.pointwise([(get(args[0]), full[args[0]]), (get(args[1]), full[args[1]])],
+                         full[args[1]])
+        sh = R.along(sh, range(len(full[args[1]]) - len(args[2]), len(full[args[1]])),
+                     len(full[args[1]]))
+        if any(get(a) is not None for a in args[5:7] if isinstance(a, fx.Node)):
+            raise R.Unshardable("a LayerNorm with split weights")
+        return [sh, R.PARTIAL, R.PARTIAL]
     if t in SOFTMAX:  # (x, dim, ...): normalised along dim, independent across the others
         return R.along(sh, args[1], len(full[args[0]]))
     if t is aten._softmax_backward_data.default:  # (grad, output, dim, dtype)
@@ -222,6 +233,15 @@ def _splits_whole(sh, dim: int, shape) -> bool:
     """``sh`` is a plain (one-block) split of dimension ``dim``."""
     return isinstance(sh, R.Shard) and sh.dim == dim % len(shape) and \
         R.normalize(sh, shape[sh.dim]) == R.Shard(sh.dim, shape[sh.dim], 1)
+
+
+def _token_wise(node, get, full, x, k: int):
+    """A norm over the last ``k`` dimensions of ``x``: a split of the others (tokens) passes,
+    a split of the normalised ones is refused; split weights are refused."""
+    nd = len(full[x])
+    if any(get(a) is not None for a in node.all_input_nodes if a is not x):
+        raise R.Unshardable("a LayerNorm with split weights")
+    return R.along(get(x), range(nd - k, nd), nd)
 
 
 def _permutation(t, args, nd: int) -> list[int]:

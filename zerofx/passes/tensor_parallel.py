@@ -26,6 +26,7 @@ import zerofx.tp_propagation as P
 import zerofx.tp_rules as R
 from zerofx.passes.context import PassContext
 from zerofx.passes.fake_vals import compute_val, fake_mode_of
+from zerofx.passes import tp_sequence as S
 from zerofx.passes import tp_vocab
 from zerofx.passes.nodes import model_line, role_of
 from zerofx.tp_layout import TPPlanError
@@ -45,20 +46,29 @@ def tensor_parallel_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
                           "split weights: use zerofx.initialize (or a ZeroRuntime)")
     full = {n: P.shapes(n.meta.get("val")) for n in gm.graph.nodes}
     state, origin = _read_local_params(gm, ctx, split, full)
-    for node in list(gm.graph.nodes):
+    seq = ctx.config.tensor_parallel.sequence_parallel
+    tokens: set = set()  # values split over tokens (sequence parallelism, tp_sequence.py)
+    # the live graph, not a snapshot: a node a rewrite adds after the current one (the bias
+    # add of a row-parallel addmm) is visited too; added collectives carry their state
+    for node in _live(gm.graph):
         if node.op != "call_function" or node in state:
             continue
         ins = [a for a in node.all_input_nodes if state.get(a) is not None]
         if not ins:
+            if node in state.presets:
+                state[node] = state.presets[node]
             continue
         origin[node] = frozenset().union(*(origin.get(a, ()) for a in ins))
-        try:
-            state[node] = _propagate(node, state, full, tp, ctx.plan.grid.tp_rank(ctx.plan.rank),
-                                     ctx.tp_group)
-        except R.Unshardable as e:
-            raise TPPlanError(_explain(node, origin[node], str(e), ctx)) from None
+        state[node] = _sharding(node, state, full, tokens, ctx, origin[node])
+        # split over tokens if a token-split input is still read (not gathered whole)
+        if isinstance(state[node], (R.Shard, list)) and \
+                any(a in tokens for a in node.all_input_nodes):
+            tokens.add(node)
         if state[node] == R.PARTIAL:
-            _all_reduce_after(gm, node, ctx.tp_group, state, full)
+            if seq and S.scatters(node, full, tp):
+                S.reduce_scatter_after(node, state, full, tokens, tp=tp, group=ctx.tp_group)
+            else:
+                _all_reduce_after(gm, node, ctx.tp_group, state, full)
     _check_outputs(gm, ctx, state, split, tp, full)
     mode = fake_mode_of(gm.graph)
     for node in gm.graph.nodes:  # shapes changed all along the way: recompute every value
@@ -66,9 +76,45 @@ def tensor_parallel_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
     return gm
 
 
+def _live(graph: fx.Graph):
+    node = graph._root.next
+    while node is not graph._root:
+        yield node
+        node = node.next
+
+
+def _sharding(node, state, full, tokens, ctx, params):
+    """``node``'s output sharding, the node rewritten to match; with sequence parallelism an
+    op no rule fits runs on its token-split operands gathered whole (a column-parallel
+    layer's input, a weight's gradient)."""
+    tp, tp_rank, group = ctx.plan.grid.tp_size, ctx.plan.grid.tp_rank(ctx.plan.rank), ctx.tp_group
+    try:
+        return _propagate(node, state, full, tp, tp_rank, group)
+    except R.Unshardable as e:
+        if not (ctx.config.tensor_parallel.sequence_parallel and
+                S.gather_tokens(node, state, full, tokens, tp=tp, group=group)):
+            raise TPPlanError(_explain(node, params, str(e), ctx)) from None
+    if not any(state.get(a) is not None for a in node.all_input_nodes):
+        return state.presets.get(node)  # whole now (or preset: a vocabulary rows' gradient)
+    try:
+        return _propagate(node, state, full, tp, tp_rank, group)
+    except R.Unshardable as e:
+        raise TPPlanError(_explain(node, params, str(e), ctx)) from None
+
+
+class _State(dict):
+    """node -> sharding, plus ``presets``: nodes whose output sharding a rewrite fixed in
+    advance (the gradient of a vocabulary-split table holds this rank's rows, though its
+    inputs are whole), taken when the node is reached with nothing split to read."""
+
+    def __init__(self):
+        super().__init__()
+        self.presets: dict = {}
+
+
 def _read_local_params(gm, ctx, split, full):
     """Replace each split parameter's placeholder by zerofx.tp_param (its local piece)."""
-    state, origin = {}, {}
+    state, origin = _State(), {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for ph in placeholders:
         role = role_of(ph)
@@ -229,14 +275,8 @@ def _gather_output(gm, ctx, out: fx.Node, sh, shape, tp: int, i: int) -> fx.Node
                           f"(shape {list(shape)}) in a way zerofx cannot gather: return "
                           f"values computed after a row-parallel layer, or leave its layers "
                           f"out of the plan")
-    graph, d = gm.graph, sh.dim
-    with graph.inserting_before(graph.output_node()):
-        front = graph.call_function(aten.movedim.int, (out, d, 0))
-        front = graph.call_function(aten.clone.default, (front,),
-                                    {"memory_format": torch.contiguous_format})
-        g = graph.call_function(_c10d.all_gather_into_tensor.default, (front, tp, ctx.tp_group))
-        g = graph.call_function(_c10d.wait_tensor.default, (g,))
-        return graph.call_function(aten.movedim.int, (g, 0, d))
+    with gm.graph.inserting_before(gm.graph.output_node()):
+        return S.gather(gm.graph, out, sh.dim, tp=tp, group=ctx.tp_group)
 
 
 def _explain(node: fx.Node, params, reason: str, ctx: PassContext) -> str:

@@ -6,7 +6,8 @@ Rank r holds rows [r·V/tp, (r+1)·V/tp) of the vocabulary (start = r·V/tp, per
     embedding(W, ids)               -> masked_fill(embedding(W_r, safe(ids)), outside, 0)
                                        (a partial sum: the pass all-reduces it)
     embedding_dense_backward(g, ids, V, ...)
-                                    -> embedding_dense_backward(g masked, safe(ids), per, ...)
+                                    -> embedding_dense_backward(g, spare(ids), per + 1, ...)
+                                       [:per]   (other ranks' rows land in a dropped row)
     _log_softmax(x, -1)             -> x - m - log(all_reduce_sum(sum(exp(x - m))))
                                        with m = all_reduce_max(amax(x))
     _log_softmax_backward_data(g, y, -1)
@@ -41,22 +42,28 @@ _LOCAL_IGNORE = -1  # never a local row index
 def rewrite(node: fx.Node, out, state, full, *, tp: int, tp_rank: int, group: str) -> None:
     """Rewrite ``node`` (whose output sharding tp_propagation gave as ``out``) to run on this
     rank's part of the vocabulary."""
-    t = node.target
+    t, args = node.target, node.args
     if t is aten.embedding.default and out == R.PARTIAL:
         _embedding(node, state, full, tp, tp_rank)
-    elif t is aten._log_softmax.default and isinstance(out, R.Shard):
+    elif t is aten._log_softmax.default and _along(out, args[1], full[node]):
         _log_softmax(node, group)
-    elif t is aten._log_softmax_backward_data.default and isinstance(out, R.Shard):
+    elif t is aten._log_softmax_backward_data.default and _along(out, args[2], full[node]):
         _log_softmax_backward(node, group)
-    elif t is aten.nll_loss_forward.default and out == [None, None]:
+    elif t is aten.nll_loss_forward.default and _along(state.get(args[0]), 1, full[args[0]]):
         _nll_forward(node, full, tp, tp_rank, group)
-    elif t is aten.nll_loss_backward.default and isinstance(out, R.Shard):
+    elif t is aten.nll_loss_backward.default and _along(out, 1, full[node]):
         logp, target = node.args[1], node.args[2]
         per = full[logp][-1] // tp
         with node.graph.inserting_before(node):
             local = _local_targets(node.graph, target, per, tp_rank, node.args[5])
         grad, weight, reduction, total = node.args[0], node.args[3], node.args[4], node.args[6]
         node.args = (grad, logp, local, weight, reduction, _LOCAL_IGNORE, total)
+
+
+def _along(sh, dim: int, shape) -> bool:
+    """``sh`` splits the class (vocabulary) dimension ``dim``: the rewrites apply only then
+    (a split of tokens flows through these ops untouched)."""
+    return isinstance(sh, R.Shard) and len(shape) > 0 and sh.dim == dim % len(shape)
 
 
 def _call(graph: fx.Graph, op, *args, **kwargs) -> fx.Node:
@@ -99,11 +106,24 @@ def _embedding(node, state, full, tp: int, tp_rank: int) -> None:
     for user in list(ids.users):  # the gradient of the table: this rank's rows only
         if user.target is aten.embedding_dense_backward.default and user.args[1] is ids \
                 and user.args[2] == vocab:
-            grad, _, _, pad_b, scale = user.args
-            with graph.inserting_before(user):
-                g = _call(graph, aten.masked_fill.Scalar, grad, outside, 0.0)
-            user.args = (g, safe, per, -1 if pad_b in (None, -1) else rest[0], scale)
-            state[user], full[user] = R.Shard(0, vocab, 1), full[user]
+            _rows_gradient(user, inside, local, per, rest[0] if rest else -1, state, full)
+
+
+def _rows_gradient(user, inside, local, per: int, pad: int, state, full) -> None:
+    """embedding_dense_backward(g, ids, V, ...) -> its first ``per`` rows of
+    embedding_dense_backward(g, ids - start or ``per``, per + 1, ...): lookups of other
+    ranks' rows land in a spare row that is dropped. The incoming gradient is not masked,
+    so it may stay split over tokens (sequence parallelism) until the op gathers it."""
+    graph = user.graph
+    grad, _, vocab, pad_b, scale = user.args
+    with graph.inserting_before(user):
+        spare = _call(graph, aten.where.ScalarOther, inside, local, per)
+    user.args = (grad, spare, per + 1, -1 if pad_b in (None, -1) else pad, scale)
+    with graph.inserting_after(user):
+        rows = _call(graph, aten.slice.Tensor, user, 0, 0, per)
+    user.replace_all_uses_with(rows, delete_user_cb=lambda u: u is not rows)
+    full[rows] = (vocab, *full[user][1:])
+    state.presets[rows] = R.Shard(0, vocab, 1)  # whatever its input's sharding
 
 
 def _log_softmax(node, group: str) -> None:
