@@ -6,14 +6,17 @@ sequence parallelism) vs PyTorch's DTensor TP, 2 ranks, same run.
 Model: LlamaForCausalLM from a config (no download), vocab 8192, hidden 256, 4 layers, 8
 query / 4 key-value heads, SwiGLU 704; batch 4 x 128 tokens, the same on both ranks (TP
 splits the model, not the data); called as users call it, ``model(input_ids,
-labels=labels)``; bf16 compute (zerofx's bf16 block, autocast for DTensor), AdamW.
+labels=labels)``; bf16 compute (zerofx's bf16 block, autocast for DTensor), AdamW (the
+peer's for-loop AdamW: its fused and foreach ones refuse a mix of DTensor and plain
+parameters, which this model has: the norms are not split).
 
 zerofx runs without a plan (the layout read from the graph): ``zerofx-tp`` keeps the
 vocabulary whole, ``zerofx-tp-vocab`` splits embedding, LM head and cross-entropy,
 ``zerofx-tp-vocab-sp`` adds sequence parallelism. ``dtensor-tp`` is parallelize_module with
 the same Megatron plan for attention and MLP; ``dtensor-tp-loss-parallel`` also splits the
 embedding (RowwiseParallel) and the LM head (ColwiseParallel, Shard(-1) logits) and takes
-the loss under ``loss_parallel()``, PyTorch's strongest TP setting for this model.
+the loss under ``loss_parallel()``; ``-compiled`` runs that model through torch.compile
+(Inductor), PyTorch's strongest TP setting for this model.
 
 Activation memory is what autograd saves for backward in one step (saved_tensors_hooks,
 bytes of distinct storages this rank holds), so logits and per-token activations show.
@@ -58,10 +61,13 @@ class _Saved:
 
     def pack(self, t):
         local = getattr(t, "_local_tensor", t)  # a DTensor's piece on this rank
-        key = local.untyped_storage().data_ptr()
+        try:
+            key, size = local.untyped_storage().data_ptr(), local.untyped_storage().nbytes()
+        except RuntimeError:  # a wrapper without a storage of its own: count its elements
+            key, size = id(local), local.numel() * local.element_size()
         if key not in self.seen:
             self.seen.add(key)
-            self.bytes += local.untyped_storage().nbytes()
+            self.bytes += size
         return t
 
     def hooks(self):
@@ -81,11 +87,11 @@ def _timed(step, steps: int, warmup: int = 2):
     return statistics.median(times[warmup:]), saved / 2**20, float(loss)
 
 
-def run_zerofx(steps: int, vocab: bool, sp: bool):
+def run_zerofx(steps: int, vocab: bool, sp: bool, bf16: bool = True):
     import zerofx
 
     model = _model()
-    cfg = {"bf16": {"enabled": True}, "train_micro_batch_size_per_gpu": B,
+    cfg = {"bf16": {"enabled": bf16}, "train_micro_batch_size_per_gpu": B,
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
            "tensor_parallel": {"size": 2, "vocab_parallel": vocab, "sequence_parallel": sp}}
     engine, *_ = zerofx.initialize(model=model, config=cfg)
@@ -100,7 +106,7 @@ def run_zerofx(steps: int, vocab: bool, sp: bool):
     return _timed(step, steps)
 
 
-def run_dtensor(steps: int, loss_parallel: bool):
+def run_dtensor(steps: int, loss_parallel: bool, compiled: bool = False, bf16: bool = True):
     import torch.nn.functional as F
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard
@@ -118,10 +124,13 @@ def run_dtensor(steps: int, loss_parallel: bool):
         parallelize_module(model, mesh, {
             "model.embed_tokens": RowwiseParallel(input_layouts=Replicate()),
             "lm_head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)})
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    if compiled:  # torch.compile (Inductor) over the parallelized model
+        model = torch.compile(model)
+    # fused and foreach refuse a mix of DTensor (split) and plain (norm) parameters
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
 
     def step(ids, labels, meter):
-        with meter.hooks(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with meter.hooks(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             if loss_parallel:  # the loss outside the model, on Shard(-1) logits
                 logits = model(input_ids=ids).logits
                 with lp():
@@ -143,8 +152,15 @@ RUNNERS = {
     "zerofx-tp": lambda s: run_zerofx(s, vocab=False, sp=False),
     "zerofx-tp-vocab": lambda s: run_zerofx(s, vocab=True, sp=False),
     "zerofx-tp-vocab-sp": lambda s: run_zerofx(s, vocab=True, sp=True),
+    "zerofx-tp-vocab-fp32": lambda s: run_zerofx(s, vocab=True, sp=False, bf16=False),
+    "zerofx-tp-vocab-sp-fp32": lambda s: run_zerofx(s, vocab=True, sp=True, bf16=False),
     "dtensor-tp": lambda s: run_dtensor(s, loss_parallel=False),
     "dtensor-tp-loss-parallel": lambda s: run_dtensor(s, loss_parallel=True),
+    "dtensor-tp-loss-parallel-compiled": lambda s: run_dtensor(s, loss_parallel=True,
+                                                               compiled=True),
+    # on a host without AVX-512 BF16, fp32 may be the peer's faster setting
+    "dtensor-tp-loss-parallel-compiled-fp32": lambda s: run_dtensor(
+        s, loss_parallel=True, compiled=True, bf16=False),
 }
 
 
@@ -162,7 +178,10 @@ def main(argv=None):
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--only", nargs="*", default=list(RUNNERS), choices=list(RUNNERS))
+    # the eager DTensor runs take seconds a step here: asked for by name (--only)
+    default = [n for n in RUNNERS if not n.startswith("dtensor") or n.endswith(
+        ("compiled", "compiled-fp32"))]
+    p.add_argument("--only", nargs="*", default=default, choices=list(RUNNERS))
     args = p.parse_args(argv)
     rows = []
     for name in args.only:
