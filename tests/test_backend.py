@@ -25,6 +25,7 @@ def _compiled_vs_eager(name, config=None, seed=0):
     return _loss_and_grads(compiled, batch), _loss_and_grads(ref, batch)
 
 
+@pytest.mark.slow
 def test_backend_found_without_importing_zerofx():
     code = ("import sys, torch\n"
             "assert 'zero' in torch._dynamo.list_backends(), torch._dynamo.list_backends()\n"

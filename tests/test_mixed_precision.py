@@ -78,6 +78,7 @@ def test_op_policy_and_one_cast_per_parameter(no_torchrun_env):
     assert len(cast_params) == len(params) - 5 and len(params) == 13
 
 
+@pytest.mark.slow
 def test_a_smaller_last_batch_recompiles_with_dynamic_shapes(no_torchrun_env):
     """The loader's last, smaller batch makes Dynamo recompile with a symbolic batch size:
     view replays (mixed_precision) and matmul timing (matmul_tuning) must handle symbolic
