@@ -56,6 +56,7 @@ class Weight:
     bias_name: str | None
     first_use: int  # graph position of its first use: seeds go in this order
     lookup: bool  # an embedding table (maybe also the LM head): vocabulary-parallel
+    tied: bool  # a table that is also the LM head
 
 
 @dataclass(frozen=True)
@@ -145,8 +146,9 @@ def find_weights(gm: fx.GraphModule, names: list[str]) -> dict[str, Weight]:
                   else None for mm, _ in uses if mm.target in _MATMULS}
         bias = biases.pop() if len(biases) == 1 else None
         lookup = any(u.target is aten.embedding.default for u, _ in uses)
+        tied = lookup and any(u.target in _MATMULS for u, _ in uses)
         found[name] = Weight(name, ph, dims.pop(), bias, name_of.get(bias),
-                             min(order[u] for u, _ in uses), lookup)
+                             min(order[u] for u, _ in uses), lookup, tied)
     return found
 
 
@@ -182,22 +184,14 @@ def discover(gm: fx.GraphModule, weights: dict[str, Weight], tp: int, *,
     # table is split when it is also the LM head, or has as many rows as a loss has classes
     classes = {full[n.args[0]][-1] for n in gm.graph.nodes
                if n.target is aten.nll_loss_forward.default}
-    word = {w.node for w in weights.values() if w.lookup and (
-        full[w.node][0] in classes or any(u.target in _MATMULS for u in _table_uses(w.node)))}
+    word = {w.node for w in weights.values()
+            if w.lookup and (w.tied or full[w.node][0] in classes)}
     by_node = {n: w for n, w in by_node.items() if not w.lookup or (vocab and n in word)}
     placed: dict[str, Found] = {}
     for seed in sorted(by_node.values(), key=lambda w: w.first_use):
         if seed.name not in placed:
             placed.update(_grow(seed, placed, by_node, full, order, tp, vocab))
     return list(placed.values())
-
-
-def _table_uses(ph: fx.Node) -> list[fx.Node]:
-    """Every use of a table: lookups, and matmuls through transposes (a tied LM head)."""
-    out = []
-    for u in ph.users:
-        out += _table_uses(u) if u.target in _TRANSPOSES else [u]
-    return out
 
 
 def _grow(seed: Weight, placed, by_node, full, order, tp: int, vocab: bool) -> dict:
@@ -211,7 +205,7 @@ def _grow(seed: Weight, placed, by_node, full, order, tp: int, vocab: bool) -> d
             # a region ends where its split is summed away: row-parallel weights, an
             # embedding lookup, the cross-entropy (vocabulary-parallel)
             ends = row or (vocab and any(t in _VOCAB_ENDS for t in seen))
-            return _region(col, row, by_node, full, seen) if ends else {}
+            return _region(col, row, by_node, seen) if ends else {}
         node, state = blocked
         if not _repair(node, state, col, row, free, by_node, full, tp):
             return {}
@@ -293,11 +287,11 @@ def _repair(node, state, col, row, free, by_node, full, tp) -> bool:
     return bool(joined)
 
 
-def _weight_of(value: fx.Node, free) -> fx.Node | None:
-    """The weight placeholder ``value`` is (through transposes), if free."""
+def _weight_of(value: fx.Node, among) -> fx.Node | None:
+    """The weight placeholder ``value`` is (through transposes), if it is ``among`` these."""
     while value.target in _TRANSPOSES:
         value = value.args[0]
-    return value if value in free else None
+    return value if value in among else None
 
 
 def _producer(value: fx.Node, col) -> fx.Node | None:
@@ -305,10 +299,7 @@ def _producer(value: fx.Node, col) -> fx.Node | None:
     while value.op == "call_function" and value.target in P.VIEWS:
         value = value.args[0]
     if value.op == "call_function" and value.target in _MATMULS:
-        b = value.args[-1]
-        while b.target in _TRANSPOSES:
-            b = b.args[0]
-        return b if b in col else None
+        return _weight_of(value.args[-1], col)
     return None
 
 
@@ -331,7 +322,7 @@ def _feeding_weights(value: fx.Node, free, state) -> set[fx.Node]:
     return found
 
 
-def _region(col, row, by_node, full, seen) -> dict[str, Found]:
+def _region(col, row, by_node, seen) -> dict[str, Found]:
     through = "attention" if any("attention" in t or "bmm" in t for t in seen) else \
         "elementwise ops"
     ends = ", ".join(sorted(by_node[n].name for n in row))
