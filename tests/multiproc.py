@@ -2,7 +2,8 @@
 
     results = run_ranks(body, world_size=2, args=(...,))   # body(rank, world_size, *args)
 
-Each rank is a fresh ``spawn`` process with the torchrun environment set (RANK, WORLD_SIZE,
+Each rank is a fresh process, forked from a server that imported torch, zerofx and
+transformers once (``rank_preload``), with the torchrun environment set (RANK, WORLD_SIZE,
 MASTER_ADDR, MASTER_PORT on a free port), so the code under test bootstraps exactly as under
 zerofx-launch. The body must be a module-level function (it is pickled by name). Results
 come back in rank order; if any rank raises or the time bound passes, the others are killed
@@ -85,8 +86,33 @@ def run_ranks(body, world_size: int, *, args: tuple = (), env: dict | None = Non
         return _run_once(body, world_size, args, env, timeout_s)
 
 
+# Ranks fork from a server that imported these once (torch, zerofx, transformers' model code
+# and the C++ kernels: about 2 s per rank when each rank imports them itself, a third of a
+# small multi-rank test). The server runs no torch code, so no thread pool is forked.
+_PRELOAD = ["rank_preload"]
+
+
+def _context():
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    # Python 3.11's server ignores the parent's sys.path (fixed in 3.12): the preload module
+    # sits beside this file, so the server starts with this folder on PYTHONPATH.
+    from multiprocessing import forkserver
+
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(__file__), old]))
+    try:
+        forkserver.ensure_running()
+    finally:
+        if old is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = old
+    return ctx
+
+
 def _run_once(body, world_size, args, env, timeout_s) -> list:
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     results = ctx.Queue()
     port = free_port()
     logdir = tempfile.mkdtemp(prefix="zerofx-ranks-")
