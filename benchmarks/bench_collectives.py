@@ -3,8 +3,9 @@
     python benchmarks/bench_collectives.py [--numel 17000000] [--ranks 2]
 
 Times (median of 7) reduce_scatter_tensor, all_to_all_single + local sum, all_reduce and
-all_gather_into_tensor on a bf16 buffer, and all-reduce forms of both (zerofx reduce-scatters
-with all-reduce + slice on gloo, where that measures faster).
+all_gather_into_tensor on a bf16 buffer, all-reduce forms of both, and point-to-point forms
+of both (each piece sent straight to its owner / to every rank): the candidates zerofx's
+runtime times at startup and chooses between (zerofx/runtime/comm_forms.py).
 """
 import argparse
 import os
@@ -30,7 +31,28 @@ def _cases(flat, out, world, rank):
         rows[rank].copy_(out)
         dist.all_reduce(rows)
 
+    def p2p_gather():
+        # every rank sends its piece to each other rank directly: N-1 sends and receives
+        rows = flat.view(world, -1)
+        ops = [dist.P2POp(dist.isend, out, peer) for peer in range(world) if peer != rank]
+        ops += [dist.P2POp(dist.irecv, rows[peer], peer) for peer in range(world) if peer != rank]
+        for w in dist.batch_isend_irecv(ops):
+            w.wait()
+        rows[rank].copy_(out)
+
+    def p2p_reduce():
+        rows = flat.view(world, -1)
+        recv = flat.new_empty(world - 1, out.numel())
+        peers = [peer for peer in range(world) if peer != rank]
+        ops = [dist.P2POp(dist.isend, rows[peer], peer) for peer in peers]
+        ops += [dist.P2POp(dist.irecv, recv[i], peer) for i, peer in enumerate(peers)]
+        for w in dist.batch_isend_irecv(ops):
+            w.wait()
+        torch.add(rows[rank], recv.sum(0) if world > 2 else recv[0], out=out)
+
     return {"reduce_scatter_tensor": lambda: dist.reduce_scatter_tensor(out, flat),
+            "p2p send/recv of each piece + local sum (a reduce-scatter)": p2p_reduce,
+            "p2p send/recv of each piece (an all-gather)": p2p_gather,
             "all_to_all + local sum": a2a,
             "all_reduce (zerofx reduce-scatter on gloo)": lambda: dist.all_reduce(flat),
             "all_gather_into_tensor": lambda: dist.all_gather_into_tensor(flat, out),

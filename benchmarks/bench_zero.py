@@ -76,7 +76,7 @@ def _time_steps(step_fn, rank, steps, state_bytes, warmup=3, batch=None):
     return statistics.median(times[warmup:]), peak_mib, float(loss), state_bytes() / 2**20
 
 
-def run_zerofx(rank, world, steps, bucket, disable=(), stage=2):
+def run_zerofx(rank, world, steps, bucket, disable=(), stage=2, forms=None):
     import zerofx
 
     torch.manual_seed(0)
@@ -85,7 +85,7 @@ def run_zerofx(rank, world, steps, bucket, disable=(), stage=2):
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
            "zero_optimization": {"stage": stage, "reduce_bucket_size": bucket,
                                  "stage3_prefetch_bucket_size": bucket},
-           "zerofx": {"disable_passes": list(disable)}}
+           "zerofx": {"disable_passes": list(disable), **(forms or {})}}
     rt = zerofx.ZeroRuntime(model, cfg)
     compiled = torch.compile(model, backend="zero", options={"runtime": rt})
 
@@ -118,12 +118,22 @@ def run_ddp(rank, world, steps, bucket):
     return time_ddp(DDP(Net()), rank, steps)
 
 
-def time_ddp(model, rank, steps):
-    """DDP at its strongest here: autocast bf16 and torch's fused AdamW, clipping 1.0."""
+def run_ddp_fp32(rank, world, steps, bucket):
+    """DDP without autocast: on a host without native bf16 GEMMs (AVX2 only) fp32 is its
+    strongest setting."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    return time_ddp(DDP(Net()), rank, steps, autocast=False)
+
+
+def time_ddp(model, rank, steps, autocast=True):
+    """DDP at its strongest here: autocast bf16 (or fp32, see run_ddp_fp32) and torch's fused
+    AdamW, clipping 1.0."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def step(x, y):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss = model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -166,8 +176,17 @@ def run_zerofx_stage3(rank, world, steps, bucket):
     return run_zerofx(rank, world, steps, bucket, stage=3)
 
 
+def run_zerofx_collective_forms(rank, world, steps, bucket):
+    """Ablation: gloo's all-reduce (+ slice) and all-gather, as zerofx moved buckets and
+    shards before it timed the point-to-point forms (runtime/comm_forms.py)."""
+    return run_zerofx(rank, world, steps, bucket,
+                      forms={"reduce_form": "all_reduce", "gather_form": "all_gather"})
+
+
 RUNNERS = {"zerofx": run_zerofx, "zerofx-untuned": run_zerofx_untuned,
-           "zerofx-stage3": run_zerofx_stage3, "ddp": run_ddp, "fsdp2": run_fsdp2}
+           "zerofx-allreduce-allgather": run_zerofx_collective_forms,
+           "zerofx-stage3": run_zerofx_stage3, "ddp": run_ddp, "ddp-fp32": run_ddp_fp32,
+           "fsdp2": run_fsdp2}
 
 
 def _rank_entry(rank, world, name, steps, bucket):

@@ -91,3 +91,47 @@ def test_join_is_the_inverse_of_the_split():
     w = torch.randn(12, 4)
     torch.testing.assert_close(join_tp_pieces([shard.local_piece(w, 2, r) for r in range(2)],
                                               1, 1), w)
+
+
+def _hf_body(rank, world, ckpt):
+    import zerofx
+    from hf_models import hf_batch, make_hf
+
+    engine, *_ = zerofx.initialize(model=make_hf("gpt2"), config=HF_CFG)
+    for step in range(2):
+        engine.backward(engine(**hf_batch("gpt2", step)).loss)
+        engine.step()
+    engine.save_checkpoint(ckpt)
+    styles = {s.name: (s.tp.dim, s.tp.parts) for s in engine.runtime.plan.params
+              if s.tp is not None}
+    return float(engine(**hf_batch("gpt2", 2)).loss), styles
+
+
+HF_CFG = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-2}},
+          "tensor_parallel": {"size": 2}, "train_micro_batch_size_per_gpu": 2,
+          "zero_optimization": {"stage": 1}}
+
+
+@pytest.mark.slow
+def test_hf_gpt2_without_a_plan_saved_at_tp2_loads_into_one_process(tmp_path, no_torchrun_env):
+    """GPT-2 as its users call it, split by the layout read from its graph (the tied word
+    embedding by vocabulary rows, the fused q|k|v Conv1D in three parts): the TP 2 files join
+    into the whole model, which computes the next batch's loss as the two ranks did."""
+    pytest.importorskip("transformers")
+    import zerofx
+    from hf_models import hf_batch, make_hf
+    from zerofx.checkpoint import load_checkpoint
+
+    ckpt = str(tmp_path / "ckpt")
+    (loss, styles), _ = run_ranks(_hf_body, 2, args=(ckpt,), timeout_s=240)
+    assert styles["transformer.wte.weight"] == (0, 1)  # vocabulary rows
+    assert styles["transformer.h.0.attn.c_attn.weight"] == (1, 3)  # Conv1D: q|k|v columns
+    torch.manual_seed(5)
+    model = make_hf("gpt2")
+    for p in model.parameters():  # nothing of the fresh model may survive the load
+        p.data.normal_()
+    cfg = {k: v for k, v in HF_CFG.items() if k != "tensor_parallel"}
+    load_checkpoint(zerofx.ZeroRuntime(model, cfg), ckpt)
+    with torch.no_grad():
+        got = float(model(**hf_batch("gpt2", 2)).loss)
+    assert got == pytest.approx(loss, rel=1e-5), (got, loss)

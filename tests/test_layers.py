@@ -9,6 +9,9 @@ ROOT = Path(__file__).resolve().parent.parent / "zerofx"
 # module prefix -> zerofx modules it may import (prefix match). tools/ may import anything.
 ALLOWED = {
     "zerofx.config": ["zerofx.config"],
+    # the alpha-beta cost model: numbers only, read by the runtime (which fits it) and the
+    # passes' dumps (which predict with it)
+    "zerofx.comm_cost": [],
     "zerofx.tp_layout": ["zerofx.config", "zerofx.tp_discovery"],  # which weights are split
     # the layout's analysis of a traced graph, and the sharding algebra it shares with the
     # tensor_parallel pass
@@ -18,9 +21,10 @@ ALLOWED = {
     "zerofx.plan": ["zerofx.plan", "zerofx.tp_layout", "zerofx.config"],
     "zerofx.csrc": [],
     # docs/design.md: "the runtime allocates from [the plan]", so runtime may read it.
-    "zerofx.runtime": ["zerofx.runtime", "zerofx.plan", "zerofx.tp_layout", "zerofx.config"],
+    "zerofx.runtime": ["zerofx.runtime", "zerofx.plan", "zerofx.tp_layout", "zerofx.config",
+                       "zerofx.comm_cost"],
     "zerofx.passes": ["zerofx.passes", "zerofx.plan", "zerofx.tp_layout", "zerofx.tp_propagation",
-                      "zerofx.tp_rules", "zerofx.config"],
+                      "zerofx.tp_rules", "zerofx.config", "zerofx.comm_cost"],
     "zerofx.backend": ["zerofx.passes", "zerofx.runtime", "zerofx.plan", "zerofx.tp_layout",
                        "zerofx.config", "zerofx.step_graph"],
     "zerofx.step_graph": ["zerofx.passes", "zerofx.runtime", "zerofx.plan", "zerofx.tp_layout",

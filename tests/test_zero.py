@@ -38,9 +38,9 @@ def _train(rank, name, cfg, native=False):
     import zerofx
 
     model, _ = make(name)
-    rt = zerofx.ZeroRuntime(model, cfg)
     if native:  # gloo's own reduce-scatter and all-gather (what other backends use)
-        rt.gloo_allreduce = False
+        cfg = {**cfg, "zerofx": {"reduce_form": "reduce_scatter", "gather_form": "all_gather"}}
+    rt = zerofx.ZeroRuntime(model, cfg)
     compiled = torch.compile(model, backend="zero", options={"runtime": rt})
     losses = []
     for step in range(STEPS):

@@ -1,6 +1,7 @@
 """zerofx-dump: render a graph dump directory (ZEROFX_DUMP=<dir>) for a person.
 
-    zerofx-dump DIR                       every graph: plan, per-pass listing, summary table
+    zerofx-dump DIR                       every graph: plan (with the collective forms timed),
+                                          per-pass listing, summary table, collectives
     zerofx-dump DIR --rank 0 --kind backward
     zerofx-dump DIR --graph g0_0 --kind joint --show mixed_precision   the graph after a pass
     zerofx-dump DIR --graph g0_0 --kind joint --diff mixed_precision   what that pass changed
@@ -44,12 +45,15 @@ def load_rows(directory: Path) -> list[dict]:
 
 
 def render_graph(directory: Path) -> str:
-    """Per-pass listing and the summary table of one graph kind."""
+    """Per-pass listing, the summary table and the collectives of one graph kind."""
     rows = load_rows(directory)
     title = f"== {directory.parent.parent.name} / {directory.parent.name} / {directory.name}"
     listing = [f"  {r['step']:>2}  {r['name']:<24} +{r['added']:<4} -{r['removed']:<4} "
                f"-> {r['nodes']} nodes  ({r['file']})" for r in rows]
-    return "\n".join([title, *listing, "", render_summary(rows), ""])
+    comms = directory / "collectives.txt"
+    collectives = ["", "collectives (predicted times: zerofx/comm_cost.py):",
+                   comms.read_text()] if comms.exists() else []
+    return "\n".join([title, *listing, "", render_summary(rows), *collectives, ""])
 
 
 def pass_file(directory: Path, name: str, *, before: bool = False) -> Path:

@@ -112,7 +112,8 @@ def _prepare(gm, example_inputs, config: Config, extra, runtime) -> Compilation:
         except OSError as e:
             raise ConfigError(f"zerofx.dump_dir (or ZEROFX_DUMP) {dump_root!r} cannot be "
                               f"written ({e.strerror}); pick a writable directory") from None
-        gd.write_text("plan.txt", plan.describe() + "\n")
+        forms = runtime.describe_forms() if runtime is not None else ""
+        gd.write_text("plan.txt", plan.describe() + "\n" + forms)
         gd.write_text("graph.txt", describe_graph(graph_id, roles, plan, _break_reason()))
     if runtime is not None:
         # Traced at the first step, outside Dynamo's tracing context (whose fake mode would
@@ -274,7 +275,8 @@ def _run(gm: fx.GraphModule, comp: Compilation, kind: str, **facts) -> fx.GraphM
     rt = comp.runtime
     ctx = PassContext(comp.config, comp.plan, kind, name,
                       state_id=rt.id if rt is not None else None, roles=comp.roles,
-                      tp_group=rt.tp_group_name if rt is not None else None, **facts)
+                      tp_group=rt.tp_group_name if rt is not None else None,
+                      **(rt.comm_facts() if rt is not None else {}), **facts)
     dump = GraphDump.create(comp.dump_root, rank=comp.rank, graph=comp.graph_id, kind=kind) \
         if comp.dump_root else None
     return run_pipeline(gm, ctx, comp.passes, dump=dump)

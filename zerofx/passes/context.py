@@ -28,6 +28,8 @@ class PassContext:
     state_id: int | None = None  # the ZeroRuntime the graph's zerofx ops talk to, if any
     roles: tuple = ()  # InputRole of each forward input (bucketing maps gradients by it)
     tp_group: str | None = None  # name of the tensor-parallel process group, if any
+    comm_forms: tuple[tuple[str, str], ...] = ()  # the runtime's (role, form) choices
+    comm_cost: object = None  # zerofx.comm_cost.CommCost the dump predicts with (None: DEFAULT)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from torch import fx
 from zerofx.config import Config, ConfigError
 from zerofx.passes.context import PassContext, PassSpec
 from zerofx.passes.dump import GraphDump
+from zerofx.passes.dump_collectives import collective_rows, render_collectives
 from zerofx.passes.fake_vals import fill_fake_vals
 from zerofx.passes.nodes import tag_new_nodes
 
@@ -135,6 +136,10 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, passes: tuple[PassSpec, .
         if dump is not None:
             dump.record(p.name, gm, added=len(new), removed=removed, ms=ms)
         trace_artifact(ctx.graph_name, p.name, gm)
+    if dump is not None:
+        dump.write_text("collectives.txt", render_collectives(collective_rows(
+            gm, tp_group=ctx.tp_group, dp_size=ctx.plan.grid.dp_size, forms=dict(ctx.comm_forms),
+            cost=ctx.comm_cost)))
     return gm
 
 

@@ -29,10 +29,9 @@ import logging
 import torch
 import torch.distributed as dist
 
-log = logging.getLogger(__name__)
+from zerofx.runtime.comm_forms import Pending, start_reduce
 
-# torch 2.13 renamed reduce_scatter_tensor (deprecated, warning per call); 2.11 lacks the new name.
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+log = logging.getLogger(__name__)
 
 
 class LateGradientError(RuntimeError):
@@ -145,20 +144,15 @@ class GradIntake:
         self._launched = bucket + 1
 
     def _start_collective(self, b, flat):
-        """Start bucket ``b``'s reduction; returns (work, then, keep-alive)."""
+        """Start bucket ``b``'s reduction; returns (Pending, keep-alive)."""
         rt = self.rt
         if not rt.reduces_into_shard:
-            return dist.all_reduce(flat, group=rt.group, async_op=True), None, flat
+            return Pending([dist.all_reduce(flat, group=rt.group, async_op=True)]), flat
         mine = rt.plan.owned()[b.index]
         out = rt.shard_grads[mine.at:mine.at + mine.numel]
-        if rt.gloo_allreduce:
-            # gloo's reduce-scatter is an all-reduce plus a copy and measures 2.2x slower than
-            # all-reduce itself (17M bf16, 2 ranks: 56 vs 25 ms): all-reduce the transient
-            # bucket and keep this rank's slice.
-            piece = flat[mine.start - b.offset:mine.start - b.offset + mine.numel]
-            return (dist.all_reduce(flat, group=rt.group, async_op=True),
-                    lambda: out.copy_(piece), flat)
-        return _reduce_scatter(out, flat, group=rt.group, async_op=True), None, flat
+        # The form timed fastest on this group (runtime/comm_forms.py; on gloo the native
+        # reduce-scatter is an all-reduce plus a copy, and point-to-point beats both).
+        return start_reduce(rt.forms["reduce"].form, flat, out, rt.group), flat
 
     def _queue_finish(self) -> None:
         """Run finish() when this backward pass ends (DDP and FSDP use the same hook)."""
@@ -179,10 +173,8 @@ class GradIntake:
     def wait(self) -> None:
         """Launch what is left, then block until every bucket is reduced."""
         self.finish()
-        for work, then, _ in self._pending:
-            work.wait()
-            if then is not None:
-                then()
+        for pending, _ in self._pending:
+            pending.wait()
         self._pending.clear()
 
     # ---- step boundaries ------------------------------------------------------------------

@@ -157,6 +157,31 @@ def _(sid, slots, ks, offsets, length, ahead, check):
     return torch.empty(length, dtype=lookup(sid).plan.compute_dtype, device="cpu")
 
 
+@torch.library.custom_op("zerofx::start_gather", mutates_args=())
+def start_gather(sid: int, src: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Start sending this rank's updated ``src`` (chunk ``chunk`` of the step's shard) to
+    every other rank in the form the runtime chose; returns a token for finish_gather (the
+    data dependency that keeps the two in order)."""
+    lookup(sid).step_gathers.start(chunk, src)
+    return torch.zeros(1, dtype=torch.int64)
+
+
+@start_gather.register_fake
+def _(sid, src, chunk):
+    return torch.empty(1, dtype=torch.int64, device="cpu")
+
+
+@torch.library.custom_op("zerofx::finish_gather", mutates_args=())
+def finish_gather(sid: int, token: torch.Tensor, chunk: int, numel: int) -> torch.Tensor:
+    """Every rank's piece of chunk ``chunk``, rank-major (``numel`` elements), once here."""
+    return lookup(sid).step_gathers.finish(chunk)
+
+
+@finish_gather.register_fake
+def _(sid, token, chunk, numel):
+    return torch.empty(numel, dtype=lookup(sid).plan.compute_dtype, device="cpu")
+
+
 # Ops without outputs would be dead code to FX; they act by side effect.
 for _op in (torch.ops.zerofx.reduce_bucket.default, torch.ops.zerofx.wait_buckets.default,
             torch.ops.zerofx.shard_optimizer_step.default):

@@ -70,7 +70,8 @@ def make_step_fn(rt):
     reduced_in_shard = rt.reduces_into_shard
     update = _make_update(rt)
     dp = plan.grid.dp_size
-    chunks = _allgather_chunks(plan, _gather_limit(plan, rt.config))
+    chunks = gather_chunks(plan, rt.config)
+    gather = rt.forms["gather"].form if "gather" in rt.forms else "all_gather"
     # Gradients arrive summed over DP ranks and accumulation steps, and loss-scaled.
     divisor = float(plan.grid.dp_size * rt.gas) * rt.pre_reduce  # what is left to divide
 
@@ -107,7 +108,8 @@ def make_step_fn(rt):
         update(master, g, exp_avg, exp_avg_sq, out, lr=lr, step=step, coef=coef,
                skip=overflow.float(), beta1=beta1)
         if plan.sharded:
-            _gather_params(out, flat_params, chunks, dp, group, plan.persist_offset)
+            _gather_params(out, flat_params, chunks, dp, group, plan.persist_offset,
+                           form=gather, sid=sid)
         LossScaler(scale, hysteresis, it, last_overflow, scaler.dynamic, scaler.window,
                    scaler.delayed_shift, scaler.min_scale, scaler.consecutive_hysteresis,
                    floor_hits).update(overflow)
@@ -193,6 +195,11 @@ def _make_update(rt):
 GATHERS_IN_FLIGHT = 4
 
 
+def gather_chunks(plan, config) -> list[list[tuple]]:
+    """The step's all-gathers: each a list of (owned range, bucket), contiguous in the shard."""
+    return _allgather_chunks(plan, _gather_limit(plan, config))
+
+
 def _gather_limit(plan, config) -> int:
     """Elements per all-gather: at most allgather_bucket_size (DeepSpeed's cap), and small
     enough that GATHERS_IN_FLIGHT of them cover the buffer."""
@@ -216,20 +223,26 @@ def _allgather_chunks(plan, limit: int) -> list[list[tuple]]:
     return chunks
 
 
-def _gather_params(shard_lowp, flat_params, chunks, dp: int, group, base: int) -> None:
+def _gather_params(shard_lowp, flat_params, chunks, dp: int, group, base: int, *,
+                   form: str, sid: int) -> None:
     """All-gather every chunk of this rank's updated slices into the flat parameters.
 
     A chunk's slices are contiguous in the shard, so one collective gathers them; the result
     is rank-major ([rank][bucket slice]) and each bucket is copied to its bucket-major place.
-    (On gloo, gathering by an all-reduce of zeros plus this rank's row measured slower than
-    all_gather: benchmarks/bench_collectives.py.)
+    ``form``: the functional all-gather, or (``p2p``, timed faster on gloo) zerofx's
+    start_gather/finish_gather ops, every chunk started before the first is waited on.
     """
     issued = []  # every chunk's all-gather starts before the first is waited on
     for chunk in chunks:
         first, last = chunk[0][0], chunk[-1][0]
         src = shard_lowp[first.at:last.at + last.numel]
-        issued.append((_all_gather(src, 0, group), src.numel()))
-    for chunk, (gathered, numel) in zip(chunks, issued):
+        if form == "all_gather":
+            issued.append((_all_gather(src, 0, group), src.numel()))
+        else:  # point-to-point (runtime/comm_forms.py): the runtime holds what is in flight
+            issued.append((torch.ops.zerofx.start_gather(sid, src, len(issued)), src.numel()))
+    for i, (chunk, (gathered, numel)) in enumerate(zip(chunks, issued)):
+        if form != "all_gather":
+            gathered = torch.ops.zerofx.finish_gather(sid, gathered, i, dp * numel)
         gathered = gathered.view(dp, numel)  # waits for this chunk only
         first = chunk[0][0]
         for r, b in chunk:

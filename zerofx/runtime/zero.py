@@ -30,6 +30,7 @@ from zerofx.config import Config, ConfigError
 from zerofx.plan import Plan, make_plan
 from zerofx.tp_layout import TPLayout, TPPlanError, resolve_tp_layout
 from zerofx.runtime import graph_ops
+from zerofx.runtime.comm_forms import StepGathers, choose_forms, cost_of
 from zerofx.runtime.dist import init_distributed
 from zerofx.runtime.grad_intake import GradIntake
 from zerofx.runtime.loss_scaler import LossScaler
@@ -90,9 +91,12 @@ class ZeroRuntime:
         # collectives in flight on self.group (runtime/param_gather.py).
         self.gatherer = ParamGather(self, dist.new_group(list(range(world.world_size)))) \
             if self.plan.partitioned else None
-        # Measured on gloo (benchmarks/bench_collectives.py): its all-reduce beats its
-        # reduce-scatter by 2.2x, so stage 2 reduces buckets with all-reduce + slice there.
-        self.gloo_allreduce = self.group is not None and dist.get_backend(self.group) == "gloo"
+        # How buckets reduce and shards gather: each form timed once on this group, the
+        # fastest kept (runtime/comm_forms.py; on gloo point-to-point beats both natives).
+        self.forms = choose_forms(self.plan, self.config, self.group,
+                                  reduces_into_shard=self.reduces_into_shard)
+        self.step_gathers = StepGathers(self.group)
+        self.comm_cost = cost_of(self.forms, self.plan.compute_dtype)
         self.gas = _accumulation_steps(self.config, self.plan.grid.dp_size)
         # DeepSpeed's split of the 1/dp averaging around the reduction: the factor applied
         # before it (prescale_gradients: all of it); the step divides by the rest.
@@ -249,6 +253,18 @@ class ZeroRuntime:
         if self.plan.grid.tp_size > 1:
             return dist.group.WORLD if self.plan.sharded else self.tp_group
         return self.group if self.plan.sharded else None
+
+    def comm_facts(self) -> dict:
+        """What the passes' dumps need of the communication: forms chosen and their cost."""
+        return {"comm_forms": tuple((r, c.form) for r, c in self.forms.items()),
+                "comm_cost": self.comm_cost}
+
+    def describe_forms(self) -> str:
+        """The dump's lines on how this runtime's buckets and shards move."""
+        if not self.forms:
+            return ""
+        return "\ncollective forms (data-parallel group):\n" + "".join(
+            f"  {c.describe()}\n" for c in self.forms.values())
 
     @property
     def tp_group_name(self) -> str | None:

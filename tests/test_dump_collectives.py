@@ -1,0 +1,97 @@
+"""collectives.txt (zerofx/passes/dump_collectives.py) and its cost model (zerofx/comm_cost.py):
+every collective of a graph listed with what it moves and a prediction from the alpha-beta
+formula; on real ranks, the forms the runtime timed reach plan.txt and the table."""
+from pathlib import Path
+
+import pytest
+import torch
+from torch import fx
+
+from models import make, mlp_batch
+from multiproc import run_ranks
+from zerofx.comm_cost import DEFAULT, LATENCY_MS, MIB, fitted
+from zerofx.passes.dump_collectives import collective_rows, render_collectives
+
+_c10d = torch.ops._c10d_functional
+
+
+def _graph_with_all_reduce(numel: int, group: str) -> fx.GraphModule:
+    g = fx.Graph()
+    x = g.placeholder("x")
+    x.meta["val"] = torch.empty(numel, dtype=torch.bfloat16)
+    ar = g.call_function(_c10d.all_reduce.default, (x, "sum", group))
+    ar.meta["val"] = torch.empty(numel, dtype=torch.bfloat16)
+    w = g.call_function(_c10d.wait_tensor.default, (ar,))
+    w.meta["val"] = ar.meta["val"]
+    g.output(w)
+    return fx.GraphModule(torch.nn.Module(), g)
+
+
+def test_each_collective_is_listed_with_the_alpha_beta_prediction():
+    numel = 3 << 20  # 6 MiB of bf16
+    gm = _graph_with_all_reduce(numel, "7")
+    (row,) = collective_rows(gm, tp_group="7", dp_size=1, forms={}, cost=None)
+    assert row["collective"] == "all_reduce" and row["group"] == "tp"
+    assert row["elements"] == numel and row["dtype"] == "bfloat16" and row["MiB"] == 6.0
+    rate = dict(DEFAULT.ms_per_mib)["all_reduce"]
+    assert row["pred ms"] == round(LATENCY_MS + rate * 6.0, 2)
+    (row,) = collective_rows(gm, tp_group="8", dp_size=2, forms={}, cost=None)
+    assert row["group"] == "dp"  # another group's name: not the tensor-parallel one
+    text = render_collectives([row])
+    assert "1 collectives" in text and f"{row['pred ms']:.2f} ms predicted" in text
+
+
+def test_rates_are_fitted_only_from_timings_the_fixed_cost_does_not_hide():
+    big, small = 8 * int(MIB), int(MIB) // 4
+    cost = fitted([("reduce", "p2p", big, LATENCY_MS + 8.0),  # 1 ms per MiB
+                   ("gather", "p2p", small, 5.0)])  # too small to read a rate from
+    assert dict(cost.ms_per_mib) == {"p2p_reduce": 1.0}
+    assert cost.predict_ms("p2p_reduce", 2 * int(MIB)) == pytest.approx(LATENCY_MS + 2.0)
+    assert cost.predict_ms("p2p_gather", int(MIB)) == pytest.approx(
+        LATENCY_MS + dict(DEFAULT.ms_per_mib)["p2p_gather"])
+    assert fitted([]) is DEFAULT
+
+
+def _dump_body(rank, world, root):
+    import zerofx
+
+    model, _ = make("mlp")
+    cfg = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-2}}, "bf16": {"enabled": True},
+           "zero_optimization": {"stage": 2, "reduce_bucket_size": 300},
+           "zerofx": {"dump_dir": root}}
+    rt = zerofx.ZeroRuntime(model, cfg)
+    compiled = torch.compile(model, backend="zero", options={"runtime": rt})
+    compiled(*mlp_batch(seed=rank)).backward()
+    rt.step()
+    return {role: c.form for role, c in rt.forms.items()}, len(rt.plan.buckets)
+
+
+@pytest.mark.slow
+def test_stage_2_dump_shows_the_timed_forms_and_every_bucket_collective(tmp_path):
+    forms, buckets = run_ranks(_dump_body, 2, args=(str(tmp_path),))[0]
+    (graph,) = (tmp_path / "rank0").iterdir()
+    plan = (graph / "plan.txt").read_text()
+    for role, form in forms.items():  # the choice, with every candidate's measured time
+        line = next(ln for ln in plan.splitlines() if ln.strip().startswith(f"{role}: "))
+        assert f"{role}: {form} (" in line and line.count(" ms") >= 2, line
+    backward = (graph / "backward" / "collectives.txt").read_text()
+    kind = {"p2p": "p2p_reduce", "reduce_scatter": "reduce_scatter",
+            "all_reduce": "all_reduce"}[forms["reduce"]]
+    assert backward.count(kind) == len(_rows(backward)) >= 1, backward
+    step = (graph / "optimizer" / "collectives.txt").read_text()
+    assert ("p2p_gather" if forms["gather"] == "p2p" else "all_gather") in step, step
+    assert "all_reduce" in step  # the gradient norm's
+
+
+def _rows(text: str) -> list[str]:
+    lines = text.split("\n\n")[0].splitlines()
+    return lines[2:]  # after the header and its rule
+
+
+def test_plain_compile_dump_has_a_collectives_file(tmp_path, no_torchrun_env):
+    model, _ = make("mlp")
+    compiled = torch.compile(model, backend="zero",
+                             options={"config": {"zerofx": {"dump_dir": str(tmp_path)}}})
+    compiled(*mlp_batch()).backward()
+    files = list(Path(tmp_path).glob("rank0/*/*/collectives.txt"))
+    assert files and all(f.read_text() == "no collectives in this graph\n" for f in files)

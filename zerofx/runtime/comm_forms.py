@@ -1,0 +1,188 @@
+"""Collective forms: one result, several ways to move its bytes; each timed once on this
+machine's group, the fastest used.
+
+    role     form            how
+    reduce   reduce_scatter  the native collective
+             all_reduce      the whole bucket all-reduced, this rank keeps its piece (gloo's
+                             reduce-scatter is an all-reduce plus a copy)
+             p2p             each piece sent to the rank that owns it, summed there
+    gather   all_gather      the native collective
+             p2p             this rank's piece sent to every other rank directly
+
+Every candidate gives the native form's bits, so the choice changes time, never results:
+``p2p`` reduce is offered at 2 ranks only, where its one addition per element is the
+all-reduce's (at more ranks the order of the additions would differ). The ranks time each
+candidate on the group at the size it will move (median of REPS after a warm-up, each
+sample started together), agree on the slowest rank's times (one all-reduce) and all pick
+the same form. Only gloo is timed; nccl's native collectives are used as they are.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from zerofx.comm_cost import CommCost, fitted
+from zerofx.config import ConfigError
+from zerofx.runtime.step_fn import gather_chunks
+
+# torch 2.13 renamed reduce_scatter_tensor (deprecated, warning per call); 2.11 lacks the new name.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+REPS = 3
+# Timed at most at this many elements: the forms' order does not change beyond it, and a
+# model-sized bucket would cost seconds and its size again in memory at startup.
+PROBE_CAP = 1 << 24
+FORMS = {"reduce": ("reduce_scatter", "all_reduce", "p2p"), "gather": ("all_gather", "p2p")}
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The form one role's collectives take, and what timing each candidate showed."""
+
+    role: str  # "reduce" (gradient bucket -> this rank's shard) or "gather" (shards -> all)
+    form: str
+    numel: int  # elements one call moves (what was timed, capped at PROBE_CAP)
+    times_ms: tuple[tuple[str, float], ...] = ()  # (form, ms), slowest rank; () not timed
+    why: str = ""  # how the form was chosen
+
+    def describe(self) -> str:
+        timed = ", ".join(f"{f} {ms:.2f} ms" for f, ms in self.times_ms)
+        return f"{self.role}: {self.form} ({self.why}{'; ' + timed if timed else ''})"
+
+
+class Pending:
+    """The works of one started collective, and what to do once they have finished."""
+
+    def __init__(self, works, then=None):
+        self.works, self.then = [w for w in works if w is not None], then
+
+    def wait(self) -> None:
+        for w in self.works:
+            w.wait()
+        if self.then is not None:
+            self.then()
+
+
+def candidates(role: str, world: int) -> tuple[str, ...]:
+    forms = FORMS[role]
+    return tuple(f for f in forms if not (role == "reduce" and f == "p2p" and world != 2))
+
+
+def start_reduce(form: str, flat: torch.Tensor, out: torch.Tensor, group) -> Pending:
+    """Sum ``flat`` ([world x k] elements) over ``group``; this rank's k-element piece of the
+    sum lands in ``out`` once the returned Pending is waited on. ``flat`` may be clobbered."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    rows = flat.view(world, -1)
+    if form == "reduce_scatter":
+        return Pending([_reduce_scatter(out, flat, group=group, async_op=True)])
+    if form == "all_reduce":
+        return Pending([dist.all_reduce(flat, group=group, async_op=True)],
+                       lambda: out.copy_(rows[rank]))
+    if form == "p2p":
+        if world != 2:
+            raise ConfigError(f"the p2p reduce form needs 2 data-parallel ranks (it sums in "
+                              f"another order than the all-reduce at {world}); use fastest")
+        peer = dist.get_process_group_ranks(group)[1 - rank]
+        recv = torch.empty_like(out)
+        works = dist.batch_isend_irecv([dist.P2POp(dist.isend, rows[1 - rank], peer, group),
+                                        dist.P2POp(dist.irecv, recv, peer, group)])
+        return Pending(works, lambda: torch.add(rows[rank], recv, out=out))
+    raise ValueError(f"unknown reduce form {form!r}")
+
+
+def start_gather(form: str, src: torch.Tensor, out: torch.Tensor, group) -> Pending:
+    """``out`` ([world x k]) gets every rank's k-element ``src``, in rank order."""
+    if form == "all_gather":
+        return Pending([dist.all_gather_into_tensor(out, src, group=group, async_op=True)])
+    if form == "p2p":
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        rows, ranks = out.view(world, -1), dist.get_process_group_ranks(group)
+        rows[rank].copy_(src)
+        ops = [dist.P2POp(dist.isend, src, ranks[p], group) for p in range(world) if p != rank]
+        ops += [dist.P2POp(dist.irecv, rows[p], ranks[p], group)
+                for p in range(world) if p != rank]
+        return Pending(dist.batch_isend_irecv(ops))
+    raise ValueError(f"unknown gather form {form!r}")
+
+
+def choose(role: str, group, numel: int, dtype: torch.dtype, *, pinned: str = "fastest") -> Choice:
+    """The form ``role``'s collectives of ``numel`` elements take on ``group`` (a collective:
+    every rank of the group calls it with the same arguments)."""
+    world = dist.get_world_size(group)
+    forms = candidates(role, world)
+    if pinned != "fastest":
+        if pinned not in forms:
+            raise ConfigError(f"zerofx.{role}_form: {pinned!r} is not a form of this role at "
+                              f"{world} ranks (one of {', '.join(forms)}, or fastest)")
+        return Choice(role, pinned, numel, why="set in the config")
+    if dist.get_backend(group) != "gloo":
+        return Choice(role, forms[0], numel, why=f"{dist.get_backend(group)}'s native "
+                                                  f"collective, not timed")
+    per = max(1, min(numel, PROBE_CAP) // world)
+    mine = [_time_form(role, f, per, world, dtype, group) for f in forms]
+    agreed = torch.tensor(mine, dtype=torch.float64)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=group)  # the slowest rank decides
+    times = tuple((f, round(float(t), 3)) for f, t in zip(forms, agreed))
+    best = min(times, key=lambda ft: ft[1])[0]
+    return Choice(role, best, per * world, times, why="fastest timed on this group")
+
+
+def choose_forms(plan, config, group, *, reduces_into_shard: bool) -> dict[str, Choice]:
+    """{role: Choice} for what this runtime moves over its data-parallel ``group``: stage 2's
+    bucket reductions (at the largest bucket's size) and stages 1-2's step all-gathers (at
+    the largest chunk's). Every rank computes the same roles in the same order."""
+    if group is None or not plan.sharded:
+        return {}
+    dtype, forms = plan.compute_dtype, {}
+    if reduces_into_shard:
+        forms["reduce"] = choose("reduce", group, max(b.padded for b in plan.buckets), dtype,
+                                 pinned=config.zerofx.reduce_form)
+    chunks = gather_chunks(plan, config)
+    if chunks:
+        numel = max(sum(b.padded for _, b in c) for c in chunks)
+        forms["gather"] = choose("gather", group, numel, dtype, pinned=config.zerofx.gather_form)
+    return forms
+
+
+def cost_of(forms: dict[str, Choice], dtype: torch.dtype) -> CommCost:
+    """The dump's cost model, from what ``forms`` timed (zerofx/comm_cost.py)."""
+    return fitted([(c.role, f, c.numel * dtype.itemsize, ms)
+                   for c in forms.values() for f, ms in c.times_ms])
+
+
+def _time_form(role, form, per, world, dtype, group) -> float:
+    """Median ms of one ``form`` call moving ``per`` x ``world`` elements."""
+    flat = torch.ones(world * per, dtype=dtype)
+    piece = torch.ones(per, dtype=dtype)
+    samples = []
+    for _ in range(REPS + 1):
+        dist.barrier(group=group)  # every rank starts the sample together
+        t0 = time.perf_counter()
+        if role == "reduce":
+            start_reduce(form, flat, piece, group).wait()
+        else:
+            start_gather(form, piece, flat, group).wait()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples[1:])
+
+
+class StepGathers:
+    """The optimizer step's all-gathers of updated shards in the ``p2p`` form, in flight by
+    chunk: the step graph starts every chunk (``zerofx.start_gather``) before it waits for
+    the first (``zerofx.finish_gather``), as it does with functional all-gathers."""
+
+    def __init__(self, group):
+        self.group = group
+        self._inflight: dict[int, tuple] = {}  # chunk -> (out, Pending, src kept alive)
+
+    def start(self, chunk: int, src: torch.Tensor) -> None:
+        out = src.new_empty(dist.get_world_size(self.group) * src.numel())
+        self._inflight[chunk] = (out, start_gather("p2p", src, out, self.group), src)
+
+    def finish(self, chunk: int) -> torch.Tensor:
+        out, pending, _ = self._inflight.pop(chunk)
+        pending.wait()
+        return out
