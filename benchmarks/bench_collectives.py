@@ -82,7 +82,7 @@ def main(argv=None):
     p.add_argument("--numel", type=int, default=17_000_000)
     p.add_argument("--ranks", type=int, default=2)
     args = p.parse_args(argv)
-    results = run_ranks(_body, args.ranks, args=(args.numel,), timeout_s=600)
+    results = run_ranks(_body, args.ranks, args=(args.numel,), timeout_s=600, fresh=True)
     print(f"\n{args.numel} bf16 elements, {args.ranks} ranks (gloo), torch {torch.__version__}\n")
     print("| collective | ms (median, slowest rank) |\n|---|---|")
     for name in results[0]:

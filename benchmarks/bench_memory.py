@@ -57,7 +57,7 @@ def main(argv=None):
     for n in args.ranks:
         for stage in (1, 2, 3):
             print(f"running stage {stage} on {n} ranks ...", file=sys.stderr, flush=True)
-            res = run_ranks(_measure, n, args=(stage,), timeout_s=600)
+            res = run_ranks(_measure, n, args=(stage,), timeout_s=600, fresh=True)
             measured = max(r[0] for r in res)
             predicted = max(r[1] for r in res)
             live = max(r[2] for r in res)

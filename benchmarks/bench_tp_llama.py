@@ -187,7 +187,7 @@ def main(argv=None):
     for name in args.only:
         print(f"running {name} ...", file=sys.stderr, flush=True)
         rows.append((name, run_ranks(_rank_entry, 2, args=(name, args.steps),
-                                     timeout_s=900)))
+                                     timeout_s=900, fresh=True)))
     params = sum(q.numel() for q in _model().parameters())
     print(f"\nHF Llama {params / 1e6:.1f}M params, 2 ranks (gloo), batch {B}x{T}, bf16, "
           f"{args.steps} timed steps; {platform.processor() or platform.machine()}, "

@@ -215,7 +215,7 @@ def run_table(entry, names, *, ranks: int, extra_args: tuple, setup: str,
     rows = []
     for name in names:
         print(f"running {name} on {ranks} ranks ...", file=sys.stderr, flush=True)
-        res = run_ranks(entry, ranks, args=(name, *extra_args), timeout_s=900)
+        res = run_ranks(entry, ranks, args=(name, *extra_args), timeout_s=900, fresh=True)
         rows.append((name, max(r[0] for r in res) * 1e3, max(r[3] for r in res),
                      max(r[1] for r in res), res[0][2], res[0][4] if len(res[0]) > 4 else None))
     print(f"\n{setup}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "

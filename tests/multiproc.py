@@ -76,14 +76,16 @@ class RankKilled(AssertionError):
 
 
 def run_ranks(body, world_size: int, *, args: tuple = (), env: dict | None = None,
-              timeout_s: float = DEFAULT_TIMEOUT_S) -> list:
-    """Run ``body(rank, world_size, *args)`` on ``world_size`` processes; return results."""
+              timeout_s: float = DEFAULT_TIMEOUT_S, fresh: bool = False) -> list:
+    """Run ``body(rank, world_size, *args)`` on ``world_size`` processes; return results.
+    ``fresh``: spawned ranks that import only what they use, for benchmarks that measure a
+    rank's memory (the forked ones share the server's preloaded libraries)."""
     try:
-        return _run_once(body, world_size, args, env, timeout_s)
+        return _run_once(body, world_size, args, env, timeout_s, fresh)
     except RankKilled as first:
         warnings.warn(f"rerunning once after a rank was killed by a signal: {first}",
                       stacklevel=2)
-        return _run_once(body, world_size, args, env, timeout_s)
+        return _run_once(body, world_size, args, env, timeout_s, fresh)
 
 
 # Ranks fork from a server that imported these once (torch, zerofx, transformers' model code
@@ -111,8 +113,8 @@ def _context():
     return ctx
 
 
-def _run_once(body, world_size, args, env, timeout_s) -> list:
-    ctx = _context()
+def _run_once(body, world_size, args, env, timeout_s, fresh=False) -> list:
+    ctx = mp.get_context("spawn") if fresh else _context()
     results = ctx.Queue()
     port = free_port()
     logdir = tempfile.mkdtemp(prefix="zerofx-ranks-")

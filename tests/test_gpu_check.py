@@ -1,0 +1,39 @@
+"""benchmarks/gpu_check.py, run here with --device cpu: the C++ kernels pass it, and a kernel
+that drifts from the reference fails it (so a green run on a GPU means something)."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+ARGS = ["--device", "cpu", "--numel", "5003", "--bandwidth_numel", "100000"]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_cpu_kernels_pass_every_case(capsys):
+    assert _load().main(ARGS) == 0
+    out = capsys.readouterr().out
+    assert out.count("| yes |") == 42 and "| NO |" not in out  # 36 Adam + 6 LAMB cases
+    assert "GB/s" in out
+
+
+@pytest.mark.slow
+def test_a_kernel_off_by_a_little_fails(monkeypatch, capsys):
+    check = _load()
+    real = check.optim_ops.adam_step_fallback
+
+    def drifting(param, *args, **kw):  # the reference moves 1e-4 further each step
+        real(param, *args, **kw)
+        param.mul_(1 + 1e-4)
+
+    monkeypatch.setattr(check.optim_ops, "adam_step_fallback", drifting)
+    assert check.main(ARGS) == 1
+    out = capsys.readouterr().out
+    assert "| NO |" in out
