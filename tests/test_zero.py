@@ -225,19 +225,26 @@ def test_allgather_chunks_group_consecutive_buckets():
 
 
 def _gather_order_body(rank, world):
-    losses, params, rt = _train(rank, "mlp", _config(2, 1, 0.0))
-    nodes = list(rt.step_program.graph.nodes)
-    gathers = [i for i, n in enumerate(nodes) if "all_gather" in str(n.target)]
-    waits = [i for i, n in enumerate(nodes) if "wait_tensor" in str(n.target)
-             and "all_gather" in str(n.args[0].target)]
-    return gathers, waits
+    out = []
+    for form in ("all_gather", "p2p"):  # functional collectives, or zerofx's p2p ops
+        torch._dynamo.reset()
+        cfg = {**_config(2, 1, 0.0), "zerofx": {"gather_form": form}}
+        losses, params, rt = _train(rank, "mlp", cfg)
+        nodes = list(rt.step_program.graph.nodes)
+        gathers = [i for i, n in enumerate(nodes) if "all_gather" in str(n.target)
+                   or "start_gather" in str(n.target)]
+        waits = [i for i, n in enumerate(nodes) if "finish_gather" in str(n.target) or (
+            "wait_tensor" in str(n.target) and "all_gather" in str(n.args[0].target))]
+        out.append((gathers, waits))
+    return out
 
 
 @pytest.mark.slow
 def test_step_graph_issues_every_all_gather_before_waiting():
-    for gathers, waits in run_ranks(_gather_order_body, 2):
-        assert len(gathers) > 1 and len(waits) == len(gathers)
-        assert max(gathers) < min(waits)
+    for forms in run_ranks(_gather_order_body, 2):
+        for gathers, waits in forms:
+            assert len(gathers) > 1 and len(waits) == len(gathers)
+            assert max(gathers) < min(waits)
 
 
 def _groups(model, cls):

@@ -19,6 +19,7 @@ import torch
 from torch import fx
 
 from zerofx.passes.context import PassContext
+from zerofx.passes.nodes import is_cast, is_view
 from zerofx.passes.param_identity import traced_slots
 
 
@@ -31,6 +32,8 @@ def bucketing_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
               if isinstance(n, fx.Node) and n.op == "call_function" and n.target is tag_op]
     if not tagged:
         return gm
+    for _, tag in tagged:
+        _hoist(gm.graph, tag.args[0])
     position = {n: i for i, n in enumerate(gm.graph.nodes)}
     slot_of_param = dict(enumerate(traced_slots(ctx)))  # grouping only: calls route by slots
     groups: dict[int, list] = {}
@@ -50,3 +53,23 @@ def bucketing_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     for _, tag in tagged:
         gm.graph.erase_node(tag)
     return gm
+
+
+def _hoist(graph: fx.Graph, node: fx.Node) -> None:
+    """Move a gradient's trailing views and casts up to right after what they read.
+
+    Earlier passes may leave them just before the output (mixed_precision restores the
+    output dtypes there; a bias gradient's reshape then trails the whole backward), and a
+    bucket's op goes after its last gradient: without this, every bucket would wait for the
+    end of the backward and no collective would overlap it.
+    """
+    if node.op != "call_function" or not (is_view(node) or is_cast(node)):
+        return
+    for arg in node.all_input_nodes:
+        _hoist(graph, arg)
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    latest = max(node.all_input_nodes, key=position.__getitem__, default=None)
+    if latest is not None and latest.op == "placeholder":  # inputs stay first
+        latest = max((n for n in graph.nodes if n.op == "placeholder"), key=position.__getitem__)
+    if latest is not None and position[latest] + 1 < position[node]:
+        latest.append(node)  # moves node to right after latest; its users are all later
