@@ -251,7 +251,7 @@ def main(argv=None):
               f"{losses[-1] if losses else math.nan:.3f}, validation loss "
               f"{'-' if val is None else f'{val:.3f}'}; checkpoint {ckpt}, curve "
               f"{out_dir / 'curve.csv'}" + (f" and {png}" if png else
-                                            " (pip install matplotlib for curve.png)"))
+                                            " (pip install -e \".[plot]\" for curve.png)"))
     return 0
 
 

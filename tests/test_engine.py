@@ -67,6 +67,28 @@ def test_accumulation_boundary_and_step_count(no_torchrun_env):
     assert engine.train_batch_size() == 12
 
 
+def _ranks_body(rank, world):
+    engine, *_ = zerofx.initialize(model=make("mlp")[0], config=_cfg(
+        zero_optimization={"stage": 2}, tensor_parallel={"size": 1}))
+    return (engine.global_rank, engine.local_rank, engine.world_size, engine.dp_world_size,
+            str(engine.device), engine.zero_optimization_stage())
+
+
+def test_deepspeed_rank_and_device_attributes(no_torchrun_env):
+    """DeepSpeed's engine.global_rank / local_rank / world_size / device /
+    zero_optimization_stage(), as scripts use them (`if engine.global_rank == 0`)."""
+    engine, *_ = zerofx.initialize(model=make("mlp")[0], config=_cfg())
+    assert (engine.global_rank, engine.local_rank, engine.world_size, engine.dp_world_size,
+            engine.device.type, engine.zero_optimization_stage()) == (0, 0, 1, 1, "cpu", 0)
+
+
+@pytest.mark.slow
+def test_deepspeed_rank_attributes_on_two_ranks():
+    from multiproc import run_ranks
+
+    assert run_ranks(_ranks_body, 2) == [(r, r, 2, 2, "cpu", 2) for r in range(2)]
+
+
 def test_report_every_steps_per_print(no_torchrun_env, capsys):
     engine, *_ = zerofx.initialize(model=make("mlp")[0], config=_cfg(wall_clock_breakdown=True))
     for k in range(6):

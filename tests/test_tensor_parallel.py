@@ -53,12 +53,13 @@ def _grads_body(rank, world, name, dump, inductor=False, sequence_parallel=False
 
 
 def _collectives(dump, rank, kind):
-    """all-reduces the tensor_parallel pass put into ``kind`` graphs (from the dump)."""
+    """Collectives the tensor_parallel pass put into ``kind`` graphs (the dump's
+    collectives.txt rows it added)."""
     total = 0
     for root, _, files in os.walk(os.path.join(dump, f"rank{rank}")):
-        if os.path.basename(root) == kind and "summary.json" in files:
-            rows = json.load(open(os.path.join(root, "summary.json")))["passes"]
-            total += rows[-1]["kinds"].get("collective", 0) // 2  # all_reduce + wait
+        if os.path.basename(root) == kind and "collectives.txt" in files:
+            text = open(os.path.join(root, "collectives.txt")).read()
+            total += sum(" tensor_parallel " in line for line in text.splitlines())
     return total
 
 

@@ -100,7 +100,7 @@ def load_hosts(args: argparse.Namespace, *, gpu_ids: list[str]) -> dict[str, hos
     slots = len(gpu_ids) or args.num_gpus or 1  # without GPUs, slots are processes
     log.warning("no hostfile at %s: using this machine only (%d %s); pass -H/--hostfile "
                 "for more", DEFAULT_HOSTFILE, slots, "GPU(s)" if gpu_ids else
-                "process(es); --num_procs N for more")
+                "process(es)" if args.num_gpus else "process(es); --num_procs N for more")
     return hostfile.local_hosts(slots)
 
 

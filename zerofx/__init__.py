@@ -2,7 +2,16 @@
 
     model = torch.compile(model, backend="zero", options={"config": "ds_config.json"})
 """
+import os as _os
+
 from zerofx.config import Config, ConfigError
+
+if _os.environ.get("RANK", "").isdigit() and _os.environ.get("WORLD_SIZE", "1") != "1":
+    # A launched rank: zerofx's errors met before the process group forms (a config typo)
+    # are one line per rank too, not a traceback each (runtime/error_report.py).
+    from zerofx.runtime import error_report as _error_report
+
+    _error_report.install(int(_os.environ["RANK"]))
 
 __all__ = ["Config", "ConfigError", "ZeroRuntime", "ZeroEngine", "initialize",
            "add_config_arguments", "no_sync"]

@@ -88,6 +88,10 @@ class ZeroEngine(nn.Module):
                  training_data=None, collate_fn=None, mpu=None, example_inputs=None):
         super().__init__()
         world = init_distributed()
+        # DeepSpeed's names (its _set_distributed_vars): scripts write
+        # `if engine.global_rank == 0` and `.to(engine.device)`
+        self.global_rank, self.local_rank = world.rank, world.local_rank
+        self.world_size = world.world_size
         self.config = config
         self.module = model
         self.runtime = ZeroRuntime(model, config, optimizer=optimizer, mpu=mpu,
@@ -108,6 +112,8 @@ class ZeroEngine(nn.Module):
                         "config's Adam/AdamW/Lamb); set cycle_momentum false to silence this",
                         config.scheduler.type, type(optimizer).__name__)
         dp = self.runtime.plan.grid
+        self.dp_world_size = dp.dp_size
+        self.device = self.runtime.flat_params.device
         self.training_dataloader = None
         if training_data is not None:
             self.training_dataloader = DistributedLoader(
@@ -215,6 +221,9 @@ class ZeroEngine(nn.Module):
 
     def gradient_accumulation_steps(self) -> int:
         return self.runtime.gas
+
+    def zero_optimization_stage(self) -> int:
+        return self.config.zero_optimization.stage
 
     def _batch_sizes(self):
         cfg = self.config

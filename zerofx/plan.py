@@ -221,8 +221,9 @@ class Plan:
             "compute_params": lowp * total if self.compute_dtype != torch.float32 else 0,
         }
 
-    def describe(self) -> str:
-        """A readable table of the layout, for dumps and logs."""
+    def describe(self, reduce_form: str | None = None) -> str:
+        """A readable table of the layout, for dumps and logs (``reduce_form``: the form the
+        runtime timed fastest for the buckets' reduction, shown as their collective)."""
         rows = [(p.name, "x".join(map(str, p.shape)) or "scalar", p.offset, p.numel, p.bucket,
                  _tp_text(p.tp)) for p in self.params]
         head = (f"plan: rank {self.rank}, world {self.grid.world_size} "
@@ -233,7 +234,9 @@ class Plan:
         mem = tabulate(sorted(self.predicted_bytes().items()), headers=["state", "bytes/rank"])
         table = tabulate(rows, headers=["param", "local shape", "offset", "numel", "bucket",
                                         "tensor parallel"])
-        buckets = tabulate([(b.index, b.numel, b.padded, len(b.params), self.bucket_collective)
+        collective = self.bucket_collective if reduce_form is None else \
+            f"{self.bucket_collective} as {reduce_form}"
+        buckets = tabulate([(b.index, b.numel, b.padded, len(b.params), collective)
                             for b in self.buckets],
                            headers=["bucket", "numel", "padded", "params", "collective"])
         text = f"{head}\n{table}\n\n{buckets}\n\n{mem}"

@@ -29,7 +29,8 @@ from zerofx.passes.dump_html import input_names, render_html
 from zerofx.passes.nodes import added_by, count_kinds, model_line
 
 SUMMARY_JSON = "summary.json"
-KINDS = ("placeholder", "compute", "view", "cast", "collective", "zerofx_op", "output")
+KINDS = ("placeholder", "compute", "view", "cast", "collective", "wait", "zerofx_op",
+         "output")
 
 
 @dataclass

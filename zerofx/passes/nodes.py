@@ -47,14 +47,24 @@ def is_view(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _VIEW_TARGETS
 
 
+# zerofx's ops that move bytes between ranks (each is one row of the dump's collectives.txt;
+# start_gather is the first half of finish_gather's exchange)
+_ZEROFX_COMM = {"reduce_bucket", "gather_bucket", "finish_gather"}
+
+
 def is_collective(node: fx.Node) -> bool:
-    """Functional collectives and zerofx's own communication ops."""
+    """A functional collective (not its wait) or one of zerofx's communicating ops: what the
+    dump's collectives.txt lists, one row each."""
     if node.op != "call_function":
         return False
     ns = getattr(node.target, "namespace", None)
-    return ns in ("_c10d_functional", "c10d_functional") or (
-        ns == "zerofx" and "comm" in str(node.target)
-    )
+    if ns in ("_c10d_functional", "c10d_functional"):
+        return not is_wait(node)
+    return ns == "zerofx" and node.target._opname in _ZEROFX_COMM
+
+
+def is_wait(node: fx.Node) -> bool:
+    return node.op == "call_function" and "wait_tensor" in str(node.target)
 
 
 def kind_of(node: fx.Node) -> str:
@@ -63,6 +73,8 @@ def kind_of(node: fx.Node) -> str:
         return node.op
     if is_collective(node):
         return "collective"
+    if is_wait(node):
+        return "wait"
     if is_cast(node):
         return "cast"
     if is_view(node):

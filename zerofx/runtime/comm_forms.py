@@ -29,8 +29,10 @@ from zerofx.comm_cost import CommCost, fitted
 from zerofx.config import ConfigError
 from zerofx.runtime.step_fn import gather_chunks
 
-# torch 2.13 renamed reduce_scatter_tensor (deprecated, warning per call); 2.11 lacks the new name.
+# torch 2.13 renamed reduce_scatter_tensor and all_gather_into_tensor (deprecated, a warning
+# per call); 2.11 lacks the new names.
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 REPS = 3
 # Timed at most at this many elements: the forms' order does not change beyond it, and a
 # model-sized bucket would cost seconds and its size again in memory at startup.
@@ -96,7 +98,7 @@ def start_reduce(form: str, flat: torch.Tensor, out: torch.Tensor, group) -> Pen
 def start_gather(form: str, src: torch.Tensor, out: torch.Tensor, group) -> Pending:
     """``out`` ([world x k]) gets every rank's k-element ``src``, in rank order."""
     if form == "all_gather":
-        return Pending([dist.all_gather_into_tensor(out, src, group=group, async_op=True)])
+        return Pending([all_gather_into(out, src, group=group, async_op=True)])
     if form == "p2p":
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         rows, ranks = out.view(world, -1), dist.get_process_group_ranks(group)

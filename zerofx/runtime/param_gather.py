@@ -20,6 +20,8 @@ import zlib
 import torch
 import torch.distributed as dist
 
+from zerofx.runtime.comm_forms import all_gather_into
+
 
 _DIVERGED = (
     "ZeRO stage 3: the ranks are about to gather different parameters (their batches took "
@@ -91,7 +93,7 @@ class ParamGather:
             mine = self.rt.plan.owned()[i]
             out = torch.empty(b.padded, dtype=self.rt.plan.compute_dtype)
             src = self.rt.shard_lowp[mine.at:mine.at + mine.numel]
-            work = dist.all_gather_into_tensor(out, src, group=self.group, async_op=True)
+            work = all_gather_into(out, src, group=self.group, async_op=True)
             self._inflight[i] = (out, work)
             self._track(out)  # memory from now on, in flight or not
             self.gathers += 1
