@@ -4,7 +4,6 @@ TP = 2: the loss, every gradient (each rank's piece) and eval outputs equal the 
 model's; the dump shows Megatron's all-reduces. TP 2 x DP 2 with ZeRO-2 trains 20 steps
 like single-process AdamW with clipping. An mpu's own split is honoured by ZeRO and clipping.
 """
-import json
 import os
 
 import pytest
