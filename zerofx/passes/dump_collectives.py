@@ -13,43 +13,41 @@ import torch
 from tabulate import tabulate
 from torch import fx
 
-from zerofx.comm_cost import DEFAULT, CommCost
-from zerofx.passes.nodes import added_by, model_line
+from zerofx.comm_cost import DEFAULT, FORM_KINDS, CommCost
+from zerofx.passes.nodes import ZEROFX_COMM, added_by, is_collective, model_line
 
 _c10d = torch.ops._c10d_functional
+# functional collectives by op name -> the kind comm_cost predicts
+_FUNCOL = {"all_reduce": "all_reduce", "all_gather_into_tensor": "all_gather",
+           "reduce_scatter_tensor": "reduce_scatter"}
 
 
-_ZEROFX = {"gather_bucket": "all_gather",  # stage 3: one bucket, gathered
-           "finish_gather": "gather",  # the step's shards, in the chosen form
-           "reduce_bucket": "reduce"}  # gradients, reduced with their bucket
-
-
-def _kinds():
-    kinds = {_c10d.all_reduce.default: "all_reduce",
-             _c10d.all_gather_into_tensor.default: "all_gather",
-             _c10d.reduce_scatter_tensor.default: "reduce_scatter"}
-    # zerofx's ops exist once a runtime registered them (a plain compile has none).
-    for name, kind in _ZEROFX.items():
-        try:
-            kinds[getattr(torch.ops.zerofx, name).default] = kind
-        except AttributeError:
-            continue
-    return kinds
+def _kind(n: fx.Node, forms: dict[str, str]) -> str | None:
+    """What ``n`` moves as comm_cost names it (reduce/gather: the runtime's chosen form)."""
+    if not is_collective(n):
+        return None
+    name = n.target._opname
+    kind = ZEROFX_COMM.get(name) if n.target.namespace == "zerofx" else _FUNCOL.get(name)
+    if kind == "reduce":
+        return FORM_KINDS["reduce", forms.get("reduce", "all_reduce")]
+    if kind == "gather":
+        return FORM_KINDS["gather", forms.get("gather", "all_gather")]
+    return kind
 
 
 def collective_rows(gm: fx.GraphModule, *, tp_group: str | None, dp_size: int,
                     forms: dict[str, str], cost: CommCost | None) -> list[dict]:
     """One row per collective node; ``forms``: the runtime's {role: form}."""
     cost = cost or DEFAULT
-    kinds, rows = _kinds(), []
+    rows = []
     for n in gm.graph.nodes:
-        kind = kinds.get(n.target) if n.op == "call_function" else None
+        kind = _kind(n, forms)
         if kind is None:
             continue
-        if kind == "reduce" and dp_size == 1:
+        grads = n.target._opname == "reduce_bucket"
+        if grads and dp_size == 1:
             continue  # one data-parallel rank: the bucket is not communicated
-        moved = _moved(n, grads=kind == "reduce")
-        kind = _resolve(kind, forms)
+        moved = _moved(n, grads=grads)
         if moved is None:
             continue
         numel, dtype = moved
@@ -72,15 +70,6 @@ def _line(n: fx.Node) -> str:
                                  "")
     m = re.match(r'File "(?:.*/)?([^"/]+)", line (\d+), in \S+ ?(.*)', line)
     return f"{m[1]}:{m[2]} {m[3]}" if m else line
-
-
-def _resolve(kind: str, forms: dict[str, str]) -> str:
-    if kind == "reduce":
-        return {"p2p": "p2p_reduce", "reduce_scatter": "reduce_scatter"}.get(
-            forms.get("reduce", "all_reduce"), "all_reduce")
-    if kind == "gather":
-        return "p2p_gather" if forms.get("gather") == "p2p" else "all_gather"
-    return kind
 
 
 def _moved(n: fx.Node, *, grads: bool):

@@ -47,9 +47,11 @@ def is_view(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _VIEW_TARGETS
 
 
-# zerofx's ops that move bytes between ranks (each is one row of the dump's collectives.txt;
-# start_gather is the first half of finish_gather's exchange)
-_ZEROFX_COMM = {"reduce_bucket", "gather_bucket", "finish_gather"}
+# zerofx's ops that move bytes between ranks -> what they do (each is one row of the dump's
+# collectives.txt; start_gather is the first half of finish_gather's exchange)
+ZEROFX_COMM = {"gather_bucket": "all_gather",  # stage 3: one bucket, gathered
+               "finish_gather": "gather",  # the step's shards, in the form chosen
+               "reduce_bucket": "reduce"}  # gradients, reduced with their bucket
 
 
 def is_collective(node: fx.Node) -> bool:
@@ -60,11 +62,11 @@ def is_collective(node: fx.Node) -> bool:
     ns = getattr(node.target, "namespace", None)
     if ns in ("_c10d_functional", "c10d_functional"):
         return not is_wait(node)
-    return ns == "zerofx" and node.target._opname in _ZEROFX_COMM
+    return ns == "zerofx" and node.target._opname in ZEROFX_COMM
 
 
 def is_wait(node: fx.Node) -> bool:
-    return node.op == "call_function" and "wait_tensor" in str(node.target)
+    return node.op == "call_function" and getattr(node.target, "_opname", None) == "wait_tensor"
 
 
 def kind_of(node: fx.Node) -> str:
