@@ -94,8 +94,13 @@ class ParamGather:
             out = torch.empty(b.padded, dtype=self.rt.plan.compute_dtype)
             src = self.rt.shard_lowp[mine.at:mine.at + mine.numel]
             work = all_gather_into(out, src, group=self.group, async_op=True)
-            self._inflight[i] = (out, work)
-            self._track(out)  # memory from now on, in flight or not
+            # The graphs get (and the count follows) an alias of the buffer, not the tensor
+            # gloo's work holds: gloo's worker drops its reference some time after wait()
+            # returns, which would make the count depend on thread timing (a CI run saw a
+            # peak of 2.5 buckets where the graph held 2).
+            alias = out.detach()
+            self._inflight[i] = (alias, work)
+            self._track(alias)  # memory from now on, in flight or not
             self.gathers += 1
             self._signature = (self._signature * 1_000_003 + i + 1) % (1 << 61)
 
