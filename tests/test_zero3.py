@@ -314,20 +314,3 @@ def test_lamb_equals_stage_2_and_consolidates(tmp_path):
     merged = consolidate(str(tmp_path / "z3"), str(tmp_path / "model.pt"), echo=lambda *a: None)
     for n, p in z3[0][1].items():
         torch.testing.assert_close(merged[n], p, rtol=0, atol=0)
-
-
-def _tp_body(rank, world):
-    import zerofx
-
-    model, _ = make("block")
-    try:
-        zerofx.ZeroRuntime(model, {"zero_optimization": {"stage": 3},
-                                   "tensor_parallel": {"size": 2}})
-    except zerofx.ConfigError as e:
-        return str(e)
-    return "accepted"
-
-
-@pytest.mark.slow
-def test_tensor_parallel_with_stage_3_is_refused_by_name():
-    assert all("stage 3 with tensor parallelism" in r for r in run_ranks(_tp_body, 2))

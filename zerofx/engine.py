@@ -24,6 +24,7 @@ from zerofx.config import Config, ConfigError
 from zerofx.data import DistributedLoader
 from zerofx.monitor import Monitor
 from zerofx.runtime.dist import init_distributed
+from zerofx.runtime.tp_whole import whole_state
 from zerofx.runtime.zero import ZeroRuntime
 from zerofx.lr_schedules import Schedule, make_schedule
 
@@ -266,7 +267,8 @@ class ZeroEngine(nn.Module):
     def save_16bit_model(self, save_dir, save_filename: str = "pytorch_model.bin") -> bool:
         """DeepSpeed's ``save_16bit_model``: the model's weights in the compute dtype, whole,
         written by rank 0 (every rank calls it). At stage 3 the weights are gathered, which
-        the config must allow (``stage3_gather_16bit_weights_on_model_save``)."""
+        the config must allow (``stage3_gather_16bit_weights_on_model_save``); weights
+        zerofx split for tensor parallelism are gathered whole too."""
         rt = self.runtime
         if rt.plan.partitioned and \
                 not self.config.zero_optimization.stage3_gather_16bit_weights_on_model_save:
@@ -276,6 +278,7 @@ class ZeroEngine(nn.Module):
                               "checkpoint and run zerofx-consolidate")
         with rt.gathered_parameters():
             state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        state = whole_state(rt, state)  # the weights zerofx split, whole again
         if rt.plan.rank == 0:
             os.makedirs(save_dir, exist_ok=True)
             torch.save(state, os.path.join(save_dir, save_filename))

@@ -61,6 +61,12 @@ class TPShard:
                   for p in range(self.parts)]
         return torch.cat(pieces, dim=d).contiguous()
 
+    def whole(self, pieces: list[torch.Tensor]) -> torch.Tensor:
+        """The full parameter from every rank's ``local_piece``, in rank order (its inverse)."""
+        d = self.dim
+        per_rank = [piece.chunk(self.parts, dim=d) for piece in pieces]
+        return torch.cat([parts[p] for p in range(self.parts) for parts in per_rank], dim=d)
+
 
 @dataclass(frozen=True)
 class TPChoice:

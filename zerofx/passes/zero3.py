@@ -28,7 +28,7 @@ from torch import fx
 
 from zerofx.config import ConfigError
 from zerofx.passes.context import PassContext
-from zerofx.passes.nodes import is_cast, is_view
+from zerofx.passes.nodes import is_cast, is_view, role_of
 from zerofx.passes.param_identity import traced_slots, trained_primals
 
 
@@ -58,9 +58,16 @@ def zero3_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     # param_slots reads the stand-ins' addresses (which parameters this call has): that
     # read stays; every other one becomes a slice of the gathered bucket.
     skip = {n for n in graph.nodes if n.target is torch.ops.zerofx.param_slots.default}
+    # A tensor-parallel weight is read through zerofx.tp_param (its local piece, which at
+    # stage 3 is what its bucket gathers): those reads become slices of the bucket too.
+    tp_reads: dict[str, list[fx.Node]] = {}
+    for n in graph.nodes:
+        if n.target is torch.ops.zerofx.tp_param.default:
+            tp_reads.setdefault(n.args[1], []).append(n)
 
     def readers(node):
-        return [u for u in node.users if u not in skip]
+        return [u for u in node.users if u not in skip] + \
+            [u for r in tp_reads.get(role_of(node).name, ()) for u in r.users]
 
     first = {b: min((order[u] for _, n, _ in g for u in readers(n)), default=None)
              for b, g in groups.items()}
@@ -80,6 +87,9 @@ def zero3_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                                             (g, 0, off, off + s.numel))
                 whole = graph.call_function(torch.ops.aten.view.default, (piece, list(s.shape)))
                 node.replace_all_uses_with(whole, delete_user_cb=lambda u: u not in skip)
+                for read in tp_reads.get(s.name, ()):
+                    read.replace_all_uses_with(whole)
+                    graph.erase_node(read)
         gathers.append(g)
     plan_prefetch(graph, gathers, ctx.config.zero_optimization)
     return gm
@@ -87,11 +97,12 @@ def zero3_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
 
 def _check_stand_in(node: fx.Node, slot) -> None:
     val = node.meta.get("val")
-    if slot.persistent or val is None or tuple(val.shape) == tuple(slot.shape):
+    traced = slot.tp.full_shape if slot.tp is not None else slot.shape
+    if slot.persistent or val is None or tuple(val.shape) == tuple(traced):
         return
     raise ConfigError(
         f"ZeRO-3 parameter {slot.name} reached the compiled graph with shape "
-        f"{list(val.shape)} instead of {list(slot.shape)}: outside a call its storage is "
+        f"{list(val.shape)} instead of {list(traced)}: outside a call its storage is "
         f"partitioned. Call the model through zerofx.initialize's engine, or inside "
         f"`with runtime.shape_carriers():` when compiling with options={{'runtime': rt}}")
 

@@ -79,17 +79,13 @@ class ZeroRuntime:
         self.plan: Plan = make_plan(named, self.config, rank=world.rank,
                                     world_size=world.world_size, tp_layout=layout,
                                     mp_params=split)
-        if self.plan.zero_stage == 3 and self.plan.grid.tp_size > 1:
-            raise ConfigError("ZeRO stage 3 with tensor parallelism is not supported yet: use "
-                              "stage 2 with tensor_parallel (weights split, gradients and "
-                              "optimizer state sharded), or stage 3 without it")
         self.spec = OptimizerSpec.from_config_or_torch(self.config, optimizer)
         _check_tested_optimizer(self.config, optimizer)
         self.group, self.tp_group = _groups(self.plan, mpu) if world.world_size > 1 \
             else (None, None)
         # Stage 3's own group: the graphs' parameter gathers never pair with bucket
         # collectives in flight on self.group (runtime/param_gather.py).
-        self.gatherer = ParamGather(self, dist.new_group(list(range(world.world_size)))) \
+        self.gatherer = ParamGather(self, _gather_group(self.plan)) \
             if self.plan.partitioned else None
         # How buckets reduce and shards gather: each form timed once on this group, the
         # fastest kept (runtime/comm_forms.py; on gloo point-to-point beats both natives).
@@ -148,8 +144,11 @@ class ZeroRuntime:
             if plan.partitioned and not s.persistent:
                 # Stage 3: the graphs read the gathered bucket (zerofx.gather_bucket), never
                 # this stand-in; NaN so that an eager read of it cannot pass for a weight.
-                stand_in = torch.full([1] * len(s.shape), float("nan"), dtype=low)
-                self._carriers.append((p, stand_in.expand(s.shape), torch.empty(0, dtype=low)))
+                # A tensor-parallel weight is traced whole too (the tensor_parallel pass
+                # splits it): its bucket holds this rank's piece.
+                shape = s.tp.full_shape if s.tp is not None else s.shape
+                stand_in = torch.full([1] * len(shape), float("nan"), dtype=low)
+                self._carriers.append((p, stand_in.expand(shape), torch.empty(0, dtype=low)))
                 p.data = self._carriers[-1][2]
                 continue
             self.flat_params[s.offset - base:s.end - base].copy_(flat)
@@ -206,7 +205,9 @@ class ZeroRuntime:
         """DeepSpeed's ``GatheredParameters``: inside, the stage-3 parameters ``params`` (all
         by default; a collective, every rank enters) hold their whole values, for eager code
         (an eval loop without compile, printing, a state_dict). With ``modifier_rank``, that
-        rank's changes are kept: broadcast and written into every rank's shards on exit."""
+        data-parallel rank's changes are kept: broadcast and written into every rank's shards
+        on exit. (With tensor parallelism a weight zerofx split is this rank's whole piece,
+        and each piece's data-parallel group takes it from its own rank ``modifier_rank``.)"""
         if self.gatherer is None:
             yield
             return
@@ -232,6 +233,8 @@ class ZeroRuntime:
 
     @torch.no_grad()
     def _write_back(self, values, src: int) -> None:
+        grid = self.plan.grid  # src: a data-parallel rank; broadcast takes a global one
+        src = src * grid.tp_size + grid.tp_rank(self.plan.rank)
         for name, value in values:
             if self.group is not None:
                 dist.broadcast(value, src=src, group=self.group)
@@ -561,6 +564,20 @@ def _groups(plan: Plan, mpu):
             if plan.rank in ranks:
                 mine[kind] = g
     return (mine["dp"] if grid.dp_size > 1 else None), mine["tp"]
+
+
+def _gather_group(plan: Plan):
+    """Stage 3's parameter-gather group: this rank's data-parallel ranks (the ranks holding
+    the other shards of the same tensor-parallel pieces), a group of its own so the graphs'
+    gathers never pair with bucket collectives in flight on the data-parallel group."""
+    if plan.grid.tp_size == 1:
+        return dist.new_group(list(range(plan.grid.world_size)))
+    mine = None
+    for ranks in plan.grid.dp_groups():  # every rank creates every group, in one order
+        g = dist.new_group(ranks)
+        if plan.rank in ranks:
+            mine = g
+    return mine
 
 
 def _check_mpu_methods(mpu) -> None:
