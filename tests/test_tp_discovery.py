@@ -36,16 +36,16 @@ def test_hugging_face_layouts_come_from_their_dummy_inputs(name):
     assert not any(k in m for m in styles for k in ("wpe", "position", "token_type"))
 
 
-def test_through_inductor_the_vocabulary_stays_whole():
-    """Inductor's decompositions take the cross-entropy apart before the passes run, where
-    no log-softmax or NLL is left for the vocabulary rewrite: the vocabulary is not split."""
+def test_through_inductor_the_layout_is_the_eager_one():
+    """Under Inductor the passes run before its decompositions (which would take the
+    cross-entropy apart): the vocabulary is split there too, like every layer."""
     pytest.importorskip("transformers")
     from hf_models import make_hf
 
-    cfg = zerofx.Config.from_dict({"tensor_parallel": {"size": 2},
-                                   "zerofx": {"inductor": True}})
-    styles = _styles(resolve_tp_layout(make_hf("llama"), cfg))
-    assert "lm_head" not in styles and styles["model.layers.0.mlp.down_proj"] == ("rowwise", 1)
+    eager, inductor = (_styles(resolve_tp_layout(make_hf("llama"), zerofx.Config.from_dict(
+        {"tensor_parallel": {"size": 2}, "zerofx": {"inductor": on}}))) for on in (False, True))
+    assert inductor == eager and inductor["lm_head"] == ("colwise", 1)
+    assert inductor["model.embed_tokens"] == ("vocab", 1)
 
 
 def test_vocab_parallel_false_keeps_the_vocabulary_whole():

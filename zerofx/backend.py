@@ -71,9 +71,12 @@ def zero_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None = N
     comp = _prepare(gm, example_inputs, config, tuple(options.get("extra_passes", ())),
                     runtime)
     return aot_autograd(
-        # Inductor lowers only graphs decomposed with its own table; the passes see the
-        # same decomposed graph it will compile.
-        decompositions=_inductor_decompositions() if comp.config.zerofx.inductor else {},
+        # Inductor lowers only graphs decomposed with its own table. Without tensor
+        # parallelism the passes see the decomposed graph it will compile; with it they see
+        # the ops their sharding rules name (a cross-entropy, a slice's backward, as in
+        # eager) and the table is applied after them (_decompose_after_passes).
+        decompositions=_inductor_decompositions()
+        if comp.config.zerofx.inductor and not _passes_before_decomposing(comp.config) else {},
         fw_compiler=lambda g, ins: _compile_graph(g, ins, comp, "forward"),
         bw_compiler=lambda g, ins: _compile_graph(g, ins, comp, "backward"),
         inference_compiler=lambda g, ins: _compile_graph(g, ins, comp, "inference"),
@@ -86,6 +89,25 @@ def _inductor_decompositions():
     from torch._inductor.decomposition import select_decomp_table
 
     return select_decomp_table()
+
+
+def _passes_before_decomposing(config: Config) -> bool:
+    """Whether the passes run on undecomposed graphs under Inductor: with tensor
+    parallelism, whose rules (and the vocabulary-parallel cross-entropy) are written for
+    the ops models call; Inductor's table would hand them amax/gather/slice_scatter."""
+    return config.tensor_parallel.size > 1
+
+
+def _decompose_after_passes(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` traced again through Inductor's decomposition table, on its own fake inputs:
+    the graph Inductor would have been given had it been decomposed first, with the passes'
+    changes in it (zerofx's ops and functional collectives pass through unchanged)."""
+    from torch._guards import detect_fake_mode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    vals = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
+    with detect_fake_mode(vals):
+        return make_fx(gm, decomposition_table=_inductor_decompositions())(*vals)
 
 
 def _prepare(gm, example_inputs, config: Config, extra, runtime) -> Compilation:
@@ -267,6 +289,8 @@ def _compile_graph(gm: fx.GraphModule, example_inputs, comp: Compilation, kind: 
     if comp.config.zerofx.inductor:
         from torch._inductor.compile_fx import compile_fx_inner
 
+        if _passes_before_decomposing(comp.config):
+            gm = _decompose_after_passes(gm)
         return compile_fx_inner(gm, example_inputs, is_backward=kind == "backward",
                                 is_inference=kind == "inference")
     return make_boxed_func(gm.forward)

@@ -98,11 +98,7 @@ def resolve_tp_layout(model: nn.Module, config: Config, example_inputs=None) -> 
     else:
         example = example_inputs if example_inputs is not None else _hf_example(model)
         if example is not None:
-            # Inductor's decompositions take the cross-entropy apart (amax, gather, ...)
-            # before the passes run, where passes/tp_vocab.py finds no log-softmax or NLL to
-            # rewrite: the vocabulary stays whole there
-            vocab = config.tensor_parallel.vocab_parallel and not config.zerofx.inductor
-            return _from_graph(model, example, tp, vocab)
+            return _from_graph(model, example, tp, config.tensor_parallel.vocab_parallel)
         choices = _detect(modules, tp)
     if not choices:
         raise _nothing_to_split(tp)
