@@ -88,11 +88,12 @@ def _hf_body(rank, world, name, steps, sequence_parallel, out_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,sp", [("gpt2", False), ("llama", True)],
-                         ids=["gpt2", "llama-sequence-parallel"])
+@pytest.mark.parametrize("name,sp", [("gpt2", False), ("llama", True), ("bert_mlm", False)],
+                         ids=["gpt2", "llama-sequence-parallel", "bert_mlm"])
 def test_hf_models_tp2_dp2_zero3_without_a_plan_train_like_one_process(name, sp, tmp_path):
-    """GPT-2 (fused q|k|v Conv1D, tied vocabulary-split embedding) and Llama (grouped-query
-    attention, SwiGLU, split vocabulary; with sequence parallelism), called with labels=,
+    """GPT-2 (fused q|k|v Conv1D, tied vocabulary-split embedding), Llama (grouped-query
+    attention, SwiGLU, split vocabulary; with sequence parallelism) and BERT's masked LM
+    (separate query/key/value, a decoder tied to the embedding), called with labels=,
     the layout read from their graphs; the 16-bit model saved at TP 2 x ZeRO-3 holds whole
     weights that load into the unsplit model and evaluate as the ranks do."""
     pytest.importorskip("transformers")
