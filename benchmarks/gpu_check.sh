@@ -5,9 +5,10 @@
 #    TORCH_CUDA_ARCH_LIST says otherwise) and checks Adam, AdamW and LAMB on the GPU against
 #    the plain-torch reference on the CPU (fp32/bf16/fp16 gradients, weight copies, skip),
 #    then times the fused Adam step against a device copy (benchmarks/gpu_check.py).
-# 2. Single-GPU training of the main job is not checked yet: the runtime allocates its
-#    buffers on the CPU only (issue 13). Until a machine is lent this script has only run
-#    with --device cpu (the same checks of the C++ kernels).
+# 2. Trains the main job's model on the GPU with zerofx (bf16, the fused kernels) and with
+#    torch.compile + autocast + fused AdamW, same weights and batches: tokens/s, losses and
+#    peak memory side by side (benchmarks/gpu_train.py; exit 1 if they do not train alike).
+# Until a machine is lent both have only run with --device cpu (tests/test_gpu_check.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -15,4 +16,5 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-timeout 450 python3 benchmarks/gpu_check.py "$@"
+timeout 300 python3 benchmarks/gpu_check.py "$@"
+timeout 150 python3 benchmarks/gpu_train.py --steps 300

@@ -82,6 +82,30 @@ def test_deepspeed_rank_and_device_attributes(no_torchrun_env):
             engine.device.type, engine.zero_optimization_stage()) == (0, 0, 1, 1, "cpu", 0)
 
 
+def test_every_runtime_tensor_lives_on_the_parameters_device(no_torchrun_env):
+    """One device for the flat buffers, the optimizer state and the step's state tensors
+    (the step graph reads them all): the parameters'. CPU is the only device here, so this
+    checks the plumbing; a GPU run is benchmarks/gpu_check.sh's."""
+    engine, *_ = zerofx.initialize(model=make("mlp")[0], config=_cfg(fp16={"enabled": True}))
+    rt = engine.runtime
+    state = [rt.flat_params, rt.master, rt.exp_avg, rt.exp_avg_sq, rt.full_grads, rt.lr,
+             rt.beta1, rt.step_count, rt.skipped, rt.scaler.scale, rt.scaler.hysteresis]
+    assert {t.device for t in state} == {engine.device} == {torch.device("cpu")}
+
+
+@pytest.mark.parametrize("where", ["meta", "split"])
+def test_parameters_without_one_real_device_are_refused(no_torchrun_env, where):
+    model = make("mlp")[0]
+    if where == "meta":
+        model = model.to("meta")
+    else:
+        model.fc1.weight = torch.nn.Parameter(torch.empty_like(model.fc1.weight, device="meta"))
+    with pytest.raises(zerofx.ConfigError) as e:
+        zerofx.ZeroRuntime(model, _cfg())
+    assert ("meta device (no values)" if where == "meta" else
+            "fc1.weight on meta") in str(e.value)
+
+
 @pytest.mark.slow
 def test_deepspeed_rank_attributes_on_two_ranks():
     from multiproc import run_ranks

@@ -1,16 +1,18 @@
 """benchmarks/gpu_check.py, run here with --device cpu: the C++ kernels pass it, and a kernel
-that drifts from the reference fails it (so a green run on a GPU means something)."""
+that drifts from the reference fails it (so a green run on a GPU means something); and
+benchmarks/gpu_train.py's single-device comparison runs end to end here."""
 import importlib.util
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+SCRIPT = BENCH / "gpu_check.py"
 ARGS = ["--device", "cpu", "--numel", "5003", "--bandwidth_numel", "100000"]
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+def _load(path=SCRIPT):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -37,3 +39,14 @@ def test_a_kernel_off_by_a_little_fails(monkeypatch, capsys):
     assert check.main(ARGS) == 1
     out = capsys.readouterr().out
     assert "| NO |" in out
+
+
+@pytest.mark.slow
+def test_single_device_training_runs_beside_its_peer(no_torchrun_env, capsys):
+    """The main job's GPT on one device, zerofx and the peer from the same weights and
+    batches: their first losses agree (the script checks it) and both rows are printed."""
+    train = _load(BENCH / "gpu_train.py")
+    assert train.main(["--device", "cpu", "--steps", "3", "--warmup", "1",
+                       "--peer_backend", "aot_eager"]) == 0
+    out = capsys.readouterr().out
+    assert "| zerofx (bf16" in out and "| torch.compile (aot_eager)" in out

@@ -21,7 +21,7 @@ class _Shapes:
     """What zerofx.tp_param's fake kernel reads: the plan (no tensors, no process group)."""
 
     def __init__(self, plan):
-        self.plan, self.flat_params = plan, torch.empty(0)
+        self.plan, self.device = plan, torch.device("cpu")
 
 
 def _joint_graph(model, batch):

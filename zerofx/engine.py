@@ -94,6 +94,8 @@ class ZeroEngine(nn.Module):
         self.global_rank, self.local_rank = world.rank, world.local_rank
         self.world_size = world.world_size
         self.config = config
+        if torch.cuda.is_available():  # DeepSpeed's engine moves the module to its device
+            model.to(torch.device("cuda", torch.cuda.current_device()))
         self.module = model
         self.runtime = ZeroRuntime(model, config, optimizer=optimizer, mpu=mpu,
                                    example_inputs=example_inputs)
@@ -114,7 +116,7 @@ class ZeroEngine(nn.Module):
                         config.scheduler.type, type(optimizer).__name__)
         dp = self.runtime.plan.grid
         self.dp_world_size = dp.dp_size
-        self.device = self.runtime.flat_params.device
+        self.device = self.runtime.device
         self.training_dataloader = None
         if training_data is not None:
             self.training_dataloader = DistributedLoader(

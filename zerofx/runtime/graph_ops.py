@@ -134,7 +134,7 @@ def tp_param(sid: int, name: str) -> torch.Tensor:
 def _(sid, name):
     rt = lookup(sid)  # shapes only: no real tensor may be touched under fake mode
     return torch.empty(rt.plan.slot(name).shape, dtype=rt.plan.compute_dtype,
-                       device=rt.flat_params.device)
+                       device=rt.device)
 
 
 @torch.library.custom_op("zerofx::gather_bucket", mutates_args=())
@@ -154,7 +154,8 @@ def gather_bucket(sid: int, slots: torch.Tensor, ks: list[int], offsets: list[in
 
 @gather_bucket.register_fake
 def _(sid, slots, ks, offsets, length, ahead, check):
-    return torch.empty(length, dtype=lookup(sid).plan.compute_dtype, device="cpu")
+    rt = lookup(sid)
+    return torch.empty(length, dtype=rt.plan.compute_dtype, device=rt.device)
 
 
 @torch.library.custom_op("zerofx::start_gather", mutates_args=())
@@ -163,12 +164,12 @@ def start_gather(sid: int, src: torch.Tensor, chunk: int) -> torch.Tensor:
     every other rank in the form the runtime chose; returns a token for finish_gather (the
     data dependency that keeps the two in order)."""
     lookup(sid).step_gathers.start(chunk, src)
-    return torch.zeros(1, dtype=torch.int64)
+    return torch.zeros(1, dtype=torch.int64, device=src.device)
 
 
 @start_gather.register_fake
 def _(sid, src, chunk):
-    return torch.empty(1, dtype=torch.int64, device="cpu")
+    return torch.empty(1, dtype=torch.int64, device=src.device)
 
 
 @torch.library.custom_op("zerofx::finish_gather", mutates_args=())
@@ -179,7 +180,8 @@ def finish_gather(sid: int, token: torch.Tensor, chunk: int, numel: int) -> torc
 
 @finish_gather.register_fake
 def _(sid, token, chunk, numel):
-    return torch.empty(numel, dtype=lookup(sid).plan.compute_dtype, device="cpu")
+    rt = lookup(sid)
+    return torch.empty(numel, dtype=rt.plan.compute_dtype, device=rt.device)
 
 
 # Ops without outputs would be dead code to FX; they act by side effect.

@@ -66,7 +66,7 @@ class ParamGather:
                 return whole  # laid out as traced: the gathered bucket itself
         # Another call of a reused graph (other parameters, other buckets): copy each one to
         # where the graph reads it.
-        out = torch.zeros(length, dtype=self.rt.plan.compute_dtype)
+        out = torch.zeros(length, dtype=self.rt.plan.compute_dtype, device=self.rt.device)
         wholes = {i: self._whole(i) for i in buckets}
         for s, o in zip(wanted, offsets):
             b = self.rt.plan.buckets[s.bucket]
@@ -79,7 +79,7 @@ class ParamGather:
         be sent pieces of another weight (or abort inside gloo on a size mismatch); one
         2-element all-reduce per graph call refuses that first, on every rank."""
         mine = zlib.crc32(repr((check, slots)).encode())
-        sig = torch.tensor([mine, -mine], dtype=torch.int64)
+        sig = torch.tensor([mine, -mine], dtype=torch.int64, device=self.rt.device)
         dist.all_reduce(sig, op=dist.ReduceOp.MAX, group=self.group)
         if int(sig[0]) != -int(sig[1]):
             raise RanksDivergedError(_DIVERGED)
@@ -91,7 +91,7 @@ class ParamGather:
             if i in self._inflight or self._persistent(b):
                 continue
             mine = self.rt.plan.owned()[i]
-            out = torch.empty(b.padded, dtype=self.rt.plan.compute_dtype)
+            out = torch.empty(b.padded, dtype=self.rt.plan.compute_dtype, device=self.rt.device)
             src = self.rt.shard_lowp[mine.at:mine.at + mine.numel]
             work = all_gather_into(out, src, group=self.group, async_op=True)
             # The graphs get (and the count follows) an alias of the buffer, not the tensor
@@ -136,7 +136,8 @@ class ParamGather:
         for _, work in self._inflight.values():
             work.wait()
         self._inflight.clear()
-        sig = torch.tensor([self._signature, -self._signature], dtype=torch.int64)
+        sig = torch.tensor([self._signature, -self._signature], dtype=torch.int64,
+                           device=self.rt.device)
         dist.all_reduce(sig, op=dist.ReduceOp.MAX, group=self.group)
         self._signature = 0
         if int(sig[0]) != -int(sig[1]):

@@ -90,7 +90,7 @@ class PlainDataParallel:
 
     # ---- the agreed layout -----------------------------------------------------------------
     def _agree(self) -> None:
-        flag = torch.tensor([int(self._dirty)])
+        flag = torch.tensor([int(self._dirty)], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         self._dirty = False
         if not flag.item():
@@ -141,7 +141,7 @@ class PlainDataParallel:
                                   f"tensors here: every rank must train the same model")
             self._local.append(weakref.ref(next(iter(found.values()))) if found else None)
         lacking = [g.names[0] for g, ref in zip(self.groups, self._local) if ref is None]
-        flag = torch.tensor([int(bool(lacking))])
+        flag = torch.tensor([int(bool(lacking))], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank refuses, none waits
         if flag.item():
             raise ConfigError(

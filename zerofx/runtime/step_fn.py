@@ -173,7 +173,7 @@ def _make_update(rt):
     # replicated tensor's sums come tp times over, both of them: the ratio is unchanged.
 
     def lamb(master, g, m, v, out, *, lr, step, coef, skip, beta1):
-        bounds = torch.tensor(starts, dtype=torch.int64)
+        bounds = torch.tensor(starts, dtype=torch.int64, device=master.device)
         pieces = [(slice(r.at, r.at + r.numel), r.start) for r in owned]
         sums = sum(lamb_moments_(master[sl], g[sl], m[sl], v[sl], bounds, hyper=hyper,
                                  grad_scale=coef, skip=skip, shard_offset=start, beta1=beta1)

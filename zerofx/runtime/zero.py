@@ -36,6 +36,7 @@ from zerofx.runtime.grad_intake import GradIntake
 from zerofx.runtime.loss_scaler import LossScaler
 from zerofx.runtime.optimizer_spec import OptimizerSpec
 from zerofx.runtime.param_gather import ParamGather
+from zerofx.runtime.placement import device_of, gather_group, groups
 from zerofx.runtime.shard_optimizer import ShardOptimizer
 from zerofx.runtime.step_fn import StepState
 
@@ -75,17 +76,19 @@ class ZeroRuntime:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ConfigError("the model has no trainable parameters for zerofx to optimize")
+        # Every buffer and step-state tensor lives where the parameters do (one device).
+        self.device = device_of(named)
         layout, split = _tp_layout(model, named, self.config, mpu, example_inputs)
         self.plan: Plan = make_plan(named, self.config, rank=world.rank,
                                     world_size=world.world_size, tp_layout=layout,
                                     mp_params=split)
         self.spec = OptimizerSpec.from_config_or_torch(self.config, optimizer)
         _check_tested_optimizer(self.config, optimizer)
-        self.group, self.tp_group = _groups(self.plan, mpu) if world.world_size > 1 \
+        self.group, self.tp_group = groups(self.plan, mpu) if world.world_size > 1 \
             else (None, None)
         # Stage 3's own group: the graphs' parameter gathers never pair with bucket
         # collectives in flight on self.group (runtime/param_gather.py).
-        self.gatherer = ParamGather(self, _gather_group(self.plan)) \
+        self.gatherer = ParamGather(self, gather_group(self.plan)) \
             if self.plan.partitioned else None
         # How buckets reduce and shards gather: each form timed once on this group, the
         # fastest kept (runtime/comm_forms.py; on gloo point-to-point beats both natives).
@@ -99,14 +102,15 @@ class ZeroRuntime:
         factor = self.config.pre_reduce_factor
         self.pre_reduce = 1.0 / self.plan.grid.dp_size if factor is None else factor
         self.micro_steps = 0
-        self.scaler = LossScaler.from_config(self.config.fp16)
-        self.step_count = torch.zeros((), dtype=torch.float32)
-        self.skipped = torch.zeros((), dtype=torch.int64)
+        dev = self.device
+        self.scaler = LossScaler.from_config(self.config.fp16, device=dev)
+        self.step_count = torch.zeros((), dtype=torch.float32, device=dev)
+        self.skipped = torch.zeros((), dtype=torch.int64, device=dev)
         self._skips_reported = 0
         self._scale_before = self.scaler.scale.clone()
-        self.lr = torch.tensor(self.spec.lr, dtype=torch.float32)
+        self.lr = torch.tensor(self.spec.lr, dtype=torch.float32, device=dev)
         # float64: the kernels compute with beta1 in double, as torch.optim.Adam does
-        self.beta1 = torch.tensor(self.spec.beta1, dtype=torch.float64)
+        self.beta1 = torch.tensor(self.spec.beta1, dtype=torch.float64, device=dev)
         self._loss_scaled = False  # fp16: the loss went through backward() this micro-step
         self.comm_wait_s = 0.0
         self._step_builder = None  # given by the backend: traces the optimizer-step graph
@@ -127,12 +131,12 @@ class ZeroRuntime:
 
     # ---- layout -------------------------------------------------------------------------
     def _allocate(self, named) -> None:
-        plan, low = self.plan, self.plan.compute_dtype
+        plan, low, dev = self.plan, self.plan.compute_dtype, self.device
         # Stage 3 keeps only the persistent parameters whole: flat_params then covers
         # [persist_offset, padded_numel) of the layout (all of it below stage 3).
         base = plan.persist_offset
-        self.flat_params = torch.zeros(plan.padded_numel - base, dtype=low)
-        self.master = torch.zeros(plan.shard_numel, dtype=torch.float32)
+        self.flat_params = torch.zeros(plan.padded_numel - base, dtype=low, device=dev)
+        self.master = torch.zeros(plan.shard_numel, dtype=torch.float32, device=dev)
         tp, tp_rank = plan.grid.tp_size, plan.grid.tp_rank(plan.rank)
         self._carriers = []  # (param, full-shape stand-in, local view): see shape_carriers
         for name, p in named:
@@ -147,8 +151,9 @@ class ZeroRuntime:
                 # A tensor-parallel weight is traced whole too (the tensor_parallel pass
                 # splits it): its bucket holds this rank's piece.
                 shape = s.tp.full_shape if s.tp is not None else s.shape
-                stand_in = torch.full([1] * len(shape), float("nan"), dtype=low)
-                self._carriers.append((p, stand_in.expand(shape), torch.empty(0, dtype=low)))
+                stand_in = torch.full([1] * len(shape), float("nan"), dtype=low, device=dev)
+                self._carriers.append((p, stand_in.expand(shape),
+                                       torch.empty(0, dtype=low, device=dev)))
                 p.data = self._carriers[-1][2]
                 continue
             self.flat_params[s.offset - base:s.end - base].copy_(flat)
@@ -156,19 +161,22 @@ class ZeroRuntime:
             # all-gather writes straight into the model and no per-step cast is needed.
             p.data = self.flat_params[s.offset - base:s.end - base].view(s.shape)
             if s.tp is not None:  # one element of storage each: distinct inputs to AOT
-                stand_in = torch.zeros(1, dtype=low).view([1] * len(s.shape))
+                stand_in = torch.zeros(1, dtype=low, device=dev).view([1] * len(s.shape))
                 self._carriers.append((p, stand_in.expand(s.tp.full_shape), p.data))
         self.exp_avg = torch.zeros_like(self.master)
         self.exp_avg_sq = torch.zeros_like(self.master)
         # Stage 3's parameters between uses; below it the step makes a temporary.
-        self.shard_lowp = self.master.to(low) if plan.partitioned else torch.empty(0, dtype=low)
+        self.shard_lowp = self.master.to(low) if plan.partitioned else \
+            torch.empty(0, dtype=low, device=dev)
         # Stage 2 with reduce-scatter and no accumulation never holds the full gradients.
         needs_full = not self.reduces_into_shard or self.gas > 1
-        self.full_grads = torch.zeros(plan.padded_numel, dtype=low) if needs_full else None
+        self.full_grads = torch.zeros(plan.padded_numel, dtype=low, device=dev) \
+            if needs_full else None
         if self.reduces_into_shard:  # the reduce-scatter's target (stage 1 slices in the step)
-            self.shard_grads = torch.zeros(plan.shard_numel, dtype=low)
+            self.shard_grads = torch.zeros(plan.shard_numel, dtype=low, device=dev)
         else:
-            self.shard_grads = torch.empty(0, dtype=low) if plan.sharded else self.full_grads
+            self.shard_grads = torch.empty(0, dtype=low, device=dev) if plan.sharded \
+                else self.full_grads
 
     def _index_storage(self, named) -> None:
         index = {s.name: i for i, s in enumerate(self.plan.params)}
@@ -544,42 +552,6 @@ def _tp_layout(model, named, config: Config, mpu, example_inputs):
     return TPLayout(mpu.get_model_parallel_world_size(), {}, ()), split
 
 
-def _groups(plan: Plan, mpu):
-    """(data-parallel group or None, tensor-parallel group or None) of this rank.
-
-    Every rank creates every group in the same order, as torch requires. A group of one
-    rank is None: nothing to communicate.
-    """
-    grid = plan.grid
-    if mpu is not None:
-        _check_mpu(mpu, plan)
-        return (mpu.get_data_parallel_group() if grid.dp_size > 1 else None,
-                mpu.get_model_parallel_group() if grid.tp_size > 1 else None)
-    if grid.tp_size == 1:
-        return dist.group.WORLD, None
-    mine = {}
-    for kind, groups in (("tp", grid.tp_groups()), ("dp", grid.dp_groups())):
-        for ranks in groups:
-            g = dist.new_group(ranks)
-            if plan.rank in ranks:
-                mine[kind] = g
-    return (mine["dp"] if grid.dp_size > 1 else None), mine["tp"]
-
-
-def _gather_group(plan: Plan):
-    """Stage 3's parameter-gather group: this rank's data-parallel ranks (the ranks holding
-    the other shards of the same tensor-parallel pieces), a group of its own so the graphs'
-    gathers never pair with bucket collectives in flight on the data-parallel group."""
-    if plan.grid.tp_size == 1:
-        return dist.new_group(list(range(plan.grid.world_size)))
-    mine = None
-    for ranks in plan.grid.dp_groups():  # every rank creates every group, in one order
-        g = dist.new_group(ranks)
-        if plan.rank in ranks:
-            mine = g
-    return mine
-
-
 def _check_mpu_methods(mpu) -> None:
     want = ("get_model_parallel_rank", "get_model_parallel_world_size",
             "get_model_parallel_group", "get_data_parallel_rank",
@@ -588,15 +560,3 @@ def _check_mpu_methods(mpu) -> None:
     if missing:
         raise ConfigError(f"mpu lacks Megatron's method(s) {missing}; an mpu must provide "
                           f"{', '.join(want)}")
-
-
-def _check_mpu(mpu, plan: Plan) -> None:
-    grid, rank = plan.grid, plan.rank
-    got = (mpu.get_model_parallel_rank(), mpu.get_data_parallel_rank(),
-           mpu.get_data_parallel_world_size())
-    if got != (grid.tp_rank(rank), grid.dp_rank(rank), grid.dp_size):
-        raise ConfigError(
-            f"mpu on rank {rank} reports (model-parallel rank, data-parallel rank, "
-            f"data-parallel size) = {got}, but zerofx lays ranks out Megatron's way "
-            f"(model-parallel neighbours adjacent): expected "
-            f"{(grid.tp_rank(rank), grid.dp_rank(rank), grid.dp_size)}")
