@@ -229,6 +229,10 @@ def _partition(joint: fx.GraphModule, joint_inputs, comp: Compilation, **kw):
         from zerofx.passes.zero3 import regather_for_backward
 
         regather_for_backward(fw, bw, num_fwd, comp.config.zero_optimization)
+        # The partitioner can leave a dead recompute in the backward (the vocabulary-parallel
+        # embedding's masked lookup): at stage 3 it would cost a whole bucket's all-gather.
+        if bw.graph.eliminate_dead_code():
+            bw.recompile()
     return fw, bw
 
 
