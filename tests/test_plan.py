@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from zerofx import Config
+from zerofx import Config, ConfigError
 from zerofx.plan import ProcessGrid, make_plan
 
 
@@ -53,7 +53,7 @@ def test_grid_tp_neighbours_adjacent():
     assert grid.tp_groups() == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert grid.dp_groups() == [[0, 2, 4, 6], [1, 3, 5, 7]]
     assert (grid.tp_rank(5), grid.dp_rank(5)) == (1, 2)
-    with pytest.raises(ValueError, match="must divide the world size"):
+    with pytest.raises(ConfigError, match="must divide the world size"):
         ProcessGrid(6, 4)
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from tabulate import tabulate
 
-from zerofx.config import Config
+from zerofx.config import Config, ConfigError
 from zerofx.tp_layout import TPLayout, TPShard
 
 
@@ -91,9 +91,11 @@ class ProcessGrid:
 
     def __post_init__(self):
         if self.tp_size < 1 or self.world_size % self.tp_size:
-            raise ValueError(
+            divisors = [d for d in range(1, self.world_size + 1) if self.world_size % d == 0]
+            raise ConfigError(
                 f"tensor_parallel.size={self.tp_size} must divide the world size "
-                f"{self.world_size}; pick a size that does"
+                f"{self.world_size} (the number of processes); pick one of {divisors}, or "
+                f"launch a multiple of {self.tp_size} processes"
             )
 
     @property
