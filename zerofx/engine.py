@@ -24,6 +24,7 @@ from zerofx.config import Config, ConfigError
 from zerofx.data import DistributedLoader
 from zerofx.monitor import Monitor
 from zerofx.runtime.dist import init_distributed
+from zerofx.runtime.tp_inputs import check_same_inputs
 from zerofx.runtime.tp_whole import whole_state
 from zerofx.runtime.zero import ZeroRuntime
 from zerofx.lr_schedules import Schedule, make_schedule
@@ -82,6 +83,10 @@ def _config_source(args, config, config_params):
     return given[0] if given else None
 
 
+# Forward calls whose inputs are compared across the tensor-parallel group (each costs a
+# checksum of the inputs and one tiny all-reduce): a data-sharding mistake shows at once.
+INPUT_CHECKS = 3
+
 class ZeroEngine(nn.Module):
     """What ``zerofx.initialize`` returns: call it, ``backward``, ``step``, checkpoint it."""
 
@@ -116,6 +121,8 @@ class ZeroEngine(nn.Module):
                         config.scheduler.type, type(optimizer).__name__)
         dp = self.runtime.plan.grid
         self.dp_world_size = dp.dp_size
+        self.dp_rank = dp.dp_rank(world.rank)  # which share of the data this rank trains on
+        self._inputs_checked = 0
         self.device = self.runtime.device
         self.training_dataloader = None
         if training_data is not None:
@@ -133,6 +140,9 @@ class ZeroEngine(nn.Module):
     # ---- the training loop ---------------------------------------------------------------
     def forward(self, *args, **kwargs):
         t0 = time.perf_counter()
+        if self._inputs_checked < INPUT_CHECKS:  # the tensor-parallel ranks' batches agree
+            check_same_inputs(self.runtime, args, kwargs)
+            self._inputs_checked += 1
         if self.config.fp16.enabled and self.config.fp16.auto_cast:
             args, kwargs = _half_inputs(args), _half_inputs(kwargs)
         try:
