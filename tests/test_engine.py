@@ -82,6 +82,28 @@ def test_deepspeed_rank_and_device_attributes(no_torchrun_env):
             engine.device.type, engine.zero_optimization_stage()) == (0, 0, 1, 1, "cpu", 0)
 
 
+def test_global_grad_norm_and_step_applied_as_deepspeed_reports_them(no_torchrun_env):
+    """get_global_grad_norm: the norm of the whole model's gradients before clipping (torch's
+    clip_grad_norm_ returns the same on an eager copy); was_step_applied: False for a step an
+    fp16 overflow skipped, True for one that updated."""
+    model, (x, y) = make("mlp")
+    engine, *_ = zerofx.initialize(model=model, config=_cfg(gradient_clipping=0.01))
+    assert engine.get_global_grad_norm() is None and not engine.was_step_applied()
+    ref = make("mlp")[0]
+    ref(x, y).backward()
+    want = float(torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.01))
+    engine.backward(engine(x, y))
+    engine.step()
+    assert engine.get_global_grad_norm() == pytest.approx(want, rel=1e-5) and want > 0.01
+    assert engine.was_step_applied()
+    fp16, *_ = zerofx.initialize(model=make("mlp")[0], config=_cfg(
+        fp16={"enabled": True, "initial_scale_power": 32}))  # 2^32 x a gradient: inf in fp16
+    fp16.backward(fp16(x, y))
+    fp16.step()
+    assert not fp16.was_step_applied() and fp16.skipped_steps == 1
+    assert fp16.get_global_grad_norm() == float("inf")
+
+
 def test_every_runtime_tensor_lives_on_the_parameters_device(no_torchrun_env):
     """One device for the flat buffers, the optimizer state and the step's state tensors
     (the step graph reads them all): the parameters'. CPU is the only device here, so this

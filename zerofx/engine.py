@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import time
 
@@ -123,6 +124,7 @@ class ZeroEngine(nn.Module):
         self.dp_world_size = dp.dp_size
         self.dp_rank = dp.dp_rank(world.rank)  # which share of the data this rank trains on
         self._inputs_checked = 0
+        self._skipped_before = None  # the skip count before the last optimizer step
         self.device = self.runtime.device
         self.training_dataloader = None
         if training_data is not None:
@@ -174,10 +176,13 @@ class ZeroEngine(nn.Module):
         t0 = time.perf_counter()
         self._window_samples += self.train_micro_batch_size_per_gpu() * \
             self.runtime.plan.grid.dp_size
+        # the skip count before the update, on the device: read only if was_step_applied is
+        skipped = self.runtime.skipped.clone() if self.runtime.is_boundary else None
         updated = self.runtime.step()
         self._timers["step"] += time.perf_counter() - t0
         if not updated:
             return
+        self._skipped_before = skipped
         self.global_samples += self.train_batch_size()
         if self.monitor.enabled:
             self._write_monitor()
@@ -225,6 +230,21 @@ class ZeroEngine(nn.Module):
 
     def get_lr(self) -> list[float]:
         return [float(self.runtime.lr)]
+
+    def get_global_grad_norm(self) -> float | None:
+        """DeepSpeed's: the global 2-norm of the unscaled gradients at the last optimizer step
+        (before clipping; over every rank's shard and tensor-parallel piece; inf when fp16
+        overflowed), or None before the first step."""
+        if self._skipped_before is None:
+            return None
+        norm = float(self.runtime.grad_norm)
+        return norm if math.isfinite(norm) else math.inf  # an overflow's inf - inf is a nan
+
+    def was_step_applied(self) -> bool:
+        """DeepSpeed's: whether the last optimizer step updated the weights (False when an
+        fp16 overflow skipped it, or before the first step)."""
+        before = self._skipped_before
+        return before is not None and bool(self.runtime.skipped == before)
 
     def train_micro_batch_size_per_gpu(self) -> int:
         return self._batch_sizes().train_micro_batch_size_per_gpu

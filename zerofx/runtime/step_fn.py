@@ -47,6 +47,7 @@ class StepState:
     skipped: torch.Tensor
     beta1: torch.Tensor  # float64: a schedule (OneCycle) may move it
     floor_hits: torch.Tensor  # overflows at the minimum loss scale
+    grad_norm: torch.Tensor  # the step's global norm of the unscaled gradients (inf: overflow)
 
     def tensors(self) -> list[torch.Tensor]:
         return [getattr(self, f.name) for f in fields(self)]
@@ -92,6 +93,7 @@ def make_step_fn(rt):
         denom = scale * divisor
         coef = 1.0 / denom
         norm = sq.sqrt() / denom  # the true global norm of the unscaled gradients
+        state.grad_norm.copy_(norm)  # before clipping, as DeepSpeed reports it
         if clip > 0:
             coef = coef * torch.clamp(clip / (norm + 1e-6), max=1.0)
         if spec.max_grad_norm > 0:  # LAMB's own clipping, as DeepSpeed's FusedLamb does it

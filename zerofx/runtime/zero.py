@@ -106,6 +106,7 @@ class ZeroRuntime:
         self.scaler = LossScaler.from_config(self.config.fp16, device=dev)
         self.step_count = torch.zeros((), dtype=torch.float32, device=dev)
         self.skipped = torch.zeros((), dtype=torch.int64, device=dev)
+        self.grad_norm = torch.full((), float("nan"), dtype=torch.float32, device=dev)
         self._skips_reported = 0
         self._scale_before = self.scaler.scale.clone()
         self.lr = torch.tensor(self.spec.lr, dtype=torch.float32, device=dev)
@@ -471,7 +472,8 @@ class ZeroRuntime:
             exp_avg=self.exp_avg, exp_avg_sq=self.exp_avg_sq, shard_lowp=self.shard_lowp,
             flat_params=self.flat_params, lr=self.lr, step=self.step_count, scale=s.scale,
             hysteresis=s.hysteresis, it=s.iter, last_overflow=s.last_overflow_iter,
-            skipped=self.skipped, beta1=self.beta1, floor_hits=s.floor_hits)
+            skipped=self.skipped, beta1=self.beta1, floor_hits=s.floor_hits,
+            grad_norm=self.grad_norm)
 
     @property
     def update_steps(self) -> int:
