@@ -41,6 +41,17 @@ def test_each_collective_is_listed_with_the_alpha_beta_prediction():
     assert "1 collectives" in text and f"{row['pred ms']:.2f} ms predicted" in text
 
 
+def test_the_norm_all_reduce_over_every_rank_is_labelled_world(monkeypatch):
+    """With tensor parallelism the step's norm all-reduce spans the world group, not a
+    data-parallel one: the dump says so."""
+    from zerofx.passes import dump_collectives
+
+    monkeypatch.setattr(dump_collectives, "_world_name", lambda: "0")
+    gm = _graph_with_all_reduce(1, "0")
+    (row,) = collective_rows(gm, tp_group="7", dp_size=2, forms={}, cost=None)
+    assert row["group"] == "world"
+
+
 def test_rates_are_fitted_only_from_timings_the_fixed_cost_does_not_hide():
     big, small = 8 * int(MIB), int(MIB) // 4
     cost = fitted([("reduce", "p2p", big, LATENCY_MS + 8.0),  # 1 ms per MiB

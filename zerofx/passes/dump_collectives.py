@@ -52,15 +52,29 @@ def collective_rows(gm: fx.GraphModule, *, tp_group: str | None, dp_size: int,
             continue
         numel, dtype = moved
         nbytes = numel * dtype.itemsize
-        # a functional collective names its group last; zerofx's ops use the DP group
-        group = "tp" if tp_group is not None and n.target.namespace == "_c10d_functional" \
-            and n.args[-1] == tp_group else "dp"
+        group = _group(n, tp_group)
         rows.append({"node": n.name, "collective": kind, "group": group, "elements": numel,
                      "dtype": str(dtype).replace("torch.", ""),
                      "MiB": round(nbytes / 2**20, 3),
                      "pred ms": round(cost.predict_ms(kind, nbytes), 2),
                      "added by": added_by(n) or "traced", "model line": _line(n)[:80]})
     return rows
+
+
+def _group(n: fx.Node, tp_group: str | None) -> str:
+    """"tp", "world" or "dp": a functional collective names its group last (with tensor
+    parallelism the step's norm all-reduce spans every rank); zerofx's ops use the DP group."""
+    if n.target.namespace != "_c10d_functional" or tp_group is None:
+        return "dp"
+    if n.args[-1] == tp_group:
+        return "tp"
+    return "world" if n.args[-1] == _world_name() else "dp"
+
+
+def _world_name() -> str | None:
+    dist = torch.distributed
+    return dist.group.WORLD.group_name if dist.is_available() and dist.is_initialized() \
+        else None
 
 
 def _line(n: fx.Node) -> str:
