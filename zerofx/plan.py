@@ -128,6 +128,7 @@ class Plan:
     padded_numel: int  # flat buffer length: the sum of the padded buckets
     reduce_scatter: bool = True  # stage 2 reduce-scatters buckets (else all-reduce + slice)
     tp_choices: tuple = ()  # TPChoice per split Linear: what the layout chose and why
+    tp_left_whole: tuple = ()  # (projection weight, why) the layout could not split
 
     @property
     def numel(self) -> int:
@@ -251,6 +252,9 @@ class Plan:
             text += "\n\ntensor-parallel layout:\n" + tabulate(
                 [(c.module, c.style, c.parts, c.reason) for c in self.tp_choices],
                 headers=["module", "style", "parts", "chosen because"])
+        if self.tp_left_whole:
+            text += "\n\nleft whole (replicated on every tensor-parallel rank):\n" + tabulate(
+                self.tp_left_whole, headers=["weight", "why"])
         return text
 
 
@@ -313,7 +317,8 @@ def make_plan(
                 compute_dtype=config.compute_dtype, params=tuple(slots),
                 buckets=tuple(buckets), padded_numel=offset,
                 reduce_scatter=config.zero_optimization.reduce_scatter,
-                tp_choices=tp_layout.choices if tp_layout is not None else ())
+                tp_choices=tp_layout.choices if tp_layout is not None else (),
+                tp_left_whole=tp_layout.left_whole if tp_layout is not None else ())
 
 
 def _persistent(named_params, sizes: dict, zero) -> frozenset:

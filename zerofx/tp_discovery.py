@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import heapq
 import operator
+import re
 from dataclasses import dataclass
 
 import torch
@@ -173,10 +174,11 @@ def _weight_uses(ph: fx.Node):
 
 
 def discover(gm: fx.GraphModule, weights: dict[str, Weight], tp: int, *,
-             vocab: bool = True) -> list[Found]:
+             vocab: bool = True, whole: dict | None = None) -> list[Found]:
     """The weights to split and how, region by region (see the module docstring). With
     ``vocab``, embedding tables and LM heads whose split reaches the cross-entropy are split
-    over the vocabulary too (Megatron's vocabulary-parallel layers)."""
+    over the vocabulary too (Megatron's vocabulary-parallel layers). ``whole`` (if given)
+    receives {projection weight left whole: why}, for the plan dump and a warning."""
     full = {n: P.shapes(n.meta.get("val")) for n in gm.graph.nodes}
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     by_node = {w.node: w for w in weights.values()}
@@ -188,13 +190,19 @@ def discover(gm: fx.GraphModule, weights: dict[str, Weight], tp: int, *,
             if w.lookup and (w.tied or full[w.node][0] in classes)}
     by_node = {n: w for n, w in by_node.items() if not w.lookup or (vocab and n in word)}
     placed: dict[str, Found] = {}
+    why = {}
     for seed in sorted(by_node.values(), key=lambda w: w.first_use):
         if seed.name not in placed:
-            placed.update(_grow(seed, placed, by_node, full, order, tp, vocab))
+            region, why[seed.name] = _grow(seed, placed, by_node, full, order, tp, vocab)
+            placed.update(region)
+    if whole is not None:
+        whole.update({w.name: why.get(w.name) or "no region of split weights ends at it"
+                      for w in by_node.values() if not w.lookup and w.name not in placed})
     return list(placed.values())
 
 
-def _grow(seed: Weight, placed, by_node, full, order, tp: int, vocab: bool) -> dict:
+def _grow(seed: Weight, placed, by_node, full, order, tp: int, vocab: bool):
+    """(the region grown from ``seed``: {name: Found}, or {} with why it could not be)."""
     col, row = {seed.node: 1}, set()
     seen: list[str] = []
     for _ in range(4 * len(by_node) + 4):  # each round adds a weight or a part count
@@ -205,11 +213,26 @@ def _grow(seed: Weight, placed, by_node, full, order, tp: int, vocab: bool) -> d
             # a region ends where its split is summed away: row-parallel weights, an
             # embedding lookup, the cross-entropy (vocabulary-parallel)
             ends = row or (vocab and any(t in _VOCAB_ENDS for t in seen))
-            return _region(col, row, by_node, seen) if ends else {}
+            return (_region(col, row, by_node, seen), "") if ends else \
+                ({}, "its output features are never summed back (no row-parallel weight)")
         node, state = blocked
         if not _repair(node, state, col, row, free, by_node, full, tp):
-            return {}
-    return {}
+            hint = " (fewer heads than ranks?)" if node.target in P.VIEWS else ""
+            return {}, (f"the split of its output features over {tp} ranks cannot pass "
+                        f"{node.target}{_where(node)}{hint}")
+    return {}, "no layout settled"
+
+
+def _where(node: fx.Node) -> str:
+    """`` at file.py:NN code`` from the node's stack trace, if it has one."""
+    lines = (node.meta.get("stack_trace") or "").strip().splitlines()
+    frames = [i for i, s in enumerate(lines) if s.strip().startswith("File ")]
+    if not frames:
+        return ""
+    at = lines[frames[-1]].strip()
+    code = lines[frames[-1] + 1].strip() if frames[-1] + 1 < len(lines) else ""
+    m = re.match(r'File "(?:.*/)?([^"/]+)", line (\d+)', at)
+    return f" at {m[1]}:{m[2]} {code}" if m else ""
 
 
 def _propagate(col, row, by_node, free, full, order, tp, seen):

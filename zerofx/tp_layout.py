@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,8 @@ from torch import nn
 
 from zerofx.config import Config, ConfigError
 import zerofx.tp_discovery as tp_discovery
+
+log = logging.getLogger(__name__)
 
 HEAD_ATTRS = ("heads", "n_head", "n_heads", "num_heads", "num_attention_heads")
 
@@ -83,6 +86,7 @@ class TPLayout:
     size: int
     shards: dict  # parameter name -> TPShard (absent: replicated)
     choices: tuple[TPChoice, ...]
+    left_whole: tuple[tuple[str, str], ...] = ()  # (projection weight, why it is not split)
 
 
 def resolve_tp_layout(model: nn.Module, config: Config, example_inputs=None) -> TPLayout:
@@ -146,7 +150,13 @@ def _from_graph(model: nn.Module, example, tp: int, vocab: bool) -> TPLayout:
             f"layout, and the model raised {type(e).__name__}: {e}. Pass inputs it accepts "
             f"(example_inputs= of zerofx.initialize or ZeroRuntime: a dict of keyword "
             f"arguments or a tuple), or give tensor_parallel.plan") from e
-    found = tp_discovery.discover(gm, tp_discovery.find_weights(gm, names), tp, vocab=vocab)
+    whole: dict[str, str] = {}
+    found = tp_discovery.discover(gm, tp_discovery.find_weights(gm, names), tp, vocab=vocab,
+                                  whole=whole)
+    if whole:  # never silently: the plan dump lists them too
+        log.warning("tensor_parallel.size=%d leaves %d projection weight(s) whole on every "
+                    "rank: %s", tp, len(whole), "; ".join(f"{n} ({why})" for n, why in
+                                                            sorted(whole.items())))
     if not found:
         raise _nothing_to_split(tp)
     params = dict(model.named_parameters())
@@ -158,7 +168,7 @@ def _from_graph(model: nn.Module, example, tp: int, vocab: bool) -> TPLayout:
         choices.append(TPChoice(f.name.rpartition(".")[0], f.style, f.parts, f.reason))
     order = list(params)
     choices.sort(key=lambda c: order.index(f"{c.module}.weight" if c.module else "weight"))
-    return TPLayout(tp, shards, tuple(choices))
+    return TPLayout(tp, shards, tuple(choices), tuple(sorted(whole.items())))
 
 
 def _is_projection(m: nn.Module) -> bool:
