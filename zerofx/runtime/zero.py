@@ -29,7 +29,7 @@ from torch import nn
 from zerofx.config import Config, ConfigError
 from zerofx.plan import Plan, make_plan
 from zerofx.tp_layout import TPLayout, TPPlanError, resolve_tp_layout
-from zerofx.runtime import graph_ops
+from zerofx.runtime import eager_gather, graph_ops
 from zerofx.runtime.comm_forms import StepGathers, choose_forms, cost_of
 from zerofx.runtime.dist import init_distributed
 from zerofx.runtime.grad_intake import GradIntake
@@ -123,6 +123,8 @@ class ZeroRuntime:
         self._index_storage(named)
         self._hooks: list = []
         self._hook_eager_grads(named)
+        # Stage 3: a module called eagerly gathers its weights; TP pieces refuse eager calls.
+        self._hooks += eager_gather.install(self, model)
         self.shard_optimizer = ShardOptimizer(optimizer, named=named, plan=self.plan,
                                               master=self.master) \
             if self.spec.kind == "torch" else None
