@@ -95,11 +95,6 @@ def test_sequence_parallel_equals_single_process(name, tmp_path):
         assert want in text and "all_gather_into_tensor" in text, kind
 
 
-@pytest.mark.slow
-def test_tp2_through_inductor():
-    _check_grads("block", run_ranks(_grads_body, 2, args=("block", None, True), timeout_s=280))
-
-
 def _check_grads(name, results):
     model, batch = make(name)
     loss = model(*batch)

@@ -46,8 +46,8 @@ def _block_body(rank, world, steps, clip):
 
 
 @pytest.mark.slow
-def test_tp2_dp2_zero3_twenty_steps_equal_single_process():
-    steps, clip = 20, 0.5
+def test_tp2_dp2_zero3_twelve_steps_equal_single_process():
+    steps, clip = 12, 0.5
     results = run_ranks(_block_body, 4, args=(steps, clip), timeout_s=280)
     ref_losses, ref_params, norms = _reference(steps, 2, clip)
     assert max(norms) > clip  # clipping acts: a norm counted wrong would show
@@ -84,11 +84,8 @@ def _hf_body(rank, world, name, steps, sequence_parallel, out_dir):
     buckets = sum(b.offset < engine.runtime.plan.persist_offset
                   for b in engine.runtime.plan.buckets)
     engine.save_16bit_model(out_dir)  # whole weights: split pieces joined, shards gathered
-    with torch.no_grad():
-        engine.eval()
-        evaluated = engine(**hf_batch(name, 99)).loss.item()
     shards = {s.name: s.tp for s in engine.runtime.plan.params}
-    return losses, _pieces(engine), shards, evaluated, (in_backward, buckets)
+    return losses, _pieces(engine), shards, (in_backward, buckets)
 
 
 @pytest.mark.slow
@@ -99,7 +96,7 @@ def test_hf_models_tp2_dp2_zero3_without_a_plan_train_like_one_process(name, sp,
     attention, SwiGLU, split vocabulary; with sequence parallelism) and BERT's masked LM
     (separate query/key/value, a decoder tied to the embedding), called with labels=,
     the layout read from their graphs; the 16-bit model saved at TP 2 x ZeRO-3 holds whole
-    weights that load into the unsplit model and evaluate as the ranks do."""
+    weights that load into the unsplit model and evaluate as the trained reference does."""
     pytest.importorskip("transformers")
     from hf_models import hf_batch, make_hf
     from reference import deepspeed_step
@@ -115,7 +112,7 @@ def test_hf_models_tp2_dp2_zero3_without_a_plan_train_like_one_process(name, sp,
             (out.loss / 2).backward()
             want[dp_rank].append(out.loss.item())
         deepspeed_step(model, opt, 1.0)
-    for rank, (losses, pieces, shards, evaluated, (in_backward, buckets)) in enumerate(results):
+    for rank, (losses, pieces, shards, (in_backward, buckets)) in enumerate(results):
         assert any(s is not None for s in shards.values())
         # the backward gathers a bucket at most once (a dead recompute of GPT-2's vocabulary-
         # parallel embedding the partitioner left in it cost a second gather of its bucket)
@@ -131,9 +128,9 @@ def test_hf_models_tp2_dp2_zero3_without_a_plan_train_like_one_process(name, sp,
                 for m in (saved, model))
     rel = float((got - ref).norm() / ref.norm())  # the ranks' own measure, over the whole
     assert rel <= 2e-5, rel
-    with torch.no_grad():
-        loss = saved.eval()(**hf_batch(name, 99)).loss.item()
-    assert all(abs(r[3] - loss) <= 1e-4 * abs(loss) for r in results), (loss, results[0][3])
+    with torch.no_grad():  # and it evaluates as the trained reference does
+        loss, want_loss = (m.eval()(**hf_batch(name, 99)).loss.item() for m in (saved, model))
+    assert abs(loss - want_loss) <= 1e-4 * abs(want_loss), (loss, want_loss)
 
 
 def _ckpt_body(rank, world, ckpt):

@@ -77,12 +77,12 @@ def test_default_outputs_are_per_config_inside_the_examples_folder():
 
 
 @pytest.mark.slow
-def test_zero3_variant_trains_resumes_and_samples(tmp_path):
+def test_zero3_variant_trains_saves_and_samples(tmp_path):
     """examples/ds_config_zero3.json: parameters partitioned over the 2 ranks (gathered by
-    the graphs for training, validation and sampling), checkpoints saved and resumed."""
+    the graphs for training, validation and sampling), the checkpoint saved. (Resuming a
+    stage-3 checkpoint: test_zero3.py; resuming the main job: the test above.)"""
     out = _launch(tmp_path, "--steps", "30", config="ds_config_zero3.json")
     losses = _losses(out)
     assert len(losses) == 3 and losses[-1] < losses[0] - 0.5, out
     assert "--- sample ---" in out and "Shall I " in out
-    resumed = _launch(tmp_path, "--steps", "40", "--resume", config="ds_config_zero3.json")
-    assert "at step 30" in resumed and _losses(resumed)[0] < losses[0] - 0.5, resumed
+    assert (tmp_path / "run" / "checkpoint" / "latest").read_text() == "global_step30"
