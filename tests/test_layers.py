@@ -15,7 +15,9 @@ ALLOWED = {
     "zerofx.tp_layout": ["zerofx.config", "zerofx.tp_discovery"],  # which weights are split
     # the layout's analysis of a traced graph, and the sharding algebra it shares with the
     # tensor_parallel pass
-    "zerofx.tp_discovery": ["zerofx.tp_propagation", "zerofx.tp_rules", "zerofx.config"],
+    "zerofx.tp_discovery": ["zerofx.tp_propagation", "zerofx.tp_rules", "zerofx.config",
+                            "zerofx.fx_source"],
+    "zerofx.fx_source": [],  # a node's line of user code: read by passes and tp_discovery
     "zerofx.tp_propagation": ["zerofx.tp_rules"],
     "zerofx.tp_rules": [],
     "zerofx.plan": ["zerofx.plan", "zerofx.tp_layout", "zerofx.config"],
@@ -24,7 +26,7 @@ ALLOWED = {
     "zerofx.runtime": ["zerofx.runtime", "zerofx.plan", "zerofx.tp_layout", "zerofx.config",
                        "zerofx.comm_cost"],
     "zerofx.passes": ["zerofx.passes", "zerofx.plan", "zerofx.tp_layout", "zerofx.tp_propagation",
-                      "zerofx.tp_rules", "zerofx.config", "zerofx.comm_cost"],
+                      "zerofx.tp_rules", "zerofx.config", "zerofx.comm_cost", "zerofx.fx_source"],
     "zerofx.backend": ["zerofx.passes", "zerofx.runtime", "zerofx.plan", "zerofx.tp_layout",
                        "zerofx.config", "zerofx.step_graph"],
     "zerofx.step_graph": ["zerofx.passes", "zerofx.runtime", "zerofx.plan", "zerofx.tp_layout",

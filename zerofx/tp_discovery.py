@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import heapq
 import operator
-import re
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +31,7 @@ from torch import fx
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from zerofx.fx_source import model_line, short_line
 import zerofx.tp_propagation as P
 import zerofx.tp_rules as R
 
@@ -225,14 +225,8 @@ def _grow(seed: Weight, placed, by_node, full, order, tp: int, vocab: bool):
 
 def _where(node: fx.Node) -> str:
     """`` at file.py:NN code`` from the node's stack trace, if it has one."""
-    lines = (node.meta.get("stack_trace") or "").strip().splitlines()
-    frames = [i for i, s in enumerate(lines) if s.strip().startswith("File ")]
-    if not frames:
-        return ""
-    at = lines[frames[-1]].strip()
-    code = lines[frames[-1] + 1].strip() if frames[-1] + 1 < len(lines) else ""
-    m = re.match(r'File "(?:.*/)?([^"/]+)", line (\d+)', at)
-    return f" at {m[1]}:{m[2]} {code}" if m else ""
+    line = model_line(node)
+    return f" at {short_line(line)}" if line else ""
 
 
 def _propagate(col, row, by_node, free, full, order, tp, seen):

@@ -26,7 +26,8 @@ from tabulate import tabulate
 from torch import fx
 
 from zerofx.passes.dump_html import input_names, render_html
-from zerofx.passes.nodes import added_by, count_kinds, model_line
+from zerofx.fx_source import model_line
+from zerofx.passes.nodes import added_by, count_kinds
 
 SUMMARY_JSON = "summary.json"
 KINDS = ("placeholder", "compute", "view", "cast", "collective", "wait", "zerofx_op",

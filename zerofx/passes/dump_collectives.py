@@ -7,14 +7,13 @@ pass that added it, the model line it serves and its predicted time (zerofx/comm
 """
 from __future__ import annotations
 
-import re
-
 import torch
 from tabulate import tabulate
 from torch import fx
 
 from zerofx.comm_cost import DEFAULT, FORM_KINDS, CommCost
-from zerofx.passes.nodes import ZEROFX_COMM, added_by, is_collective, model_line
+from zerofx.fx_source import model_line, short_line
+from zerofx.passes.nodes import ZEROFX_COMM, added_by, is_collective
 
 _c10d = torch.ops._c10d_functional
 # functional collectives by op name -> the kind comm_cost predicts
@@ -82,8 +81,7 @@ def _line(n: fx.Node) -> str:
     ``file.py:43 code``."""
     line = model_line(n) or next((model_line(a) for a in n.all_input_nodes if model_line(a)),
                                  "")
-    m = re.match(r'File "(?:.*/)?([^"/]+)", line (\d+), in \S+ ?(.*)', line)
-    return f"{m[1]}:{m[2]} {m[3]}" if m else line
+    return short_line(line)
 
 
 def _moved(n: fx.Node, *, grads: bool):

@@ -12,7 +12,8 @@ import html
 import torch
 from torch import fx
 
-from zerofx.passes.nodes import added_by, kind_of, model_line, role_of
+from zerofx.fx_source import model_line
+from zerofx.passes.nodes import added_by, kind_of, role_of
 
 _PALETTE = ("#fde2e4", "#e2ece9", "#dfe7fd", "#fff1c1", "#e8dff5", "#d9f2d9", "#fce1c8",
             "#e0f4ff")

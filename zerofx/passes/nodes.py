@@ -101,18 +101,3 @@ def tag_new_nodes(graph: fx.Graph, before: set[fx.Node], pass_name: str) -> list
     for n in new:
         n.meta.setdefault(META_PASS, {"pass": pass_name})
     return new
-
-
-def model_line(node: fx.Node) -> str:
-    """The user's source line a node was traced from (the last frame of its stack trace)."""
-    trace = node.meta.get("stack_trace") or ""
-    # Python 3.11+ traces underline the expression with a line of ^ and ~: not code.
-    frames = [ln.strip() for ln in trace.strip().splitlines()
-              if ln.strip() and set(ln.strip()) - set("^~ ")]
-    files = [ln for ln in frames if ln.startswith("File ")]
-    if not files:
-        return ""
-    at = frames.index(files[-1])
-    code = frames[at + 1] if at + 1 < len(frames) and not frames[at + 1].startswith(
-        "File ") else ""
-    return f"{files[-1]} {code}".strip()

@@ -28,7 +28,8 @@ from zerofx.passes.context import PassContext
 from zerofx.passes.fake_vals import compute_val, fake_mode_of
 from zerofx.passes import tp_sequence as S
 from zerofx.passes import tp_vocab
-from zerofx.passes.nodes import model_line, role_of
+from zerofx.fx_source import model_line
+from zerofx.passes.nodes import role_of
 from zerofx.tp_layout import TPPlanError
 
 aten = torch.ops.aten
