@@ -115,18 +115,25 @@ LAMB = {"optimizer": {"type": "Lamb", "params": {"lr": 2e-2, "weight_decay": 0.0
                                                  "max_grad_norm": 1.0}}}
 
 
+def train_block(engine, steps: int) -> list[float]:
+    """``steps`` steps of the block on this data-parallel rank's batches (the reference
+    trains on every rank's: seed 100 * step + data-parallel rank)."""
+    losses = []
+    for step in range(steps):
+        loss = engine(*block_batch(seed=100 * step + engine.dp_rank))
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return losses
+
+
 def _train_body(rank, world, steps, clip, extra=None):
     import zerofx
 
     model, _ = make("block")
     engine, *_ = zerofx.initialize(model=model, config=_cfg(stage=2, clip=clip, extra=extra))
-    dp_rank = engine.runtime.plan.grid.dp_rank(rank)
-    losses = []
-    for step in range(steps):
-        loss = engine(*block_batch(seed=100 * step + dp_rank))
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
+    dp_rank = engine.dp_rank
+    losses = train_block(engine, steps)
     pieces = {s.name: engine.runtime.local_param(s.name).float().clone()
               for s in engine.runtime.plan.params}
     shards = {s.name: s.tp for s in engine.runtime.plan.params}

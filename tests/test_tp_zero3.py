@@ -11,7 +11,7 @@ import torch
 
 from models import block_batch, make
 from multiproc import run_ranks
-from test_tensor_parallel import LR, _cfg, _reference, _relative_difference
+from test_tensor_parallel import LR, _cfg, _reference, _relative_difference, train_block
 
 
 def _zero3(extra=None):
@@ -33,16 +33,10 @@ def _block_body(rank, world, steps, clip):
     engine, *_ = zerofx.initialize(model=model, config=_cfg(stage=3, clip=clip,
                                                             extra=_zero3()))
     rt = engine.runtime
-    dp_rank = rt.plan.grid.dp_rank(rank)
-    losses = []
-    for step in range(steps):
-        loss = engine(*block_batch(seed=100 * step + dp_rank))
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
+    losses = train_block(engine, steps)
     between = {n: tuple(p.shape) for n, p in rt.named_partitioned()}
     shards = {s.name: s.tp for s in rt.plan.params}
-    return losses, _pieces(engine), shards, dp_rank, between, rt.gatherer.gathers
+    return losses, _pieces(engine), shards, engine.dp_rank, between, rt.gatherer.gathers
 
 
 @pytest.mark.slow
@@ -172,14 +166,7 @@ def _grid_body(rank, world, stage):
     extra["zero_optimization"]["stage"] = stage
     engine, *_ = zerofx.initialize(model=make("block")[0],
                                    config=_cfg(stage=stage, clip=0.5, extra=extra))
-    rt = engine.runtime
-    losses = []
-    for step in range(6):
-        loss = engine(*block_batch(seed=100 * step + rt.plan.grid.dp_rank(rank)))
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
-    return losses, _pieces(engine), int(rt.skipped)
+    return train_block(engine, 6), _pieces(engine), int(engine.runtime.skipped)
 
 
 @pytest.mark.slow

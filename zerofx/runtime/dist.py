@@ -73,6 +73,15 @@ def init_distributed(*, backend: str | None = None, timeout_s: float = 300.0) ->
     return WorldInfo(rank, local_rank, world)
 
 
+def same_on_every_rank(value: int, group, device) -> bool:
+    """Whether every rank of ``group`` holds the same int64 ``value`` (a checksum, a running
+    hash): one 2-element all-reduce of (value, -value) under MAX, equal only if all agree.
+    A collective: every rank calls it, and every rank gets the same answer."""
+    sig = torch.tensor([value, -value], dtype=torch.int64, device=device)
+    dist.all_reduce(sig, op=dist.ReduceOp.MAX, group=group)
+    return int(sig[0]) == -int(sig[1])
+
+
 def _env_int(name: str, default: int | None = None) -> int:
     raw = os.environ.get(name)
     if raw is None and default is not None:

@@ -18,9 +18,9 @@ import weakref
 import zlib
 
 import torch
-import torch.distributed as dist
 
 from zerofx.runtime.comm_forms import all_gather_into
+from zerofx.runtime.dist import same_on_every_rank
 
 
 _DIVERGED = (
@@ -79,9 +79,7 @@ class ParamGather:
         be sent pieces of another weight (or abort inside gloo on a size mismatch); one
         2-element all-reduce per graph call refuses that first, on every rank."""
         mine = zlib.crc32(repr((check, slots)).encode())
-        sig = torch.tensor([mine, -mine], dtype=torch.int64, device=self.rt.device)
-        dist.all_reduce(sig, op=dist.ReduceOp.MAX, group=self.group)
-        if int(sig[0]) != -int(sig[1]):
+        if not same_on_every_rank(mine, self.group, self.rt.device):
             raise RanksDivergedError(_DIVERGED)
 
     def prefetch(self, buckets) -> None:
@@ -136,11 +134,9 @@ class ParamGather:
         for _, work in self._inflight.values():
             work.wait()
         self._inflight.clear()
-        sig = torch.tensor([self._signature, -self._signature], dtype=torch.int64,
-                           device=self.rt.device)
-        dist.all_reduce(sig, op=dist.ReduceOp.MAX, group=self.group)
+        agreed = same_on_every_rank(self._signature, self.group, self.rt.device)
         self._signature = 0
-        if int(sig[0]) != -int(sig[1]):
+        if not agreed:
             raise RanksDivergedError(_DIVERGED)
 
     def reset_peak(self) -> None:

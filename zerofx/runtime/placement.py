@@ -26,13 +26,20 @@ def groups(plan: Plan, mpu):
                 mpu.get_model_parallel_group() if grid.tp_size > 1 else None)
     if grid.tp_size == 1:
         return dist.group.WORLD, None
-    mine = {}
-    for kind, groups in (("tp", grid.tp_groups()), ("dp", grid.dp_groups())):
-        for ranks in groups:
-            g = dist.new_group(ranks)
-            if plan.rank in ranks:
-                mine[kind] = g
-    return (mine["dp"] if grid.dp_size > 1 else None), mine["tp"]
+    tp = _mine(plan.rank, grid.tp_groups())
+    dp = _mine(plan.rank, grid.dp_groups())
+    return (dp if grid.dp_size > 1 else None), tp
+
+
+def _mine(rank: int, rank_lists: list[list[int]]):
+    """Create a group for every list in ``rank_lists`` (every rank creates every group, in
+    one order, as torch requires); return the one ``rank`` belongs to."""
+    mine = None
+    for ranks in rank_lists:
+        g = dist.new_group(ranks)
+        if rank in ranks:
+            mine = g
+    return mine
 
 
 def device_of(named) -> torch.device:
@@ -62,14 +69,7 @@ def gather_group(plan: Plan):
     """Stage 3's parameter-gather group: this rank's data-parallel ranks (the ranks holding
     the other shards of the same tensor-parallel pieces), a group of its own so the graphs'
     gathers never pair with bucket collectives in flight on the data-parallel group."""
-    if plan.grid.tp_size == 1:
-        return dist.new_group(list(range(plan.grid.world_size)))
-    mine = None
-    for ranks in plan.grid.dp_groups():  # every rank creates every group, in one order
-        g = dist.new_group(ranks)
-        if plan.rank in ranks:
-            mine = g
-    return mine
+    return _mine(plan.rank, plan.grid.dp_groups())  # without TP: one group of every rank
 
 
 def _check_mpu(mpu, plan: Plan) -> None:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import zlib
 
 import torch
-import torch.distributed as dist
 
 from zerofx.config import ConfigError
+from zerofx.runtime.dist import same_on_every_rank
 
 
 def _checksum(args, kwargs) -> int:
@@ -33,10 +33,7 @@ def check_same_inputs(rt, args, kwargs) -> None:
     """Refuse, on every rank of the tensor-parallel group, inputs that differ within it."""
     if rt.tp_group is None:
         return
-    mine = _checksum(args, kwargs)
-    sig = torch.tensor([mine, -mine], dtype=torch.int64, device=rt.device)
-    dist.all_reduce(sig, op=dist.ReduceOp.MAX, group=rt.tp_group)
-    if int(sig[0]) != -int(sig[1]):
+    if not same_on_every_rank(_checksum(args, kwargs), rt.tp_group, rt.device):
         grid = rt.plan.grid
         raise ConfigError(
             f"the {grid.tp_size} tensor-parallel ranks of this group were given different "
