@@ -76,12 +76,12 @@ def _time_steps(step_fn, rank, steps, state_bytes, warmup=3, batch=None):
     return statistics.median(times[warmup:]), peak_mib, float(loss), state_bytes() / 2**20
 
 
-def run_zerofx(rank, world, steps, bucket, disable=(), stage=2, forms=None):
+def run_zerofx(rank, world, steps, bucket, disable=(), stage=2, forms=None, bf16=True):
     import zerofx
 
     torch.manual_seed(0)
     model = Net()
-    cfg = {"bf16": {"enabled": True}, "gradient_clipping": 1.0,
+    cfg = {"bf16": {"enabled": bf16}, "gradient_clipping": 1.0,
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
            "zero_optimization": {"stage": stage, "reduce_bucket_size": bucket,
                                  "stage3_prefetch_bucket_size": bucket},
@@ -166,6 +166,12 @@ def run_fsdp2(rank, world, steps, bucket):
     return _time_steps(step, rank, steps, lambda: _torch_state_bytes(model, opt))
 
 
+def run_zerofx_fp32(rank, world, steps, bucket):
+    """zerofx without mixed precision: on a host without native bf16 GEMMs (AVX2 only) the
+    fp32 step is the like-for-like peer of ddp-fp32."""
+    return run_zerofx(rank, world, steps, bucket, bf16=False)
+
+
 def run_zerofx_untuned(rank, world, steps, bucket):
     """Ablation: zerofx without its matmul_tuning pass (bf16 GEMMs as traced)."""
     return run_zerofx(rank, world, steps, bucket, disable=("matmul_tuning",))
@@ -183,7 +189,7 @@ def run_zerofx_collective_forms(rank, world, steps, bucket):
                       forms={"reduce_form": "all_reduce", "gather_form": "all_gather"})
 
 
-RUNNERS = {"zerofx": run_zerofx, "zerofx-untuned": run_zerofx_untuned,
+RUNNERS = {"zerofx": run_zerofx, "zerofx-fp32": run_zerofx_fp32, "zerofx-untuned": run_zerofx_untuned,
            "zerofx-allreduce-allgather": run_zerofx_collective_forms,
            "zerofx-stage3": run_zerofx_stage3, "ddp": run_ddp, "ddp-fp32": run_ddp_fp32,
            "fsdp2": run_fsdp2}

@@ -60,7 +60,7 @@ def test_every_form_gives_the_native_bits_and_the_ranks_agree(world):
             assert c.form in c.describe() and "ms" in c.describe()
 
 
-def _train_body(rank, world, forms):
+def _train_body(rank, world, forms, variant="stage2"):
     import zerofx
 
     torch._dynamo.reset()
@@ -69,28 +69,37 @@ def _train_body(rank, world, forms):
            "zero_optimization": {"stage": 2, "reduce_bucket_size": 300,
                                  "allgather_bucket_size": 500},
            "gradient_clipping": 0.5, "zerofx": forms}
+    if variant == "stage1_lamb_fp16":  # the in-place update through LAMB, and skipped steps
+        cfg.update(optimizer={"type": "Lamb", "params": {"lr": 1e-2}}, bf16={"enabled": False},
+                   fp16={"enabled": True, "initial_scale_power": 18})
+        cfg["zero_optimization"]["stage"] = 1
     rt = zerofx.ZeroRuntime(model, cfg)
     compiled = torch.compile(model, backend="zero", options={"runtime": rt})
-    for step in range(4):
-        compiled(*mlp_batch(seed=10 * step + rank)).backward()
+    for step in range(6):
+        rt.backward(compiled(*mlp_batch(seed=10 * step + rank)))
         rt.step()
     return {n: p.detach().clone() for n, p in model.named_parameters()}, \
-        {role: c.form for role, c in rt.forms.items()}
+        {role: c.form for role, c in rt.forms.items()}, int(rt.skipped)
 
 
-def _both(rank, world):
-    return [_train_body(rank, world, forms) for forms in (
-        {"reduce_form": "p2p", "gather_form": "p2p"},
-        {"reduce_form": "reduce_scatter", "gather_form": "all_gather"})]
+def _both(rank, world, variant):
+    p2p = {"reduce_form": "p2p" if world == 2 else "reduce_scatter", "gather_form": "p2p"}
+    return [_train_body(rank, world, forms, variant) for forms in (
+        p2p, {"reduce_form": "reduce_scatter", "gather_form": "all_gather"})]
 
 
 @pytest.mark.slow
-def test_point_to_point_trains_bit_for_bit_like_the_native_collectives():
-    """Stage 2, bf16, clipping: buckets reduced and shards gathered point-to-point leave
-    every parameter exactly where gloo's reduce-scatter and all-gather do."""
-    for rank, ((p2p, f1), (native, f2)) in enumerate(run_ranks(_both, 2)):
-        assert f1 == {"reduce": "p2p", "gather": "p2p"}
-        assert f2 == {"reduce": "reduce_scatter", "gather": "all_gather"}
+@pytest.mark.parametrize("world,variant", [(2, "stage2"), (4, "stage1_lamb_fp16")])
+def test_point_to_point_trains_bit_for_bit_like_the_native_collectives(world, variant):
+    """Stage 2 with bf16 and clipping (2 ranks), stage 1 with fp16, overflow skips and LAMB
+    (4 ranks): buckets reduced and shards gathered point-to-point (the update writing the
+    flat parameters in place, the exchange filling the other ranks' rows there) leave every
+    parameter exactly where gloo's reduce-scatter and all-gather do."""
+    for rank, ((p2p, f1, skips), (native, f2, _)) in enumerate(
+            run_ranks(_both, world, args=(variant,))):
+        assert f1["gather"] == "p2p" and f2["gather"] == "all_gather"
+        if variant == "stage1_lamb_fp16":
+            assert 1 <= skips < 6, skips  # some steps skipped on overflow, some applied
         for n in native:
             assert torch.equal(p2p[n], native[n]), f"rank {rank} {n}"
         assert any(not torch.equal(p2p[n], make("mlp")[0].state_dict()[n].to(p2p[n].dtype))

@@ -11,6 +11,7 @@ from models import make, mlp_batch
 from multiproc import run_ranks
 from zerofx.comm_cost import DEFAULT, LATENCY_MS, MIB, fitted
 from zerofx.passes.dump_collectives import collective_rows, render_collectives
+from zerofx.tools import dump as dump_cli
 
 _c10d = torch.ops._c10d_functional
 
@@ -80,7 +81,7 @@ def _dump_body(rank, world, root):
 @pytest.mark.slow
 def test_stage_2_dump_shows_the_timed_forms_and_every_bucket_collective(tmp_path):
     forms, buckets = run_ranks(_dump_body, 2, args=(str(tmp_path),))[0]
-    (graph,) = (tmp_path / "rank0").iterdir()
+    (graph,) = (d for d in (tmp_path / "rank0").iterdir() if d.is_dir())
     plan = (graph / "plan.txt").read_text()
     for role, form in forms.items():  # the choice, with every candidate's measured time
         line = next(ln for ln in plan.splitlines() if ln.strip().startswith(f"{role}: "))
@@ -92,6 +93,62 @@ def test_stage_2_dump_shows_the_timed_forms_and_every_bucket_collective(tmp_path
     step = (graph / "optimizer" / "collectives.txt").read_text()
     assert ("p2p_gather" if forms["gather"] == "p2p" else "all_gather") in step, step
     assert "all_reduce" in step  # the gradient norm's
+
+
+def _measured_body(rank, world, root):
+    """Stage 2 (forms pinned to point-to-point) and stage 3, 3 steps each, dumps on."""
+    import zerofx
+
+    out = []
+    for stage in (2, 3):
+        torch._dynamo.reset()
+        model, _ = make("mlp")
+        cfg = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-2}},
+               "zero_optimization": {"stage": stage, "reduce_bucket_size": 300,
+                                     "stage3_param_persistence_threshold": 0},
+               "zerofx": {"dump_dir": f"{root}/stage{stage}", "reduce_form": "p2p",
+                          "gather_form": "p2p"}}
+        rt = zerofx.ZeroRuntime(model, cfg)
+        compiled = torch.compile(model, backend="zero", options={"runtime": rt})
+        for step in range(3):
+            with rt.shape_carriers():  # stage 3: the partitioned weights' stand-ins
+                loss = compiled(*mlp_batch(seed=10 * step + rank))
+            loss.backward()
+            rt.step()
+        out.append([b.padded for b in rt.plan.buckets])
+    return out
+
+
+@pytest.mark.slow
+def test_collective_times_measured_while_training_are_dumped_per_rank(tmp_path, capsys):
+    """rank<r>/comm_measured.txt: every collective the runtime started, with its form, the
+    prediction and the measured medians over the 3 steps (blocked never above in flight)."""
+    results = run_ranks(_measured_body, 2, args=(str(tmp_path),))
+    for rank, (stage2, stage3) in enumerate(results):
+        text = (tmp_path / "stage2" / f"rank{rank}" / "comm_measured.txt").read_text()
+        assert "over 3 optimizer steps" in text, text
+        rows = [r.split() for r in _measured_rows(text)]
+        reduces = [r for r in rows if r[0] == "reduce"]
+        assert [int(r[3]) for r in reduces] == stage2, text  # each bucket, whole, once
+        assert all(r[2] == "p2p_reduce" for r in reduces)
+        gathers = [r for r in rows if r[0] == "gather"]
+        assert gathers and all(r[2] == "p2p_gather" for r in gathers), text
+        assert sum(int(r[3]) for r in gathers) == sum(stage2)  # the chunks cover the buffer
+        for r in rows:
+            pred, flight, blocked, samples = float(r[5]), float(r[6]), float(r[7]), int(r[8])
+            assert samples == 3 and pred > 0 and 0 <= blocked <= flight, r
+        text3 = (tmp_path / "stage3" / f"rank{rank}" / "comm_measured.txt").read_text()
+        # "stage3 gather" is two words: the bucket index is the third column
+        gathered = {int(r.split()[2]) for r in _measured_rows(text3)
+                    if r.startswith("stage3 gather")}
+        assert gathered == set(range(len(stage3))), text3  # every bucket gathered
+    assert dump_cli.main([str(tmp_path / "stage2")]) == 0  # zerofx-dump prints them last
+    out = capsys.readouterr().out
+    assert out.count("collectives measured while training") == 2, out[-2000:]
+
+
+def _measured_rows(text: str) -> list[str]:
+    return text.split("\n\n")[1].splitlines()[2:]  # after the title, header and rule
 
 
 def _rows(text: str) -> list[str]:

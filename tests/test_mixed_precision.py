@@ -5,6 +5,7 @@ import torch
 from models import make
 from zerofx.passes import PassSpec
 from zerofx.passes.mixed_precision import FP32_OPS, LOWP_OPS
+from zerofx.passes.nodes import is_cast
 
 TOL = {torch.bfloat16: dict(rtol=2e-2, atol=2e-2), torch.float16: dict(rtol=5e-3, atol=5e-3)}
 
@@ -71,7 +72,7 @@ def test_op_policy_and_one_cast_per_parameter(no_torchrun_env):
     params = {n for n in graph.nodes if n.op == "placeholder"
               and n.meta.get("zerofx_input") and n.meta["zerofx_input"].kind == "param"}
     param_casts = [n for n in calls if n.args and n.args[0] in params
-                   and n.target == torch.ops.prims.convert_element_type.default]
+                   and is_cast(n)]
     cast_params = [n.args[0] for n in param_casts]
     assert len(cast_params) == len(set(cast_params))  # never twice
     # every parameter feeding a matmul is cast once: all but the embedding and LayerNorm affines

@@ -1,7 +1,8 @@
 """zerofx-dump: render a graph dump directory (ZEROFX_DUMP=<dir>) for a person.
 
     zerofx-dump DIR                       every graph: plan (with the collective forms timed),
-                                          per-pass listing, summary table, collectives
+                                          per-pass listing, summary table, collectives; then
+                                          each rank's collectives measured while training
     zerofx-dump DIR --rank 0 --kind backward
     zerofx-dump DIR --graph g0_0 --kind joint --show mixed_precision   the graph after a pass
     zerofx-dump DIR --graph g0_0 --kind joint --diff mixed_precision   what that pass changed
@@ -89,6 +90,11 @@ def render(args) -> str:
                     plans_shown.add(extra)
                     out.append(extra.read_text())
             out.append(render_graph(d))
+    if not (args.show or args.diff or args.graph or args.kind):  # each rank's measured times
+        for measured in sorted({d.parent.parent / "comm_measured.txt" for d in dirs}):
+            if measured.exists():
+                out.append(f"== {measured.parent.name} / collectives measured while training\n"
+                           + measured.read_text())
     return "\n".join(out)
 
 

@@ -140,6 +140,8 @@ def _prepare(gm, example_inputs, config: Config, extra, runtime) -> Compilation:
                       (runtime.describe_forms() if runtime is not None else ""))
         gd.write_text("graph.txt", describe_graph(graph_id, roles, plan, _break_reason()))
     if runtime is not None:
+        if dump_root:
+            runtime.log_comm_to(dump_root)  # rank<r>/comm_measured.txt, written as it trains
         # Traced at the first step, outside Dynamo's tracing context (whose fake mode would
         # make the step's buffer sizes symbolic).
         from zerofx.step_graph import build_step_program

@@ -92,6 +92,9 @@ def _moved(n: fx.Node, *, grads: bool):
         if not grads:
             return None
         return sum(g.meta["val"].numel() for g in grads), grads[0].meta["val"].dtype
+    if n.target._opname == "finish_gather":  # (sid, flat, chunk, numel): fills flat in place
+        flat = n.args[1].meta.get("val")
+        return (n.args[3], flat.dtype) if isinstance(flat, torch.Tensor) else None
     val = n.meta.get("val")
     if not isinstance(val, torch.Tensor):
         return None

@@ -23,9 +23,9 @@ from torch import fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from zerofx.passes.context import PassContext
+from zerofx.passes.nodes import cast_node
 
 aten = torch.ops.aten
-prims = torch.ops.prims
 TUNED = {aten.mm.default: 2, aten.addmm.default: 3, aten.bmm.default: 2}  # tensor args
 LOW = (torch.bfloat16, torch.float16)
 
@@ -111,12 +111,11 @@ def _via_fp32(graph: fx.Graph, node: fx.Node) -> None:
     low = node.meta["val"].dtype
     n = TUNED[node.target]
     with graph.inserting_before(node):
-        ups = [graph.call_function(prims.convert_element_type.default, (a, torch.float32))
-               for a in node.args[:n]]
+        ups = [cast_node(graph, a, torch.float32) for a in node.args[:n]]
     node.args = (*ups, *node.args[n:])
     node.meta.pop("val")  # now fp32; the pipeline recomputes it
     with graph.inserting_after(node):
-        down = graph.call_function(prims.convert_element_type.default, (node, low))
+        down = cast_node(graph, node, low)
     node.replace_all_uses_with(down, delete_user_cb=lambda u: u is not down)
 
 

@@ -22,10 +22,9 @@ from torch import fx
 
 from zerofx.passes.context import PassContext
 from zerofx.passes.fake_vals import compute_val, fake_mode_of
-from zerofx.passes.nodes import is_view
+from zerofx.passes.nodes import cast_node, is_view
 
 aten = torch.ops.aten
-prims = torch.ops.prims
 
 # op packet -> how many leading positional args take the compute dtype (None: all tensors).
 # Attention backward ops stop before logsumexp, which must stay fp32.
@@ -116,7 +115,7 @@ def _cast_of(graph: fx.Graph, value: fx.Node, dtype: torch.dtype, casts, mode,
         point = graph.inserting_before(consumer) if value.op == "placeholder" \
             else graph.inserting_after(value)
         with point:
-            cast = graph.call_function(prims.convert_element_type.default, (value, dtype))
+            cast = cast_node(graph, value, dtype)
     compute_val(cast, mode)
     casts[key] = cast
     return cast

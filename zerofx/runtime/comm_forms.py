@@ -60,12 +60,24 @@ class Pending:
 
     def __init__(self, works, then=None):
         self.works, self.then = [w for w in works if w is not None], then
+        self._log = None
+
+    def logged(self, log, role: str, key: int, form: str, numel: int,
+               dtype: torch.dtype) -> "Pending":
+        """Report start and wait to ``log`` (runtime/comm_log.CommLog; None: not logged)."""
+        if log is not None:
+            self._log = (log, log.started(role, key, form, numel, dtype))
+        return self
 
     def wait(self) -> None:
+        began = time.perf_counter()
         for w in self.works:
             w.wait()
         if self.then is not None:
             self.then()
+        if self._log is not None:
+            log, token = self._log
+            log.finished(token, began)
 
 
 def candidates(role: str, world: int) -> tuple[str, ...]:
@@ -172,19 +184,31 @@ def _time_form(role, form, per, world, dtype, group) -> float:
 
 
 class StepGathers:
-    """The optimizer step's all-gathers of updated shards in the ``p2p`` form, in flight by
-    chunk: the step graph starts every chunk (``zerofx.start_gather``) before it waits for
-    the first (``zerofx.finish_gather``), as it does with functional all-gathers."""
+    """The optimizer step's all-gathers in the ``p2p`` form, in flight by chunk, straight
+    into the flat parameters: each bucket's rows there are [rank][slice], so this rank
+    sends its own row (the update wrote it in place) and receives every other rank's row
+    where it belongs. No gathered copy and no second copy into the parameters, which the
+    native all-gather's rank-major result needs. The step graph starts every chunk
+    (``zerofx.start_gather``) before it waits for the first (``zerofx.finish_gather``)."""
 
-    def __init__(self, group):
-        self.group = group
-        self._inflight: dict[int, tuple] = {}  # chunk -> (out, Pending, src kept alive)
+    def __init__(self, group, chunks: list[list[tuple]], base: int, log=None):
+        self.group, self.chunks, self.base = group, chunks, base  # chunks: step_fn's
+        self.log = log  # runtime/comm_log.CommLog or None
+        self._inflight: dict[int, Pending] = {}
 
-    def start(self, chunk: int, src: torch.Tensor) -> None:
-        out = src.new_empty(dist.get_world_size(self.group) * src.numel())
-        self._inflight[chunk] = (out, start_gather("p2p", src, out, self.group), src)
+    def start(self, chunk: int, flat: torch.Tensor) -> None:
+        world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        ranks = dist.get_process_group_ranks(self.group)
+        ops = []
+        for r, b in self.chunks[chunk]:  # both sides list the buckets in one order
+            rows = flat[b.offset - self.base:b.offset - self.base + b.padded].view(world, -1)
+            ops += [dist.P2POp(dist.isend, rows[rank], ranks[p], self.group)
+                    for p in range(world) if p != rank]
+            ops += [dist.P2POp(dist.irecv, rows[p], ranks[p], self.group)
+                    for p in range(world) if p != rank]
+        numel = sum(b.padded for _, b in self.chunks[chunk])
+        self._inflight[chunk] = Pending(dist.batch_isend_irecv(ops)).logged(
+            self.log, "gather", chunk, "p2p", numel, flat.dtype)
 
-    def finish(self, chunk: int) -> torch.Tensor:
-        out, pending, _ = self._inflight.pop(chunk)
-        pending.wait()
-        return out
+    def finish(self, chunk: int) -> None:
+        self._inflight.pop(chunk).wait()

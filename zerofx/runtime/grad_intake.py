@@ -147,12 +147,17 @@ class GradIntake:
         """Start bucket ``b``'s reduction; returns (Pending, keep-alive)."""
         rt = self.rt
         if not rt.reduces_into_shard:
-            return Pending([dist.all_reduce(flat, group=rt.group, async_op=True)]), flat
-        mine = rt.plan.owned()[b.index]
-        out = rt.shard_grads[mine.at:mine.at + mine.numel]
-        # The form timed fastest on this group (runtime/comm_forms.py; on gloo the native
-        # reduce-scatter is an all-reduce plus a copy, and point-to-point beats both).
-        return start_reduce(rt.forms["reduce"].form, flat, out, rt.group), flat
+            pending, form = Pending([dist.all_reduce(flat, group=rt.group, async_op=True)]), \
+                "all_reduce"
+        else:
+            mine = rt.plan.owned()[b.index]
+            out = rt.shard_grads[mine.at:mine.at + mine.numel]
+            # The form timed fastest on this group (runtime/comm_forms.py; on gloo the native
+            # reduce-scatter is an all-reduce plus a copy, and point-to-point beats both).
+            form = rt.forms["reduce"].form
+            pending = start_reduce(form, flat, out, rt.group)
+        return pending.logged(rt.comm_log, "reduce", b.index, form, flat.numel(),
+                              flat.dtype), flat
 
     def _queue_finish(self) -> None:
         """Run finish() when this backward pass ends (DDP and FSDP use the same hook)."""

@@ -158,30 +158,19 @@ def _(sid, slots, ks, offsets, length, ahead, check):
     return torch.empty(length, dtype=rt.plan.compute_dtype, device=rt.device)
 
 
-@torch.library.custom_op("zerofx::start_gather", mutates_args=())
-def start_gather(sid: int, src: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Start sending this rank's updated ``src`` (chunk ``chunk`` of the step's shard) to
-    every other rank in the form the runtime chose; returns a token for finish_gather (the
-    data dependency that keeps the two in order)."""
-    lookup(sid).step_gathers.start(chunk, src)
-    return torch.zeros(1, dtype=torch.int64, device=src.device)
+@torch.library.custom_op("zerofx::start_gather", mutates_args=("flat",))
+def start_gather(sid: int, flat: torch.Tensor, chunk: int) -> None:
+    """Start exchanging chunk ``chunk`` of the step's gathers in place in the flat
+    parameters ``flat``: this rank's rows (updated) go out, the other ranks' rows come in
+    (runtime/comm_forms.StepGathers)."""
+    lookup(sid).step_gathers.start(chunk, flat)
 
 
-@start_gather.register_fake
-def _(sid, src, chunk):
-    return torch.empty(1, dtype=torch.int64, device=src.device)
-
-
-@torch.library.custom_op("zerofx::finish_gather", mutates_args=())
-def finish_gather(sid: int, token: torch.Tensor, chunk: int, numel: int) -> torch.Tensor:
-    """Every rank's piece of chunk ``chunk``, rank-major (``numel`` elements), once here."""
-    return lookup(sid).step_gathers.finish(chunk)
-
-
-@finish_gather.register_fake
-def _(sid, token, chunk, numel):
-    rt = lookup(sid)
-    return torch.empty(numel, dtype=rt.plan.compute_dtype, device=rt.device)
+@torch.library.custom_op("zerofx::finish_gather", mutates_args=("flat",))
+def finish_gather(sid: int, flat: torch.Tensor, chunk: int, numel: int) -> None:
+    """Wait until every rank's rows of chunk ``chunk`` (``numel`` elements in all) are in
+    ``flat``."""
+    lookup(sid).step_gathers.finish(chunk)
 
 
 # Ops without outputs would be dead code to FX; they act by side effect.

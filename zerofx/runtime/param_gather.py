@@ -19,7 +19,7 @@ import zlib
 
 import torch
 
-from zerofx.runtime.comm_forms import all_gather_into
+from zerofx.runtime.comm_forms import Pending, all_gather_into
 from zerofx.runtime.dist import same_on_every_rank
 
 
@@ -41,7 +41,7 @@ class ParamGather:
     def __init__(self, rt, group):
         self.rt = rt
         self.group = group
-        self._inflight: dict[int, tuple[torch.Tensor, object]] = {}  # bucket -> (out, work)
+        self._inflight: dict[int, tuple[torch.Tensor, Pending]] = {}  # bucket -> (out, work)
         self.gathers = 0  # all-gathers issued (tests and the dump count them)
         self._signature = 0  # a running hash of the buckets gathered, in order
         self.live = 0  # elements of gathered buckets some graph still holds
@@ -91,7 +91,8 @@ class ParamGather:
             mine = self.rt.plan.owned()[i]
             out = torch.empty(b.padded, dtype=self.rt.plan.compute_dtype, device=self.rt.device)
             src = self.rt.shard_lowp[mine.at:mine.at + mine.numel]
-            work = all_gather_into(out, src, group=self.group, async_op=True)
+            work = Pending([all_gather_into(out, src, group=self.group, async_op=True)]).logged(
+                self.rt.comm_log, "stage3 gather", i, "all_gather", b.padded, out.dtype)
             # The graphs get (and the count follows) an alias of the buffer, not the tensor
             # gloo's work holds: gloo's worker drops its reference some time after wait()
             # returns, which would make the count depend on thread timing (a CI run saw a

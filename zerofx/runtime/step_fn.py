@@ -69,10 +69,14 @@ def make_step_fn(rt):
     clip = rt.config.gradient_clipping
     owned, group, sid, norm_group = plan.owned(), rt.group, rt.id, rt.norm_group
     reduced_in_shard = rt.reduces_into_shard
-    update = _make_update(rt)
     dp = plan.grid.dp_size
     chunks = gather_chunks(plan, rt.config)
     gather = rt.forms["gather"].form if "gather" in rt.forms else "all_gather"
+    # Stages 1-2 with the point-to-point gather: the update writes this rank's rows of the
+    # flat parameters in place and the exchange fills the other rows there (no shard-sized
+    # temporary, no copy of the gathered chunks).
+    in_place = plan.sharded and not plan.partitioned and gather == "p2p"
+    update = _make_update(rt, in_place)
     # Gradients arrive summed over DP ranks and accumulation steps, and loss-scaled.
     divisor = float(plan.grid.dp_size * rt.gas) * rt.pre_reduce  # what is left to divide
 
@@ -102,10 +106,11 @@ def make_step_fn(rt):
         out = flat_params
         if plan.partitioned:  # stage 3: the shard is the parameter
             out = shard_lowp
-        elif plan.sharded:
-            # Stages 1-2: the updated shard in the compute dtype is a step temporary (ZeRO's
-            # memory formulas hold no such state), starting from the current values: a
-            # skipped update writes nothing, and the all-gather sends them back unchanged.
+        elif plan.sharded and not in_place:
+            # Stages 1-2, native all-gather: the updated shard in the compute dtype is a step
+            # temporary (ZeRO's memory formulas hold no such state), starting from the
+            # current values: a skipped update writes nothing, and the all-gather sends them
+            # back unchanged.
             out = torch.cat([flat_params[r.start:r.start + r.numel] for r in owned])
         update(master, g, exp_avg, exp_avg_sq, out, lr=lr, step=step, coef=coef,
                skip=overflow.float(), beta1=beta1)
@@ -147,24 +152,33 @@ def _tp_ranges(plan) -> tuple[list, list]:
     return ranges[True], ranges[False]
 
 
-def _make_update(rt):
+def _make_update(rt, in_place: bool):
     """The fused update of this rank's shard: Adam/AdamW in one call, LAMB in two passes
-    around one all-reduce of per-tensor partial norms (a shard can cut a tensor)."""
+    around one all-reduce of per-tensor partial norms (a shard can cut a tensor).
+
+    ``out`` takes the updated compute-dtype values: shard-shaped, or (``in_place``) the
+    flat parameters, each owned range written where it lives there."""
     spec, plan, norm_group = rt.spec, rt.plan, rt.norm_group
+    # (shard range, flat-parameter range) per owned bucket range; one range when out is
+    # shard-shaped or the shard is everything (stage 0)
+    ranges = [(slice(r.at, r.at + r.numel), slice(r.start, r.start + r.numel))
+              for r in plan.owned()] if in_place else [(slice(None), slice(None))]
     if spec.kind == "torch":
         sid = rt.id
 
         def unfused(master, g, m, v, out, *, lr, step, coef, skip, beta1):
             torch.ops.zerofx.shard_optimizer_step(sid, g, coef, lr, skip)
-            out.copy_(master)  # unchanged master when skipped: the same values again
+            for sh, fl in ranges:  # unchanged master when skipped: the same values again
+                out[fl].copy_(master[sh])
         return unfused
 
     hyper = spec.hyper
     if spec.kind == "adam":
 
         def adam(master, g, m, v, out, *, lr, step, coef, skip, beta1):
-            adam_step_(master, g, m, v, lr=lr, step=step, hyper=hyper, grad_scale=coef,
-                       skip=skip, param_out=out, beta1=beta1)
+            for sh, fl in ranges:
+                adam_step_(master[sh], g[sh], m[sh], v[sh], lr=lr, step=step, hyper=hyper,
+                           grad_scale=coef, skip=skip, param_out=out[fl], beta1=beta1)
         return adam
 
     # Tensor i spans flat[starts[i]:starts[i+1]]; bucket padding joins the tensor before it
@@ -184,7 +198,8 @@ def _make_update(rt):
             sums = funcol.all_reduce(sums, "sum", norm_group)
         ratio = lamb_trust_ratio(sums, hyper=hyper)
         for sl, start in pieces:
-            dst = out[sl] if plan.sharded else out[start:start + (sl.stop - sl.start)]
+            dst = out[start:start + (sl.stop - sl.start)] if in_place or not plan.sharded \
+                else out[sl]
             lamb_apply_(master[sl], m[sl], v[sl], bounds, ratio, lr=lr, step=step,
                         hyper=hyper, skip=skip, shard_offset=start, param_out=dst,
                         beta1=beta1)
@@ -232,19 +247,26 @@ def _gather_params(shard_lowp, flat_params, chunks, dp: int, group, base: int, *
     A chunk's slices are contiguous in the shard, so one collective gathers them; the result
     is rank-major ([rank][bucket slice]) and each bucket is copied to its bucket-major place.
     ``form``: the functional all-gather, or (``p2p``, timed faster on gloo) zerofx's
-    start_gather/finish_gather ops, every chunk started before the first is waited on.
+    start_gather/finish_gather ops, which exchange the rows in place in ``flat_params``
+    (runtime/comm_forms.StepGathers); every chunk starts before the first is waited on.
     """
+    if form != "all_gather":
+        if shard_lowp is not flat_params:  # stage 3's persistent buckets: rows from the shard
+            for r, _ in (rb for chunk in chunks for rb in chunk):
+                flat_params[r.start - base:r.start - base + r.numel].copy_(
+                    shard_lowp[r.at:r.at + r.numel])
+        for i in range(len(chunks)):
+            torch.ops.zerofx.start_gather(sid, flat_params, i)
+        for i, chunk in enumerate(chunks):
+            torch.ops.zerofx.finish_gather(sid, flat_params, i,
+                                           dp * sum(r.numel for r, _ in chunk))
+        return
     issued = []  # every chunk's all-gather starts before the first is waited on
     for chunk in chunks:
         first, last = chunk[0][0], chunk[-1][0]
         src = shard_lowp[first.at:last.at + last.numel]
-        if form == "all_gather":
-            issued.append((_all_gather(src, 0, group), src.numel()))
-        else:  # point-to-point (runtime/comm_forms.py): the runtime holds what is in flight
-            issued.append((torch.ops.zerofx.start_gather(sid, src, len(issued)), src.numel()))
-    for i, (chunk, (gathered, numel)) in enumerate(zip(chunks, issued)):
-        if form != "all_gather":
-            gathered = torch.ops.zerofx.finish_gather(sid, gathered, i, dp * numel)
+        issued.append((_all_gather(src, 0, group), src.numel()))
+    for chunk, (gathered, numel) in zip(chunks, issued):
         gathered = gathered.view(dp, numel)  # waits for this chunk only
         first = chunk[0][0]
         for r, b in chunk:

@@ -31,6 +31,7 @@ from zerofx.plan import Plan, make_plan
 from zerofx.tp_layout import TPLayout, TPPlanError, resolve_tp_layout
 from zerofx.runtime import eager_gather, graph_ops
 from zerofx.runtime.comm_forms import StepGathers, choose_forms, cost_of
+from zerofx.runtime.comm_log import CommLog
 from zerofx.runtime.dist import init_distributed
 from zerofx.runtime.grad_intake import GradIntake
 from zerofx.runtime.loss_scaler import LossScaler
@@ -38,7 +39,7 @@ from zerofx.runtime.optimizer_spec import OptimizerSpec
 from zerofx.runtime.param_gather import ParamGather
 from zerofx.runtime.placement import device_of, gather_group, groups
 from zerofx.runtime.shard_optimizer import ShardOptimizer
-from zerofx.runtime.step_fn import StepState
+from zerofx.runtime.step_fn import StepState, gather_chunks
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +95,10 @@ class ZeroRuntime:
         # fastest kept (runtime/comm_forms.py; on gloo point-to-point beats both natives).
         self.forms = choose_forms(self.plan, self.config, self.group,
                                   reduces_into_shard=self.reduces_into_shard)
-        self.step_gathers = StepGathers(self.group)
         self.comm_cost = cost_of(self.forms, self.plan.compute_dtype)
+        self.comm_log = None  # with a dump on: see log_comm_to
+        self.step_gathers = StepGathers(self.group, gather_chunks(self.plan, self.config),
+                                        self.plan.persist_offset)
         self.gas = _accumulation_steps(self.config, self.plan.grid.dp_size)
         # DeepSpeed's split of the 1/dp averaging around the reduction: the factor applied
         # before it (prescale_gradients: all of it); the step divides by the rest.
@@ -273,6 +276,13 @@ class ZeroRuntime:
         return {"comm_forms": tuple((r, c.form) for r, c in self.forms.items()),
                 "comm_cost": self.comm_cost}
 
+    def log_comm_to(self, dump_root: str) -> None:
+        """Time every collective started here from now on, into the dump at ``dump_root``
+        (runtime/comm_log.py); the backend calls it when a dump is on."""
+        if self.comm_log is None:
+            self.comm_log = self.step_gathers.log = CommLog.under(dump_root, self.plan.rank,
+                                                                  self.comm_cost)
+
     def describe_forms(self) -> str:
         """The dump's lines on how this runtime's buckets and shards move."""
         if not self.forms:
@@ -401,6 +411,8 @@ class ZeroRuntime:
             self.gatherer.drain()  # no gather may read the shard the step rewrites
         self._step_program(*self.step_inputs().tensors())
         self.intake.end_micro_step(boundary=True)
+        if self.comm_log is not None:
+            self.comm_log.step_done()
         return True
 
     def _check_loss_scaled(self) -> None:
