@@ -4,8 +4,9 @@
 
 Times (median of 7) reduce_scatter_tensor, all_to_all_single + local sum, all_reduce and
 all_gather_into_tensor on a bf16 buffer, all-reduce forms of both, and point-to-point forms
-of both (each piece sent straight to its owner / to every rank): the candidates zerofx's
-runtime times at startup and chooses between (zerofx/runtime/comm_forms.py).
+of both (each piece sent straight to its owner / to every rank), and the shared-memory forms
+for ranks on one host (zerofx/runtime/shm_comm.py): the candidates zerofx's runtime times
+at startup and chooses between (zerofx/runtime/comm_forms.py).
 """
 import argparse
 import os
@@ -50,7 +51,21 @@ def _cases(flat, out, world, rank):
             w.wait()
         torch.add(rows[rank], recv.sum(0) if world > 2 else recv[0], out=out)
 
-    return {"reduce_scatter_tensor": lambda: dist.reduce_scatter_tensor(out, flat),
+    from zerofx.runtime import shm_comm
+
+    mirror = shm_comm.ShmMirror(None, flat.numel(), flat.dtype, 1)
+
+    def shm_reduce():
+        shm_comm.start_reduce(mirror, 0, 0, flat, out).wait()
+
+    def shm_gather():
+        flat.view(world, -1)[rank].copy_(out)
+        shm_comm.start_gather(mirror, 0, [(0, flat)]).wait()
+
+    shm = {"shared memory: write the peer's piece, add the peer's (a reduce-scatter)":
+           shm_reduce} if world == 2 else {}
+    shm["shared memory: write own piece, copy all out (an all-gather)"] = shm_gather
+    return {**shm, "reduce_scatter_tensor": lambda: dist.reduce_scatter_tensor(out, flat),
             "p2p send/recv of each piece + local sum (a reduce-scatter)": p2p_reduce,
             "p2p send/recv of each piece (an all-gather)": p2p_gather,
             "all_to_all + local sum": a2a,

@@ -189,7 +189,14 @@ def run_zerofx_collective_forms(rank, world, steps, bucket):
                       forms={"reduce_form": "all_reduce", "gather_form": "all_gather"})
 
 
-RUNNERS = {"zerofx": run_zerofx, "zerofx-fp32": run_zerofx_fp32, "zerofx-untuned": run_zerofx_untuned,
+def run_zerofx_p2p(rank, world, steps, bucket):
+    """Ablation: the point-to-point forms pinned (gloo over loopback TCP), as zerofx chose
+    on one host before the shared-memory forms (runtime/shm_comm.py)."""
+    return run_zerofx(rank, world, steps, bucket,
+                      forms={"reduce_form": "p2p", "gather_form": "p2p"})
+
+
+RUNNERS = {"zerofx": run_zerofx, "zerofx-p2p": run_zerofx_p2p, "zerofx-fp32": run_zerofx_fp32, "zerofx-untuned": run_zerofx_untuned,
            "zerofx-allreduce-allgather": run_zerofx_collective_forms,
            "zerofx-stage3": run_zerofx_stage3, "ddp": run_ddp, "ddp-fp32": run_ddp_fp32,
            "fsdp2": run_fsdp2}

@@ -19,23 +19,35 @@ def _forms_body(rank, world, dtype):
     torch.manual_seed(rank)
     data = torch.randn(world * per).to(dtype)
     got = {}
-    for form in cf.candidates("reduce", world):
+    shm = cf.shm_comm.available(None, 1 << 20, torch.device("cpu"))  # one host, x86-64
+    mirror = cf.shm_comm.ShmMirror(None, world * per, dtype, 1)
+    for form in cf.candidates("reduce", world, shm):
         out = torch.empty(per, dtype=dtype)
-        cf.start_reduce(form, data.clone(), out, None).wait()
+        for _ in range(2):  # twice: the mirror's second round reuses its flags
+            if form == "shm":
+                cf.shm_comm.start_reduce(mirror, 0, 0, data.clone(), out).wait()
+            else:
+                cf.start_reduce(form, data.clone(), out, None).wait()
         got["reduce", form] = out
     piece = data[:per].clone()
-    for form in cf.candidates("gather", world):
+    for form in cf.candidates("gather", world, shm):
         out = torch.empty(world * per, dtype=dtype)
-        cf.start_gather(form, piece, out, None).wait()
+        if form == "shm":
+            out.view(world, per)[rank].copy_(piece)
+            for _ in range(2):
+                cf.shm_comm.start_gather(mirror, 0, [(0, out)]).wait()
+        else:
+            cf.start_gather(form, piece, out, None).wait()
         got["gather", form] = out
     whole = data.clone()
     dist.all_reduce(whole)  # the reference: gloo's own sum
-    choices = [cf.choose(role, None, world * per, dtype) for role in ("reduce", "gather")]
+    choices = [cf.choose(role, None, world * per, dtype, shm=shm)
+               for role in ("reduce", "gather")]
     try:
         refused = str(cf.choose("reduce", None, 10, dtype, pinned="p2p").form)
     except ConfigError as e:
         refused = str(e)
-    return got, whole.view(world, per)[rank].clone(), piece, choices, refused
+    return got, whole.view(world, per)[rank].clone(), piece, choices, refused, shm
 
 
 @pytest.mark.slow
@@ -44,12 +56,14 @@ def test_every_form_gives_the_native_bits_and_the_ranks_agree(world):
     dtype = torch.bfloat16
     results = run_ranks(_forms_body, world, args=(dtype,))
     pieces = [r[2] for r in results]
-    for rank, (got, reduced, _, choices, refused) in enumerate(results):
+    for rank, (got, reduced, _, choices, refused, shm) in enumerate(results):
+        assert shm  # every rank on this host: the shared-memory forms are candidates
         # a pinned p2p reduce: taken at 2 ranks, refused by name at 4
         assert refused == "p2p" if world == 2 else "fastest" in refused, refused
         forms = {form for role, form in got if role == "reduce"}
-        assert forms == ({"reduce_scatter", "all_reduce", "p2p"} if world == 2
-                         else {"reduce_scatter", "all_reduce"})  # p2p sums in another order
+        assert forms == ({"reduce_scatter", "all_reduce", "p2p", "shm"} if world == 2
+                         else {"reduce_scatter", "all_reduce"})  # p2p, shm: another order
+        assert ("gather", "shm") in got
         for (role, form), out in got.items():
             want = reduced if role == "reduce" else torch.cat(pieces)
             assert torch.equal(out, want), f"rank {rank}: {role} {form} differs"
@@ -82,25 +96,68 @@ def _train_body(rank, world, forms, variant="stage2"):
         {role: c.form for role, c in rt.forms.items()}, int(rt.skipped)
 
 
-def _both(rank, world, variant):
-    p2p = {"reduce_form": "p2p" if world == 2 else "reduce_scatter", "gather_form": "p2p"}
+def _all_forms(rank, world, variant):
+    native = {"reduce_form": "reduce_scatter", "gather_form": "all_gather"}
     return [_train_body(rank, world, forms, variant) for forms in (
-        p2p, {"reduce_form": "reduce_scatter", "gather_form": "all_gather"})]
+        native, *({"reduce_form": form if world == 2 else "reduce_scatter", "gather_form": form}
+                  for form in ("p2p", "shm")))]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world,variant", [(2, "stage2"), (4, "stage1_lamb_fp16")])
-def test_point_to_point_trains_bit_for_bit_like_the_native_collectives(world, variant):
+def test_p2p_and_shm_forms_train_bit_for_bit_like_the_native_collectives(world, variant):
     """Stage 2 with bf16 and clipping (2 ranks), stage 1 with fp16, overflow skips and LAMB
-    (4 ranks): buckets reduced and shards gathered point-to-point (the update writing the
-    flat parameters in place, the exchange filling the other ranks' rows there) leave every
-    parameter exactly where gloo's reduce-scatter and all-gather do."""
-    for rank, ((p2p, f1, skips), (native, f2, _)) in enumerate(
-            run_ranks(_both, world, args=(variant,))):
-        assert f1["gather"] == "p2p" and f2["gather"] == "all_gather"
-        if variant == "stage1_lamb_fp16":
-            assert 1 <= skips < 6, skips  # some steps skipped on overflow, some applied
-        for n in native:
-            assert torch.equal(p2p[n], native[n]), f"rank {rank} {n}"
-        assert any(not torch.equal(p2p[n], make("mlp")[0].state_dict()[n].to(p2p[n].dtype))
+    (4 ranks): buckets reduced and shards gathered point-to-point or through shared memory
+    (the update writing the flat parameters in place, the exchange filling the other ranks'
+    rows there) leave every parameter exactly where gloo's reduce-scatter and all-gather
+    do, over 6 steps (each shm round reuses the mirror's flags)."""
+    for rank, ((native, f0, _), *others) in enumerate(
+            run_ranks(_all_forms, world, args=(variant,))):
+        assert f0["gather"] == "all_gather"
+        for (params, forms, skips), form in zip(others, ("p2p", "shm")):
+            assert forms["gather"] == form
+            if "reduce" in forms:  # stage 2 (stage 1 all-reduces its full buffer)
+                assert forms["reduce"] == (form if world == 2 else "reduce_scatter")
+            if variant == "stage1_lamb_fp16":
+                assert 1 <= skips < 6, skips  # some steps skipped on overflow, some applied
+            for n in native:
+                assert torch.equal(params[n], native[n]), f"rank {rank} {form}: {n}"
+        init = make("mlp")[0].state_dict()
+        assert any(not torch.equal(native[n], init[n].to(native[n].dtype))
                    for n in native)  # it trained
+
+
+def _shm_refusals_body(rank, world):
+    from zerofx.config import ConfigError
+    from zerofx.runtime import comm_forms as cf, shm_comm
+    from zerofx.runtime.dist import init_distributed
+
+    init_distributed()
+    cpu = torch.device("cpu")
+    full = shm_comm._free_bytes
+    shm_comm._free_bytes = lambda: 1 << 20  # a container's small /dev/shm
+    try:
+        small = shm_comm.available(None, 1 << 20, cpu)  # needs twice the buffers' bytes
+    finally:
+        shm_comm._free_bytes = full
+    try:
+        cf.choose("gather", None, 1000, torch.bfloat16, pinned="shm", shm=small)
+        pinned = "taken"
+    except ConfigError as e:
+        pinned = str(e)
+    shm_comm.SHM_DIR = "/nonexistent-zerofx-dir"
+    try:
+        shm_comm.ShmMirror(None, 1000, torch.bfloat16, 1)
+        made = "made"
+    except RuntimeError as e:
+        made = str(e)
+    return small, shm_comm.available(None, 1 << 20, torch.device("meta")), pinned, made
+
+
+@pytest.mark.slow
+def test_shm_form_is_not_offered_without_room_and_a_failed_mirror_is_one_clear_error():
+    for small, meta, pinned, made in run_ranks(_shm_refusals_body, 2):
+        assert small is False and meta is False  # no room in /dev/shm; not CPU tensors
+        assert "'shm' is not a form" in pinned and "one x86-64 host" in pinned, pinned
+        # on every rank, not only the one that tried to create the file
+        assert "cannot reserve" in made and "--shm-size" in made and "p2p" in made, made

@@ -9,7 +9,7 @@ from torch import fx
 
 from models import make, mlp_batch
 from multiproc import run_ranks
-from zerofx.comm_cost import DEFAULT, LATENCY_MS, MIB, fitted
+from zerofx.comm_cost import DEFAULT, FORM_KINDS, LATENCY_MS, MIB, fitted
 from zerofx.passes.dump_collectives import collective_rows, render_collectives
 from zerofx.tools import dump as dump_cli
 
@@ -87,11 +87,10 @@ def test_stage_2_dump_shows_the_timed_forms_and_every_bucket_collective(tmp_path
         line = next(ln for ln in plan.splitlines() if ln.strip().startswith(f"{role}: "))
         assert f"{role}: {form} (" in line and line.count(" ms") >= 2, line
     backward = (graph / "backward" / "collectives.txt").read_text()
-    kind = {"p2p": "p2p_reduce", "reduce_scatter": "reduce_scatter",
-            "all_reduce": "all_reduce"}[forms["reduce"]]
+    kind = FORM_KINDS["reduce", forms["reduce"]]
     assert backward.count(kind) == len(_rows(backward)) >= 1, backward
     step = (graph / "optimizer" / "collectives.txt").read_text()
-    assert ("p2p_gather" if forms["gather"] == "p2p" else "all_gather") in step, step
+    assert FORM_KINDS["gather", forms["gather"]] in step, step
     assert "all_reduce" in step  # the gradient norm's
 
 
@@ -106,8 +105,9 @@ def _measured_body(rank, world, root):
         cfg = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-2}},
                "zero_optimization": {"stage": stage, "reduce_bucket_size": 300,
                                      "stage3_param_persistence_threshold": 0},
-               "zerofx": {"dump_dir": f"{root}/stage{stage}", "reduce_form": "p2p",
-                          "gather_form": "p2p"}}
+               "zerofx": {"dump_dir": f"{root}/stage{stage}",  # stage 3 through /dev/shm
+                          "reduce_form": "p2p" if stage == 2 else "shm",
+                          "gather_form": "p2p" if stage == 2 else "shm"}}
         rt = zerofx.ZeroRuntime(model, cfg)
         compiled = torch.compile(model, backend="zero", options={"runtime": rt})
         for step in range(3):
@@ -142,6 +142,8 @@ def test_collective_times_measured_while_training_are_dumped_per_rank(tmp_path, 
         gathered = {int(r.split()[2]) for r in _measured_rows(text3)
                     if r.startswith("stage3 gather")}
         assert gathered == set(range(len(stage3))), text3  # every bucket gathered
+        assert sum(r.split()[0] == "reduce" and r.split()[2] == "shm_reduce"
+                   for r in _measured_rows(text3)) == len(stage3), text3
     assert dump_cli.main([str(tmp_path / "stage2")]) == 0  # zerofx-dump prints them last
     out = capsys.readouterr().out
     assert out.count("collectives measured while training") == 2, out[-2000:]

@@ -17,7 +17,9 @@ LATENCY_MS = 0.3
 # role/form of runtime/comm_forms.py -> the kind this module predicts
 FORM_KINDS = {("reduce", "reduce_scatter"): "reduce_scatter",
               ("reduce", "all_reduce"): "all_reduce", ("reduce", "p2p"): "p2p_reduce",
-              ("gather", "all_gather"): "all_gather", ("gather", "p2p"): "p2p_gather"}
+              ("reduce", "shm"): "shm_reduce",
+              ("gather", "all_gather"): "all_gather", ("gather", "p2p"): "p2p_gather",
+              ("gather", "shm"): "shm_gather"}
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,8 @@ class CommCost:
 
 DEFAULT = CommCost(
     ms_per_mib=(("all_reduce", 1.53), ("reduce_scatter", 1.85), ("all_gather", 1.02),
-                ("p2p_reduce", 0.87), ("p2p_gather", 0.53)),
+                ("p2p_reduce", 0.87), ("p2p_gather", 0.53), ("shm_reduce", 0.36),
+                ("shm_gather", 0.34)),
     source="benchmarks/bench_collectives.py: 2 ranks, gloo, 16M bf16, AVX2 EPYC")
 
 

@@ -382,10 +382,11 @@ class ZerofxConfig:
     that names it (breaks are allowed by default; each costs a graph boundary)."""
     dynamic: bool | None = setting(None, optional(boolean))
     """torch.compile's ``dynamic`` for the engine (None: Dynamo decides on recompiles)."""
-    reduce_form: str = setting("fastest", choice("fastest", "reduce_scatter", "all_reduce", "p2p"))
+    reduce_form: str = setting("fastest", choice("fastest", "reduce_scatter", "all_reduce", "p2p",
+                                                 "shm"))
     """How ZeRO-2 reduces a gradient bucket into the shards (runtime/comm_forms.py): fastest
     times every form on the group once and takes the fastest (all give the same bits)."""
-    gather_form: str = setting("fastest", choice("fastest", "all_gather", "p2p"))
+    gather_form: str = setting("fastest", choice("fastest", "all_gather", "p2p", "shm"))
     """How stages 1-2 all-gather the updated shards (fastest: the fastest timed)."""
 
     def __post_init__(self) -> None:

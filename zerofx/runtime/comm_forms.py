@@ -6,11 +6,13 @@ machine's group, the fastest used.
              all_reduce      the whole bucket all-reduced, this rank keeps its piece (gloo's
                              reduce-scatter is an all-reduce plus a copy)
              p2p             each piece sent to the rank that owns it, summed there
+             shm             through shared memory (runtime/shm_comm.py; ranks on one host)
     gather   all_gather      the native collective
              p2p             this rank's piece sent to every other rank directly
+             shm             through shared memory
 
 Every candidate gives the native form's bits, so the choice changes time, never results:
-``p2p`` reduce is offered at 2 ranks only, where its one addition per element is the
+``p2p`` and ``shm`` reduce are offered at 2 ranks only, where its one addition per element is the
 all-reduce's (at more ranks the order of the additions would differ). The ranks time each
 candidate on the group at the size it will move (median of REPS after a warm-up, each
 sample started together), agree on the slowest rank's times (one all-reduce) and all pick
@@ -27,6 +29,8 @@ import torch.distributed as dist
 
 from zerofx.comm_cost import CommCost, fitted
 from zerofx.config import ConfigError
+from zerofx.runtime import shm_comm
+from zerofx.runtime.pending import Pending
 from zerofx.runtime.step_fn import gather_chunks
 
 # torch 2.13 renamed reduce_scatter_tensor and all_gather_into_tensor (deprecated, a warning
@@ -37,7 +41,8 @@ REPS = 3
 # Timed at most at this many elements: the forms' order does not change beyond it, and a
 # model-sized bucket would cost seconds and its size again in memory at startup.
 PROBE_CAP = 1 << 24
-FORMS = {"reduce": ("reduce_scatter", "all_reduce", "p2p"), "gather": ("all_gather", "p2p")}
+FORMS = {"reduce": ("reduce_scatter", "all_reduce", "p2p", "shm"),
+         "gather": ("all_gather", "p2p", "shm")}
 
 
 @dataclass(frozen=True)
@@ -55,34 +60,10 @@ class Choice:
         return f"{self.role}: {self.form} ({self.why}{'; ' + timed if timed else ''})"
 
 
-class Pending:
-    """The works of one started collective, and what to do once they have finished."""
-
-    def __init__(self, works, then=None):
-        self.works, self.then = [w for w in works if w is not None], then
-        self._log = None
-
-    def logged(self, log, role: str, key: int, form: str, numel: int,
-               dtype: torch.dtype) -> "Pending":
-        """Report start and wait to ``log`` (runtime/comm_log.CommLog; None: not logged)."""
-        if log is not None:
-            self._log = (log, log.started(role, key, form, numel, dtype))
-        return self
-
-    def wait(self) -> None:
-        began = time.perf_counter()
-        for w in self.works:
-            w.wait()
-        if self.then is not None:
-            self.then()
-        if self._log is not None:
-            log, token = self._log
-            log.finished(token, began)
-
-
-def candidates(role: str, world: int) -> tuple[str, ...]:
-    forms = FORMS[role]
-    return tuple(f for f in forms if not (role == "reduce" and f == "p2p" and world != 2))
+def candidates(role: str, world: int, shm: bool = False) -> tuple[str, ...]:
+    """``shm``: every rank of the group is on this host (shm_comm.available)."""
+    return tuple(f for f in FORMS[role] if (shm or f != "shm")
+                 and not (role == "reduce" and f in ("p2p", "shm") and world != 2))
 
 
 def start_reduce(form: str, flat: torch.Tensor, out: torch.Tensor, group) -> Pending:
@@ -122,15 +103,18 @@ def start_gather(form: str, src: torch.Tensor, out: torch.Tensor, group) -> Pend
     raise ValueError(f"unknown gather form {form!r}")
 
 
-def choose(role: str, group, numel: int, dtype: torch.dtype, *, pinned: str = "fastest") -> Choice:
+def choose(role: str, group, numel: int, dtype: torch.dtype, *, pinned: str = "fastest",
+           shm: bool = False) -> Choice:
     """The form ``role``'s collectives of ``numel`` elements take on ``group`` (a collective:
     every rank of the group calls it with the same arguments)."""
     world = dist.get_world_size(group)
-    forms = candidates(role, world)
+    forms = candidates(role, world, shm)
     if pinned != "fastest":
         if pinned not in forms:
+            where = "" if shm else (" here (shm needs CPU tensors over gloo, every rank on "
+                                    "one x86-64 host, and room in /dev/shm)")
             raise ConfigError(f"zerofx.{role}_form: {pinned!r} is not a form of this role at "
-                              f"{world} ranks (one of {', '.join(forms)}, or fastest)")
+                              f"{world} ranks{where} (one of {', '.join(forms)}, or fastest)")
         return Choice(role, pinned, numel, why="set in the config")
     if dist.get_backend(group) != "gloo":
         return Choice(role, forms[0], numel, why=f"{dist.get_backend(group)}'s native "
@@ -144,21 +128,38 @@ def choose(role: str, group, numel: int, dtype: torch.dtype, *, pinned: str = "f
     return Choice(role, best, per * world, times, why="fastest timed on this group")
 
 
-def choose_forms(plan, config, group, *, reduces_into_shard: bool) -> dict[str, Choice]:
+def choose_forms(plan, config, group, *, reduces_into_shard: bool,
+                 device: torch.device) -> dict[str, Choice]:
     """{role: Choice} for what this runtime moves over its data-parallel ``group``: stage 2's
     bucket reductions (at the largest bucket's size) and stages 1-2's step all-gathers (at
     the largest chunk's). Every rank computes the same roles in the same order."""
     if group is None or not plan.sharded:
         return {}
     dtype, forms = plan.compute_dtype, {}
+    # room for both roles' mirrors (shm_mirrors) and the largest timing probe
+    shm = shm_comm.available(group, 3 * plan.padded_numel * dtype.itemsize, device)
     if reduces_into_shard:
         forms["reduce"] = choose("reduce", group, max(b.padded for b in plan.buckets), dtype,
-                                 pinned=config.zerofx.reduce_form)
+                                 pinned=config.zerofx.reduce_form, shm=shm)
     chunks = gather_chunks(plan, config)
     if chunks:
         numel = max(sum(b.padded for _, b in c) for c in chunks)
-        forms["gather"] = choose("gather", group, numel, dtype, pinned=config.zerofx.gather_form)
+        forms["gather"] = choose("gather", group, numel, dtype, pinned=config.zerofx.gather_form,
+                                 shm=shm)
     return forms
+
+
+def shm_mirrors(plan, config, forms: dict[str, Choice], group) -> dict[str, object]:
+    """{role: ShmMirror} for the roles whose form is ``shm``: the reduce mirror spans the
+    gradient buckets (keyed by bucket), the gather mirror the flat parameters the step
+    gathers (keyed by chunk). A collective, like choose_forms."""
+    out, dtype = {}, plan.compute_dtype
+    if "reduce" in forms and forms["reduce"].form == "shm":
+        out["reduce"] = shm_comm.ShmMirror(group, plan.padded_numel, dtype, len(plan.buckets))
+    if "gather" in forms and forms["gather"].form == "shm":
+        out["gather"] = shm_comm.ShmMirror(group, plan.padded_numel - plan.persist_offset,
+                                           dtype, len(gather_chunks(plan, config)))
+    return out
 
 
 def cost_of(forms: dict[str, Choice], dtype: torch.dtype) -> CommCost:
@@ -171,11 +172,17 @@ def _time_form(role, form, per, world, dtype, group) -> float:
     """Median ms of one ``form`` call moving ``per`` x ``world`` elements."""
     flat = torch.ones(world * per, dtype=dtype)
     piece = torch.ones(per, dtype=dtype)
+    mirror = shm_comm.ShmMirror(group, world * per, dtype, 1) if form == "shm" else None
     samples = []
     for _ in range(REPS + 1):
         dist.barrier(group=group)  # every rank starts the sample together
         t0 = time.perf_counter()
-        if role == "reduce":
+        if mirror is not None and role == "reduce":
+            shm_comm.start_reduce(mirror, 0, 0, flat, piece).wait()
+        elif mirror is not None:
+            flat.view(world, per)[dist.get_rank(group)].copy_(piece)
+            shm_comm.start_gather(mirror, 0, [(0, flat)]).wait()
+        elif role == "reduce":
             start_reduce(form, flat, piece, group).wait()
         else:
             start_gather(form, piece, flat, group).wait()
@@ -191,12 +198,21 @@ class StepGathers:
     native all-gather's rank-major result needs. The step graph starts every chunk
     (``zerofx.start_gather``) before it waits for the first (``zerofx.finish_gather``)."""
 
-    def __init__(self, group, chunks: list[list[tuple]], base: int, log=None):
+    def __init__(self, group, chunks: list[list[tuple]], base: int, log=None, mirror=None):
         self.group, self.chunks, self.base = group, chunks, base  # chunks: step_fn's
         self.log = log  # runtime/comm_log.CommLog or None
+        self.mirror = mirror  # the shm form's ShmMirror, or None: point-to-point
         self._inflight: dict[int, Pending] = {}
 
     def start(self, chunk: int, flat: torch.Tensor) -> None:
+        numel = sum(b.padded for _, b in self.chunks[chunk])
+        if self.mirror is not None:  # the same rows, through shared memory
+            regions = [(b.offset - self.base,
+                        flat[b.offset - self.base:b.offset - self.base + b.padded])
+                       for _, b in self.chunks[chunk]]
+            self._inflight[chunk] = shm_comm.start_gather(self.mirror, chunk, regions).logged(
+                self.log, "gather", chunk, "shm", numel, flat.dtype)
+            return
         world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         ranks = dist.get_process_group_ranks(self.group)
         ops = []
@@ -206,7 +222,6 @@ class StepGathers:
                     for p in range(world) if p != rank]
             ops += [dist.P2POp(dist.irecv, rows[p], ranks[p], self.group)
                     for p in range(world) if p != rank]
-        numel = sum(b.padded for _, b in self.chunks[chunk])
         self._inflight[chunk] = Pending(dist.batch_isend_irecv(ops)).logged(
             self.log, "gather", chunk, "p2p", numel, flat.dtype)
 

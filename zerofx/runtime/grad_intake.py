@@ -29,7 +29,9 @@ import logging
 import torch
 import torch.distributed as dist
 
-from zerofx.runtime.comm_forms import Pending, start_reduce
+from zerofx.runtime import shm_comm
+from zerofx.runtime.comm_forms import start_reduce
+from zerofx.runtime.pending import Pending
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +80,9 @@ class GradIntake:
             b = self.rt.plan.buckets[s.bucket]
             flat = self._region(s.bucket)
             dst = flat[s.offset - b.offset:s.end - b.offset]
-            if self._written[i] or s.bucket in self._staging:
+            if self._written[i]:
                 dst.add_(g.reshape(-1))
-            else:
+            else:  # a copy, not an add into zeros: one read less (~3x faster on CPU)
                 dst.copy_(g.reshape(-1))
             self._written[i] = 1
         if boundary:
@@ -107,13 +109,17 @@ class GradIntake:
 
     def _region(self, bucket: int) -> torch.Tensor:
         """Where bucket ``bucket`` accumulates: full_grads, or (stage 2, no accumulation) a
-        zeroed staging buffer that lives until its reduce-scatter is done."""
+        staging buffer that lives until its reduce-scatter is done. Only its padding is
+        zeroed here: each gradient is copied in, and a parameter without one is zeroed at
+        the launch."""
         rt, b = self.rt, self.rt.plan.buckets[bucket]
         if rt.full_grads is not None:
             return rt.full_grads[b.offset:b.offset + b.padded]
         if bucket not in self._staging:
-            self._staging[bucket] = torch.zeros(b.padded, dtype=rt.plan.compute_dtype,
-                                                device=rt.flat_params.device)
+            buf = torch.empty(b.padded, dtype=rt.plan.compute_dtype,
+                              device=rt.flat_params.device)
+            buf[b.numel:].zero_()
+            self._staging[bucket] = buf
         return self._staging[bucket]
 
     # ---- launches -------------------------------------------------------------------------
@@ -133,7 +139,7 @@ class GradIntake:
         rt, b = self.rt, self.rt.plan.buckets[bucket]
         flat = self._region(bucket)
         for i in self._bucket_slots[bucket]:  # no gradient this window: zero, as DeepSpeed's
-            if not self._written[i] and bucket not in self._staging:  # flat partition
+            if not self._written[i]:  # flat partition
                 s = rt.plan.params[i]
                 flat[s.offset - b.offset:s.end - b.offset].zero_()
         if rt.pre_reduce != 1.0:  # prescale_gradients / gradient_predivide_factor
@@ -155,7 +161,10 @@ class GradIntake:
             # The form timed fastest on this group (runtime/comm_forms.py; on gloo the native
             # reduce-scatter is an all-reduce plus a copy, and point-to-point beats both).
             form = rt.forms["reduce"].form
-            pending = start_reduce(form, flat, out, rt.group)
+            if form == "shm":  # the bucket's own place in the shared mirror
+                pending = shm_comm.start_reduce(rt.shm["reduce"], b.index, b.offset, flat, out)
+            else:
+                pending = start_reduce(form, flat, out, rt.group)
         return pending.logged(rt.comm_log, "reduce", b.index, form, flat.numel(),
                               flat.dtype), flat
 

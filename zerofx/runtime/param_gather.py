@@ -19,7 +19,8 @@ import zlib
 
 import torch
 
-from zerofx.runtime.comm_forms import Pending, all_gather_into
+from zerofx.runtime.comm_forms import all_gather_into
+from zerofx.runtime.pending import Pending
 from zerofx.runtime.dist import same_on_every_rank
 
 

@@ -75,7 +75,7 @@ def make_step_fn(rt):
     # Stages 1-2 with the point-to-point gather: the update writes this rank's rows of the
     # flat parameters in place and the exchange fills the other rows there (no shard-sized
     # temporary, no copy of the gathered chunks).
-    in_place = plan.sharded and not plan.partitioned and gather == "p2p"
+    in_place = plan.sharded and not plan.partitioned and gather in ("p2p", "shm")
     update = _make_update(rt, in_place)
     # Gradients arrive summed over DP ranks and accumulation steps, and loss-scaled.
     divisor = float(plan.grid.dp_size * rt.gas) * rt.pre_reduce  # what is left to divide

@@ -30,7 +30,7 @@ from zerofx.config import Config, ConfigError
 from zerofx.plan import Plan, make_plan
 from zerofx.tp_layout import TPLayout, TPPlanError, resolve_tp_layout
 from zerofx.runtime import eager_gather, graph_ops
-from zerofx.runtime.comm_forms import StepGathers, choose_forms, cost_of
+from zerofx.runtime.comm_forms import StepGathers, choose_forms, cost_of, shm_mirrors
 from zerofx.runtime.comm_log import CommLog
 from zerofx.runtime.dist import init_distributed
 from zerofx.runtime.grad_intake import GradIntake
@@ -94,11 +94,14 @@ class ZeroRuntime:
         # How buckets reduce and shards gather: each form timed once on this group, the
         # fastest kept (runtime/comm_forms.py; on gloo point-to-point beats both natives).
         self.forms = choose_forms(self.plan, self.config, self.group,
-                                  reduces_into_shard=self.reduces_into_shard)
+                                  reduces_into_shard=self.reduces_into_shard,
+                                  device=self.device)
         self.comm_cost = cost_of(self.forms, self.plan.compute_dtype)
         self.comm_log = None  # with a dump on: see log_comm_to
+        # The shm form's shared buffers, for the roles that chose it (runtime/shm_comm.py).
+        self.shm = shm_mirrors(self.plan, self.config, self.forms, self.group)
         self.step_gathers = StepGathers(self.group, gather_chunks(self.plan, self.config),
-                                        self.plan.persist_offset)
+                                        self.plan.persist_offset, mirror=self.shm.get("gather"))
         self.gas = _accumulation_steps(self.config, self.plan.grid.dp_size)
         # DeepSpeed's split of the 1/dp averaging around the reduction: the factor applied
         # before it (prescale_gradients: all of it); the step divides by the rest.

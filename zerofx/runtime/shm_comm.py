@@ -1,0 +1,180 @@
+"""The ``shm`` collective form: ranks on one host move bytes through shared memory.
+
+gloo sends through loopback TCP: each byte is copied into a socket and out of it by the
+kernel, on the cores that also compute (16M bf16 elements, 2 ranks: ~26 ms point-to-point
+on this 2-core host). Ranks on one host can instead map one file in /dev/shm: a rank
+writes what it sends there (one copy), raises a flag, and a reader copies out what it needs
+once the flags are up (one more). gloo is used only to agree on the file's name.
+
+    reduce (2 ranks)  rank r writes the peer's row of the bucket, then adds the peer's
+                      write to its own row: one addition per element, a + b = b + a, so
+                      the bits of gloo's all-reduce (the same rule as the p2p form)
+    gather            each rank writes its own rows, then copies every row out: copies only
+
+Flags, per rank and key (a bucket or a step chunk), are sequence numbers in the same file:
+``ready`` = the last round a rank wrote under the key, ``done`` = the last round it read.
+A writer waits until every peer has read its previous round before it overwrites it, a
+reader until every peer has written this round. x86-64 keeps stores in program order and
+loads in program order, so a flag seen up means its data is there: the form is offered on
+x86-64 only, with gloo, when every rank of the group is on this host (same boot id).
+"""
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import time
+import uuid
+
+import torch
+import torch.distributed as dist
+
+from zerofx.runtime.pending import Pending
+
+TIMEOUT_S = 1800.0  # gloo's default collective timeout
+SHM_DIR = "/dev/shm"
+_ALIGN = 64
+
+
+def available(group, nbytes: int, device: torch.device) -> bool:
+    """Whether the shm form may be offered on ``group`` for buffers of ``nbytes`` in all (a
+    collective on the group): CPU tensors over gloo on x86-64, every rank on this host, and
+    room for them in /dev/shm (a container's default is 64 MiB)."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or device.type != "cpu" or \
+            dist.get_backend(group) != "gloo" or _free_bytes() < 2 * nbytes:
+        here = None
+    else:
+        here = (socket.gethostname(), _boot_id())
+    everyone = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, here, group=group)
+    return everyone[0] is not None and all(h == everyone[0] for h in everyone)
+
+
+def _free_bytes() -> int:
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+class ShmMirror:
+    """``numel`` elements of ``dtype`` every rank of ``group`` maps, with ready/done flags
+    for ``keys`` independent rounds (a collective to create)."""
+
+    def __init__(self, group, numel: int, dtype: torch.dtype, keys: int):
+        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        flag_bytes = -(-2 * self.world * keys * 8 // _ALIGN) * _ALIGN
+        size = flag_bytes + numel * dtype.itemsize
+        made = [_create(size) if self.rank == 0 else None]  # (path, None) or (None, why)
+        dist.broadcast_object_list(made, src=dist.get_process_group_ranks(group)[0],
+                                   group=group)
+        path, why = made[0]
+        if path is None:
+            raise RuntimeError(
+                f"zerofx shm collective form: cannot reserve {size / 2**20:.0f} MiB in "
+                f"{SHM_DIR} ({why}); give it more room (docker run --shm-size) or set "
+                f'"zerofx": {{"reduce_form": "p2p", "gather_form": "p2p"}}')
+        raw = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+        dist.barrier(group=group)  # every rank has it mapped: the name can go
+        if self.rank == 0:
+            os.unlink(path)
+        flags = raw[:flag_bytes].view(torch.int64)[:2 * self.world * keys]
+        self.ready, self.done = flags.view(2, self.world, keys).unbind(0)
+        self.data = raw[flag_bytes:].view(dtype)
+        self._round = [0] * keys
+
+    def write(self, key: int, pieces) -> None:
+        """Start a round under ``key``: copy each (offset, tensor) of ``pieces`` in."""
+        n = self._round[key] = self._round[key] + 1
+        self._await(self.done, key, n - 1, "finish reading the last round")
+        for off, t in pieces:
+            self.data[off:off + t.numel()].copy_(t.reshape(-1))
+        self.ready[self.rank, key] = n
+
+    def wait_written(self, key: int) -> None:
+        """Until every rank has written this round under ``key``."""
+        self._await(self.ready, key, self._round[key], "write")
+
+    def read_done(self, key: int) -> None:
+        self.done[self.rank, key] = self._round[key]
+
+    def _await(self, flags: torch.Tensor, key: int, n: int, what: str) -> None:
+        column, spins, deadline = flags[:, key], 0, None
+        while True:
+            late = [p for p, v in enumerate(column.tolist()) if p != self.rank and v < n]
+            if not late:
+                return
+            spins += 1
+            if spins > 100:  # not a brief wait: yield the core instead of spinning on it
+                deadline = deadline or time.monotonic() + TIMEOUT_S
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"zerofx shm collective: rank {self.rank} waited {TIMEOUT_S:.0f} s for "
+                        f"rank {late[0]} to {what} (key {key}); that rank stopped or runs "
+                        f"other collectives")
+                time.sleep(5e-5)
+
+
+def _create(size: int) -> tuple:
+    """A new file of ``size`` bytes in /dev/shm with its pages reserved (zeros): a full
+    tmpfs fails here, not later as a SIGBUS on first touch. (path, None) or (None, why)."""
+    path = os.path.join(SHM_DIR, f"zerofx-{os.getpid()}-{uuid.uuid4().hex}")
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    except OSError as e:
+        return None, e.strerror
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        os.unlink(path)
+        return None, e.strerror
+    finally:
+        os.close(fd)
+    return path, None
+
+
+def start_reduce(mirror: ShmMirror, key: int, base: int, flat: torch.Tensor,
+                 out: torch.Tensor):
+    """2 ranks: ``flat`` ([2 x k]) summed over both, this rank's k-element piece into
+    ``out`` once the returned Pending is waited on; ``base``: where ``flat`` sits in the
+    mirror."""
+    rows, me = flat.view(2, -1), mirror.rank
+    per = rows.shape[1]
+    mirror.write(key, [(base + (1 - me) * per, rows[1 - me])])
+
+    def finish():
+        mirror.wait_written(key)
+        torch.add(rows[me], mirror.data[base + me * per:base + (me + 1) * per], out=out)
+        mirror.read_done(key)
+    return Pending([], finish)
+
+
+def start_gather(mirror: ShmMirror, key: int, regions):
+    """Every rank's rows of each (base, region) in ``regions`` ([world x k] views, this
+    rank's row filled) into every rank's region; ``base``: where it sits in the mirror."""
+    me = mirror.rank
+    pieces = []
+    for base, region in regions:
+        rows = region.view(mirror.world, -1)
+        pieces.append((base + me * rows.shape[1], rows[me]))
+    mirror.write(key, pieces)
+
+    def finish():
+        mirror.wait_written(key)
+        for base, region in regions:
+            rows = region.view(mirror.world, -1)
+            per = rows.shape[1]
+            for p in range(mirror.world):
+                if p != me:
+                    rows[p].copy_(mirror.data[base + p * per:base + (p + 1) * per])
+        mirror.read_done(key)
+    return Pending([], finish)
