@@ -144,12 +144,18 @@ def time_ddp(model, rank, steps, autocast=True):
     return _time_steps(step, rank, steps, lambda: _torch_state_bytes(model, opt))
 
 
-def run_fsdp2(rank, world, steps, bucket):
+def run_fsdp2_fp32(rank, world, steps, bucket):
+    """FSDP2 without a mixed-precision policy: its strongest setting on a host without
+    native bf16 GEMMs (AVX2 only)."""
+    return run_fsdp2(rank, world, steps, bucket, param_dtype=None)
+
+
+def run_fsdp2(rank, world, steps, bucket, param_dtype=torch.bfloat16):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     torch.manual_seed(0)
     model = Net()
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype)
     for b in model.blocks:
         fully_shard(b, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
@@ -199,7 +205,7 @@ def run_zerofx_p2p(rank, world, steps, bucket):
 RUNNERS = {"zerofx": run_zerofx, "zerofx-p2p": run_zerofx_p2p, "zerofx-fp32": run_zerofx_fp32, "zerofx-untuned": run_zerofx_untuned,
            "zerofx-allreduce-allgather": run_zerofx_collective_forms,
            "zerofx-stage3": run_zerofx_stage3, "ddp": run_ddp, "ddp-fp32": run_ddp_fp32,
-           "fsdp2": run_fsdp2}
+           "fsdp2": run_fsdp2, "fsdp2-fp32": run_fsdp2_fp32}
 
 
 def _rank_entry(rank, world, name, steps, bucket):

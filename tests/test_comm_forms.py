@@ -87,11 +87,17 @@ def _train_body(rank, world, forms, variant="stage2"):
         cfg.update(optimizer={"type": "Lamb", "params": {"lr": 1e-2}}, bf16={"enabled": False},
                    fp16={"enabled": True, "initial_scale_power": 18})
         cfg["zero_optimization"]["stage"] = 1
+    if variant == "stage3":  # the graphs' bucket gathers too; biases kept whole
+        cfg["zero_optimization"].update(stage=3, stage3_param_persistence_threshold=64)
     rt = zerofx.ZeroRuntime(model, cfg)
     compiled = torch.compile(model, backend="zero", options={"runtime": rt})
     for step in range(6):
-        rt.backward(compiled(*mlp_batch(seed=10 * step + rank)))
+        with rt.shape_carriers():
+            loss = compiled(*mlp_batch(seed=10 * step + rank))
+        rt.backward(loss)
         rt.step()
+    if variant == "stage3":
+        assert rt.forms["param_gather"].form == rt.forms["gather"].form
     return {n: p.detach().clone() for n, p in model.named_parameters()}, \
         {role: c.form for role, c in rt.forms.items()}, int(rt.skipped)
 
@@ -104,10 +110,11 @@ def _all_forms(rank, world, variant):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world,variant", [(2, "stage2"), (4, "stage1_lamb_fp16")])
+@pytest.mark.parametrize("world,variant", [(2, "stage2"), (4, "stage1_lamb_fp16"),
+                                           (2, "stage3")])
 def test_p2p_and_shm_forms_train_bit_for_bit_like_the_native_collectives(world, variant):
     """Stage 2 with bf16 and clipping (2 ranks), stage 1 with fp16, overflow skips and LAMB
-    (4 ranks): buckets reduced and shards gathered point-to-point or through shared memory
+    (4 ranks), stage 3 (2 ranks; the graphs' bucket gathers in the form too): buckets reduced and shards gathered point-to-point or through shared memory
     (the update writing the flat parameters in place, the exchange filling the other ranks'
     rows there) leave every parameter exactly where gloo's reduce-scatter and all-gather
     do, over 6 steps (each shm round reuses the mirror's flags)."""

@@ -140,7 +140,7 @@ def test_collective_times_measured_while_training_are_dumped_per_rank(tmp_path, 
         text3 = (tmp_path / "stage3" / f"rank{rank}" / "comm_measured.txt").read_text()
         # "stage3 gather" is two words: the bucket index is the third column
         gathered = {int(r.split()[2]) for r in _measured_rows(text3)
-                    if r.startswith("stage3 gather")}
+                    if r.startswith("stage3 gather") and r.split()[3] == "shm_gather"}
         assert gathered == set(range(len(stage3))), text3  # every bucket gathered
         assert sum(r.split()[0] == "reduce" and r.split()[2] == "shm_reduce"
                    for r in _measured_rows(text3)) == len(stage3), text3

@@ -31,6 +31,8 @@ def _kind(n: fx.Node, forms: dict[str, str]) -> str | None:
         return FORM_KINDS["reduce", forms.get("reduce", "all_reduce")]
     if kind == "gather":
         return FORM_KINDS["gather", forms.get("gather", "all_gather")]
+    if kind == "param_gather":
+        return FORM_KINDS["gather", forms.get("param_gather", "all_gather")]
     return kind
 
 

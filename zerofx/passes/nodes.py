@@ -56,7 +56,7 @@ def is_view(node: fx.Node) -> bool:
 
 # zerofx's ops that move bytes between ranks -> what they do (each is one row of the dump's
 # collectives.txt; start_gather is the first half of finish_gather's exchange)
-ZEROFX_COMM = {"gather_bucket": "all_gather",  # stage 3: one bucket, gathered
+ZEROFX_COMM = {"gather_bucket": "param_gather",  # stage 3: one bucket, in the form chosen
                "finish_gather": "gather",  # the step's shards, in the form chosen
                "reduce_bucket": "reduce"}  # gradients, reduced with their bucket
 

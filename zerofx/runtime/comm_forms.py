@@ -149,6 +149,18 @@ def choose_forms(plan, config, group, *, reduces_into_shard: bool,
     return forms
 
 
+def choose_param_gather(plan, config, group, device: torch.device) -> dict[str, Choice]:
+    """Stage 3: {"param_gather": Choice} for the graphs' bucket all-gathers on the gather
+    ``group`` (timed at the largest gathered bucket; zerofx.gather_form pins it too)."""
+    sizes = [b.padded for b in plan.buckets if b.offset < plan.persist_offset]
+    if group is None or not plan.partitioned or not sizes:
+        return {}
+    dtype = plan.compute_dtype
+    shm = shm_comm.available(group, 3 * plan.padded_numel * dtype.itemsize, device)
+    return {"param_gather": choose("gather", group, max(sizes), dtype,
+                                   pinned=config.zerofx.gather_form, shm=shm)}
+
+
 def shm_mirrors(plan, config, forms: dict[str, Choice], group) -> dict[str, object]:
     """{role: ShmMirror} for the roles whose form is ``shm``: the reduce mirror spans the
     gradient buckets (keyed by bucket), the gather mirror the flat parameters the step
@@ -160,6 +172,16 @@ def shm_mirrors(plan, config, forms: dict[str, Choice], group) -> dict[str, obje
         out["gather"] = shm_comm.ShmMirror(group, plan.padded_numel - plan.persist_offset,
                                            dtype, len(gather_chunks(plan, config)))
     return out
+
+
+def start_bucket_gather(choice: Choice, mirror, key: int, base: int, src: torch.Tensor,
+                        out: torch.Tensor, group) -> Pending:
+    """Stage 3: ``out`` (one bucket, [world x k]) gets every rank's ``src`` in the form
+    ``choice`` took; ``base``, ``key``: the bucket's place in the shm ``mirror``."""
+    if choice.form == "shm":
+        out.view(mirror.world, -1)[mirror.rank].copy_(src)
+        return shm_comm.start_gather(mirror, key, [(base, out)])
+    return start_gather(choice.form, src, out, group)
 
 
 def cost_of(forms: dict[str, Choice], dtype: torch.dtype) -> CommCost:

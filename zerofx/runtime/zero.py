@@ -30,7 +30,9 @@ from zerofx.config import Config, ConfigError
 from zerofx.plan import Plan, make_plan
 from zerofx.tp_layout import TPLayout, TPPlanError, resolve_tp_layout
 from zerofx.runtime import eager_gather, graph_ops
-from zerofx.runtime.comm_forms import StepGathers, choose_forms, cost_of, shm_mirrors
+from zerofx.runtime.comm_forms import (StepGathers, choose_forms, choose_param_gather,
+                                       cost_of, shm_mirrors)
+from zerofx.runtime.shm_comm import ShmMirror
 from zerofx.runtime.comm_log import CommLog
 from zerofx.runtime.dist import init_distributed
 from zerofx.runtime.grad_intake import GradIntake
@@ -96,6 +98,13 @@ class ZeroRuntime:
         self.forms = choose_forms(self.plan, self.config, self.group,
                                   reduces_into_shard=self.reduces_into_shard,
                                   device=self.device)
+        if self.gatherer is not None:  # stage 3's bucket gathers, on their own group
+            self.forms.update(choose_param_gather(self.plan, self.config, self.gatherer.group,
+                                                  self.device))
+            if self.forms["param_gather"].form == "shm":
+                self.gatherer.mirror = ShmMirror(self.gatherer.group, self.plan.persist_offset,
+                                                 self.plan.compute_dtype,
+                                                 len(self.plan.buckets))
         self.comm_cost = cost_of(self.forms, self.plan.compute_dtype)
         self.comm_log = None  # with a dump on: see log_comm_to
         # The shm form's shared buffers, for the roles that chose it (runtime/shm_comm.py).
@@ -291,7 +300,8 @@ class ZeroRuntime:
         if not self.forms:
             return ""
         return "\ncollective forms (data-parallel group):\n" + "".join(
-            f"  {c.describe()}\n" for c in self.forms.values())
+            f"  {'stage-3 bucket ' if k == 'param_gather' else ''}{c.describe()}\n"
+            for k, c in self.forms.items())
 
     @property
     def tp_group_name(self) -> str | None:
