@@ -12,8 +12,8 @@ machine's group, the fastest used.
              shm             through shared memory
 
 Every candidate gives the native form's bits, so the choice changes time, never results:
-``p2p`` and ``shm`` reduce are offered at 2 ranks only, where its one addition per element is the
-all-reduce's (at more ranks the order of the additions would differ). The ranks time each
+``p2p`` and ``shm`` reduce are offered at 2 ranks only, where their one addition per element
+is the all-reduce's (at more ranks the order of the additions would differ). The ranks time each
 candidate on the group at the size it will move (median of REPS after a warm-up, each
 sample started together), agree on the slowest rank's times (one all-reduce) and all pick
 the same form. Only gloo is timed; nccl's native collectives are used as they are.
@@ -213,8 +213,8 @@ def _time_form(role, form, per, world, dtype, group) -> float:
 
 
 class StepGathers:
-    """The optimizer step's all-gathers in the ``p2p`` form, in flight by chunk, straight
-    into the flat parameters: each bucket's rows there are [rank][slice], so this rank
+    """The optimizer step's all-gathers in the ``p2p`` or ``shm`` form, in flight by chunk,
+    straight into the flat parameters: each bucket's rows there are [rank][slice], so this rank
     sends its own row (the update wrote it in place) and receives every other rank's row
     where it belongs. No gathered copy and no second copy into the parameters, which the
     native all-gather's rank-major result needs. The step graph starts every chunk

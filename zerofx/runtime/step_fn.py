@@ -72,7 +72,7 @@ def make_step_fn(rt):
     dp = plan.grid.dp_size
     chunks = gather_chunks(plan, rt.config)
     gather = rt.forms["gather"].form if "gather" in rt.forms else "all_gather"
-    # Stages 1-2 with the point-to-point gather: the update writes this rank's rows of the
+    # Stages 1-2 with the point-to-point or shared-memory gather: the update writes this rank's rows of the
     # flat parameters in place and the exchange fills the other rows there (no shard-sized
     # temporary, no copy of the gathered chunks).
     in_place = plan.sharded and not plan.partitioned and gather in ("p2p", "shm")
