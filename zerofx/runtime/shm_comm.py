@@ -40,8 +40,10 @@ def available(group, nbytes: int, device: torch.device) -> bool:
     """Whether the shm form may be offered on ``group`` for buffers of ``nbytes`` in all (a
     collective on the group): CPU tensors over gloo on x86-64, every rank on this host, and
     room for them in /dev/shm (a container's default is 64 MiB)."""
+    if dist.get_backend(group) != "gloo":  # the same on every rank: no collective needed
+        return False  # (nccl's all_gather_object would need each rank's device set)
     if platform.machine().lower() not in ("x86_64", "amd64") or device.type != "cpu" or \
-            dist.get_backend(group) != "gloo" or _free_bytes() < 2 * nbytes:
+            _free_bytes() < 2 * nbytes:
         here = None
     else:
         here = (socket.gethostname(), _boot_id())
