@@ -156,7 +156,7 @@ def _shm_refusals_body(rank, world):
     try:
         shm_comm.ShmMirror(None, 1000, torch.bfloat16, 1)
         made = "made"
-    except RuntimeError as e:
+    except shm_comm.ShmError as e:
         made = str(e)
     return small, shm_comm.available(None, 1 << 20, torch.device("meta")), pinned, made
 
@@ -167,4 +167,44 @@ def test_shm_form_is_not_offered_without_room_and_a_failed_mirror_is_one_clear_e
         assert small is False and meta is False  # no room in /dev/shm; not CPU tensors
         assert "'shm' is not a form" in pinned and "one x86-64 host" in pinned, pinned
         # on every rank, not only the one that tried to create the file
-        assert "cannot reserve" in made and "--shm-size" in made and "p2p" in made, made
+        assert "cannot share" in made and "--shm-size" in made and "p2p" in made, made
+
+
+def _peer_exits_body(rank, world):
+    import time
+
+    from zerofx.runtime import shm_comm
+    from zerofx.runtime.dist import init_distributed
+
+    init_distributed()
+    mirror = shm_comm.ShmMirror(None, 64, torch.float32, 1)
+    if rank == 1:
+        return None  # leaves without its part of the round (its process then exits)
+    t0 = time.monotonic()
+    shm_comm.start_gather(mirror, 0, [(0, torch.zeros(64))])  # this rank's write
+    try:
+        mirror.wait_written(0)
+        return "waited to the end", time.monotonic() - t0
+    except shm_comm.ShmError as e:
+        return str(e), time.monotonic() - t0
+
+
+@pytest.mark.slow
+def test_a_rank_waiting_on_a_peer_that_exited_fails_in_seconds():
+    """gloo notices a closed socket within seconds; the shm form checks the pids it waits
+    for instead of waiting out the 30-minute timeout."""
+    message, waited = run_ranks(_peer_exits_body, 2, timeout_s=60)[0]
+    assert "exited" in message and "rank 1" in message, message
+    assert waited < 15, waited
+
+
+def test_a_pinned_form_no_collective_takes_is_warned_about(caplog):
+    from zerofx.config import Config
+    from zerofx.runtime.comm_forms import Choice
+    from zerofx.runtime.zero import _warn_unused_pins
+
+    cfg = Config.from_dict({"zerofx": {"reduce_form": "shm", "gather_form": "p2p"}})
+    with caplog.at_level("WARNING"):  # stage 1: a step gather, no bucket reduction
+        _warn_unused_pins(cfg, {"gather": Choice("gather", "p2p", 10)})
+    assert "zerofx.reduce_form 'shm' has no effect" in caplog.text
+    assert "gather_form" not in caplog.text  # that pin is taken

@@ -149,16 +149,20 @@ def choose_forms(plan, config, group, *, reduces_into_shard: bool,
     return forms
 
 
-def choose_param_gather(plan, config, group, device: torch.device) -> dict[str, Choice]:
-    """Stage 3: {"param_gather": Choice} for the graphs' bucket all-gathers on the gather
-    ``group`` (timed at the largest gathered bucket; zerofx.gather_form pins it too)."""
+def choose_param_gather(plan, config, group, device: torch.device) -> tuple[dict, object]:
+    """Stage 3: ({"param_gather": Choice}, its ShmMirror or None) for the graphs' bucket
+    all-gathers on the gather ``group`` (timed at the largest gathered bucket;
+    zerofx.gather_form pins it too). ({}, None) when every bucket is kept whole."""
     sizes = [b.padded for b in plan.buckets if b.offset < plan.persist_offset]
     if group is None or not plan.partitioned or not sizes:
-        return {}
+        return {}, None
     dtype = plan.compute_dtype
     shm = shm_comm.available(group, 3 * plan.padded_numel * dtype.itemsize, device)
-    return {"param_gather": choose("gather", group, max(sizes), dtype,
-                                   pinned=config.zerofx.gather_form, shm=shm)}
+    choice = choose("gather", group, max(sizes), dtype, pinned=config.zerofx.gather_form,
+                    shm=shm)
+    mirror = shm_comm.ShmMirror(group, plan.persist_offset, dtype, len(plan.buckets)) \
+        if choice.form == "shm" else None
+    return {"param_gather": choice}, mirror
 
 
 def shm_mirrors(plan, config, forms: dict[str, Choice], group) -> dict[str, object]:

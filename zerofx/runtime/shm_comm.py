@@ -32,6 +32,8 @@ import torch.distributed as dist
 from zerofx.runtime.pending import Pending
 
 TIMEOUT_S = 1800.0  # gloo's default collective timeout
+CHECK_S = 0.5  # how often a waiting rank checks that the ranks it waits for still run
+SLEEP_S = 2e-4  # between looks at the flags, once a wait is not brief
 SHM_DIR = "/dev/shm"
 _ALIGN = 64
 
@@ -45,8 +47,8 @@ def available(group, nbytes: int, device: torch.device) -> bool:
     if platform.machine().lower() not in ("x86_64", "amd64") or device.type != "cpu" or \
             _free_bytes() < 2 * nbytes:
         here = None
-    else:
-        here = (socket.gethostname(), _boot_id())
+    else:  # one kernel, one /dev/shm (mount namespace), pids that mean the same process
+        here = (socket.gethostname(), _boot_id(), _namespace("mnt"), _namespace("pid"))
     everyone = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, here, group=group)
     return everyone[0] is not None and all(h == everyone[0] for h in everyone)
@@ -58,6 +60,30 @@ def _free_bytes() -> int:
     except OSError:
         return 0
     return st.f_bavail * st.f_frsize
+
+
+def _namespace(kind: str) -> str:
+    try:
+        return os.readlink(f"/proc/self/ns/{kind}")
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` (of this pid namespace) runs: not gone, not a zombie."""
+    try:
+        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except ProcessLookupError:
+        return False
+    except OSError:  # no /proc or no permission to signal it: assume alive
+        return True
+
+
+class ShmError(RuntimeError):
+    """The shm form cannot go on: no room in /dev/shm, or a peer stopped while this rank
+    waited for it."""
 
 
 def _boot_id() -> str:
@@ -80,11 +106,22 @@ class ShmMirror:
         dist.broadcast_object_list(made, src=dist.get_process_group_ranks(group)[0],
                                    group=group)
         path, why = made[0]
-        if path is None:
-            raise RuntimeError(
-                f"zerofx shm collective form: cannot reserve {size / 2**20:.0f} MiB in "
+        # every rank's pid (to notice a peer that exits while this rank waits for it), and
+        # whether it sees the file (from_file would quietly create a file of its own)
+        seen = [None] * self.world
+        dist.all_gather_object(seen, (os.getpid(), path is not None and os.path.exists(path)),
+                               group=group)
+        if path is not None and not all(ok for _, ok in seen):
+            why = f"rank {next(r for r, (_, ok) in enumerate(seen) if not ok)} cannot see it"
+        if path is None or why is not None:
+            dist.barrier(group=group)
+            if self.rank == 0 and path is not None:
+                os.unlink(path)
+            raise ShmError(
+                f"zerofx shm collective form: cannot share {size / 2**20:.0f} MiB in "
                 f"{SHM_DIR} ({why}); give it more room (docker run --shm-size) or set "
                 f'"zerofx": {{"reduce_form": "p2p", "gather_form": "p2p"}}')
+        self.pids = [pid for pid, _ in seen]
         raw = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
         dist.barrier(group=group)  # every rank has it mapped: the name can go
         if self.rank == 0:
@@ -110,20 +147,28 @@ class ShmMirror:
         self.done[self.rank, key] = self._round[key]
 
     def _await(self, flags: torch.Tensor, key: int, n: int, what: str) -> None:
-        column, spins, deadline = flags[:, key], 0, None
+        column, spins, deadline, check = flags[:, key], 0, None, 0.0
         while True:
             late = [p for p, v in enumerate(column.tolist()) if p != self.rank and v < n]
             if not late:
                 return
             spins += 1
-            if spins > 100:  # not a brief wait: yield the core instead of spinning on it
-                deadline = deadline or time.monotonic() + TIMEOUT_S
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"zerofx shm collective: rank {self.rank} waited {TIMEOUT_S:.0f} s for "
-                        f"rank {late[0]} to {what} (key {key}); that rank stopped or runs "
-                        f"other collectives")
-                time.sleep(5e-5)
+            if spins <= 100:
+                continue
+            # not a brief wait: yield the core instead of spinning on it, and look now and
+            # then whether the ranks waited for still run (gloo notices a closed socket)
+            now = time.monotonic()
+            deadline = deadline or now + TIMEOUT_S
+            gone = [p for p in late if not _alive(self.pids[p])] if now >= check else []
+            check = now + CHECK_S if now >= check else check
+            if gone or now > deadline:
+                p = (gone or late)[0]
+                state = "exited" if gone else f"did not, in {TIMEOUT_S:.0f} s"
+                raise ShmError(
+                    f"zerofx shm collective: rank {self.rank} waited for rank {p} (pid "
+                    f"{self.pids[p]}) to {what} (key {key}), and that rank {state}: it "
+                    f"stopped (see its own error) or ran other collectives than this one")
+            time.sleep(SLEEP_S)
 
 
 def _create(size: int) -> tuple:

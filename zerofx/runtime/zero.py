@@ -32,7 +32,6 @@ from zerofx.tp_layout import TPLayout, TPPlanError, resolve_tp_layout
 from zerofx.runtime import eager_gather, graph_ops
 from zerofx.runtime.comm_forms import (StepGathers, choose_forms, choose_param_gather,
                                        cost_of, shm_mirrors)
-from zerofx.runtime.shm_comm import ShmMirror
 from zerofx.runtime.comm_log import CommLog
 from zerofx.runtime.dist import init_distributed
 from zerofx.runtime.grad_intake import GradIntake
@@ -99,12 +98,11 @@ class ZeroRuntime:
                                   reduces_into_shard=self.reduces_into_shard,
                                   device=self.device)
         if self.gatherer is not None:  # stage 3's bucket gathers, on their own group
-            self.forms.update(choose_param_gather(self.plan, self.config, self.gatherer.group,
-                                                  self.device))
-            if self.forms["param_gather"].form == "shm":
-                self.gatherer.mirror = ShmMirror(self.gatherer.group, self.plan.persist_offset,
-                                                 self.plan.compute_dtype,
-                                                 len(self.plan.buckets))
+            chosen, self.gatherer.mirror = choose_param_gather(
+                self.plan, self.config, self.gatherer.group, self.device)
+            self.forms.update(chosen)
+        if self.plan.rank == 0:
+            _warn_unused_pins(self.config, self.forms)
         self.comm_cost = cost_of(self.forms, self.plan.compute_dtype)
         self.comm_log = None  # with a dump on: see log_comm_to
         # The shm form's shared buffers, for the roles that chose it (runtime/shm_comm.py).
@@ -559,6 +557,17 @@ def _aliases(model: nn.Module, names_by_id: dict) -> dict[str, tuple[str, ...]]:
         if canon is not None and n != canon:
             out.setdefault(canon, []).append(n)
     return {k: tuple(v) for k, v in out.items()}
+
+
+def _warn_unused_pins(config, forms) -> None:
+    """A pinned form no collective here takes is said once, not silently dropped."""
+    for role, why in (("reduce", "only ZeRO-2 and 3 reduce buckets into shards (stages 0-1 "
+                                 "all-reduce the whole gradient buffer)"),
+                      ("gather", "only ZeRO 1-3 gather shards")):
+        pin = getattr(config.zerofx, f"{role}_form")
+        if pin != "fastest" and not any(c.role == role for c in forms.values()):
+            log.warning("zerofx.%s_form %r has no effect here: %s, over more than one "
+                        "data-parallel rank", role, pin, why)
 
 
 def _accumulation_steps(config: Config, dp_size: int) -> int:
