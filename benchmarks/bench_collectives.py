@@ -52,15 +52,15 @@ def _cases(flat, out, world, rank):
         torch.add(rows[rank], recv.sum(0) if world > 2 else recv[0], out=out)
 
     from zerofx.runtime import shm_comm
+    from zerofx.runtime.comm_forms import start_gather, start_reduce
 
     mirror = shm_comm.ShmMirror(None, flat.numel(), flat.dtype, 1)
 
     def shm_reduce():
-        shm_comm.start_reduce(mirror, 0, 0, flat, out).wait()
+        start_reduce("shm", flat, out, None, mirror=mirror).wait()
 
     def shm_gather():
-        flat.view(world, -1)[rank].copy_(out)
-        shm_comm.start_gather(mirror, 0, [(0, flat)]).wait()
+        start_gather("shm", out, flat, None, mirror=mirror).wait()
 
     shm = {"shared memory: write the peer's piece, add the peer's (a reduce-scatter)":
            shm_reduce} if world == 2 else {}

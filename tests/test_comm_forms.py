@@ -23,21 +23,14 @@ def _forms_body(rank, world, dtype):
     mirror = cf.shm_comm.ShmMirror(None, world * per, dtype, 1)
     for form in cf.candidates("reduce", world, shm):
         out = torch.empty(per, dtype=dtype)
-        for _ in range(2):  # twice: the mirror's second round reuses its flags
-            if form == "shm":
-                cf.shm_comm.start_reduce(mirror, 0, 0, data.clone(), out).wait()
-            else:
-                cf.start_reduce(form, data.clone(), out, None).wait()
+        for _ in range(2):  # twice: the shm mirror's second round reuses its flags
+            cf.start_reduce(form, data.clone(), out, None, mirror=mirror).wait()
         got["reduce", form] = out
     piece = data[:per].clone()
     for form in cf.candidates("gather", world, shm):
         out = torch.empty(world * per, dtype=dtype)
-        if form == "shm":
-            out.view(world, per)[rank].copy_(piece)
-            for _ in range(2):
-                cf.shm_comm.start_gather(mirror, 0, [(0, out)]).wait()
-        else:
-            cf.start_gather(form, piece, out, None).wait()
+        for _ in range(2):
+            cf.start_gather(form, piece, out, None, mirror=mirror).wait()
         got["gather", form] = out
     whole = data.clone()
     dist.all_reduce(whole)  # the reference: gloo's own sum

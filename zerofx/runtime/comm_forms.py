@@ -66,9 +66,14 @@ def candidates(role: str, world: int, shm: bool = False) -> tuple[str, ...]:
                  and not (role == "reduce" and f in ("p2p", "shm") and world != 2))
 
 
-def start_reduce(form: str, flat: torch.Tensor, out: torch.Tensor, group) -> Pending:
+def start_reduce(form: str, flat: torch.Tensor, out: torch.Tensor, group, *, mirror=None,
+                 key: int = 0, base: int = 0) -> Pending:
     """Sum ``flat`` ([world x k] elements) over ``group``; this rank's k-element piece of the
-    sum lands in ``out`` once the returned Pending is waited on. ``flat`` may be clobbered."""
+    sum lands in ``out`` once the returned Pending is waited on. ``flat`` may be clobbered.
+    The ``shm`` form goes through ``mirror`` (shm_comm.ShmMirror): round ``key``, ``flat``
+    at ``base`` there."""
+    if form == "shm":
+        return shm_comm.start_reduce(mirror, key, base, flat, out)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     rows = flat.view(world, -1)
     if form == "reduce_scatter":
@@ -88,8 +93,13 @@ def start_reduce(form: str, flat: torch.Tensor, out: torch.Tensor, group) -> Pen
     raise ValueError(f"unknown reduce form {form!r}")
 
 
-def start_gather(form: str, src: torch.Tensor, out: torch.Tensor, group) -> Pending:
-    """``out`` ([world x k]) gets every rank's k-element ``src``, in rank order."""
+def start_gather(form: str, src: torch.Tensor, out: torch.Tensor, group, *, mirror=None,
+                 key: int = 0, base: int = 0) -> Pending:
+    """``out`` ([world x k]) gets every rank's k-element ``src``, in rank order (``shm``:
+    through ``mirror``, as start_reduce)."""
+    if form == "shm":
+        out.view(mirror.world, -1)[mirror.rank].copy_(src)
+        return shm_comm.start_gather(mirror, key, [(base, out)])
     if form == "all_gather":
         return Pending([all_gather_into(out, src, group=group, async_op=True)])
     if form == "p2p":
@@ -149,43 +159,37 @@ def choose_forms(plan, config, group, *, reduces_into_shard: bool,
     return forms
 
 
-def choose_param_gather(plan, config, group, device: torch.device) -> tuple[dict, object]:
-    """Stage 3: ({"param_gather": Choice}, its ShmMirror or None) for the graphs' bucket
-    all-gathers on the gather ``group`` (timed at the largest gathered bucket;
-    zerofx.gather_form pins it too). ({}, None) when every bucket is kept whole."""
+def choose_param_gather(plan, config, group, device: torch.device) -> dict[str, Choice]:
+    """Stage 3: {"param_gather": Choice} for the graphs' bucket all-gathers on the gather
+    ``group`` (timed at the largest gathered bucket; zerofx.gather_form pins it too); {}
+    when every bucket is kept whole."""
     sizes = [b.padded for b in plan.buckets if b.offset < plan.persist_offset]
     if group is None or not plan.partitioned or not sizes:
-        return {}, None
+        return {}
     dtype = plan.compute_dtype
     shm = shm_comm.available(group, 3 * plan.padded_numel * dtype.itemsize, device)
-    choice = choose("gather", group, max(sizes), dtype, pinned=config.zerofx.gather_form,
-                    shm=shm)
-    mirror = shm_comm.ShmMirror(group, plan.persist_offset, dtype, len(plan.buckets)) \
-        if choice.form == "shm" else None
-    return {"param_gather": choice}, mirror
+    return {"param_gather": choose("gather", group, max(sizes), dtype,
+                                   pinned=config.zerofx.gather_form, shm=shm)}
 
 
-def shm_mirrors(plan, config, forms: dict[str, Choice], group) -> dict[str, object]:
+def shm_mirrors(plan, config, forms: dict[str, Choice], group,
+                gather_group) -> dict[str, object]:
     """{role: ShmMirror} for the roles whose form is ``shm``: the reduce mirror spans the
-    gradient buckets (keyed by bucket), the gather mirror the flat parameters the step
-    gathers (keyed by chunk). A collective, like choose_forms."""
-    out, dtype = {}, plan.compute_dtype
-    if "reduce" in forms and forms["reduce"].form == "shm":
-        out["reduce"] = shm_comm.ShmMirror(group, plan.padded_numel, dtype, len(plan.buckets))
-    if "gather" in forms and forms["gather"].form == "shm":
-        out["gather"] = shm_comm.ShmMirror(group, plan.padded_numel - plan.persist_offset,
-                                           dtype, len(gather_chunks(plan, config)))
-    return out
-
-
-def start_bucket_gather(choice: Choice, mirror, key: int, base: int, src: torch.Tensor,
-                        out: torch.Tensor, group) -> Pending:
-    """Stage 3: ``out`` (one bucket, [world x k]) gets every rank's ``src`` in the form
-    ``choice`` took; ``base``, ``key``: the bucket's place in the shm ``mirror``."""
-    if choice.form == "shm":
-        out.view(mirror.world, -1)[mirror.rank].copy_(src)
-        return shm_comm.start_gather(mirror, key, [(base, out)])
-    return start_gather(choice.form, src, out, group)
+    gradient buckets (keyed by bucket) and the gather mirror the flat parameters the step
+    gathers (keyed by chunk), both on ``group``; the param_gather mirror stage 3's gathered
+    buckets (keyed by bucket), on ``gather_group``. A collective, like choose_forms."""
+    dtype, nb = plan.compute_dtype, len(plan.buckets)
+    groups = {"reduce": group, "gather": group, "param_gather": gather_group}
+    layout = {"reduce": (plan.padded_numel, nb),
+              "gather": (plan.padded_numel - plan.persist_offset,
+                         len(gather_chunks(plan, config))),
+              "param_gather": (plan.persist_offset, nb)}
+    mirrors = {}
+    for role, choice in forms.items():
+        if choice.form == "shm":
+            numel, keys = layout[role]
+            mirrors[role] = shm_comm.ShmMirror(groups[role], numel, dtype, keys)
+    return mirrors
 
 
 def cost_of(forms: dict[str, Choice], dtype: torch.dtype) -> CommCost:
@@ -203,15 +207,10 @@ def _time_form(role, form, per, world, dtype, group) -> float:
     for _ in range(REPS + 1):
         dist.barrier(group=group)  # every rank starts the sample together
         t0 = time.perf_counter()
-        if mirror is not None and role == "reduce":
-            shm_comm.start_reduce(mirror, 0, 0, flat, piece).wait()
-        elif mirror is not None:
-            flat.view(world, per)[dist.get_rank(group)].copy_(piece)
-            shm_comm.start_gather(mirror, 0, [(0, flat)]).wait()
-        elif role == "reduce":
-            start_reduce(form, flat, piece, group).wait()
+        if role == "reduce":
+            start_reduce(form, flat, piece, group, mirror=mirror).wait()
         else:
-            start_gather(form, piece, flat, group).wait()
+            start_gather(form, piece, flat, group, mirror=mirror).wait()
         samples.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(samples[1:])
 

@@ -29,7 +29,6 @@ import logging
 import torch
 import torch.distributed as dist
 
-from zerofx.runtime import shm_comm
 from zerofx.runtime.comm_forms import start_reduce
 from zerofx.runtime.pending import Pending
 
@@ -153,18 +152,16 @@ class GradIntake:
         """Start bucket ``b``'s reduction; returns (Pending, keep-alive)."""
         rt = self.rt
         if not rt.reduces_into_shard:
-            pending, form = Pending([dist.all_reduce(flat, group=rt.group, async_op=True)]), \
-                "all_reduce"
+            form = "all_reduce"
+            pending = Pending([dist.all_reduce(flat, group=rt.group, async_op=True)])
         else:
             mine = rt.plan.owned()[b.index]
             out = rt.shard_grads[mine.at:mine.at + mine.numel]
             # The form timed fastest on this group (runtime/comm_forms.py; on gloo the native
             # reduce-scatter is an all-reduce plus a copy, and point-to-point beats both).
             form = rt.forms["reduce"].form
-            if form == "shm":  # the bucket's own place in the shared mirror
-                pending = shm_comm.start_reduce(rt.shm["reduce"], b.index, b.offset, flat, out)
-            else:
-                pending = start_reduce(form, flat, out, rt.group)
+            pending = start_reduce(form, flat, out, rt.group, mirror=rt.shm.get("reduce"),
+                                   key=b.index, base=b.offset)
         return pending.logged(rt.comm_log, "reduce", b.index, form, flat.numel(),
                               flat.dtype), flat
 

@@ -19,7 +19,7 @@ import zlib
 
 import torch
 
-from zerofx.runtime.comm_forms import start_bucket_gather
+from zerofx.runtime.comm_forms import start_gather
 from zerofx.runtime.pending import Pending
 from zerofx.runtime.dist import same_on_every_rank
 
@@ -42,7 +42,6 @@ class ParamGather:
     def __init__(self, rt, group):
         self.rt = rt
         self.group = group
-        self.mirror = None  # the shm form's ShmMirror over the buckets (set by the runtime)
         self._inflight: dict[int, tuple[torch.Tensor, Pending]] = {}  # bucket -> (out, work)
         self.gathers = 0  # all-gathers issued (tests and the dump count them)
         self._signature = 0  # a running hash of the buckets gathered, in order
@@ -93,10 +92,10 @@ class ParamGather:
             mine = self.rt.plan.owned()[i]
             out = torch.empty(b.padded, dtype=self.rt.plan.compute_dtype, device=self.rt.device)
             src = self.rt.shard_lowp[mine.at:mine.at + mine.numel]
-            choice = self.rt.forms["param_gather"]
-            work = start_bucket_gather(choice, self.mirror, i, b.offset, src, out,
-                                       self.group).logged(self.rt.comm_log, "stage3 gather",
-                                                          i, choice.form, b.padded, out.dtype)
+            form = self.rt.forms["param_gather"].form
+            work = start_gather(form, src, out, self.group, mirror=self.rt.shm.get(
+                "param_gather"), key=i, base=b.offset).logged(
+                    self.rt.comm_log, "stage3 gather", i, form, b.padded, out.dtype)
             # The graphs get (and the count follows) an alias of the buffer, not the tensor
             # gloo's work holds: gloo's worker drops its reference some time after wait()
             # returns, which would make the count depend on thread timing (a CI run saw a

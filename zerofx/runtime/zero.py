@@ -98,15 +98,15 @@ class ZeroRuntime:
                                   reduces_into_shard=self.reduces_into_shard,
                                   device=self.device)
         if self.gatherer is not None:  # stage 3's bucket gathers, on their own group
-            chosen, self.gatherer.mirror = choose_param_gather(
-                self.plan, self.config, self.gatherer.group, self.device)
-            self.forms.update(chosen)
+            self.forms.update(choose_param_gather(self.plan, self.config,
+                                                  self.gatherer.group, self.device))
         if self.plan.rank == 0:
             _warn_unused_pins(self.config, self.forms)
         self.comm_cost = cost_of(self.forms, self.plan.compute_dtype)
         self.comm_log = None  # with a dump on: see log_comm_to
         # The shm form's shared buffers, for the roles that chose it (runtime/shm_comm.py).
-        self.shm = shm_mirrors(self.plan, self.config, self.forms, self.group)
+        self.shm = shm_mirrors(self.plan, self.config, self.forms, self.group,
+                               self.gatherer.group if self.gatherer is not None else None)
         self.step_gathers = StepGathers(self.group, gather_chunks(self.plan, self.config),
                                         self.plan.persist_offset, mirror=self.shm.get("gather"))
         self.gas = _accumulation_steps(self.config, self.plan.grid.dp_size)
