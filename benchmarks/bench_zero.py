@@ -179,8 +179,8 @@ def run_zerofx_fp32(rank, world, steps, bucket):
 
 
 def run_zerofx_untuned(rank, world, steps, bucket):
-    """Ablation: zerofx without its matmul_tuning pass (bf16 GEMMs as traced)."""
-    return run_zerofx(rank, world, steps, bucket, disable=("matmul_tuning",))
+    """Ablation: zerofx without its matmul_form pass (bf16 GEMMs as traced)."""
+    return run_zerofx(rank, world, steps, bucket, disable=("matmul_form",))
 
 
 def run_zerofx_stage3(rank, world, steps, bucket):

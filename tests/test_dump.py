@@ -27,8 +27,8 @@ def test_files_for_every_graph_and_pass(dumped):
     graph_dir = _only(dumped, "joint").parent
     assert (graph_dir / "plan.txt").read_text().startswith("plan: rank 0, world 1")
     for kind, files in {"joint": ["00_input.py", "01_mixed_precision.py"],
-                        "forward": ["00_input.py", "01_matmul_tuning.py"],
-                        "backward": ["00_input.py", "01_matmul_tuning.py"]}.items():
+                        "forward": ["00_input.py", "01_matmul_form.py"],
+                        "backward": ["00_input.py", "01_matmul_form.py"]}.items():
         d = graph_dir / kind
         assert sorted(p.name for p in d.glob("*.py")) == files
         assert (d / "summary.txt").exists() and (d / "summary.json").exists()

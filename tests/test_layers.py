@@ -18,15 +18,17 @@ ALLOWED = {
     "zerofx.tp_discovery": ["zerofx.tp_propagation", "zerofx.tp_rules", "zerofx.config",
                             "zerofx.fx_source"],
     "zerofx.fx_source": [],  # a node's line of user code: read by passes and tp_discovery
+    "zerofx.cpu_gemm": [],  # the host's CPU matmul forms: read by the runtime and a pass
     "zerofx.tp_propagation": ["zerofx.tp_rules"],
     "zerofx.tp_rules": [],
     "zerofx.plan": ["zerofx.plan", "zerofx.tp_layout", "zerofx.config"],
     "zerofx.csrc": [],
     # docs/design.md: "the runtime allocates from [the plan]", so runtime may read it.
     "zerofx.runtime": ["zerofx.runtime", "zerofx.plan", "zerofx.tp_layout", "zerofx.config",
-                       "zerofx.comm_cost"],
+                       "zerofx.comm_cost", "zerofx.cpu_gemm"],
     "zerofx.passes": ["zerofx.passes", "zerofx.plan", "zerofx.tp_layout", "zerofx.tp_propagation",
-                      "zerofx.tp_rules", "zerofx.config", "zerofx.comm_cost", "zerofx.fx_source"],
+                      "zerofx.tp_rules", "zerofx.config", "zerofx.comm_cost", "zerofx.fx_source",
+                      "zerofx.cpu_gemm"],
     "zerofx.backend": ["zerofx.passes", "zerofx.runtime", "zerofx.plan", "zerofx.tp_layout",
                        "zerofx.config", "zerofx.step_graph"],
     "zerofx.step_graph": ["zerofx.passes", "zerofx.runtime", "zerofx.plan", "zerofx.tp_layout",

@@ -82,7 +82,7 @@ def test_op_policy_and_one_cast_per_parameter(no_torchrun_env):
 @pytest.mark.slow
 def test_a_smaller_last_batch_recompiles_with_dynamic_shapes(no_torchrun_env):
     """The loader's last, smaller batch makes Dynamo recompile with a symbolic batch size:
-    view replays (mixed_precision) and matmul timing (matmul_tuning) must handle symbolic
+    view replays (mixed_precision) and matmul forms (matmul_form) must handle symbolic
     sizes. Reference: the same model in eager fp32 under bf16 autocast."""
     import zerofx
     from models import block_batch

@@ -1,6 +1,8 @@
 """The pass pipeline: declared order, disable_passes, tagging, fake values, lint."""
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
 from torch import fx
 
 from zerofx import Config, ConfigError
@@ -71,15 +73,34 @@ def test_broken_graph_fails_lint():
         run_pipeline(gm, _ctx(), (PassSpec("broken", use_before_def, frozenset({"forward"})),))
 
 
+def test_a_stale_fake_value_is_blamed_on_the_pass_that_left_it():
+    """Graph rule 3 is checked after each pass: a pass that changes a node's input dtype
+    and keeps the old fake value is named, not the later pass that would read it (the
+    matmul-form rewrite once left a cast without a value and a later matmul tripped)."""
+    def stale_cast(gm, ctx):
+        node = next(n for n in gm.graph.nodes if n.op == "call_function")
+        with gm.graph.inserting_before(node):
+            half = gm.graph.call_function(torch.ops.aten._to_copy.default, (node.args[0],),
+                                          {"dtype": torch.bfloat16})
+        half.meta["val"] = node.args[0].meta["val"]  # wrong: still the fp32 value
+        node.args = (half, *node.args[1:])
+        return gm
+
+    with FakeTensorMode():
+        gm = make_fx(lambda x: (x * 2).sum())(torch.empty(4, 4))
+    with pytest.raises(RuntimeError, match=r"pass 'stale' left 1 node.*_to_copy.*bfloat16"):
+        run_pipeline(gm, _ctx(), (PassSpec("stale", stale_cast, frozenset({"forward"})),))
+
+
 def test_declared_pipeline_follows_config():
     assert [p.name for p in build_pipeline(Config())] == []
     bf16 = Config.from_dict({"bf16": {"enabled": True}})
-    assert [p.name for p in build_pipeline(bf16)] == ["mixed_precision", "matmul_tuning"]
+    assert [p.name for p in build_pipeline(bf16)] == ["mixed_precision", "matmul_form"]
     fp16_zero = Config.from_dict({"fp16": {"enabled": True}})
     assert [p.name for p in build_pipeline(fp16_zero, with_runtime=True)] == \
-        ["mixed_precision", "param_identity", "bucketing", "matmul_tuning", "schedule"]
+        ["mixed_precision", "param_identity", "bucketing", "matmul_form", "schedule"]
     off = Config.from_dict({"bf16": {"enabled": True},
-                            "zerofx": {"disable_passes": ["mixed_precision", "matmul_tuning"]}})
+                            "zerofx": {"disable_passes": ["mixed_precision", "matmul_form"]}})
     assert build_pipeline(off) == ()
 
 

@@ -308,7 +308,7 @@ def _run(gm: fx.GraphModule, comp: Compilation, kind: str, **facts) -> fx.GraphM
     ctx = PassContext(comp.config, comp.plan, kind, name,
                       state_id=rt.id if rt is not None else None, roles=comp.roles,
                       tp_group=rt.tp_group_name if rt is not None else None,
-                      **(rt.comm_facts() if rt is not None else {}), **facts)
+                      **(rt.pass_facts() if rt is not None else {}), **facts)
     dump = GraphDump.create(comp.dump_root, rank=comp.rank, graph=comp.graph_id, kind=kind) \
         if comp.dump_root else None
     return run_pipeline(gm, ctx, comp.passes, dump=dump)

@@ -388,6 +388,9 @@ class ZerofxConfig:
     times every form on the group once and takes the fastest (all give the same bits)."""
     gather_form: str = setting("fastest", choice("fastest", "all_gather", "p2p", "shm"))
     """How stages 1-2 all-gather the updated shards (fastest: the fastest timed)."""
+    matmul_form: str = setting("host", choice("host", "native", "fp32"))
+    """How CPU bf16/fp16 matmuls run (zerofx/cpu_gemm.py): host takes native GEMMs where the
+    CPU has them (AVX512-BF16/FP16, AMX), fp32 with one rounding elsewhere; rank 0 decides."""
 
     def __post_init__(self) -> None:
         validate(self)

@@ -108,6 +108,7 @@ class ZeroEngine(nn.Module):
         self.compiled = torch.compile(model, backend="zero", options={"runtime": self.runtime},
                                       fullgraph=config.zerofx.fullgraph,
                                       dynamic=config.zerofx.dynamic)
+        self.runtime.offer_step_builder(_eager_step_builder(self.runtime), fallback=True)
         self.optimizer = self.runtime  # DeepSpeed hands back its optimizer wrapper likewise
         # last_batch_iteration=-1 is DeepSpeed's start: its k-th step uses lr_at(k - 1).
         self.lr_scheduler = lr_scheduler or (
@@ -343,3 +344,18 @@ def _half_inputs(obj):
     if isinstance(obj, dict):
         return {k: _half_inputs(v) for k, v in obj.items()}
     return obj
+
+
+def _eager_step_builder(rt: ZeroRuntime):
+    """How to trace the optimizer step when Dynamo compiles no graph of the model (it
+    skipped every frame, e.g. for an nn.LSTM): the gradients came through the eager hooks,
+    and the step is the same graph the backend would have offered."""
+    import functools
+
+    from zerofx.backend import DUMP_ENV
+    from zerofx.passes import build_pipeline
+    from zerofx.step_graph import build_step_program
+
+    return functools.partial(
+        build_step_program, rt, passes=build_pipeline(rt.config, with_runtime=True),
+        dump_root=os.environ.get(DUMP_ENV) or rt.config.zerofx.dump_dir, graph_id="eager")

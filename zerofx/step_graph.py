@@ -18,7 +18,7 @@ def build_step_program(rt, *, passes, dump_root: str | None, graph_id: str):
     """Trace ``rt``'s optimizer step into a GraphModule, run the passes over it, return it."""
     gm = make_fx(traceable(make_step_fn(rt)), tracing_mode="fake")(*rt.step_inputs().tensors())
     ctx = PassContext(rt.config, rt.plan, "optimizer", f"{graph_id}_optimizer",
-                      state_id=rt.id, tp_group=rt.tp_group_name, **rt.comm_facts())
+                      state_id=rt.id, tp_group=rt.tp_group_name, **rt.pass_facts())
     dump = GraphDump.create(dump_root, rank=rt.plan.rank, graph=graph_id, kind="optimizer") \
         if dump_root else None
     return run_pipeline(gm, ctx, passes, dump=dump)

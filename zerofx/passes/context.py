@@ -30,6 +30,9 @@ class PassContext:
     tp_group: str | None = None  # name of the tensor-parallel process group, if any
     comm_forms: tuple[tuple[str, str], ...] = ()  # the runtime's (role, form) choices
     comm_cost: object = None  # zerofx.comm_cost.CommCost the dump predicts with (None: DEFAULT)
+    # ((dtype, "native"|"fp32"), ...) for CPU bf16/fp16 matmuls, rank 0's (runtime/zero.py);
+    # () without a runtime: this host's rule (zerofx/cpu_gemm.py)
+    matmul_forms: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

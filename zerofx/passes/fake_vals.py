@@ -1,4 +1,4 @@
-"""Keep ``node.meta["val"]`` valid (graph rule 3) for nodes a pass adds or changes.
+"""Keep ``node.meta["val"]`` valid (graph rule 4) for nodes a pass adds or changes.
 
 Partitioners, Inductor and later passes read the fake value of every node. A pass that adds
 nodes need not compute them: the pipeline calls ``fill_fake_vals`` after each pass. A pass
@@ -38,3 +38,42 @@ def fill_fake_vals(gm: fx.GraphModule) -> int:
     for n in missing:
         compute_val(n, mode)
     return len(missing) if mode is not None else 0
+
+
+def _summary(v):
+    """What later passes rely on of a fake value: dtype and shape of every tensor in it."""
+    if isinstance(v, torch.Tensor):
+        return (v.dtype, tuple(str(d) for d in v.shape))
+    if isinstance(v, (tuple, list)):
+        return tuple(_summary(x) for x in v)
+    return None
+
+
+def stale_fake_vals(gm: fx.GraphModule, nodes) -> list[str]:
+    """Of ``nodes`` (the ones a pass added or rewrote), those whose ``meta["val"]`` is missing
+    or disagrees with what their inputs now compute (a pass changed an input's dtype and
+    left the old value): one line each. Checked right after the pass, so the error names the
+    pass that broke graph rule 4, not the later pass that trips on it."""
+    mode = fake_mode_of(gm.graph)
+    if mode is None:
+        return []
+    bad = []
+    for node in nodes:
+        if node.op != "call_function":
+            continue
+        if "val" not in node.meta:
+            bad.append(f"{node.name} ({node.target}) has no fake value")
+            continue
+        have = node.meta["val"]
+        try:
+            compute_val(node, mode)
+        except Exception as e:  # noqa: BLE001 - reported with the node that cannot run
+            bad.append(f"{node.name} ({node.target}) no longer runs on its inputs: "
+                       f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            node.meta["val"] = have
+            continue
+        now, node.meta["val"] = node.meta["val"], have
+        if _summary(now) != _summary(have):
+            bad.append(f"{node.name} ({node.target}) carries {_summary(have)} but computes "
+                       f"{_summary(now)}")
+    return bad

@@ -46,6 +46,12 @@ FP32_OPS = {
     aten.mse_loss, aten.mse_loss_backward, aten.binary_cross_entropy_with_logits,
     aten.sum, aten.mean, aten.var, aten.var_mean, aten.logsumexp, aten.cumsum,
     aten.linalg_vector_norm, aten._fused_rms_norm, aten._fused_rms_norm_backward,
+    # Batch norm: its running statistics are fp32 buffers, and the CPU kernels take a low
+    # input only with every parameter fp32 (autocast's fp32 masters); all-fp32 is the one
+    # form every device's kernel accepts.
+    aten._native_batch_norm_legit_functional, aten._native_batch_norm_legit,
+    aten._native_batch_norm_legit_no_training, aten.native_batch_norm,
+    aten.native_batch_norm_backward,
 }
 
 

@@ -25,7 +25,7 @@ from zerofx.config import Config, ConfigError
 from zerofx.passes.context import PassContext, PassSpec
 from zerofx.passes.dump import GraphDump
 from zerofx.passes.dump_collectives import collective_rows, render_collectives
-from zerofx.passes.fake_vals import fill_fake_vals
+from zerofx.passes.fake_vals import fill_fake_vals, stale_fake_vals
 from zerofx.passes.nodes import tag_new_nodes
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 def declared_passes() -> tuple[PassSpec, ...]:
     """Every zerofx pass, in pipeline order. Importing here keeps pass modules independent."""
     from zerofx.passes.bucketing import bucketing_pass
-    from zerofx.passes.matmul_tuning import matmul_tuning_pass
+    from zerofx.passes.matmul_form import matmul_form_pass
     from zerofx.passes.mixed_precision import mixed_precision_pass
     from zerofx.passes.param_identity import param_identity_pass
     from zerofx.passes.schedule import schedule_pass
@@ -59,7 +59,7 @@ def declared_passes() -> tuple[PassSpec, ...]:
         PassSpec("bucketing", bucketing_pass, frozenset({"backward"}),
                  requires=("param_identity",), needs_runtime=True),
         # Eager execution only: Inductor picks its own GEMM forms.
-        PassSpec("matmul_tuning", matmul_tuning_pass,
+        PassSpec("matmul_form", matmul_form_pass,
                  frozenset({"forward", "backward", "inference"}), after=("bucketing",),
                  enabled=lambda cfg: (cfg.fp16.enabled or cfg.bf16.enabled)
                  and not cfg.zerofx.inductor),
@@ -115,13 +115,14 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, passes: tuple[PassSpec, .
     for p in passes:
         if ctx.graph_kind not in p.graph_kinds:
             continue
-        before = set(gm.graph.nodes)
+        before = {n: (n.target, n.args, n.kwargs) for n in gm.graph.nodes}
         t0 = time.perf_counter()
         try:
             gm = p.fn(gm, ctx)
-            new = tag_new_nodes(gm.graph, before, p.name)
+            new = tag_new_nodes(gm.graph, set(before), p.name)
             fill_fake_vals(gm)
             gm.graph.lint()
+            _check_fake_vals(gm, p.name, new, before)
         except Exception as e:
             if dump is not None:
                 dump.failure(p.name, gm, e)
@@ -130,7 +131,7 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, passes: tuple[PassSpec, .
             raise
         gm.recompile()
         ms = (time.perf_counter() - t0) * 1e3
-        removed = len(before - set(gm.graph.nodes))
+        removed = len(set(before) - set(gm.graph.nodes))
         log.debug("%s on %s: +%d -%d nodes in %.1f ms", p.name, ctx.graph_name, len(new),
                   removed, ms)
         if dump is not None:
@@ -141,6 +142,24 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, passes: tuple[PassSpec, .
             gm, tp_group=ctx.tp_group, dp_size=ctx.plan.grid.dp_size, forms=dict(ctx.comm_forms),
             cost=ctx.comm_cost)))
     return gm
+
+
+def _check_fake_vals(gm: fx.GraphModule, name: str, new, before: dict) -> None:
+    """Graph rule 4, enforced where it breaks: every node the pass added, or whose inputs it
+    changed, carries the fake value its inputs compute (passes fill values as they go; the
+    pipeline fills the ones a pass left out, and checks them here)."""
+    rewritten = [n for n in gm.graph.nodes if n in before and _changed(before[n], n)]
+    bad = stale_fake_vals(gm, [*new, *rewritten])
+    if bad:
+        raise RuntimeError(f"pass {name!r} left {len(bad)} node(s) with a wrong fake value "
+                           f"(graph rule 4, passes/README.md): " + "; ".join(bad[:5]))
+
+
+def _changed(was: tuple, node: fx.Node) -> bool:
+    try:
+        return was != (node.target, node.args, node.kwargs)
+    except RuntimeError:  # a tensor constant replaced by another: ambiguous equality
+        return True
 
 
 def trace_artifact(graph_name: str, pass_name: str, gm: fx.GraphModule) -> None:

@@ -89,6 +89,11 @@ class GradIntake:
             if self._learned:
                 self._launch_ready()
 
+    @property
+    def eager_slots(self) -> frozenset[int]:
+        """Plan parameters whose gradients arrived through eager code so far."""
+        return frozenset(self._eager)
+
     def take_eager(self, i: int, grad: torch.Tensor) -> None:
         """A gradient autograd accumulated into ``param.grad`` of plan parameter ``i`` (the
         parameter ran eagerly)."""

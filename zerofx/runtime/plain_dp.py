@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from zerofx.config import ConfigError
+from zerofx.runtime.start_state import broadcast_model, broadcast_tensors
 
 
 @dataclass(frozen=True)
@@ -231,10 +232,21 @@ _DP: list[PlainDataParallel] = []
 
 
 def attach(named_params, *, bucket_numel: int, module=None) -> PlainDataParallel:
+    named_params = tuple(named_params)
     """The process's PlainDataParallel (made on first use), now covering ``module``'s
     parameters, or ``named_params`` (a graph's own) when no module is known."""
     if not _DP:
         _DP.append(PlainDataParallel(bucket_numel))
+        # The first training graph, compiled by every rank at its first forward (the same
+        # frame everywhere): DDP's start, every rank from rank 0's weights and buffers,
+        # before any of them is read. Runs inside AOTAutograd's tracing: real tensors.
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():
+            if module is not None:
+                broadcast_model(module)
+            else:
+                broadcast_tensors([p for _, p in named_params])
     if module is not None:
         _DP[0].attach_module(module)
     else:

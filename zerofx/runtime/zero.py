@@ -29,7 +29,7 @@ from torch import nn
 from zerofx.config import Config, ConfigError
 from zerofx.plan import Plan, make_plan
 from zerofx.tp_layout import TPLayout, TPPlanError, resolve_tp_layout
-from zerofx.runtime import eager_gather, graph_ops
+from zerofx.runtime import eager_gather, graph_ops, input_casts
 from zerofx.runtime.comm_forms import (StepGathers, choose_forms, choose_param_gather,
                                        cost_of, shm_mirrors)
 from zerofx.runtime.comm_log import CommLog
@@ -40,29 +40,11 @@ from zerofx.runtime.optimizer_spec import OptimizerSpec
 from zerofx.runtime.param_gather import ParamGather
 from zerofx.runtime.placement import device_of, gather_group, groups
 from zerofx.runtime.shard_optimizer import ShardOptimizer
+from zerofx.runtime.start_state import agreed_matmul_forms, broadcast_model
+from zerofx.runtime.user_optimizer import check_tested_optimizer, drive
 from zerofx.runtime.step_fn import StepState, gather_chunks
 
 log = logging.getLogger(__name__)
-
-def _drive(optimizer: torch.optim.Optimizer, rt: "ZeroRuntime") -> None:
-    """The user's optimizer, handed to the runtime, now runs zerofx's step: a loop that
-    calls ``opt.step(); opt.zero_grad()`` keeps working, sharded (ZeRO) and fused. The
-    first group's lr is read at every step, so a torch LR scheduler on ``optimizer`` moves
-    zerofx's lr (other groups keep their ratio to it); its state lives in the runtime (save
-    it with zerofx's checkpoints)."""
-    def step(closure=None):
-        if closure is not None:
-            raise ConfigError("optimizer.step(closure) is not supported once the optimizer "
-                              "is handed to zerofx: compute the loss first, then step")
-        rt.set_lr(float(optimizer.param_groups[0]["lr"]))
-        rt.step()
-
-    def zero_grad(set_to_none: bool = True):
-        pass  # gradients live in zerofx's buckets, cleared at every optimizer step
-
-    optimizer.step = step
-    optimizer.zero_grad = zero_grad
-
 
 class ZeroRuntime:
     """Flat buffers, shards, pending collectives and step state of one model."""
@@ -85,9 +67,12 @@ class ZeroRuntime:
                                     world_size=world.world_size, tp_layout=layout,
                                     mp_params=split)
         self.spec = OptimizerSpec.from_config_or_torch(self.config, optimizer)
-        _check_tested_optimizer(self.config, optimizer)
+        check_tested_optimizer(self.config, optimizer)
         self.group, self.tp_group = groups(self.plan, mpu) if world.world_size > 1 \
             else (None, None)
+        # Every rank starts from rank 0's weights and compiles rank 0's program.
+        broadcast_model(model, split=split, dp_group=self.group)
+        self.matmul_forms = agreed_matmul_forms(self.config.zerofx.matmul_form)
         # Stage 3's own group: the graphs' parameter gathers never pair with bucket
         # collectives in flight on self.group (runtime/param_gather.py).
         self.gatherer = ParamGather(self, gather_group(self.plan)) \
@@ -128,6 +113,7 @@ class ZeroRuntime:
         self._loss_scaled = False  # fp16: the loss went through backward() this micro-step
         self.comm_wait_s = 0.0
         self._step_builder = None  # given by the backend: traces the optimizer-step graph
+        self._fallback_builder = None  # the engine's, for a model Dynamo compiled nothing of
         self._step_program = None  # that graph, built at the first step
         self._names_by_id = {id(p): n for n, p in named}
         self.aliases = _aliases(model, self._names_by_id)
@@ -138,12 +124,14 @@ class ZeroRuntime:
         self._hook_eager_grads(named)
         # Stage 3: a module called eagerly gathers its weights; TP pieces refuse eager calls.
         self._hooks += eager_gather.install(self, model)
+        if self.plan.compute_dtype != torch.float32:  # convolutions and RNNs: autocast's cast
+            self._hooks += input_casts.install(model, self.plan.compute_dtype)
         self.shard_optimizer = ShardOptimizer(optimizer, named=named, plan=self.plan,
                                               master=self.master) \
             if self.spec.kind == "torch" else None
         self.id = graph_ops.register(self)
         if optimizer is not None:
-            _drive(optimizer, self)
+            drive(optimizer, self)
 
     # ---- layout -------------------------------------------------------------------------
     def _allocate(self, named) -> None:
@@ -281,10 +269,11 @@ class ZeroRuntime:
             return dist.group.WORLD if self.plan.sharded else self.tp_group
         return self.group if self.plan.sharded else None
 
-    def comm_facts(self) -> dict:
-        """What the passes' dumps need of the communication: forms chosen and their cost."""
+    def pass_facts(self) -> dict:
+        """What the passes read of this runtime's choices: collective forms and their cost
+        (for the dumps), and rank 0's CPU matmul forms."""
         return {"comm_forms": tuple((r, c.form) for r, c in self.forms.items()),
-                "comm_cost": self.comm_cost}
+                "comm_cost": self.comm_cost, "matmul_forms": self.matmul_forms}
 
     def log_comm_to(self, dump_root: str) -> None:
         """Time every collective started here from now on, into the dump at ``dump_root``
@@ -410,12 +399,17 @@ class ZeroRuntime:
             self.intake.end_micro_step(boundary=False)
             return False
         if self._step_program is None:
-            if self._step_builder is None:
+            build = self._step_builder or self._fallback_builder
+            if build is None:
                 raise RuntimeError(
-                    "ZeroRuntime.step() before any compiled backward: compile the model with "
-                    "torch.compile(model, backend='zero', options={'runtime': rt}) and call "
-                    "backward first")
-            self._step_program = self._step_builder()
+                    "ZeroRuntime.step() before any compiled graph: "
+                    + ("Dynamo ran every gradient-producing part of the model eagerly (a "
+                       "graph break, e.g. nn.LSTM, made it skip the frames); use "
+                       "zerofx.initialize(model=..., config=...), which steps such models, or "
+                       if self.intake.eager_slots else "")
+                    + "compile the model with torch.compile(model, backend='zero', "
+                    "options={'runtime': rt}) and call backward before step")
+            self._step_program = build()
         self._report_skip(self.update_steps - 1)
         self._scale_before.copy_(self.scaler.scale)
         if self.gatherer is not None:
@@ -463,10 +457,14 @@ class ZeroRuntime:
         return self._step_program
 
     # ---- what other layers may set (the runtime's whole writable surface) ------------------
-    def offer_step_builder(self, build) -> None:
+    def offer_step_builder(self, build, *, fallback: bool = False) -> None:
         """The backend offers how to trace the optimizer step (``build() -> GraphModule``),
-        run at the first step outside Dynamo's tracing; the first offer is kept."""
-        if self._step_builder is None:
+        run at the first step outside Dynamo's tracing; the first offer is kept. The engine
+        offers a ``fallback``, used when no graph was compiled (Dynamo left the whole model
+        eager: every gradient came through the eager hooks)."""
+        if fallback:
+            self._fallback_builder = build
+        elif self._step_builder is None:
             self._step_builder = build
 
     def set_lr(self, lr: float) -> None:
@@ -527,21 +525,6 @@ class ZeroRuntime:
     @property
     def skipped_steps(self) -> int:
         return int(self.skipped)
-
-
-def _check_tested_optimizer(config: Config, optimizer) -> None:
-    """DeepSpeed's guard: ZeRO with an optimizer it has not tested needs the config's consent
-    (each shard is stepped on its own, so per-tensor math sees pieces of tensors)."""
-    if optimizer is None or config.zero_optimization.stage < 1 \
-            or type(optimizer) in (torch.optim.Adam, torch.optim.AdamW) \
-            or config.zero_allow_untested_optimizer:
-        return
-    raise ConfigError(
-        f"ZeRO stage {config.zero_optimization.stage} with {type(optimizer).__name__}, an "
-        f"optimizer zerofx has no fused kernel for: it steps each rank's shard as a flat "
-        f"tensor, so per-tensor math (norms, trust ratios) would see pieces. Add "
-        f"\"zero_allow_untested_optimizer\": true to the config to run it anyway (as with "
-        f"DeepSpeed), or use Adam/AdamW or the config's Lamb")
 
 
 class LossScaleError(RuntimeError):

@@ -1,0 +1,91 @@
+"""What every rank must start from: rank 0's weights and buffers, and rank 0's compile choices.
+
+torch seeds each process differently, and DeepSpeed's tutorials seed nothing: without this,
+ranks initialise different weights and (stage 0) train different models for good, or
+(stages 1-3) a mix of every rank's. DeepSpeed and DDP broadcast rank 0's parameters and
+buffers at start; so does zerofx, on every path (runtime/zero.py, runtime/plain_dp.py).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from zerofx.cpu_gemm import host_forms
+
+log = logging.getLogger(__name__)
+
+# One broadcast per this many bytes: few calls (gloo pays ~0.3 ms each), bounded temporaries.
+CHUNK_BYTES = 64 << 20
+
+
+def broadcast_tensors(tensors, *, group=None) -> int:
+    """Overwrite ``tensors`` with the group's first rank's values, in place, coalesced by
+    dtype and device; returns how many were sent. A collective: every rank of ``group``
+    passes tensors of the same shapes and dtypes in the same order."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return 0
+    src = dist.get_process_group_ranks(group)[0] if group is not None else 0
+    todo = [t for t in tensors if t.numel() > 0]
+    by_kind: dict[tuple, list[torch.Tensor]] = {}
+    for t in todo:
+        by_kind.setdefault((t.dtype, t.device), []).append(t)
+    with torch.no_grad():
+        for chunk in _chunks(by_kind):
+            flat = torch.cat([t.detach().reshape(-1) for t in chunk])
+            dist.broadcast(flat, src=src, group=group)
+            at = 0
+            for t in chunk:
+                t.detach().copy_(flat[at:at + t.numel()].view_as(t))
+                at += t.numel()
+    return len(todo)
+
+
+def _chunks(by_kind):
+    for same in by_kind.values():
+        chunk, size = [], 0
+        for t in same:
+            if chunk and size + t.numel() * t.element_size() > CHUNK_BYTES:
+                yield chunk
+                chunk, size = [], 0
+            chunk.append(t)
+            size += t.numel() * t.element_size()
+        if chunk:
+            yield chunk
+
+
+def broadcast_model(model: nn.Module, *, split: frozenset = frozenset(), dp_group=None) -> int:
+    """Rank 0's parameters and buffers into ``model`` on every rank (DDP's start).
+
+    ``split`` names parameters that are already tensor-parallel pieces (a Megatron mpu's):
+    those differ across a tensor-parallel group by design and come from the first rank of
+    this rank's data-parallel ``dp_group``; everything else (whole weights zerofx will cut
+    into pieces itself, norms, buffers) comes from global rank 0."""
+    seen: set[int] = set()
+    whole, pieces = [], []
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if id(t) in seen:  # tied weights: one tensor, sent once
+            continue
+        seen.add(id(t))
+        (pieces if name in split else whole).append(t)
+    sent = broadcast_tensors(whole)
+    if pieces:
+        sent += broadcast_tensors(pieces, group=dp_group)
+    return sent
+
+
+def agreed_matmul_forms(pinned: str) -> tuple[tuple[str, str], ...]:
+    """Rank 0's CPU matmul forms (zerofx/cpu_gemm.py), the same on every rank: ranks on
+    hosts with other instruction sets would otherwise compile different programs. A
+    collective when a process group exists."""
+    forms = host_forms(pinned)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [forms]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] != forms:
+            log.warning("CPU matmul forms: this host would take %s; every rank takes rank "
+                        "0's %s so that all compute the same program", forms, box[0])
+        forms = tuple(tuple(f) for f in box[0])
+    return forms
