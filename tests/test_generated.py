@@ -23,6 +23,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from hypothesis.errors import InvalidArgument
 
 import zerofx
 from gen_models import ACTS, NORMS, OUTPUTS, TOKEN_TRUNKS, TRUNKS, B, Spec, batch, build, loss_of
@@ -108,13 +109,20 @@ def train(spec: Spec, c: dict, rank: int = 0, world: int = 1, seed: int = 0):
     return losses, params
 
 
+def _event(what: str) -> None:
+    try:
+        event(what)
+    except InvalidArgument:  # a plain test, not a generated one
+        pass
+
+
 def check(spec, c, got, want, rank: int = 0) -> None:
     losses, params = got
     if losses == "refused":
         assert "\n" not in params.strip() and len(params) < 2000, params
-        event(f"refused: {params[:120]}")  # shown by --hypothesis-show-statistics
+        _event(f"refused: {params[:120]}")  # shown by --hypothesis-show-statistics
         return
-    event("trained")
+    _event("trained")
     ref_losses, ref_params = want[0][rank], want[1]
     if c["precision"] == "fp32":
         torch.testing.assert_close(losses, ref_losses, rtol=1e-4, atol=1e-5)
@@ -154,3 +162,17 @@ def test_differently_seeded_ranks_train_like_one_process(spec, c):
     if results[0][0] != "refused":
         for n, p in results[0][1].items():  # and every rank holds the same weights
             torch.testing.assert_close(p, results[1][1][n], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_stage3_rnn_on_two_ranks():
+    """Found by the generator: an LSTM's weights partitioned at stage 3 could not run (Dynamo
+    leaves RNNs eager, where the weights were full-shape stand-ins), a oneDNN error deep in
+    backward. Parameters of modules Dynamo never compiles stay whole at stage 3."""
+    spec, c = Spec(trunk="lstm", loss_inside=False), {"stage": 3, "precision": "fp32",
+                                                      "clip": False, "gas": 1}
+    results = run_ranks(_rank_body, world_size=2, args=(spec, c))
+    want = reference(spec, c, world=2)
+    for rank, got in enumerate(results):
+        assert got[0] != "refused", got
+        check(spec, c, got, want, rank)

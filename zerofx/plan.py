@@ -274,11 +274,14 @@ def make_plan(
     world_size: int = 1,
     tp_layout: TPLayout | None = None,
     mp_params: frozenset = frozenset(),
+    keep_whole: frozenset = frozenset(),
 ) -> Plan:
     """Lay out ``named_params`` (in registration order) for ``config`` on this rank.
 
     With a ``tp_layout``, split parameters take their local (1/tp) shape. ``mp_params`` names
-    parameters a user's own model parallelism (an mpu) has already split.
+    parameters a user's own model parallelism (an mpu) has already split. ``keep_whole``
+    names parameters stage 3 keeps whole whatever their size (those of modules Dynamo always
+    runs eagerly: only compiled graphs gather partitioned weights).
 
     Buckets fill in *reverse* registration order: backward produces gradients roughly last
     layer first, so a bucket completes (and its collective can start) as early as possible.
@@ -290,8 +293,8 @@ def make_plan(
     shapes = {n: shards[n].local_shape(grid.tp_size) if n in shards else tuple(p.shape)
               for n, p in named_params}
     sizes = {n: math.prod(shapes[n]) for n in shapes}
-    persist = _persistent(named_params, sizes, zero) if zero.stage == 3 and grid.dp_size > 1 \
-        else frozenset()
+    persist = _persistent(named_params, sizes, zero) | keep_whole \
+        if zero.stage == 3 and grid.dp_size > 1 else frozenset()
     cap = max(1, zero.reduce_bucket_size)
     if zero.stage == 3 and grid.dp_size > 1:
         cap = min(cap, zero.stage3_prefetch_bucket_size)  # a bucket is one gather

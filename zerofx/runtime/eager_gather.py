@@ -22,6 +22,20 @@ from torch import nn
 from zerofx.config import ConfigError
 
 
+# Modules Dynamo never puts in a graph ("Dynamo does not support RNN, GRU, or LSTM"): their
+# forward and backward always run eagerly, where a partitioned weight would have to stay
+# gathered from the forward until its backward (autograd saves the parameter itself).
+EAGER_MODULES = (nn.RNNBase,)
+
+
+def eager_only_params(model: nn.Module, named) -> frozenset[str]:
+    """Names (as in ``named``) of the parameters of modules Dynamo always runs eagerly;
+    stage 3 keeps them whole, like parameters under the persistence threshold."""
+    ids = {id(p) for m in model.modules() if isinstance(m, EAGER_MODULES)
+           for p in m.parameters(recurse=False)}
+    return frozenset(n for n, p in named if id(p) in ids)
+
+
 def install(rt, model: nn.Module) -> list:
     """Hooks on every module that owns partitioned or tensor-parallel parameters; returns
     their handles."""

@@ -65,7 +65,8 @@ class ZeroRuntime:
         layout, split = _tp_layout(model, named, self.config, mpu, example_inputs)
         self.plan: Plan = make_plan(named, self.config, rank=world.rank,
                                     world_size=world.world_size, tp_layout=layout,
-                                    mp_params=split)
+                                    mp_params=split,
+                                    keep_whole=eager_gather.eager_only_params(model, named))
         self.spec = OptimizerSpec.from_config_or_torch(self.config, optimizer)
         check_tested_optimizer(self.config, optimizer)
         self.group, self.tp_group = groups(self.plan, mpu) if world.world_size > 1 \
