@@ -46,6 +46,31 @@ class Net(nn.Module):
         return nn.functional.mse_loss(x.float(), y)
 
 
+# --model sequential: the same blocks as users write them most often, an nn.Sequential with
+# the loss taken outside the model on its .float() output (the rank processes are fresh, so
+# the choice travels in the environment).
+MODEL_ENV = "BENCH_ZERO_MODEL"
+
+
+def _sequential() -> bool:
+    return os.environ.get(MODEL_ENV) == "sequential"
+
+
+def make_net() -> nn.Module:
+    return nn.Sequential(*(Block() for _ in range(BLOCKS))) if _sequential() else Net()
+
+
+def loss_of(model, x, y):
+    """The loss as the benchmark's user computes it: inside Net, outside the Sequential."""
+    if _sequential():
+        return nn.functional.mse_loss(model(x).float(), y)
+    return model(x, y)
+
+
+def blocks_of(model: nn.Module):
+    return list(model) if _sequential() else list(model.blocks)
+
+
 def _batch(rank, step):
     g = torch.Generator().manual_seed(100 * step + rank)
     return torch.randn(MICRO, D, generator=g), torch.randn(MICRO, D, generator=g)
@@ -80,7 +105,7 @@ def run_zerofx(rank, world, steps, bucket, disable=(), stage=2, forms=None, bf16
     import zerofx
 
     torch.manual_seed(0)
-    model = Net()
+    model = make_net()
     cfg = {"bf16": {"enabled": bf16}, "gradient_clipping": 1.0,
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
            "zero_optimization": {"stage": stage, "reduce_bucket_size": bucket,
@@ -94,7 +119,7 @@ def run_zerofx(rank, world, steps, bucket, disable=(), stage=2, forms=None, bf16
     def step(x, y):
         t0 = time.perf_counter()
         with rt.shape_carriers():  # stage 3: the partitioned weights' stand-ins
-            loss = compiled(x, y)
+            loss = loss_of(compiled, x, y)
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
@@ -115,7 +140,7 @@ def run_ddp(rank, world, steps, bucket):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.manual_seed(0)
-    return time_ddp(DDP(Net()), rank, steps)
+    return time_ddp(DDP(make_net()), rank, steps)
 
 
 def run_ddp_fp32(rank, world, steps, bucket):
@@ -124,7 +149,7 @@ def run_ddp_fp32(rank, world, steps, bucket):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.manual_seed(0)
-    return time_ddp(DDP(Net()), rank, steps, autocast=False)
+    return time_ddp(DDP(make_net()), rank, steps, autocast=False)
 
 
 def time_ddp(model, rank, steps, autocast=True):
@@ -134,7 +159,7 @@ def time_ddp(model, rank, steps, autocast=True):
 
     def step(x, y):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = model(x, y)
+            loss = loss_of(model, x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -154,15 +179,15 @@ def run_fsdp2(rank, world, steps, bucket, param_dtype=torch.bfloat16):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     torch.manual_seed(0)
-    model = Net()
+    model = make_net()
     mp = MixedPrecisionPolicy(param_dtype=param_dtype)
-    for b in model.blocks:
+    for b in blocks_of(model):
         fully_shard(b, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step(x, y):
-        loss = model(x, y)
+        loss = loss_of(model, x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -220,10 +245,13 @@ def main(argv=None):
     p.add_argument("--bucket", type=int, default=2_000_000, help="zerofx reduce_bucket_size")
     p.add_argument("--only", nargs="*", default=["zerofx", "ddp", "fsdp2"],
                    choices=sorted(RUNNERS))
+    p.add_argument("--model", choices=("net", "sequential"), default="net",
+                   help="sequential: nn.Sequential of the blocks, the loss outside the model")
     args = p.parse_args(argv)
+    os.environ[MODEL_ENV] = args.model
     params = sum(q.numel() for q in Net().parameters())
     run_table(_rank_entry, args.only, ranks=args.ranks, extra_args=(args.steps, args.bucket),
-              setup=f"{params / 1e6:.1f}M params, {args.ranks} ranks (gloo), micro-batch "
+              setup=f"{args.model} model, {params / 1e6:.1f}M params, {args.ranks} ranks (gloo), micro-batch "
                     f"{MICRO}, bf16, clip 1.0, {args.steps} timed steps")
 
 

@@ -25,7 +25,9 @@ def _only(root, kind):
 
 def test_files_for_every_graph_and_pass(dumped):
     graph_dir = _only(dumped, "joint").parent
-    assert (graph_dir / "plan.txt").read_text().startswith("plan: rank 0, world 1")
+    plan = (graph_dir / "plan.txt").read_text()
+    assert plan.startswith("plan: rank 0, world 1")
+    assert "CPU matmuls: bfloat16 " in plan  # the matmul form the program was compiled with
     for kind, files in {"joint": ["00_input.py", "01_mixed_precision.py"],
                         "forward": ["00_input.py", "01_matmul_form.py"],
                         "backward": ["00_input.py", "01_matmul_form.py"]}.items():

@@ -30,7 +30,7 @@ ALLOWED = {
                       "zerofx.tp_rules", "zerofx.config", "zerofx.comm_cost", "zerofx.fx_source",
                       "zerofx.cpu_gemm"],
     "zerofx.backend": ["zerofx.passes", "zerofx.runtime", "zerofx.plan", "zerofx.tp_layout",
-                       "zerofx.config", "zerofx.step_graph"],
+                       "zerofx.config", "zerofx.step_graph", "zerofx.cpu_gemm"],
     "zerofx.step_graph": ["zerofx.passes", "zerofx.runtime", "zerofx.plan", "zerofx.tp_layout",
                           "zerofx.config"],
     "zerofx.lr_schedules": ["zerofx.config"],

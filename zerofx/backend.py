@@ -22,6 +22,7 @@ from torch._functorch.partitioners import default_partition, min_cut_remateriali
 from torch._guards import CompileContext
 from functorch.compile import make_boxed_func
 
+from zerofx.cpu_gemm import describe as describe_cpu_gemm, host_forms
 from zerofx.config import Config, ConfigError
 from zerofx.passes import PassContext, PassSpec, build_pipeline, run_pipeline
 from zerofx.passes.dump import GraphDump
@@ -137,7 +138,8 @@ def _prepare(gm, example_inputs, config: Config, extra, runtime) -> Compilation:
         forms = runtime.forms if runtime is not None else {}
         reduce = forms["reduce"].form if "reduce" in forms else None
         gd.write_text("plan.txt", plan.describe(reduce) + "\n" +
-                      (runtime.describe_forms() if runtime is not None else ""))
+                      (runtime.describe_forms() if runtime is not None else "") +
+                      _describe_matmul_forms(config, runtime))
         gd.write_text("graph.txt", describe_graph(graph_id, roles, plan, _break_reason()))
     if runtime is not None:
         if dump_root:
@@ -151,6 +153,19 @@ def _prepare(gm, example_inputs, config: Config, extra, runtime) -> Compilation:
     log.info("zero backend: compiling %s (%d inputs, %d params, passes: %s)", graph_id,
              len(roles), len(params), ", ".join(p.name for p in comp.passes) or "none")
     return comp
+
+
+def _describe_matmul_forms(config: Config, runtime) -> str:
+    """plan.txt's line on how CPU bf16/fp16 matmuls run (the matmul_form pass), and who
+    decided it; empty in fp32."""
+    if not (config.bf16.enabled or config.fp16.enabled):
+        return ""
+    if runtime is not None:
+        return "\n" + describe_cpu_gemm(runtime.matmul_forms, source="rank 0's CPU, "
+                                       f"zerofx.matmul_form {config.zerofx.matmul_form}") + "\n"
+    return "\n" + describe_cpu_gemm(host_forms(config.zerofx.matmul_form),
+                                   source="this host's CPU, "
+                                   f"zerofx.matmul_form {config.zerofx.matmul_form}") + "\n"
 
 
 def _break_reason() -> str | None:
