@@ -1,5 +1,7 @@
 """Every rank starts from rank 0's weights and buffers (runtime/start_state.py), on every path,
 with each rank seeded differently as torch's default seeding (and DeepSpeed's tutorials) do."""
+import re
+
 import pytest
 import torch
 
@@ -98,3 +100,50 @@ def test_tensor_parallel_pieces_are_cut_from_rank_0s_weights():
             torch.testing.assert_close(piece, want, rtol=0, atol=0,
                                        msg=lambda m, n=n: f"rank {got_rank} {n}: {m}")
     assert split > 0  # the block's attention and MLP weights were split
+
+
+_PROGRAMS: list = []  # the capturing pass's output, per process
+
+
+def _capture(gm, ctx):
+    # zerofx's ops name their runtime by a per-process handle: a new runtime, a new number
+    code = re.sub(rf"\.default\({ctx.state_id}([,)])", r".default(<runtime>\1", gm.code)
+    _PROGRAMS.append((ctx.graph_kind, code))
+    return gm
+
+
+def _program_body(rank, world):
+    """Compile one bf16 ZeRO-2 training step twice (a fresh runtime and Dynamo each time);
+    return the final code of every graph each compile produced."""
+    import zerofx
+    from zerofx.passes import PassSpec
+
+    spec = PassSpec("capture", _capture, frozenset({"forward", "backward", "optimizer"}))
+    runs = []
+    for _ in range(2):
+        torch._dynamo.reset()
+        _PROGRAMS.clear()
+        model = _seeded_model(rank, "block")
+        rt = zerofx.ZeroRuntime(model, {"bf16": {"enabled": True},
+                                        "zero_optimization": {"stage": 2},
+                                        "optimizer": {"type": "Adam", "params": {"lr": 1e-3}}})
+        compiled = torch.compile(model, backend="zero",
+                                 options={"runtime": rt, "extra_passes": (spec,)})
+        x, y = make("block")[1]
+        rt.backward(compiled(x, y))
+        rt.step()
+        runs.append(list(_PROGRAMS))
+    return runs
+
+
+@pytest.mark.slow
+def test_compiling_twice_on_two_ranks_gives_one_program():
+    """Convention 10: a rerun, and every rank, compiles the same program (nothing chosen by
+    timing changes a graph; the matmul forms are rank 0's)."""
+    (a1, a2), (b1, b2) = run_ranks(_program_body, world_size=2)
+    assert [k for k, _ in a1] == ["forward", "backward", "optimizer"]
+    assert a1 == a2 and b1 == b2, "two compiles on one rank differ"
+    assert a1[:2] == b1[:2], "rank 1 compiled another forward/backward than rank 0"
+    # the step graph updates this rank's own shard: only where it sits may differ
+    differ = [(x, y) for x, y in zip(a1[2][1].splitlines(), b1[2][1].splitlines()) if x != y]
+    assert differ and all("slice.Tensor(flat_params" in x for x, _ in differ), differ

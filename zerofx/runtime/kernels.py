@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import platform
 import re
 from pathlib import Path
@@ -38,13 +39,19 @@ def _build_and_load(sources: tuple[str, ...], *, cuda: bool) -> None:
     # The torch version is in the name: the extension cache is not keyed by it, and a library
     # built against another torch's headers must never be loaded.
     tag = re.sub(r"\W", "_", torch.__version__)
+    # ZEROFX_SANITIZE=address builds an AddressSanitizer copy (its own name in the cache) for
+    # hunting memory errors; run with LD_PRELOAD=$(gcc -print-file-name=libasan.so) and
+    # ASAN_OPTIONS=detect_leaks=0 (docs/design.md, "Heap checks").
+    sanitize = os.environ.get("ZEROFX_SANITIZE", "")
+    san_flags = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g"] if sanitize else []
     cpp_extension.load(
-        name=f"zerofx_optim_{tag}_{isa}{'_cuda' if cuda else ''}",
+        name=f"zerofx_optim_{tag}_{isa}{'_cuda' if cuda else ''}"
+             f"{'_' + re.sub(r'[^a-z]', '', sanitize) if sanitize else ''}",
         sources=[str(_CSRC / s) for s in sources],
         # -ffp-contract=off: no silent FMAs, so the kernels round like the plain-torch fallback.
         # -fopenmp: at::parallel_for is inline OpenMP code, compiled into this library.
-        extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp", *isa_flags],
-        extra_ldflags=["-fopenmp"],
+        extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp", *isa_flags, *san_flags],
+        extra_ldflags=["-fopenmp", *san_flags],
         extra_cuda_cflags=["-O3", "--fmad=false"],  # likewise on the GPU
         extra_include_paths=[str(_CSRC)],
         is_python_module=False,  # the library only registers kernels with the dispatcher
