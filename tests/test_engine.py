@@ -170,6 +170,22 @@ def test_config_from_args_and_conflicts(tmp_path, no_torchrun_env):
         zerofx.initialize(config=_cfg())
 
 
+def test_add_config_arguments_is_deepspeeds():
+    """DeepSpeed's rule (deepspeed/__init__.py, _add_core_arguments): --deepspeed,
+    --deepspeed_config, --deepscale, --deepscale_config and no --local_rank, so the scripts
+    that define --local_rank themselves (17 of DeepSpeedExamples' 23 callers) parse."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--local_rank", type=int, default=-1)
+    zerofx.add_config_arguments(parser)
+    args = parser.parse_args(["--local_rank", "1", "--deepspeed", "--deepscale_config", "x"])
+    assert (args.local_rank, args.deepspeed, args.deepscale_config) == (1, True, "x")
+    assert args.deepspeed_config is None and args.deepscale is False
+    flags = {a for action in zerofx.add_config_arguments(argparse.ArgumentParser())._actions
+             for a in action.option_strings}
+    assert flags == {"-h", "--help", "--deepspeed", "--deepspeed_config", "--deepscale",
+                     "--deepscale_config", "--zerofx_config"}
+
+
 def _run(engine, seeds):
     losses = []
     for k in seeds:

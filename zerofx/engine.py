@@ -35,14 +35,22 @@ SCHEDULER_KEY = "zerofx_lr_scheduler"  # the engine's own entry in a checkpoint'
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add DeepSpeed's launcher-facing flags (and zerofx's alias) to ``parser``."""
-    group = parser.add_argument_group("zerofx", "zerofx / DeepSpeed configuration")
-    group.add_argument("--deepspeed", action="store_true",
-                       help="accepted for DeepSpeed compatibility (zerofx is always on)")
-    group.add_argument("--deepspeed_config", default=None, help="DeepSpeed JSON config path")
-    group.add_argument("--zerofx_config", default=None, help="alias of --deepspeed_config")
-    group.add_argument("--local_rank", type=int, default=-1,
-                       help="set by launchers; zerofx reads LOCAL_RANK from the environment")
+    """DeepSpeed's flags, as its ``add_config_arguments`` adds them (group "DeepSpeed":
+    --deepspeed, --deepspeed_config, the deprecated --deepscale / --deepscale_config), plus
+    zerofx's --zerofx_config alias. Like DeepSpeed's, no --local_rank: scripts that read it
+    define it themselves (zerofx-launch and torchrun set LOCAL_RANK in the environment), and
+    adding it here made their own definition a conflict."""
+    group = parser.add_argument_group("DeepSpeed", "DeepSpeed configurations")
+    group.add_argument("--deepspeed", default=False, action="store_true",
+                       help="Enable DeepSpeed (helper flag for user code; zerofx is always on)")
+    group.add_argument("--deepspeed_config", default=None, type=str,
+                       help="DeepSpeed json configuration file.")
+    group.add_argument("--deepscale", default=False, action="store_true",
+                       help="Deprecated enable DeepSpeed (helper flag for user code)")
+    group.add_argument("--deepscale_config", default=None, type=str,
+                       help="Deprecated DeepSpeed json configuration file.")
+    group.add_argument("--zerofx_config", default=None, type=str,
+                       help="alias of --deepspeed_config")
     return parser
 
 
@@ -74,8 +82,9 @@ def _config_source(args, config, config_params):
     given = [c for c in (config, config_params) if c is not None]
     from_args = None
     if args is not None:
-        from_args = getattr(args, "deepspeed_config", None) or getattr(args, "zerofx_config",
-                                                                         None)
+        # DeepSpeed reads the deprecated --deepscale_config when --deepspeed_config is unset
+        from_args = getattr(args, "deepspeed_config", None) or getattr(
+            args, "deepscale_config", None) or getattr(args, "zerofx_config", None)
     if from_args is not None:
         given.append(from_args)
     if len(given) > 1:
