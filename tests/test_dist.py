@@ -85,3 +85,30 @@ def test_harness_reruns_once_after_a_signal_death(tmp_path):
         run_ranks(_abort_on_rank_one, 2, args=(marker, True))
     # the killed rank's own stderr, faulthandler's stack of where it died, comes along
     assert "rank 1 stderr" in str(e.value) and "_abort_on_rank_one" in str(e.value)
+
+
+def test_deepspeed_init_distributed_signature(no_torchrun_env, monkeypatch):
+    """zerofx.init_distributed takes deepspeed.init_distributed's arguments: single process
+    without an environment; an init_method and a rank the environment contradicts are
+    refused by name."""
+    import zerofx
+
+    info = zerofx.init_distributed(dist_backend="gloo", auto_mpi_discovery=True,
+                                   distributed_port=29500, verbose=False)
+    assert (info.rank, info.world_size) == (0, 1) and not dist.is_initialized()
+    with pytest.raises(DistributedSetupError, match="init_method"):
+        zerofx.init_distributed(init_method="tcp://127.0.0.1:1")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(DistributedSetupError, match="rank=0.*RANK=1"):
+        zerofx.init_distributed(rank=0)
+
+
+def _deepspeed_init_body(rank, world_size):
+    import zerofx
+
+    info = zerofx.init_distributed(dist_backend="gloo")
+    return info.rank, info.world_size, dist.is_initialized()
+
+
+def test_deepspeed_init_distributed_joins_the_group():
+    assert run_ranks(_deepspeed_init_body, 2) == [(0, 2, True), (1, 2, True)]

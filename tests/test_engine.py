@@ -170,6 +170,18 @@ def test_config_from_args_and_conflicts(tmp_path, no_torchrun_env):
         zerofx.initialize(config=_cfg())
 
 
+def test_deepspeed_config_readers(no_torchrun_env):
+    """The engine methods scripts branch on (DeepSpeed's CIFAR example reads
+    bfloat16_enabled()/fp16_enabled() to cast its inputs)."""
+    engine, *_ = zerofx.initialize(model=make("mlp")[0], config=_cfg(
+        bf16={"enabled": True}, gradient_clipping=0.5, zero_optimization={"stage": 2}))
+    assert engine.bfloat16_enabled() and not engine.fp16_enabled()
+    assert engine.zero_optimization() and engine.gradient_clipping() == 0.5
+    engine, *_ = zerofx.initialize(model=make("mlp")[0], config=_cfg(fp16={"enabled": True}))
+    assert engine.fp16_enabled() and not engine.bfloat16_enabled()
+    assert not engine.zero_optimization() and engine.gradient_clipping() == 0.0
+
+
 def test_add_config_arguments_is_deepspeeds():
     """DeepSpeed's rule (deepspeed/__init__.py, _add_core_arguments): --deepspeed,
     --deepspeed_config, --deepscale, --deepscale_config and no --local_rank, so the scripts

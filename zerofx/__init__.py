@@ -14,7 +14,7 @@ if _os.environ.get("RANK", "").isdigit() and _os.environ.get("WORLD_SIZE", "1") 
     _error_report.install(int(_os.environ["RANK"]))
 
 __all__ = ["Config", "ConfigError", "ZeroRuntime", "ZeroEngine", "initialize",
-           "add_config_arguments", "no_sync"]
+           "add_config_arguments", "no_sync", "init_distributed"]
 __version__ = "0.1.0"
 
 
@@ -28,6 +28,10 @@ def __getattr__(name):
         from zerofx.runtime.plain_dp import no_sync
 
         return no_sync
+    if name == "init_distributed":  # DeepSpeed's name and arguments
+        from zerofx.runtime.dist import init_distributed_like_deepspeed
+
+        return init_distributed_like_deepspeed
     if name in ("ZeroEngine", "initialize", "add_config_arguments"):
         from zerofx import engine
 

@@ -268,6 +268,19 @@ class ZeroEngine(nn.Module):
     def zero_optimization_stage(self) -> int:
         return self.config.zero_optimization.stage
 
+    # DeepSpeed's config readers that scripts branch on (its engine's names and meanings)
+    def zero_optimization(self) -> bool:
+        return self.config.zero_optimization.stage > 0
+
+    def fp16_enabled(self) -> bool:
+        return self.config.fp16.enabled
+
+    def bfloat16_enabled(self) -> bool:
+        return self.config.bf16.enabled
+
+    def gradient_clipping(self) -> float:
+        return self.config.gradient_clipping
+
     def _batch_sizes(self):
         cfg = self.config
         if cfg.train_batch_size is None and cfg.train_micro_batch_size_per_gpu is None:

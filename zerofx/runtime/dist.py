@@ -90,3 +90,32 @@ def _env_int(name: str, default: int | None = None) -> int:
         return int(raw)
     except (TypeError, ValueError):
         raise DistributedSetupError(f"{name}={raw!r} is not an integer") from None
+
+
+def init_distributed_like_deepspeed(dist_backend=None, auto_mpi_discovery=True,
+                                    distributed_port=29500, verbose=True, timeout=None,
+                                    init_method=None, dist_init_required=None, config=None,
+                                    rank=-1, world_size=-1) -> WorldInfo:
+    """``deepspeed.init_distributed`` with DeepSpeed's arguments, over ``init_distributed``:
+    the process group comes from the torchrun environment (zerofx-launch, torchrun).
+    ``rank``/``world_size``/``distributed_port`` fill RANK/WORLD_SIZE/MASTER_PORT where the
+    environment lacks them and must agree where it has them; an ``init_method`` is refused
+    (zerofx joins only through the environment); ``auto_mpi_discovery``, ``verbose``,
+    ``dist_init_required`` and ``config`` change nothing here."""
+    if init_method is not None:
+        raise DistributedSetupError(
+            f"init_distributed(init_method={init_method!r}): zerofx joins the process group "
+            f"from the torchrun environment only; start with zerofx-launch or torchrun")
+    for var, value in (("RANK", rank), ("WORLD_SIZE", world_size)):
+        if value is None or value < 0:
+            continue
+        have = os.environ.get(var)
+        if have is not None and have != str(value):
+            raise DistributedSetupError(f"init_distributed({var.lower()}={value}) disagrees "
+                                        f"with {var}={have} in the environment")
+        os.environ.setdefault(var, str(value))
+    if "RANK" in os.environ:
+        os.environ.setdefault("MASTER_PORT", str(distributed_port))
+    seconds = timeout.total_seconds() if timeout is not None else 300.0
+    return init_distributed(backend=dist_backend, timeout_s=seconds)
+
