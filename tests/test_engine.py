@@ -177,6 +177,10 @@ def test_deepspeed_config_readers(no_torchrun_env):
         bf16={"enabled": True}, gradient_clipping=0.5, zero_optimization={"stage": 2}))
     assert engine.bfloat16_enabled() and not engine.fp16_enabled()
     assert engine.zero_optimization() and engine.gradient_clipping() == 0.5
+    assert engine.get_batch_info() == (4, 4, 1) and engine.micro_steps == 0
+    engine.backward(engine(*mlp_batch(seed=0)))
+    engine.step()
+    assert engine.micro_steps == 1
     engine, *_ = zerofx.initialize(model=make("mlp")[0], config=_cfg(fp16={"enabled": True}))
     assert engine.fp16_enabled() and not engine.bfloat16_enabled()
     assert not engine.zero_optimization() and engine.gradient_clipping() == 0.0
@@ -276,3 +280,12 @@ def test_onecycle_momentum_on_a_torch_optimizer_is_reported(no_torchrun_env, cap
         zerofx.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                           config=_cfg(scheduler=ONECYCLE))
     assert "cycle_momentum is not applied to SGD" in caplog.text
+
+
+def test_save_fp16_model_is_save_16bit_model(tmp_path, no_torchrun_env):
+    """DeepSpeed keeps save_fp16_model as the older name of save_16bit_model: same file."""
+    engine, *_ = zerofx.initialize(model=make("mlp")[0], config=_cfg(bf16={"enabled": True}))
+    assert engine.save_fp16_model(tmp_path / "a") and engine.save_16bit_model(tmp_path / "b")
+    a, b = (torch.load(tmp_path / d / "pytorch_model.bin") for d in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert {v.dtype for v in a.values()} == {torch.bfloat16}

@@ -281,6 +281,17 @@ class ZeroEngine(nn.Module):
     def gradient_clipping(self) -> float:
         return self.config.gradient_clipping
 
+    def get_batch_info(self) -> tuple[int, int, int]:
+        """DeepSpeed's (train_batch_size, train_micro_batch_size_per_gpu,
+        gradient_accumulation_steps)."""
+        return (self.train_batch_size(), self.train_micro_batch_size_per_gpu(),
+                self.gradient_accumulation_steps())
+
+    @property
+    def micro_steps(self) -> int:
+        """Forward/backward micro-steps taken (DeepSpeed's engine.micro_steps)."""
+        return self.runtime.micro_steps
+
     def _batch_sizes(self):
         cfg = self.config
         if cfg.train_batch_size is None and cfg.train_micro_batch_size_per_gpu is None:
@@ -338,6 +349,10 @@ class ZeroEngine(nn.Module):
             os.makedirs(save_dir, exist_ok=True)
             torch.save(state, os.path.join(save_dir, save_filename))
         return True
+
+    def save_fp16_model(self, save_dir, save_filename: str = "pytorch_model.bin") -> bool:
+        """DeepSpeed's older name of save_16bit_model, kept by DeepSpeed for old scripts."""
+        return self.save_16bit_model(save_dir, save_filename)
 
     def load_checkpoint(self, load_dir, tag=None):
         """Restore everything saved; returns ``(path, client_state)`` (None, None if absent)."""
