@@ -14,7 +14,7 @@ if _os.environ.get("RANK", "").isdigit() and _os.environ.get("WORLD_SIZE", "1") 
     _error_report.install(int(_os.environ["RANK"]))
 
 __all__ = ["Config", "ConfigError", "ZeroRuntime", "ZeroEngine", "initialize",
-           "add_config_arguments", "no_sync", "init_distributed"]
+           "add_config_arguments", "no_sync", "init_distributed", "as_deepspeed"]
 __version__ = "0.1.0"
 
 
@@ -28,6 +28,14 @@ def __getattr__(name):
         from zerofx.runtime.plain_dp import no_sync
 
         return no_sync
+    if name == "as_deepspeed":  # `import deepspeed` gives zerofx, only when asked
+        from zerofx.deepspeed_shim import as_deepspeed
+
+        return as_deepspeed
+    if name == "accelerator":  # deepspeed.accelerator
+        import importlib
+
+        return importlib.import_module("zerofx.accelerator")
     if name == "init_distributed":  # DeepSpeed's name and arguments
         from zerofx.runtime.dist import init_distributed_like_deepspeed
 

@@ -1,0 +1,69 @@
+"""DeepSpeed's accelerator object and the `import deepspeed` shim (zerofx.as_deepspeed)."""
+import sys
+
+import pytest
+import torch
+
+import zerofx
+from zerofx.accelerator import Accelerator, get_accelerator
+
+
+def test_cpu_accelerator_answers_as_deepspeeds_cpu_accelerator(monkeypatch):
+    """DeepSpeed's CPU_Accelerator without oneCCL: device 'cpu', backend gloo, the local
+    rank as the current device, pinning is the identity."""
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    acc = Accelerator("cpu")
+    assert (acc.device_name(), acc.device_name(3), acc.current_device_name()) == \
+        ("cpu", "cpu", "cpu")
+    assert acc.current_device() == 1 and acc.communication_backend_name() == "gloo"
+    assert acc.is_available() and acc.is_synchronized_device() and acc.is_bf16_supported()
+    t = torch.ones(3)
+    assert acc.pin_memory(t) is t and not acc.is_pinned(t) and acc.on_accelerator(t)
+    acc.manual_seed(7)
+    a = torch.rand(2)
+    acc.manual_seed_all(7)
+    assert torch.equal(a, torch.rand(2))  # seeds the generator scripts draw from
+    state = acc.get_rng_state()
+    b = torch.rand(2)
+    acc.set_rng_state(state)
+    assert torch.equal(b, torch.rand(2))
+
+
+def test_cuda_names_follow_deepspeeds_cuda_accelerator():
+    acc = Accelerator("cuda")
+    assert (acc.device_name(), acc.device_name(2), acc.communication_backend_name()) == \
+        ("cuda", "cuda:2", "nccl")
+
+
+def test_get_accelerator_matches_this_machine():
+    assert get_accelerator().device_name() == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def shimmed():
+    before_path = list(sys.meta_path)
+    added = [k for k in ("deepspeed", "deepspeed.accelerator") if k not in sys.modules]
+    try:
+        yield zerofx.as_deepspeed()
+    finally:
+        sys.meta_path[:] = before_path
+        for k in added:
+            sys.modules.pop(k, None)
+
+
+def test_as_deepspeed_serves_the_imports_scripts_write(shimmed):
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator as ds_get
+
+    assert deepspeed is zerofx and deepspeed.initialize is zerofx.initialize
+    assert ds_get() is get_accelerator()
+    with pytest.raises(ImportError, match="deepspeed.moe: Mixture-of-Experts"):
+        import deepspeed.moe  # noqa: F401
+    with pytest.raises(ImportError, match="deepspeed.pipe: pipeline parallelism"):
+        from deepspeed.pipe import PipelineModule  # noqa: F401
+
+
+def test_as_deepspeed_refuses_beside_a_real_deepspeed(monkeypatch):
+    monkeypatch.setitem(sys.modules, "deepspeed", type(sys)("deepspeed"))
+    with pytest.raises(ImportError, match="already imported"):
+        zerofx.as_deepspeed()

@@ -1,0 +1,54 @@
+"""``zerofx.as_deepspeed()``: make ``import deepspeed`` give zerofx, only when asked.
+
+DeepSpeed's scripts import more than the top-level package (``from deepspeed.accelerator
+import get_accelerator``), which ``import zerofx as deepspeed`` cannot serve: a submodule
+import looks the package up by name. Aliasing on request, never at ``import zerofx``, keeps a
+real DeepSpeed installed beside zerofx untouched and makes the switch one visible line.
+What zerofx does not provide is one ImportError naming the module and the reason.
+"""
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
+
+# deepspeed.<module> -> the zerofx module that serves it
+PROVIDED = {"accelerator": "zerofx.accelerator"}
+WHY = {
+    "moe": "Mixture-of-Experts layers are not part of zerofx",
+    "pipe": "pipeline parallelism is not part of zerofx (tensor parallelism and ZeRO are)",
+}
+
+
+class _Refuse(importlib.abc.MetaPathFinder):
+    """deepspeed.<x> that zerofx lacks: one clear ImportError instead of a bare
+    "No module named"."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if not fullname.startswith("deepspeed.") or fullname in sys.modules:
+            return None
+        top = fullname.split(".")[1]
+        if top in PROVIDED:
+            return None
+        why = WHY.get(top, "zerofx does not provide it yet")
+        raise ImportError(f"{fullname}: {why}. zerofx stands in for deepspeed "
+                          f"(zerofx.as_deepspeed()) with: deepspeed.initialize, "
+                          f"add_config_arguments, init_distributed and "
+                          f"{', '.join('deepspeed.' + m for m in PROVIDED)}", name=fullname)
+
+
+def as_deepspeed():
+    """Register zerofx as ``deepspeed`` (and its submodules) in ``sys.modules``; returns it.
+    Refuses when a real DeepSpeed is already imported in this process."""
+    import zerofx
+
+    have = sys.modules.get("deepspeed")
+    if have is not None and have is not zerofx:
+        raise ImportError("deepspeed is already imported (a real DeepSpeed): call "
+                          "zerofx.as_deepspeed() before anything imports deepspeed")
+    sys.modules["deepspeed"] = zerofx
+    for name, module in PROVIDED.items():
+        sys.modules[f"deepspeed.{name}"] = importlib.import_module(module)
+    if not any(isinstance(f, _Refuse) for f in sys.meta_path):
+        sys.meta_path.insert(0, _Refuse())
+    return zerofx
