@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from zerofx.config import ConfigError
-from zerofx.runtime.start_state import broadcast_model, broadcast_tensors
+from zerofx.runtime.start_state import agreed_matmul_forms, broadcast_model, broadcast_tensors
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,7 @@ class PlainDataParallel:
         self._in_backward = False
         self.device = None  # where placeholders for parameters this rank lacks are made
         self._roots = 0  # modules seen whose parameters were not all known yet
+        self.matmul_forms: tuple = ()  # rank 0's CPU matmul forms (set at the first attach)
 
     def attach_module(self, module) -> None:
         """Every trainable parameter of ``module`` (the compiled frame's ``self``), named as
@@ -231,10 +232,13 @@ def _numel_dtype(fact: tuple) -> tuple[int, torch.dtype]:
 _DP: list[PlainDataParallel] = []
 
 
-def attach(named_params, *, bucket_numel: int, module=None) -> PlainDataParallel:
-    named_params = tuple(named_params)
+def attach(named_params, *, bucket_numel: int, module=None,
+           matmul_form: str = "host") -> PlainDataParallel:
     """The process's PlainDataParallel (made on first use), now covering ``module``'s
-    parameters, or ``named_params`` (a graph's own) when no module is known."""
+    parameters, or ``named_params`` (a graph's own) when no module is known. On first use
+    every rank also takes rank 0's weights and CPU matmul forms (``matmul_form``: the
+    config's pin)."""
+    named_params = tuple(named_params)
     if not _DP:
         _DP.append(PlainDataParallel(bucket_numel))
         # The first training graph, compiled by every rank at its first forward (the same
@@ -247,6 +251,7 @@ def attach(named_params, *, bucket_numel: int, module=None) -> PlainDataParallel
                 broadcast_model(module)
             else:
                 broadcast_tensors([p for _, p in named_params])
+            _DP[0].matmul_forms = agreed_matmul_forms(matmul_form)
     if module is not None:
         _DP[0].attach_module(module)
     else:
