@@ -12,6 +12,7 @@ from multiproc import run_ranks
 def _seeded_model(rank, name="mlp"):
     model, _ = make(name, seed=100 + 17 * rank)  # a different model on every rank
     model.register_buffer("shift", torch.randn(3))  # buffers differ too
+    model.register_buffer("mask", torch.rand(4) > 0.5)  # and boolean ones
     return model
 
 

@@ -35,10 +35,12 @@ def broadcast_tensors(tensors, *, group=None) -> int:
     with torch.no_grad():
         for chunk in _chunks(by_kind):
             flat = torch.cat([t.detach().reshape(-1) for t in chunk])
+            if flat.dtype == torch.bool:  # masks kept as buffers: gloo moves bytes, not bools
+                flat = flat.to(torch.uint8)
             dist.broadcast(flat, src=src, group=group)
             at = 0
             for t in chunk:
-                t.detach().copy_(flat[at:at + t.numel()].view_as(t))
+                t.detach().copy_(flat[at:at + t.numel()].view(t.shape))
                 at += t.numel()
     return len(todo)
 
