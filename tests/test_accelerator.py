@@ -41,14 +41,13 @@ def test_get_accelerator_matches_this_machine():
 
 @pytest.fixture
 def shimmed():
-    before_path = list(sys.meta_path)
-    added = [k for k in ("deepspeed", "deepspeed.accelerator") if k not in sys.modules]
+    before_path, before = list(sys.meta_path), set(sys.modules)
     try:
         yield zerofx.as_deepspeed()
     finally:
         sys.meta_path[:] = before_path
-        for k in added:
-            sys.modules.pop(k, None)
+        for k in [k for k in sys.modules if k.split(".")[0] == "deepspeed" and k not in before]:
+            sys.modules.pop(k)
 
 
 def test_as_deepspeed_serves_the_imports_scripts_write(shimmed):
@@ -57,6 +56,9 @@ def test_as_deepspeed_serves_the_imports_scripts_write(shimmed):
 
     assert deepspeed is zerofx and deepspeed.initialize is zerofx.initialize
     assert ds_get() is get_accelerator()
+    from deepspeed import comm as dist
+
+    assert dist.get_world_size() >= 1 and dist.ReduceOp.SUM is not None
     with pytest.raises(ImportError, match="deepspeed.moe: Mixture-of-Experts"):
         import deepspeed.moe  # noqa: F401
     with pytest.raises(ImportError, match="deepspeed.pipe: pipeline parallelism"):
