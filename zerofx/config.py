@@ -1,7 +1,8 @@
 """Typed zerofx configuration and the reader for DeepSpeed's JSON config format.
 
-The only module that knows raw JSON key strings (docs/design.md, conventions): everything downstream reads
-the frozen dataclasses below. Attribute names mirror DeepSpeed's JSON keys so a DeepSpeed user
+With config_scheduler.py (the "scheduler" block), the only module that knows raw JSON key
+strings (docs/design.md, conventions): everything downstream reads the frozen dataclasses
+below. Attribute names mirror DeepSpeed's JSON keys so a DeepSpeed user
 recognises them, and the defaults are DeepSpeed's.
 
     cfg = Config.from_any("ds_config.json")          # or a dict, a Config, or None
@@ -22,7 +23,11 @@ from typing import Any
 from zerofx.config_schema import (
     ConfigError, Invalid, bad, boolean, check_keys, checked, choice, default_of, dump, instance,
     integer, is_int, json_object, key_error, load_json, names, nested_setting, number, optional,
-    parse_block, parse_in, path_string, required_keys, required_setting, setting, show, validate,
+    parse_block, parse_in, path_string, required_setting, setting, show, validate,
+)
+from zerofx.config_scheduler import (  # noqa: F401  (zerofx.config's names, as before)
+    MAX_LR, LRRangeTestParams, OneCycleParams, SchedulerConfig, WarmupDecayLRParams,
+    WarmupLRParams, parse_scheduler,
 )
 
 __all__ = [
@@ -68,7 +73,6 @@ def _tp_plan(v: Any) -> tuple[tuple[str, str], ...]:
 # float32 is inf). 2**127 is the largest power of two a float32 holds.
 MAX_SCALE = 2.0 ** 127
 MIN_STATIC_SCALE = 2.0 ** -24
-MAX_LR = 1e3
 
 # ---- the config blocks ----
 
@@ -202,110 +206,6 @@ class OptimizerConfig:
             raise bad("min_coeff", self.min_coeff, f"<= max_coeff ({self.max_coeff})")
 
 
-@dataclass(frozen=True, kw_only=True)
-class WarmupLRParams:
-    """DeepSpeed WarmupLR: lr rises from min to max over warmup_num_steps, then stays."""
-
-    warmup_min_lr: float = setting(0.0, number(0.0, MAX_LR))
-    """Learning rate at step 0."""
-    warmup_max_lr: float = setting(0.001, number(0.0, MAX_LR))
-    """Learning rate reached at the end of warmup."""
-    warmup_num_steps: int = setting(1000, integer(1))
-    """Length of the warmup in optimizer steps."""
-    warmup_type: str = setting("log", choice("log", "linear"))
-    """Shape of the rise: "log" or "linear"."""
-
-    def __post_init__(self) -> None:
-        validate(self)
-
-
-@dataclass(frozen=True, kw_only=True)
-class WarmupDecayLRParams(WarmupLRParams):
-    """DeepSpeed WarmupDecayLR: WarmupLR, then linear decay to 0 at total_num_steps."""
-
-    total_num_steps: int = required_setting(integer(1))
-    """Step at which the learning rate reaches 0 (required)."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class OneCycleParams:
-    """DeepSpeed OneCycle: one triangular lr (and momentum) cycle, then optional decay."""
-
-    cycle_min_lr: float = required_setting(number(0.0))
-    """Learning rate at the start and end of the cycle (required)."""
-    cycle_max_lr: float = required_setting(number(0.0, MAX_LR))
-    """Learning rate at the peak of the cycle (required)."""
-    decay_lr_rate: float = setting(0.0, number(0.0))
-    """Learning rate decay rate after the cycle."""
-    cycle_first_step_size: int = setting(2000, integer(1))
-    """Steps in the rising half of the cycle."""
-    cycle_second_step_size: int | None = setting(None, optional(integer(1)))
-    """Steps in the falling half (None: same as the rising half)."""
-    cycle_first_stair_count: int = setting(0, integer(0))
-    """Stairs in the rising half (0: continuous)."""
-    cycle_second_stair_count: int | None = setting(None, optional(integer(0)))
-    """Stairs in the falling half (None: same as the rising half)."""
-    decay_step_size: int = setting(0, integer(0))
-    """Steps between decays after the cycle (0: no decay)."""
-    cycle_momentum: bool = setting(True, boolean)
-    """Cycle beta1 inversely to the learning rate."""
-    cycle_min_mom: float = setting(0.8, number(0.0, 1.0))
-    """Lowest beta1 of the cycle."""
-    cycle_max_mom: float = setting(0.9, number(0.0, 1.0))
-    """Highest beta1 of the cycle."""
-    decay_mom_rate: float = setting(0.0, number(0.0))
-    """Momentum decay rate after the cycle."""
-
-    def __post_init__(self) -> None:
-        validate(self)
-
-
-@dataclass(frozen=True, kw_only=True)
-class LRRangeTestParams:
-    """DeepSpeed LRRangeTest: lr grows from lr_range_test_min_lr to find a usable maximum."""
-
-    lr_range_test_min_lr: float = setting(1e-3, number(0.0, MAX_LR))
-    """Starting learning rate."""
-    lr_range_test_step_size: int = setting(2000, integer(1))
-    """Steps per increase interval."""
-    lr_range_test_step_rate: float = setting(1.0, number(0.0))
-    """Increase per interval, as a fraction of the starting learning rate."""
-    lr_range_test_staircase: bool = setting(False, boolean)
-    """Increase in steps instead of continuously."""
-
-    def __post_init__(self) -> None:
-        validate(self)
-
-
-SchedulerParams = WarmupLRParams | WarmupDecayLRParams | OneCycleParams | LRRangeTestParams
-_SCHEDULES: dict[str, type] = {
-    "WarmupLR": WarmupLRParams, "WarmupDecayLR": WarmupDecayLRParams,
-    "OneCycle": OneCycleParams, "LRRangeTest": LRRangeTestParams,
-}
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """DeepSpeed's "scheduler" block: {"type": ..., "params": {...}}."""
-
-    type: str = required_setting(choice(*_SCHEDULES))
-    """"WarmupLR", "WarmupDecayLR", "OneCycle" or "LRRangeTest"."""
-    params: SchedulerParams | None = None
-    """The typed parameters for `type` (None: that type's defaults)."""
-
-    def __post_init__(self) -> None:
-        validate(self)
-        want = _SCHEDULES[self.type]
-        if self.params is None:
-            missing = required_keys(want)
-            if missing:
-                raise key_error(f"params.{missing[0]}",
-                                f" is required for scheduler type {self.type}")
-            object.__setattr__(self, "params", want())
-        if type(self.params) is not want:
-            raise bad("params", self.params, f"a {want.__name__} for type {self.type}")
-
-
 def _job_name(v: Any) -> str:
     if not isinstance(v, str) or not v or "/" in v or v in (".", ".."):
         raise Invalid("a non-empty name without '/'")
@@ -436,16 +336,6 @@ def _optimizer_params(kind: str, raw: Any) -> OptimizerConfig:
     return OptimizerConfig(type=kind, **params)
 
 
-def _parse_scheduler(raw: Any) -> SchedulerConfig | None:
-    if raw is None:
-        return None
-    block = json_object(raw)
-    check_keys(block, ("type", "params"), required=("type",))
-    kind = checked("type", block["type"], choice(*_SCHEDULES))
-    params = parse_in("params", partial(parse_block, _SCHEDULES[kind]), block.get("params", {}))
-    return SchedulerConfig(type=kind, params=params)
-
-
 def _dump_optimizer(opt: OptimizerConfig) -> dict[str, Any]:
     params = {k: v for k, v in dump(opt).items()
               if k != "type" and k not in (_ADAM_ONLY if opt.type == "Lamb" else _LAMB_ONLY)}
@@ -473,7 +363,7 @@ class Config:
                                                 parse=_parse_optimizer, dump=_dump_optimizer)
     """The optimizer zerofx builds (None: the user passes one in)."""
     scheduler: SchedulerConfig | None = setting(None, optional(instance(SchedulerConfig)),
-                                                parse=_parse_scheduler)
+                                                parse=parse_scheduler)
     """The learning-rate schedule (None: constant lr)."""
     fp16: FP16Config = nested_setting(FP16Config)
     """float16 mixed precision with loss scaling."""

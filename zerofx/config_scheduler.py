@@ -1,0 +1,132 @@
+"""The "scheduler" block of the config: DeepSpeed's four LR schedules and their parameters.
+
+Part of zerofx.config (which re-exports these names): typed, validated dataclasses whose
+attribute names are DeepSpeed's JSON keys; zerofx/lr_schedules.py computes the schedules.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from zerofx.config_schema import (
+    bad, boolean, check_keys, checked, choice, integer, json_object, key_error, number,
+    optional, parse_block, parse_in, required_keys, required_setting, setting, validate,
+)
+
+# The largest learning rate any block accepts (a huge lr gives NaN parameters).
+MAX_LR = 1e3
+
+
+@dataclass(frozen=True, kw_only=True)
+class WarmupLRParams:
+    """DeepSpeed WarmupLR: lr rises from min to max over warmup_num_steps, then stays."""
+
+    warmup_min_lr: float = setting(0.0, number(0.0, MAX_LR))
+    """Learning rate at step 0."""
+    warmup_max_lr: float = setting(0.001, number(0.0, MAX_LR))
+    """Learning rate reached at the end of warmup."""
+    warmup_num_steps: int = setting(1000, integer(1))
+    """Length of the warmup in optimizer steps."""
+    warmup_type: str = setting("log", choice("log", "linear"))
+    """Shape of the rise: "log" or "linear"."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class WarmupDecayLRParams(WarmupLRParams):
+    """DeepSpeed WarmupDecayLR: WarmupLR, then linear decay to 0 at total_num_steps."""
+
+    total_num_steps: int = required_setting(integer(1))
+    """Step at which the learning rate reaches 0 (required)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class OneCycleParams:
+    """DeepSpeed OneCycle: one triangular lr (and momentum) cycle, then optional decay."""
+
+    cycle_min_lr: float = required_setting(number(0.0))
+    """Learning rate at the start and end of the cycle (required)."""
+    cycle_max_lr: float = required_setting(number(0.0, MAX_LR))
+    """Learning rate at the peak of the cycle (required)."""
+    decay_lr_rate: float = setting(0.0, number(0.0))
+    """Learning rate decay rate after the cycle."""
+    cycle_first_step_size: int = setting(2000, integer(1))
+    """Steps in the rising half of the cycle."""
+    cycle_second_step_size: int | None = setting(None, optional(integer(1)))
+    """Steps in the falling half (None: same as the rising half)."""
+    cycle_first_stair_count: int = setting(0, integer(0))
+    """Stairs in the rising half (0: continuous)."""
+    cycle_second_stair_count: int | None = setting(None, optional(integer(0)))
+    """Stairs in the falling half (None: same as the rising half)."""
+    decay_step_size: int = setting(0, integer(0))
+    """Steps between decays after the cycle (0: no decay)."""
+    cycle_momentum: bool = setting(True, boolean)
+    """Cycle beta1 inversely to the learning rate."""
+    cycle_min_mom: float = setting(0.8, number(0.0, 1.0))
+    """Lowest beta1 of the cycle."""
+    cycle_max_mom: float = setting(0.9, number(0.0, 1.0))
+    """Highest beta1 of the cycle."""
+    decay_mom_rate: float = setting(0.0, number(0.0))
+    """Momentum decay rate after the cycle."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LRRangeTestParams:
+    """DeepSpeed LRRangeTest: lr grows from lr_range_test_min_lr to find a usable maximum."""
+
+    lr_range_test_min_lr: float = setting(1e-3, number(0.0, MAX_LR))
+    """Starting learning rate."""
+    lr_range_test_step_size: int = setting(2000, integer(1))
+    """Steps per increase interval."""
+    lr_range_test_step_rate: float = setting(1.0, number(0.0))
+    """Increase per interval, as a fraction of the starting learning rate."""
+    lr_range_test_staircase: bool = setting(False, boolean)
+    """Increase in steps instead of continuously."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+SchedulerParams = WarmupLRParams | WarmupDecayLRParams | OneCycleParams | LRRangeTestParams
+_SCHEDULES: dict[str, type] = {
+    "WarmupLR": WarmupLRParams, "WarmupDecayLR": WarmupDecayLRParams,
+    "OneCycle": OneCycleParams, "LRRangeTest": LRRangeTestParams,
+}
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """DeepSpeed's "scheduler" block: {"type": ..., "params": {...}}."""
+
+    type: str = required_setting(choice(*_SCHEDULES))
+    """"WarmupLR", "WarmupDecayLR", "OneCycle" or "LRRangeTest"."""
+    params: SchedulerParams | None = None
+    """The typed parameters for `type` (None: that type's defaults)."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+        want = _SCHEDULES[self.type]
+        if self.params is None:
+            missing = required_keys(want)
+            if missing:
+                raise key_error(f"params.{missing[0]}",
+                                f" is required for scheduler type {self.type}")
+            object.__setattr__(self, "params", want())
+        if type(self.params) is not want:
+            raise bad("params", self.params, f"a {want.__name__} for type {self.type}")
+
+
+def parse_scheduler(raw: Any) -> SchedulerConfig | None:
+    if raw is None:
+        return None
+    block = json_object(raw)
+    check_keys(block, ("type", "params"), required=("type",))
+    kind = checked("type", block["type"], choice(*_SCHEDULES))
+    params = parse_in("params", partial(parse_block, _SCHEDULES[kind]), block.get("params", {}))
+    return SchedulerConfig(type=kind, params=params)
