@@ -128,7 +128,7 @@ def _prepare(gm, example_inputs, config: Config, extra, runtime) -> Compilation:
         make_plan(params, config, rank=world.rank, world_size=world.world_size)
     cid = CompileContext.current_compile_id()
     graph_id = "g" + re.sub(r"[^0-9]+", "_", str(cid)).strip("_") if cid else "g"
-    dump_root = os.environ.get(DUMP_ENV) or config.zerofx.dump_dir
+    dump_root = dump_root_of(config)
     passes = build_pipeline(config, extra=extra, with_runtime=runtime is not None)
     comp = Compilation(config, plan, passes, roles, graph_id, world.rank, dump_root, runtime,
                        tuple(params))
@@ -147,15 +147,28 @@ def _prepare(gm, example_inputs, config: Config, extra, runtime) -> Compilation:
     if runtime is not None:
         if dump_root:
             runtime.log_comm_to(dump_root)  # rank<r>/comm_measured.txt, written as it trains
-        # Traced at the first step, outside Dynamo's tracing context (whose fake mode would
-        # make the step's buffer sizes symbolic).
-        from zerofx.step_graph import build_step_program
-
-        runtime.offer_step_builder(functools.partial(
-            build_step_program, runtime, passes=passes, dump_root=dump_root, graph_id=graph_id))
+        offer_step_program(runtime, passes, dump_root=dump_root, graph_id=graph_id)
     log.info("zero backend: compiling %s (%d inputs, %d params, passes: %s)", graph_id,
              len(roles), len(params), ", ".join(p.name for p in comp.passes) or "none")
     return comp
+
+
+def dump_root_of(config: Config) -> str | None:
+    """Where graph dumps go: $ZEROFX_DUMP, else the config's zerofx.dump_dir (None: off)."""
+    return os.environ.get(DUMP_ENV) or config.zerofx.dump_dir
+
+
+def offer_step_program(runtime, passes, *, dump_root: str | None, graph_id: str,
+                       fallback: bool = False) -> None:
+    """Offer ``runtime`` how to trace its optimizer-step graph through ``passes``: traced at
+    the first step, outside Dynamo's tracing context (whose fake mode would make the step's
+    buffer sizes symbolic). ``fallback``: the engine's offer, for a model Dynamo compiles
+    nothing of."""
+    from zerofx.step_graph import build_step_program
+
+    runtime.offer_step_builder(functools.partial(
+        build_step_program, runtime, passes=passes, dump_root=dump_root, graph_id=graph_id),
+        fallback=fallback)
 
 
 def _describe_matmul_forms(config: Config, runtime) -> str:
@@ -163,12 +176,11 @@ def _describe_matmul_forms(config: Config, runtime) -> str:
     decided it; empty in fp32."""
     if not (config.bf16.enabled or config.fp16.enabled):
         return ""
-    if runtime is not None:
-        return "\n" + describe_cpu_gemm(runtime.matmul_forms, source="rank 0's CPU, "
-                                       f"zerofx.matmul_form {config.zerofx.matmul_form}") + "\n"
-    return "\n" + describe_cpu_gemm(host_forms(config.zerofx.matmul_form),
-                                   source="this host's CPU, "
-                                   f"zerofx.matmul_form {config.zerofx.matmul_form}") + "\n"
+    pin = config.zerofx.matmul_form
+    forms, whose = (runtime.matmul_forms, "rank 0's") if runtime is not None \
+        else (host_forms(pin), "this host's")
+    return "\n" + describe_cpu_gemm(forms, source=f"{whose} CPU, zerofx.matmul_form {pin}") \
+        + "\n"
 
 
 def _break_reason() -> str | None:

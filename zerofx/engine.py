@@ -21,9 +21,11 @@ import time
 import torch
 from torch import nn
 
+from zerofx.backend import dump_root_of, offer_step_program
 from zerofx.config import Config, ConfigError
 from zerofx.data import DistributedLoader
 from zerofx.monitor import Monitor
+from zerofx.passes import build_pipeline
 from zerofx.runtime.dist import init_distributed
 from zerofx.runtime.tp_inputs import check_same_inputs
 from zerofx.runtime.tp_whole import whole_state
@@ -117,7 +119,10 @@ class ZeroEngine(nn.Module):
         self.compiled = torch.compile(model, backend="zero", options={"runtime": self.runtime},
                                       fullgraph=config.zerofx.fullgraph,
                                       dynamic=config.zerofx.dynamic)
-        self.runtime.offer_step_builder(_eager_step_builder(self.runtime), fallback=True)
+        # A model Dynamo compiles nothing of (an nn.LSTM makes it skip every frame) offers no
+        # step graph from the backend; its gradients come through the eager hooks.
+        offer_step_program(self.runtime, build_pipeline(config, with_runtime=True),
+                           dump_root=dump_root_of(config), graph_id="eager", fallback=True)
         self.optimizer = self.runtime  # DeepSpeed hands back its optimizer wrapper likewise
         # last_batch_iteration=-1 is DeepSpeed's start: its k-th step uses lr_at(k - 1).
         self.lr_scheduler = lr_scheduler or (
@@ -381,18 +386,3 @@ def _half_inputs(obj):
     if isinstance(obj, dict):
         return {k: _half_inputs(v) for k, v in obj.items()}
     return obj
-
-
-def _eager_step_builder(rt: ZeroRuntime):
-    """How to trace the optimizer step when Dynamo compiles no graph of the model (it
-    skipped every frame, e.g. for an nn.LSTM): the gradients came through the eager hooks,
-    and the step is the same graph the backend would have offered."""
-    import functools
-
-    from zerofx.backend import DUMP_ENV
-    from zerofx.passes import build_pipeline
-    from zerofx.step_graph import build_step_program
-
-    return functools.partial(
-        build_step_program, rt, passes=build_pipeline(rt.config, with_runtime=True),
-        dump_root=os.environ.get(DUMP_ENV) or rt.config.zerofx.dump_dir, graph_id="eager")
