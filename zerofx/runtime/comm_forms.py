@@ -30,6 +30,7 @@ import torch.distributed as dist
 from zerofx.comm_cost import CommCost, fitted
 from zerofx.config import ConfigError
 from zerofx.runtime import form_cache, shm_comm
+from zerofx.runtime.dist import from_first_rank
 from zerofx.runtime.pending import Pending
 from zerofx.runtime.step_fn import gather_chunks
 
@@ -133,19 +134,17 @@ def choose(role: str, group, numel: int, dtype: torch.dtype, *, pinned: str = "f
     # rank 0's cached choice for this host and size, if an earlier run timed it: every
     # rerun then takes the same form (form_cache.py)
     key = form_cache.key_of(role, forms, world, "gloo", per * world, dtype)
-    first = dist.get_process_group_ranks(group)[0]
-    box = [form_cache.load(key) if dist.get_rank() == first else None]
-    dist.broadcast_object_list(box, src=first, group=group)
-    if box[0] is not None and box[0]["form"] in forms:
-        times = tuple((f, float(t)) for f, t in box[0]["times_ms"])
-        return Choice(role, box[0]["form"], per * world, times,
+    cached = from_first_rank(lambda: form_cache.load(key), group)
+    if cached is not None and cached["form"] in forms:
+        times = tuple((f, float(t)) for f, t in cached["times_ms"])
+        return Choice(role, cached["form"], per * world, times,
                       why="fastest timed on this host by an earlier run, cached")
     mine = [_time_form(role, f, per, world, dtype, group) for f in forms]
     agreed = torch.tensor(mine, dtype=torch.float64)
     dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=group)  # the slowest rank decides
     times = tuple((f, round(float(t), 3)) for f, t in zip(forms, agreed))
     best = min(times, key=lambda ft: ft[1])[0]
-    if dist.get_rank() == first:
+    if dist.get_rank(group) == 0:
         form_cache.store(key, best, times)
     return Choice(role, best, per * world, times, why="fastest timed on this group")
 

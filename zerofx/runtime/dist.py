@@ -82,6 +82,16 @@ def same_on_every_rank(value: int, group, device) -> bool:
     return int(sig[0]) == -int(sig[1])
 
 
+def from_first_rank(make, group=None):
+    """``make()``, run on the first rank of ``group`` only, and its (picklable) result on
+    every rank: choices one rank makes for all (a file it created, a cached form, its
+    CPU's matmul forms). A collective."""
+    first = dist.get_process_group_ranks(group)[0] if group is not None else 0
+    box = [make() if dist.get_rank() == first else None]
+    dist.broadcast_object_list(box, src=first, group=group)
+    return box[0]
+
+
 def _env_int(name: str, default: int | None = None) -> int:
     raw = os.environ.get(name)
     if raw is None and default is not None:

@@ -29,6 +29,7 @@ import uuid
 import torch
 import torch.distributed as dist
 
+from zerofx.runtime.dist import from_first_rank
 from zerofx.runtime.pending import Pending
 
 TIMEOUT_S = 1800.0  # gloo's default collective timeout
@@ -102,10 +103,7 @@ class ShmMirror:
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         flag_bytes = -(-2 * self.world * keys * 8 // _ALIGN) * _ALIGN
         size = flag_bytes + numel * dtype.itemsize
-        made = [_create(size) if self.rank == 0 else None]  # (path, None) or (None, why)
-        dist.broadcast_object_list(made, src=dist.get_process_group_ranks(group)[0],
-                                   group=group)
-        path, why = made[0]
+        path, why = from_first_rank(lambda: _create(size), group)  # or (None, why)
         # every rank's pid (to notice a peer that exits while this rank waits for it), and
         # whether it sees the file (from_file would quietly create a file of its own)
         seen = [None] * self.world

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from zerofx.cpu_gemm import host_forms
+from zerofx.runtime.dist import from_first_rank
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +85,9 @@ def agreed_matmul_forms(pinned: str) -> tuple[tuple[str, str], ...]:
     collective when a process group exists."""
     forms = host_forms(pinned)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        box = [forms]
-        dist.broadcast_object_list(box, src=0)
-        if box[0] != forms:
+        agreed = from_first_rank(lambda: forms)
+        if agreed != forms:
             log.warning("CPU matmul forms: this host would take %s; every rank takes rank "
-                        "0's %s so that all compute the same program", forms, box[0])
-        forms = tuple(tuple(f) for f in box[0])
+                        "0's %s so that all compute the same program", forms, agreed)
+        forms = agreed
     return forms
