@@ -13,7 +13,7 @@ import functools
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import fx
@@ -49,9 +49,6 @@ class Compilation:
     dump_root: str | None
     runtime: object | None  # a ZeroRuntime: ZeRO buckets, loss scale and the step graph
     params: tuple = ()  # (name, tensor) of the graph's parameters (plain path: averaged)
-    # plain path on several ranks: what the passes read that the ranks agree on at the
-    # first training graph (rank 0's CPU matmul forms); with a runtime it comes from there
-    plain_facts: dict = field(default_factory=dict)
 
 
 def zero_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None = None,
@@ -275,10 +272,8 @@ def _plain_data_parallel(comp: Compilation) -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         from zerofx.runtime import plain_dp
 
-        dp = plain_dp.attach(comp.params, module=_frame_module(),
-                             bucket_numel=comp.config.zero_optimization.reduce_bucket_size,
-                             matmul_form=comp.config.zerofx.matmul_form)
-        comp.plain_facts["matmul_forms"] = dp.matmul_forms
+        plain_dp.attach(comp.params, module=_frame_module(),
+                        bucket_numel=comp.config.zero_optimization.reduce_bucket_size)
 
 
 def _frame_module():
@@ -340,7 +335,7 @@ def _run(gm: fx.GraphModule, comp: Compilation, kind: str, **facts) -> fx.GraphM
     ctx = PassContext(comp.config, comp.plan, kind, name,
                       state_id=rt.id if rt is not None else None, roles=comp.roles,
                       tp_group=rt.tp_group_name if rt is not None else None,
-                      **(rt.pass_facts() if rt is not None else comp.plain_facts), **facts)
+                      **(rt.pass_facts() if rt is not None else {}), **facts)
     dump = GraphDump.create(comp.dump_root, rank=comp.rank, graph=comp.graph_id, kind=kind) \
         if comp.dump_root else None
     return run_pipeline(gm, ctx, comp.passes, dump=dump)

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from zerofx.config import ConfigError
-from zerofx.runtime.start_state import agreed_matmul_forms, broadcast_model, broadcast_tensors
+from zerofx.runtime.start_state import broadcast_model, broadcast_tensors
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,6 @@ class PlainDataParallel:
         self._in_backward = False
         self.device = None  # where placeholders for parameters this rank lacks are made
         self._roots = 0  # modules seen whose parameters were not all known yet
-        self.matmul_forms: tuple = ()  # rank 0's CPU matmul forms (set at the first attach)
 
     def attach_module(self, module) -> None:
         """Every trainable parameter of ``module`` (the compiled frame's ``self``), named as
@@ -232,12 +231,10 @@ def _numel_dtype(fact: tuple) -> tuple[int, torch.dtype]:
 _DP: list[PlainDataParallel] = []
 
 
-def attach(named_params, *, bucket_numel: int, module=None,
-           matmul_form: str = "host") -> PlainDataParallel:
+def attach(named_params, *, bucket_numel: int, module=None) -> PlainDataParallel:
     """The process's PlainDataParallel (made on first use), now covering ``module``'s
     parameters, or ``named_params`` (a graph's own) when no module is known. On first use
-    every rank also takes rank 0's weights and CPU matmul forms (``matmul_form``: the
-    config's pin)."""
+    every rank also takes rank 0's weights."""
     named_params = tuple(named_params)
     if not _DP:
         _DP.append(PlainDataParallel(bucket_numel))
@@ -251,7 +248,6 @@ def attach(named_params, *, bucket_numel: int, module=None,
                 broadcast_model(module)
             else:
                 broadcast_tensors([p for _, p in named_params])
-            _DP[0].matmul_forms = agreed_matmul_forms(matmul_form)
     if module is not None:
         _DP[0].attach_module(module)
     else:
