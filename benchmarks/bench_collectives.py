@@ -5,8 +5,8 @@
 Times (median of 7) reduce_scatter_tensor, all_to_all_single + local sum, all_reduce and
 all_gather_into_tensor on a bf16 buffer, all-reduce forms of both, and point-to-point forms
 of both (each piece sent straight to its owner / to every rank), and the shared-memory forms
-for ranks on one host (zerofx/runtime/shm_comm.py): the candidates zerofx's runtime times
-at startup and chooses between (zerofx/runtime/comm_forms.py).
+for ranks on one host (zerofx/runtime/comm/shm.py): the candidates zerofx's runtime times
+at startup and chooses between (zerofx/runtime/comm/forms.py).
 """
 import argparse
 import os
@@ -51,8 +51,8 @@ def _cases(flat, out, world, rank):
             w.wait()
         torch.add(rows[rank], recv.sum(0) if world > 2 else recv[0], out=out)
 
-    from zerofx.runtime import shm_comm
-    from zerofx.runtime.comm_forms import start_gather, start_reduce
+    from zerofx.runtime.comm import shm as shm_comm
+    from zerofx.runtime.comm.forms import start_gather, start_reduce
 
     mirror = shm_comm.ShmMirror(None, flat.numel(), flat.dtype, 1)
 
@@ -75,7 +75,7 @@ def _cases(flat, out, world, rank):
 
 
 def _body(rank, world, numel):
-    from zerofx.runtime.dist import init_distributed
+    from zerofx.runtime.comm.dist import init_distributed
 
     init_distributed()
     flat = torch.randn(numel).bfloat16()

@@ -215,14 +215,14 @@ def run_zerofx_stage3(rank, world, steps, bucket):
 
 def run_zerofx_collective_forms(rank, world, steps, bucket):
     """Ablation: gloo's all-reduce (+ slice) and all-gather, as zerofx moved buckets and
-    shards before it timed the point-to-point forms (runtime/comm_forms.py)."""
+    shards before it timed the point-to-point forms (runtime/comm/forms.py)."""
     return run_zerofx(rank, world, steps, bucket,
                       forms={"reduce_form": "all_reduce", "gather_form": "all_gather"})
 
 
 def run_zerofx_p2p(rank, world, steps, bucket):
     """Ablation: the point-to-point forms pinned (gloo over loopback TCP), as zerofx chose
-    on one host before the shared-memory forms (runtime/shm_comm.py)."""
+    on one host before the shared-memory forms (runtime/comm/shm.py)."""
     return run_zerofx(rank, world, steps, bucket,
                       forms={"reduce_form": "p2p", "gather_form": "p2p"})
 

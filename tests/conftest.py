@@ -7,7 +7,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/ helpers (models, multiproc)
-# One collective-form cache for the session (runtime/form_cache.py), inherited by the ranks:
+# One collective-form cache for the session (runtime/comm/form_cache.py), inherited by the ranks:
 # tests neither read nor write the user's ~/.cache/zerofx.
 os.environ.setdefault("ZEROFX_CACHE_DIR", tempfile.mkdtemp(prefix="zerofx-test-cache-"))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

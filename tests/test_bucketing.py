@@ -71,7 +71,7 @@ def _count_body(rank, world, stage, gas):
     import torch.distributed as dist
 
     import zerofx
-    from zerofx.runtime import comm_forms as zero_mod
+    from zerofx.runtime.comm import forms as zero_mod
 
     calls = []
     real_ar, real_rs = dist.all_reduce, zero_mod._reduce_scatter

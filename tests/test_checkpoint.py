@@ -294,7 +294,7 @@ def _corrupt(kind, root):
         meta["params"][1].update(shape=[1, 2, 3], numel=6)  # another model's, consistent
         msg = (r"does not fit this model: \S+ missing from the checkpoint; renamed not in the "
                r"model; \S+ shape \[1, 2, 3\] in the checkpoint")
-    from zerofx.checkpoint_schema import DIGEST_KEY, with_digest
+    from zerofx.checkpoint.schema import DIGEST_KEY, with_digest
 
     meta.pop(DIGEST_KEY, None)
     torch.save(with_digest(meta), tag / "meta.pt")

@@ -74,7 +74,7 @@ def test_files_of_two_saves_are_refused_by_name(two_saves, name):
 def _edit(path, change):
     """Change a file's contents and re-checksum it (as a buggy writer would): the checks
     behind the checksum must still catch it."""
-    from zerofx.checkpoint_schema import DIGEST_KEY, with_digest
+    from zerofx.checkpoint.schema import DIGEST_KEY, with_digest
 
     obj = torch.load(path, weights_only=True)
     obj.pop(DIGEST_KEY)

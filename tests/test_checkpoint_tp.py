@@ -60,7 +60,7 @@ def test_tp2_resume_is_bitwise(tp_run):
 def test_tp2_checkpoint_joins_into_whole_parameters(tp_run, no_torchrun_env):
     import zerofx
     from zerofx.checkpoint import load_checkpoint
-    from zerofx.checkpoint_io import full_state
+    from zerofx.checkpoint.files import full_state
 
     ckpt, results = tp_run
     tag = open(f"{ckpt}/latest").read().strip()
@@ -80,8 +80,8 @@ def test_tp2_checkpoint_joins_into_whole_parameters(tp_run, no_torchrun_env):
 
 
 def test_join_is_the_inverse_of_the_split():
-    from zerofx.checkpoint_io import join_tp_pieces
-    from zerofx.tp_layout import TPShard
+    from zerofx.checkpoint.files import join_tp_pieces
+    from zerofx.tp.layout import TPShard
 
     w = torch.randn(12, 5)
     for shard in (TPShard(0, 3, (12, 5)), TPShard(0, 1, (12, 5))):

@@ -1,4 +1,4 @@
-"""Collective forms (zerofx/runtime/comm_forms.py): every form gives the native collective's
+"""Collective forms (zerofx/runtime/comm/forms.py): every form gives the native collective's
 bits, the ranks agree on one form, and a pinned form trains exactly like the native one."""
 import pytest
 import torch
@@ -11,8 +11,8 @@ def _forms_body(rank, world, dtype):
     import torch.distributed as dist
 
     from zerofx.config import ConfigError
-    from zerofx.runtime import comm_forms as cf
-    from zerofx.runtime.dist import init_distributed
+    from zerofx.runtime.comm import forms as cf
+    from zerofx.runtime.comm.dist import init_distributed
 
     init_distributed()
     per = 1001  # odd: no form may rely on even pieces
@@ -129,8 +129,8 @@ def test_p2p_and_shm_forms_train_bit_for_bit_like_the_native_collectives(world, 
 
 def _shm_refusals_body(rank, world):
     from zerofx.config import ConfigError
-    from zerofx.runtime import comm_forms as cf, shm_comm
-    from zerofx.runtime.dist import init_distributed
+    from zerofx.runtime.comm import forms as cf, shm as shm_comm
+    from zerofx.runtime.comm.dist import init_distributed
 
     init_distributed()
     cpu = torch.device("cpu")
@@ -166,8 +166,8 @@ def test_shm_form_is_not_offered_without_room_and_a_failed_mirror_is_one_clear_e
 def _peer_exits_body(rank, world):
     import time
 
-    from zerofx.runtime import shm_comm
-    from zerofx.runtime.dist import init_distributed
+    from zerofx.runtime.comm import shm as shm_comm
+    from zerofx.runtime.comm.dist import init_distributed
 
     init_distributed()
     mirror = shm_comm.ShmMirror(None, 64, torch.float32, 1)
@@ -193,7 +193,7 @@ def test_a_rank_waiting_on_a_peer_that_exited_fails_in_seconds():
 
 def test_a_pinned_form_no_collective_takes_is_warned_about(caplog):
     from zerofx.config import Config
-    from zerofx.runtime.comm_forms import Choice
+    from zerofx.runtime.comm.forms import Choice
     from zerofx.runtime.zero import _warn_unused_pins
 
     cfg = Config.from_dict({"zerofx": {"reduce_form": "shm", "gather_form": "p2p"}})

@@ -64,7 +64,7 @@ def test_switched_off_and_no_effect_blocks_are_accepted(caplog):
         "stage": 2, "offload_optimizer": {"device": "none"}, "stage3_max_live_parameters": 1,
         "allgather_partitions": True}, "autotuning": {"enabled": True},
         "cuda_visible_devices": "0,1", "compile": {"deepcompile": False}}
-    with caplog.at_level(logging.INFO, logger="zerofx.config_deepspeed"):
+    with caplog.at_level(logging.INFO, logger="zerofx.config.deepspeed_keys"):
         cfg = Config.from_dict(raw)
     assert cfg.zero_optimization.stage == 2
     text = caplog.text

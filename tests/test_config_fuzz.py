@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import zerofx
-from zerofx.config_schema import ConfigError
+from zerofx.config.schema import ConfigError
 from zerofx.lr_schedules import Schedule
 
 ANY = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),

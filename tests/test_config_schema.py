@@ -1,10 +1,10 @@
-"""zerofx.config_schema: checkers, key checks, error prefixing, JSON file reading."""
+"""zerofx.config.schema: checkers, key checks, error prefixing, JSON file reading."""
 import math
 from dataclasses import dataclass
 
 import pytest
 
-from zerofx.config_schema import (
+from zerofx.config.schema import (
     ConfigError, Invalid, boolean, check_keys, choice, dump, integer, load_json, names, number,
     optional, parse_block, parse_in, required_setting, setting, show, validate,
 )

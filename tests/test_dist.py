@@ -5,7 +5,7 @@ import pytest
 import torch.distributed as dist
 
 from multiproc import run_ranks
-from zerofx.runtime.dist import DistributedSetupError, init_distributed
+from zerofx.runtime.comm.dist import DistributedSetupError, init_distributed
 
 
 def test_no_env_is_single_process(no_torchrun_env):

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from zerofx.config import ConfigError
-from zerofx.runtime.error_report import zerofx_error
+from zerofx.runtime.comm.error_report import zerofx_error
 
 SCRIPT = Path(__file__).parent / "launch_scripts" / "config_error.py"
 

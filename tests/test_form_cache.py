@@ -3,7 +3,7 @@ import json
 
 import torch
 
-from zerofx.runtime import form_cache
+from zerofx.runtime.comm import form_cache
 
 
 def test_stored_choice_is_loaded_by_the_next_run(tmp_path, monkeypatch):

@@ -12,26 +12,29 @@ ALLOWED = {
     # the alpha-beta cost model: numbers only, read by the runtime (which fits it) and the
     # passes' dumps (which predict with it)
     "zerofx.comm_cost": [],
-    "zerofx.tp_layout": ["zerofx.config", "zerofx.tp_discovery"],  # which weights are split
+    "zerofx.tp.layout": ["zerofx.config", "zerofx.tp.discovery"],  # which weights are split
     # the layout's analysis of a traced graph, and the sharding algebra it shares with the
     # tensor_parallel pass
-    "zerofx.tp_discovery": ["zerofx.tp_propagation", "zerofx.tp_rules", "zerofx.config",
+    "zerofx.tp.discovery": ["zerofx.tp.propagation", "zerofx.tp.rules", "zerofx.config",
                             "zerofx.fx_source"],
     "zerofx.fx_source": [],  # a node's line of user code: read by passes and tp_discovery
     "zerofx.cpu_gemm": [],  # the host's CPU matmul forms: read by the runtime and a pass
-    "zerofx.tp_propagation": ["zerofx.tp_rules"],
-    "zerofx.tp_rules": [],
-    "zerofx.plan": ["zerofx.plan", "zerofx.tp_layout", "zerofx.config"],
+    "zerofx.tp.propagation": ["zerofx.tp.rules"],
+    "zerofx.tp.rules": [],
+    "zerofx.plan": ["zerofx.plan", "zerofx.tp.layout", "zerofx.config"],
     "zerofx.csrc": [],
     # docs/design.md: "the runtime allocates from [the plan]", so runtime may read it.
-    "zerofx.runtime": ["zerofx.runtime", "zerofx.plan", "zerofx.tp_layout", "zerofx.config",
+    # how ranks talk: below the rest of the runtime, which hands it groups and buffers
+    "zerofx.runtime.comm": ["zerofx.runtime.comm", "zerofx.plan", "zerofx.config",
+                            "zerofx.comm_cost"],
+    "zerofx.runtime": ["zerofx.runtime", "zerofx.plan", "zerofx.tp.layout", "zerofx.config",
                        "zerofx.comm_cost", "zerofx.cpu_gemm"],
-    "zerofx.passes": ["zerofx.passes", "zerofx.plan", "zerofx.tp_layout", "zerofx.tp_propagation",
-                      "zerofx.tp_rules", "zerofx.config", "zerofx.comm_cost", "zerofx.fx_source",
+    "zerofx.passes": ["zerofx.passes", "zerofx.plan", "zerofx.tp.layout", "zerofx.tp.propagation",
+                      "zerofx.tp.rules", "zerofx.config", "zerofx.comm_cost", "zerofx.fx_source",
                       "zerofx.cpu_gemm"],
-    "zerofx.backend": ["zerofx.passes", "zerofx.runtime", "zerofx.plan", "zerofx.tp_layout",
+    "zerofx.backend": ["zerofx.passes", "zerofx.runtime", "zerofx.plan", "zerofx.tp.layout",
                        "zerofx.config", "zerofx.step_graph", "zerofx.cpu_gemm"],
-    "zerofx.step_graph": ["zerofx.passes", "zerofx.runtime", "zerofx.plan", "zerofx.tp_layout",
+    "zerofx.step_graph": ["zerofx.passes", "zerofx.runtime", "zerofx.plan", "zerofx.tp.layout",
                           "zerofx.config"],
     "zerofx.lr_schedules": ["zerofx.config"],
     "zerofx.data": ["zerofx.config"],  # its errors are ConfigErrors

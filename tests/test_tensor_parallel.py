@@ -285,7 +285,7 @@ def _mpu_data(step, dp_rank):
 
 def _mpu_body(rank, world, steps, clip):
     import zerofx
-    from zerofx.runtime.dist import init_distributed
+    from zerofx.runtime.comm.dist import init_distributed
 
     init_distributed()
     mpu = _MPU(rank, world, 2)

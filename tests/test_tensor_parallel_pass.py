@@ -11,7 +11,7 @@ from zerofx.backend import _annotate, input_roles
 from zerofx.passes import PassContext
 from zerofx.passes.tensor_parallel import tensor_parallel_pass
 from zerofx.plan import make_plan
-from zerofx.tp_layout import resolve_tp_layout
+from zerofx.tp.layout import resolve_tp_layout
 from zerofx.runtime import graph_ops
 
 aten = torch.ops.aten

@@ -1,4 +1,4 @@
-"""The tensor-parallel layout read from the traced graph (zerofx/tp_discovery.py): Megatron's
+"""The tensor-parallel layout read from the traced graph (zerofx/tp/discovery.py): Megatron's
 regions of real models found without names, and what is not a region left whole."""
 import pytest
 import torch
@@ -6,7 +6,7 @@ from torch import nn
 
 import zerofx
 from models import Block, MLP, block_batch, make, mlp_batch
-from zerofx.tp_layout import TPPlanError, TPShard, resolve_tp_layout
+from zerofx.tp.layout import TPPlanError, TPShard, resolve_tp_layout
 
 
 def _cfg(size=2):
@@ -142,7 +142,7 @@ def test_weights_the_layout_cannot_split_are_named_with_why(caplog):
 
     model = make_hf("llama")
     cfg = zerofx.Config.from_dict({"tensor_parallel": {"size": 4}})
-    with caplog.at_level("WARNING", logger="zerofx.tp_layout"):
+    with caplog.at_level("WARNING", logger="zerofx.tp.layout"):
         layout = resolve_tp_layout(model, cfg)
     whole = dict(layout.left_whole)
     assert "aten.view" in whole["model.layers.0.self_attn.k_proj.weight"]

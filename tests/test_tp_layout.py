@@ -7,7 +7,7 @@ from torch import nn
 import zerofx
 from models import MLP, Block
 from zerofx.plan import make_plan
-from zerofx.tp_layout import TPPlanError, TPShard, resolve_tp_layout
+from zerofx.tp.layout import TPPlanError, TPShard, resolve_tp_layout
 
 
 def _cfg(size=2, plan=None):

@@ -7,7 +7,7 @@ piece equals taking the pieces first and doing the op on them with the rule's lo
 import pytest
 import torch
 
-from zerofx import tp_rules as R
+from zerofx.tp import rules as R
 
 
 def local_of(full: torch.Tensor, sh: R.Shard, tp: int, rank: int) -> torch.Tensor:

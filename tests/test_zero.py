@@ -200,7 +200,7 @@ def test_zero2_lamb_two_ranks_equals_single_process_lamb():
 def test_allgather_chunks_group_consecutive_buckets():
     from zerofx import Config
     from zerofx.plan import make_plan
-    from zerofx.runtime.step_fn import _allgather_chunks
+    from zerofx.plan import allgather_chunks as _allgather_chunks
 
     model, _ = make("block")
     cfg = Config.from_dict({"zero_optimization": {"stage": 2, "reduce_bucket_size": 300}})
@@ -215,7 +215,7 @@ def test_allgather_chunks_group_consecutive_buckets():
     assert 1 < len(_allgather_chunks(plan, 5000)) < len(plan.buckets)
     # the cap stays DeepSpeed's allgather_bucket_size, but the buffer is cut into at least
     # GATHERS_IN_FLIGHT pieces so that several all-gathers overlap
-    from zerofx.runtime.step_fn import GATHERS_IN_FLIGHT, _gather_limit
+    from zerofx.plan import GATHERS_IN_FLIGHT, gather_limit as _gather_limit
 
     big = Config.from_dict({"zero_optimization": {"stage": 2, "reduce_bucket_size": 300,
                                                   "allgather_bucket_size": 10**9}})

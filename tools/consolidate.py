@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from zerofx.checkpoint_io import CheckpointError, full_state, resolve_tag, with_aliases
+from zerofx.checkpoint.files import CheckpointError, full_state, resolve_tag, with_aliases
 
 
 def consolidate(ckpt_dir, out, *, tag=None, echo=print) -> dict[str, torch.Tensor]:

@@ -8,8 +8,8 @@ from zerofx.config import Config, ConfigError
 
 if _os.environ.get("RANK", "").isdigit() and _os.environ.get("WORLD_SIZE", "1") != "1":
     # A launched rank: zerofx's errors met before the process group forms (a config typo)
-    # are one line per rank too, not a traceback each (runtime/error_report.py).
-    from zerofx.runtime import error_report as _error_report
+    # are one line per rank too, not a traceback each (runtime/comm/error_report.py).
+    from zerofx.runtime.comm import error_report as _error_report
 
     _error_report.install(int(_os.environ["RANK"]))
 
@@ -37,7 +37,7 @@ def __getattr__(name):
 
         return importlib.import_module("zerofx.accelerator")
     if name == "init_distributed":  # DeepSpeed's name and arguments
-        from zerofx.runtime.dist import init_distributed_like_deepspeed
+        from zerofx.runtime.comm.dist import init_distributed_like_deepspeed
 
         return init_distributed_like_deepspeed
     if name in ("ZeroEngine", "initialize", "add_config_arguments"):

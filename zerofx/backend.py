@@ -28,7 +28,7 @@ from zerofx.passes import PassContext, PassSpec, build_pipeline, run_pipeline
 from zerofx.passes.dump import GraphDump
 from zerofx.passes.nodes import META_INPUT, InputRole
 from zerofx.plan import Plan, make_plan
-from zerofx.runtime.dist import init_distributed
+from zerofx.runtime.comm.dist import init_distributed
 
 log = logging.getLogger(__name__)
 

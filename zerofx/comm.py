@@ -12,7 +12,7 @@ import os
 import torch.distributed as dist
 from torch.distributed import ReduceOp  # noqa: F401  (deepspeed.comm.ReduceOp)
 
-from zerofx.runtime.dist import init_distributed_like_deepspeed as init_distributed  # noqa: F401
+from zerofx.runtime.comm.dist import init_distributed_like_deepspeed as init_distributed  # noqa: F401
 
 _LOGGING = ("prof", "log_name", "debug")
 

@@ -2,7 +2,7 @@
 alpha-beta model), for the dump's table of the collectives in each graph.
 
 The rates come from the forms the runtime timed on its data-parallel group at startup
-(runtime/comm_forms.py); a kind it did not time, or a run without a runtime, falls back to
+(runtime/comm/forms.py); a kind it did not time, or a run without a runtime, falls back to
 DEFAULT, measured by benchmarks/bench_collectives.py (2 ranks, gloo on loopback, 16M bf16
 elements, an AVX2-only AMD EPYC, 2026-12-02). A prediction for another group (the
 tensor-parallel one) uses the same rates: same machine, same transport.
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 MIB = float(1 << 20)
 # Each gloo call costs about this however small (loopback; docs/design.md).
 LATENCY_MS = 0.3
-# role/form of runtime/comm_forms.py -> the kind this module predicts
+# role/form of runtime/comm/forms.py -> the kind this module predicts
 FORM_KINDS = {("reduce", "reduce_scatter"): "reduce_scatter",
               ("reduce", "all_reduce"): "all_reduce", ("reduce", "p2p"): "p2p_reduce",
               ("reduce", "shm"): "shm_reduce",

@@ -26,7 +26,7 @@ from zerofx.config import Config, ConfigError
 from zerofx.data import DistributedLoader
 from zerofx.monitor import Monitor
 from zerofx.passes import build_pipeline
-from zerofx.runtime.dist import init_distributed
+from zerofx.runtime.comm.dist import init_distributed
 from zerofx.runtime.tp_inputs import check_same_inputs
 from zerofx.runtime.tp_whole import whole_state
 from zerofx.runtime.zero import ZeroRuntime

@@ -25,7 +25,7 @@ import torch
 from tabulate import tabulate
 
 from zerofx.config import Config, ConfigError
-from zerofx.tp_layout import TPLayout, TPShard
+from zerofx.tp.layout import TPLayout, TPShard
 
 
 @dataclass(frozen=True)
@@ -349,3 +349,37 @@ def _group_into_buckets(order, cap: int) -> list[list]:
         groups[-1].append((name, numel))
         filled += numel
     return groups
+
+
+# All-gathers kept in flight at once: on gloo, 4-8 concurrent all-gathers of one 17M-element
+# bf16 buffer take 16-18 ms against 30 ms for one (2 ranks, loopback; a probe run this
+# session), since each chunk's transfer overlaps the others' copies.
+GATHERS_IN_FLIGHT = 4
+
+
+def gather_chunks(plan, config) -> list[list[tuple]]:
+    """The step's all-gathers: each a list of (owned range, bucket), contiguous in the shard."""
+    return allgather_chunks(plan, gather_limit(plan, config))
+
+
+def gather_limit(plan, config) -> int:
+    """Elements per all-gather: at most allgather_bucket_size (DeepSpeed's cap), and small
+    enough that GATHERS_IN_FLIGHT of them cover the buffer."""
+    return max(1, min(config.zero_optimization.allgather_bucket_size,
+                      -(-plan.padded_numel // GATHERS_IN_FLIGHT)))
+
+
+def allgather_chunks(plan, limit: int) -> list[list[tuple]]:
+    """Consecutive buckets grouped so each all-gather moves about ``limit`` elements: fewer,
+    larger collectives (each gloo call costs ~0.3 ms however small). At stage 3 only the
+    persistent buckets: the graphs gather the others when they read them."""
+    chunks, size = [], limit
+    for r, b in zip(plan.owned(), plan.buckets):
+        if b.offset < plan.persist_offset:
+            continue
+        if size + b.padded > limit and (not chunks or chunks[-1]):
+            chunks.append([])
+            size = 0
+        chunks[-1].append((r, b))
+        size += b.padded
+    return chunks

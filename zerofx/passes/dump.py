@@ -2,7 +2,7 @@
 
 Layout (one directory per rank and compiled graph):
 
-    <root>/rank0/comm_measured.txt               collectives timed while training (runtime/comm_log.py)
+    <root>/rank0/comm_measured.txt               collectives timed while training (runtime/comm/log.py)
     <root>/rank0/<graph>/plan.txt                the layout plan the passes saw
     <root>/rank0/<graph>/<kind>/00_input.py      the graph as AOTAutograd produced it
     <root>/rank0/<graph>/<kind>/01_<pass>.py     the graph after each pass (readable code)

@@ -29,8 +29,8 @@ import logging
 import torch
 import torch.distributed as dist
 
-from zerofx.runtime.comm_forms import start_reduce
-from zerofx.runtime.pending import Pending
+from zerofx.runtime.comm.forms import start_reduce
+from zerofx.runtime.comm.pending import Pending
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class GradIntake:
         else:
             mine = rt.plan.owned()[b.index]
             out = rt.shard_grads[mine.at:mine.at + mine.numel]
-            # The form timed fastest on this group (runtime/comm_forms.py; on gloo the native
+            # The form timed fastest on this group (runtime/comm/forms.py; on gloo the native
             # reduce-scatter is an all-reduce plus a copy, and point-to-point beats both).
             form = rt.forms["reduce"].form
             pending = start_reduce(form, flat, out, rt.group, mirror=rt.shm.get("reduce"),

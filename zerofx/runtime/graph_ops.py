@@ -162,7 +162,7 @@ def _(sid, slots, ks, offsets, length, ahead, check):
 def start_gather(sid: int, flat: torch.Tensor, chunk: int) -> None:
     """Start exchanging chunk ``chunk`` of the step's gathers in place in the flat
     parameters ``flat``: this rank's rows (updated) go out, the other ranks' rows come in
-    (runtime/comm_forms.StepGathers)."""
+    (runtime/comm/forms.StepGathers)."""
     lookup(sid).step_gathers.start(chunk, flat)
 
 

@@ -19,9 +19,9 @@ import zlib
 
 import torch
 
-from zerofx.runtime.comm_forms import start_gather
-from zerofx.runtime.pending import Pending
-from zerofx.runtime.dist import same_on_every_rank
+from zerofx.runtime.comm.forms import start_gather
+from zerofx.runtime.comm.pending import Pending
+from zerofx.runtime.comm.dist import same_on_every_rank
 
 
 _DIVERGED = (

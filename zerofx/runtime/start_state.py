@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from zerofx.cpu_gemm import host_forms
-from zerofx.runtime.dist import from_first_rank
+from zerofx.runtime.comm.dist import from_first_rank
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ import torch.distributed._functional_collectives as funcol
 
 from zerofx.runtime.fused_optim import (adam_step_, grad_sumsq,
                                         lamb_apply_, lamb_moments_, lamb_trust_ratio)
+from zerofx.plan import gather_chunks
 from zerofx.runtime.loss_scaler import LossScaler
 
 # torch 2.13 renamed all_gather_tensor (now deprecated, warning per call); 2.11 lacks the new name.
@@ -206,40 +207,6 @@ def _make_update(rt, in_place: bool):
     return lamb
 
 
-# All-gathers kept in flight at once: on gloo, 4-8 concurrent all-gathers of one 17M-element
-# bf16 buffer take 16-18 ms against 30 ms for one (2 ranks, loopback; a probe run this
-# session), since each chunk's transfer overlaps the others' copies.
-GATHERS_IN_FLIGHT = 4
-
-
-def gather_chunks(plan, config) -> list[list[tuple]]:
-    """The step's all-gathers: each a list of (owned range, bucket), contiguous in the shard."""
-    return _allgather_chunks(plan, _gather_limit(plan, config))
-
-
-def _gather_limit(plan, config) -> int:
-    """Elements per all-gather: at most allgather_bucket_size (DeepSpeed's cap), and small
-    enough that GATHERS_IN_FLIGHT of them cover the buffer."""
-    return max(1, min(config.zero_optimization.allgather_bucket_size,
-                      -(-plan.padded_numel // GATHERS_IN_FLIGHT)))
-
-
-def _allgather_chunks(plan, limit: int) -> list[list[tuple]]:
-    """Consecutive buckets grouped so each all-gather moves about ``limit`` elements: fewer,
-    larger collectives (each gloo call costs ~0.3 ms however small). At stage 3 only the
-    persistent buckets: the graphs gather the others when they read them."""
-    chunks, size = [], limit
-    for r, b in zip(plan.owned(), plan.buckets):
-        if b.offset < plan.persist_offset:
-            continue
-        if size + b.padded > limit and (not chunks or chunks[-1]):
-            chunks.append([])
-            size = 0
-        chunks[-1].append((r, b))
-        size += b.padded
-    return chunks
-
-
 def _gather_params(shard_lowp, flat_params, chunks, dp: int, group, base: int, *,
                    form: str, sid: int) -> None:
     """All-gather every chunk of this rank's updated slices into the flat parameters.
@@ -248,7 +215,7 @@ def _gather_params(shard_lowp, flat_params, chunks, dp: int, group, base: int, *
     is rank-major ([rank][bucket slice]) and each bucket is copied to its bucket-major place.
     ``form``: the functional all-gather, or (``p2p``, timed faster on gloo) zerofx's
     start_gather/finish_gather ops, which exchange the rows in place in ``flat_params``
-    (runtime/comm_forms.StepGathers); every chunk starts before the first is waited on.
+    (runtime/comm/forms.StepGathers); every chunk starts before the first is waited on.
     """
     if form != "all_gather":
         if shard_lowp is not flat_params:  # stage 3's persistent buckets: rows from the shard

@@ -13,7 +13,7 @@ import zlib
 import torch
 
 from zerofx.config import ConfigError
-from zerofx.runtime.dist import same_on_every_rank
+from zerofx.runtime.comm.dist import same_on_every_rank
 
 
 def _checksum(args, kwargs) -> int:

@@ -28,21 +28,22 @@ from torch import nn
 
 from zerofx.config import Config, ConfigError
 from zerofx.plan import Plan, make_plan
-from zerofx.tp_layout import TPLayout, TPPlanError, resolve_tp_layout
+from zerofx.tp.layout import TPLayout, TPPlanError, resolve_tp_layout
 from zerofx.runtime import eager_gather, graph_ops, input_casts
-from zerofx.runtime.comm_forms import (StepGathers, choose_forms, choose_param_gather,
+from zerofx.runtime.comm.forms import (StepGathers, choose_forms, choose_param_gather,
                                        cost_of, shm_mirrors)
-from zerofx.runtime.comm_log import CommLog
-from zerofx.runtime.dist import init_distributed
+from zerofx.runtime.comm.log import CommLog
+from zerofx.runtime.comm.dist import init_distributed
 from zerofx.runtime.grad_intake import GradIntake
 from zerofx.runtime.loss_scaler import LossScaler
 from zerofx.runtime.optimizer_spec import OptimizerSpec
 from zerofx.runtime.param_gather import ParamGather
-from zerofx.runtime.placement import device_of, gather_group, groups
+from zerofx.runtime.comm.placement import device_of, gather_group, groups
 from zerofx.runtime.shard_optimizer import ShardOptimizer
 from zerofx.runtime.start_state import agreed_matmul_forms, broadcast_model
 from zerofx.runtime.user_optimizer import check_tested_optimizer, drive
-from zerofx.runtime.step_fn import StepState, gather_chunks
+from zerofx.plan import gather_chunks
+from zerofx.runtime.step_fn import StepState
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class ZeroRuntime:
                  example_inputs=None):
         """``example_inputs``: what the model is called with (a dict of keyword arguments
         or a tuple), for tensor parallelism without a plan: the layout is read from the
-        graph of one run on them (tp_layout.py). A Hugging Face model's ``dummy_inputs``
+        graph of one run on them (tp/layout.py). A Hugging Face model's ``dummy_inputs``
         serve when none are given."""
         self.config = Config.from_any(config)
         world = init_distributed()
@@ -79,7 +80,7 @@ class ZeroRuntime:
         self.gatherer = ParamGather(self, gather_group(self.plan)) \
             if self.plan.partitioned else None
         # How buckets reduce and shards gather: each form timed once on this group, the
-        # fastest kept (runtime/comm_forms.py; on gloo point-to-point beats both natives).
+        # fastest kept (runtime/comm/forms.py; on gloo point-to-point beats both natives).
         self.forms = choose_forms(self.plan, self.config, self.group,
                                   reduces_into_shard=self.reduces_into_shard,
                                   device=self.device)
@@ -90,7 +91,7 @@ class ZeroRuntime:
             _warn_unused_pins(self.config, self.forms)
         self.comm_cost = cost_of(self.forms, self.plan.compute_dtype)
         self.comm_log = None  # with a dump on: see log_comm_to
-        # The shm form's shared buffers, for the roles that chose it (runtime/shm_comm.py).
+        # The shm form's shared buffers, for the roles that chose it (runtime/comm/shm.py).
         self.shm = shm_mirrors(self.plan, self.config, self.forms, self.group,
                                self.gatherer.group if self.gatherer is not None else None)
         self.step_gathers = StepGathers(self.group, gather_chunks(self.plan, self.config),
@@ -278,7 +279,7 @@ class ZeroRuntime:
 
     def log_comm_to(self, dump_root: str) -> None:
         """Time every collective started here from now on, into the dump at ``dump_root``
-        (runtime/comm_log.py); the backend calls it when a dump is on."""
+        (runtime/comm/log.py); the backend calls it when a dump is on."""
         if self.comm_log is None:
             self.comm_log = self.step_gathers.log = CommLog.under(dump_root, self.plan.rank,
                                                                   self.comm_cost)

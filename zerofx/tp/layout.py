@@ -12,7 +12,7 @@ graphs are traced, so it comes from, in this order:
 1. the config's ``tensor_parallel.plan`` patterns (nn.Linear and Hugging Face's Conv1D);
 2. the model's forward graph, traced once on example inputs (``example_inputs=`` of
    ZeroRuntime or zerofx.initialize; a Hugging Face model's own ``dummy_inputs`` otherwise):
-   tp_discovery.py finds Megatron's regions by propagating splits with the tensor_parallel
+   tp/discovery.py finds Megatron's regions by propagating splits with the tensor_parallel
    pass's own rules, so heads, fused projections, gated MLPs and Conv1D need no names;
 3. without anything to trace, the module tree: an attention module with a head count
    attribute (fused qkv Linear(d, 3d), or q/k/v Linears by name) and an MLP (Linear(d, h)
@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from zerofx.config import Config, ConfigError
-import zerofx.tp_discovery as tp_discovery
+import zerofx.tp.discovery as tp_discovery
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def _hf_example(model: nn.Module) -> dict | None:
 
 
 def _from_graph(model: nn.Module, example, tp: int, vocab: bool) -> TPLayout:
-    """Megatron's regions found on the traced forward graph (tp_discovery.py)."""
+    """Megatron's regions found on the traced forward graph (tp/discovery.py)."""
     try:
         gm, names = tp_discovery.trace_forward(model, example)
     except Exception as e:  # the model's own error on these inputs, whatever its type

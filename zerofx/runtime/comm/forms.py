@@ -6,7 +6,7 @@ machine's group, the fastest used.
              all_reduce      the whole bucket all-reduced, this rank keeps its piece (gloo's
                              reduce-scatter is an all-reduce plus a copy)
              p2p             each piece sent to the rank that owns it, summed there
-             shm             through shared memory (runtime/shm_comm.py; ranks on one host)
+             shm             through shared memory (runtime/comm/shm.py; ranks on one host)
     gather   all_gather      the native collective
              p2p             this rank's piece sent to every other rank directly
              shm             through shared memory
@@ -29,10 +29,11 @@ import torch.distributed as dist
 
 from zerofx.comm_cost import CommCost, fitted
 from zerofx.config import ConfigError
-from zerofx.runtime import form_cache, shm_comm
-from zerofx.runtime.dist import from_first_rank
-from zerofx.runtime.pending import Pending
-from zerofx.runtime.step_fn import gather_chunks
+from zerofx.runtime.comm import form_cache
+from zerofx.runtime.comm import shm as shm_comm
+from zerofx.runtime.comm.dist import from_first_rank
+from zerofx.runtime.comm.pending import Pending
+from zerofx.plan import gather_chunks
 
 # torch 2.13 renamed reduce_scatter_tensor and all_gather_into_tensor (deprecated, a warning
 # per call); 2.11 lacks the new names.
@@ -236,7 +237,7 @@ class StepGathers:
 
     def __init__(self, group, chunks: list[list[tuple]], base: int, log=None, mirror=None):
         self.group, self.chunks, self.base = group, chunks, base  # chunks: step_fn's
-        self.log = log  # runtime/comm_log.CommLog or None
+        self.log = log  # runtime/comm/log.CommLog or None
         self.mirror = mirror  # the shm form's ShmMirror, or None: point-to-point
         self._inflight: dict[int, Pending] = {}
 

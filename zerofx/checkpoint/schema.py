@@ -17,7 +17,7 @@ import zlib
 
 import torch
 
-from zerofx.config_schema import is_int
+from zerofx.config.schema import is_int
 
 
 class CheckpointError(RuntimeError):

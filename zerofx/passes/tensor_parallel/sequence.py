@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-import zerofx.tp_rules as R
+import zerofx.tp.rules as R
 
 aten = torch.ops.aten
 _c10d = torch.ops._c10d_functional

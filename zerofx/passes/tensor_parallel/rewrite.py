@@ -22,15 +22,15 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-import zerofx.tp_propagation as P
-import zerofx.tp_rules as R
+import zerofx.tp.propagation as P
+import zerofx.tp.rules as R
 from zerofx.passes.context import PassContext
 from zerofx.passes.fake_vals import compute_val, fake_mode_of
-from zerofx.passes import tp_sequence as S
-from zerofx.passes import tp_vocab
+from zerofx.passes.tensor_parallel import sequence as S
+from zerofx.passes.tensor_parallel import vocab as tp_vocab
 from zerofx.fx_source import model_line
 from zerofx.passes.nodes import role_of
-from zerofx.tp_layout import TPPlanError
+from zerofx.tp.layout import TPPlanError
 
 aten = torch.ops.aten
 _c10d = torch.ops._c10d_functional
@@ -48,7 +48,7 @@ def tensor_parallel_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
     full = {n: P.shapes(n.meta.get("val")) for n in gm.graph.nodes}
     state, origin = _read_local_params(gm, ctx, split, full)
     seq = ctx.config.tensor_parallel.sequence_parallel
-    tokens: set = set()  # values split over tokens (sequence parallelism, tp_sequence.py)
+    tokens: set = set()  # values split over tokens (sequence parallelism, sequence.py)
     # the live graph, not a snapshot: a node a rewrite adds after the current one (the bias
     # add of a row-parallel addmm) is visited too; added collectives carry their state
     for node in _live(gm.graph):
@@ -142,7 +142,7 @@ def _propagate(node: fx.Node, state, full, tp: int, tp_rank: int, group: str):
     """The output sharding of ``node`` (tp_propagation decides); rewrites the node to run on
     this rank's pieces: replicated operands sliced, shape arguments divided where the split
     lands, a row-parallel addmm turned into mm + add (the all-reduce goes between), the
-    vocabulary-parallel embedding and cross-entropy (tp_vocab.py)."""
+    vocabulary-parallel embedding and cross-entropy (vocab.py)."""
     t, args = node.target, node.args
     if P.may_localize(t):
         _localize(node, state, full, tp, tp_rank, along=P.cat_dim(node, full))

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from zerofx.config_schema import ConfigError
+from zerofx.config.schema import ConfigError
 
 log = logging.getLogger(__name__)
 

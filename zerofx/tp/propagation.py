@@ -3,7 +3,7 @@ is never touched).
 
 Two users: the tensor_parallel pass, which then rewrites the node (local shape constants,
 all-reduces after partial sums, slices of replicated operands), and the layout discovery
-(tp_discovery.py), which tries candidate splits on a traced forward graph before any weight
+(tp/discovery.py), which tries candidate splits on a traced forward graph before any weight
 is split. Both must agree on what is shardable, so the decision lives here once.
 
 ``state`` maps nodes to their sharding (absent or None: replicated; tp_rules.PARTIAL; a
@@ -16,7 +16,7 @@ import operator
 import torch
 from torch import fx
 
-import zerofx.tp_rules as R
+import zerofx.tp.rules as R
 
 aten = torch.ops.aten
 
@@ -25,7 +25,7 @@ PASS_THROUGH = {aten._to_copy.default, aten.clone.default, aten.detach.default,
                 aten.alias.default, aten.contiguous.default, aten.native_dropout.default}
 SOFTMAX = {aten._softmax.default, aten._log_softmax.default}
 # Megatron's vocabulary-parallel ops: they run on a split vocabulary with collectives the
-# pass adds (passes/tp_vocab.py): the embedding lookup (masked, partial sums), the
+# pass adds (passes/tensor_parallel/vocab.py): the embedding lookup (masked, partial sums), the
 # cross-entropy's log-softmax (max and sum of exponentials all-reduced) and its NLL (the
 # target's log-probability from the rank that holds it).
 VOCAB_PARALLEL = {aten.embedding.default, aten._log_softmax.default,

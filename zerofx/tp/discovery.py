@@ -32,8 +32,8 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from zerofx.fx_source import model_line, short_line
-import zerofx.tp_propagation as P
-import zerofx.tp_rules as R
+import zerofx.tp.propagation as P
+import zerofx.tp.rules as R
 
 aten = torch.ops.aten
 _TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default}

@@ -31,7 +31,7 @@ import operator
 import torch
 from torch import fx
 
-import zerofx.tp_rules as R
+import zerofx.tp.rules as R
 
 aten = torch.ops.aten
 _c10d = torch.ops._c10d_functional

@@ -15,7 +15,7 @@ class Pending:
 
     def logged(self, log, role: str, key: int, form: str, numel: int,
                dtype: torch.dtype) -> "Pending":
-        """Report start and wait to ``log`` (runtime/comm_log.CommLog; None: not logged)."""
+        """Report start and wait to ``log`` (runtime/comm/log.CommLog; None: not logged)."""
         if log is not None:
             self._log = (log, log.started(role, key, form, numel, dtype))
         return self

@@ -29,8 +29,8 @@ import uuid
 import torch
 import torch.distributed as dist
 
-from zerofx.runtime.dist import from_first_rank
-from zerofx.runtime.pending import Pending
+from zerofx.runtime.comm.dist import from_first_rank
+from zerofx.runtime.comm.pending import Pending
 
 TIMEOUT_S = 1800.0  # gloo's default collective timeout
 CHECK_S = 0.5  # how often a waiting rank checks that the ranks it waits for still run

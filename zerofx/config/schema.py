@@ -1,6 +1,6 @@
 """Schema machinery for zerofx.config: checkers, typed fields, dict and JSON-file readers.
 
-Generic: it knows no config key. zerofx/config.py declares the config blocks as frozen
+Generic: it knows no config key. zerofx/config/blocks.py declares the config blocks as frozen
 dataclasses whose fields carry a `check` (value -> normalised value, or Invalid saying what is
 allowed), optionally a `parse` (JSON value -> field value) and a `dump` (field value -> JSON);
 this module runs them and turns every failure into a ConfigError naming the key path.

@@ -12,7 +12,7 @@ conversion (DeepSpeed needs one): the whole fp32 master and moments are assemble
 parameter name from all old rank files (tensor-parallel pieces joined) and this runtime's
 piece and owned ranges are cut from them, in the new layout. The
 compute-dtype parameters are written from the full master, so loading needs no collective.
-File format and checked reading: zerofx/checkpoint_io.py.
+File format and checked reading: zerofx/checkpoint/files.py.
 """
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from zerofx.checkpoint_io import (FORMAT_VERSION, LATEST_FILE, META_FILE, STATE_KEYS,
+from zerofx.checkpoint.files import (FORMAT_VERSION, LATEST_FILE, META_FILE, STATE_KEYS,
                                   CheckpointError, check_tag, full_states, rank_file,
                                   read_meta, resolve_tag, tp_dir)
-from zerofx.checkpoint_schema import with_digest
+from zerofx.checkpoint.schema import with_digest
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint"]
 

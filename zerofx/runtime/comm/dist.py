@@ -67,7 +67,7 @@ def init_distributed(*, backend: str | None = None, timeout_s: float = 300.0) ->
     dist.init_process_group(backend, rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout_s))
     log.info("joined process group: rank %d of %d (%s)", rank, world, backend)
-    from zerofx.runtime import error_report
+    from zerofx.runtime.comm import error_report
 
     error_report.install(rank)
     return WorldInfo(rank, local_rank, world)

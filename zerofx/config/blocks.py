@@ -1,6 +1,6 @@
 """Typed zerofx configuration and the reader for DeepSpeed's JSON config format.
 
-With config_scheduler.py (the "scheduler" block), the only module that knows raw JSON key
+With config/scheduler.py (the "scheduler" block), the only module that knows raw JSON key
 strings (docs/design.md, conventions): everything downstream reads the frozen dataclasses
 below. Attribute names mirror DeepSpeed's JSON keys so a DeepSpeed user
 recognises them, and the defaults are DeepSpeed's.
@@ -20,12 +20,12 @@ from dataclasses import dataclass, fields
 from functools import partial
 from typing import Any
 
-from zerofx.config_schema import (
+from zerofx.config.schema import (
     ConfigError, Invalid, bad, boolean, check_keys, checked, choice, default_of, dump, instance,
     integer, is_int, json_object, key_error, load_json, names, nested_setting, number, optional,
     parse_block, parse_in, path_string, required_setting, setting, show, validate,
 )
-from zerofx.config_scheduler import (  # noqa: F401  (zerofx.config's names, as before)
+from zerofx.config.scheduler import (  # noqa: F401  (re-exported by zerofx.config)
     MAX_LR, LRRangeTestParams, OneCycleParams, SchedulerConfig, WarmupDecayLRParams,
     WarmupLRParams, parse_scheduler,
 )
@@ -284,7 +284,7 @@ class ZerofxConfig:
     """torch.compile's ``dynamic`` for the engine (None: Dynamo decides on recompiles)."""
     reduce_form: str = setting("fastest", choice("fastest", "reduce_scatter", "all_reduce", "p2p",
                                                  "shm"))
-    """How ZeRO-2 reduces a gradient bucket into the shards (runtime/comm_forms.py): fastest
+    """How ZeRO-2 reduces a gradient bucket into the shards (runtime/comm/forms.py): fastest
     times every form on the group once and takes the fastest (all give the same bits)."""
     gather_form: str = setting("fastest", choice("fastest", "all_gather", "p2p", "shm"))
     """How stages 1-2 all-gather the updated shards (fastest: the fastest timed)."""
@@ -408,7 +408,7 @@ class Config:
         """Parse a DeepSpeed-style config dict (as json.load returns it)."""
         if not isinstance(d, Mapping):
             raise ConfigError(f"a config must be a JSON object (dict); got {show(d)}")
-        from zerofx.config_deepspeed import screen
+        from zerofx.config.deepspeed_keys import screen
 
         return parse_block(cls, screen(d))
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from zerofx.config_schema import (
+from zerofx.config.schema import (
     bad, boolean, check_keys, checked, choice, integer, json_object, key_error, number,
     optional, parse_block, parse_in, required_keys, required_setting, setting, validate,
 )

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from zerofx.checkpoint_schema import (CheckpointError, check_digest, check_meta, check_rank,
+from zerofx.checkpoint.schema import (CheckpointError, check_digest, check_meta, check_rank,
                                       check_same_save)
 
 FORMAT_VERSION = 2  # 2: every file carries save_id and a crc32 of its content
