@@ -4,7 +4,7 @@ setup.py deliberately does not import torch: under pip's build isolation that wo
 second, multi-GB CUDA torch into the build environment. The C++ kernels in zerofx/csrc are
 JIT-built on first use (torch.utils.cpp_extension.load, cached), so no build step needs torch.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="zerofx",
@@ -14,7 +14,8 @@ setup(
     # tools/ holds the command-line programs; it is installed as zerofx.tools so the console
     # scripts work after a plain `pip install` (docs/design.md: tools/ sits above the package).
     package_dir={"zerofx": "zerofx", "zerofx.tools": "tools"},
-    packages=["zerofx", "zerofx.passes", "zerofx.runtime", "zerofx.tools"],
+    # every package under zerofx/ (config, checkpoint, tp, passes, runtime and their subpackages)
+    packages=["zerofx", "zerofx.tools"] + ["zerofx." + p for p in find_packages("zerofx")],
     package_data={"zerofx": ["csrc/*.cpp", "csrc/*.h", "csrc/*.cu", "passes/README.md"]},
     install_requires=[
         # 2.11 is the oldest torch we support; the upper bound keeps pip from pulling an
