@@ -17,6 +17,8 @@ ALLOWED = {
     # tensor_parallel pass
     "zerofx.tp.discovery": ["zerofx.tp.propagation", "zerofx.tp.rules", "zerofx.config",
                             "zerofx.fx_source"],
+    # the seam: the ops passes put into graphs and the runtime carries out (both import it)
+    "zerofx.graph_ops": [],
     "zerofx.fx_source": [],  # a node's line of user code: read by passes and tp_discovery
     "zerofx.cpu_gemm": [],  # the host's CPU matmul forms: read by the runtime and a pass
     "zerofx.tp.propagation": ["zerofx.tp.rules"],
@@ -27,9 +29,9 @@ ALLOWED = {
     # how ranks talk: below the rest of the runtime, which hands it groups and buffers
     "zerofx.runtime.comm": ["zerofx.runtime.comm", "zerofx.plan", "zerofx.config",
                             "zerofx.comm_cost"],
-    "zerofx.runtime": ["zerofx.runtime", "zerofx.plan", "zerofx.tp.layout", "zerofx.config",
+    "zerofx.runtime": ["zerofx.runtime", "zerofx.graph_ops", "zerofx.plan", "zerofx.tp.layout", "zerofx.config",
                        "zerofx.comm_cost", "zerofx.cpu_gemm"],
-    "zerofx.passes": ["zerofx.passes", "zerofx.plan", "zerofx.tp.layout", "zerofx.tp.propagation",
+    "zerofx.passes": ["zerofx.passes", "zerofx.graph_ops", "zerofx.plan", "zerofx.tp.layout", "zerofx.tp.propagation",
                       "zerofx.tp.rules", "zerofx.config", "zerofx.comm_cost", "zerofx.fx_source",
                       "zerofx.cpu_gemm"],
     "zerofx.backend": ["zerofx.passes", "zerofx.runtime", "zerofx.plan", "zerofx.tp.layout",

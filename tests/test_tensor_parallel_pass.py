@@ -12,7 +12,7 @@ from zerofx.passes import PassContext
 from zerofx.passes.tensor_parallel import tensor_parallel_pass
 from zerofx.plan import make_plan
 from zerofx.tp.layout import resolve_tp_layout
-from zerofx.runtime import graph_ops
+from zerofx import graph_ops
 
 aten = torch.ops.aten
 

@@ -15,9 +15,10 @@ the rest of the backward runs. The wait is in the optimizer step.
 """
 from __future__ import annotations
 
-import torch
+
 from torch import fx
 
+from zerofx.graph_ops import REDUCE_BUCKET, TAG_GRAD
 from zerofx.passes.context import PassContext
 from zerofx.passes.nodes import is_cast, is_view
 from zerofx.passes.param_identity import traced_slots
@@ -25,20 +26,18 @@ from zerofx.passes.param_identity import traced_slots
 
 def bucketing_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Replace tag_grad outputs by one zerofx.reduce_bucket per bucket group."""
-    tag_op = torch.ops.zerofx.tag_grad.default  # registered by the runtime, which runs this
     out = gm.graph.output_node()
     outputs = list(out.args[0])
-    tagged = [(k, n) for k, n in enumerate(outputs)
-              if isinstance(n, fx.Node) and n.op == "call_function" and n.target is tag_op]
+    tagged = [(k, n) for k, n in enumerate(outputs) if TAG_GRAD.is_call(n)]
     if not tagged:
         return gm
     for _, tag in tagged:
-        _hoist(gm.graph, tag.args[0])
+        _hoist(gm.graph, TAG_GRAD.read(tag).grad)
     position = {n: i for i, n in enumerate(gm.graph.nodes)}
     slot_of_param = dict(enumerate(traced_slots(ctx)))  # grouping only: calls route by slots
     groups: dict[int, list] = {}
     for k, tag in tagged:
-        grad, slots, pos = tag.args
+        grad, slots, pos = TAG_GRAD.read(tag)
         bucket = ctx.plan.params[slot_of_param[pos]].bucket if pos in slot_of_param else -1
         groups.setdefault(bucket, []).append((pos, grad, slots))
         outputs[k] = None
@@ -47,9 +46,9 @@ def bucketing_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         members = groups[bucket]
         anchor = max([g for _, g, _ in members] + [members[0][2]], key=position.__getitem__)
         with gm.graph.inserting_after(anchor):
-            gm.graph.call_function(torch.ops.zerofx.reduce_bucket.default,
-                                   (ctx.state_id, members[0][2], [p for p, _, _ in members],
-                                    [g for _, g, _ in members]))
+            REDUCE_BUCKET.call(gm.graph, sid=ctx.state_id, slots=members[0][2],
+                               positions=[p for p, _, _ in members],
+                               grads=[g for _, g, _ in members])
     for _, tag in tagged:
         gm.graph.erase_node(tag)
     return gm

@@ -15,10 +15,10 @@ the bucketing pass turns the tags into reduce_bucket ops and removes them.
 """
 from __future__ import annotations
 
-import torch
 from torch import fx
 from torch.utils.checkpoint import CheckpointPolicy
 
+from zerofx.graph_ops import EXPECT_GRADS, PARAM_SLOTS, TAG_GRAD
 from zerofx.passes.context import PassContext
 from zerofx.passes.nodes import role_of
 
@@ -55,11 +55,10 @@ def param_identity_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         split = {s.name for s in ctx.plan.params if s.tp is not None}
         found = [n for _, n in primals if role_of(n).name not in split]
         kept = [t for (_, n), t in zip(primals, traced) if role_of(n).name in split]
-        slots = graph.call_function(torch.ops.zerofx.param_slots.default,
-                                    (ctx.state_id, found, traced, kept))
+        slots = PARAM_SLOTS.call(graph, sid=ctx.state_id, params=found, traced=traced,
+                                 kept=kept)
     with graph.inserting_after(slots):
-        expected = graph.call_function(torch.ops.zerofx.expect_grads.default,
-                                       (ctx.state_id, slots))
+        expected = EXPECT_GRADS.call(graph, sid=ctx.state_id, slots=slots)
     for node in (slots, expected):  # computed once, in the forward: a recompute in the
         node.meta["recompute"] = CheckpointPolicy.MUST_SAVE  # backward would count twice
     out = graph.output_node()
@@ -69,7 +68,7 @@ def param_identity_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         g = outputs[grads_at + i]
         if isinstance(g, fx.Node):
             with graph.inserting_before(out):
-                outputs[grads_at + i] = graph.call_function(
-                    torch.ops.zerofx.tag_grad.default, (g, expected, position))
+                outputs[grads_at + i] = TAG_GRAD.call(graph, grad=g, slots=expected,
+                                                      position=position)
     out.args = (tuple(outputs),)
     return gm

@@ -27,14 +27,11 @@ import torch
 from torch import fx
 
 from zerofx.config import ConfigError
+from zerofx.graph_ops import EXPECT_GRADS, GATHER_BUCKET, PARAM_SLOTS, TP_PARAM
 from zerofx.passes.context import PassContext
 from zerofx.passes.nodes import is_cast, is_view, role_of
 from zerofx.passes.param_identity import traced_slots, trained_primals
 
-
-def _gather_op():
-    # Looked up when a pass runs: the op exists once the runtime (registering it) is loaded.
-    return torch.ops.zerofx.gather_bucket.default
 
 _NOT_CHAIN = {torch.ops.aten.split.Tensor, torch.ops.aten.split_with_sizes.default}
 
@@ -57,13 +54,13 @@ def zero3_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     order = {n: i for i, n in enumerate(graph.nodes)}
     # param_slots reads the stand-ins' addresses (which parameters this call has): that
     # read stays; every other one becomes a slice of the gathered bucket.
-    skip = {n for n in graph.nodes if n.target is torch.ops.zerofx.param_slots.default}
+    skip = {n for n in graph.nodes if PARAM_SLOTS.is_call(n)}
     # A tensor-parallel weight is read through zerofx.tp_param (its local piece, which at
     # stage 3 is what its bucket gathers): those reads become slices of the bucket too.
     tp_reads: dict[str, list[fx.Node]] = {}
     for n in graph.nodes:
-        if n.target is torch.ops.zerofx.tp_param.default:
-            tp_reads.setdefault(n.args[1], []).append(n)
+        if TP_PARAM.is_call(n):
+            tp_reads.setdefault(TP_PARAM.read(n).name, []).append(n)
 
     def readers(node):
         return [u for u in node.users if u not in skip] + \
@@ -78,9 +75,10 @@ def zero3_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         before = min((u for _, n, _ in members for u in readers(n)), key=order.__getitem__)
         bucket = plan.buckets[b]
         with graph.inserting_before(before):
-            g = graph.call_function(_gather_op(), (ctx.state_id, slots, [p for p, _, _ in members],
-                                             [s.offset - bucket.offset for _, _, s in members],
-                                             bucket.padded, [], 0))
+            g = GATHER_BUCKET.call(graph, sid=ctx.state_id, slots=slots,
+                                   ks=[p for p, _, _ in members],
+                                   offsets=[s.offset - bucket.offset for _, _, s in members],
+                                   length=bucket.padded, ahead=[], check=0)
             for _, node, s in members:
                 off = s.offset - bucket.offset
                 piece = graph.call_function(torch.ops.aten.slice.Tensor,
@@ -112,13 +110,12 @@ def _slots_node(gm: fx.GraphModule, ctx: PassContext, primals) -> fx.Node:
     On the joint graph the gathers read expect_grads' copy, the one the backward keeps."""
     graph = gm.graph
     for node in graph.nodes:
-        if node.target is torch.ops.zerofx.expect_grads.default:
+        if EXPECT_GRADS.is_call(node):
             return node
     last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
     with graph.inserting_after(last_input):
-        return graph.call_function(torch.ops.zerofx.param_slots.default,
-                                   (ctx.state_id, [n for _, n in primals],
-                                    traced_slots(ctx), []))
+        return PARAM_SLOTS.call(graph, sid=ctx.state_id, params=[n for _, n in primals],
+                                traced=traced_slots(ctx), kept=[])
 
 
 def plan_prefetch(graph: fx.Graph, gathers: list[fx.Node], zero) -> None:
@@ -127,23 +124,24 @@ def plan_prefetch(graph: fx.Graph, gathers: list[fx.Node], zero) -> None:
     the graph stay within ``stage3_max_live_parameters``. The first one also carries the
     graph's gather sequence (``check``), compared across ranks before it runs."""
     order = {n: i for i, n in enumerate(graph.nodes)}
-    spans = [(order[g], _last_use(g, order), g.args[4]) for g in gathers]
+    spans = [(order[g], _last_use(g, order), GATHER_BUCKET.read(g).length) for g in gathers]
     for i, g in enumerate(gathers):
         here = order[g]
         live = sum(n for a, z, n in spans if a <= here <= z)
         ahead, fetched = [], 0
         for nxt in gathers[i + 1:]:
-            size = nxt.args[4]
+            size = GATHER_BUCKET.read(nxt).length
             if fetched + size > zero.stage3_prefetch_bucket_size or \
                     live + fetched + size > zero.stage3_max_live_parameters:
                 break
-            ahead += list(nxt.args[2])
+            ahead += list(GATHER_BUCKET.read(nxt).ks)
             fetched += size
-        g.args = (*g.args[:5], ahead, 0)
+        GATHER_BUCKET.update(g, ahead=ahead, check=0)
     if gathers:  # the first gather checks the whole sequence across ranks
         first = min(gathers, key=order.__getitem__)
-        shape = repr([(list(g.args[2]), g.args[4]) for g in gathers]).encode()
-        first.args = (*first.args[:6], zlib.crc32(shape) + 1)
+        shape = repr([(list(GATHER_BUCKET.read(g).ks), GATHER_BUCKET.read(g).length)
+                      for g in gathers]).encode()
+        GATHER_BUCKET.update(first, check=zlib.crc32(shape) + 1)
 
 
 def _last_use(node: fx.Node, order: dict) -> int:
@@ -187,13 +185,14 @@ def regather_for_backward(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_output
     gathers = []
     for g, saved in sorted(by_gather.items(),
                            key=lambda kv: min(_first_user(ph, order) for ph, _ in kv[1])):
-        slots = inputs.get(g.args[1].name)
+        fw_slots = GATHER_BUCKET.read(g).slots
+        slots = inputs.get(fw_slots.name)
         if slots is None:
-            raise AssertionError(f"zero3: the backward does not receive {g.args[1].name}")
+            raise AssertionError(f"zero3: the backward does not receive {fw_slots.name}")
         first = min((_first_user(ph, order) for ph, _ in saved))
         anchor = [n for n in bw.graph.nodes if order.get(n) == first][0]
         with bw.graph.inserting_before(anchor):
-            g2 = bw.graph.node_copy(g, lambda a: slots if a is g.args[1] else a)
+            g2 = bw.graph.node_copy(g, lambda a: slots if a is fw_slots else a)
             env = {g: g2}
             for ph, chain in saved:
                 for c in chain:
@@ -218,7 +217,7 @@ def _chain_to_gather(v: fx.Node):
     """(gather, [view/cast nodes from it to ``v``]) when ``v`` is only a gathered weight."""
     chain = []
     node = v
-    while node.target is not _gather_op():
+    while not GATHER_BUCKET.is_call(node):
         if not (is_view(node) or is_cast(node)) or node.target in _NOT_CHAIN:
             return None
         tensors = [a for a in node.all_input_nodes]

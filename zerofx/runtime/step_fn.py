@@ -17,9 +17,10 @@ from dataclasses import dataclass, fields
 import torch
 import torch.distributed._functional_collectives as funcol
 
+from zerofx.graph_ops import FINISH_GATHER, SHARD_OPTIMIZER_STEP, START_GATHER, WAIT_BUCKETS
+from zerofx.plan import gather_chunks
 from zerofx.runtime.fused_optim import (adam_step_, grad_sumsq,
                                         lamb_apply_, lamb_moments_, lamb_trust_ratio)
-from zerofx.plan import gather_chunks
 from zerofx.runtime.loss_scaler import LossScaler
 
 # torch 2.13 renamed all_gather_tensor (now deprecated, warning per call); 2.11 lacks the new name.
@@ -87,7 +88,7 @@ def make_step_fn(rt):
         flat_params, lr, step, scale = state.flat_params, state.lr, state.step, state.scale
         hysteresis, it, last_overflow = state.hysteresis, state.it, state.last_overflow
         skipped, beta1, floor_hits = state.skipped, state.beta1, state.floor_hits
-        torch.ops.zerofx.wait_buckets(sid)
+        WAIT_BUCKETS(sid)
         g = shard_grads
         if plan.sharded and not reduced_in_shard:  # stage 1: what this rank owns, a temporary
             g = torch.cat([full_grads[r.start:r.start + r.numel] for r in owned])
@@ -168,7 +169,7 @@ def _make_update(rt, in_place: bool):
         sid = rt.id
 
         def unfused(master, g, m, v, out, *, lr, step, coef, skip, beta1):
-            torch.ops.zerofx.shard_optimizer_step(sid, g, coef, lr, skip)
+            SHARD_OPTIMIZER_STEP(sid, g, coef, lr, skip)
             for sh, fl in ranges:  # unchanged master when skipped: the same values again
                 out[fl].copy_(master[sh])
         return unfused
@@ -223,9 +224,9 @@ def _gather_params(shard_lowp, flat_params, chunks, dp: int, group, base: int, *
                 flat_params[r.start - base:r.start - base + r.numel].copy_(
                     shard_lowp[r.at:r.at + r.numel])
         for i in range(len(chunks)):
-            torch.ops.zerofx.start_gather(sid, flat_params, i)
+            START_GATHER(sid, flat_params, i)
         for i, chunk in enumerate(chunks):
-            torch.ops.zerofx.finish_gather(sid, flat_params, i,
+            FINISH_GATHER(sid, flat_params, i,
                                            dp * sum(r.numel for r, _ in chunk))
         return
     issued = []  # every chunk's all-gather starts before the first is waited on

@@ -29,7 +29,8 @@ from torch import nn
 from zerofx.config import Config, ConfigError
 from zerofx.plan import Plan, make_plan
 from zerofx.tp.layout import TPLayout, TPPlanError, resolve_tp_layout
-from zerofx.runtime import eager_gather, graph_ops, input_casts
+import zerofx.graph_ops as graph_ops
+from zerofx.runtime import eager_gather, input_casts
 from zerofx.runtime.comm.forms import (StepGathers, choose_forms, choose_param_gather,
                                        cost_of, shm_mirrors)
 from zerofx.runtime.comm.log import CommLog

@@ -24,6 +24,7 @@ from torch import fx
 
 import zerofx.tp.propagation as P
 import zerofx.tp.rules as R
+from zerofx.graph_ops import TP_PARAM
 from zerofx.passes.context import PassContext
 from zerofx.passes.fake_vals import compute_val, fake_mode_of
 from zerofx.passes.tensor_parallel import sequence as S
@@ -129,8 +130,7 @@ def _read_local_params(gm, ctx, split, full):
                 f"{list(shard.full_shape)}: call the compiled model inside "
                 f"`with runtime.shape_carriers():` (zerofx.initialize's engine does this)")
         with gm.graph.inserting_after(placeholders[-1]):
-            local = gm.graph.call_function(torch.ops.zerofx.tp_param.default,
-                                           (ctx.state_id, role.name))
+            local = TP_PARAM.call(gm.graph, sid=ctx.state_id, name=role.name)
         ph.replace_all_uses_with(local)
         n = shard.full_shape[shard.dim]
         state[local] = R.normalize(R.Shard(shard.dim, n // shard.parts, 1), n)

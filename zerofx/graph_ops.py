@@ -1,29 +1,68 @@
-"""The ops through which graphs talk to the runtime: gradients in (``reduce_bucket``,
-``expect_grads``), the step's waits and optimizer, tensor-parallel pieces.
+"""The seam between the graphs and the runtime: the ops a pass puts into a graph and the
+runtime carries out, defined once here and imported by both sides (docs/design.md, "The
+seam").
 
-Graphs cannot hold a Python object, so an op names the training state it works on by an
-integer id; ``register`` hands out ids and the ops look the state up. The registry holds
-weak references: a runtime that the user drops is freed, and its id is never reused.
+    graph side   a pass builds a call with its op's typed builder, by keyword, and reads or
+                 updates an existing call by field name:
+                     g = GATHER_BUCKET.call(graph, sid=..., slots=..., ks=..., offsets=...,
+                                            length=..., ahead=[], check=0)
+                     GATHER_BUCKET.read(g).length;  GATHER_BUCKET.update(g, ahead=[...])
+                 The fields are the op's own schema arguments, so each op's arguments are
+                 written once: in its signature below.
+    runtime side ``register(state)`` hands out the integer id graphs carry (a graph cannot
+                 hold a Python object); the ops look the state up and call the methods
+                 ``TrainingState`` lists: the whole interface the graphs see.
+
+Why opaque custom ops and not visible functional collectives: a bucket's reduction or a
+stage-3 gather must survive graph breaks (a model Dynamo splits into several graphs, eager
+code between them) and belong to the runtime's buckets, which span graphs; an opaque op
+hands its tensors to the runtime, which owns the buffers, the collective form and the wait.
+
+The registry holds weak references: a runtime that the user drops is freed, and its id is
+never reused.
 """
 from __future__ import annotations
 
 import itertools
 import weakref
+from collections import namedtuple
+from typing import Any, Protocol
 
 import torch
+from torch import fx
 from torch.fx.node import has_side_effect
+
+
+class TrainingState(Protocol):
+    """What the ops read of the state a graph names by id (the runtime's graph-facing side).
+    ``gatherer`` (stage 3) and ``step_gathers`` (the step's all-gathers) are the runtime's
+    parameter-gathering parts; ``shard_optimizer`` its user-optimizer adapter."""
+
+    plan: Any
+    device: torch.device
+    gatherer: Any
+    step_gathers: Any
+    shard_optimizer: Any
+
+    def slot_of(self, param: torch.Tensor) -> int: ...
+    def check_reused_graph(self, slots: list[int], traced: list[int]) -> None: ...
+    def expect(self, slots: list[int]) -> None: ...
+    def take(self, slots: list[int], grads: list[torch.Tensor]) -> None: ...
+    def wait_buckets(self) -> None: ...
+    def local_param(self, name: str) -> torch.Tensor: ...
+
 
 _RUNTIMES: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
 _IDS = itertools.count(1)
 
 
-def register(runtime) -> int:
+def register(state: TrainingState) -> int:
     sid = next(_IDS)
-    _RUNTIMES[sid] = runtime
+    _RUNTIMES[sid] = state
     return sid
 
 
-def lookup(sid: int):
+def lookup(sid: int) -> TrainingState:
     runtime = _RUNTIMES.get(sid)
     if runtime is None:
         raise RuntimeError(f"zerofx training state {sid} no longer exists: keep the "
@@ -177,3 +216,46 @@ def finish_gather(sid: int, flat: torch.Tensor, chunk: int, numel: int) -> None:
 for _op in (torch.ops.zerofx.reduce_bucket.default, torch.ops.zerofx.wait_buckets.default,
             torch.ops.zerofx.shard_optimizer_step.default):
     has_side_effect(_op)
+
+
+class SeamOp:
+    """One seam op as the passes see it: build a call by keyword, read or update one by
+    field name. The fields are the op's schema arguments (``args`` is their namedtuple)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.target = getattr(torch.ops.zerofx, name).default
+        self.args = namedtuple(f"{name}_args", [a.name for a in self.target._schema.arguments])
+
+    def __call__(self, *args, **kwargs):
+        """Run the op eagerly (the step function's calls, traced into the step graph)."""
+        return self.target(*args, **kwargs)
+
+    def call(self, graph: fx.Graph, **fields) -> fx.Node:
+        """A new call of this op at the graph's insertion point; every field by name."""
+        return graph.call_function(self.target, tuple(self.args(**fields)))
+
+    def is_call(self, node) -> bool:
+        return isinstance(node, fx.Node) and node.op == "call_function" and \
+            node.target is self.target
+
+    def read(self, node: fx.Node):
+        """The call's arguments by field name (``read(node).length``)."""
+        assert self.is_call(node), f"{node} is not a call of zerofx::{self.name}"
+        return self.args(*node.args, **node.kwargs)
+
+    def update(self, node: fx.Node, **changes) -> None:
+        """Replace some of the call's arguments, by field name."""
+        node.args, node.kwargs = tuple(self.read(node)._replace(**changes)), {}
+
+
+PARAM_SLOTS = SeamOp("param_slots")
+EXPECT_GRADS = SeamOp("expect_grads")
+TAG_GRAD = SeamOp("tag_grad")
+REDUCE_BUCKET = SeamOp("reduce_bucket")
+WAIT_BUCKETS = SeamOp("wait_buckets")
+SHARD_OPTIMIZER_STEP = SeamOp("shard_optimizer_step")
+TP_PARAM = SeamOp("tp_param")
+GATHER_BUCKET = SeamOp("gather_bucket")
+START_GATHER = SeamOp("start_gather")
+FINISH_GATHER = SeamOp("finish_gather")
