@@ -63,7 +63,7 @@ def test_one_op_per_bucket_after_its_last_gradient(bf16, no_torchrun_env):
     ref(*batch).backward()
     for name, p in ref.named_parameters():
         s = rt.plan.slot(name)
-        torch.testing.assert_close(rt.full_grads[s.offset:s.end].view(s.shape), p.grad,
+        torch.testing.assert_close(rt.state.full_grads[s.offset:s.end].view(s.shape), p.grad,
                                    rtol=1e-5, atol=1e-6)
 
 

@@ -55,7 +55,7 @@ def _gather(rt):
     for key in ("master", "exp_avg", "exp_avg_sq"):
         flat = torch.zeros(rt.plan.padded_numel)
         for r in rt.plan.owned():
-            flat[r.start:r.start + r.numel] = getattr(rt, key)[r.at:r.at + r.numel]
+            flat[r.start:r.start + r.numel] = getattr(rt.state, key)[r.at:r.at + r.numel]
         out[key] = {s.name: flat[s.offset:s.end].view(s.shape).clone() for s in rt.plan.params}
     return out
 
@@ -164,8 +164,8 @@ def _filled(rt, seed):
     """Distinct, recognisable state, as if trained."""
     g = torch.Generator().manual_seed(seed)
     for key in ("master", "exp_avg", "exp_avg_sq"):
-        getattr(rt, key).copy_(torch.randn(getattr(rt, key).shape, generator=g))
-    rt.step_count.fill_(seed + 3)
+        getattr(rt.state, key).copy_(torch.randn(getattr(rt.state, key).shape, generator=g))
+    rt.state.step_count.fill_(seed + 3)
     rt.micro_steps = seed + 3
     return rt
 
@@ -188,7 +188,8 @@ def test_client_state_round_trip(rt, tmp_path):
     assert torch.equal(got["sched"].pop("t"), client["sched"].pop("t"))
     assert got == client
     _equal(_gather(fresh)["master"], _gather(rt)["master"], "master")
-    assert torch.equal(fresh.step_count, rt.step_count) and fresh.micro_steps == rt.micro_steps
+    assert torch.equal(fresh.state.step_count, rt.state.step_count)
+    assert fresh.micro_steps == rt.micro_steps
 
 
 @pytest.mark.parametrize("bad, culprit", [

@@ -24,14 +24,15 @@ def _runtime(seed):
     rt = zerofx.ZeroRuntime(model, CFG)
     g = torch.Generator().manual_seed(seed)
     for key in STATE:
-        getattr(rt, key).copy_(torch.randn(getattr(rt, key).shape, generator=g))
-    rt.step_count.fill_(seed + 1)
+        getattr(rt.state, key).copy_(torch.randn(getattr(rt.state, key).shape, generator=g))
+    rt.state.step_count.fill_(seed + 1)
     return rt
 
 
 def _snapshot(rt):
-    return {k: getattr(rt, k).clone() for k in (*STATE, "flat_params", "step_count", "lr")} | \
-        {"micro_steps": rt.micro_steps, "scale": rt.scaler.scale.clone()}
+    keys = (*STATE, "flat_params", "step_count", "lr")
+    return {k: getattr(rt.state, k).clone() for k in keys} | \
+        {"micro_steps": rt.micro_steps, "scale": rt.state.scaler.scale.clone()}
 
 
 def _unchanged(rt, before):
@@ -133,11 +134,11 @@ def test_crash_between_the_renames_keeps_the_old_copy_loadable(tmp_path, no_torc
     rt = _runtime(9)
     with pytest.warns(UserWarning, match="set aside"):
         path, _ = load_checkpoint(rt, tmp_path)
-    assert path.endswith(".t.old") and torch.equal(rt.master, old.master)
+    assert path.endswith(".t.old") and torch.equal(rt.state.master, old.state.master)
     save_checkpoint(new, tmp_path, tag="t")  # the re-save completes this time
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "t"]
     load_checkpoint(rt, tmp_path)
-    assert torch.equal(rt.master, new.master)
+    assert torch.equal(rt.state.master, new.state.master)
 
 
 @pytest.mark.parametrize("out, words", [("", "not a file name"), (".", "not a file name"), ("a", "is a directory"),
@@ -194,5 +195,5 @@ def test_random_byte_corruption_is_an_error_or_a_correct_load(pristine, tmp_path
         return
     # accepted: then it is the saved state exactly (a flip in unused bytes), never NaN
     for key in STATE:
-        assert torch.equal(getattr(rt, key), saved[key]), key
+        assert torch.equal(getattr(rt.state, key), saved[key]), key
 

@@ -90,9 +90,9 @@ def _train_body(rank, world, forms, variant="stage2"):
         rt.backward(loss)
         rt.step()
     if variant == "stage3":
-        assert rt.forms["param_gather"].form == rt.forms["gather"].form
+        assert rt.comm.forms["param_gather"].form == rt.comm.forms["gather"].form
     return {n: p.detach().clone() for n, p in model.named_parameters()}, \
-        {role: c.form for role, c in rt.forms.items()}, int(rt.skipped)
+        {role: c.form for role, c in rt.comm.forms.items()}, int(rt.state.skipped)
 
 
 def _all_forms(rank, world, variant):
@@ -194,7 +194,7 @@ def test_a_rank_waiting_on_a_peer_that_exited_fails_in_seconds():
 def test_a_pinned_form_no_collective_takes_is_warned_about(caplog):
     from zerofx.config import Config
     from zerofx.runtime.comm.forms import Choice
-    from zerofx.runtime.zero import _warn_unused_pins
+    from zerofx.runtime.comm.context import _warn_unused_pins
 
     cfg = Config.from_dict({"zerofx": {"reduce_form": "shm", "gather_form": "p2p"}})
     with caplog.at_level("WARNING"):  # stage 1: a step gather, no bucket reduction

@@ -59,7 +59,7 @@ def test_initialize_refuses_cleanly_or_builds_a_usable_engine(cfg, no_torchrun_e
         text = str(e)
         assert text and "\n" not in text.strip() and "Traceback" not in text, text
         return
-    scale = float(engine.runtime.scaler.scale)
+    scale = float(engine.runtime.state.scaler.scale)
     assert math.isfinite(scale) and 0 < scale <= 2.0**127, scale
     if isinstance(scheduler, Schedule):
         for step in range(0, 50):

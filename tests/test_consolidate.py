@@ -24,11 +24,11 @@ def _save_body(rank, world, ckpt):
     model, _ = make("block")
     rt = zerofx.ZeroRuntime(model, CFG)
     g = torch.Generator().manual_seed(rank)
-    rt.master.copy_(torch.randn(rt.master.shape, generator=g))  # as if trained
+    rt.state.master.copy_(torch.randn(rt.state.master.shape, generator=g))  # as if trained
     save_checkpoint(rt, ckpt, tag="s")
     full = torch.zeros(rt.plan.padded_numel)
     for r in rt.plan.owned():
-        full[r.start:r.start + r.numel] = rt.master[r.at:r.at + r.numel]
+        full[r.start:r.start + r.numel] = rt.state.master[r.at:r.at + r.numel]
     return {s.name: full[s.offset:s.end].view(s.shape).clone() for s in rt.plan.params}
 
 

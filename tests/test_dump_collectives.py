@@ -75,7 +75,7 @@ def _dump_body(rank, world, root):
     compiled = torch.compile(model, backend="zero", options={"runtime": rt})
     compiled(*mlp_batch(seed=rank)).backward()
     rt.step()
-    return {role: c.form for role, c in rt.forms.items()}, len(rt.plan.buckets)
+    return {role: c.form for role, c in rt.comm.forms.items()}, len(rt.plan.buckets)
 
 
 @pytest.mark.slow

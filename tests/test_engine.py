@@ -110,8 +110,9 @@ def test_every_runtime_tensor_lives_on_the_parameters_device(no_torchrun_env):
     checks the plumbing; a GPU run is benchmarks/gpu_check.sh's."""
     engine, *_ = zerofx.initialize(model=make("mlp")[0], config=_cfg(fp16={"enabled": True}))
     rt = engine.runtime
-    state = [rt.flat_params, rt.master, rt.exp_avg, rt.exp_avg_sq, rt.full_grads, rt.lr,
-             rt.beta1, rt.step_count, rt.skipped, rt.scaler.scale, rt.scaler.hysteresis]
+    st = rt.state
+    state = [st.flat_params, st.master, st.exp_avg, st.exp_avg_sq, st.full_grads, st.lr,
+             st.beta1, st.step_count, st.skipped, st.scaler.scale, st.scaler.hysteresis]
     assert {t.device for t in state} == {engine.device} == {torch.device("cpu")}
 
 

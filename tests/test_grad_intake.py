@@ -41,13 +41,13 @@ def test_buckets_launch_in_order_only_when_complete(no_torchrun_env):
 
 def test_missing_gradients_are_zero_and_old_values_do_not_leak(no_torchrun_env):
     _, rt = _runtime()
-    rt.full_grads.fill_(7.0)  # stale values of an earlier step
+    rt.state.full_grads.fill_(7.0)  # stale values of an earlier step
     slots = _slots(rt, 0)
     first = slots[:1]
     rt.intake.take(first, [torch.full((rt.plan.params[first[0]].numel,), 2.0)])
     rt.intake.wait()
     for i, s in enumerate(rt.plan.params):
-        got = rt.full_grads[s.offset:s.end]
+        got = rt.state.full_grads[s.offset:s.end]
         assert torch.all(got == (2.0 if i in first else 0.0)), s.name
 
 
@@ -60,7 +60,7 @@ def test_two_graphs_add_into_one_parameter(no_torchrun_env):
         rt.intake.take([i], [torch.ones(n)])
         rt.intake.end_micro_step(boundary=False)
     s = rt.plan.params[i]
-    assert torch.all(rt.full_grads[s.offset:s.end] == 4.0)
+    assert torch.all(rt.state.full_grads[s.offset:s.end] == 4.0)
 
 
 def test_gradient_after_its_bucket_was_reduced_is_an_error(no_torchrun_env):
@@ -82,7 +82,7 @@ def test_eager_gradient_goes_to_the_bucket_and_not_to_p_grad(no_torchrun_env):
     rt.intake.wait()
     for name, p in ref.named_parameters():
         s = rt.plan.slot(name)
-        torch.testing.assert_close(rt.full_grads[s.offset:s.end].view(s.shape), p.grad)
+        torch.testing.assert_close(rt.state.full_grads[s.offset:s.end].view(s.shape), p.grad)
 
 
 def test_predivide_factor_scales_before_the_reduction_and_not_the_update(no_torchrun_env):
@@ -99,7 +99,7 @@ def test_predivide_factor_scales_before_the_reduction_and_not_the_update(no_torc
             rt.backward(compiled(x).square().mean())
             if step == 0:
                 rt.wait_buckets()
-                first = rt.full_grads.clone()
+                first = rt.state.full_grads.clone()
             rt.step()
         return first, torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 

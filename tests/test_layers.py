@@ -25,15 +25,15 @@ ALLOWED = {
     "zerofx.tp.rules": [],
     "zerofx.plan": ["zerofx.plan", "zerofx.tp.layout", "zerofx.config"],
     "zerofx.csrc": [],
-    # docs/design.md: "the runtime allocates from [the plan]", so runtime may read it.
     # how ranks talk: below the rest of the runtime, which hands it groups and buffers
     "zerofx.runtime.comm": ["zerofx.runtime.comm", "zerofx.plan", "zerofx.config",
                             "zerofx.comm_cost"],
-    "zerofx.runtime": ["zerofx.runtime", "zerofx.graph_ops", "zerofx.plan", "zerofx.tp.layout", "zerofx.config",
-                       "zerofx.comm_cost", "zerofx.cpu_gemm"],
-    "zerofx.passes": ["zerofx.passes", "zerofx.graph_ops", "zerofx.plan", "zerofx.tp.layout", "zerofx.tp.propagation",
-                      "zerofx.tp.rules", "zerofx.config", "zerofx.comm_cost", "zerofx.fx_source",
-                      "zerofx.cpu_gemm"],
+    # docs/design.md: "the runtime allocates from [the plan]", so runtime may read it.
+    "zerofx.runtime": ["zerofx.runtime", "zerofx.graph_ops", "zerofx.plan", "zerofx.tp.layout",
+                       "zerofx.config", "zerofx.comm_cost", "zerofx.cpu_gemm"],
+    "zerofx.passes": ["zerofx.passes", "zerofx.graph_ops", "zerofx.plan", "zerofx.tp.layout",
+                      "zerofx.tp.propagation", "zerofx.tp.rules", "zerofx.config",
+                      "zerofx.comm_cost", "zerofx.fx_source", "zerofx.cpu_gemm"],
     "zerofx.backend": ["zerofx.passes", "zerofx.runtime", "zerofx.plan", "zerofx.tp.layout",
                        "zerofx.config", "zerofx.step_graph", "zerofx.cpu_gemm"],
     "zerofx.step_graph": ["zerofx.passes", "zerofx.runtime", "zerofx.plan", "zerofx.tp.layout",

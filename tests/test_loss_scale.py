@@ -45,7 +45,7 @@ def test_loss_scaled_once_at_the_loss_and_buckets_handed_over(no_torchrun_env):
     rt.wait_buckets()
     # DeepSpeed's rule: the gradients are those of (loss x scale), scaled exactly once
     for s in rt.plan.params:
-        got = rt.full_grads[s.offset:s.end].float().view(s.shape) / rt.loss_scale
+        got = rt.state.full_grads[s.offset:s.end].float().view(s.shape) / rt.loss_scale
         want = dict(ref.named_parameters())[s.name].grad
         assert torch.allclose(got, want, rtol=2e-2, atol=1e-3), s.name
     bw = graphs["backward"].graph
@@ -60,10 +60,10 @@ def test_plain_backward_under_fp16_is_refused_before_the_update(no_torchrun_env)
 
     _, rt, compiled, batch = _runtime(_fp16())
     compiled(*batch).backward()  # the scale never reached the loss
-    before = rt.master.clone()
+    before = rt.state.master.clone()
     with pytest.raises(ConfigError, match=r"rt.backward\(loss\)"):
         rt.step()
-    assert torch.equal(rt.master, before)
+    assert torch.equal(rt.state.master, before)
 
 
 def test_scale_changes_without_recompiling_or_host_reads(no_torchrun_env, caplog):
@@ -89,8 +89,9 @@ def test_scale_changes_without_recompiling_or_host_reads(no_torchrun_env, caplog
 
 
 def _snapshot(rt):
-    return [t.clone() for t in (rt.master, rt.exp_avg, rt.exp_avg_sq, rt.flat_params,
-                                rt.step_count)]
+    st = rt.state
+    return [t.clone() for t in (st.master, st.exp_avg, st.exp_avg_sq, st.flat_params,
+                                st.step_count)]
 
 
 def _inject_body(rank, world, stage):
@@ -157,9 +158,9 @@ def test_overflow_at_the_minimum_scale_stops_training_as_deepspeed_does(no_torch
     bad[0, 0] = float("inf")
     rt.backward(compiled(bad, y))
     rt.step()  # skipped at the floor: DeepSpeed raises here, zerofx at its next host check
-    before = [t.clone() for t in (rt.master, rt.exp_avg, rt.flat_params)]
+    before = [t.clone() for t in (rt.state.master, rt.state.exp_avg, rt.state.flat_params)]
     rt.backward(compiled(x, y))
     with pytest.raises(LossScaleError, match="min_loss_scale 2"):
         rt.step()
-    assert all(torch.equal(a, b) for a, b in zip(before, (rt.master, rt.exp_avg,
-                                                          rt.flat_params)))
+    assert all(torch.equal(a, b) for a, b in zip(before, (rt.state.master, rt.state.exp_avg,
+                                                          rt.state.flat_params)))

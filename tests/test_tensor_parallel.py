@@ -41,7 +41,7 @@ def _grads_body(rank, world, name, dump, inductor=False, sequence_parallel=False
                     for n, p in model.named_parameters() if rt.plan.slot(n).tp is not None}
         assert stand_in and set(stand_in.values()) == {1}, stand_in
     loss.backward()  # stage 0, one DP rank: full_grads holds this rank's gradient pieces
-    grads = {s.name: rt.full_grads[s.offset:s.end].view(s.shape).clone()
+    grads = {s.name: rt.state.full_grads[s.offset:s.end].view(s.shape).clone()
              for s in rt.plan.params}
     local = {n: tuple(p.shape) for n, p in model.named_parameters()}
     model.eval()
@@ -410,7 +410,7 @@ def _guess_body(rank, world):
     with rt.shape_carriers():
         loss = compiled(*mlp_batch())
     loss.backward()
-    grads = {s.name: rt.full_grads[s.offset:s.end].view(s.shape).clone()
+    grads = {s.name: rt.state.full_grads[s.offset:s.end].view(s.shape).clone()
              for s in rt.plan.params}
     return loss.item(), grads, {s.name: s.tp for s in rt.plan.params}
 
@@ -491,11 +491,11 @@ def _overflow_body(rank, world):
         rt.backward(loss)
         if step == 1 and rank == 1:  # an overflow in rank 1's piece of a split weight only
             s = rt.plan.slot("fc1.weight")
-            rt.full_grads[s.offset] = float("inf")
-        before = [t.clone() for t in (rt.master, rt.exp_avg, rt.flat_params)]
+            rt.state.full_grads[s.offset] = float("inf")
+        before = [t.clone() for t in (rt.state.master, rt.state.exp_avg, rt.state.flat_params)]
         rt.step()
         unchanged = all(torch.equal(a, b) for a, b in
-                        zip(before, (rt.master, rt.exp_avg, rt.flat_params)))
+                        zip(before, (rt.state.master, rt.state.exp_avg, rt.state.flat_params)))
         out.append((unchanged, rt.skipped_steps))
     return out
 
@@ -603,7 +603,7 @@ def _vocab_grads_body(rank, world):
     out = engine(**hf_batch("llama", 0))
     engine.backward(out.loss)
     rt = engine.runtime
-    grads = {s.name: rt.full_grads[s.offset:s.end].view(s.shape).clone() for s in rt.plan.params}
+    grads = {s.name: rt.state.full_grads[s.offset:s.end].view(s.shape).clone() for s in rt.plan.params}
     return out.loss.item(), grads, {s.name: s.tp for s in rt.plan.params}, out.logits.shape
 
 

@@ -166,7 +166,7 @@ def _grid_body(rank, world, stage):
     extra["zero_optimization"]["stage"] = stage
     engine, *_ = zerofx.initialize(model=make("block")[0],
                                    config=_cfg(stage=stage, clip=0.5, extra=extra))
-    return train_block(engine, 6), _pieces(engine), int(engine.runtime.skipped)
+    return train_block(engine, 6), _pieces(engine), int(engine.runtime.state.skipped)
 
 
 @pytest.mark.slow

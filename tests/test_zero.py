@@ -58,8 +58,8 @@ def _body(rank, world, name, cases, native=False):
     out = []
     for stage, gas, clip in cases:
         losses, params, rt = _train(rank, name, _config(stage, gas, clip), native=native)
-        state = sum(t.numel() for t in (rt.master, rt.exp_avg, rt.exp_avg_sq))
-        grads = sum(t.numel() for t in {id(t): t for t in (rt.full_grads, rt.shard_grads)
+        state = sum(t.numel() for t in (rt.state.master, rt.state.exp_avg, rt.state.exp_avg_sq))
+        grads = sum(t.numel() for t in {id(t): t for t in (rt.state.full_grads, rt.state.shard_grads)
                                         if t is not None}.values())
         out.append((losses, params, state, grads, rt.plan.padded_numel))
         torch._dynamo.reset()

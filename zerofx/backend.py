@@ -135,7 +135,7 @@ def _prepare(gm, example_inputs, config: Config, extra, runtime) -> Compilation:
         except OSError as e:
             raise ConfigError(f"zerofx.dump_dir (or ZEROFX_DUMP) {dump_root!r} cannot be "
                               f"written ({e.strerror}); pick a writable directory") from None
-        forms = runtime.forms if runtime is not None else {}
+        forms = runtime.comm.forms if runtime is not None else {}
         reduce = forms["reduce"].form if "reduce" in forms else None
         gd.write_text("plan.txt", plan.describe(reduce) + "\n" +
                       (runtime.describe_forms() if runtime is not None else "") +

@@ -192,7 +192,7 @@ class ZeroEngine(nn.Module):
         self._window_samples += self.train_micro_batch_size_per_gpu() * \
             self.runtime.plan.grid.dp_size
         # the skip count before the update, on the device: read only if was_step_applied is
-        skipped = self.runtime.skipped.clone() if self.runtime.is_boundary else None
+        skipped = self.runtime.state.skipped.clone() if self.runtime.is_boundary else None
         updated = self.runtime.step()
         self._timers["step"] += time.perf_counter() - t0
         if not updated:
@@ -244,7 +244,7 @@ class ZeroEngine(nn.Module):
         return self.runtime.skipped_steps
 
     def get_lr(self) -> list[float]:
-        return [float(self.runtime.lr)]
+        return [float(self.runtime.state.lr)]
 
     def get_global_grad_norm(self) -> float | None:
         """DeepSpeed's: the global 2-norm of the unscaled gradients at the last optimizer step
@@ -252,14 +252,14 @@ class ZeroEngine(nn.Module):
         overflowed), or None before the first step."""
         if self._skipped_before is None:
             return None
-        norm = float(self.runtime.grad_norm)
+        norm = float(self.runtime.state.grad_norm)
         return norm if math.isfinite(norm) else math.inf  # an overflow's inf - inf is a nan
 
     def was_step_applied(self) -> bool:
         """DeepSpeed's: whether the last optimizer step updated the weights (False when an
         fp16 overflow skipped it, or before the first step)."""
         before = self._skipped_before
-        return before is not None and bool(self.runtime.skipped == before)
+        return before is not None and bool(self.runtime.state.skipped == before)
 
     def train_micro_batch_size_per_gpu(self) -> int:
         return self._batch_sizes().train_micro_batch_size_per_gpu

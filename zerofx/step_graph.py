@@ -16,7 +16,7 @@ from zerofx.runtime.step_fn import make_step_fn, traceable
 
 def build_step_program(rt, *, passes, dump_root: str | None, graph_id: str):
     """Trace ``rt``'s optimizer step into a GraphModule, run the passes over it, return it."""
-    gm = make_fx(traceable(make_step_fn(rt)), tracing_mode="fake")(*rt.step_inputs().tensors())
+    gm = make_fx(traceable(make_step_fn(rt)), tracing_mode="fake")(*rt.state.step_inputs().tensors())
     ctx = PassContext(rt.config, rt.plan, "optimizer", f"{graph_id}_optimizer",
                       state_id=rt.id, tp_group=rt.tp_group_name, **rt.pass_facts())
     dump = GraphDump.create(dump_root, rank=rt.plan.rank, graph=graph_id, kind="optimizer") \

@@ -126,7 +126,7 @@ def _check_plain(obj, where: str) -> None:
 def _save_id(rt) -> str:
     """One random id for this save, the same on every rank: every file records it, so files
     of different saves are never loaded together."""
-    draw = torch.tensor(secrets.randbits(62), dtype=torch.int64, device=rt.master.device)
+    draw = torch.tensor(secrets.randbits(62), dtype=torch.int64, device=rt.device)
     if rt.plan.grid.world_size > 1:
         dist.broadcast(draw, src=0)
     return f"{int(draw):016x}"
@@ -180,10 +180,10 @@ def _write_files(rt, tmp: Path, dp_rank: int, client_state, first: bool,
               tmp / META_FILE)
     _save({"dp_rank": dp_rank, "save_id": save_id,
            "ranges": [[r.start, r.numel, r.at] for r in plan.owned()],
-           **{k: getattr(rt, k) for k in STATE_KEYS},
-           "step_count": rt.step_count, "lr": rt.lr, "skipped": rt.skipped,
+           **{k: getattr(rt.state, k) for k in STATE_KEYS},
+           "step_count": rt.state.step_count, "lr": rt.state.lr, "skipped": rt.state.skipped,
            "micro_steps": rt.micro_steps, "gas": rt.gas,
-           "scaler": rt.scaler.state_dict()}, tmp / rank_file(dp_rank))
+           "scaler": rt.state.scaler.state_dict()}, tmp / rank_file(dp_rank))
 
 
 def _publish(root: Path, tmp: Path, final: Path, tag: str, save_latest: bool) -> None:
@@ -220,7 +220,7 @@ def _all_ok(rt, action, what: str, path: Path) -> None:
     except Exception as e:  # noqa: BLE001 - re-raised below, after the others know
         error = e
     if rt.plan.grid.world_size > 1:  # every rank: TP ranks write files of their own too
-        ok = torch.tensor(0 if error else 1, dtype=torch.int32, device=rt.master.device)
+        ok = torch.tensor(0 if error else 1, dtype=torch.int32, device=rt.device)
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         if error is None and int(ok) == 0:
             raise CheckpointError(f"another rank failed while {what} {path}; see its error. "
@@ -252,18 +252,18 @@ def _restore_state(rt, states: dict) -> None:
     for key in STATE_KEYS:
         full = {s.name: s.tp.local_piece(states[key][s.name], tp, tp_rank) if s.tp
                 else states[key][s.name] for s in plan.params}
-        dst = getattr(rt, key)
+        dst = getattr(rt.state, key)
         dst.zero_()  # padding stays zero
         for o in plan.owned_pieces():
             src = full[o.slot.name].reshape(-1)[o.start:o.start + o.numel]
             dst[o.at:o.at + o.numel].copy_(src)
         if key == "master":
-            base = plan.persist_offset  # stage 3: only the persistent ones are whole
-            for s in plan.params:  # in place: the model's parameters are views of it
-                if s.offset >= base:
-                    rt.flat_params[s.offset - base:s.end - base].copy_(full[s.name].reshape(-1))
+            base, flat = plan.persist_offset, rt.state.flat_params  # stage 3: only the
+            for s in plan.params:  # persistent ones are whole; in place: the model's
+                if s.offset >= base:  # parameters are views of it
+                    flat[s.offset - base:s.end - base].copy_(full[s.name].reshape(-1))
     if plan.partitioned:  # stage 3's parameters are the shard itself
-        rt.shard_lowp.copy_(rt.master)
+        rt.state.shard_lowp.copy_(rt.state.master)
 
 
 def _restore_counters(rt, shard: dict) -> None:

@@ -39,7 +39,7 @@ def eager_only_params(model: nn.Module, named) -> frozenset[str]:
 def install(rt, model: nn.Module) -> list:
     """Hooks on every module that owns partitioned or tensor-parallel parameters; returns
     their handles."""
-    empty = {id(p): local for p, _, local in rt._carriers}  # the value between calls
+    empty = rt.carriers.between_calls()  # {id(param): its value between calls}
     handles = []
     runtime = weakref.ref(rt)
     for module in model.modules():
@@ -52,7 +52,7 @@ def install(rt, model: nn.Module) -> list:
             rt = runtime()
             if rt is None or torch.compiler.is_compiling():
                 return
-            slots = [rt.plan.slot(rt._names_by_id[id(p)]) for p in own]
+            slots = [rt.plan.slot(rt.carriers.name_of(p)) for p in own]
             split = [s.name for p, s in zip(own, slots)
                      if s.tp is not None and tuple(p.shape) != tuple(s.tp.full_shape)]
             if split:
@@ -64,7 +64,7 @@ def install(rt, model: nn.Module) -> list:
             lacking = [p for p in own if p.numel() == 0]
             if not lacking:
                 return
-            names = [rt._names_by_id[id(p)] for p in lacking]
+            names = [rt.carriers.name_of(p) for p in lacking]
             whole = rt.gatherer.whole_params(names)
             for p, n in zip(lacking, names):
                 p.data = whole[n]

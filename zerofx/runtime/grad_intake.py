@@ -42,9 +42,13 @@ class LateGradientError(RuntimeError):
 class GradIntake:
     """The gradient side of one ZeroRuntime: arrival bookkeeping, bucket launches, waits."""
 
-    def __init__(self, rt):
-        self.rt = rt  # reads its buffers, group and boundary state; never its optimizer
-        plan = rt.plan
+    def __init__(self, plan, state, comm, *, pre_reduce: float, reduces_into_shard: bool,
+                 is_boundary):
+        """``state``: the runtime's TrainState (gradient buffers); ``comm``: its CommContext;
+        ``is_boundary()``: whether the backward now running ends an accumulation window."""
+        self.plan, self.state, self.comm = plan, state, comm
+        self.pre_reduce, self.reduces_into_shard = pre_reduce, reduces_into_shard
+        self.is_boundary = is_boundary
         index = {s.name: i for i, s in enumerate(plan.params)}
         self._bucket_slots = [[index[n] for n in b.params] for b in plan.buckets]
         n = len(plan.params)
@@ -67,8 +71,8 @@ class GradIntake:
     @torch.no_grad()
     def take(self, slots, grads) -> None:
         """Gradients of parameters ``slots`` (indices into plan.params; None: no gradient)."""
-        boundary = self.rt.is_boundary
-        params = self.rt.plan.params
+        boundary = self.is_boundary()
+        params = self.plan.params
         if boundary and any(params[i].bucket < self._launched for i in slots):
             self._late(slots)
         for i, g in zip(slots, grads):
@@ -76,7 +80,7 @@ class GradIntake:
             if g is None:
                 continue
             s = params[i]
-            b = self.rt.plan.buckets[s.bucket]
+            b = self.plan.buckets[s.bucket]
             flat = self._region(s.bucket)
             dst = flat[s.offset - b.offset:s.end - b.offset]
             if self._written[i]:
@@ -100,11 +104,11 @@ class GradIntake:
         if i not in self._eager:
             self._eager.add(i)
             log.debug("parameter %s got its gradient outside compiled graphs",
-                      self.rt.plan.params[i].name)
+                      self.plan.params[i].name)
         self.take((i,), (grad,))
 
     def _late(self, slots) -> None:
-        names = [self.rt.plan.params[i].name for i in slots]
+        names = [self.plan.params[i].name for i in slots]
         raise LateGradientError(
             f"a gradient of {names[:3]} arrived after its bucket's reduction had "
             f"started in this step: zerofx reduces each bucket once per step, at the end of "
@@ -116,12 +120,12 @@ class GradIntake:
         staging buffer that lives until its reduce-scatter is done. Only its padding is
         zeroed here: each gradient is copied in, and a parameter without one is zeroed at
         the launch."""
-        rt, b = self.rt, self.rt.plan.buckets[bucket]
-        if rt.full_grads is not None:
-            return rt.full_grads[b.offset:b.offset + b.padded]
+        b, full = self.plan.buckets[bucket], self.state.full_grads
+        if full is not None:
+            return full[b.offset:b.offset + b.padded]
         if bucket not in self._staging:
-            buf = torch.empty(b.padded, dtype=rt.plan.compute_dtype,
-                              device=rt.flat_params.device)
+            buf = torch.empty(b.padded, dtype=self.plan.compute_dtype,
+                              device=self.state.flat_params.device)
             buf[b.numel:].zero_()
             self._staging[bucket] = buf
         return self._staging[bucket]
@@ -135,39 +139,39 @@ class GradIntake:
         return True
 
     def _launch_ready(self) -> None:
-        buckets = self.rt.plan.buckets
+        buckets = self.plan.buckets
         while self._launched < len(buckets) and self._complete(self._launched):
             self._launch(self._launched)
 
     def _launch(self, bucket: int) -> None:
-        rt, b = self.rt, self.rt.plan.buckets[bucket]
+        b = self.plan.buckets[bucket]
         flat = self._region(bucket)
         for i in self._bucket_slots[bucket]:  # no gradient this window: zero, as DeepSpeed's
             if not self._written[i]:  # flat partition
-                s = rt.plan.params[i]
+                s = self.plan.params[i]
                 flat[s.offset - b.offset:s.end - b.offset].zero_()
-        if rt.pre_reduce != 1.0:  # prescale_gradients / gradient_predivide_factor
-            flat.mul_(rt.pre_reduce)
-        if rt.group is not None:  # (staging buckets exist only then: stage 2 needs N ranks)
+        if self.pre_reduce != 1.0:  # prescale_gradients / gradient_predivide_factor
+            flat.mul_(self.pre_reduce)
+        if self.comm.group is not None:  # (staging buckets exist only then: stage 2 needs N ranks)
             self._pending.append(self._start_collective(b, flat))
         self._staging.pop(bucket, None)
         self._launched = bucket + 1
 
     def _start_collective(self, b, flat):
         """Start bucket ``b``'s reduction; returns (Pending, keep-alive)."""
-        rt = self.rt
-        if not rt.reduces_into_shard:
+        comm = self.comm
+        if not self.reduces_into_shard:
             form = "all_reduce"
-            pending = Pending([dist.all_reduce(flat, group=rt.group, async_op=True)])
+            pending = Pending([dist.all_reduce(flat, group=comm.group, async_op=True)])
         else:
-            mine = rt.plan.owned()[b.index]
-            out = rt.shard_grads[mine.at:mine.at + mine.numel]
+            mine = self.plan.owned()[b.index]
+            out = self.state.shard_grads[mine.at:mine.at + mine.numel]
             # The form timed fastest on this group (runtime/comm/forms.py; on gloo the native
             # reduce-scatter is an all-reduce plus a copy, and point-to-point beats both).
-            form = rt.forms["reduce"].form
-            pending = start_reduce(form, flat, out, rt.group, mirror=rt.shm.get("reduce"),
+            form = comm.forms["reduce"].form
+            pending = start_reduce(form, flat, out, comm.group, mirror=comm.shm.get("reduce"),
                                    key=b.index, base=b.offset)
-        return pending.logged(rt.comm_log, "reduce", b.index, form, flat.numel(),
+        return pending.logged(comm.log, "reduce", b.index, form, flat.numel(),
                               flat.dtype), flat
 
     def _queue_finish(self) -> None:
@@ -183,7 +187,7 @@ class GradIntake:
     def finish(self) -> None:
         """Launch, in order, every bucket not launched yet (the boundary's backward ended)."""
         self._callback_queued = False
-        for bucket in range(self._launched, len(self.rt.plan.buckets)):
+        for bucket in range(self._launched, len(self.plan.buckets)):
             self._launch(bucket)
 
     def wait(self) -> None:

@@ -1,7 +1,7 @@
 """ParamGather: ZeRO stage 3's parameter side, whole parameters gathered from shards on demand.
 
 At stage 3 a parameter lives between uses only as this rank's 1/N of its bucket (the
-compute-dtype shard the optimizer writes, ``rt.shard_lowp``). The graphs gather a bucket
+compute-dtype shard the optimizer writes, ``rt.state.shard_lowp``). The graphs gather a bucket
 right before its parameters are first read (``zerofx.gather_bucket``, inserted by the zero3
 pass) and drop it after their last read; backward gathers again. A bucket is the unit one
 all-gather moves: its rank slices are contiguous in the shard, and the all-gather's output
@@ -39,9 +39,12 @@ class RanksDivergedError(RuntimeError):
 class ParamGather:
     """Bucket all-gathers of one ZeroRuntime, prefetches in flight and live-memory counts."""
 
-    def __init__(self, rt, group):
-        self.rt = rt
-        self.group = group
+    def __init__(self, plan, state, comm):
+        """``state``: the runtime's TrainState (stage 3's shard, the persistent buckets);
+        ``comm``: its CommContext, whose ``param_group`` the gathers run on."""
+        self.plan, self.state, self.comm = plan, state, comm
+        self.group = comm.param_group
+        self.device = state.flat_params.device
         self._inflight: dict[int, tuple[torch.Tensor, Pending]] = {}  # bucket -> (out, work)
         self.gathers = 0  # all-gathers issued (tests and the dump count them)
         self._signature = 0  # a running hash of the buckets gathered, in order
@@ -55,22 +58,22 @@ class ParamGather:
         """The parameters ``slots[k]`` (k in ``ks``) whole, laid out as the graph was traced:
         parameter ``ks[j]`` at ``offsets[j]`` of a ``length``-element tensor. ``ahead``: the
         positions of parameters the graph reads next, whose buckets start gathering now."""
-        params = self.rt.plan.params
+        params = self.plan.params
         wanted = [params[slots[k]] for k in ks]
         buckets = sorted({s.bucket for s in wanted})
         self.prefetch([params[slots[k]].bucket for k in ahead if slots[k] >= 0])
         if len(buckets) == 1:
-            b = self.rt.plan.buckets[buckets[0]]
+            b = self.plan.buckets[buckets[0]]
             whole = self._whole(b.index)
             if whole.numel() == length and all(s.offset - b.offset == o
                                                for s, o in zip(wanted, offsets)):
                 return whole  # laid out as traced: the gathered bucket itself
         # Another call of a reused graph (other parameters, other buckets): copy each one to
         # where the graph reads it.
-        out = torch.zeros(length, dtype=self.rt.plan.compute_dtype, device=self.rt.device)
+        out = torch.zeros(length, dtype=self.plan.compute_dtype, device=self.device)
         wholes = {i: self._whole(i) for i in buckets}
         for s, o in zip(wanted, offsets):
-            b = self.rt.plan.buckets[s.bucket]
+            b = self.plan.buckets[s.bucket]
             out[o:o + s.numel].copy_(wholes[s.bucket][s.offset - b.offset:s.end - b.offset])
         return out
 
@@ -80,22 +83,22 @@ class ParamGather:
         be sent pieces of another weight (or abort inside gloo on a size mismatch); one
         2-element all-reduce per graph call refuses that first, on every rank."""
         mine = zlib.crc32(repr((check, slots)).encode())
-        if not same_on_every_rank(mine, self.group, self.rt.device):
+        if not same_on_every_rank(mine, self.group, self.device):
             raise RanksDivergedError(_DIVERGED)
 
     def prefetch(self, buckets) -> None:
         """Start the all-gathers of ``buckets`` not gathered or in flight yet."""
         for i in buckets:
-            b = self.rt.plan.buckets[i]
+            b = self.plan.buckets[i]
             if i in self._inflight or self._persistent(b):
                 continue
-            mine = self.rt.plan.owned()[i]
-            out = torch.empty(b.padded, dtype=self.rt.plan.compute_dtype, device=self.rt.device)
-            src = self.rt.shard_lowp[mine.at:mine.at + mine.numel]
-            form = self.rt.forms["param_gather"].form
-            work = start_gather(form, src, out, self.group, mirror=self.rt.shm.get(
+            mine = self.plan.owned()[i]
+            out = torch.empty(b.padded, dtype=self.plan.compute_dtype, device=self.device)
+            src = self.state.shard_lowp[mine.at:mine.at + mine.numel]
+            form = self.comm.forms["param_gather"].form
+            work = start_gather(form, src, out, self.group, mirror=self.comm.shm.get(
                 "param_gather"), key=i, base=b.offset).logged(
-                    self.rt.comm_log, "stage3 gather", i, form, b.padded, out.dtype)
+                    self.comm.log, "stage3 gather", i, form, b.padded, out.dtype)
             # The graphs get (and the count follows) an alias of the buffer, not the tensor
             # gloo's work holds: gloo's worker drops its reference some time after wait()
             # returns, which would make the count depend on thread timing (a CI run saw a
@@ -108,13 +111,12 @@ class ParamGather:
 
     # ---- inside -------------------------------------------------------------------------
     def _persistent(self, b) -> bool:
-        return b.offset >= self.rt.plan.persist_offset
+        return b.offset >= self.plan.persist_offset
 
     def _whole(self, i: int) -> torch.Tensor:
-        b = self.rt.plan.buckets[i]
+        b = self.plan.buckets[i]
         if self._persistent(b):  # kept whole after every step
-            base = self.rt.plan.persist_offset
-            return self.rt.flat_params[b.offset - base:b.offset - base + b.padded]
+            return self.state.bucket_view(self.plan, i)
         self.prefetch([i])
         out, work = self._inflight.pop(i)
         work.wait()
@@ -138,7 +140,7 @@ class ParamGather:
         for _, work in self._inflight.values():
             work.wait()
         self._inflight.clear()
-        agreed = same_on_every_rank(self._signature, self.group, self.rt.device)
+        agreed = same_on_every_rank(self._signature, self.group, self.device)
         self._signature = 0
         if not agreed:
             raise RanksDivergedError(_DIVERGED)
@@ -151,7 +153,7 @@ class ParamGather:
     def whole_params(self, names) -> dict[str, torch.Tensor]:
         """{name: whole value} of plan parameters ``names`` (a collective: every rank of the
         data-parallel group calls it with the same names). Fresh tensors, not views."""
-        plan = self.rt.plan
+        plan = self.plan
         slots = [plan.slot(n) for n in names]
         buckets = sorted({s.bucket for s in slots})
         self.prefetch(buckets)

@@ -67,13 +67,13 @@ def traceable(step_fn):
 
 def make_step_fn(rt):
     """Close a step function over ``rt``'s static facts (plan, optimizer, group)."""
-    plan, spec, scaler = rt.plan, rt.spec, rt.scaler
+    plan, spec, scaler, comm = rt.plan, rt.spec, rt.state.scaler, rt.comm
     clip = rt.config.gradient_clipping
-    owned, group, sid, norm_group = plan.owned(), rt.group, rt.id, rt.norm_group
+    owned, group, sid, norm_group = plan.owned(), comm.group, rt.id, comm.norm_group(plan)
     reduced_in_shard = rt.reduces_into_shard
     dp = plan.grid.dp_size
     chunks = gather_chunks(plan, rt.config)
-    gather = rt.forms["gather"].form if "gather" in rt.forms else "all_gather"
+    gather = comm.forms["gather"].form if "gather" in comm.forms else "all_gather"
     # Stages 1-2 with the point-to-point or shared-memory gather: the update writes this rank's rows of the
     # flat parameters in place and the exchange fills the other rows there (no shard-sized
     # temporary, no copy of the gathered chunks).
@@ -160,7 +160,7 @@ def _make_update(rt, in_place: bool):
 
     ``out`` takes the updated compute-dtype values: shard-shaped, or (``in_place``) the
     flat parameters, each owned range written where it lives there."""
-    spec, plan, norm_group = rt.spec, rt.plan, rt.norm_group
+    spec, plan, norm_group = rt.spec, rt.plan, rt.comm.norm_group(rt.plan)
     # (shard range, flat-parameter range) per owned bucket range; one range when out is
     # shard-shaped or the shard is everything (stage 0)
     ranges = [(slice(r.at, r.at + r.numel), slice(r.start, r.start + r.numel))

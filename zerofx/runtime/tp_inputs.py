@@ -31,9 +31,9 @@ def _checksum(args, kwargs) -> int:
 
 def check_same_inputs(rt, args, kwargs) -> None:
     """Refuse, on every rank of the tensor-parallel group, inputs that differ within it."""
-    if rt.tp_group is None:
+    if rt.comm.tp_group is None:
         return
-    if not same_on_every_rank(_checksum(args, kwargs), rt.tp_group, rt.device):
+    if not same_on_every_rank(_checksum(args, kwargs), rt.comm.tp_group, rt.device):
         grid = rt.plan.grid
         raise ConfigError(
             f"the {grid.tp_size} tensor-parallel ranks of this group were given different "

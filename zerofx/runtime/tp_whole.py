@@ -17,7 +17,7 @@ import torch.distributed as dist
 def whole_state(rt, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state`` (a state_dict of the model: this rank's pieces) with every weight zerofx
     split replaced by the whole weight; a collective over the tensor-parallel group."""
-    if rt.tp_group is None:
+    if rt.comm.tp_group is None:
         return state
     tp = rt.plan.grid.tp_size
     names = {}  # every name the state dict may use for a split weight -> its slot
@@ -32,7 +32,7 @@ def whole_state(rt, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if s.name not in done:
             local = state[key].contiguous()
             pieces = [torch.empty_like(local) for _ in range(tp)]
-            dist.all_gather(pieces, local, group=rt.tp_group)
+            dist.all_gather(pieces, local, group=rt.comm.tp_group)
             done[s.name] = s.tp.whole(pieces)
         out[key] = done[s.name]
     return out

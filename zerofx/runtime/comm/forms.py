@@ -133,7 +133,7 @@ def choose(role: str, group, numel: int, dtype: torch.dtype, *, pinned: str = "f
                                                   f"collective, not timed")
     per = max(1, min(numel, PROBE_CAP) // world)
     # rank 0's cached choice for this host and size, if an earlier run timed it: every
-    # rerun then takes the same form (form_cache.py)
+    # rerun then takes the same form (runtime/comm/form_cache.py)
     key = form_cache.key_of(role, forms, world, "gloo", per * world, dtype)
     cached = from_first_rank(lambda: form_cache.load(key), group)
     if cached is not None and cached["form"] in forms:

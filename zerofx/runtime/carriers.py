@@ -1,0 +1,115 @@
+"""ParamCarriers: the model's trained parameters as the runtime holds them, and who they are.
+
+After ``install`` a parameter's ``.data`` is a view of the flat compute-dtype buffer
+(TrainState.flat_params), or, for a stage-3 partitioned one, an empty tensor: its value
+lives as shards. A tensor-parallel or partitioned parameter also has a *carrier*, a
+full-shape stand-in owning one element, swapped in while the model is traced or run
+(``shape_carriers``), because the model's code is written for whole weights. Identities:
+a parameter's plan name by object (aliases share one), and its plan index by object or by
+storage address, the only thing a graph call sees.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from zerofx.plan import Plan
+
+
+class ParamCarriers:
+    """The trained parameters' carriers and identities (see the module doc)."""
+
+    def __init__(self, model: nn.Module, named: list, plan: Plan):
+        self.plan = plan
+        self._name_by_id = {id(p): n for n, p in named}
+        index = {s.name: i for i, s in enumerate(plan.params)}
+        self._slot_by_id = {pid: index[n] for pid, n in self._name_by_id.items()}
+        self._slot_by_ptr: dict[int, int] = {}
+        self._carriers: list[tuple] = []  # (param, full-shape stand-in, value between calls)
+        self.aliases = _aliases(model, self._name_by_id)
+
+    def install(self, named, flat_params: torch.Tensor, master: torch.Tensor) -> None:
+        """Move each parameter into ``flat_params`` (its value) and this rank's owned pieces
+        of it into the fp32 ``master``; give split and partitioned ones their carriers."""
+        plan = self.plan
+        low, dev = plan.compute_dtype, flat_params.device
+        base = plan.persist_offset
+        tp, tp_rank = plan.grid.tp_size, plan.grid.tp_rank(plan.rank)
+        for name, p in named:
+            s = plan.slot(name)
+            local = s.tp.local_piece(p.detach(), tp, tp_rank) if s.tp is not None else p.detach()
+            flat = local.reshape(-1)
+            for o in plan.owned_pieces_of(name):  # fp32 master copy of what this rank owns
+                master[o.at:o.at + o.numel].copy_(flat[o.start:o.start + o.numel])
+            if plan.partitioned and not s.persistent:
+                # Stage 3: the graphs read the gathered bucket (zerofx.gather_bucket), never
+                # this stand-in; NaN so that an eager read of it cannot pass for a weight.
+                # A tensor-parallel weight is traced whole too (the tensor_parallel pass
+                # splits it): its bucket holds this rank's piece.
+                shape = s.tp.full_shape if s.tp is not None else s.shape
+                stand_in = torch.full([1] * len(shape), float("nan"), dtype=low, device=dev)
+                self._carriers.append((p, stand_in.expand(shape),
+                                       torch.empty(0, dtype=low, device=dev)))
+                p.data = self._carriers[-1][2]
+                continue
+            flat_params[s.offset - base:s.end - base].copy_(flat)
+            # The parameter now lives in the flat buffer, in the compute dtype: the
+            # all-gather writes straight into the model and no per-step cast is needed.
+            p.data = flat_params[s.offset - base:s.end - base].view(s.shape)
+            if s.tp is not None:  # one element of storage each: distinct inputs to AOT
+                stand_in = torch.zeros(1, dtype=low, device=dev).view([1] * len(s.shape))
+                self._carriers.append((p, stand_in.expand(s.tp.full_shape), p.data))
+        self._slot_by_ptr = {p.data_ptr(): self._slot_by_id[id(p)] for _, p in named
+                             if p.numel()}
+        for p, full, _ in self._carriers:  # traced and run with the stand-in in place
+            self._slot_by_ptr[full.data_ptr()] = self._slot_by_id[id(p)]
+
+    @contextlib.contextmanager
+    def shape_carriers(self):
+        """Every carried parameter at its full shape inside (see ZeroRuntime.shape_carriers)."""
+        for p, full, _ in self._carriers:
+            p.data = full
+        try:
+            yield
+        finally:
+            for p, _, local in self._carriers:
+                p.data = local
+
+    def between_calls(self) -> dict[int, torch.Tensor]:
+        """{id(param): its value outside calls} of every carried parameter."""
+        return {id(p): local for p, _, local in self._carriers}
+
+    def carried(self, params=None) -> list[tuple[str, nn.Parameter, torch.Tensor]]:
+        """(name, param, value between calls) of the carried parameters (of ``params``)."""
+        wanted = {id(p) for p in params} if params is not None else None
+        return [(self._name_by_id[id(p)], p, local) for p, _, local in self._carriers
+                if wanted is None or id(p) in wanted]
+
+    def name_of(self, param) -> str | None:
+        """The plan's name of a trained parameter, by identity (aliases share one name)."""
+        return self._name_by_id.get(id(param))
+
+    def index_of(self, param) -> int:
+        """The plan index of trained parameter ``param`` (by identity)."""
+        return self._slot_by_id[id(param)]
+
+    def slot_of(self, tensor: torch.Tensor) -> int:
+        """The plan index of the trained parameter whose storage ``tensor`` is (-1: none).
+        Parameters are views of flat_params (TP ones: their stand-ins), so the address
+        identifies them in any graph call, whatever object carries it."""
+        if tensor.numel() == 0:
+            return self._slot_by_id.get(id(tensor), -1)
+        return self._slot_by_ptr.get(tensor.data_ptr(), -1)
+
+
+def _aliases(model: nn.Module, names_by_id: dict) -> dict[str, tuple[str, ...]]:
+    """{plan name: the other names model.state_dict() uses for the same tensor} (tied
+    embeddings, BERT's decoder bias): one parameter in the layout, every name on save."""
+    out: dict[str, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        canon = names_by_id.get(id(p))
+        if canon is not None and n != canon:
+            out.setdefault(canon, []).append(n)
+    return {k: tuple(v) for k, v in out.items()}

@@ -1,0 +1,108 @@
+"""TrainState: the tensors one runtime trains with, laid out by the plan.
+
+Buffers (N = data-parallel size, "shard" = what this rank updates, see plan.owned):
+    flat_params   padded_numel, compute dtype: the model's parameters are views into it
+                  (stage 3: only the persistent parameters' buckets; the others are
+                  gathered from shard_lowp by the graphs, runtime/param_gather.py)
+    master, exp_avg, exp_avg_sq   shard, fp32
+    shard_lowp    shard, compute dtype: stage 3's parameters (stages 1-2: a step temporary)
+    shard_grads   shard, compute dtype: reduce-scatter target (stage 2)
+    full_grads    padded_numel: all-reduce target (stages 0/1) and the local accumulation
+                  buffer when gradient_accumulation_steps > 1 (stage 2 keeps it only then)
+and the step's counters on the device (step, skipped, grad_norm, lr, beta1, the fp16 loss
+scaler's state). ``step_inputs`` hands them to the optimizer-step graph by name (StepState).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from zerofx.plan import Plan
+from zerofx.runtime.loss_scaler import LossScaler
+from zerofx.runtime.step_fn import StepState
+
+
+@dataclass
+class TrainState:
+    """The runtime's buffers, optimizer state and step counters (see the module doc)."""
+
+    flat_params: torch.Tensor
+    master: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    shard_lowp: torch.Tensor
+    shard_grads: torch.Tensor
+    full_grads: torch.Tensor | None
+    scaler: LossScaler
+    step_count: torch.Tensor
+    skipped: torch.Tensor
+    grad_norm: torch.Tensor
+    lr: torch.Tensor
+    beta1: torch.Tensor
+
+    @classmethod
+    def allocate(cls, plan: Plan, device, *, scaler: LossScaler, lr: float, beta1: float,
+                 reduces_into_shard: bool, gas: int) -> "TrainState":
+        """Zeroed buffers for ``plan``; the parameters are moved in afterwards
+        (ParamCarriers.install fills flat_params and master, then ``master_filled``)."""
+        low, dev = plan.compute_dtype, device
+        # Stage 3 keeps only the persistent parameters whole: flat_params then covers
+        # [persist_offset, padded_numel) of the layout (all of it below stage 3).
+        flat_params = torch.zeros(plan.padded_numel - plan.persist_offset, dtype=low, device=dev)
+        master = torch.zeros(plan.shard_numel, dtype=torch.float32, device=dev)
+        # Stage 3's parameters between uses; below it the step makes a temporary.
+        shard_lowp = torch.zeros(plan.shard_numel, dtype=low, device=dev) if plan.partitioned \
+            else torch.empty(0, dtype=low, device=dev)
+        # Stage 2 with reduce-scatter and no accumulation never holds the full gradients.
+        needs_full = not reduces_into_shard or gas > 1
+        full_grads = torch.zeros(plan.padded_numel, dtype=low, device=dev) if needs_full \
+            else None
+        if reduces_into_shard:  # the reduce-scatter's target (stage 1 slices in the step)
+            shard_grads = torch.zeros(plan.shard_numel, dtype=low, device=dev)
+        else:
+            shard_grads = torch.empty(0, dtype=low, device=dev) if plan.sharded else full_grads
+        return cls(
+            flat_params=flat_params, master=master, exp_avg=torch.zeros_like(master),
+            exp_avg_sq=torch.zeros_like(master), shard_lowp=shard_lowp,
+            shard_grads=shard_grads, full_grads=full_grads, scaler=scaler,
+            step_count=torch.zeros((), dtype=torch.float32, device=dev),
+            skipped=torch.zeros((), dtype=torch.int64, device=dev),
+            grad_norm=torch.full((), float("nan"), dtype=torch.float32, device=dev),
+            lr=torch.tensor(lr, dtype=torch.float32, device=dev),
+            # float64: the kernels compute with beta1 in double, as torch.optim.Adam does
+            beta1=torch.tensor(beta1, dtype=torch.float64, device=dev))
+
+    def master_filled(self) -> None:
+        """The master weights hold the parameters: stage 3's compute-dtype shard follows."""
+        if self.shard_lowp.numel():
+            self.shard_lowp.copy_(self.master)
+
+    def step_inputs(self) -> StepState:
+        """The tensors the optimizer-step graph reads and updates, by name."""
+        s = self.scaler
+        full = self.full_grads if self.full_grads is not None else self.shard_grads
+        return StepState(
+            shard_grads=self.shard_grads, full_grads=full, master=self.master,
+            exp_avg=self.exp_avg, exp_avg_sq=self.exp_avg_sq, shard_lowp=self.shard_lowp,
+            flat_params=self.flat_params, lr=self.lr, step=self.step_count, scale=s.scale,
+            hysteresis=s.hysteresis, it=s.iter, last_overflow=s.last_overflow_iter,
+            skipped=self.skipped, beta1=self.beta1, floor_hits=s.floor_hits,
+            grad_norm=self.grad_norm)
+
+    def bytes(self) -> int:
+        """Bytes of training state held: parameters, gradients, optimizer state."""
+        tensors = (self.flat_params, self.master, self.exp_avg, self.exp_avg_sq,
+                   self.shard_lowp, self.shard_grads, self.full_grads)
+        unique = {t.data_ptr(): t for t in tensors if t is not None}
+        return sum(t.numel() * t.element_size() for t in unique.values())
+
+    def bucket_view(self, plan: Plan, bucket: int) -> torch.Tensor:
+        """Bucket ``bucket``'s range of the flat parameters (stage 3: persistent ones only)."""
+        b, base = plan.buckets[bucket], plan.persist_offset
+        return self.flat_params[b.offset - base:b.offset - base + b.padded]
+
+    def local_param(self, plan: Plan, name: str) -> torch.Tensor:
+        """This rank's piece of parameter ``name``: a view of the flat compute-dtype buffer."""
+        s = plan.slot(name)
+        return self.flat_params[s.offset:s.end].view(s.shape)
