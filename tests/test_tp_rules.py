@@ -109,3 +109,14 @@ def test_slices_pass_a_split_elsewhere_and_refuse_cutting_it():
     assert R.sliced(heads, 1, 0, 2**63 - 1, 1, 8) == heads  # the whole split dimension
     with pytest.raises(R.Unshardable, match="dimension 1, which is split"):
         R.sliced(heads, 1, 0, 4, 1, 8)
+
+
+def test_every_op_set_the_pass_names_has_a_rule():
+    # the rule table (tp/propagation.RULES) covers the op families the module declares;
+    # a log-softmax tries the vocabulary rule before the plain softmax one
+    import zerofx.tp.propagation as P
+
+    for family in (P.VIEWS, P.SOFTMAX, P.VOCAB_PARALLEL, P.HEAD_PARALLEL):
+        assert all(op in P.RULES for op in family)
+    names = [fn.__name__ for fn in P.RULES[torch.ops.aten._log_softmax.default]]
+    assert names == ["_vocab_parallel", "_softmax"]

@@ -118,79 +118,23 @@ def _contracted(node: fx.Node, state, full) -> dict:
 
 
 def infer(node: fx.Node, state, full, tp: int):
-    """The output sharding of ``node`` from its inputs' (Unshardable where no rule fits).
+    """The output sharding of ``node`` from its inputs' (Unshardable where no rule fits):
+    the rules RULES holds for its op, in registration order (a rule returning
+    NotImplemented passes to the next), then the elementwise rule.
 
     Replicated operands that ``localized`` would slice count as sliced: the pass inserts
     those slices before asking, the discovery only imagines them."""
-    t, args = node.target, node.args
+    t = node.target
     extra = localized(node, state, full, along=cat_dim(node, full)) \
         if may_localize(t) else {}
 
     def get(a):
         return extra[a] if a in extra else state.get(a)
 
-    sh = get(args[0]) if args and isinstance(args[0], fx.Node) else None
-    if t is operator.getitem:
-        return sh[args[1]] if isinstance(sh, list) else None
-    if t in VIEWS:
-        return R.reshape(sh, full[args[0]], full[node], tp)
-    if t in (aten.t.default, aten.transpose.int, aten.permute.default):
-        return R.permute(sh, _permutation(t, args, len(full[args[0]])))
-    if t is aten.expand.default:
-        return R.moved(sh, len(args[1]) - len(full[args[0]]))
-    if t is aten.unsqueeze.default:
-        d = args[1] % (len(full[args[0]]) + 1)
-        return R.moved(sh, 1 if d <= sh.dim else 0)
-    if t in (aten.split.Tensor, aten.split_with_sizes.default):
-        dim = (args[2] if len(args) > 2 else 0) % len(full[args[0]])
-        return R.split_pieces(sh, dim, [p[dim] for p in full[node]], full[args[0]][dim], tp)[1]
-    if t is aten.slice_backward.default:  # (grad, input_sizes, dim, start, end, step)
-        dim = args[2] % len(args[1])
-        return R.sliced(sh, dim, args[3], args[4], args[5], args[1][dim])
-    if t is aten.slice.Tensor:
-        dim = (args[1] if len(args) > 1 else 0) % len(full[args[0]])
-        start, end, step = (list(args[2:]) + [None, None, None])[:3]
-        return R.sliced(sh, dim, start, end, step, full[args[0]][dim])
-    if t is aten.cat.default:
-        dim = (args[1] if len(args) > 1 else 0) % len(full[node])
-        # torch.cat skips 1-D empty tensors whatever the others' shapes (HF's empty cache)
-        kept = [a for a in args[0] if not legacy_empty(full[a], full[node])]
-        return R.cat([get(a) for a in kept], [full[a] for a in kept], dim)
-    if t in (aten.mm.default, aten.bmm.default):
-        return R.matmul(sh, get(args[1]), full[args[0]], full[args[1]])
-    if t is aten.addmm.default:
-        return _addmm(node, get, full)
-    if t in (aten.sum.dim_IntList, aten.sum.default):
-        dims = args[1] if len(args) > 1 else node.kwargs.get("dim")
-        keep = args[2] if len(args) > 2 else node.kwargs.get("keepdim", False)
-        return R.reduced(sh, dims, len(full[args[0]]), keep)
-    if t in VOCAB_PARALLEL:
-        out = _vocab_parallel(node, get, full)
+    for fn in RULES.get(t, ()):
+        out = fn(node, get, full, tp)
         if out is not NotImplemented:
             return out
-    if t is aten.native_layer_norm.default:  # (x, shape, w, b, eps) -> (y, mean, rstd)
-        return [_token_wise(node, get, full, args[0], len(args[1]))] * 3
-    if t is aten.native_layer_norm_backward.default:
-        # (grad, x, shape, mean, rstd, w, b, mask) -> (dx, dw, db): dw, db sum over tokens
-        sh = R.pointwise([(get(args[0]), full[args[0]]), (get(args[1]), full[args[1]])],
-                         full[args[1]])
-        sh = R.along(sh, range(len(full[args[1]]) - len(args[2]), len(full[args[1]])),
-                     len(full[args[1]]))
-        if any(get(a) is not None for a in args[5:7] if isinstance(a, fx.Node)):
-            raise R.Unshardable("a LayerNorm with split weights")
-        return [sh, R.PARTIAL, R.PARTIAL]
-    if t in SOFTMAX:  # (x, dim, ...): normalised along dim, independent across the others
-        return R.along(sh, args[1], len(full[args[0]]))
-    if t is aten._softmax_backward_data.default:  # (grad, output, dim, dtype)
-        return R.along(R.pointwise([(get(args[0]), full[args[0]]),
-                                    (get(args[1]), full[args[1]])], full[node]),
-                       args[2], len(full[node]))
-    if t is aten.mean.dim:  # a mean over a split dimension is no partial sum: refused
-        dims = args[1] if args[1] is not None else range(len(full[args[0]]))
-        return R.reduced(R.along(sh, dims, len(full[args[0]])), dims, len(full[args[0]]),
-                         args[2] if len(args) > 2 else node.kwargs.get("keepdim", False))
-    if t in HEAD_PARALLEL:
-        return _head_parallel(node, get, full, tp)
     if is_elementwise(t):
         tensors = [(get(a), full[a]) for a in node.all_input_nodes]
         out = R.pointwise(tensors, full[node] if not isinstance(full[node], list)
@@ -199,7 +143,139 @@ def infer(node: fx.Node, state, full, tp: int):
     raise R.Unshardable(f"no tensor-parallel rule for {t}")
 
 
-def _vocab_parallel(node, get, full):
+# op -> its rules, each ``rule(node, get, full, tp) -> sharding | NotImplemented`` where
+# ``get(value)`` is an input's sharding and ``full[value]`` its full shape. A new op is one
+# decorated function (autoparallel's register_rule, in miniature).
+RULES: dict = {}
+
+
+def rule(*targets):
+    """Register the decorated function as a rule of ``targets`` (after those already there)."""
+    def register(fn):
+        for t in targets:
+            RULES.setdefault(t, []).append(fn)
+        return fn
+    return register
+
+
+def _first(node, get):
+    """The sharding of the node's first operand (None when it is not a graph value)."""
+    a = node.args[0] if node.args else None
+    return get(a) if isinstance(a, fx.Node) else None
+
+
+@rule(operator.getitem)
+def _getitem(node, get, full, tp):
+    sh = _first(node, get)
+    return sh[node.args[1]] if isinstance(sh, list) else None
+
+
+@rule(*VIEWS)
+def _view(node, get, full, tp):
+    return R.reshape(_first(node, get), full[node.args[0]], full[node], tp)
+
+
+@rule(aten.t.default, aten.transpose.int, aten.permute.default)
+def _permute(node, get, full, tp):
+    args = node.args
+    return R.permute(_first(node, get), _permutation(node.target, args, len(full[args[0]])))
+
+
+@rule(aten.expand.default)
+def _expand(node, get, full, tp):
+    return R.moved(_first(node, get), len(node.args[1]) - len(full[node.args[0]]))
+
+
+@rule(aten.unsqueeze.default)
+def _unsqueeze(node, get, full, tp):
+    sh, args = _first(node, get), node.args
+    d = args[1] % (len(full[args[0]]) + 1)
+    return R.moved(sh, 1 if d <= sh.dim else 0)
+
+
+@rule(aten.split.Tensor, aten.split_with_sizes.default)
+def _split(node, get, full, tp):
+    args = node.args
+    dim = (args[2] if len(args) > 2 else 0) % len(full[args[0]])
+    return R.split_pieces(_first(node, get), dim, [p[dim] for p in full[node]],
+                          full[args[0]][dim], tp)[1]
+
+
+@rule(aten.slice_backward.default)
+def _slice_backward(node, get, full, tp):  # (grad, input_sizes, dim, start, end, step)
+    args = node.args
+    dim = args[2] % len(args[1])
+    return R.sliced(_first(node, get), dim, args[3], args[4], args[5], args[1][dim])
+
+
+@rule(aten.slice.Tensor)
+def _slice(node, get, full, tp):
+    args = node.args
+    dim = (args[1] if len(args) > 1 else 0) % len(full[args[0]])
+    start, end, step = (list(args[2:]) + [None, None, None])[:3]
+    return R.sliced(_first(node, get), dim, start, end, step, full[args[0]][dim])
+
+
+@rule(aten.cat.default)
+def _cat(node, get, full, tp):
+    args = node.args
+    dim = (args[1] if len(args) > 1 else 0) % len(full[node])
+    # torch.cat skips 1-D empty tensors whatever the others' shapes (HF's empty cache)
+    kept = [a for a in args[0] if not legacy_empty(full[a], full[node])]
+    return R.cat([get(a) for a in kept], [full[a] for a in kept], dim)
+
+
+@rule(aten.mm.default, aten.bmm.default)
+def _mm(node, get, full, tp):
+    a, b = node.args[:2]
+    return R.matmul(get(a), get(b), full[a], full[b])
+
+
+@rule(aten.sum.dim_IntList, aten.sum.default)
+def _sum(node, get, full, tp):
+    args = node.args
+    dims = args[1] if len(args) > 1 else node.kwargs.get("dim")
+    keep = args[2] if len(args) > 2 else node.kwargs.get("keepdim", False)
+    return R.reduced(_first(node, get), dims, len(full[args[0]]), keep)
+
+
+@rule(aten.native_layer_norm.default)
+def _layer_norm(node, get, full, tp):  # (x, shape, w, b, eps) -> (y, mean, rstd)
+    return [_token_wise(node, get, full, node.args[0], len(node.args[1]))] * 3
+
+
+@rule(aten.native_layer_norm_backward.default)
+def _layer_norm_backward(node, get, full, tp):
+    # (grad, x, shape, mean, rstd, w, b, mask) -> (dx, dw, db): dw, db sum over tokens
+    args = node.args
+    sh = R.pointwise([(get(args[0]), full[args[0]]), (get(args[1]), full[args[1]])],
+                     full[args[1]])
+    sh = R.along(sh, range(len(full[args[1]]) - len(args[2]), len(full[args[1]])),
+                 len(full[args[1]]))
+    if any(get(a) is not None for a in args[5:7] if isinstance(a, fx.Node)):
+        raise R.Unshardable("a LayerNorm with split weights")
+    return [sh, R.PARTIAL, R.PARTIAL]
+
+
+@rule(aten._softmax_backward_data.default)
+def _softmax_backward(node, get, full, tp):  # (grad, output, dim, dtype)
+    args = node.args
+    return R.along(R.pointwise([(get(args[0]), full[args[0]]),
+                                (get(args[1]), full[args[1]])], full[node]),
+                   args[2], len(full[node]))
+
+
+@rule(aten.mean.dim)
+def _mean(node, get, full, tp):  # a mean over a split dimension is no partial sum: refused
+    args = node.args
+    dims = args[1] if args[1] is not None else range(len(full[args[0]]))
+    return R.reduced(R.along(_first(node, get), dims, len(full[args[0]])), dims,
+                     len(full[args[0]]),
+                     args[2] if len(args) > 2 else node.kwargs.get("keepdim", False))
+
+
+@rule(*VOCAB_PARALLEL)
+def _vocab_parallel(node, get, full, tp):
     """Vocabulary-parallel ops on a split vocabulary (NotImplemented: not split that way, the
     ordinary rules decide)."""
     t, args = node.target, node.args
@@ -258,7 +334,8 @@ def legacy_empty(shape, out_shape) -> bool:
     return shape is not None and tuple(shape) == (0,) and len(out_shape) != 1
 
 
-def _addmm(node, get, full):
+@rule(aten.addmm.default)
+def _addmm(node, get, full, tp):
     """addmm(bias, a, b): a partial-sum matmul takes its bias once, after the all-reduce
     (Megatron's row-parallel layer: the pass makes it mm + add)."""
     bias, a, b = node.args[:3]
@@ -270,6 +347,7 @@ def _addmm(node, get, full):
     return R.PARTIAL
 
 
+@rule(*HEAD_PARALLEL)
 def _head_parallel(node, get, full, tp: int):
     """Attention: every 4-D operand with more than one head is split evenly by heads
     (dimension 1). With grouped-query attention the key/value heads are fewer: a rank's
@@ -288,3 +366,8 @@ def _head_parallel(node, get, full, tp: int):
     outs = full[node] if isinstance(full[node], list) else [full[node]]
     return [R.Shard(1, o[1], 1) if o is not None and len(o) >= 3 and o[1] in heads else None
             for o in outs]
+
+
+@rule(*SOFTMAX)  # after the vocabulary rule: a log-softmax over a split vocabulary is its
+def _softmax(node, get, full, tp):  # (x, dim, ...): normalised along dim, independent
+    return R.along(_first(node, get), node.args[1], len(full[node.args[0]]))  # across others
