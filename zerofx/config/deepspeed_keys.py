@@ -87,7 +87,7 @@ ZERO_NO_EFFECT = {
     "load_from_fp32_weights": "zerofx always restores from the fp32 master copy",
     "elastic_checkpoint": "zerofx checkpoints load at any data-parallel size",
     "round_robin_gradients": "an offload-only ordering; zerofx does not offload",
-    "ignore_unused_parameters": "unused parameters always get a zero gradient (README)",
+    "ignore_unused_parameters": "unused parameters always get a zero gradient (docs/real-models.md)",
     "use_multi_rank_bucket_allreduce": "zerofx reduces one bucket per collective",
     "sub_group_size": "the fused optimizer runs over one flat shard",
     "memory_efficient_linear": "a ZeRO-3 option",
