@@ -41,3 +41,21 @@ def test_passes_never_name_a_seam_op_by_string():
                  if "torch.ops.zerofx" in p.read_text()]
     assert offenders == []
 
+
+
+def test_a_runtime_offers_everything_the_ops_read():
+    # graph_ops.TrainingState is the whole surface the graphs see of a runtime: a real
+    # ZeroRuntime (stage 3, where every part exists) must offer each member
+    import typing
+
+    import zerofx
+    from zerofx.graph_ops import TrainingState
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    rt = zerofx.ZeroRuntime(model, {"train_micro_batch_size_per_gpu": 1,
+                                    "optimizer": {"type": "Adam", "params": {"lr": 1e-3}},
+                                    "zero_optimization": {"stage": 3}})
+    members = set(typing.get_type_hints(TrainingState)) | {
+        n for n in vars(TrainingState) if not n.startswith("_")}
+    missing = sorted(n for n in members if not hasattr(rt, n))
+    assert missing == []

@@ -243,6 +243,11 @@ class ZeroRuntime:
         """One backward graph's gradients (see GradIntake)."""
         self.intake.take(slots, grads)
 
+    @property
+    def step_gathers(self):
+        """The optimizer step's chunked all-gathers (zerofx.start_gather / finish_gather)."""
+        return self.comm.step_gathers
+
     def wait_buckets(self) -> None:
         t0 = time.perf_counter()
         self.intake.wait()
