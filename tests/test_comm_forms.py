@@ -201,3 +201,30 @@ def test_a_pinned_form_no_collective_takes_is_warned_about(caplog):
         _warn_unused_pins(cfg, {"gather": Choice("gather", "p2p", 10)})
     assert "zerofx.reduce_form 'shm' has no effect" in caplog.text
     assert "gather_form" not in caplog.text  # that pin is taken
+
+
+def test_the_form_registry_is_the_one_list_of_forms():
+    # a form is one Form in one registry: the config's choices, the candidates at 2 and 4
+    # ranks and the cost model's kinds all follow from it
+    from zerofx.comm_cost import DEFAULT
+    from zerofx.runtime.comm import forms as cf
+
+    for role in ("reduce", "gather"):
+        names = [n for (r, n) in cf.REGISTRY if r == role]
+        assert all(_pin_ok(role, n) for n in names + ["fastest"]), (role, names)
+        assert not _pin_ok(role, "carrier_pigeon")
+        assert cf.candidates(role, 2, shm=True) == tuple(names)  # natives first
+        assert cf.candidates(role, 4, shm=False)[0] == names[0]
+    assert cf.candidates("reduce", 4, shm=True) == ("reduce_scatter", "all_reduce")
+    kinds = {f.kind for f in cf.REGISTRY.values()}
+    assert kinds == {k for k, _ in DEFAULT.ms_per_mib}  # every form has a default rate
+
+
+def _pin_ok(role, name) -> bool:
+    from zerofx.config import Config, ConfigError
+
+    try:
+        Config.from_dict({"zerofx": {f"{role}_form": name}})
+        return True
+    except ConfigError:
+        return False

@@ -9,7 +9,7 @@ from torch import fx
 
 from models import make, mlp_batch
 from multiproc import run_ranks
-from zerofx.comm_cost import DEFAULT, FORM_KINDS, LATENCY_MS, MIB, fitted
+from zerofx.comm_cost import DEFAULT, LATENCY_MS, MIB, fitted
 from zerofx.passes.dump_collectives import collective_rows, render_collectives
 from zerofx.tools import dump as dump_cli
 
@@ -31,12 +31,12 @@ def _graph_with_all_reduce(numel: int, group: str) -> fx.GraphModule:
 def test_each_collective_is_listed_with_the_alpha_beta_prediction():
     numel = 3 << 20  # 6 MiB of bf16
     gm = _graph_with_all_reduce(numel, "7")
-    (row,) = collective_rows(gm, tp_group="7", dp_size=1, forms={}, cost=None)
+    (row,) = collective_rows(gm, tp_group="7", dp_size=1, kinds={}, cost=None)
     assert row["collective"] == "all_reduce" and row["group"] == "tp"
     assert row["elements"] == numel and row["dtype"] == "bfloat16" and row["MiB"] == 6.0
     rate = dict(DEFAULT.ms_per_mib)["all_reduce"]
     assert row["pred ms"] == round(LATENCY_MS + rate * 6.0, 2)
-    (row,) = collective_rows(gm, tp_group="8", dp_size=2, forms={}, cost=None)
+    (row,) = collective_rows(gm, tp_group="8", dp_size=2, kinds={}, cost=None)
     assert row["group"] == "dp"  # another group's name: not the tensor-parallel one
     text = render_collectives([row])
     assert "1 collectives" in text and f"{row['pred ms']:.2f} ms predicted" in text
@@ -49,14 +49,14 @@ def test_the_norm_all_reduce_over_every_rank_is_labelled_world(monkeypatch):
 
     monkeypatch.setattr(dump_collectives, "_world_name", lambda: "0")
     gm = _graph_with_all_reduce(1, "0")
-    (row,) = collective_rows(gm, tp_group="7", dp_size=2, forms={}, cost=None)
+    (row,) = collective_rows(gm, tp_group="7", dp_size=2, kinds={}, cost=None)
     assert row["group"] == "world"
 
 
 def test_rates_are_fitted_only_from_timings_the_fixed_cost_does_not_hide():
     big, small = 8 * int(MIB), int(MIB) // 4
-    cost = fitted([("reduce", "p2p", big, LATENCY_MS + 8.0),  # 1 ms per MiB
-                   ("gather", "p2p", small, 5.0)])  # too small to read a rate from
+    cost = fitted([("p2p_reduce", big, LATENCY_MS + 8.0),  # 1 ms per MiB
+                   ("p2p_gather", small, 5.0)])  # too small to read a rate from
     assert dict(cost.ms_per_mib) == {"p2p_reduce": 1.0}
     assert cost.predict_ms("p2p_reduce", 2 * int(MIB)) == pytest.approx(LATENCY_MS + 2.0)
     assert cost.predict_ms("p2p_gather", int(MIB)) == pytest.approx(
@@ -87,10 +87,12 @@ def test_stage_2_dump_shows_the_timed_forms_and_every_bucket_collective(tmp_path
         line = next(ln for ln in plan.splitlines() if ln.strip().startswith(f"{role}: "))
         assert f"{role}: {form} (" in line and line.count(" ms") >= 2, line
     backward = (graph / "backward" / "collectives.txt").read_text()
-    kind = FORM_KINDS["reduce", forms["reduce"]]
+    from zerofx.runtime.comm.forms import kind_of
+
+    kind = kind_of("reduce", forms["reduce"])
     assert backward.count(kind) == len(_rows(backward)) >= 1, backward
     step = (graph / "optimizer" / "collectives.txt").read_text()
-    assert FORM_KINDS["gather", forms["gather"]] in step, step
+    assert kind_of("gather", forms["gather"]) in step, step
     assert "all_reduce" in step  # the gradient norm's
 
 

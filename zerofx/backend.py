@@ -18,13 +18,13 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 from torch._dynamo.backends.common import aot_autograd
-from torch._functorch.partitioners import default_partition, min_cut_rematerialization_partition
 from torch._guards import CompileContext
 from functorch.compile import make_boxed_func
 
 from zerofx.cpu_gemm import describe as describe_cpu_gemm, host_forms
 from zerofx.config import Config, ConfigError
-from zerofx.passes import PassContext, PassSpec, build_pipeline, run_pipeline
+from zerofx.passes import (PassContext, PassSpec, build_pipeline, partitioner,
+                           run_partitioned, run_pipeline)
 from zerofx.passes.dump import GraphDump
 from zerofx.passes.nodes import META_INPUT, InputRole
 from zerofx.plan import Plan, make_plan
@@ -251,18 +251,8 @@ def _partition(joint: fx.GraphModule, joint_inputs, comp: Compilation, **kw):
     num_fwd = kw["num_fwd_outputs"]
     _annotate(joint, comp.roles, tangents=True)
     joint = _run(joint, comp, "joint", num_fwd_outputs=num_fwd)
-    split = min_cut_rematerialization_partition if comp.config.zerofx.inductor else \
-        default_partition
-    fw, bw = split(joint, joint_inputs, **kw)
-    if comp.plan.partitioned and any(p.name == "zero3" for p in comp.passes):
-        from zerofx.passes.zero3 import regather_for_backward
-
-        regather_for_backward(fw, bw, num_fwd, comp.config.zero_optimization)
-        # The partitioner can leave a dead recompute in the backward (the vocabulary-parallel
-        # embedding's masked lookup): at stage 3 it would cost a whole bucket's all-gather.
-        if bw.graph.eliminate_dead_code():
-            bw.recompile()
-    return fw, bw
+    fw, bw = partitioner(comp.config)(joint, joint_inputs, **kw)
+    return _run_pair((fw, bw), comp, num_fwd_outputs=num_fwd)
 
 
 def _plain_data_parallel(comp: Compilation) -> None:
@@ -329,13 +319,20 @@ def _compile_graph(gm: fx.GraphModule, example_inputs, comp: Compilation, kind: 
     return make_boxed_func(gm.forward)
 
 
-def _run(gm: fx.GraphModule, comp: Compilation, kind: str, **facts) -> fx.GraphModule:
-    name = f"{comp.graph_id}_{kind}"
+def _context(comp: Compilation, kind: str, **facts) -> PassContext:
     rt = comp.runtime
-    ctx = PassContext(comp.config, comp.plan, kind, name,
-                      state_id=rt.id if rt is not None else None, roles=comp.roles,
-                      tp_group=rt.tp_group_name if rt is not None else None,
-                      **(rt.pass_facts() if rt is not None else {}), **facts)
+    return PassContext(comp.config, comp.plan, kind, f"{comp.graph_id}_{kind}",
+                       state_id=rt.id if rt is not None else None, roles=comp.roles,
+                       tp_group=rt.tp_group_name if rt is not None else None,
+                       **(rt.pass_facts() if rt is not None else {}), **facts)
+
+
+def _run_pair(pair, comp: Compilation, **facts):
+    return run_partitioned(pair, _context(comp, "partitioned", **facts), comp.passes)
+
+
+def _run(gm: fx.GraphModule, comp: Compilation, kind: str, **facts) -> fx.GraphModule:
+    ctx = _context(comp, kind, **facts)
     dump = GraphDump.create(comp.dump_root, rank=comp.rank, graph=comp.graph_id, kind=kind) \
         if comp.dump_root else None
     return run_pipeline(gm, ctx, comp.passes, dump=dump)

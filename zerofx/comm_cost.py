@@ -14,12 +14,6 @@ from dataclasses import dataclass
 MIB = float(1 << 20)
 # Each gloo call costs about this however small (loopback; docs/design.md).
 LATENCY_MS = 0.3
-# role/form of runtime/comm/forms.py -> the kind this module predicts
-FORM_KINDS = {("reduce", "reduce_scatter"): "reduce_scatter",
-              ("reduce", "all_reduce"): "all_reduce", ("reduce", "p2p"): "p2p_reduce",
-              ("reduce", "shm"): "shm_reduce",
-              ("gather", "all_gather"): "all_gather", ("gather", "p2p"): "p2p_gather",
-              ("gather", "shm"): "shm_gather"}
 
 
 @dataclass(frozen=True)
@@ -45,12 +39,13 @@ DEFAULT = CommCost(
     source="benchmarks/bench_collectives.py: 2 ranks, gloo, 16M bf16, AVX2 EPYC")
 
 
-def fitted(timed: list[tuple[str, str, int, float]]) -> CommCost:
-    """A CommCost from (role, form, bytes, ms) timings; DEFAULT when there are none."""
+def fitted(timed: list[tuple[str, int, float]]) -> CommCost:
+    """A CommCost from (kind, bytes, ms) timings (a form's kind: runtime/comm/forms.Form);
+    DEFAULT when there are none."""
     # Below about a MiB the fixed cost dominates and the rate cannot be read from one
     # timing: those kinds keep DEFAULT's rate.
-    rates = {FORM_KINDS[role, form]: max(0.0, ms - LATENCY_MS) / (nbytes / MIB)
-             for role, form, nbytes, ms in timed if nbytes >= MIB}
+    rates = {kind: max(0.0, ms - LATENCY_MS) / (nbytes / MIB)
+             for kind, nbytes, ms in timed if nbytes >= MIB}
     if not rates:
         return DEFAULT
     return CommCost(tuple(sorted(rates.items())),

@@ -13,7 +13,9 @@ from torch import fx
 from zerofx.config import Config
 from zerofx.plan import Plan
 
-GRAPH_KINDS = ("joint", "forward", "backward", "inference", "optimizer")
+# "partitioned": the forward/backward pair right after the partitioner split the joint
+# graph; a pass on it takes and returns the pair, ``fn((fw, bw), ctx) -> (fw, bw)``.
+GRAPH_KINDS = ("joint", "partitioned", "forward", "backward", "inference", "optimizer")
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,8 @@ class PassContext:
     state_id: int | None = None  # the ZeroRuntime the graph's zerofx ops talk to, if any
     roles: tuple = ()  # InputRole of each forward input (bucketing maps gradients by it)
     tp_group: str | None = None  # name of the tensor-parallel process group, if any
-    comm_forms: tuple[tuple[str, str], ...] = ()  # the runtime's (role, form) choices
+    # (role, kind) of the runtime's chosen collective forms (comm_cost's kinds: the dumps)
+    comm_kinds: tuple[tuple[str, str], ...] = ()
     comm_cost: object = None  # zerofx.comm_cost.CommCost the dump predicts with (None: DEFAULT)
     # ((dtype, "native"|"fp32"), ...) for CPU bf16/fp16 matmuls, rank 0's (runtime/zero.py);
     # () without a runtime: this host's rule (zerofx/cpu_gemm.py)

@@ -11,7 +11,7 @@ import torch
 from tabulate import tabulate
 from torch import fx
 
-from zerofx.comm_cost import DEFAULT, FORM_KINDS, CommCost
+from zerofx.comm_cost import DEFAULT, CommCost
 from zerofx.fx_source import model_line, short_line
 from zerofx.passes.nodes import ZEROFX_COMM, added_by, is_collective
 
@@ -21,28 +21,27 @@ _FUNCOL = {"all_reduce": "all_reduce", "all_gather_into_tensor": "all_gather",
            "reduce_scatter_tensor": "reduce_scatter"}
 
 
-def _kind(n: fx.Node, forms: dict[str, str]) -> str | None:
-    """What ``n`` moves as comm_cost names it (reduce/gather: the runtime's chosen form)."""
+def _kind(n: fx.Node, kinds: dict[str, str]) -> str | None:
+    """What ``n`` moves as comm_cost names it (reduce/gather: the kind of the runtime's
+    chosen form; without a runtime, the native collective's)."""
     if not is_collective(n):
         return None
     name = n.target._opname
     kind = ZEROFX_COMM.get(name) if n.target.namespace == "zerofx" else _FUNCOL.get(name)
     if kind == "reduce":
-        return FORM_KINDS["reduce", forms.get("reduce", "all_reduce")]
-    if kind == "gather":
-        return FORM_KINDS["gather", forms.get("gather", "all_gather")]
-    if kind == "param_gather":
-        return FORM_KINDS["gather", forms.get("param_gather", "all_gather")]
+        return kinds.get("reduce", "all_reduce")
+    if kind in ("gather", "param_gather"):
+        return kinds.get(kind, "all_gather")
     return kind
 
 
 def collective_rows(gm: fx.GraphModule, *, tp_group: str | None, dp_size: int,
-                    forms: dict[str, str], cost: CommCost | None) -> list[dict]:
-    """One row per collective node; ``forms``: the runtime's {role: form}."""
+                    kinds: dict[str, str], cost: CommCost | None) -> list[dict]:
+    """One row per collective node; ``kinds``: the runtime's {role: kind of its form}."""
     cost = cost or DEFAULT
     rows = []
     for n in gm.graph.nodes:
-        kind = _kind(n, forms)
+        kind = _kind(n, kinds)
         if kind is None:
             continue
         grads = n.target._opname == "reduce_bucket"

@@ -39,7 +39,7 @@ def declared_passes() -> tuple[PassSpec, ...]:
     from zerofx.passes.param_identity import param_identity_pass
     from zerofx.passes.schedule import schedule_pass
     from zerofx.passes.tensor_parallel import tensor_parallel_pass
-    from zerofx.passes.zero3 import zero3_pass
+    from zerofx.passes.zero3 import regather_pass, zero3_pass
 
     return (
         PassSpec("mixed_precision", mixed_precision_pass, frozenset({"joint", "inference"}),
@@ -56,6 +56,10 @@ def declared_passes() -> tuple[PassSpec, ...]:
         PassSpec("zero3", zero3_pass, frozenset({"joint", "inference"}),
                  after=("param_identity", "mixed_precision"),
                  enabled=lambda cfg: cfg.zero_optimization.stage == 3, needs_runtime=True),
+        # ZeRO-3's second all-gather: the pair keeps no gathered weight alive in between.
+        PassSpec("zero3_regather", regather_pass, frozenset({"partitioned"}),
+                 after=("zero3",), enabled=lambda cfg: cfg.zero_optimization.stage == 3,
+                 needs_runtime=True),
         PassSpec("bucketing", bucketing_pass, frozenset({"backward"}),
                  requires=("param_identity",), needs_runtime=True),
         # Eager execution only: Inductor picks its own GEMM forms.
@@ -92,6 +96,37 @@ def build_pipeline(config: Config, *, extra: tuple[PassSpec, ...] = (),
                    and (with_runtime or not p.needs_runtime))
     check_order(chosen)
     return chosen
+
+
+def partitioner(config: Config):
+    """How the joint graph is split into forward and backward: Inductor's min-cut
+    rematerialisation (it recomputes cheap ops in the backward) when zerofx.inductor is on,
+    else the default partitioner (saves what the backward reads). A declared step, so what
+    changes the split (an activation-memory budget) changes it here."""
+    from torch._functorch.partitioners import (default_partition,
+                                               min_cut_rematerialization_partition)
+
+    return min_cut_rematerialization_partition if config.zerofx.inductor else default_partition
+
+
+def run_partitioned(pair, ctx: PassContext, passes: tuple[PassSpec, ...]):
+    """Run the passes declared on the "partitioned" pair (fw, bw); lint both after each."""
+    for p in passes:
+        if "partitioned" not in p.graph_kinds:
+            continue
+        try:
+            pair = p.fn(pair, ctx)
+            for gm in pair:
+                gm.graph.lint()
+        except Exception as e:
+            e.add_note(f"(zerofx: raised in pass {p.name!r} on the partitioned pair "
+                       f"{ctx.graph_name})")
+            raise
+        for gm in pair:
+            gm.recompile()
+        trace_artifact(ctx.graph_name + "_forward", p.name, pair[0])
+        trace_artifact(ctx.graph_name + "_backward", p.name, pair[1])
+    return pair
 
 
 def check_order(passes: tuple[PassSpec, ...]) -> None:
@@ -139,7 +174,7 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, passes: tuple[PassSpec, .
         trace_artifact(ctx.graph_name, p.name, gm)
     if dump is not None:
         dump.write_text("collectives.txt", render_collectives(collective_rows(
-            gm, tp_group=ctx.tp_group, dp_size=ctx.plan.grid.dp_size, forms=dict(ctx.comm_forms),
+            gm, tp_group=ctx.tp_group, dp_size=ctx.plan.grid.dp_size, kinds=dict(ctx.comm_kinds),
             cost=ctx.comm_cost)))
     return gm
 

@@ -156,6 +156,20 @@ def _last_use(node: fx.Node, order: dict) -> int:
 
 
 # ---- the partitioned pair ----------------------------------------------------------------
+def regather_pass(pair, ctx: PassContext):
+    """On the partitioned pair: a gathered weight the backward would keep from the forward
+    is gathered again there instead (regather_for_backward)."""
+    fw, bw = pair
+    if not any(GATHER_BUCKET.is_call(n) for gm in pair for n in gm.graph.nodes):
+        return pair  # nothing partitioned is read: no gather to save or to redo
+    regather_for_backward(fw, bw, ctx.num_fwd_outputs, ctx.config.zero_optimization)
+    # The partitioner can leave a dead recompute in the backward (the vocabulary-parallel
+    # embedding's masked lookup): at stage 3 it would cost a whole bucket's all-gather.
+    if bw.graph.eliminate_dead_code():
+        bw.recompile()
+    return fw, bw
+
+
 def regather_for_backward(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int,
                           zero) -> None:
     """Gather again in the backward what the forward would save of gathered weights.

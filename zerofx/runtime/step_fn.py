@@ -19,6 +19,7 @@ import torch.distributed._functional_collectives as funcol
 
 from zerofx.graph_ops import FINISH_GATHER, SHARD_OPTIMIZER_STEP, START_GATHER, WAIT_BUCKETS
 from zerofx.plan import gather_chunks
+from zerofx.runtime.comm.forms import Form, form_of
 from zerofx.runtime.fused_optim import (adam_step_, grad_sumsq,
                                         lamb_apply_, lamb_moments_, lamb_trust_ratio)
 from zerofx.runtime.loss_scaler import LossScaler
@@ -73,11 +74,12 @@ def make_step_fn(rt):
     reduced_in_shard = rt.reduces_into_shard
     dp = plan.grid.dp_size
     chunks = gather_chunks(plan, rt.config)
-    gather = comm.forms["gather"].form if "gather" in comm.forms else "all_gather"
-    # Stages 1-2 with the point-to-point or shared-memory gather: the update writes this rank's rows of the
-    # flat parameters in place and the exchange fills the other rows there (no shard-sized
-    # temporary, no copy of the gathered chunks).
-    in_place = plan.sharded and not plan.partitioned and gather in ("p2p", "shm")
+    gather = form_of("gather", comm.forms["gather"].form if "gather" in comm.forms
+                     else "all_gather")
+    # Stages 1-2 with an in-place gather (point-to-point, shared memory): the update writes
+    # this rank's rows of the flat parameters in place and the exchange fills the other rows
+    # there (no shard-sized temporary, no copy of the gathered chunks).
+    in_place = plan.sharded and not plan.partitioned and gather.in_place
     update = _make_update(rt, in_place)
     # Gradients arrive summed over DP ranks and accumulation steps, and loss-scaled.
     divisor = float(plan.grid.dp_size * rt.gas) * rt.pre_reduce  # what is left to divide
@@ -209,7 +211,7 @@ def _make_update(rt, in_place: bool):
 
 
 def _gather_params(shard_lowp, flat_params, chunks, dp: int, group, base: int, *,
-                   form: str, sid: int) -> None:
+                   form: Form, sid: int) -> None:
     """All-gather every chunk of this rank's updated slices into the flat parameters.
 
     A chunk's slices are contiguous in the shard, so one collective gathers them; the result
@@ -218,7 +220,7 @@ def _gather_params(shard_lowp, flat_params, chunks, dp: int, group, base: int, *
     start_gather/finish_gather ops, which exchange the rows in place in ``flat_params``
     (runtime/comm/forms.StepGathers); every chunk starts before the first is waited on.
     """
-    if form != "all_gather":
+    if form.in_place:
         if shard_lowp is not flat_params:  # stage 3's persistent buckets: rows from the shard
             for r, _ in (rb for chunk in chunks for rb in chunk):
                 flat_params[r.start - base:r.start - base + r.numel].copy_(
@@ -226,8 +228,7 @@ def _gather_params(shard_lowp, flat_params, chunks, dp: int, group, base: int, *
         for i in range(len(chunks)):
             START_GATHER(sid, flat_params, i)
         for i, chunk in enumerate(chunks):
-            FINISH_GATHER(sid, flat_params, i,
-                                           dp * sum(r.numel for r, _ in chunk))
+            FINISH_GATHER(sid, flat_params, i, dp * sum(r.numel for r, _ in chunk))
         return
     issued = []  # every chunk's all-gather starts before the first is waited on
     for chunk in chunks:

@@ -192,7 +192,7 @@ class ZeroRuntime:
     def pass_facts(self) -> dict:
         """What the passes read of this runtime's choices: collective forms and their cost
         (for the dumps), and rank 0's CPU matmul forms."""
-        return {"comm_forms": self.comm.form_names(), "comm_cost": self.comm.cost,
+        return {"comm_kinds": self.comm.kinds(), "comm_cost": self.comm.cost,
                 "matmul_forms": self.matmul_forms}
 
     def log_comm_to(self, dump_root: str) -> None:

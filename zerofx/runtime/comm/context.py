@@ -23,7 +23,7 @@ import torch.distributed as dist
 from zerofx.comm_cost import CommCost
 from zerofx.plan import Plan, gather_chunks
 from zerofx.runtime.comm.forms import (Choice, StepGathers, choose_forms, choose_param_gather,
-                                       cost_of, shm_mirrors)
+                                       cost_of, kind_of, shm_mirrors)
 from zerofx.runtime.comm.log import CommLog
 
 log = logging.getLogger(__name__)
@@ -70,9 +70,9 @@ class CommContext:
     def tp_group_name(self) -> str | None:
         return self.tp_group.group_name if self.tp_group is not None else None
 
-    def form_names(self) -> tuple[tuple[str, str], ...]:
-        """(role, form) of every choice, for the passes' dumps."""
-        return tuple((r, c.form) for r, c in self.forms.items())
+    def kinds(self) -> tuple[tuple[str, str], ...]:
+        """(role, the cost model's kind of its chosen form), for the passes' dumps."""
+        return tuple((r, kind_of(r, c.form)) for r, c in self.forms.items())
 
     def log_to(self, dump_root: str, rank: int) -> None:
         """Time every collective started from now on, into the dump at ``dump_root``."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -43,8 +44,120 @@ REPS = 3
 # Timed at most at this many elements: the forms' order does not change beyond it, and a
 # model-sized bucket would cost seconds and its size again in memory at startup.
 PROBE_CAP = 1 << 24
-FORMS = {"reduce": ("reduce_scatter", "all_reduce", "p2p", "shm"),
-         "gather": ("all_gather", "p2p", "shm")}
+
+
+@dataclass(frozen=True)
+class Form:
+    """One way to carry out a role's collective: the one object a new form adds."""
+
+    role: str  # "reduce" (gradient bucket -> this rank's shard) or "gather" (shards -> all)
+    name: str  # as zerofx.reduce_form / gather_form name it
+    kind: str  # what comm_cost predicts and the dumps call it
+    start: Callable[..., Pending]  # see start_reduce / start_gather
+    native: bool = False  # torch.distributed's own collective (used untimed off gloo)
+    pairwise: bool = False  # sums at one rank pair only (offered at 2 ranks: same bits)
+    shared_memory: bool = False  # offered only where every rank maps one /dev/shm file
+    in_place: bool = False  # a gather that fills the flat parameters' rows in place (the
+    # step runs it through zerofx.start_gather / finish_gather, runtime/comm/forms.StepGathers)
+
+    def offered(self, world: int, shm: bool) -> bool:
+        """Whether this form is a candidate at ``world`` ranks (``shm``: every rank of the
+        group is on this host, shm_comm.available)."""
+        return (shm or not self.shared_memory) and (world == 2 or not self.pairwise)
+
+
+REGISTRY: dict[tuple[str, str], Form] = {}  # (role, name) -> Form, in preference order
+
+
+def register_form(form: Form) -> Form:
+    REGISTRY[form.role, form.name] = form
+    return form
+
+
+def form_of(role: str, name: str) -> Form:
+    try:
+        return REGISTRY[role, name]
+    except KeyError:
+        raise ValueError(f"unknown {role} form {name!r}") from None
+
+
+def candidates(role: str, world: int, shm: bool = False) -> tuple[str, ...]:
+    """The forms ``role`` may take at ``world`` ranks, natives first."""
+    return tuple(f.name for (r, _), f in REGISTRY.items() if r == role and f.offered(world, shm))
+
+
+def start_reduce(form: str, flat: torch.Tensor, out: torch.Tensor, group, *, mirror=None,
+                 key: int = 0, base: int = 0) -> Pending:
+    """Sum ``flat`` ([world x k] elements) over ``group``; this rank's k-element piece of the
+    sum lands in ``out`` once the returned Pending is waited on. ``flat`` may be clobbered.
+    The ``shm`` form goes through ``mirror`` (shm_comm.ShmMirror): round ``key``, ``flat``
+    at ``base`` there."""
+    return form_of("reduce", form).start(flat, out, group, mirror=mirror, key=key, base=base)
+
+
+def start_gather(form: str, src: torch.Tensor, out: torch.Tensor, group, *, mirror=None,
+                 key: int = 0, base: int = 0) -> Pending:
+    """``out`` ([world x k]) gets every rank's k-element ``src``, in rank order (``shm``:
+    through ``mirror``, as start_reduce)."""
+    return form_of("gather", form).start(src, out, group, mirror=mirror, key=key, base=base)
+
+
+def _reduce_native(flat, out, group, **_):
+    return Pending([_reduce_scatter(out, flat, group=group, async_op=True)])
+
+
+def _reduce_all_reduce(flat, out, group, **_):
+    rows = flat.view(dist.get_world_size(group), -1)
+    return Pending([dist.all_reduce(flat, group=group, async_op=True)],
+                   lambda: out.copy_(rows[dist.get_rank(group)]))
+
+
+def _reduce_p2p(flat, out, group, **_):
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if world != 2:
+        raise ConfigError(f"the p2p reduce form needs 2 data-parallel ranks (it sums in "
+                          f"another order than the all-reduce at {world}); use fastest")
+    rows = flat.view(world, -1)
+    peer = dist.get_process_group_ranks(group)[1 - rank]
+    recv = torch.empty_like(out)
+    works = dist.batch_isend_irecv([dist.P2POp(dist.isend, rows[1 - rank], peer, group),
+                                    dist.P2POp(dist.irecv, recv, peer, group)])
+    return Pending(works, lambda: torch.add(rows[rank], recv, out=out))
+
+
+def _reduce_shm(flat, out, group, *, mirror, key, base):
+    return shm_comm.start_reduce(mirror, key, base, flat, out)
+
+
+def _gather_native(src, out, group, **_):
+    return Pending([all_gather_into(out, src, group=group, async_op=True)])
+
+
+def _gather_p2p(src, out, group, **_):
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    rows, ranks = out.view(world, -1), dist.get_process_group_ranks(group)
+    rows[rank].copy_(src)
+    ops = [dist.P2POp(dist.isend, src, ranks[p], group) for p in range(world) if p != rank]
+    ops += [dist.P2POp(dist.irecv, rows[p], ranks[p], group) for p in range(world) if p != rank]
+    return Pending(dist.batch_isend_irecv(ops))
+
+
+def _gather_shm(src, out, group, *, mirror, key, base):
+    out.view(mirror.world, -1)[mirror.rank].copy_(src)
+    return shm_comm.start_gather(mirror, key, [(base, out)])
+
+
+for _form in (
+    Form("reduce", "reduce_scatter", "reduce_scatter", _reduce_native, native=True),
+    # gloo's reduce-scatter is an all-reduce plus a copy
+    Form("reduce", "all_reduce", "all_reduce", _reduce_all_reduce),
+    Form("reduce", "p2p", "p2p_reduce", _reduce_p2p, pairwise=True),
+    Form("reduce", "shm", "shm_reduce", _reduce_shm, pairwise=True, shared_memory=True),
+    Form("gather", "all_gather", "all_gather", _gather_native, native=True),
+    Form("gather", "p2p", "p2p_gather", _gather_p2p, in_place=True),
+    Form("gather", "shm", "shm_gather", _gather_shm, shared_memory=True, in_place=True),
+):
+    register_form(_form)
 
 
 @dataclass(frozen=True)
@@ -62,57 +175,10 @@ class Choice:
         return f"{self.role}: {self.form} ({self.why}{'; ' + timed if timed else ''})"
 
 
-def candidates(role: str, world: int, shm: bool = False) -> tuple[str, ...]:
-    """``shm``: every rank of the group is on this host (shm_comm.available)."""
-    return tuple(f for f in FORMS[role] if (shm or f != "shm")
-                 and not (role == "reduce" and f in ("p2p", "shm") and world != 2))
-
-
-def start_reduce(form: str, flat: torch.Tensor, out: torch.Tensor, group, *, mirror=None,
-                 key: int = 0, base: int = 0) -> Pending:
-    """Sum ``flat`` ([world x k] elements) over ``group``; this rank's k-element piece of the
-    sum lands in ``out`` once the returned Pending is waited on. ``flat`` may be clobbered.
-    The ``shm`` form goes through ``mirror`` (shm_comm.ShmMirror): round ``key``, ``flat``
-    at ``base`` there."""
-    if form == "shm":
-        return shm_comm.start_reduce(mirror, key, base, flat, out)
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    rows = flat.view(world, -1)
-    if form == "reduce_scatter":
-        return Pending([_reduce_scatter(out, flat, group=group, async_op=True)])
-    if form == "all_reduce":
-        return Pending([dist.all_reduce(flat, group=group, async_op=True)],
-                       lambda: out.copy_(rows[rank]))
-    if form == "p2p":
-        if world != 2:
-            raise ConfigError(f"the p2p reduce form needs 2 data-parallel ranks (it sums in "
-                              f"another order than the all-reduce at {world}); use fastest")
-        peer = dist.get_process_group_ranks(group)[1 - rank]
-        recv = torch.empty_like(out)
-        works = dist.batch_isend_irecv([dist.P2POp(dist.isend, rows[1 - rank], peer, group),
-                                        dist.P2POp(dist.irecv, recv, peer, group)])
-        return Pending(works, lambda: torch.add(rows[rank], recv, out=out))
-    raise ValueError(f"unknown reduce form {form!r}")
-
-
-def start_gather(form: str, src: torch.Tensor, out: torch.Tensor, group, *, mirror=None,
-                 key: int = 0, base: int = 0) -> Pending:
-    """``out`` ([world x k]) gets every rank's k-element ``src``, in rank order (``shm``:
-    through ``mirror``, as start_reduce)."""
-    if form == "shm":
-        out.view(mirror.world, -1)[mirror.rank].copy_(src)
-        return shm_comm.start_gather(mirror, key, [(base, out)])
-    if form == "all_gather":
-        return Pending([all_gather_into(out, src, group=group, async_op=True)])
-    if form == "p2p":
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        rows, ranks = out.view(world, -1), dist.get_process_group_ranks(group)
-        rows[rank].copy_(src)
-        ops = [dist.P2POp(dist.isend, src, ranks[p], group) for p in range(world) if p != rank]
-        ops += [dist.P2POp(dist.irecv, rows[p], ranks[p], group)
-                for p in range(world) if p != rank]
-        return Pending(dist.batch_isend_irecv(ops))
-    raise ValueError(f"unknown gather form {form!r}")
+def kind_of(role: str, name: str) -> str:
+    """The cost model's kind of ``role``'s form ``name`` (stage 3's "param_gather" and a
+    logged "stage3 gather" are gathers)."""
+    return form_of("reduce" if role.split()[-1] == "reduce" else "gather", name).kind
 
 
 def choose(role: str, group, numel: int, dtype: torch.dtype, *, pinned: str = "fastest",
@@ -206,7 +272,7 @@ def shm_mirrors(plan, config, forms: dict[str, Choice], group,
 
 def cost_of(forms: dict[str, Choice], dtype: torch.dtype) -> CommCost:
     """The dump's cost model, from what ``forms`` timed (zerofx/comm_cost.py)."""
-    return fitted([(c.role, f, c.numel * dtype.itemsize, ms)
+    return fitted([(kind_of(c.role, f), c.numel * dtype.itemsize, ms)
                    for c in forms.values() for f, ms in c.times_ms])
 
 

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from zerofx.comm_cost import FORM_KINDS, MIB, CommCost
+from zerofx.comm_cost import MIB, CommCost
+from zerofx.runtime.comm.forms import kind_of
 
 SAMPLES = 64
 WRITE_FIRST, WRITE_EVERY = 20, 50
@@ -61,7 +62,7 @@ class CommLog:
         """A token for ``finished``: the collective (role, key) was just started."""
         k = (role, key)
         if k not in self.rows:
-            kind = FORM_KINDS.get((role.split()[-1], form), form)
+            kind = kind_of(role, form)
             self.rows[k] = _Row(role, key, kind, numel, numel * dtype.itemsize)
         return k, time.perf_counter()
 
