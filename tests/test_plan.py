@@ -111,3 +111,15 @@ def test_stage3_buckets_cap_at_the_prefetch_size_and_keep_persistent_ones_last()
     mem = plan.predicted_bytes()  # stage 3: parameters are a shard plus the persistent ones
     assert mem["compute_params"] == 0  # fp32 compute: the master is the parameter
     assert plan.shard_numel * 2 == plan.padded_numel
+
+
+def test_one_grouping_rule_for_buckets_chunks_and_plain_dp():
+    # group_into_buckets: consecutive items, a group closes once it holds ``cap`` elements,
+    # an item larger than cap alone; no item lost, the order kept
+    from zerofx.plan import group_into_buckets
+
+    items = [("a", 3), ("b", 4), ("c", 10), ("d", 1), ("e", 1), ("f", 5)]
+    groups = group_into_buckets(items, 5)
+    assert [[k for k, _ in g] for g in groups] == [["a"], ["b"], ["c"], ["d", "e"], ["f"]]
+    assert group_into_buckets(items, 100) == [items]
+    assert group_into_buckets([], 5) == []

@@ -301,7 +301,7 @@ def make_plan(
     # Persistent parameters get buckets of their own, last: those are all-gathered after
     # every step into a whole copy; the others are gathered by the graphs on demand.
     order = [(n, sizes[n]) for n, _ in reversed(named_params) if n not in persist]
-    groups = _group_into_buckets(order, cap) + _group_into_buckets(
+    groups = group_into_buckets(order, cap) + group_into_buckets(
         [(n, sizes[n]) for n, _ in reversed(named_params) if n in persist], cap)
     dtypes = dict((n, p.dtype) for n, p in named_params)
     slots, buckets, offset = [], [], 0
@@ -338,8 +338,10 @@ def _persistent(named_params, sizes: dict, zero) -> frozenset:
     return frozenset(kept)
 
 
-def _group_into_buckets(order, cap: int) -> list[list]:
-    """Greedy: a bucket closes once it holds ``cap`` elements (a big tensor gets its own)."""
+def group_into_buckets(order, cap: int) -> list[list]:
+    """Consecutive (item, numel) pairs grouped greedily: a group closes once it holds ``cap``
+    elements (a big item gets its own). The one grouping rule of the plan's buckets, the
+    step's all-gather chunks and plain compile's gradient buckets."""
     groups: list[list] = []
     filled = cap
     for name, numel in order:
@@ -373,13 +375,6 @@ def allgather_chunks(plan, limit: int) -> list[list[tuple]]:
     """Consecutive buckets grouped so each all-gather moves about ``limit`` elements: fewer,
     larger collectives (each gloo call costs ~0.3 ms however small). At stage 3 only the
     persistent buckets: the graphs gather the others when they read them."""
-    chunks, size = [], limit
-    for r, b in zip(plan.owned(), plan.buckets):
-        if b.offset < plan.persist_offset:
-            continue
-        if size + b.padded > limit and (not chunks or chunks[-1]):
-            chunks.append([])
-            size = 0
-        chunks[-1].append((r, b))
-        size += b.padded
-    return chunks
+    order = [((r, b), b.padded) for r, b in zip(plan.owned(), plan.buckets)
+             if b.offset >= plan.persist_offset]
+    return [[rb for rb, _ in chunk] for chunk in group_into_buckets(order, limit)]

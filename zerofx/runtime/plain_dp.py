@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from zerofx.config import ConfigError
+from zerofx.plan import group_into_buckets
 from zerofx.runtime.start_state import broadcast_model, broadcast_tensors
 
 
@@ -150,13 +151,8 @@ class PlainDataParallel:
                 f"another cannot name ({lacking[:3] or 'see the other ranks'}), so their "
                 f"gradients cannot be averaged. Compile the nn.Module (torch.compile(model)) "
                 f"rather than a function, or use zerofx.initialize")
-        self.buckets, size = [], self.bucket_numel
-        for i, g in enumerate(self.groups):
-            if size + g.numel > self.bucket_numel and (not self.buckets or self.buckets[-1]):
-                self.buckets.append([])
-                size = 0
-            self.buckets[-1].append(i)
-            size += g.numel
+        order = [(i, g.numel) for i, g in enumerate(self.groups)]
+        self.buckets = [[i for i, _ in b] for b in group_into_buckets(order, self.bucket_numel)]
 
     # ---- one backward --------------------------------------------------------------------
     @torch.no_grad()
