@@ -35,7 +35,8 @@ def test_training_matches_eager_adamw_with_the_same_schedule(no_torchrun_env):
     model, _ = make("mlp")
     ref, _ = make("mlp")
     engine, opt, loader, sched = zerofx.initialize(model=model, config=_cfg())
-    assert loader is None and opt is engine.runtime and sched is engine.lr_scheduler
+    assert loader is None and opt is engine.optimizer and sched is engine.lr_scheduler
+    assert isinstance(opt, torch.optim.Optimizer)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.0)
     for k in range(1, 9):
         batch = mlp_batch(seed=k)

@@ -25,6 +25,7 @@ from zerofx.backend import dump_root_of, offer_step_program
 from zerofx.config import Config, ConfigError
 from zerofx.data import DistributedLoader
 from zerofx.monitor import Monitor
+from zerofx.optimizer import ZeroOptimizer
 from zerofx.passes import build_pipeline
 from zerofx.runtime.comm.dist import init_distributed
 from zerofx.runtime.tp_inputs import check_same_inputs
@@ -123,8 +124,12 @@ class ZeroEngine(nn.Module):
         # step graph from the backend; its gradients come through the eager hooks.
         offer_step_program(self.runtime, build_pipeline(config, with_runtime=True),
                            dump_root=dump_root_of(config), graph_id="eager", fallback=True)
-        self.optimizer = self.runtime  # DeepSpeed hands back its optimizer wrapper likewise
+        # DeepSpeed hands back its ZeRO optimizer wrapper; this one has the groups torch's
+        # LR schedulers and scripts read, and its lr feeds the step (zerofx/optimizer.py).
+        self.optimizer = ZeroOptimizer(self.runtime, _trained(model), client=optimizer)
         # last_batch_iteration=-1 is DeepSpeed's start: its k-th step uses lr_at(k - 1).
+        if callable(lr_scheduler):  # DeepSpeed's: a factory given the engine's optimizer
+            lr_scheduler = lr_scheduler(self.optimizer)
         self.lr_scheduler = lr_scheduler or (
             make_schedule(config.scheduler, last_batch_iteration=-1)
             if config.scheduler is not None else None)
@@ -192,8 +197,11 @@ class ZeroEngine(nn.Module):
         self._window_samples += self.train_micro_batch_size_per_gpu() * \
             self.runtime.plan.grid.dp_size
         # the skip count before the update, on the device: read only if was_step_applied is
-        skipped = self.runtime.state.skipped.clone() if self.runtime.is_boundary else None
-        updated = self.runtime.step()
+        boundary = self.runtime.is_boundary
+        skipped = self.runtime.state.skipped.clone() if boundary else None
+        # at the boundary through the optimizer: its group's lr is the step's, and a torch
+        # LR scheduler on it sees its step called
+        updated = self.optimizer.step() if boundary else self.runtime.step()
         self._timers["step"] += time.perf_counter() - t0
         if not updated:
             return
@@ -224,7 +232,9 @@ class ZeroEngine(nn.Module):
     def _set_lr(self) -> None:
         if self.lr_scheduler is not None:
             # A host-to-device write of the next step's lr: the step graph reads a tensor.
-            self.runtime.set_lr(self.lr_scheduler.get_last_lr()[0])
+            lr = self.lr_scheduler.get_last_lr()[0]
+            self.runtime.set_lr(lr)
+            self.optimizer.show_lr(lr)
         if isinstance(self.lr_scheduler, Schedule):
             momentum = self.lr_scheduler.momentum_at(self.lr_scheduler.last_batch_iteration)
             if momentum is not None:  # OneCycle's beta1, likewise a tensor of the step graph
@@ -374,6 +384,10 @@ class ZeroEngine(nn.Module):
             self.lr_scheduler.load_state_dict(sched)
             self._set_lr()
         return path, state
+
+
+def _trained(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def _half_inputs(obj):
