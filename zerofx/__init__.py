@@ -32,10 +32,10 @@ def __getattr__(name):
         from zerofx.deepspeed_shim import as_deepspeed
 
         return as_deepspeed
-    if name == "accelerator":  # deepspeed.accelerator
+    if name in ("accelerator", "comm", "checkpointing", "zero"):  # deepspeed.<name>
         import importlib
 
-        return importlib.import_module("zerofx.accelerator")
+        return importlib.import_module(f"zerofx.{name}")
     if name == "init_distributed":  # DeepSpeed's name and arguments
         from zerofx.runtime.comm.dist import init_distributed_like_deepspeed
 

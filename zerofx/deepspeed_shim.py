@@ -13,7 +13,8 @@ import importlib.util
 import sys
 
 # deepspeed.<module> -> the zerofx module that serves it
-PROVIDED = {"accelerator": "zerofx.accelerator", "comm": "zerofx.comm"}
+PROVIDED = {"accelerator": "zerofx.accelerator", "comm": "zerofx.comm",
+            "checkpointing": "zerofx.checkpointing", "zero": "zerofx.zero"}
 WHY = {
     "moe": "Mixture-of-Experts layers are not part of zerofx",
     "pipe": "pipeline parallelism is not part of zerofx (tensor parallelism and ZeRO are)",

@@ -62,6 +62,11 @@ def register(state: TrainingState) -> int:
     return sid
 
 
+def registered() -> list:
+    """Every live registered state (zerofx.zero finds the runtime owning a parameter)."""
+    return list(_RUNTIMES.values())
+
+
 def lookup(sid: int) -> TrainingState:
     runtime = _RUNTIMES.get(sid)
     if runtime is None:

@@ -9,7 +9,8 @@
 Everything downstream imports the blocks from here and reads typed attributes, never raw
 JSON keys (docs/design.md, conventions).
 """
-from zerofx.config.blocks import (MAX_SCALE, MIN_STATIC_SCALE, BatchSizes, BF16Config, Config,
+from zerofx.config.blocks import (MAX_SCALE, MIN_STATIC_SCALE, ActivationCheckpointingConfig,
+                                  BatchSizes, BF16Config, Config,
                                   FP16Config, MonitorConfig, OptimizerConfig,
                                   TensorParallelConfig, WandbConfig, ZeroConfig, ZerofxConfig)
 from zerofx.config.scheduler import (MAX_LR, LRRangeTestParams, OneCycleParams,
@@ -17,7 +18,7 @@ from zerofx.config.scheduler import (MAX_LR, LRRangeTestParams, OneCycleParams,
 from zerofx.config.schema import ConfigError
 
 __all__ = [
-    "MAX_LR", "MAX_SCALE", "MIN_STATIC_SCALE", "BF16Config", "BatchSizes", "Config",
+    "MAX_LR", "MAX_SCALE", "MIN_STATIC_SCALE", "ActivationCheckpointingConfig", "BF16Config", "BatchSizes", "Config",
     "ConfigError", "FP16Config", "LRRangeTestParams", "MonitorConfig", "OneCycleParams",
     "OptimizerConfig", "SchedulerConfig", "TensorParallelConfig", "WandbConfig",
     "WarmupDecayLRParams", "WarmupLRParams", "ZeroConfig", "ZerofxConfig",

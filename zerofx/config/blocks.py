@@ -118,6 +118,28 @@ class BF16Config:
 
 
 @dataclass(frozen=True)
+class ActivationCheckpointingConfig:
+    """DeepSpeed's "activation_checkpointing" block, read by ``zerofx.checkpointing.configure``
+    (what each key does here: zerofx/checkpointing.py)."""
+
+    partition_activations: bool = setting(False, boolean)
+    """Split a checkpointed region's saved input across the tensor-parallel group."""
+    contiguous_memory_optimization: bool = setting(False, boolean)
+    """DeepSpeed's contiguous buffers for saved inputs (no effect here)."""
+    cpu_checkpointing: bool = setting(False, boolean)
+    """Keep saved inputs in host memory (a CPU run keeps them there already)."""
+    number_checkpoints: int | None = setting(None, optional(integer(1)))
+    """Checkpointed regions per step, for the contiguous buffers (no effect here)."""
+    synchronize_checkpoint_boundary: bool = setting(False, boolean)
+    """Synchronise the device at region boundaries (no effect here)."""
+    profile: bool = setting(False, boolean)
+    """Log each checkpointed call (debug level)."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+@dataclass(frozen=True)
 class ZeroConfig:
     """DeepSpeed's "zero_optimization" block (ZeRO, Rajbhandari et al. 2020)."""
 
@@ -369,6 +391,9 @@ class Config:
     """float16 mixed precision with loss scaling."""
     bf16: BF16Config = nested_setting(BF16Config)
     """bfloat16 mixed precision."""
+    activation_checkpointing: ActivationCheckpointingConfig = nested_setting(
+        ActivationCheckpointingConfig)
+    """Activation checkpointing, for zerofx.checkpointing (deepspeed.checkpointing) calls."""
     zero_optimization: ZeroConfig = nested_setting(ZeroConfig, parse=_parse_zero)
     """ZeRO stage and bucketing; JSON also takes DeepSpeed 2020's true (stage 1) / false."""
     gradient_clipping: float = setting(0.0, number(0.0))

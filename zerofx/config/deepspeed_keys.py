@@ -25,8 +25,6 @@ NO_EFFECT = {
     "memory_breakdown": "zerofx reports state bytes in the plan dump instead",
     "dump_state": "the plan dump (zerofx.dump_dir) shows the layout",
     "checkpoint": "zerofx checkpoints always validate their files and tags",
-    "activation_checkpointing": "applies to deepspeed.checkpointing calls, which zerofx "
-                                "does not provide; use torch.utils.checkpoint in the model",
     "zero_force_ds_cpu_optimizer": "zerofx has no CPU-offload optimizer to force",
     "comms_logger": "zerofx logs communication wait time with wall_clock_breakdown",
     "flops_profiler": "no FLOPs profiler in zerofx (use torch.profiler)",
