@@ -168,3 +168,57 @@ def test_hugging_face_gradient_checkpointing_keeps_training_exact(no_torchrun_en
     torch.testing.assert_close(c_losses, losses, rtol=0, atol=0)
     for a, b in zip(params, c_params):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def _budget_run(budget, tmp_path, stage=2):
+    torch._dynamo.reset()
+    model = Stack(False)
+    cfg = {**_cfg(stage), "zerofx": {"activation_memory_budget": budget,
+                                     "dump_dir": str(tmp_path / f"b{budget}")}}
+    rt = zerofx.ZeroRuntime(model, cfg)
+    seen = []
+    compiled = torch.compile(model, backend="zero", options={
+        "runtime": rt, "extra_passes": (_saved_bytes_recorder(seen),)})
+    losses = []
+    for k in range(3):
+        loss = compiled(*_batch(k))
+        loss.backward()
+        rt.step()
+        losses.append(loss.detach())
+    report = next((tmp_path / f"b{budget}").rglob("saved.txt")).read_text()
+    with rt.gathered_parameters():  # stage 3: whole values, not the empty stand-ins
+        params = [p.detach().clone() for p in model.parameters()]
+    assert all(p.numel() for p in params)
+    return torch.stack(losses), params, seen[0], report
+
+
+def test_an_activation_memory_budget_trades_saved_bytes_for_recompute(no_torchrun_env,
+                                                                       tmp_path):
+    runs = {b: _budget_run(b, tmp_path) for b in (1.0, 0.5, 0.0)}
+    losses, params, _, _ = runs[1.0]
+    for b, (l, p, _, _) in runs.items():  # recomputing changes no value (fp32, same ops)
+        assert torch.equal(l, losses), b
+        assert all(torch.equal(x, y) for x, y in zip(p, params)), b
+    saved = {b: r[2] for b, r in runs.items()}
+    assert saved[0.0] <= saved[0.5] < saved[1.0], saved
+    assert "recomputed in the backward (0 ops)" in runs[1.0][3]
+    assert "recomputed in the backward (0 ops)" not in runs[0.0][3]  # the dump names them
+    assert "gelu" in runs[0.0][3]
+
+
+def _budget_stage3_body(rank, world, root):
+    import pathlib
+
+    out = {}
+    for b in (1.0, 0.0):
+        losses, params, saved, _ = _budget_run(b, pathlib.Path(root) / f"r{rank}", stage=3)
+        out[b] = (losses, params, saved)
+    return out
+
+
+@pytest.mark.slow
+def test_a_budget_at_stage_3_on_two_ranks_changes_no_value(tmp_path):
+    for out in run_ranks(_budget_stage3_body, 2, args=(str(tmp_path),)):
+        (l1, p1, s1), (l0, p0, s0) = out[1.0], out[0.0]
+        assert torch.equal(l0, l1) and all(torch.equal(a, b) for a, b in zip(p0, p1))
+        assert s0 < s1

@@ -328,7 +328,10 @@ def _context(comp: Compilation, kind: str, **facts) -> PassContext:
 
 
 def _run_pair(pair, comp: Compilation, **facts):
-    return run_partitioned(pair, _context(comp, "partitioned", **facts), comp.passes)
+    dump = GraphDump.create(comp.dump_root, rank=comp.rank, graph=comp.graph_id,
+                            kind="partitioned") if comp.dump_root else None
+    return run_partitioned(pair, _context(comp, "partitioned", **facts), comp.passes,
+                           dump=dump)
 
 
 def _run(gm: fx.GraphModule, comp: Compilation, kind: str, **facts) -> fx.GraphModule:

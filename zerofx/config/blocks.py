@@ -310,6 +310,11 @@ class ZerofxConfig:
     times every form on the group once and takes the fastest (all give the same bits)."""
     gather_form: str = setting("fastest", choice("fastest", "all_gather", "p2p", "shm"))
     """How stages 1-2 all-gather the updated shards (fastest: the fastest timed)."""
+    activation_memory_budget: float = setting(1.0, number(0.0, 1.0))
+    """The share of the forward's activations the backward may find saved (1.0: save what
+    the backward reads; below, the partitioner recomputes the cheapest ops to meet it:
+    passes/pipeline.partitioner). Gradients are unchanged; the dump's partitioned/saved.txt
+    lists what is saved and what is recomputed."""
     matmul_form: str = setting("host", choice("host", "native", "fp32"))
     """How CPU bf16/fp16 matmuls run (zerofx/cpu_gemm.py): host takes native GEMMs where the
     CPU has them (AVX512-BF16/FP16, AMX), fp32 with one rounding elsewhere; rank 0 decides."""

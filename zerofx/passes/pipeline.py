@@ -99,18 +99,50 @@ def build_pipeline(config: Config, *, extra: tuple[PassSpec, ...] = (),
 
 
 def partitioner(config: Config):
-    """How the joint graph is split into forward and backward: Inductor's min-cut
-    rematerialisation (it recomputes cheap ops in the backward) when zerofx.inductor is on,
-    else the default partitioner (saves what the backward reads). A declared step, so what
-    changes the split (an activation-memory budget) changes it here."""
+    """How the joint graph is split into forward and backward. With
+    zerofx.activation_memory_budget below 1: torch's min-cut partitioner under that budget
+    (it solves a knapsack over the joint graph: which activations to save, which ops to
+    recompute in the backward, least recompute first). Else Inductor's min-cut
+    rematerialisation when zerofx.inductor is on, the default partitioner (saves what the
+    backward reads) otherwise. Checkpointed regions are recomputed by both."""
+    from torch._functorch import config as functorch_config
     from torch._functorch.partitioners import (default_partition,
                                                min_cut_rematerialization_partition)
 
+    budget = config.zerofx.activation_memory_budget
+    if budget < 1.0:
+        def within_budget(*args, **kwargs):
+            with functorch_config.patch(activation_memory_budget=budget):
+                return min_cut_rematerialization_partition(*args, **kwargs)
+        return within_budget
     return min_cut_rematerialization_partition if config.zerofx.inductor else default_partition
 
 
-def run_partitioned(pair, ctx: PassContext, passes: tuple[PassSpec, ...]):
-    """Run the passes declared on the "partitioned" pair (fw, bw); lint both after each."""
+def saved_report(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -> str:
+    """What the forward saves for the backward (bytes each) and which forward ops the
+    backward recomputes: the dump's partitioned/saved.txt."""
+    saved = [o for o in fw.graph.output_node().args[0][num_fwd_outputs:]
+             if isinstance(o, fx.Node)]
+    rows, total = [], 0
+    for o in saved:
+        val = o.meta.get("val")
+        nbytes = val.numel() * val.element_size() if hasattr(val, "numel") else 0
+        own = o.op != "placeholder"  # a saved input (a weight) costs no memory of its own
+        total += nbytes if own else 0
+        shape = list(val.shape) if hasattr(val, "shape") else "?"
+        rows.append(f"  {o.name:<28} {str(shape):<20} {nbytes:>12,d} B"
+                    f"{'' if own else '  (an input: no memory of its own)'}")
+    forward = {n.name for n in fw.graph.nodes}
+    again = [n.name for n in bw.graph.nodes if n.op == "call_function" and n.name in forward]
+    return (f"saved for the backward: {len(saved)} values, {total:,d} bytes of activations\n"
+            + "\n".join(rows) + f"\nrecomputed in the backward ({len(again)} ops): "
+            + (", ".join(again) or "none") + "\n")
+
+
+def run_partitioned(pair, ctx: PassContext, passes: tuple[PassSpec, ...], *,
+                    dump: GraphDump | None = None):
+    """Run the passes declared on the "partitioned" pair (fw, bw); lint both after each;
+    with a dump, write what the forward saves and the backward recomputes (saved.txt)."""
     for p in passes:
         if "partitioned" not in p.graph_kinds:
             continue
@@ -126,6 +158,8 @@ def run_partitioned(pair, ctx: PassContext, passes: tuple[PassSpec, ...]):
             gm.recompile()
         trace_artifact(ctx.graph_name + "_forward", p.name, pair[0])
         trace_artifact(ctx.graph_name + "_backward", p.name, pair[1])
+    if dump is not None:
+        dump.write_text("saved.txt", saved_report(*pair, ctx.num_fwd_outputs))
     return pair
 
 
