@@ -30,7 +30,8 @@ ALLOWED = {
                             "zerofx.comm_cost"],
     # docs/design.md: "the runtime allocates from [the plan]", so runtime may read it.
     "zerofx.runtime": ["zerofx.runtime", "zerofx.graph_ops", "zerofx.plan", "zerofx.tp.layout",
-                       "zerofx.config", "zerofx.comm_cost", "zerofx.cpu_gemm"],
+                       "zerofx.config", "zerofx.comm_cost", "zerofx.cpu_gemm",
+                       "zerofx.lr_schedules"],
     "zerofx.passes": ["zerofx.passes", "zerofx.graph_ops", "zerofx.plan", "zerofx.tp.layout",
                       "zerofx.tp.propagation", "zerofx.tp.rules", "zerofx.config",
                       "zerofx.comm_cost", "zerofx.fx_source", "zerofx.cpu_gemm"],

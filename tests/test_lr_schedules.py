@@ -3,6 +3,7 @@ import logging
 import math
 
 import pytest
+import torch
 
 from zerofx.config import (ConfigError, LRRangeTestParams, OneCycleParams, SchedulerConfig,
                            WarmupDecayLRParams, WarmupLRParams)
@@ -289,3 +290,96 @@ def test_step_jump_start_and_bad_values():
             s.lr_at(bad)
     with pytest.raises(ConfigError, match="last_batch_iteration"):
         s.load_state_dict({"step": 3})
+
+
+# ---- the config's schedule, stepped by the runtime itself --------------------------------
+def _warmup(cfg_extra=None, fp16=None):
+    from models import make
+
+    cfg = {"train_micro_batch_size_per_gpu": 8,
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.0}},
+           "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0,
+                                                        "warmup_max_lr": 1e-2,
+                                                        "warmup_num_steps": 5}}}
+    if fp16 is not None:
+        cfg["fp16"] = fp16
+    model, _ = make("mlp")
+    return model, cfg
+
+
+def _warmup_lr_at(it):  # DeepSpeed's WarmupLR (log warmup by default) at iteration it
+    import math
+
+    if it < 0:
+        return 0.0
+    gamma = math.log(it + 1) / math.log(5) if it < 5 else 1.0
+    return 1e-2 * min(gamma, 1.0)
+
+
+def test_a_bare_runtime_applies_the_configs_schedule(no_torchrun_env):
+    import zerofx
+    from models import mlp_batch
+
+    model, cfg = _warmup()
+    rt = zerofx.ZeroRuntime(model, cfg)  # no engine: the runtime steps the schedule
+    compiled = torch.compile(model, backend="zero", options={"runtime": rt})
+    used = []
+    for k in range(7):
+        used.append(float(rt.state.lr))
+        compiled(*mlp_batch(seed=k)).backward()
+        rt.step()
+    # DeepSpeed's timing: the k-th step (k >= 1) runs with lr_at(k - 2), the first two at min
+    assert used == pytest.approx([_warmup_lr_at(k - 1) if k else 0.0 for k in range(7)])
+    assert used[-1] > 0
+
+
+def _overflowing_run(steps):
+    import zerofx
+    from models import mlp_batch
+
+    # a loss scale of 2**32 overflows fp16 gradients: the first steps are skipped
+    model, cfg = _warmup(fp16={"enabled": True, "initial_scale_power": 32,
+                               "loss_scale_window": 1000, "hysteresis": 1})
+    rt = zerofx.ZeroRuntime(model, cfg)
+    compiled = torch.compile(model, backend="zero", options={"runtime": rt})
+    for k in range(steps):
+        x, y = mlp_batch(seed=k)
+        rt.backward(compiled(x.half(), y.half()))
+        rt.step()
+    return rt
+
+
+def test_a_skipped_step_does_not_advance_the_schedule(no_torchrun_env):
+    # DeepSpeed (_take_model_step): on overflow the lr scheduler is not stepped
+    rt = _overflowing_run(22)
+    skipped = rt.skipped_steps
+    assert 0 < skipped < 22
+    applied = 22 - skipped
+    assert rt.schedule.last_batch_iteration == applied - 1
+    assert float(rt.state.lr) == pytest.approx(_warmup_lr_at(applied - 1), rel=1e-6)
+
+
+@pytest.mark.parametrize("given", [False, True])
+def test_the_engine_follows_deepspeed_on_skipped_steps(no_torchrun_env, given):
+    # the config's schedule, or one given to initialize (DeepSpeed's client scheduler): both
+    # stay put on an overflow step
+    import zerofx
+    from models import mlp_batch
+
+    model, cfg = _warmup(fp16={"enabled": True, "initial_scale_power": 32,
+                               "loss_scale_window": 1000, "hysteresis": 1})
+    sched = None
+    if given:
+        from zerofx.config import Config
+
+        sched = make_schedule(Config.from_dict(cfg).scheduler, last_batch_iteration=-1)
+        del cfg["scheduler"]
+    engine, _, _, used = zerofx.initialize(model=model, config=cfg, lr_scheduler=sched)
+    for k in range(22):
+        x, y = mlp_batch(seed=k)
+        engine.backward(engine(x.half(), y.half()))
+        engine.step()
+    applied = 22 - engine.skipped_steps
+    assert 0 < engine.skipped_steps < 22
+    assert used.last_batch_iteration == applied - 1
+    assert engine.get_lr()[0] == pytest.approx(_warmup_lr_at(applied - 1), rel=1e-6)

@@ -31,7 +31,6 @@ from zerofx.runtime.comm.dist import init_distributed
 from zerofx.runtime.tp_inputs import check_same_inputs
 from zerofx.runtime.tp_whole import whole_state
 from zerofx.runtime.zero import ZeroRuntime
-from zerofx.lr_schedules import Schedule, make_schedule
 
 log = logging.getLogger(__name__)
 SCHEDULER_KEY = "zerofx_lr_scheduler"  # the engine's own entry in a checkpoint's client_state
@@ -127,19 +126,13 @@ class ZeroEngine(nn.Module):
         # DeepSpeed hands back its ZeRO optimizer wrapper; this one has the groups torch's
         # LR schedulers and scripts read, and its lr feeds the step (zerofx/optimizer.py).
         self.optimizer = ZeroOptimizer(self.runtime, _trained(model), client=optimizer)
-        # last_batch_iteration=-1 is DeepSpeed's start: its k-th step uses lr_at(k - 1).
         if callable(lr_scheduler):  # DeepSpeed's: a factory given the engine's optimizer
             lr_scheduler = lr_scheduler(self.optimizer)
-        self.lr_scheduler = lr_scheduler or (
-            make_schedule(config.scheduler, last_batch_iteration=-1)
-            if config.scheduler is not None else None)
+        if lr_scheduler is not None:  # the user's scheduler drives the lr, not the config's
+            self.runtime.drop_schedule()
+        # the config's schedule is the runtime's (stepped after each applied step)
+        self.lr_scheduler = lr_scheduler or self.runtime.schedule
         self._set_lr()
-        if isinstance(self.lr_scheduler, Schedule) and self.lr_scheduler.momentum_at(0) \
-                is not None and self.runtime.spec.kind == "torch" and world.rank == 0:
-            # The fused kernels read beta1 per step; a user's own optimizer class does not.
-            log.warning("scheduler %s: cycle_momentum is not applied to %s (only to the "
-                        "config's Adam/AdamW/Lamb); set cycle_momentum false to silence this",
-                        config.scheduler.type, type(optimizer).__name__)
         dp = self.runtime.plan.grid
         self.dp_world_size = dp.dp_size
         self.dp_rank = dp.dp_rank(world.rank)  # which share of the data this rank trains on
@@ -209,9 +202,9 @@ class ZeroEngine(nn.Module):
         self.global_samples += self.train_batch_size()
         if self.monitor.enabled:
             self._write_monitor()
-        if self.lr_scheduler is not None:
-            self.lr_scheduler.step()
-            self._set_lr()
+        if self._drives_scheduler() and self.was_step_applied():  # DeepSpeed's: not after a
+            self.lr_scheduler.step()  # skipped (overflow) step
+        self._set_lr()
         if self.global_steps % self.config.steps_per_print == 0:
             self._report()
 
@@ -229,16 +222,20 @@ class ZeroEngine(nn.Module):
     def is_gradient_accumulation_boundary(self) -> bool:
         return self.runtime.is_boundary
 
+    def _drives_scheduler(self) -> bool:
+        """A scheduler of the user's, stepped here (the config's steps in the runtime)."""
+        return self.lr_scheduler is not None and self.lr_scheduler is not self.runtime.schedule
+
     def _set_lr(self) -> None:
-        if self.lr_scheduler is not None:
-            # A host-to-device write of the next step's lr: the step graph reads a tensor.
-            lr = self.lr_scheduler.get_last_lr()[0]
-            self.runtime.set_lr(lr)
-            self.optimizer.show_lr(lr)
-        if isinstance(self.lr_scheduler, Schedule):
-            momentum = self.lr_scheduler.momentum_at(self.lr_scheduler.last_batch_iteration)
-            if momentum is not None:  # OneCycle's beta1, likewise a tensor of the step graph
-                self.runtime.set_beta1(momentum)
+        """The next step's lr into the runtime (the user's scheduler) and into the
+        optimizer's group (either), where scripts read it."""
+        if self.lr_scheduler is None:
+            return
+        if self._drives_scheduler():
+            self.runtime.set_lr(self.lr_scheduler.get_last_lr()[0])
+        else:
+            self.runtime.apply_schedule()
+        self.optimizer.show_lr(self.lr_scheduler.get_last_lr()[0])
 
     # ---- what DeepSpeed users read -------------------------------------------------------
     @property

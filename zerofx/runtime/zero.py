@@ -27,6 +27,7 @@ from torch import nn
 
 import zerofx.graph_ops as graph_ops
 from zerofx.config import Config, ConfigError
+from zerofx.lr_schedules import make_schedule
 from zerofx.plan import Plan, make_plan
 from zerofx.runtime import eager_gather, input_casts
 from zerofx.runtime.carriers import ParamCarriers
@@ -98,6 +99,14 @@ class ZeroRuntime:
         self.intake = GradIntake(self.plan, self.state, self.comm, pre_reduce=self.pre_reduce,
                                  reduces_into_shard=self.reduces_into_shard,
                                  is_boundary=_boundary_of(weakref.ref(self)))
+        # The config's LR schedule, stepped here after each applied step (DeepSpeed's
+        # last_batch_iteration=-1 start: its k-th step uses lr_at(k - 1)); an engine given
+        # a scheduler of the user's drives that one instead (drop_schedule).
+        self.schedule = make_schedule(self.config.scheduler, last_batch_iteration=-1) \
+            if self.config.scheduler is not None else None
+        self._schedule_skips = 0  # skipped steps already seen by the schedule
+        self.apply_schedule()
+        _warn_unused_momentum(self.config, self.schedule, optimizer, self.plan.rank)
         self._skips_reported = 0
         self._scale_before = self.state.scaler.scale.clone()
         self._loss_scaled = False  # fp16: the loss went through backward() this micro-step
@@ -300,9 +309,36 @@ class ZeroRuntime:
             self.gatherer.drain()  # no gather may read the shard the step rewrites
         self._step_program(*self.state.step_inputs().tensors())
         self.intake.end_micro_step(boundary=True)
+        self._advance_schedule()
         if self.comm.log is not None:
             self.comm.log.step_done()
         return True
+
+    def apply_schedule(self) -> None:
+        """The config schedule's lr (and OneCycle's beta1) for the next step: host-to-device
+        writes, as the step graph reads tensors."""
+        if self.schedule is None:
+            return
+        self.set_lr(self.schedule.get_last_lr()[0])
+        momentum = self.schedule.momentum_at(self.schedule.last_batch_iteration)
+        if momentum is not None:
+            self.set_beta1(momentum)
+
+    def drop_schedule(self) -> None:
+        """A scheduler of the user's drives the lr: the config's is not stepped here."""
+        self.schedule = None
+
+    def _advance_schedule(self) -> None:
+        """DeepSpeed steps its scheduler only after an applied step (an fp16 overflow's skip
+        leaves the lr schedule where it was): it reads the overflow flag on the host, and
+        so does this (the one host read a schedule costs per step)."""
+        if self.schedule is None:
+            return
+        skipped = int(self.state.skipped)
+        if skipped == self._schedule_skips:
+            self.schedule.step()
+            self.apply_schedule()
+        self._schedule_skips = skipped
 
     def _check_loss_scaled(self) -> None:
         if self.config.fp16.enabled and not self._loss_scaled:
@@ -370,6 +406,7 @@ class ZeroRuntime:
         self.state.scaler.load_state_dict(scaler)
         self.micro_steps = micro_steps // saved_gas * self.gas
         self.mark_skips_reported()  # the loaded skips are old news
+        self._schedule_skips = int(self.state.skipped)
 
     @property
     def update_steps(self) -> int:
@@ -427,6 +464,16 @@ def _hook_eager_grads(named, plan: Plan, carriers: ParamCarriers, intake: GradIn
         p.grad = None
 
     return [p.register_post_accumulate_grad_hook(hook) for _, p in named]
+
+
+def _warn_unused_momentum(config: Config, schedule, optimizer, rank: int) -> None:
+    """OneCycle's momentum cycle moves beta1 of the fused kernels; a user's own optimizer
+    class does not read it."""
+    if schedule is not None and schedule.momentum_at(0) is not None and \
+            optimizer is not None and rank == 0:
+        log.warning("scheduler %s: cycle_momentum is not applied to %s (only to the "
+                    "config's Adam/AdamW/Lamb); set cycle_momentum false to silence this",
+                    config.scheduler.type, type(optimizer).__name__)
 
 
 def _boundary_of(runtime):
