@@ -13,6 +13,7 @@ and validation loss per step) and, with matplotlib installed (pip install -e ".[
 curve.png.
 """
 import argparse
+import contextlib
 import csv
 import math
 import os
@@ -101,6 +102,29 @@ def batches(loader):
 
 
 @torch.no_grad()
+class Throughput:
+    """Tokens per second of training since ``start``, validation time left out."""
+
+    def __init__(self):
+        self.t0, self.tokens, self.excluded = None, 0, 0.0
+
+    def start(self, tokens: int) -> None:
+        self.t0, self.tokens, self.excluded = time.perf_counter(), tokens, 0.0
+
+    @contextlib.contextmanager
+    def paused(self):
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - began
+
+    def __call__(self, tokens: int) -> float:
+        if self.t0 is None or tokens <= self.tokens:
+            return float("nan")
+        return (tokens - self.tokens) / (time.perf_counter() - self.t0 - self.excluded)
+
+
 def validation_loss(engine, val_ids, batches=8, batch=16):
     """Mean loss over fixed, evenly spread windows of the held-out text (the same on every
     rank, so data- and tensor-parallel ranks agree)."""
@@ -203,45 +227,46 @@ def main(argv=None):
     bar = tqdm(total=args.steps, initial=engine.global_steps, disable=None if rank == 0
                else True, unit="step", dynamic_ncols=True)
     data, losses, first, val = batches(loader), [], None, None
-    t0, tokens, steady_t0, steady_tokens = time.perf_counter(), 0, None, 0
+    t0, tokens, rate_of = time.perf_counter(), 0, Throughput()
     start = engine.global_steps
     while engine.global_steps < args.steps:
         x, y = next(data)
         loss = engine(x, y)
         engine.backward(loss)
         engine.step()
-        tokens += x.numel()
+        # every data-parallel rank trains its own batch; tensor-parallel ranks share one:
+        # the rate is the whole job's, whatever the layout
+        tokens += x.numel() * engine.dp_world_size
         step, value = engine.global_steps, loss.item()
         first = value if first is None else first
         losses.append(value)
         if step - start == WARMUP_STEPS:
-            steady_t0, steady_tokens = time.perf_counter(), tokens
+            rate_of.start(tokens)
         if step % args.eval_every == 0 or step == args.steps:
-            val = validation_loss(engine, val_ids)
+            with rate_of.paused():  # validation is not training throughput
+                val = validation_loss(engine, val_ids)
         if rank != 0:
             continue
         curve.add(step, value, val if step % args.eval_every == 0 or step == args.steps
                   else None)
         mean = sum(losses[-10:]) / len(losses[-10:])
-        rate = (tokens - steady_tokens) / (time.perf_counter() - steady_t0) \
-            if steady_t0 is not None and tokens > steady_tokens else float("nan")
+        rate = rate_of(tokens)
         bar.update(1)
         bar.set_postfix(train=f"{mean:.3f}", val="-" if val is None else f"{val:.3f}",
                         tok_s=f"{rate:.0f}", refresh=False)
         if step % args.log_every == 0:
             bar.write(f"step {step}/{args.steps} | train loss (10-step mean) {mean:.3f} | "
                       f"val loss {'-' if val is None else f'{val:.3f}'} | "
-                      f"{rate:.0f} tokens/s (steady state)", file=sys.stdout)
+                      f"{rate:.0f} tokens/s (all ranks, steady state)", file=sys.stdout)
             curve.flush()
     bar.close()
     engine.save_checkpoint(ckpt)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     state_mib = engine.runtime.state_bytes() / 2**20
-    steady = (tokens - steady_tokens) / (time.perf_counter() - steady_t0) \
-        if steady_t0 is not None else float("nan")
-    print(f"rank {rank}: peak RSS {peak:.0f} MiB, training state {state_mib:.1f} MiB, "
-          f"{steady:.0f} tokens/s steady state ({tokens / (time.perf_counter() - t0):.0f} "
-          f"including compilation)", flush=True)
+    print(f"rank {rank}: peak RSS {peak:.0f} MiB, training state {state_mib:.1f} MiB; job: "
+          f"{rate_of(tokens):.0f} tokens/s steady state, all ranks "
+          f"({tokens / (time.perf_counter() - t0):.0f} including compilation and "
+          f"validation)", flush=True)
     text = sample(engine, stoi, itos, n=args.sample_chars)
     if rank == 0:
         curve.flush()

@@ -112,3 +112,19 @@ def _deepspeed_init_body(rank, world_size):
 
 def test_deepspeed_init_distributed_joins_the_group():
     assert run_ranks(_deepspeed_init_body, 2) == [(0, 2, True), (1, 2, True)]
+
+
+def test_a_port_in_use_says_which_and_how_to_choose_another(monkeypatch):
+    import socket
+
+    with socket.socket() as busy:  # the rendezvous port, taken by another process
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(port))
+        with pytest.raises(DistributedSetupError, match=f"127.0.0.1:{port}.*--master_port"):
+            init_distributed(timeout_s=5)

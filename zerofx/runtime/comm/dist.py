@@ -64,8 +64,17 @@ def init_distributed(*, backend: str | None = None, timeout_s: float = 300.0) ->
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     from datetime import timedelta
 
-    dist.init_process_group(backend, rank=rank, world_size=world,
-                            timeout=timedelta(seconds=timeout_s))
+    try:
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout_s))
+    except dist.DistNetworkError as e:
+        if "EADDRINUSE" not in str(e) and "address already in use" not in str(e):
+            raise
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        raise DistributedSetupError(
+            f"rank {rank} cannot open the rendezvous port {where}: another process (an "
+            f"earlier job still running?) is using it. Pass a free port: zerofx-launch "
+            f"--master_port <port> (torchrun: --master_port), or stop the other job") from None
     log.info("joined process group: rank %d of %d (%s)", rank, world, backend)
     from zerofx.runtime.comm import error_report
 
