@@ -154,3 +154,75 @@ def test_weights_the_layout_cannot_split_are_named_with_why(caplog):
     assert "left whole" in text and "model.layers.1.self_attn.v_proj.weight" in text
     assert resolve_tp_layout(model, zerofx.Config.from_dict(
         {"tensor_parallel": {"size": 2}})).left_whole == ()
+
+
+def _uneven_models():
+    import transformers as T
+
+    torch.manual_seed(0)
+    llama = T.LlamaForCausalLM(T.LlamaConfig(  # a vocabulary of 255: odd
+        vocab_size=255, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+    bert = T.BertForSequenceClassification(T.BertConfig(  # 5 labels
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, num_labels=5, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0))
+    ids = torch.randint(0, 64, (2, 8))
+    return {"llama": (llama, {"input_ids": ids, "labels": ids}),
+            "bert_cls": (bert, {"input_ids": ids, "labels": torch.tensor([0, 4])})}
+
+
+def test_sizes_that_do_not_divide_are_kept_whole_with_the_reason():
+    """A 255-row vocabulary over 2 ranks: the LM head stays whole and plan.txt says why (it
+    used to be split into 127/128-row pieces and crash at the first forward); the attention
+    and MLP are still split."""
+    pytest.importorskip("transformers")
+    model, example = _uneven_models()["llama"]
+    whole = "lm_head.weight"
+    layout = resolve_tp_layout(model, _cfg(2), example_inputs=example)
+    why = dict(layout.left_whole)
+    assert "do not divide over 2 ranks" in why[whole]
+    assert whole.rsplit(".", 1)[0] not in _styles(layout)
+    split = [m for m, (style, _) in _styles(layout).items() if style == "colwise"]
+    assert any("q_proj" in m or "query" in m for m in split), _styles(layout)
+
+
+def _uneven_body(rank, world, name):
+    model, example = _uneven_models()[name]
+    engine, *_ = zerofx.initialize(model=model, example_inputs=example, config={
+        "train_micro_batch_size_per_gpu": 2, "tensor_parallel": {"size": 2},
+        "optimizer": {"type": "Adam", "params": {"lr": 1e-3}}})
+    losses = []
+    for _ in range(2):
+        out = engine(**example)
+        engine.backward(out.loss)
+        engine.step()
+        losses.append(float(out.loss))
+    return losses
+
+
+def test_a_five_label_head_is_split_only_where_it_divides():
+    # BERT's classifier [5, 32]: row-parallel over its 32 input features, never 5 outputs
+    pytest.importorskip("transformers")
+    model, example = _uneven_models()["bert_cls"]
+    styles = _styles(resolve_tp_layout(model, _cfg(2), example_inputs=example))
+    assert styles["classifier"] == ("rowwise", 1)
+    assert styles["bert.encoder.layer.0.attention.self.query"] == ("colwise", 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llama", "bert_cls"])
+def test_uneven_models_train_on_two_ranks_as_on_one(name):
+    from multiproc import run_ranks
+
+    model, example = _uneven_models()[name]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    want = []
+    for _ in range(2):
+        loss = model(**example).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        want.append(float(loss))
+    for got in run_ranks(_uneven_body, 2, args=(name,)):
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-5)

@@ -203,6 +203,11 @@ def discover(gm: fx.GraphModule, weights: dict[str, Weight], tp: int, *,
 
 def _grow(seed: Weight, placed, by_node, full, order, tp: int, vocab: bool):
     """(the region grown from ``seed``: {name: Found}, or {} with why it could not be)."""
+    n = full[seed.node][seed.out_dim]
+    if n % tp:  # uneven pieces would reach shapes no rule can follow (a 255-row vocabulary)
+        what = "rows (vocabulary)" if seed.lookup else "output features"
+        return {}, (f"its {n} {what} do not divide over {tp} ranks (Megatron pads them; "
+                    f"zerofx keeps the weight whole)")
     col, row = {seed.node: 1}, set()
     seen: list[str] = []
     for _ in range(4 * len(by_node) + 4):  # each round adds a weight or a part count

@@ -23,7 +23,8 @@ aten = torch.ops.aten
 VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 PASS_THROUGH = {aten._to_copy.default, aten.clone.default, aten.detach.default,
                 aten.alias.default, aten.contiguous.default, aten.native_dropout.default}
-SOFTMAX = {aten._softmax.default, aten._log_softmax.default}
+SOFTMAX = {aten._softmax.default, aten._log_softmax.default,
+           aten._safe_softmax.default}  # _safe_softmax: softmax, fully masked rows 0
 # Megatron's vocabulary-parallel ops: they run on a split vocabulary with collectives the
 # pass adds (passes/tensor_parallel/vocab.py): the embedding lookup (masked, partial sums), the
 # cross-entropy's log-softmax (max and sum of exponentials all-reduced) and its NLL (the
@@ -263,6 +264,12 @@ def _softmax_backward(node, get, full, tp):  # (grad, output, dim, dtype)
     return R.along(R.pointwise([(get(args[0]), full[args[0]]),
                                 (get(args[1]), full[args[1]])], full[node]),
                    args[2], len(full[node]))
+
+
+@rule(aten.empty_like.default, aten.zeros_like.default, aten.ones_like.default,
+      aten.full_like.default)
+def _like(node, get, full, tp):  # a fresh tensor of its operand's shape: the same pieces
+    return _first(node, get)
 
 
 @rule(aten.mean.dim)
