@@ -10,13 +10,13 @@ trained parameters at full precision. Needs no torch.distributed and no model.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import torch
 
-from zerofx.checkpoint.files import CheckpointError, full_state, resolve_tag, with_aliases
+from zerofx.checkpoint.files import (CheckpointError, full_state, resolve_tag, with_aliases,
+                                     write_atomically)
 
 
 def consolidate(ckpt_dir, out, *, tag=None, echo=print) -> dict[str, torch.Tensor]:
@@ -36,13 +36,8 @@ def consolidate(ckpt_dir, out, *, tag=None, echo=print) -> dict[str, torch.Tenso
         raise CheckpointError(f"{Path(ckpt_dir) / 'latest'} does not exist; pass --tag "
                               f"(the tag directories in {ckpt_dir})")
     state = with_aliases(path, full_state(path, "master", on_file=lambda f: echo(f"read {f}")))
-    tmp = out.with_name(f".{out.name}.tmp")  # never leave a half-written output behind
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, out)
-    except (OSError, RuntimeError) as e:  # torch.save raises RuntimeError for some I/O errors
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write {out} ({e}); pick a writable -o path") from None
+    # never a half-written output, nor one written through a symlink planted at a temp name
+    write_atomically(out, lambda f: torch.save(state, f), "; pick another -o path")
     total = sum(t.numel() for t in {id(t): t for t in state.values()}.values())
     echo(f"wrote {out}: {len(state)} parameters, {total} elements (fp32) from {path}")
     return state

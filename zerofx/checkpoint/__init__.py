@@ -1,7 +1,7 @@
 """DeepSpeed-shaped checkpoints of a ZeroRuntime.
 
     save_load  save_checkpoint / load_checkpoint: atomic saves, loads that re-shard
-    files      the files on disk: names, format, checked reading, assembly of full tensors
+    files      the files on disk: names, format, checked reading, safe writing, full tensors
     schema     what a readable file must contain, checked before anything is restored
 """
 from zerofx.checkpoint.files import CheckpointError

@@ -1,4 +1,4 @@
-"""The checkpoint files on disk: names, format, checked reading, assembly of full tensors.
+"""The checkpoint files on disk: names, format, checked reading, safe writing, full tensors.
 
     <dir>/latest                      the newest complete tag (text, one line)
     <dir>/<tag>/meta.pt               rank 0: format, sizes, the plan's parameter list, client_state
@@ -14,10 +14,13 @@ checkpoint can come from anywhere, and a pickle could run code.
 """
 from __future__ import annotations
 
+import errno
 import os
+import re
+import secrets
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import torch
 
@@ -28,6 +31,8 @@ FORMAT_VERSION = 2  # 2: every file carries save_id and a crc32 of its content
 META_FILE = "meta.pt"
 LATEST_FILE = "latest"
 STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
+_RANK_FILE = re.compile(r"zero_dp_rank_\d+\.pt")
+_TP_DIR = re.compile(r"tp_rank_\d+")
 
 
 def tp_dir(tp_rank: int) -> str:
@@ -39,13 +44,38 @@ def rank_file(dp_rank: int) -> str:
 
 
 def check_tag(tag) -> str:
-    """A tag is one plain directory name; a leading dot is reserved for temp directories."""
+    """A tag is one plain directory name that ``latest``'s one line holds exactly; a leading
+    dot is reserved for temp directories."""
     tag = str(tag)
     if (not tag or tag in (".", "..", LATEST_FILE) or tag.startswith(".")
             or "/" in tag or os.sep in tag):
         raise CheckpointError(f"checkpoint tag {tag!r} is not a plain directory name; use "
                               f"something like 'global_step100' (no '/', no leading '.')")
+    if tag != tag.strip() or not tag.isprintable():
+        # `latest` is one line, read back without its newline: "run1 " or "a\nb" would
+        # come back as another tag (an older "run1" silently loaded instead).
+        raise CheckpointError(f"checkpoint tag {tag!r} has surrounding whitespace or a "
+                              f"control character, which `latest` cannot hold exactly; use "
+                              f"a plain name like 'global_step100'")
     return tag
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    """Whether ``path`` holds only what save_checkpoint writes there (meta.pt, rank files,
+    TP rank directories of the same): the only kind of directory a save may replace."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        return False
+    entries = list(path.iterdir())
+    if not any(p.name == META_FILE for p in entries):
+        return False
+    for p in entries:
+        if p.name == META_FILE or _RANK_FILE.fullmatch(p.name):
+            if p.is_symlink() or not p.is_file():
+                return False
+        elif not (_TP_DIR.fullmatch(p.name) and is_checkpoint_dir(p)):
+            return False
+    return True
 
 
 def resolve_tag(load_dir, tag=None) -> Path | None:
@@ -56,13 +86,9 @@ def resolve_tag(load_dir, tag=None) -> Path | None:
                               f"save_checkpoint wrote to")
     if tag is None:
         latest = root / LATEST_FILE
-        if not latest.is_file():
+        tag = _read_latest(latest)
+        if tag is None:
             return None
-        try:
-            tag = latest.read_text().strip()
-        except (OSError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{latest} cannot be read ({e}); pass tag= explicitly") \
-                from None
         if not tag:
             raise CheckpointError(f"{latest} is empty; pass tag= explicitly")
         try:  # `latest` names a directory inside load_dir, never a path elsewhere
@@ -89,6 +115,85 @@ def resolve_tag(load_dir, tag=None) -> Path | None:
         raise CheckpointError(f"{where} {path} does not exist{hint}; tags present: "
                               f"{', '.join(have) or 'none'}")
     return path
+
+
+def _read_latest(latest: Path) -> str | None:
+    """The tag ``latest`` holds (one trailing newline dropped: `echo tag > latest`), None if
+    there is no ``latest``."""
+    if latest.is_symlink():
+        # zerofx writes `latest` as a plain file; following a link would read (and echo in
+        # the errors below) whatever file it points to.
+        raise CheckpointError(f"{latest} is a symbolic link, not the file save_checkpoint "
+                              f"writes; replace it with a file holding the tag, or pass tag=")
+    if not latest.is_file():
+        return None
+    try:
+        return latest.read_text(encoding="utf-8").removesuffix("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{latest} cannot be read ({e}); pass tag= explicitly") \
+            from None
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], None], note: str = "") -> None:
+    """Write ``path`` whole or not at all: ``write`` fills a fresh temp file beside it, which
+    is then renamed over it. A failure removes the temp file and raises write_failed's error
+    (``note`` appended to its message)."""
+    path = Path(path)
+    try:
+        tmp, fd = _fresh_temp(path)
+    except OSError as e:
+        raise write_failed(path, e, note) from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save raises RuntimeError for I/O errors
+        tmp.unlink(missing_ok=True)
+        raise write_failed(path, e, note) from None
+
+
+def _fresh_temp(path: Path) -> tuple[Path, int]:
+    """A new file beside ``path`` at a random name, opened O_CREAT|O_EXCL|O_NOFOLLOW (as
+    mkstemp does, but with the umask's permissions, not 0600): a file or symlink planted at
+    a predictable name is never written through."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(100):  # tempfile's bound on name collisions
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return tmp, os.open(tmp, flags, 0o666)
+        except FileExistsError:
+            continue  # taken by chance (or planted): draw another name
+    raise FileExistsError(errno.EEXIST, "no free temporary file name beside it")
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A file that could not be written. Also an OSError: callers that handle a full disk
+    as one keep working."""
+
+
+# What to do about the causes a write meets in practice; anything else: the generic advice.
+_WRITE_FIXES = {errno.ENOSPC: "free space on that file system or write elsewhere",
+                errno.EDQUOT: "free space within your disk quota or write elsewhere",
+                errno.EFBIG: "raise the file size limit (ulimit -f) or write elsewhere"}
+
+
+def write_failed(path, error: BaseException, note: str = "") -> CheckpointWriteError:
+    """The error for a failed write of ``path``, naming the OS's cause: on a full disk
+    torch.save raises "unexpected pos", with the OSError only as its context."""
+    cause, seen = error, set()
+    while cause is not None and not isinstance(cause, OSError) and id(cause) not in seen:
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, OSError):
+        reason, code = cause.strerror or str(cause), cause.errno
+    else:
+        reason, code = f"{type(error).__name__}: {error}", None
+    fix = _WRITE_FIXES.get(code, "check that the path is writable")
+    err = CheckpointWriteError(f"cannot write {path}: {reason}; {fix}{note}")
+    err.errno = code
+    return err
 
 
 def load_file(path: Path) -> dict:

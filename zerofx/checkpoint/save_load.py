@@ -5,7 +5,10 @@
 
 Atomic: every rank writes into ``<dir>/.<tag>.tmp``; once all have written, rank 0 swaps it
 in as ``<dir>/<tag>`` and then points ``latest`` at it (temp file + os.replace). A crash at
-any point leaves the previous checkpoint loadable and ``latest`` naming a complete one.
+any point leaves the previous checkpoint loadable and ``latest`` naming a complete one. A
+failed write names the file and the OS's cause (a full disk, ``ulimit -f``) and removes the
+partial save. A save replaces only an older checkpoint of its tag, never a user's file or
+folder that carries the tag's name.
 
 Loading at another data-parallel size, ZeRO stage or tensor-parallel size needs no offline
 conversion (DeepSpeed needs one): the whole fp32 master and moments are assembled by
@@ -27,8 +30,9 @@ import torch
 import torch.distributed as dist
 
 from zerofx.checkpoint.files import (FORMAT_VERSION, LATEST_FILE, META_FILE, STATE_KEYS,
-                                  CheckpointError, check_tag, full_states, rank_file,
-                                  read_meta, resolve_tag, tp_dir)
+                                  CheckpointError, check_tag, full_states, is_checkpoint_dir,
+                                  rank_file, read_meta, resolve_tag, tp_dir, write_atomically,
+                                  write_failed)
 from zerofx.checkpoint.schema import with_digest
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint"]
@@ -54,12 +58,17 @@ def save_checkpoint(rt, save_dir, tag=None, client_state=None, save_latest: bool
     dp_rank = rt.plan.grid.dp_rank(rt.plan.rank)
     first = rt.plan.rank == 0
     # A tmp left by a crashed save is cleared before anyone writes into it.
-    _all_ok(rt, lambda: _fresh_dir(tmp) if first else None, "preparing", tmp)
+    _all_ok(rt, lambda: _prepare(tmp, final) if first else None, "preparing", tmp)
     save_id = _save_id(rt)
-    _all_ok(rt, lambda: _write_files(rt, tmp, dp_rank, client_state, first, save_id),
-            "writing", tmp)
-    _all_ok(rt, lambda: _publish(root, tmp, final, tag, save_latest) if first else None,
-            "publishing", final)
+    try:
+        _all_ok(rt, lambda: _write_files(rt, tmp, dp_rank, client_state, first, save_id),
+                "writing", tmp)
+        _all_ok(rt, lambda: _publish(root, tmp, final, tag, save_latest) if first else None,
+                "publishing", final)
+    except Exception:
+        if first:  # every rank is past its writes (they agreed on failing): drop the partial
+            shutil.rmtree(tmp, ignore_errors=True)  # save (gone already once published)
+        raise
     log.info("saved checkpoint %s", final)
     return str(final)
 
@@ -132,18 +141,33 @@ def _save_id(rt) -> str:
     return f"{int(draw):016x}"
 
 
-def _fresh_dir(path: Path) -> None:
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
+def _prepare(tmp: Path, final: Path) -> None:
+    _check_replaceable(final)  # before writing what may be gigabytes
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+
+
+def _check_replaceable(final: Path) -> None:
+    """A save replaces an older checkpoint of its tag, never a user's file or folder that
+    happens to carry the tag's name."""
+    if os.path.lexists(final) and not is_checkpoint_dir(final):
+        raise CheckpointError(f"{final} exists and is not a zerofx checkpoint (it is not a "
+                              f"directory of zerofx's files only), so saving tag "
+                              f"{final.name!r} would delete it: choose another tag, or move "
+                              f"{final} away")
 
 
 def _save(obj, path: Path) -> None:
     # fsync: the swap below must never publish a directory whose files are still in flight.
-    with open(path, "wb") as f:
-        torch.save(with_digest(obj), f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "wb") as f:
+            torch.save(with_digest(obj), f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:  # torch.save raises RuntimeError for I/O errors
+        raise write_failed(path, e, "; nothing was published: the previous checkpoint and "
+                                    "`latest` are unchanged") from None
 
 
 def _meta(plan, client_state, *, whole: bool, aliases: dict, save_id: str) -> dict:
@@ -190,20 +214,18 @@ def _publish(root: Path, tmp: Path, final: Path, tag: str, save_latest: bool) ->
     """Swap ``tmp`` in as ``final``, then point ``latest`` at it; each step leaves a
     loadable state (resolve_tag names the aside copy if a crash hits between the renames)."""
     aside = root / f".{tag}.old"
-    if aside.exists() and not final.exists():
+    if aside.exists() and not os.path.lexists(final):
         os.rename(aside, final)  # an earlier re-save crashed mid-swap: put the copy back
+    _check_replaceable(final)  # again: something may have appeared there while writing
     if aside.exists():
         shutil.rmtree(aside)
     if final.exists():
         os.rename(final, aside)
     os.rename(tmp, final)
     if save_latest:
-        latest_tmp = root / f".{LATEST_FILE}.tmp"
-        with open(latest_tmp, "w") as f:
-            f.write(tag)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(latest_tmp, root / LATEST_FILE)
+        write_atomically(root / LATEST_FILE, lambda f: f.write(tag.encode("utf-8")),
+                         f"; {final} is complete, but `latest` still names the previous "
+                         f"tag: pass tag={tag!r} to load it")
     if aside.exists():
         shutil.rmtree(aside)
 
