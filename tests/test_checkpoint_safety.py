@@ -285,3 +285,22 @@ def test_full_disk_on_one_rank_fails_every_rank_and_cleans_up(tmp_path, no_torch
     assert "No space left on device" in msgs[1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "latest"]
     assert (tmp_path / "latest").read_text() == "a"
+
+
+@pytest.mark.parametrize("files", [
+    ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"],  # stage 1-2
+    ["bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",  # stage 3, bf16
+     "zero_pp_rank_1_mp_rank_00_model_states.pt"],
+])
+def test_a_deepspeed_checkpoint_is_recognised_with_the_way_to_convert(no_torchrun_env,
+                                                                      tmp_path, files):
+    # DeepSpeed's layout: <dir>/latest, <dir>/<tag>/<its files>, <dir>/zero_to_fp32.py
+    from zerofx.checkpoint import CheckpointError, load_checkpoint
+
+    (tmp_path / "global_step10").mkdir()
+    for name in files:
+        (tmp_path / "global_step10" / name).write_bytes(b"not read")
+    (tmp_path / "latest").write_text("global_step10")
+    rt = _runtime(0)
+    with pytest.raises(CheckpointError, match="is a DeepSpeed checkpoint.*zero_to_fp32.py"):
+        load_checkpoint(rt, tmp_path)

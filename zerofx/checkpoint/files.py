@@ -217,6 +217,8 @@ def load_file(path: Path) -> dict:
 
 def read_meta(tag_dir: Path) -> dict:
     path = Path(tag_dir) / META_FILE
+    if not path.is_file():
+        _refuse_deepspeed_layout(Path(tag_dir))
     meta = load_file(path)
     version = meta.get("format")
     if version != FORMAT_VERSION:
@@ -227,6 +229,25 @@ def read_meta(tag_dir: Path) -> dict:
                     "client_state"), path)
     check_meta(meta, path, whole="tp_size" in meta)
     return meta
+
+
+# DeepSpeed's file names in a tag directory (engine.save_checkpoint, ZeRO stages 0-3)
+_DEEPSPEED_FILES = ("mp_rank_*_model_states.pt", "*zero_pp_rank_*_optim_states.pt",
+                    "zero_pp_rank_*_model_states.pt")
+
+
+def _refuse_deepspeed_layout(tag_dir: Path) -> None:
+    """A DeepSpeed checkpoint given to zerofx: say so, and how to carry its weights over."""
+    found = sorted({p.name for pattern in _DEEPSPEED_FILES for p in tag_dir.glob(pattern)})
+    if not found:
+        return
+    root = tag_dir.parent
+    raise CheckpointError(
+        f"{tag_dir} is a DeepSpeed checkpoint ({', '.join(found[:3])}), not zerofx's format. "
+        f"To continue in zerofx, convert its weights with the script DeepSpeed saved beside "
+        f"it: `python {root / 'zero_to_fp32.py'} {root} fp32_weights --tag {tag_dir.name}`, "
+        f"load them into the model (model.load_state_dict) before zerofx.initialize, and "
+        f"train on; the optimizer's moments are not carried over")
 
 
 def _require(obj: dict, keys, path) -> None:
