@@ -226,3 +226,38 @@ def test_uneven_models_train_on_two_ranks_as_on_one(name):
         want.append(float(loss))
     for got in run_ranks(_uneven_body, 2, args=(name,)):
         assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
+
+
+def _task_models():
+    import transformers as T
+
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 intermediate_size=64, hidden_dropout_prob=0.0,
+                 attention_probs_dropout_prob=0.0)
+    return {
+        "roberta_cls": T.RobertaForSequenceClassification(T.RobertaConfig(
+            vocab_size=64, num_labels=3, **small)),
+        "vit_cls": T.ViTForImageClassification(T.ViTConfig(
+            image_size=16, patch_size=8, num_labels=4, **small)),
+        "whisper": T.WhisperForConditionalGeneration(T.WhisperConfig(
+            vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1,
+            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+            decoder_ffn_dim=64, num_mel_bins=8, max_source_positions=16,
+            max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            decoder_start_token_id=1, dropout=0.0)),
+    }
+
+
+@pytest.mark.parametrize("name, split", [
+    ("roberta_cls", "roberta.encoder.layer.0.attention.self.query"),
+    ("vit_cls", "vit.layers.0.attention.q_proj"),
+    ("whisper", "model.encoder.layers.0.self_attn.q_proj"),
+])
+def test_task_models_are_traced_on_inputs_made_for_their_task(name, split):
+    """No example_inputs: a sequence classifier gets one label per sequence (not
+    labels=input_ids), an image model pixel values of its config's size, Whisper audio
+    features; their layouts are found (each used to fail in the model's own code)."""
+    pytest.importorskip("transformers")
+    layout = resolve_tp_layout(_task_models()[name], _cfg(2))
+    assert _styles(layout)[split] == ("colwise", 1)

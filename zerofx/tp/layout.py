@@ -127,17 +127,59 @@ def _nothing_to_split(tp: int) -> TPPlanError:
 
 
 def _hf_example(model: nn.Module) -> dict | None:
-    """A Hugging Face model's own ``dummy_inputs``, with ``labels=`` as its users call it
-    (so the traced graph holds the loss, and the LM head's split can end there)."""
-    example = getattr(model, "dummy_inputs", None)
-    if not isinstance(example, dict):
+    """Inputs a Hugging Face model is trained on, made from its class and config: its main
+    input (token ids from ``dummy_inputs``, images of ``num_channels`` x ``image_size``, or
+    ``num_mel_bins`` audio features) and ``labels`` shaped for its task, so the traced graph
+    holds the loss (and the LM head's split can end there). None: not a model this knows."""
+    config, main = getattr(model, "config", None), getattr(model, "main_input_name", None)
+    if config is None or main not in _MAIN_INPUTS:
         return None
-    example = dict(example)
-    ids = example.get("decoder_input_ids", example.get("input_ids"))
-    if ids is not None and "labels" not in example and \
-            "labels" in inspect.signature(model.forward).parameters:
-        example["labels"] = ids
+    g = torch.Generator().manual_seed(0)
+    example = {main: _MAIN_INPUTS[main](model, config, g)}
+    if example[main] is None:
+        return None
+    if "labels" in inspect.signature(model.forward).parameters:
+        labels = _task_labels(type(model).__name__, config, example, g)
+        if labels is not None:
+            example["labels"] = labels
     return example
+
+
+def _token_ids(model, config, g):
+    example = getattr(model, "dummy_inputs", None)
+    return dict(example).get("input_ids") if isinstance(example, dict) else None
+
+
+def _images(model, config, g):
+    size = getattr(config, "image_size", 224)
+    h, w = (size, size) if isinstance(size, int) else tuple(size)[:2]
+    return torch.randn(2, getattr(config, "num_channels", 3), h, w, generator=g)
+
+
+def _audio(model, config, g):  # Whisper-style encoders: 2 frames per source position
+    return torch.randn(2, config.num_mel_bins, 2 * config.max_source_positions, generator=g)
+
+
+_MAIN_INPUTS = {"input_ids": _token_ids, "pixel_values": _images, "input_features": _audio}
+
+
+def _task_labels(cls: str, config, example: dict, g):
+    """``labels`` as the task head of class ``cls`` takes them (None: it takes none)."""
+    inputs = next(iter(example.values()))
+    n, batch = getattr(config, "num_labels", 2), inputs.shape[0]
+    if cls.endswith(("ForSequenceClassification", "ForImageClassification",
+                     "ForAudioClassification")):
+        if n == 1 or getattr(config, "problem_type", None) == "regression":
+            return torch.randn(batch, generator=g)
+        return torch.randint(0, n, (batch,), generator=g)
+    if cls.endswith("ForTokenClassification"):
+        return torch.randint(0, n, tuple(inputs.shape[:2]), generator=g)
+    vocab = getattr(config, "vocab_size", None)
+    if getattr(config, "is_encoder_decoder", False) and vocab:  # the decoder's targets:
+        return torch.randint(1, vocab, (batch, 4), generator=g)  # the model shifts them in
+    if "input_ids" in example:  # a language model: the next (or masked) tokens
+        return example["input_ids"]
+    return None
 
 
 def _from_graph(model: nn.Module, example, tp: int, vocab: bool) -> TPLayout:
