@@ -17,11 +17,19 @@ A writer waits until every peer has read its previous round before it overwrites
 reader until every peer has written this round. x86-64 keeps stores in program order and
 loads in program order, so a flag seen up means its data is there: the form is offered on
 x86-64 only, with gloo, when every rank of the group is on this host (same boot id).
+
+The file has a name in /dev/shm only between two system calls: its creator unlinks it at
+once and the others open it through ``/proc/<creator pid>/fd/<fd>`` (same host, same pid
+namespace, same user: checked by ``available``). Its pages then live as long as a mapping or
+that descriptor holds them, so no rank's death can leave 2 bytes per parameter in /dev/shm
+until reboot. Files an older run did leave are swept when their owner (the pid in the
+name) is gone.
 """
 from __future__ import annotations
 
 import os
 import platform
+import re
 import socket
 import time
 import uuid
@@ -32,11 +40,15 @@ import torch.distributed as dist
 from zerofx.runtime.comm.dist import from_first_rank
 from zerofx.runtime.comm.pending import Pending
 
-TIMEOUT_S = 1800.0  # gloo's default collective timeout
 CHECK_S = 0.5  # how often a waiting rank checks that the ranks it waits for still run
-SLEEP_S = 2e-4  # between looks at the flags, once a wait is not brief
+# between looks at the flags once a wait is not brief: from SLEEP_S, growing by a quarter
+# per look (a wait ends at most a quarter late) up to MAX_SLEEP_S (a waiting rank costs
+# well under 1% of a core, not the 7% a fixed 0.2 ms sleep did)
+SLEEP_S, MAX_SLEEP_S = 2e-4, 1e-2
+STALE_S = 3600.0  # a file older than gloo's default timeout is no run's setup in progress
 SHM_DIR = "/dev/shm"
 _ALIGN = 64
+_NAME = re.compile(r"zerofx-(\d+)-[0-9a-f]{32}")
 
 
 def available(group, nbytes: int, device: torch.device) -> bool:
@@ -48,8 +60,10 @@ def available(group, nbytes: int, device: torch.device) -> bool:
     if platform.machine().lower() not in ("x86_64", "amd64") or device.type != "cpu" or \
             _free_bytes() < 2 * nbytes:
         here = None
-    else:  # one kernel, one /dev/shm (mount namespace), pids that mean the same process
-        here = (socket.gethostname(), _boot_id(), _namespace("mnt"), _namespace("pid"))
+    else:  # one kernel, one /dev/shm (mount namespace), pids that mean the same process, and
+        # one user (the file is private to it, and opened through its creator's /proc/pid/fd)
+        here = (socket.gethostname(), _boot_id(), _namespace("mnt"), _namespace("pid"),
+                os.getuid())
     everyone = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, here, group=group)
     return everyone[0] is not None and all(h == everyone[0] for h in everyone)
@@ -101,33 +115,46 @@ class ShmMirror:
 
     def __init__(self, group, numel: int, dtype: torch.dtype, keys: int):
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.timeout_s = _timeout_s(group)
         flag_bytes = -(-2 * self.world * keys * 8 // _ALIGN) * _ALIGN
         size = flag_bytes + numel * dtype.itemsize
-        path, why = from_first_rank(lambda: _create(size), group)  # or (None, why)
+        held = []  # the creator's descriptor: the file's only hold until every rank maps it
+
+        def create():
+            fd, why = _create(size)
+            if fd is None:
+                return None, why
+            held.append(fd)
+            return f"/proc/{os.getpid()}/fd/{fd}", None
+
+        try:
+            path, why = from_first_rank(create, group)  # or (None, why)
+            raw = self._map(group, path, why, size)
+            dist.barrier(group=group)  # every rank has it mapped: the descriptor can go
+        finally:
+            for fd in held:
+                os.close(fd)
+        flags = raw[:flag_bytes].view(torch.int64)[:2 * self.world * keys]
+        self.ready, self.done = flags.view(2, self.world, keys).unbind(0)
+        self.data = raw[flag_bytes:].view(dtype)
+        self._round = [0] * keys
+
+    def _map(self, group, path, why, size: int) -> torch.Tensor:
         # every rank's pid (to notice a peer that exits while this rank waits for it), and
         # whether it sees the file (from_file would quietly create a file of its own)
         seen = [None] * self.world
         dist.all_gather_object(seen, (os.getpid(), path is not None and os.path.exists(path)),
                                group=group)
         if path is not None and not all(ok for _, ok in seen):
-            why = f"rank {next(r for r, (_, ok) in enumerate(seen) if not ok)} cannot see it"
+            why = (f"rank {next(r for r, (_, ok) in enumerate(seen) if not ok)} cannot open "
+                   f"{path}: another user, or /proc mounted with hidepid")
         if path is None or why is not None:
-            dist.barrier(group=group)
-            if self.rank == 0 and path is not None:
-                os.unlink(path)
             raise ShmError(
                 f"zerofx shm collective form: cannot share {size / 2**20:.0f} MiB in "
                 f"{SHM_DIR} ({why}); give it more room (docker run --shm-size) or set "
                 f'"zerofx": {{"reduce_form": "p2p", "gather_form": "p2p"}}')
         self.pids = [pid for pid, _ in seen]
-        raw = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
-        dist.barrier(group=group)  # every rank has it mapped: the name can go
-        if self.rank == 0:
-            os.unlink(path)
-        flags = raw[:flag_bytes].view(torch.int64)[:2 * self.world * keys]
-        self.ready, self.done = flags.view(2, self.world, keys).unbind(0)
-        self.data = raw[flag_bytes:].view(dtype)
-        self._round = [0] * keys
+        return torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
 
     def write(self, key: int, pieces) -> None:
         """Start a round under ``key``: copy each (offset, tensor) of ``pieces`` in."""
@@ -145,7 +172,7 @@ class ShmMirror:
         self.done[self.rank, key] = self._round[key]
 
     def _await(self, flags: torch.Tensor, key: int, n: int, what: str) -> None:
-        column, spins, deadline, check = flags[:, key], 0, None, 0.0
+        column, spins, deadline, check, pause = flags[:, key], 0, None, 0.0, SLEEP_S
         while True:
             late = [p for p, v in enumerate(column.tolist()) if p != self.rank and v < n]
             if not late:
@@ -156,35 +183,80 @@ class ShmMirror:
             # not a brief wait: yield the core instead of spinning on it, and look now and
             # then whether the ranks waited for still run (gloo notices a closed socket)
             now = time.monotonic()
-            deadline = deadline or now + TIMEOUT_S
-            gone = [p for p in late if not _alive(self.pids[p])] if now >= check else []
-            check = now + CHECK_S if now >= check else check
-            if gone or now > deadline:
-                p = (gone or late)[0]
-                state = "exited" if gone else f"did not, in {TIMEOUT_S:.0f} s"
-                raise ShmError(
-                    f"zerofx shm collective: rank {self.rank} waited for rank {p} (pid "
-                    f"{self.pids[p]}) to {what} (key {key}), and that rank {state}: it "
-                    f"stopped (see its own error) or ran other collectives than this one")
-            time.sleep(SLEEP_S)
+            deadline = deadline or now + self.timeout_s
+            if now >= check:
+                check = now + CHECK_S
+                gone = [p for p in late if not _alive(self.pids[p])]
+                if gone:
+                    raise self._peer_error(gone[0], key, what, "exited: it stopped (see its "
+                                           "own error) or ran other collectives than this one")
+            if now > deadline:
+                raise self._peer_error(late[0], key, what, self._timeout_cause())
+            time.sleep(pause)
+            pause = min(pause * 1.25, MAX_SLEEP_S)
+
+    def _peer_error(self, p: int, key: int, what: str, cause: str) -> ShmError:
+        return ShmError(f"zerofx shm collective: rank {self.rank} waited for rank {p} (pid "
+                        f"{self.pids[p]}) to {what} (key {key}), and that rank {cause}")
+
+    def _timeout_cause(self) -> str:
+        return (f"did not within {self.timeout_s:.0f} s, the process group's timeout: it is "
+                f"stuck or stopped elsewhere (a debugger, SIGSTOP, a long step of its own; "
+                f"py-spy dump --pid shows where) or ran other collectives than this one. If it "
+                f"is only slow, give the group a longer timeout: "
+                f"torch.distributed.init_process_group(timeout=...) or "
+                f"deepspeed.init_distributed(timeout=...) before zerofx starts")
+
+
+def _timeout_s(group) -> float:
+    """The collective timeout of ``group``, bounded by the default group's: zerofx makes its
+    subgroups without one (so they carry torch's 30 minutes), while the user's setting is
+    the default group's (init_process_group, zerofx's init_distributed)."""
+    try:
+        cpu = torch.device("cpu")
+        world = dist.group.WORLD._get_backend(cpu).options._timeout
+        own = (group or dist.group.WORLD)._get_backend(cpu).options._timeout
+        return min(own, world).total_seconds()
+    except (AttributeError, RuntimeError):  # private in torch: its default if it moved
+        return dist.default_pg_timeout.total_seconds()
 
 
 def _create(size: int) -> tuple:
-    """A new file of ``size`` bytes in /dev/shm with its pages reserved (zeros): a full
-    tmpfs fails here, not later as a SIGBUS on first touch. (path, None) or (None, why)."""
+    """A new file of ``size`` bytes in /dev/shm with its pages reserved (zeros), already
+    unlinked: a full tmpfs fails here, not later as a SIGBUS on first touch. (fd, None) or
+    (None, why); the caller closes the fd once every rank has mapped the file."""
+    _sweep()
     path = os.path.join(SHM_DIR, f"zerofx-{os.getpid()}-{uuid.uuid4().hex}")
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     except OSError as e:
         return None, e.strerror
+    os.unlink(path)  # at once: from here only descriptors and mappings hold it
     try:
         os.posix_fallocate(fd, 0, size)
     except OSError as e:
-        os.unlink(path)
-        return None, e.strerror
-    finally:
         os.close(fd)
-    return path, None
+        return None, e.strerror
+    return fd, None
+
+
+def _sweep() -> None:
+    """Remove the files earlier runs left in /dev/shm (before files were unlinked at once,
+    a rank that died during setup left one): those whose owner, the pid in the name, no
+    longer runs, and old enough that no run can still be setting up with them (a pid of
+    another pid namespace sharing /dev/shm would look gone)."""
+    try:
+        names = [n for n in os.listdir(SHM_DIR) if _NAME.fullmatch(n)]
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(SHM_DIR, name)
+        try:
+            if time.time() - os.stat(path).st_mtime > STALE_S and \
+                    not _alive(int(_NAME.fullmatch(name).group(1))):
+                os.unlink(path)
+        except OSError:  # gone already, or not ours to remove
+            continue
 
 
 def start_reduce(mirror: ShmMirror, key: int, base: int, flat: torch.Tensor,
