@@ -13,7 +13,9 @@ and does not step), so its k-th optimizer step uses `lr_at(k - 1)`: pass
 `last_batch_iteration=-1` to `make_schedule` for that exact timing.
 
 The lr is a plain float: the engine copies it into the step graph's lr tensor input, so a
-changing lr never recompiles (docs/design.md: "state that changes every step").
+changing lr never recompiles (docs/design.md: "state that changes every step"). The config's
+bounds (zerofx/config/scheduler.py) keep every lr a finite float32 up to step MAX_STEPS;
+OneCycle's post-cycle momentum keeps DeepSpeed's growing formula and warns where it reaches 1.
 """
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ import logging
 import math
 from typing import Any
 
-from zerofx.config import (ConfigError, LRRangeTestParams, OneCycleParams, SchedulerConfig,
-                           WarmupDecayLRParams, WarmupLRParams)
+from zerofx.config import (MAX_STEPS, ConfigError, LRRangeTestParams, OneCycleParams,
+                           SchedulerConfig, WarmupDecayLRParams, WarmupLRParams)
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +69,11 @@ class Schedule:
 
 
 def _check_step(step: Any) -> int:
-    # -1 is DeepSpeed's "not started"; anything below is a caller bug, not a schedule value
-    if isinstance(step, bool) or not isinstance(step, int) or step < -1:
-        raise ValueError(f"last_batch_iteration must be an int >= -1; got {step!r}")
+    # -1 is DeepSpeed's "not started"; anything below is a caller bug, not a schedule value.
+    # Above MAX_STEPS (a corrupt checkpoint), the float arithmetic of lr_at would overflow.
+    if isinstance(step, bool) or not isinstance(step, int) or not -1 <= step <= MAX_STEPS:
+        shown = step if isinstance(step, int) and step.bit_length() < 200 else type(step)
+        raise ValueError(f"last_batch_iteration must be an int in [-1, 2**53]; got {shown!r}")
     return step
 
 
@@ -151,6 +155,34 @@ class OneCycle(Schedule):
         # decay_step_size 0 means "no decay" (and would divide by zero)
         self.skip_lr_decay = p.decay_step_size == 0 or p.decay_lr_rate == 0
         self.skip_mom_decay = p.decay_step_size == 0 or p.decay_mom_rate == 0
+        self._warn_momentum_past_one()
+
+    def _warn_momentum_past_one(self) -> None:
+        """DeepSpeed's post-cycle momentum is max_mom x (1 + rate x interval): it grows, and
+        past 1 Adam diverges. The formula stays DeepSpeed's (checkpoints and curves agree);
+        the step where beta1 reaches 1 is said once, here, rather than found as NaNs."""
+        if not self.cycle_momentum or self.skip_mom_decay or self.max_mom == 0:
+            return
+        at = self._first_step_momentum_reaches_one()
+        if at <= MAX_STEPS:
+            log.warning("scheduler OneCycle: decay_mom_rate %g makes beta1 reach 1 at step %d "
+                        "(DeepSpeed's post-cycle momentum grows as cycle_max_mom x (1 + rate x "
+                        "interval)), where Adam diverges; set decay_mom_rate 0 or stop before",
+                        self.decay_mom_rate, at)
+
+    def _first_step_momentum_reaches_one(self) -> int:
+        """The first step with momentum_at(step) >= 1 (max_mom, rate, decay_step_size > 0):
+        solved for the interval, then moved to the exact step momentum_at gives."""
+        interval = (1.0 / self.max_mom - 1.0) / self.decay_mom_rate
+        estimate = interval * self.decay_step_size + self.total_size - 1
+        if not estimate <= MAX_STEPS:  # (inf for a tiny max_mom)
+            return MAX_STEPS + 1
+        at = max(int(self.total_size), math.ceil(estimate))
+        while at > self.total_size and self.momentum_at(at - 1) >= 1.0:  # float rounding
+            at -= 1
+        while self.momentum_at(at) < 1.0:
+            at += 1
+        return at
 
     def _scale(self, step: int) -> float:
         """Position in the triangle, 0 at the ends and 1 at the peak (DeepSpeed's +1 offset)."""

@@ -23,7 +23,7 @@ from typing import Any
 from zerofx.config.schema import (
     ConfigError, Invalid, bad, boolean, check_keys, checked, choice, default_of, dump, instance,
     integer, is_int, json_object, key_error, load_json, names, nested_setting, number, optional,
-    parse_block, parse_in, path_string, required_setting, setting, show, validate,
+    parse_block, parse_in, path_string, required_setting, setting, show, validate, zero_or,
 )
 from zerofx.config.scheduler import (  # noqa: F401  (re-exported by zerofx.config)
     MAX_LR, LRRangeTestParams, OneCycleParams, SchedulerConfig, WarmupDecayLRParams,
@@ -73,6 +73,21 @@ def _tp_plan(v: Any) -> tuple[tuple[str, str], ...]:
 # float32 is inf). 2**127 is the largest power of two a float32 holds.
 MAX_SCALE = 2.0 ** 127
 MIN_STATIC_SCALE = 2.0 ** -24
+INT64_MAX = 2**63 - 1
+# The loss scaler's counters live in int64 tensors: 2**70 loaded and then overflowed there,
+# a raw error at the first step.
+_COUNTER = integer(1, INT64_MAX, ceiling="at most 2**63 - 1: the loss scaler counts in int64")
+
+# gradient_predivide_factor: gradients are multiplied by 1/factor before the reduction and
+# the step divides by dp x accumulation / factor. 1e300 made 1/factor 0 in float32 and every
+# parameter NaN. DeepSpeed sets it between 1 and the data-parallel size.
+_PREDIVIDE = number(1e-6, 1e6, why="gradients are multiplied by 1/factor before their "
+                                   "reduction; beyond these float32 underflows or overflows")
+# A gradient norm to clip to (gradient_clipping, LAMB's max_grad_norm). Below 1e-6 each
+# clipped gradient element sits under Adam's eps and the updates silently stop (1e-300 is
+# 0 in float32); above 2**127 the norm is not a float32.
+_CLIP_NORM = zero_or(number(1e-6, MAX_SCALE, why="a smaller norm scales every gradient to "
+                                                 "nothing and updates stop"))
 
 # ---- the config blocks ----
 
@@ -87,12 +102,13 @@ class FP16Config:
     2**-24 (smaller rounds gradients to zero in fp16) and at most 2**127 (float32)."""
     initial_scale_power: int = setting(16, integer(0, 127))
     """Dynamic scaling starts at 2**initial_scale_power (<= 127 keeps it a finite float32)."""
-    loss_scale_window: int = setting(1000, integer(1))
+    loss_scale_window: int = setting(1000, _COUNTER)
     """Overflow-free steps after which the dynamic scale doubles."""
-    hysteresis: int = setting(2, integer(1))
+    hysteresis: int = setting(2, _COUNTER)
     """Overflows tolerated before the dynamic scale is halved (DeepSpeed's delayed shift)."""
     min_loss_scale: float = setting(1.0, number(0.0, MAX_SCALE, lo_open=True))
-    """The dynamic scale never drops below this; an overflow there stops training."""
+    """The dynamic scale never drops below this (at least 2**-24); an overflow there stops
+    training."""
     consecutive_hysteresis: bool = setting(False, boolean)
     """Refill the hysteresis on every overflow-free step (else only when the scale grows)."""
     auto_cast: bool = setting(False, boolean)
@@ -104,6 +120,9 @@ class FP16Config:
         if 0 < self.loss_scale < MIN_STATIC_SCALE:
             raise bad("loss_scale", self.loss_scale, "0 (dynamic) or a static scale >= "
                       "2**-24 (a smaller one rounds every fp16 gradient to zero)")
+        if self.min_loss_scale < MIN_STATIC_SCALE:  # the dynamic scale can fall to it
+            raise bad("min_loss_scale", self.min_loss_scale, "a scale >= 2**-24 (a smaller "
+                      "one rounds every fp16 gradient to zero)")
 
 
 @dataclass(frozen=True)
@@ -199,20 +218,23 @@ class OptimizerConfig:
     """Learning rate (a scheduler, if configured, overrides it each step)."""
     betas: tuple[float, float] = setting((0.9, 0.999), _betas)
     """Decay rates of the first and second moment estimates."""
-    eps: float = setting(1e-8, number(0.0))
+    eps: float = setting(1e-8, number(1e-30, 1.0, why="at 0, or what float32 rounds to 0, "
+                                                     "a zero gradient's update is 0/0 = NaN"))
     """Added to the denominator for numerical stability."""
-    weight_decay: float = setting(0.0, number(0.0))
+    weight_decay: float = setting(0.0, number(0.0, 100.0, why="each step multiplies a weight by "
+                                                             "1 - lr x weight_decay"))
     """Weight decay coefficient."""
     bias_correction: bool = setting(True, boolean)
     """Apply Adam's bias correction to the moment estimates."""
     adam_w_mode: bool = setting(True, boolean)
     """Adam/AdamW only: decoupled weight decay (DeepSpeed's default, required for AdamW)."""
-    max_coeff: float = setting(10.0, number(0.0, lo_open=True))
+    max_coeff: float = setting(10.0, number(1e-6, 1e6, why="a smaller cap on the trust ratio "
+                                                          "stops the updates"))
     """Lamb only: upper clamp of the trust ratio."""
-    min_coeff: float = setting(0.01, number(0.0))
+    min_coeff: float = setting(0.01, number(0.0, 1e6))
     """Lamb only: lower clamp of the trust ratio."""
-    max_grad_norm: float = setting(0.0, number(0.0))
-    """Lamb only: clip gradients to this global norm first (0 disables)."""
+    max_grad_norm: float = setting(0.0, _CLIP_NORM)
+    """Lamb only: clip gradients to this global norm first (0 disables; else >= 1e-6)."""
     eps_inside_sqrt: bool = setting(False, boolean)
     """Lamb only: add eps inside the square root of the second moment."""
 
@@ -401,11 +423,11 @@ class Config:
     """Activation checkpointing, for zerofx.checkpointing (deepspeed.checkpointing) calls."""
     zero_optimization: ZeroConfig = nested_setting(ZeroConfig, parse=_parse_zero)
     """ZeRO stage and bucketing; JSON also takes DeepSpeed 2020's true (stage 1) / false."""
-    gradient_clipping: float = setting(0.0, number(0.0))
-    """Clip gradients to this global L2 norm (0 disables)."""
+    gradient_clipping: float = setting(0.0, _CLIP_NORM)
+    """Clip gradients to this global L2 norm (0 disables; else at least 1e-6)."""
     prescale_gradients: bool = setting(False, boolean)
     """Divide gradients by the data-parallel size before their reduction (else after)."""
-    gradient_predivide_factor: float = setting(1.0, number(0.0, lo_open=True))
+    gradient_predivide_factor: float = setting(1.0, _PREDIVIDE)
     """Without prescale_gradients: divide by this before the reduction and by
     dp_size / factor after it (DeepSpeed's split of the averaging, against fp16 overflow)."""
     zero_allow_untested_optimizer: bool = setting(False, boolean)

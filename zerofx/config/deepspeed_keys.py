@@ -14,7 +14,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from zerofx.config.schema import ConfigError
+from zerofx.config.schema import ConfigError, clip, dotted, find_path, show
 
 log = logging.getLogger(__name__)
 
@@ -142,22 +142,22 @@ def is_off(value: Any) -> bool:
 
 
 def refuse(key: str, feature: str, instead: str) -> ConfigError:
-    return ConfigError(f"config key '{key}': DeepSpeed feature {feature} is not supported by "
-                       f"zerofx; {instead}", key=key)
+    # `feature` may quote the user's value: show() it where it is built
+    return ConfigError(f"config key '{clip(key)}': DeepSpeed feature {feature} is not "
+                       f"supported by zerofx; {instead}", key=key)
 
 
-def find_auto(raw: Any, path: str = "") -> None:
-    if isinstance(raw, Mapping):
-        for k, v in raw.items():
-            find_auto(v, f"{path}.{k}" if path else str(k))
-    elif isinstance(raw, list):
-        for i, v in enumerate(raw):
-            find_auto(v, f"{path}[{i}]")
-    elif raw == "auto":
-        raise ConfigError(
-            f"config key '{path}' is \"auto\": that value is filled in by the Hugging Face "
-            f"Trainer/Accelerate integration of DeepSpeed, which zerofx does not run; write "
-            f"the number here", key=path)
+def find_auto(raw: Any) -> None:
+    """A ConfigError for the first "auto" value anywhere in `raw` (a walk that builds no
+    path until it finds one: a config may hold a 10 MB array)."""
+    found = find_path(raw, lambda v: isinstance(v, str) and v == "auto")
+    if found is None:
+        return
+    path = dotted(found[0])
+    raise ConfigError(
+        f"config key '{clip(path)}' is \"auto\": that value is filled in by the Hugging Face "
+        f"Trainer/Accelerate integration of DeepSpeed, which zerofx does not run; write "
+        f"the number here", key=path)
 
 
 def screen(raw: Mapping) -> dict:
@@ -176,12 +176,13 @@ def screen(raw: Mapping) -> dict:
     if isinstance(raw.get("compile"), Mapping):
         unknown = sorted(set(raw["compile"]) - set(COMPILE_REFUSED) - set(COMPILE_NO_EFFECT))
         if unknown:
-            raise refuse(f"compile.{unknown[0]}", f"DeepCompile's {unknown[0]}", "drop it")
+            raise refuse(f"compile.{unknown[0]}", f"DeepCompile's {clip(str(unknown[0]))}",
+                         "drop it")
         _screen_block("compile", raw["compile"], COMPILE_REFUSED, COMPILE_NO_EFFECT, notes,
                       off=lambda v: not v)
         del out["compile"]
     elif "compile" in raw:  # DeepSpeed's block is a mapping; anything else is not its shape
-        raise refuse("compile", f"compile: {raw['compile']!r}", "give DeepSpeed's compile "
+        raise refuse("compile", f"compile: {show(raw['compile'])}", "give DeepSpeed's compile "
                      "block as a mapping, e.g. {\"deepcompile\": true}, or drop it")
     if isinstance(raw.get("tensor_parallel"), Mapping):
         out["tensor_parallel"] = _map_autotp(raw["tensor_parallel"], notes)
@@ -209,8 +210,9 @@ def _screen_zero(zero: Mapping, notes: list) -> dict:
             notes.append(f"zero_optimization.{key}: {ZERO_NO_EFFECT[name[len(STAGE3_PREFIX):]]}")
             continue
         if name in out and out[name] != value:
-            raise ConfigError(f"config keys 'zero_optimization.{key}' and '{name}' spell one "
-                              f"setting with different values; keep only {name}",
+            raise ConfigError(f"config keys 'zero_optimization.{clip(key)}' and '{clip(name)}' "
+                              f"spell one setting with different values; keep only "
+                              f"{clip(name)}",
                               key=f"zero_optimization.{key}")
         out[name] = value
     return _screen_block("zero_optimization", out, ZERO_REFUSED, quiet, notes, off=is_off)
@@ -265,7 +267,7 @@ def _map_autotp(block: Mapping, notes: list) -> dict:
     if "size" in out:
         given.append(out["size"])  # whatever it is: the Config check names a bad value
     if any(v != given[0] for v in given):
-        raise refuse("tensor_parallel.autotp_size", f"tensor_parallel sizes {given}",
+        raise refuse("tensor_parallel.autotp_size", f"tensor_parallel sizes {show(given)}",
                      "give one size")
     if given:
         out["size"] = given[0]
@@ -285,18 +287,18 @@ def _map_torch_autocast(block: Mapping, out: dict, notes: list) -> None:
     del out["torch_autocast"]
     unknown = sorted(set(block) - {"enabled", "dtype", "lower_precision_safe_modules"})
     if unknown:
-        raise refuse(f"torch_autocast.{unknown[0]}", f"torch_autocast.{unknown[0]}",
+        raise refuse(f"torch_autocast.{unknown[0]}", f"torch_autocast.{clip(str(unknown[0]))}",
                      "drop the key")
     if not block.get("enabled", False):
         return
     dtype = _DTYPE_NAMES.get(str(block.get("dtype", "bfloat16")).lower())
     if dtype not in ("bf16", "fp16"):
         raise refuse("torch_autocast.dtype", f"torch_autocast with dtype "
-                     f"{block.get('dtype')!r}", 'use "bfloat16" or "float16"')
+                     f"{show(block.get('dtype'))}", 'use "bfloat16" or "float16"')
     modules = block.get("lower_precision_safe_modules")
     if modules is not None and not set(modules) <= _AUTOCAST_DEFAULT_MODULES:
         raise refuse("torch_autocast.lower_precision_safe_modules",
-                     f"per-module autocast lists ({sorted(set(modules))})",
+                     f"per-module autocast lists ({show(sorted(set(modules)))})",
                      "drop the key: zerofx runs matmul-class ops (Linear, Conv) in low "
                      "precision and precision-sensitive ops in fp32 for every module")
     if _on(out.get("bf16")) or _on(out.get("fp16")):
@@ -318,7 +320,7 @@ def _screen_reduction(raw: Mapping, out: dict, notes: list) -> None:
     if "gradient_allreduce_op" in raw:
         op = raw["gradient_allreduce_op"]
         if op != "mean":
-            raise refuse("gradient_allreduce_op", f"gradient_allreduce_op {op!r}",
+            raise refuse("gradient_allreduce_op", f"gradient_allreduce_op {show(op)}",
                          "use \"mean\": zerofx averages gradients over data-parallel ranks")
         notes.append("gradient_allreduce_op (mean: what zerofx does)")
         del out["gradient_allreduce_op"]
@@ -328,7 +330,7 @@ def _screen_reduction(raw: Mapping, out: dict, notes: list) -> None:
     accum = types.get("grad_accum_dtype") if isinstance(types, Mapping) else types
     compute = "fp16" if _on(raw.get("fp16")) else "bf16" if _on(raw.get("bf16")) else "fp32"
     if accum is not None and _DTYPE_NAMES.get(str(accum).lower()) != compute:
-        raise refuse("data_types.grad_accum_dtype", f"grad_accum_dtype {accum!r} with "
+        raise refuse("data_types.grad_accum_dtype", f"grad_accum_dtype {show(accum)} with "
                      f"{compute} compute", f"zerofx accumulates gradients in the compute "
                      f"dtype: drop the key or set it to {compute!r}")
     notes.append("data_types (gradients accumulate in the compute dtype)")

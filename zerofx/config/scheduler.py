@@ -16,6 +16,23 @@ from zerofx.config.schema import (
 
 # The largest learning rate any block accepts (a huge lr gives NaN parameters).
 MAX_LR = 1e3
+# The largest step count a schedule takes: the schedules compute in floats, exact to 2**53
+# (10**400 steps was an OverflowError at the first step, not a config error).
+MAX_STEPS = 2**53
+# Post-cycle decay rates (OneCycle): per decay interval; 1e300 made the lr 0 and beta1 inf.
+MAX_DECAY_RATE = 1e3
+# LRRangeTest's growth per interval: bounded so that lr_range_test_min_lr x (1 + rate x
+# steps) stays a float32 (the step graph's lr) up to MAX_STEPS; 1e300 overflowed it.
+MAX_STEP_RATE = 1e6
+
+_STEPS = integer(1, MAX_STEPS, ceiling="at most 2**53, where the schedules' float math "
+                                      "stops being exact")
+_STAIRS = integer(0, MAX_STEPS, ceiling="at most 2**53, where the schedules' float math "
+                                       "stops being exact")
+# beta1 = 1 divides by zero in Adam's bias correction 1 - beta1**t (without it, the first
+# moment never moves)
+_MOMENTUM = number(0.0, 1.0, hi_open=True, why="beta1 = 1 zeroes Adam's bias correction")
+_DECAY_RATE = number(0.0, MAX_DECAY_RATE, why="a rate per decay_step_size steps")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,7 +43,7 @@ class WarmupLRParams:
     """Learning rate at step 0."""
     warmup_max_lr: float = setting(0.001, number(0.0, MAX_LR))
     """Learning rate reached at the end of warmup."""
-    warmup_num_steps: int = setting(1000, integer(1))
+    warmup_num_steps: int = setting(1000, _STEPS)
     """Length of the warmup in optimizer steps."""
     warmup_type: str = setting("log", choice("log", "linear"))
     """Shape of the rise: "log" or "linear"."""
@@ -39,7 +56,7 @@ class WarmupLRParams:
 class WarmupDecayLRParams(WarmupLRParams):
     """DeepSpeed WarmupDecayLR: WarmupLR, then linear decay to 0 at total_num_steps."""
 
-    total_num_steps: int = required_setting(integer(1))
+    total_num_steps: int = required_setting(_STEPS)
     """Step at which the learning rate reaches 0 (required)."""
 
 
@@ -47,30 +64,31 @@ class WarmupDecayLRParams(WarmupLRParams):
 class OneCycleParams:
     """DeepSpeed OneCycle: one triangular lr (and momentum) cycle, then optional decay."""
 
-    cycle_min_lr: float = required_setting(number(0.0))
+    cycle_min_lr: float = required_setting(number(0.0, MAX_LR))
     """Learning rate at the start and end of the cycle (required)."""
     cycle_max_lr: float = required_setting(number(0.0, MAX_LR))
     """Learning rate at the peak of the cycle (required)."""
-    decay_lr_rate: float = setting(0.0, number(0.0))
+    decay_lr_rate: float = setting(0.0, _DECAY_RATE)
     """Learning rate decay rate after the cycle."""
-    cycle_first_step_size: int = setting(2000, integer(1))
+    cycle_first_step_size: int = setting(2000, _STEPS)
     """Steps in the rising half of the cycle."""
-    cycle_second_step_size: int | None = setting(None, optional(integer(1)))
+    cycle_second_step_size: int | None = setting(None, optional(_STEPS))
     """Steps in the falling half (None: same as the rising half)."""
-    cycle_first_stair_count: int = setting(0, integer(0))
+    cycle_first_stair_count: int = setting(0, _STAIRS)
     """Stairs in the rising half (0: continuous)."""
-    cycle_second_stair_count: int | None = setting(None, optional(integer(0)))
+    cycle_second_stair_count: int | None = setting(None, optional(_STAIRS))
     """Stairs in the falling half (None: same as the rising half)."""
-    decay_step_size: int = setting(0, integer(0))
+    decay_step_size: int = setting(0, _STAIRS)
     """Steps between decays after the cycle (0: no decay)."""
     cycle_momentum: bool = setting(True, boolean)
     """Cycle beta1 inversely to the learning rate."""
-    cycle_min_mom: float = setting(0.8, number(0.0, 1.0))
+    cycle_min_mom: float = setting(0.8, _MOMENTUM)
     """Lowest beta1 of the cycle."""
-    cycle_max_mom: float = setting(0.9, number(0.0, 1.0))
+    cycle_max_mom: float = setting(0.9, _MOMENTUM)
     """Highest beta1 of the cycle."""
-    decay_mom_rate: float = setting(0.0, number(0.0))
-    """Momentum decay rate after the cycle."""
+    decay_mom_rate: float = setting(0.0, _DECAY_RATE)
+    """Momentum "decay" rate after the cycle: DeepSpeed's formula makes beta1 grow by it
+    (zerofx.lr_schedules warns at the step where beta1 would reach 1)."""
 
     def __post_init__(self) -> None:
         validate(self)
@@ -82,9 +100,11 @@ class LRRangeTestParams:
 
     lr_range_test_min_lr: float = setting(1e-3, number(0.0, MAX_LR))
     """Starting learning rate."""
-    lr_range_test_step_size: int = setting(2000, integer(1))
+    lr_range_test_step_size: int = setting(2000, _STEPS)
     """Steps per increase interval."""
-    lr_range_test_step_rate: float = setting(1.0, number(0.0))
+    lr_range_test_step_rate: float = setting(1.0, number(
+        0.0, MAX_STEP_RATE, why="the lr grows by min_lr x rate per interval and must stay a "
+                                "float32"))
     """Increase per interval, as a fraction of the starting learning rate."""
     lr_range_test_staircase: bool = setting(False, boolean)
     """Increase in steps instead of continuously."""
