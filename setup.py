@@ -46,6 +46,7 @@ setup(
             "zerofx-launch = zerofx.tools.launch:main",
             "zerofx-dump = zerofx.tools.dump:main",
             "zerofx-consolidate = zerofx.tools.consolidate:main",
+            "zerofx-plan = zerofx.tools.plan:main",
         ],
     },
 )

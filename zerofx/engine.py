@@ -192,6 +192,7 @@ class ZeroEngine(nn.Module):
         # the skip count before the update, on the device: read only if was_step_applied is
         boundary = self.runtime.is_boundary
         skipped = self.runtime.state.skipped.clone() if boundary else None
+        lr_used = self.optimizer.param_groups[0]["lr"]  # the step may move it (schedules)
         # at the boundary through the optimizer: its group's lr is the step's, and a torch
         # LR scheduler on it sees its step called
         updated = self.optimizer.step() if boundary else self.runtime.step()
@@ -201,16 +202,16 @@ class ZeroEngine(nn.Module):
         self._skipped_before = skipped
         self.global_samples += self.train_batch_size()
         if self.monitor.enabled:
-            self._write_monitor()
+            self._write_monitor(lr_used)
         if self._drives_scheduler() and self.was_step_applied():  # DeepSpeed's: not after a
             self.lr_scheduler.step()  # skipped (overflow) step
         self._set_lr()
         if self.global_steps % self.config.steps_per_print == 0:
             self._report()
 
-    def _write_monitor(self) -> None:
+    def _write_monitor(self, lr_used: float) -> None:
         """DeepSpeed's step events, against samples seen (the lr this step used)."""
-        events = [("Train/Samples/lr", self.get_lr()[0], self.global_samples)]
+        events = [("Train/Samples/lr", lr_used, self.global_samples)]
         if self._window_losses:
             mean = torch.stack([x.float() for x in self._window_losses]).mean()
             events.append(("Train/Samples/train_loss", float(mean), self.global_samples))

@@ -126,7 +126,8 @@ def saved_report(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -
     rows, total = [], 0
     for o in saved:
         val = o.meta.get("val")
-        nbytes = val.numel() * val.element_size() if hasattr(val, "numel") else 0
+        # int(): with dynamic shapes the sizes are symbols; their hint is the traced size
+        nbytes = int(val.numel() * val.element_size()) if hasattr(val, "numel") else 0
         own = o.op != "placeholder"  # a saved input (a weight) costs no memory of its own
         total += nbytes if own else 0
         shape = list(val.shape) if hasattr(val, "shape") else "?"

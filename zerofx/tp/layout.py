@@ -127,15 +127,27 @@ def _nothing_to_split(tp: int) -> TPPlanError:
 
 
 def _hf_example(model: nn.Module) -> dict | None:
+    return hf_example(model)
+
+
+def hf_example(model: nn.Module, batch: int | None = None, seq: int | None = None):
     """Inputs a Hugging Face model is trained on, made from its class and config: its main
-    input (token ids from ``dummy_inputs``, images of ``num_channels`` x ``image_size``, or
-    ``num_mel_bins`` audio features) and ``labels`` shaped for its task, so the traced graph
-    holds the loss (and the LM head's split can end there). None: not a model this knows."""
+    input (token ids: ``dummy_inputs``', or ``batch`` x ``seq`` random ones; images of
+    ``num_channels`` x ``image_size``; ``num_mel_bins`` audio features) and ``labels``
+    shaped for its task, so the traced graph holds the loss (and the LM head's split can
+    end there). None: not a model this knows."""
     config, main = getattr(model, "config", None), getattr(model, "main_input_name", None)
     if config is None or main not in _MAIN_INPUTS:
         return None
     g = torch.Generator().manual_seed(0)
-    example = {main: _MAIN_INPUTS[main](model, config, g)}
+    if main == "input_ids" and (batch or seq):
+        ids = torch.randint(0, getattr(config, "vocab_size", 2), (batch or 2, seq or 8),
+                            generator=g)
+    else:
+        ids = _MAIN_INPUTS[main](model, config, g)
+        if ids is not None and batch:
+            ids = ids[:1].expand(batch, *ids.shape[1:]).contiguous()
+    example = {main: ids}
     if example[main] is None:
         return None
     if "labels" in inspect.signature(model.forward).parameters:

@@ -1,0 +1,119 @@
+"""zerofx-plan: whether a job fits, per rank, before any machine is rented.
+
+    zerofx-plan --config ds.json --model my_models:build --world 64 --micro_batch 1 --seq 4096
+    zerofx-plan --config ds.json --model my_models:build --inputs my_models:batch --world 8
+
+``--model MODULE:FUNCTION`` builds the model (called with no arguments, under a fake-tensor
+mode: no weights are allocated, so a 70B model plans on one CPU). Its inputs: a Hugging Face
+model's own (token ids of --micro_batch x --seq, labels for its task), or ``--inputs
+MODULE:FUNCTION`` returning one micro-batch (a dict of keyword arguments or a tuple).
+Prints rank 0's parameters, gradients, optimizer states, the step's temporary, the
+activations saved for the backward (from the partitioned graphs: casts, checkpointing and
+zerofx.activation_memory_budget included), ZeRO-3's gathered parameters and the peak; with
+``--memory GiB``, whether it fits and what to change. Step time is not predicted yet.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from tabulate import tabulate
+
+GIB = float(1 << 30)
+
+
+def _load(spec: str, what: str):
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise SystemExit(f"zerofx-plan: {what} {spec!r} is not MODULE:FUNCTION (e.g. "
+                         f"my_models:build)")
+    sys.path.insert(0, "")  # the current directory, as `python -m` would
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise SystemExit(f"zerofx-plan: cannot load {what} {spec!r}: {e}") from None
+    if not callable(fn):
+        raise SystemExit(f"zerofx-plan: {what} {spec!r} is not callable")
+    return fn
+
+
+def _inputs(args, build):
+    if args.inputs:
+        return _load(args.inputs, "--inputs")()
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from zerofx.tp.layout import hf_example
+
+    with FakeTensorMode():
+        model = build()  # only its class and config are read
+    example = hf_example(model, batch=args.micro_batch, seq=args.seq)
+    if example is None:
+        raise SystemExit("zerofx-plan: the model is not a Hugging Face model whose inputs "
+                         "zerofx can make; pass --inputs MODULE:FUNCTION returning one "
+                         "micro-batch (a dict of keyword arguments or a tuple)")
+    return example
+
+
+def advice(mem, config, limit: float) -> list[str]:
+    """What would bring the peak under ``limit`` bytes, largest lever first."""
+    out = []
+    stage = config.zero_optimization.stage
+    if stage < 3 and mem.parameters + mem.gradients + mem.optimizer > 0.3 * limit:
+        out.append(f"a higher ZeRO stage (now {stage}) shards more of the model states")
+    if mem.activations > 0.3 * limit:
+        out.append("a lower zerofx.activation_memory_budget (recompute in the backward), "
+                   "activation checkpointing, or a smaller --micro_batch / --seq")
+    if mem.gathered > 0.2 * limit:
+        out.append("a lower zero_optimization.stage3_max_live_parameters")
+    return out or ["more ranks, or tensor parallelism (tensor_parallel.size)"]
+
+
+def report(mem, plan, config, memory_gib: float | None) -> str:
+    rows = [(kind, f"{n / GIB:.3f}", f"{n / 2**20:.1f}") for kind, n in mem.rows()]
+    text = (f"rank 0 of {plan.grid.world_size} (data-parallel {plan.grid.dp_size}, "
+            f"tensor-parallel {plan.grid.tp_size}), ZeRO stage {plan.zero_stage}, "
+            f"{plan.compute_dtype}\n" + tabulate(rows, headers=["per rank", "GiB", "MiB"]))
+    if memory_gib is not None:
+        limit = memory_gib * GIB
+        if mem.peak <= limit:
+            text += f"\nfits in {memory_gib:g} GiB ({mem.peak / limit:.0%} of it)"
+        else:
+            text += (f"\ndoes NOT fit in {memory_gib:g} GiB (peak {mem.peak / GIB:.2f} GiB); "
+                     f"try: " + "; ".join(advice(mem, config, limit)))
+    return text + "\nstep time: not predicted yet"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="zerofx-plan", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="the DeepSpeed JSON config")
+    p.add_argument("--model", required=True, help="MODULE:FUNCTION building the model")
+    p.add_argument("--inputs", help="MODULE:FUNCTION returning one micro-batch")
+    p.add_argument("--world", type=int, default=1, help="ranks in the job (default 1)")
+    p.add_argument("--micro_batch", type=int, default=None, help="sequences per micro-batch")
+    p.add_argument("--seq", type=int, default=None, help="tokens per sequence")
+    p.add_argument("--memory", type=float, default=None, help="GiB per rank to fit in")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from zerofx.config import Config, ConfigError
+    from zerofx.planner import plan_rank
+
+    if args.world < 1:
+        raise SystemExit(f"zerofx-plan: --world {args.world}: at least 1 rank")
+    build = _load(args.model, "--model")
+    try:
+        config = Config.from_any(args.config)
+        mem, plan = plan_rank(build, config, _inputs(args, build), world=args.world)
+    except ConfigError as e:
+        print(f"zerofx-plan: {e}", file=sys.stderr)
+        return 2
+    print(report(mem, plan, config, args.memory))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
