@@ -162,3 +162,16 @@ def test_stage3_keys_with_and_without_prefix_act_at_stage_3(caplog):
     with pytest.raises(ConfigError, match="spell one setting"):
         Config.from_dict({"zero_optimization": {"stage": 3, "prefetch_bucket_size": 5,
                                                 "stage3_prefetch_bucket_size": 6}})
+
+
+def test_keys_without_effect_are_said_at_warning_level_and_truly(caplog):
+    # a note at INFO is invisible by default; and bf16's overflow check describes what
+    # zerofx does (it skips non-finite steps), not the opposite
+    import logging
+
+    import zerofx
+
+    with caplog.at_level(logging.WARNING, logger="zerofx.config.deepspeed_keys"):
+        zerofx.Config.from_dict({"bf16": {"enabled": True, "check_grad_overflow": False}})
+    assert "accepted without effect" in caplog.text
+    assert "always skips a step whose gradients are not finite" in caplog.text

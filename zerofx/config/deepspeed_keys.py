@@ -122,7 +122,9 @@ BF16_REFUSED = {"bf16_master_weights_and_grads": ("bf16 master weights", "drop i
                                                   "keeps fp32 masters"),
                 "bf16_optimizer_states": ("bf16 optimizer states", "drop it")}
 BF16_NO_EFFECT = {"immediate_grad_update": "gradients always go to their buckets at once",
-                  "check_grad_overflow": "bf16 steps are never skipped"}
+                  "check_grad_overflow": "zerofx always skips a step whose gradients are "
+                                         "not finite, in bf16 too (DeepSpeed's true); "
+                                         "false does not make it apply them"}
 
 
 def is_off(value: Any) -> bool:
@@ -191,7 +193,8 @@ def screen(raw: Mapping) -> dict:
     _screen_optimizer(raw.get("optimizer"))
     _screen_reduction(raw, out, notes)
     if notes:
-        log.info("zerofx: accepted without effect: %s", "; ".join(notes))
+        # a warning, not info: a key that changes nothing is worth seeing once
+        log.warning("zerofx: accepted without effect: %s", "; ".join(notes))
     return out
 
 
