@@ -40,7 +40,7 @@ def test_most_examples_load():
     ({"optimizer": {"type": "AdamW", "params": {"lr": "auto"}}}, "'optimizer.params.lr'"),
     ({"optimizer": {"type": "OneBitAdam"}}, "1-bit communication"),
     ({"compression_training": {"weight_quantization": {}}}, "compression"),
-    ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}, "offload"),
+    ({"zero_optimization": {"offload_optimizer": {"device": "nvme"}}}, "offload"),
     ({"comet": {"enabled": True}}, "Comet"),
     ({"torch_autocast": {"enabled": True, "lower_precision_safe_modules": ["my.Mod"]}},
      "per-module autocast"),
@@ -175,3 +175,27 @@ def test_keys_without_effect_are_said_at_warning_level_and_truly(caplog):
         zerofx.Config.from_dict({"bf16": {"enabled": True, "check_grad_overflow": False}})
     assert "accepted without effect" in caplog.text
     assert "always skips a step whose gradients are not finite" in caplog.text
+
+
+@pytest.mark.parametrize("zero", [
+    {"stage": 1, "offload_optimizer": {"device": "cpu", "pin_memory": True}},  # HelloDeepSpeed
+    {"stage": 3, "offload_param": {"device": "cpu"}, "offload_optimizer": {"device": "cpu"}},
+    {"stage": 2, "cpu_offload": True},
+])
+def test_offload_to_cpu_on_a_cpu_only_run_is_met_as_it_stands(caplog, monkeypatch, zero):
+    import logging
+
+    import torch
+    import zerofx
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="zerofx.config.deepspeed_keys"):
+        cfg = zerofx.Config.from_dict({"zero_optimization": zero})
+    assert cfg.zero_optimization.stage == zero["stage"]
+    assert "already live in host memory" in caplog.text
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU: still refused
+    with pytest.raises(zerofx.ConfigError, match="offload"):
+        zerofx.Config.from_dict({"zero_optimization": zero})
+    with pytest.raises(zerofx.ConfigError, match="offload"):  # NVMe: refused everywhere
+        zerofx.Config.from_dict({"zero_optimization": {"stage": 2, "offload_optimizer": {
+            "device": "nvme", "nvme_path": "/tmp"}}})

@@ -114,6 +114,7 @@ ZERO_REFUSED = {
     "mics_shard_size": ("MiCS sharding", "drop it"),
     "cpu_offload_param": ("ZeRO-Offload of parameters", "drop it"),
     "zero_quantized_nontrainable_weights": ("ZeRO++ quantized frozen weights", "drop it"),
+    "zenflow": ("ZenFlow (stall-free offloaded optimizer steps)", "drop it"),
 }
 STAGE3_PREFIX = "stage3_"
 ONE_BIT = {"onebitadam", "zerooneadam", "onebitlamb"}
@@ -199,6 +200,7 @@ def screen(raw: Mapping) -> dict:
 
 
 def _screen_zero(zero: Mapping, notes: list) -> dict:
+    zero = _host_offload(zero, notes)
     quiet = dict(ZERO_NO_EFFECT)
     staged = {k: v for k, v in zero.items() if k.startswith(STAGE3_PREFIX) or k in STAGE3_ALIASES}
     if zero.get("stage") != 3:
@@ -219,6 +221,24 @@ def _screen_zero(zero: Mapping, notes: list) -> dict:
                               key=f"zero_optimization.{key}")
         out[name] = value
     return _screen_block("zero_optimization", out, ZERO_REFUSED, quiet, notes, off=is_off)
+
+
+def _host_offload(zero: Mapping, notes: list) -> Mapping:
+    """Offload to ``cpu`` on a run without a GPU: the state is in host memory already, so
+    the key is met as it stands (said once); with a GPU it is refused as before (zerofx
+    does not move state off the device yet)."""
+    keys = [k for k in ("offload_optimizer", "offload_param")
+            if isinstance(zero.get(k), Mapping) and zero[k].get("device") == "cpu"]
+    if zero.get("cpu_offload") is True:
+        keys.append("cpu_offload")
+    import torch
+
+    if not keys or torch.cuda.is_available():
+        return zero
+    for k in keys:
+        notes.append(f"zero_optimization.{k} to cpu (no GPU here: parameters and optimizer "
+                     f"state already live in host memory)")
+    return {k: v for k, v in zero.items() if k not in keys}
 
 
 def _screen_block(block: str, raw: Mapping, refused: dict, quiet: dict, notes: list, *,
