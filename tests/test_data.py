@@ -29,3 +29,22 @@ def test_drop_last_drops_it():
 def test_a_loader_with_no_batch_is_an_error():
     with pytest.raises(ConfigError, match="gives no batch.*dataloader_drop_last"):
         DistributedLoader(_data(3), batch_size=4, dp_rank=0, dp_size=2, drop_last=True)
+
+
+def test_every_epoch_reads_the_same_order_as_deepspeeds_loader(no_torchrun_env):
+    # DeepSpeedDataLoader (0.19.8) builds a DistributedSampler (shuffle, seed 0) and never
+    # calls its set_epoch: each epoch repeats the first one's order
+    import torch
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    from zerofx.data import DistributedLoader
+
+    data = TensorDataset(torch.arange(20.0))
+    ours = DistributedLoader(data, batch_size=3, dp_rank=1, dp_size=2)
+    first, second = [b[0].tolist() for b in ours], [b[0].tolist() for b in ours]
+    theirs = DataLoader(data, batch_size=3, sampler=DistributedSampler(
+        data, num_replicas=2, rank=1))  # DeepSpeed's construction, epoch never set
+    want = [b[0].tolist() for b in theirs]
+    assert first == second == want
+    ours.data_sampler.set_epoch(1)  # a script may still ask for a new order
+    assert [b[0].tolist() for b in ours] != first

@@ -1,7 +1,10 @@
 """The distributed data loader behind ``zerofx.initialize(training_data=...)``.
 
-Each data-parallel rank reads its own part of the dataset (DistributedSampler), reshuffled
-every epoch, in micro-batches of ``train_micro_batch_size_per_gpu``, as DeepSpeed does.
+Each data-parallel rank reads its own shuffled part of the dataset (DistributedSampler,
+seed 0), in micro-batches of ``train_micro_batch_size_per_gpu``, as DeepSpeed's loader does,
+and like DeepSpeed's it reads the same order every epoch: DeepSpeedDataLoader never calls
+the sampler's ``set_epoch``. A script that wants a new order per epoch calls
+``loader.data_sampler.set_epoch(epoch)`` (DeepSpeed's attribute name), as with DeepSpeed.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from zerofx.config import ConfigError
 
 
 class DistributedLoader:
-    """Iterate over this rank's micro-batches; every pass over it is a new, reshuffled epoch."""
+    """Iterate over this rank's micro-batches; every pass is an epoch in the same order."""
 
     def __init__(self, dataset: Dataset, *, batch_size: int, dp_rank: int, dp_size: int,
                  shuffle: bool = True, seed: int = 0, collate_fn=None, drop_last: bool = False):
@@ -28,12 +31,10 @@ class DistributedLoader:
                 f"train_micro_batch_size_per_gpu={batch_size} on each of {dp_size} "
                 f"data-parallel rank(s) with dataloader_drop_last true: use more data, a "
                 f"smaller micro-batch, or dataloader_drop_last false")
-        self.epoch = 0
+        self.data_sampler = self.sampler  # DeepSpeedDataLoader's name for it
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self):
-        self.sampler.set_epoch(self.epoch)
-        self.epoch += 1
         return iter(self.loader)
