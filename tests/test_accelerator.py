@@ -59,8 +59,17 @@ def test_as_deepspeed_serves_the_imports_scripts_write(shimmed):
     from deepspeed import comm as dist
 
     assert dist.get_world_size() >= 1 and dist.ReduceOp.SUM is not None
-    with pytest.raises(ImportError, match="deepspeed.moe: Mixture-of-Experts"):
-        import deepspeed.moe  # noqa: F401
+    with pytest.raises(ImportError, match="deepspeed.moe.layer: Mixture-of-Experts"):
+        from deepspeed.moe.layer import MoE  # noqa: F401
+    # the group helper DeepSpeed's CIFAR example imports at its top, MoE or not
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer as split
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert split({"params": iter(params), "lr": 1}) == [{"params": params, "lr": 1}]
+    expert = torch.nn.Parameter(torch.zeros(2))
+    expert.allreduce = False  # DeepSpeed's mark of an expert parameter
+    with pytest.raises(zerofx.ConfigError, match="Mixture-of-Experts"):
+        split([{"params": [expert]}])
     with pytest.raises(ImportError, match="deepspeed.pipe: pipeline parallelism"):
         from deepspeed.pipe import PipelineModule  # noqa: F401
 

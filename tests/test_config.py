@@ -29,7 +29,7 @@ def error_of(source) -> str:
 DEEPSPEED_DEFAULTS = [
     (Config(), {"train_batch_size": None, "train_micro_batch_size_per_gpu": None,
                 "gradient_accumulation_steps": None, "steps_per_print": 10, "optimizer": None,
-                "scheduler": None, "gradient_clipping": 0.0, "wall_clock_breakdown": False}),
+                "scheduler": None, "gradient_clipping": None, "wall_clock_breakdown": False}),
     (FP16Config(), {"enabled": False, "loss_scale": 0.0, "initial_scale_power": 16,
                     "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1.0}),
     (BF16Config(), {"enabled": False}),
@@ -554,3 +554,16 @@ def test_round_trip_of_generated_valid_configs(raw):
     c = Config.from_dict(raw)
     assert Config.from_dict(c.to_dict()) == c
     assert Config.from_dict(json.loads(json.dumps(c.to_dict(), allow_nan=False))) == c
+
+
+def test_gradient_clipping_left_out_is_deepspeeds_default():
+    # DeepSpeed 0.19.3+ (runtime/constants.py): GRADIENT_CLIPPING_DEFAULT = 1.0 for the
+    # engine; plain torch.compile leaves clipping to the user's loop
+    from zerofx.backend import check_plain_training
+
+    cfg = Config.from_dict({})
+    assert cfg.gradient_clipping is None and cfg.clip_norm == 1.0
+    check_plain_training(cfg)  # not refused: the user did not ask for clipping
+    assert Config.from_dict({"gradient_clipping": 0}).clip_norm == 0.0
+    with pytest.raises(ConfigError, match="gradient_clipping"):
+        check_plain_training(Config.from_dict({"gradient_clipping": 1.0}))

@@ -290,7 +290,7 @@ def check_plain_training(config: Config) -> None:
         ("fp16 loss scaling (set fp16.loss_scale 1 to train fp16 without it)",
          config.fp16.enabled and config.fp16.loss_scale != 1.0),
         ("gradient_clipping (call torch.nn.utils.clip_grad_norm_ after backward)",
-         config.gradient_clipping > 0),
+         bool(config.gradient_clipping)),  # given: None leaves it to the loop
         ("gradient_accumulation_steps > 1 (accumulate in your loop, inside "
          "zerofx.no_sync(model) but for the last micro-batch)",
          (config.gradient_accumulation_steps or 1) > 1),

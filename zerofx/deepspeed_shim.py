@@ -11,10 +11,13 @@ from __future__ import annotations
 import importlib.abc
 import importlib.util
 import sys
+import types
 
 # deepspeed.<module> -> the zerofx module that serves it
 PROVIDED = {"accelerator": "zerofx.accelerator", "comm": "zerofx.comm",
             "checkpointing": "zerofx.checkpointing", "zero": "zerofx.zero"}
+# deepspeed.<package> of which zerofx serves only some modules: {package: {module: ours}}
+PARTIAL = {"moe": {"utils": "zerofx.moe_utils"}}
 WHY = {
     "moe": "Mixture-of-Experts layers are not part of zerofx",
     "pipe": "pipeline parallelism is not part of zerofx (tensor parallelism and ZeRO are)",
@@ -50,6 +53,13 @@ def as_deepspeed():
     sys.modules["deepspeed"] = zerofx
     for name, module in PROVIDED.items():
         sys.modules[f"deepspeed.{name}"] = importlib.import_module(module)
+    for package, modules in PARTIAL.items():  # a package holding only what zerofx serves
+        holder = types.ModuleType(f"deepspeed.{package}")
+        holder.__path__ = []  # a package: its other modules go through _Refuse
+        sys.modules[holder.__name__] = holder
+        for name, module in modules.items():
+            sys.modules[f"{holder.__name__}.{name}"] = importlib.import_module(module)
+            setattr(holder, name, sys.modules[f"{holder.__name__}.{name}"])
     if not any(isinstance(f, _Refuse) for f in sys.meta_path):
         sys.meta_path.insert(0, _Refuse())
     return zerofx

@@ -292,7 +292,7 @@ class ZeroEngine(nn.Module):
         return self.config.bf16.enabled
 
     def gradient_clipping(self) -> float:
-        return self.config.gradient_clipping
+        return self.config.clip_norm
 
     def get_batch_info(self) -> tuple[int, int, int]:
         """DeepSpeed's (train_batch_size, train_micro_batch_size_per_gpu,

@@ -86,6 +86,8 @@ _PREDIVIDE = number(1e-6, 1e6, why="gradients are multiplied by 1/factor before 
 # A gradient norm to clip to (gradient_clipping, LAMB's max_grad_norm). Below 1e-6 each
 # clipped gradient element sits under Adam's eps and the updates silently stop (1e-300 is
 # 0 in float32); above 2**127 the norm is not a float32.
+# DeepSpeed's gradient_clipping default since 0.19.3 (GRADIENT_CLIPPING_DEFAULT)
+DEEPSPEED_CLIP_DEFAULT = 1.0
 _CLIP_NORM = zero_or(number(1e-6, MAX_SCALE, why="a smaller norm scales every gradient to "
                                                  "nothing and updates stop"))
 
@@ -423,8 +425,11 @@ class Config:
     """Activation checkpointing, for zerofx.checkpointing (deepspeed.checkpointing) calls."""
     zero_optimization: ZeroConfig = nested_setting(ZeroConfig, parse=_parse_zero)
     """ZeRO stage and bucketing; JSON also takes DeepSpeed 2020's true (stage 1) / false."""
-    gradient_clipping: float = setting(0.0, _CLIP_NORM)
-    """Clip gradients to this global L2 norm (0 disables; else at least 1e-6)."""
+    gradient_clipping: float | None = setting(None, optional(_CLIP_NORM))
+    """Clip gradients to this global L2 norm (0 disables; else at least 1e-6). Not given:
+    DeepSpeed's default for the engine and the runtime (1.0 since DeepSpeed 0.19.3,
+    runtime/constants.py GRADIENT_CLIPPING_DEFAULT; see clip_norm), nothing for plain
+    torch.compile, where clipping is the user's loop's."""
     prescale_gradients: bool = setting(False, boolean)
     """Divide gradients by the data-parallel size before their reduction (else after)."""
     gradient_predivide_factor: float = setting(1.0, _PREDIVIDE)
@@ -447,6 +452,13 @@ class Config:
     """Training curves in Weights & Biases (needs the wandb package)."""
     zerofx: ZerofxConfig = nested_setting(ZerofxConfig)
     """zerofx's own settings."""
+
+    @property
+    def clip_norm(self) -> float:
+        """The global norm the engine and runtime clip to (0: none): gradient_clipping, or
+        DeepSpeed's default when the config does not give it."""
+        return DEEPSPEED_CLIP_DEFAULT if self.gradient_clipping is None else \
+            self.gradient_clipping
 
     def __post_init__(self) -> None:
         validate(self)

@@ -69,7 +69,7 @@ def traceable(step_fn):
 def make_step_fn(rt):
     """Close a step function over ``rt``'s static facts (plan, optimizer, group)."""
     plan, spec, scaler, comm = rt.plan, rt.spec, rt.state.scaler, rt.comm
-    clip = rt.config.gradient_clipping
+    clip = rt.config.clip_norm
     owned, group, sid, norm_group = plan.owned(), comm.group, rt.id, comm.norm_group(plan)
     reduced_in_shard = rt.reduces_into_shard
     dp = plan.grid.dp_size
