@@ -293,3 +293,15 @@ def test_save_fp16_model_is_save_16bit_model(tmp_path, no_torchrun_env):
     a, b = (torch.load(tmp_path / d / "pytorch_model.bin") for d in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert {v.dtype for v in a.values()} == {torch.bfloat16}
+
+
+def test_destroy_detaches_the_engine_from_the_model(no_torchrun_env):
+    # DeepSpeed's engine.destroy(): afterwards the model is a plain module again (an eager
+    # backward fills .grad, which the engine's hooks had routed into its buckets)
+    model = make("mlp")[0]
+    engine, *_ = zerofx.initialize(model=model, config=_cfg())
+    model(*mlp_batch(seed=0)).backward()
+    assert all(p.grad is None for p in model.parameters())  # taken by the engine's hooks
+    engine.destroy()
+    model(*mlp_batch(seed=1)).backward()
+    assert all(p.grad is not None for p in model.parameters())

@@ -238,6 +238,10 @@ class ZeroEngine(nn.Module):
             self.runtime.apply_schedule()
         self.optimizer.show_lr(self.lr_scheduler.get_last_lr()[0])
 
+    def destroy(self) -> None:
+        """DeepSpeed's: release what the engine attached to the model (its hooks)."""
+        self.runtime.close()
+
     # ---- what DeepSpeed users read -------------------------------------------------------
     @property
     def global_steps(self) -> int:

@@ -126,6 +126,13 @@ class ZeroRuntime:
         if optimizer is not None:
             drive(optimizer, self)
 
+    def close(self) -> None:
+        """Detach from the model: its hooks (eager gradients, stage-3 eager gathers, input
+        casts) are removed; compiled graphs of this runtime must not run again."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
     # ---- parameters ---------------------------------------------------------------------
     def shape_carriers(self):
         """Give tensor-parallel and (stage 3) partitioned parameters their full shape while
