@@ -18,9 +18,9 @@ tensors) and zerofx's own layout and graphs (``zerofx-plan``, tools/plan.py).
 
 The model is built under a fake-tensor mode: shapes and dtypes, no storage.
 
-Tensor parallelism divides the split weights per the layout (from tensor_parallel.plan or
-found on the traced graph); activations are those of one tensor-parallel rank's graph as
-traced whole, an upper bound. Step time is not predicted yet.
+Tensor parallelism divides the split weights per the layout of tensor_parallel.plan (the
+layout found on the traced graph needs real weights: refused here); activations are those
+of one tensor-parallel rank's graph as traced whole, an upper bound. Step time is not predicted yet.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import torch
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from zerofx.config import Config
+from zerofx.config import Config, ConfigError
 from zerofx.passes import PassSpec
 from zerofx.passes.nodes import is_cast, is_view
 from zerofx.plan import Plan, make_plan
@@ -77,6 +77,14 @@ def plan_rank(build, config, example, *, world: int, rank: int = 0) -> tuple:
         model = build()
     example = _fake(example, mode)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    tp = config.tensor_parallel
+    if tp.size > 1 and not tp.plan:
+        # discovery traces real tensors (it tells parameters apart by storage): on fake
+        # ones it would find nothing to split and plan every weight whole, silently
+        raise ConfigError(
+            f"zerofx-plan with tensor_parallel.size {tp.size} needs the layout given: add "
+            f"tensor_parallel.plan (e.g. {{\"*.q_proj\": \"colwise\", \"*.o_proj\": "
+            f"\"rowwise\"}}); finding it from the traced graph is not done without weights")
     layout = resolve_tp_layout(model, config, example)
     plan = make_plan(named, config, rank=rank, world_size=world, tp_layout=layout)
     states = model_states(plan, config)
@@ -138,8 +146,6 @@ def activation_bytes(model: nn.Module, config: Config, example, dtype) -> list[i
     torch._dynamo.reset()  # the traced graphs hold fake tensors: not for reuse
     lacking = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     if lacking or not seen:  # never a silent zero: the backward was not traced through
-        from zerofx.config import ConfigError
-
         what = lacking[:3] or "the parameters"
         raise ConfigError(f"zerofx-plan traced no backward reaching {what}: the loss must "
                           f"depend on every trained parameter (freeze the others: "
@@ -208,8 +214,6 @@ def _loss_of(out) -> torch.Tensor:
     if loss is None:
         loss = out if isinstance(out, torch.Tensor) else None
     if loss is None or loss.dim() != 0:
-        from zerofx.config import ConfigError
-
         raise ConfigError("zerofx-plan traces one training step: the model must return its "
                           "loss (a scalar, or an output with .loss); pass labels in the "
                           "example inputs")
