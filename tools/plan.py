@@ -74,6 +74,10 @@ def report(mem, plan, config, memory_gib: float | None) -> str:
     text = (f"rank 0 of {plan.grid.world_size} (data-parallel {plan.grid.dp_size}, "
             f"tensor-parallel {plan.grid.tp_size}), ZeRO stage {plan.zero_stage}, "
             f"{plan.compute_dtype}\n" + tabulate(rows, headers=["per rank", "GiB", "MiB"]))
+    if plan.grid.tp_size > 1:  # what the layout split, and what it could not (never silent)
+        text += (f"\ntensor-parallel layout: {len(plan.tp_choices)} layer(s) split, "
+                 f"{len(plan.tp_left_whole)} weight(s) left whole")
+        text += "".join(f"\n  whole: {n} ({why})" for n, why in plan.tp_left_whole[:10])
     if memory_gib is not None:
         limit = memory_gib * GIB
         if mem.peak <= limit:

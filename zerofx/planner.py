@@ -18,9 +18,9 @@ tensors) and zerofx's own layout and graphs (``zerofx-plan``, tools/plan.py).
 
 The model is built under a fake-tensor mode: shapes and dtypes, no storage.
 
-Tensor parallelism divides the split weights per the layout of tensor_parallel.plan (the
-layout found on the traced graph needs real weights: refused here); activations are those
-of one tensor-parallel rank's graph as traced whole, an upper bound. Step time is not predicted yet.
+Tensor parallelism divides the split weights per the layout (tensor_parallel.plan, or found
+on the traced graph, fake tensors and all); activations are those of one tensor-parallel
+rank's graph as traced whole, an upper bound. Step time is not predicted yet.
 """
 from __future__ import annotations
 
@@ -77,14 +77,6 @@ def plan_rank(build, config, example, *, world: int, rank: int = 0) -> tuple:
         model = build()
     example = _fake(example, mode)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    tp = config.tensor_parallel
-    if tp.size > 1 and not tp.plan:
-        # discovery traces real tensors (it tells parameters apart by storage): on fake
-        # ones it would find nothing to split and plan every weight whole, silently
-        raise ConfigError(
-            f"zerofx-plan with tensor_parallel.size {tp.size} needs the layout given: add "
-            f"tensor_parallel.plan (e.g. {{\"*.q_proj\": \"colwise\", \"*.o_proj\": "
-            f"\"rowwise\"}}); finding it from the traced graph is not done without weights")
     layout = resolve_tp_layout(model, config, example)
     plan = make_plan(named, config, rank=rank, world_size=world, tp_layout=layout)
     states = model_states(plan, config)

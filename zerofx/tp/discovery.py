@@ -115,6 +115,10 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if not pytree.tree_any(lambda o: isinstance(o, torch.Tensor), out):
+            # metadata queries (prim.device, which fake tensors answer through dispatch)
+            # produce no tensor: recorded, they would count as uses of a weight
+            return out
         node = self.graph.call_function(func, pytree.tree_map(self._node_of, tuple(args)),
                                         pytree.tree_map(self._node_of, kwargs))
         if isinstance(out, torch.Tensor):
