@@ -171,9 +171,16 @@ def test_optimizer_type_is_case_insensitive(spelling, name):
 
 
 def test_lamb_takes_its_own_params():
-    params = {"max_coeff": 0.3, "min_coeff": 0.01, "max_grad_norm": 1, "eps_inside_sqrt": True}
+    params = {"max_coeff": 0.3, "min_coeff": 0.01, "eps_inside_sqrt": True}
     opt = Config.from_dict({"optimizer": {"type": "Lamb", "params": params}}).optimizer
-    assert (opt.max_coeff, opt.max_grad_norm, opt.eps_inside_sqrt) == (0.3, 1.0, True)
+    assert (opt.max_coeff, opt.eps_inside_sqrt) == (0.3, True)
+
+
+@pytest.mark.parametrize("kind", ["Lamb", "AdamW"])
+def test_max_grad_norm_is_refused_with_deepspeeds_advice(kind):
+    # DeepSpeed's _configure_basic_optimizer raises for it whatever the optimizer type
+    with pytest.raises(ConfigError, match="max_grad_norm.*gradient_clipping"):
+        Config.from_dict({"optimizer": {"type": kind, "params": {"max_grad_norm": 1.0}}})
 
 
 @pytest.mark.parametrize("kind,params,cls", [

@@ -161,8 +161,8 @@ def _grid_body(rank, world, stage):
     import zerofx
 
     extra = _zero3({"gradient_accumulation_steps": 2, "fp16": {"enabled": True},
-                    "optimizer": {"type": "Lamb", "params": {"lr": 2e-2, "weight_decay": 0.01,
-                                                             "max_grad_norm": 1.0}}})
+                    "optimizer": {"type": "Lamb", "params": {"lr": 2e-2,
+                                                             "weight_decay": 0.01}}})
     extra["zero_optimization"]["stage"] = stage
     engine, *_ = zerofx.initialize(model=make("block")[0],
                                    config=_cfg(stage=stage, clip=0.5, extra=extra))

@@ -286,8 +286,8 @@ def test_engine_trains_and_saves_the_gathered_16bit_model(tmp_path):
 
 def _lamb_body(rank, world, stage, ckpt):
     torch._dynamo.reset()
-    cfg = {"optimizer": {"type": "Lamb", "params": {"lr": 2e-2, "weight_decay": 0.01,
-                                                     "max_grad_norm": 1.0}},
+    cfg = {"optimizer": {"type": "Lamb", "params": {"lr": 2e-2, "weight_decay": 0.01}},
+           "gradient_clipping": 1.0,
            "zero_optimization": {"stage": stage, "reduce_bucket_size": 300,
                                  "stage3_param_persistence_threshold": 0}}
     losses, params, rt, _ = _train(rank, "mlp", cfg, steps=8)

@@ -378,6 +378,9 @@ def _parse_optimizer(raw: Any) -> OptimizerConfig | None:
 
 def _optimizer_params(kind: str, raw: Any) -> OptimizerConfig:
     params = json_object(raw)
+    if "max_grad_norm" in params:  # DeepSpeed's engine refuses it for every optimizer type
+        raise key_error("max_grad_norm", " is not supported as an optimizer parameter (as in "
+                        "DeepSpeed): use the top-level 'gradient_clipping' instead")
     foreign = _ADAM_ONLY if kind == "Lamb" else _LAMB_ONLY
     valid = tuple(f.name for f in fields(OptimizerConfig)
                   if f.name != "type" and f.name not in foreign)
