@@ -39,7 +39,7 @@ DEEPSPEED_DEFAULTS = [
     (OptimizerConfig(type="Adam"), {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8,
                                     "weight_decay": 0.0, "bias_correction": True,
                                     "adam_w_mode": True}),
-    (OptimizerConfig(type="Lamb"), {"max_coeff": 10.0, "min_coeff": 0.01, "max_grad_norm": 0.0,
+    (OptimizerConfig(type="Lamb"), {"max_coeff": 10.0, "min_coeff": 0.01,
                                     "eps_inside_sqrt": False, "bias_correction": True}),
     (WarmupLRParams(), {"warmup_min_lr": 0.0, "warmup_max_lr": 0.001, "warmup_num_steps": 1000,
                         "warmup_type": "log"}),

@@ -207,7 +207,7 @@ class ZeroConfig:
 
 _OPTIMIZER_TYPE = choice("Adam", "AdamW", "Lamb", fold=True)
 _ADAM_ONLY = ("adam_w_mode",)
-_LAMB_ONLY = ("max_coeff", "min_coeff", "max_grad_norm", "eps_inside_sqrt")
+_LAMB_ONLY = ("max_coeff", "min_coeff", "eps_inside_sqrt")
 
 
 @dataclass(frozen=True)
@@ -235,8 +235,6 @@ class OptimizerConfig:
     """Lamb only: upper clamp of the trust ratio."""
     min_coeff: float = setting(0.01, number(0.0, 1e6))
     """Lamb only: lower clamp of the trust ratio."""
-    max_grad_norm: float = setting(0.0, _CLIP_NORM)
-    """Lamb only: clip gradients to this global norm first (0 disables; else >= 1e-6)."""
     eps_inside_sqrt: bool = setting(False, boolean)
     """Lamb only: add eps inside the square root of the second moment."""
 

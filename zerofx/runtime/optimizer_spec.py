@@ -57,8 +57,9 @@ class OptimizerSpec:
             return cls("lamb", opt.lr, LambHyper(
                 betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay,
                 bias_correction=opt.bias_correction, max_coeff=opt.max_coeff,
-                min_coeff=opt.min_coeff, max_grad_norm=opt.max_grad_norm,
-                eps_inside_sqrt=opt.eps_inside_sqrt))
+                min_coeff=opt.min_coeff, eps_inside_sqrt=opt.eps_inside_sqrt))
+        # (the kernel's own max_grad_norm stays 0: the config clips with gradient_clipping,
+        # DeepSpeed's rule)
         return cls("adam", opt.lr, AdamHyper(
             betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay,
             bias_correction=opt.bias_correction, adam_w_mode=opt.adam_w_mode))
