@@ -351,6 +351,7 @@ def _measure(fn):
     return error, seconds, peak
 
 
+@pytest.mark.slow  # ~10 s: parses a 10 MB file under tracemalloc
 def test_a_10mb_array_costs_little_beyond_itself(tmp_path):
     """The duplicate-key scan used to make a tuple and a path string per element: 1.15 GB and
     49 s (traced) for this file."""
