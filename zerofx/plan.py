@@ -188,6 +188,11 @@ class Plan:
         return self._pieces_by_name.get(name, ())
 
     @property
+    def reduces_into_shard(self) -> bool:
+        """Stage 2: each bucket is reduce-scattered straight into this rank's shard."""
+        return self.sharded and self.bucket_collective == "reduce_scatter"
+
+    @property
     def bucket_collective(self) -> str:
         """The collective each bucket's gradients go through at an accumulation boundary."""
         if self.grid.dp_size == 1:

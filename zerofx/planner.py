@@ -36,7 +36,7 @@ from zerofx.passes import PassSpec
 from zerofx.passes.nodes import is_cast, is_view
 from zerofx.plan import Plan, make_plan
 from zerofx.runtime.loss_scaler import LossScaler
-from zerofx.runtime.train_state import TrainState
+from zerofx.runtime.train_state import TrainState, nbytes
 from zerofx.tp.layout import resolve_tp_layout
 
 GIB = float(1 << 30)
@@ -70,12 +70,13 @@ def plan_rank(build, config, example, *, world: int, rank: int = 0) -> tuple:
     """(RankMemory, Plan) of ``rank`` in a job of ``world`` ranks. ``build()`` makes the
     model; it runs under a fake-tensor mode, so no weight is allocated (a 70B model plans on
     a laptop). ``example``: one micro-batch's keyword (dict) or positional (tuple) inputs,
-    small real tensors (ids, labels), made fake here."""
+    small real tensors (ids, labels), made fake here; or a function of the built model that
+    returns them (inputs read from its config)."""
     config = Config.from_any(config)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
         model = build()
-    example = _fake(example, mode)
+    example = _fake(example(model) if callable(example) else example, mode)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     layout = resolve_tp_layout(model, config, example)
     plan = make_plan(named, config, rank=rank, world_size=world, tp_layout=layout)
@@ -97,21 +98,16 @@ def _fake(obj, mode):
 
 def model_states(plan: Plan, config: Config) -> dict[str, int]:
     """Parameter, gradient, optimizer and step-temporary bytes of TrainState for ``plan``."""
-    gas = _accumulation(config, plan.grid.dp_size)
-    reduces_into_shard = plan.sharded and plan.bucket_collective == "reduce_scatter"
     meta = torch.device("meta")
     st = TrainState.allocate(plan, meta, scaler=LossScaler.from_config(config.fp16,
                                                                        device=meta),
-                             lr=0.0, beta1=0.0, reduces_into_shard=reduces_into_shard,
-                             gas=gas)
-    grads = [st.full_grads] if st.full_grads is not None else []
-    if st.shard_grads is not st.full_grads:
-        grads.append(st.shard_grads)
+                             lr=0.0, beta1=0.0,
+                             gas=config.accumulation_steps(plan.grid.dp_size))
     temp = plan.shard_numel * plan.compute_dtype.itemsize \
         if plan.sharded and not plan.partitioned else 0  # the step's updated low shard
-    return {"parameters": _bytes(st.flat_params, st.shard_lowp),
-            "gradients": _bytes(*grads),
-            "optimizer": _bytes(st.master, st.exp_avg, st.exp_avg_sq),
+    return {"parameters": nbytes(st.flat_params, st.shard_lowp),
+            "gradients": nbytes(st.full_grads, st.shard_grads),
+            "optimizer": nbytes(st.master, st.exp_avg, st.exp_avg_sq),
             "step_temporary": temp}
 
 
@@ -180,12 +176,6 @@ def _gathered(plan: Plan, config: Config) -> int:
     return live * plan.compute_dtype.itemsize
 
 
-def _accumulation(config: Config, dp: int) -> int:
-    if config.train_batch_size is None and config.train_micro_batch_size_per_gpu is None:
-        return config.gradient_accumulation_steps or 1
-    return config.batch_sizes(dp).gradient_accumulation_steps
-
-
 @contextlib.contextmanager
 def _params_in(model: nn.Module, dtype):
     """The runtime stores parameters in the compute dtype: trace them so (no casts)."""
@@ -211,7 +201,3 @@ def _loss_of(out) -> torch.Tensor:
                           "example inputs")
     return loss
 
-
-def _bytes(*tensors) -> int:
-    unique = {id(t): t for t in tensors if t is not None}
-    return sum(t.numel() * t.element_size() for t in unique.values())

@@ -521,6 +521,13 @@ class Config:
         fraction of the DP size (None: 1/dp_size, i.e. prescale_gradients)."""
         return None if self.prescale_gradients else 1.0 / self.gradient_predivide_factor
 
+    def accumulation_steps(self, dp_world_size: int) -> int:
+        """Micro-batches per optimizer step: from the batch keys when a batch size is given,
+        else gradient_accumulation_steps (1 when unset)."""
+        if self.train_batch_size is None and self.train_micro_batch_size_per_gpu is None:
+            return self.gradient_accumulation_steps or 1
+        return self.batch_sizes(dp_world_size).gradient_accumulation_steps
+
     def batch_sizes(self, dp_world_size: int) -> BatchSizes:
         """Resolve DeepSpeed's three batch keys for `dp_world_size` data-parallel ranks."""
         if not is_int(dp_world_size) or dp_world_size < 1:

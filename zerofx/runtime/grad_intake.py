@@ -42,12 +42,11 @@ class LateGradientError(RuntimeError):
 class GradIntake:
     """The gradient side of one ZeroRuntime: arrival bookkeeping, bucket launches, waits."""
 
-    def __init__(self, plan, state, comm, *, pre_reduce: float, reduces_into_shard: bool,
-                 is_boundary):
+    def __init__(self, plan, state, comm, *, pre_reduce: float, is_boundary):
         """``state``: the runtime's TrainState (gradient buffers); ``comm``: its CommContext;
         ``is_boundary()``: whether the backward now running ends an accumulation window."""
         self.plan, self.state, self.comm = plan, state, comm
-        self.pre_reduce, self.reduces_into_shard = pre_reduce, reduces_into_shard
+        self.pre_reduce = pre_reduce
         self.is_boundary = is_boundary
         index = {s.name: i for i, s in enumerate(plan.params)}
         self._bucket_slots = [[index[n] for n in b.params] for b in plan.buckets]
@@ -160,7 +159,7 @@ class GradIntake:
     def _start_collective(self, b, flat):
         """Start bucket ``b``'s reduction; returns (Pending, keep-alive)."""
         comm = self.comm
-        if not self.reduces_into_shard:
+        if not self.plan.reduces_into_shard:
             form = "all_reduce"
             pending = Pending([dist.all_reduce(flat, group=comm.group, async_op=True)])
         else:

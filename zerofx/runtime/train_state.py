@@ -43,7 +43,7 @@ class TrainState:
 
     @classmethod
     def allocate(cls, plan: Plan, device, *, scaler: LossScaler, lr: float, beta1: float,
-                 reduces_into_shard: bool, gas: int) -> "TrainState":
+                 gas: int) -> "TrainState":
         """Zeroed buffers for ``plan``; the parameters are moved in afterwards
         (ParamCarriers.install fills flat_params and master, then ``master_filled``)."""
         low, dev = plan.compute_dtype, device
@@ -55,10 +55,10 @@ class TrainState:
         shard_lowp = torch.zeros(plan.shard_numel, dtype=low, device=dev) if plan.partitioned \
             else torch.empty(0, dtype=low, device=dev)
         # Stage 2 with reduce-scatter and no accumulation never holds the full gradients.
-        needs_full = not reduces_into_shard or gas > 1
+        needs_full = not plan.reduces_into_shard or gas > 1
         full_grads = torch.zeros(plan.padded_numel, dtype=low, device=dev) if needs_full \
             else None
-        if reduces_into_shard:  # the reduce-scatter's target (stage 1 slices in the step)
+        if plan.reduces_into_shard:  # the reduce-scatter's target (stage 1 slices in the step)
             shard_grads = torch.zeros(plan.shard_numel, dtype=low, device=dev)
         else:
             shard_grads = torch.empty(0, dtype=low, device=dev) if plan.sharded else full_grads
@@ -92,10 +92,8 @@ class TrainState:
 
     def bytes(self) -> int:
         """Bytes of training state held: parameters, gradients, optimizer state."""
-        tensors = (self.flat_params, self.master, self.exp_avg, self.exp_avg_sq,
-                   self.shard_lowp, self.shard_grads, self.full_grads)
-        unique = {t.data_ptr(): t for t in tensors if t is not None}
-        return sum(t.numel() * t.element_size() for t in unique.values())
+        return nbytes(self.flat_params, self.master, self.exp_avg, self.exp_avg_sq,
+                      self.shard_lowp, self.shard_grads, self.full_grads)
 
     def bucket_view(self, plan: Plan, bucket: int) -> torch.Tensor:
         """Bucket ``bucket``'s range of the flat parameters (stage 3: persistent ones only)."""
@@ -106,3 +104,10 @@ class TrainState:
         """This rank's piece of parameter ``name``: a view of the flat compute-dtype buffer."""
         s = plan.slot(name)
         return self.flat_params[s.offset:s.end].view(s.shape)
+
+
+def nbytes(*tensors) -> int:
+    """Bytes of ``tensors``, each buffer once (shard_grads is full_grads below stage 2;
+    by identity, which also holds on the meta device, where every address is 0)."""
+    unique = {id(t): t for t in tensors if t is not None}
+    return sum(t.numel() * t.element_size() for t in unique.values())

@@ -78,9 +78,8 @@ class ZeroRuntime:
         param_group = gather_group(self.plan) if self.plan.partitioned and group is not None \
             else None
         self.comm = CommContext.build(self.plan, self.config, self.device, group=group,
-                                      tp_group=tp_group, param_group=param_group,
-                                      reduces_into_shard=self.reduces_into_shard)
-        self.gas = _accumulation_steps(self.config, self.plan.grid.dp_size)
+                                      tp_group=tp_group, param_group=param_group)
+        self.gas = self.config.accumulation_steps(self.plan.grid.dp_size)
         # DeepSpeed's split of the 1/dp averaging around the reduction: the factor applied
         # before it (prescale_gradients: all of it); the step divides by the rest.
         factor = self.config.pre_reduce_factor
@@ -89,15 +88,13 @@ class ZeroRuntime:
         self.state = TrainState.allocate(
             self.plan, self.device, scaler=LossScaler.from_config(self.config.fp16,
                                                                    device=self.device),
-            lr=self.spec.lr, beta1=self.spec.beta1,
-            reduces_into_shard=self.reduces_into_shard, gas=self.gas)
+            lr=self.spec.lr, beta1=self.spec.beta1, gas=self.gas)
         self.carriers = ParamCarriers(model, named, self.plan)
         self.carriers.install(named, self.state.flat_params, self.state.master)
         self.state.master_filled()
         self.gatherer = ParamGather(self.plan, self.state, self.comm) \
             if self.plan.partitioned else None
         self.intake = GradIntake(self.plan, self.state, self.comm, pre_reduce=self.pre_reduce,
-                                 reduces_into_shard=self.reduces_into_shard,
                                  is_boundary=_boundary_of(weakref.ref(self)))
         # The config's LR schedule, stepped here after each applied step (DeepSpeed's
         # last_batch_iteration=-1 start: its k-th step uses lr_at(k - 1)); an engine given
@@ -227,7 +224,7 @@ class ZeroRuntime:
     @property
     def reduces_into_shard(self) -> bool:
         """Stage 2: each bucket is reduce-scattered straight into this rank's shard."""
-        return self.plan.sharded and self.plan.bucket_collective == "reduce_scatter"
+        return self.plan.reduces_into_shard
 
     @property
     def is_boundary(self) -> bool:
@@ -487,12 +484,6 @@ def _boundary_of(runtime):
     """``is_boundary`` of the runtime behind the weak reference ``runtime`` (the intake it
     owns must not keep it alive: a dropped runtime is freed at once, graph_ops' rule)."""
     return lambda: runtime().is_boundary
-
-
-def _accumulation_steps(config: Config, dp_size: int) -> int:
-    if config.train_batch_size is None and config.train_micro_batch_size_per_gpu is None:
-        return config.gradient_accumulation_steps or 1
-    return config.batch_sizes(dp_size).gradient_accumulation_steps
 
 
 def _tp_layout(model, named, config: Config, mpu, example_inputs):

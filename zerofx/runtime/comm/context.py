@@ -43,11 +43,11 @@ class CommContext:
     log: CommLog | None = None
 
     @classmethod
-    def build(cls, plan: Plan, config, device: torch.device, *, group, tp_group, param_group,
-              reduces_into_shard: bool) -> "CommContext":
+    def build(cls, plan: Plan, config, device: torch.device, *, group, tp_group,
+              param_group) -> "CommContext":
         """Time and choose the forms, map the shared memory they need: a collective (every
         rank of the groups calls it, in one order)."""
-        forms = choose_forms(plan, config, group, reduces_into_shard=reduces_into_shard,
+        forms = choose_forms(plan, config, group, reduces_into_shard=plan.reduces_into_shard,
                              device=device)
         if param_group is not None:  # stage 3's bucket gathers, on their own group
             forms.update(choose_param_gather(plan, config, param_group, device))
