@@ -38,21 +38,21 @@ def _load(spec: str, what: str):
     return fn
 
 
-def _inputs(args, build):
+def _inputs(args):
+    """One micro-batch, or a function making it from the model the planner builds (so the
+    model, which may be 70B parameters of fake tensors, is built once)."""
     if args.inputs:
         return _load(args.inputs, "--inputs")()
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     from zerofx.tp.layout import hf_example
 
-    with FakeTensorMode():
-        model = build()  # only its class and config are read
-    example = hf_example(model, batch=args.micro_batch, seq=args.seq)
-    if example is None:
-        raise SystemExit("zerofx-plan: the model is not a Hugging Face model whose inputs "
-                         "zerofx can make; pass --inputs MODULE:FUNCTION returning one "
-                         "micro-batch (a dict of keyword arguments or a tuple)")
-    return example
+    def made_for(model):
+        example = hf_example(model, batch=args.micro_batch, seq=args.seq)
+        if example is None:
+            raise SystemExit("zerofx-plan: the model is not a Hugging Face model whose "
+                             "inputs zerofx can make; pass --inputs MODULE:FUNCTION returning "
+                             "one micro-batch (a dict of keyword arguments or a tuple)")
+        return example
+    return made_for
 
 
 def advice(mem, config, limit: float) -> list[str]:
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     build = _load(args.model, "--model")
     try:
         config = Config.from_any(args.config)
-        mem, plan = plan_rank(build, config, _inputs(args, build), world=args.world)
+        mem, plan = plan_rank(build, config, _inputs(args), world=args.world)
     except ConfigError as e:
         print(f"zerofx-plan: {e}", file=sys.stderr)
         return 2

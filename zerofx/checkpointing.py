@@ -56,14 +56,15 @@ def configure(mpu_, deepspeed_config=None, partition_activations=None,
               synchronize=None, profile=None) -> None:
     """DeepSpeed's ``configure``: the config's ``activation_checkpointing`` block, then the
     keyword arguments over it (see the module doc for what each does here)."""
-    block = dict(vars(Config.from_any(deepspeed_config).activation_checkpointing))
+    config = Config.from_any(deepspeed_config)
+    block = dict(vars(config.activation_checkpointing))
     given = {"partition_activations": partition_activations,
              "contiguous_memory_optimization": contiguous_checkpointing,
              "number_checkpoints": num_checkpoints, "cpu_checkpointing": checkpoint_in_cpu,
              "synchronize_checkpoint_boundary": synchronize, "profile": profile}
     block.update({k: v for k, v in given.items() if v is not None})
     tp = mpu_.get_model_parallel_world_size() if mpu_ is not None else \
-        Config.from_any(deepspeed_config).tensor_parallel.size
+        config.tensor_parallel.size
     if block.get("partition_activations") and tp > 1:
         raise ConfigError(
             "activation_checkpointing.partition_activations with tensor parallelism (split "

@@ -203,9 +203,12 @@ class ZeroEngine(nn.Module):
         self.global_samples += self.train_batch_size()
         if self.monitor.enabled:
             self._write_monitor(lr_used)
-        if self._drives_scheduler() and self.was_step_applied():  # DeepSpeed's: not after a
-            self.lr_scheduler.step()  # skipped (overflow) step
-        self._set_lr()
+        if self._drives_scheduler():
+            if self.was_step_applied():  # DeepSpeed's: not after a skipped (overflow) step
+                self.lr_scheduler.step()
+            self._set_lr()
+        elif self.lr_scheduler is not None:  # the runtime stepped and applied its schedule
+            self.optimizer.show_lr(self.lr_scheduler.get_last_lr()[0])
         if self.global_steps % self.config.steps_per_print == 0:
             self._report()
 

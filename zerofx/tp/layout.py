@@ -100,7 +100,7 @@ def resolve_tp_layout(model: nn.Module, config: Config, example_inputs=None) -> 
     if config.tensor_parallel.plan:
         choices = _from_plan(modules, config.tensor_parallel.plan)
     else:
-        example = example_inputs if example_inputs is not None else _hf_example(model)
+        example = example_inputs if example_inputs is not None else hf_example(model)
         if example is not None:
             return _from_graph(model, example, tp, config.tensor_parallel.vocab_parallel)
         choices = _detect(modules, tp)
@@ -124,10 +124,6 @@ def _nothing_to_split(tp: int) -> TPPlanError:
         f"tensor_parallel.size={tp} but no Linear layer to split was found: give "
         f"tensor_parallel.plan, e.g. {{\"blocks.*.mlp.fc1\": \"colwise\", "
         f"\"blocks.*.mlp.fc2\": \"rowwise\"}}")
-
-
-def _hf_example(model: nn.Module) -> dict | None:
-    return hf_example(model)
 
 
 def hf_example(model: nn.Module, batch: int | None = None, seq: int | None = None):
