@@ -22,6 +22,23 @@ def _fresh_dynamo():
 
 
 @pytest.fixture
+def as_deepspeed():
+    """zerofx.as_deepspeed() for one test: `import deepspeed` gives zerofx inside it, and
+    every deepspeed module and the import hook are gone after it."""
+    import sys
+
+    import zerofx
+
+    meta_path, modules = list(sys.meta_path), set(sys.modules)
+    try:
+        yield zerofx.as_deepspeed()
+    finally:
+        sys.meta_path[:] = meta_path
+        for k in [k for k in sys.modules if k.split(".")[0] == "deepspeed" and k not in modules]:
+            sys.modules.pop(k)
+
+
+@pytest.fixture
 def no_torchrun_env(monkeypatch):
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)

@@ -39,18 +39,7 @@ def test_get_accelerator_matches_this_machine():
     assert get_accelerator().device_name() == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@pytest.fixture
-def shimmed():
-    before_path, before = list(sys.meta_path), set(sys.modules)
-    try:
-        yield zerofx.as_deepspeed()
-    finally:
-        sys.meta_path[:] = before_path
-        for k in [k for k in sys.modules if k.split(".")[0] == "deepspeed" and k not in before]:
-            sys.modules.pop(k)
-
-
-def test_as_deepspeed_serves_the_imports_scripts_write(shimmed):
+def test_as_deepspeed_serves_the_imports_scripts_write(as_deepspeed):
     import deepspeed
     from deepspeed.accelerator import get_accelerator as ds_get
 

@@ -131,8 +131,8 @@ def test_megatron_rng_tracker_forks_a_separate_stream(no_torchrun_env):
     assert torch.equal(a, torch.rand(3))  # Megatron's offset, TP rank 0
 
 
-def test_deepspeed_names(no_torchrun_env):
-    ds = zerofx.as_deepspeed()
+def test_deepspeed_names(no_torchrun_env, as_deepspeed):
+    ds = as_deepspeed
     import deepspeed.checkpointing as dc
     import deepspeed.zero as dz
 

@@ -162,19 +162,6 @@ def test_bert_style_resumed_from_its_checkpoint_gives_deepspeeds_losses(tmp_path
 
 
 # ---- what the original scripts import beyond these scripts -----------------------------------
-@pytest.fixture
-def as_deepspeed():
-    import zerofx
-
-    meta_path, modules = list(sys.meta_path), set(sys.modules)
-    try:
-        yield zerofx.as_deepspeed()
-    finally:
-        sys.meta_path[:] = meta_path
-        for k in [k for k in sys.modules if k.split(".")[0] == "deepspeed" and k not in modules]:
-            sys.modules.pop(k)
-
-
 def test_cifar_originals_moe_helper_import(as_deepspeed):
     # cifar10_deepspeed.py imports this helper at its top, MoE or not: zerofx serves it
     # (deepspeed.moe.layer, the MoE layers themselves, stays refused)
