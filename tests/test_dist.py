@@ -66,24 +66,19 @@ def test_harness_time_bound():
     assert time.monotonic() - t0 < 30
 
 
-def _abort_on_rank_one(rank, world_size, marker, always):
+def _abort_on_rank_one(rank, world_size):
     import os
-    from pathlib import Path
 
-    if rank == 1 and (always or not Path(marker).exists()):
-        Path(marker).touch()
+    if rank == 1:
         os.abort()
     return rank
 
 
-@pytest.mark.slow
-def test_harness_reruns_once_after_a_signal_death(tmp_path):
-    marker = str(tmp_path / "crashed")
-    with pytest.warns(UserWarning, match="rerunning once after a rank was killed"):
-        assert run_ranks(_abort_on_rank_one, 2, args=(marker, False)) == [0, 1]
-    with pytest.warns(UserWarning), pytest.raises(AssertionError, match="exit code -6") as e:
-        run_ranks(_abort_on_rank_one, 2, args=(marker, True))
-    # the killed rank's own stderr, faulthandler's stack of where it died, comes along
+def test_harness_fails_at_once_when_a_rank_dies_by_a_signal():
+    """No rerun: a rank killed by a signal fails the test with that rank's own stderr
+    (faulthandler's stack of where it died)."""
+    with pytest.raises(AssertionError, match="exit code -6") as e:
+        run_ranks(_abort_on_rank_one, 2)
     assert "rank 1 stderr" in str(e.value) and "_abort_on_rank_one" in str(e.value)
 
 
