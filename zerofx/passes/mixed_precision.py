@@ -53,6 +53,17 @@ FP32_OPS = {
     aten._native_batch_norm_legit_no_training, aten.native_batch_norm,
     aten.native_batch_norm_backward,
 }
+# Ops writing a source into a destination (position of the source): their kernels require
+# one dtype, which the fake values do not check. When the casts above leave the two apart
+# (an embedding's backward: zeros made in the weight's low dtype, gradients arriving in
+# fp32 from a norm computed in fp32), the source takes the destination's dtype, as it would
+# in the eager write.
+WRITE_OPS = {
+    aten.index_put: 2, aten._unsafe_index_put: 2, aten.index_put_: 2, aten.scatter: 3,
+    aten.scatter_add: 3, aten.scatter_reduce: 3, aten.masked_scatter: 2,
+    aten.slice_scatter: 1, aten.select_scatter: 1, aten.diagonal_scatter: 1,
+    aten.as_strided_scatter: 1, aten.index_add: 3, aten.index_copy: 3,
+}
 
 
 def mixed_precision_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
@@ -69,6 +80,8 @@ def mixed_precision_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
             _cast_args(gm.graph, node, low, LOWP_OPS[packet], casts, mode)
         elif packet in FP32_OPS:
             _cast_args(gm.graph, node, torch.float32, None, casts, mode, only_from=low)
+        elif packet in WRITE_OPS:
+            _match_destination(gm.graph, node, WRITE_OPS[packet], original, casts, mode)
         # Dtypes flow forward: recompute as we go so later decisions see the new dtypes.
         compute_val(node, mode)
     _restore_output_dtypes(gm.graph, original, casts, mode)
@@ -97,6 +110,20 @@ def _cast_args(graph, node, dtype, leading, casts, mode, *, only_from=None) -> N
         return _cast_of(graph, a, dtype, casts, mode, node)
 
     node.args = tuple(convert(i, a) for i, a in enumerate(node.args))
+
+
+def _match_destination(graph, node, at, original, casts, mode) -> None:
+    """The source (argument ``at``) of a write takes the destination's dtype where the
+    pass's casts made them differ (they agreed as traced)."""
+    dest, src = node.args[0], node.args[at] if len(node.args) > at else None
+    if not (isinstance(dest, fx.Node) and isinstance(src, fx.Node)):
+        return
+    want, have = _dtype(dest), _dtype(src)
+    if want is None or have is None or want == have or original.get(dest) != original.get(src):
+        return
+    args = list(node.args)
+    args[at] = _cast_of(graph, src, want, casts, mode, node)
+    node.args = tuple(args)
 
 
 def _cast_of(graph: fx.Graph, value: fx.Node, dtype: torch.dtype, casts, mode,

@@ -1,4 +1,4 @@
-"""Autocast's rule for modules whose kernels insist on one dtype: convolutions and RNNs.
+"""Autocast's rule for modules and ops whose kernels insist on one dtype.
 
 Under bf16/fp16 the runtime keeps parameters in the compute dtype, and the model is fed fp32
 as under torch.autocast. Inside the compiled graphs the mixed_precision pass casts a matmul's
@@ -8,11 +8,21 @@ type (c10::BFloat16) should be the same"), and nn.LSTM/GRU/RNN run eagerly (Dyna
 them out of the graph) where nothing casts. autocast casts both kinds' floating inputs to
 the compute dtype; so does a forward pre-hook on each, compiled (Dynamo traces the hook) or
 eager alike.
+
+Batched matmuls and attention check too (their fake kernels, while Dynamo traces), and two
+streams of different dtypes meet there: Whisper's decoder runs from a compute-dtype
+embedding, its encoder from fp32 features plus an fp32 (frozen) position table, and its
+cross-attention takes a bf16 query with fp32 keys. Autocast runs these ops in the compute
+dtype, and so does the mixed_precision pass afterwards; ``LowPrecisionOps``, a torch function
+mode around the model's call, casts their floating inputs to the compute dtype when they
+disagree (only then: agreeing inputs pass untouched, whatever their dtype).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 CAST_MODULES = (nn.modules.conv._ConvNd, nn.RNNBase)
@@ -32,3 +42,29 @@ def install(model: nn.Module, dtype: torch.dtype) -> list:
     return [m.register_forward_pre_hook(pre, with_kwargs=True) for m in model.modules()
             if isinstance(m, CAST_MODULES)
             and any(p.dtype == dtype for p in m.parameters(recurse=False))]
+
+
+# Functions whose floating tensor arguments must share one dtype (F.linear and mm need not:
+# their fake kernels promote, and the pass casts them).
+_ONE_DTYPE = {F.scaled_dot_product_attention, torch.matmul, torch.Tensor.matmul,
+              torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm, torch.baddbmm,
+              torch.Tensor.baddbmm}
+
+
+class LowPrecisionOps(TorchFunctionMode):
+    """Inside: the ops of ``_ONE_DTYPE`` given floating tensors of different dtypes get them
+    all in ``dtype`` (autocast's choice for these ops)."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _ONE_DTYPE:
+            dtypes = {a.dtype for a in args
+                      if isinstance(a, torch.Tensor) and a.is_floating_point()}
+            if len(dtypes) > 1:
+                args = tuple(a.to(self.dtype) if isinstance(a, torch.Tensor)
+                             and a.is_floating_point() else a for a in args)
+        return func(*args, **kwargs)

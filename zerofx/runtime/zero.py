@@ -131,6 +131,7 @@ class ZeroRuntime:
         self._hooks = []
 
     # ---- parameters ---------------------------------------------------------------------
+    @contextlib.contextmanager
     def shape_carriers(self):
         """Give tensor-parallel and (stage 3) partitioned parameters their full shape while
         the model is traced or run (a context manager).
@@ -143,8 +144,14 @@ class ZeroRuntime:
         guards hold and nothing recompiles. At stage 3 the zero3 pass makes the graph read
         the gathered bucket instead, and outside calls a partitioned parameter is an empty
         tensor (DeepSpeed's convention; ``gathered_parameters`` gives it its value).
+        Under bf16/fp16 the call also runs in ``input_casts.LowPrecisionOps`` (batched
+        matmuls and attention given mixed dtypes take the compute dtype, as under autocast).
         """
-        return self.carriers.shape_carriers()
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self.carriers.shape_carriers())
+            if self.plan.compute_dtype != torch.float32:
+                stack.enter_context(input_casts.LowPrecisionOps(self.plan.compute_dtype))
+            yield
 
     @contextlib.contextmanager
     def gathered_parameters(self, params=None, modifier_rank: int | None = None):
