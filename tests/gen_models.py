@@ -33,6 +33,9 @@ class Spec:
     buffer: bool = False  # a registered buffer scales the features
     output: str = "tensor"
     loss_inside: bool = True
+    # token trunks: the tokens also attend over a frozen fp32 memory (Whisper's shape: under
+    # bf16 a compute-dtype query meets fp32 keys and values)
+    memory: bool = False
 
 
 def _norm(kind: str, width: int, conv: bool = False) -> nn.Module:
@@ -124,6 +127,17 @@ class GenModel(nn.Module):
             self.first.requires_grad_(False)
         if spec.buffer:
             self.register_buffer("scale", torch.rand(D) + 0.5)
+        if spec.memory and spec.trunk in TOKEN_TRUNKS:
+            self.memory = nn.Parameter(torch.randn(3, D), requires_grad=False)
+            self.kv = nn.Linear(D, 2 * D)
+
+    def attend_memory(self, h):
+        """Cross-attention of the tokens over the memory: SDPA on the sdpa trunk, an
+        explicit softmax(q k^T) v elsewhere."""
+        k, v = self.kv(self.memory).expand(h.shape[0], -1, -1).chunk(2, -1)
+        if self.spec.trunk == "sdpa":
+            return h + F.scaled_dot_product_attention(h, k, v)
+        return h + torch.softmax(h @ k.transpose(1, 2) / D ** 0.5, -1) @ v
 
     def features(self, x):
         h = self.first(x)
@@ -135,6 +149,8 @@ class GenModel(nn.Module):
             h = (h + self.body(h) if self.spec.residual else self.body(h)).mean((-2, -1))
         else:
             h = self.body(h)
+            if self.spec.memory:
+                h = self.attend_memory(h)
         return h * self.scale if self.spec.buffer else h
 
     def forward(self, x, y=None):

@@ -42,7 +42,8 @@ def specs(draw):
     return Spec(trunk=trunk, act=draw(st.sampled_from(sorted(ACTS))),
                 norm=draw(st.sampled_from(NORMS)), residual=draw(st.booleans()), tied=tied,
                 frozen=not tied and draw(st.booleans()), buffer=draw(st.booleans()),
-                output=draw(st.sampled_from(OUTPUTS)), loss_inside=draw(st.booleans()))
+                output=draw(st.sampled_from(OUTPUTS)), loss_inside=draw(st.booleans()),
+                memory=tokens and draw(st.booleans()))
 
 
 @st.composite
@@ -181,6 +182,19 @@ def test_the_models_a_new_user_reported(spec, precision, form, no_torchrun_env):
     """The three models of issue 26 (KeyError 'val' in the matmul pass, conv dtypes, an
     LSTM that could not step) at stage 2 with clipping, in both matmul forms."""
     c = {"stage": 2, "precision": precision, "clip": True, "gas": 1, "matmul_form": form}
+    got = train(spec, c)
+    assert got[0] != "refused", got
+    check(spec, c, got, reference(spec, c, world=1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("trunk", ["sdpa", "gated_mlp"])
+def test_a_low_precision_query_meets_an_fp32_memory(trunk, precision, no_torchrun_env):
+    """Whisper's shape (issue 28): tokens (compute dtype) attend over a frozen fp32 memory,
+    by SDPA and by explicit matmuls; Dynamo refused the mixed dtypes while tracing."""
+    spec = Spec(trunk=trunk, memory=True, residual=True)
+    c = {"stage": 2, "precision": precision, "clip": True, "gas": 1, "matmul_form": "host"}
     got = train(spec, c)
     assert got[0] != "refused", got
     check(spec, c, got, reference(spec, c, world=1))
