@@ -47,6 +47,7 @@ setup(
             "zerofx-dump = zerofx.tools.dump:main",
             "zerofx-consolidate = zerofx.tools.consolidate:main",
             "zerofx-plan = zerofx.tools.plan:main",
+            "zerofx-from-deepspeed = zerofx.tools.from_deepspeed:main",
         ],
     },
 )

@@ -237,17 +237,17 @@ _DEEPSPEED_FILES = ("mp_rank_*_model_states.pt", "*zero_pp_rank_*_optim_states.p
 
 
 def _refuse_deepspeed_layout(tag_dir: Path) -> None:
-    """A DeepSpeed checkpoint given to zerofx: say so, and how to carry its weights over."""
+    """A DeepSpeed checkpoint given to zerofx: say so, and how to convert it (explicitly:
+    a conversion writes a new checkpoint, so loading never does it behind the user's back)."""
     found = sorted({p.name for pattern in _DEEPSPEED_FILES for p in tag_dir.glob(pattern)})
     if not found:
         return
     root = tag_dir.parent
     raise CheckpointError(
         f"{tag_dir} is a DeepSpeed checkpoint ({', '.join(found[:3])}), not zerofx's format. "
-        f"To continue in zerofx, convert its weights with the script DeepSpeed saved beside "
-        f"it: `python {root / 'zero_to_fp32.py'} {root} fp32_weights --tag {tag_dir.name}`, "
-        f"load them into the model (model.load_state_dict) before zerofx.initialize, and "
-        f"train on; the optimizer's moments are not carried over")
+        f"Convert it once, weights, Adam moments, step counts and scheduler state included: "
+        f"`zerofx-from-deepspeed {root} {root}_zerofx --tag {tag_dir.name}`, then load "
+        f"{root}_zerofx (DeepSpeed's zero_to_fp32.py would carry only the weights)")
 
 
 def _require(obj: dict, keys, path) -> None:
