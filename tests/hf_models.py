@@ -66,6 +66,49 @@ def _build(name: str):
             vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
             num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
             num_experts_per_tok=2, max_position_embeddings=32))
+    if name in FUSED_MODELS:
+        return _build_fused(name)
+    raise KeyError(name)
+
+
+# Architectures whose attention fuses or reshapes q, k and v in its own way (tests of
+# tensor parallelism on fused projections: test_tp_fused.py).
+FUSED_MODELS = ("phi3", "phi3_gqa", "bloom", "falcon", "falcon_gqa", "falcon_mq", "gptj",
+                "distilbert_mlm", "llama_mq")
+
+
+def _build_fused(name: str):
+    import transformers as T
+
+    small = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    if name == "phi3":  # fused qkv_proj split by slices; fused gate_up_proj chunked
+        return T.Phi3ForCausalLM(T.Phi3Config(
+            **small, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32))
+    if name == "phi3_gqa":  # the same with 2 key/value heads: [4 q | 2 k | 2 v] heads
+        return T.Phi3ForCausalLM(T.Phi3Config(
+            **small, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+    if name == "bloom":  # query_key_value viewed as [B, T, heads, 3, hd], selected; alibi
+        return T.BloomForCausalLM(T.BloomConfig(**small, hidden_size=32, n_layer=2, n_head=4))
+    if name.startswith("falcon"):  # mha: as Bloom; gqa: [B, T, kv, group + 2, hd]; mq: 1 kv
+        kw = {"falcon": dict(multi_query=False),
+              "falcon_gqa": dict(new_decoder_architecture=True, num_kv_heads=2),
+              "falcon_mq": dict(multi_query=True)}[name]
+        return T.FalconForCausalLM(T.FalconConfig(
+            **small, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=False,
+            **kw))
+    if name == "llama_mq":  # one key/value head for 4 query heads (multi-query)
+        return T.LlamaForCausalLM(T.LlamaConfig(
+            **small, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=32))
+    if name == "gptj":  # separate q/k/v, rotary embedding through aten.stack
+        return T.GPTJForCausalLM(T.GPTJConfig(**small, n_embd=32, n_layer=2, n_head=4,
+                                              rotary_dim=4, n_positions=32))
+    if name == "distilbert_mlm":
+        return T.DistilBertForMaskedLM(T.DistilBertConfig(
+            vocab_size=VOCAB, pad_token_id=0, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+            max_position_embeddings=32))
     raise KeyError(name)
 
 

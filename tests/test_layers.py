@@ -21,7 +21,8 @@ ALLOWED = {
     "zerofx.graph_ops": [],
     "zerofx.fx_source": [],  # a node's line of user code: read by passes and tp_discovery
     "zerofx.cpu_gemm": [],  # the host's CPU matmul forms: read by the runtime and a pass
-    "zerofx.tp.propagation": ["zerofx.tp.rules"],
+    # propagation_cuts holds its rules for ops that cut (registered when propagation loads)
+    "zerofx.tp.propagation": ["zerofx.tp.rules", "zerofx.tp.propagation"],
     "zerofx.tp.rules": [],
     "zerofx.plan": ["zerofx.plan", "zerofx.tp.layout", "zerofx.config"],
     "zerofx.csrc": [],

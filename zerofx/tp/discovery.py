@@ -23,6 +23,8 @@ layout there (backward included) or names the op it cannot shard.
 from __future__ import annotations
 
 import heapq
+import itertools
+import math
 import operator
 from dataclasses import dataclass
 
@@ -84,7 +86,8 @@ def trace_forward(model: torch.nn.Module, example) -> tuple[fx.GraphModule, list
     graph = fx.Graph()
     recorder = _Recorder(graph)
     for name, p in zip(names, params):
-        recorder.name(p, graph.placeholder(name.replace(".", "_")))
+        # "p_": a name must be an identifier (nn.Sequential's parameters are "0.weight")
+        recorder.name(p, graph.placeholder("p_" + name.replace(".", "_")))
     with torch.no_grad(), recorder:
         model(*args, **kwargs)
     return fx.GraphModule(torch.nn.Module(), graph), list(names)
@@ -226,7 +229,11 @@ def _grow(seed: Weight, placed, by_node, full, order, tp: int, vocab: bool):
                 ({}, "its output features are never summed back (no row-parallel weight)")
         node, state = blocked
         if not _repair(node, state, col, row, free, by_node, full, tp):
-            hint = " (fewer heads than ranks?)" if node.target in P.VIEWS else ""
+            hint = " (fewer heads than ranks?)" if node.target in P.VIEWS else \
+                (f" (its cuts allow only {col[seed.node]} equal parts, which do not give "
+                 f"each rank whole heads beside their key/value heads: a fused q|k|v with "
+                 f"grouped key/value heads)") if node.target in P.HEAD_PARALLEL and \
+                col.get(seed.node, 1) > 1 else ""
             return {}, (f"the split of its output features over {tp} ranks cannot pass "
                         f"{node.target}{_where(node)}{hint}")
     return {}, "no layout settled"
@@ -293,17 +300,8 @@ def _repair(node, state, col, row, free, by_node, full, tp) -> bool:
                 full[w][1 - free[w].out_dim] % tp == 0:
             row.add(w)
             return True
-    if node.target in (aten.split.Tensor, aten.split_with_sizes.default):
-        dim = node.args[2] if len(node.args) > 2 else 0
-        pieces = {p[dim] for p in full[node]}
-        src = _producer(node.args[0], col)
-        if src is None or col[src] != 1 or len(pieces) != 1:
-            return False
-        n = len(full[node])
-        if full[src][by_node[src].out_dim] % (n * tp):
-            return False
-        col[src] = n  # a fused projection: each piece split on its own
-        return True
+    if node.target in _CUTS:
+        return _fuse(node, col, by_node, full, tp)
     joined = set()
     for a in node.all_input_nodes:
         if state.get(a) is None:
@@ -311,6 +309,42 @@ def _repair(node, state, col, row, free, by_node, full, tp) -> bool:
     joined = {w for w in joined if full[w][free[w].out_dim] % tp == 0}
     col.update({w: 1 for w in joined})
     return bool(joined)
+
+
+_CUTS = {aten.split.Tensor, aten.split_with_sizes.default, aten.slice.Tensor}
+
+
+def _fuse(node, col, by_node, full, tp: int) -> bool:
+    """A split or slice cuts a region weight's output features (through views): a fused
+    projection (GPT-2's q|k|v split, Phi-3's q, k, v slices, a gated MLP's chunks). The
+    weight is split per part, in the largest equal parts whose boundaries include the cut's
+    (each rank then holds its share of every part: Megatron's interleaving), and
+    propagation starts over; it proves the parts right (whole heads per rank, query heads
+    beside their key/value heads) or blocks again. False: no such parts (uneven cuts, or
+    parts that do not divide over the ranks), the weight stays whole."""
+    x, args = node.args[0], node.args
+    src, shape = _producer(x, col), full[x]
+    if src is None:
+        return False
+    n = full[src][by_node[src].out_dim]
+    dim = (args[1] if node.target is aten.slice.Tensor else
+           (args[2] if len(args) > 2 else 0)) % len(shape)
+    feat = next((k for k in range(len(shape)) if math.prod(shape[k:]) == n), None)
+    if feat is None or dim < feat:
+        return False
+    inner, period = math.prod(shape[dim + 1:]), math.prod(shape[dim:])
+    if node.target is aten.slice.Tensor:
+        bounds = R.slice_bounds(*(list(args[2:5]) + [None] * 3)[:3], shape[dim])
+        if bounds is None:
+            return False
+        cuts = list(bounds)
+    else:
+        cuts = list(itertools.accumulate(p[dim] for p in full[node]))
+    block = math.gcd(n // col[src], period, *(c * inner for c in cuts))
+    if block == n // col[src] or block % tp:
+        return False
+    col[src] = n // block
+    return True
 
 
 def _weight_of(value: fx.Node, among) -> fx.Node | None:

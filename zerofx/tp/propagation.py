@@ -68,8 +68,9 @@ def may_localize(target) -> bool:
     cat, attention (a per-head bias or mask beside heads split across ranks), and a matmul
     whose other operand is split along the contracted dimension (the incoming gradient of
     split logits, whole, times a vocabulary-split LM head: a partial sum)."""
-    return target is aten.cat.default or target in HEAD_PARALLEL or is_elementwise(target) \
-        or target in (aten.mm.default, aten.bmm.default)
+    return target in (aten.cat.default, aten.baddbmm.default, aten.index_put.default,
+                      aten._unsafe_index_put.default) or target in HEAD_PARALLEL \
+        or is_elementwise(target) or target in (aten.mm.default, aten.bmm.default)
 
 
 def cat_dim(node: fx.Node, full) -> int | None:
@@ -159,7 +160,7 @@ def rule(*targets):
     return register
 
 
-def _first(node, get):
+def first_operand(node, get):
     """The sharding of the node's first operand (None when it is not a graph value)."""
     a = node.args[0] if node.args else None
     return get(a) if isinstance(a, fx.Node) else None
@@ -167,63 +168,32 @@ def _first(node, get):
 
 @rule(operator.getitem)
 def _getitem(node, get, full, tp):
-    sh = _first(node, get)
+    sh = first_operand(node, get)
     return sh[node.args[1]] if isinstance(sh, list) else None
 
 
 @rule(*VIEWS)
 def _view(node, get, full, tp):
-    return R.reshape(_first(node, get), full[node.args[0]], full[node], tp)
+    return R.reshape(first_operand(node, get), full[node.args[0]], full[node], tp)
 
 
 @rule(aten.t.default, aten.transpose.int, aten.permute.default)
 def _permute(node, get, full, tp):
     args = node.args
-    return R.permute(_first(node, get), _permutation(node.target, args, len(full[args[0]])))
+    return R.permute(first_operand(node, get),
+                     _permutation(node.target, args, len(full[args[0]])))
 
 
 @rule(aten.expand.default)
 def _expand(node, get, full, tp):
-    return R.moved(_first(node, get), len(node.args[1]) - len(full[node.args[0]]))
+    return R.moved(first_operand(node, get), len(node.args[1]) - len(full[node.args[0]]))
 
 
 @rule(aten.unsqueeze.default)
 def _unsqueeze(node, get, full, tp):
-    sh, args = _first(node, get), node.args
+    sh, args = first_operand(node, get), node.args
     d = args[1] % (len(full[args[0]]) + 1)
     return R.moved(sh, 1 if d <= sh.dim else 0)
-
-
-@rule(aten.split.Tensor, aten.split_with_sizes.default)
-def _split(node, get, full, tp):
-    args = node.args
-    dim = (args[2] if len(args) > 2 else 0) % len(full[args[0]])
-    return R.split_pieces(_first(node, get), dim, [p[dim] for p in full[node]],
-                          full[args[0]][dim], tp)[1]
-
-
-@rule(aten.slice_backward.default)
-def _slice_backward(node, get, full, tp):  # (grad, input_sizes, dim, start, end, step)
-    args = node.args
-    dim = args[2] % len(args[1])
-    return R.sliced(_first(node, get), dim, args[3], args[4], args[5], args[1][dim])
-
-
-@rule(aten.slice.Tensor)
-def _slice(node, get, full, tp):
-    args = node.args
-    dim = (args[1] if len(args) > 1 else 0) % len(full[args[0]])
-    start, end, step = (list(args[2:]) + [None, None, None])[:3]
-    return R.sliced(_first(node, get), dim, start, end, step, full[args[0]][dim])
-
-
-@rule(aten.cat.default)
-def _cat(node, get, full, tp):
-    args = node.args
-    dim = (args[1] if len(args) > 1 else 0) % len(full[node])
-    # torch.cat skips 1-D empty tensors whatever the others' shapes (HF's empty cache)
-    kept = [a for a in args[0] if not legacy_empty(full[a], full[node])]
-    return R.cat([get(a) for a in kept], [full[a] for a in kept], dim)
 
 
 @rule(aten.mm.default, aten.bmm.default)
@@ -237,7 +207,7 @@ def _sum(node, get, full, tp):
     args = node.args
     dims = args[1] if len(args) > 1 else node.kwargs.get("dim")
     keep = args[2] if len(args) > 2 else node.kwargs.get("keepdim", False)
-    return R.reduced(_first(node, get), dims, len(full[args[0]]), keep)
+    return R.reduced(first_operand(node, get), dims, len(full[args[0]]), keep)
 
 
 @rule(aten.native_layer_norm.default)
@@ -267,16 +237,17 @@ def _softmax_backward(node, get, full, tp):  # (grad, output, dim, dtype)
 
 
 @rule(aten.empty_like.default, aten.zeros_like.default, aten.ones_like.default,
-      aten.full_like.default)
+      aten.full_like.default, aten.bernoulli_.float, aten.bernoulli.p)  # (dropout's mask,
+# as a forward run without grad records it: empty_like, bernoulli_, div_)
 def _like(node, get, full, tp):  # a fresh tensor of its operand's shape: the same pieces
-    return _first(node, get)
+    return first_operand(node, get)
 
 
 @rule(aten.mean.dim)
 def _mean(node, get, full, tp):  # a mean over a split dimension is no partial sum: refused
     args = node.args
     dims = args[1] if args[1] is not None else range(len(full[args[0]]))
-    return R.reduced(R.along(_first(node, get), dims, len(full[args[0]])), dims,
+    return R.reduced(R.along(first_operand(node, get), dims, len(full[args[0]])), dims,
                      len(full[args[0]]),
                      args[2] if len(args) > 2 else node.kwargs.get("keepdim", False))
 
@@ -337,10 +308,6 @@ def _permutation(t, args, nd: int) -> list[int]:
     return perm
 
 
-def legacy_empty(shape, out_shape) -> bool:
-    return shape is not None and tuple(shape) == (0,) and len(out_shape) != 1
-
-
 @rule(aten.addmm.default)
 def _addmm(node, get, full, tp):
     """addmm(bias, a, b): a partial-sum matmul takes its bias once, after the all-reduce
@@ -371,10 +338,35 @@ def _head_parallel(node, get, full, tp: int):
     if any(h % heads[0] for h in heads):
         raise R.Unshardable(f"attention head counts {heads} are not multiples of each other")
     outs = full[node] if isinstance(full[node], list) else [full[node]]
-    return [R.Shard(1, o[1], 1) if o is not None and len(o) >= 3 and o[1] in heads else None
+    # A one-head key/value (multi-query) is broadcast to every query head and stays whole
+    # on every rank: its gradient from a backward kernel sums over this rank's query heads
+    # only, a partial sum (all-reduced by the pass), not a replicated value.
+    backward = node.target.__name__.split(".")[0].endswith("_backward")
+    return [R.Shard(1, o[1], 1) if o is not None and len(o) >= 3 and o[1] in heads else
+            R.PARTIAL if backward and o is not None and len(o) == 4 and o[1] == 1 else None
             for o in outs]
 
 
 @rule(*SOFTMAX)  # after the vocabulary rule: a log-softmax over a split vocabulary is its
 def _softmax(node, get, full, tp):  # (x, dim, ...): normalised along dim, independent
-    return R.along(_first(node, get), node.args[1], len(full[node.args[0]]))  # across others
+    sh = first_operand(node, get)  # across others
+    return R.along(sh, node.args[1], len(full[node.args[0]]))
+
+
+@rule(aten.baddbmm.default)
+def _baddbmm(node, get, full, tp):
+    """baddbmm(bias, a, b): Bloom's scores, alibi + q @ k^T over [B*heads, T, hd]. The bmm
+    splits like any (batch of heads split: its heads' scores), the bias adds elementwise (a
+    whole alibi is sliced to this rank's heads); a contracted split would add the bias on
+    every rank, refused."""
+    bias, a, b = node.args[:3]
+    mm = R.matmul(get(a), get(b), full[a], full[b])
+    if mm == R.PARTIAL:
+        raise R.Unshardable("a baddbmm whose matmul is a partial sum (its bias would be "
+                            "added on every rank)")
+    return R.pointwise([(mm, full[node]), (get(bias), full[bias])], full[node])
+
+
+# the rules of ops that cut, join and index values along a dimension (a module of their own;
+# importing it registers them in RULES)
+import zerofx.tp.propagation_cuts  # noqa: E402,F401

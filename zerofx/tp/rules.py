@@ -160,13 +160,58 @@ def reduced(sh, dims, ndim: int, keepdim: bool):
 
 def sliced(sh, dim: int, start, end, step, size: int):
     """slice along ``dim`` (RoPE's rotate_half halves the head dimension): a split elsewhere,
-    a partial sum, or a replicated value pass through; slicing the split dimension itself
-    keeps the split only when the slice is the whole dimension."""
+    a partial sum, or a replicated value pass through. A slice of the split dimension itself
+    passes when it takes whole blocks (Phi-3's ``qkv[..., :q]`` of a fused q|k|v split per
+    part): each rank slices [start/tp, end/tp) of its piece, which holds its share of every
+    block. Anything else would need another rank's elements."""
     if not isinstance(sh, Shard) or dim != sh.dim:
         return sh
-    whole = (start in (None, 0) and (end is None or (isinstance(end, int) and end >= size))
-             and step in (None, 1))
-    if whole:
+    bounds = slice_bounds(start, end, step, size)
+    if bounds == (0, size):
         return sh
+    block = sh.f * sh.s
+    if bounds is not None and bounds[0] % block == 0 and bounds[1] % block == 0 and \
+            bounds[1] > bounds[0]:
+        return normalize(sh, bounds[1] - bounds[0])
     raise Unshardable(f"a slice [{start}:{end}:{step}] of dimension {dim}, which is split "
-                      f"across tensor-parallel ranks")
+                      f"across tensor-parallel ranks in blocks of {block} (its pieces would "
+                      f"need other ranks' elements)")
+
+
+def slice_bounds(start, end, step, size: int):
+    """(start, end) of a unit-step slice as non-negative ints clamped to ``size`` (Python's
+    rules), or None for a strided or symbolic slice."""
+    if step not in (None, 1) or not all(isinstance(v, (int, type(None))) for v in (start, end)):
+        return None
+    start, end = 0 if start is None else start, size if end is None else end
+    start, end = (start + size if start < 0 else start), (end + size if end < 0 else end)
+    return min(max(start, 0), size), min(max(end, 0), size)
+
+
+def selected(sh, dim: int, ndim: int):
+    """select/unbind along ``dim`` of an ``ndim``-D value (Bloom's q, k, v out of
+    [B, T, heads, 3, hd]): a split elsewhere moves down past the removed dimension; selecting
+    within the split dimension would need one rank's elements on every rank."""
+    if not isinstance(sh, Shard):
+        return sh
+    dim %= ndim
+    if dim == sh.dim:
+        raise Unshardable(f"a select along dimension {dim}, which is split across "
+                          f"tensor-parallel ranks")
+    return moved(sh, -1) if dim < sh.dim else sh
+
+
+def stacked(shardings, shapes, dim: int):
+    """stack along a new dimension ``dim`` (GPT-J's rotary code): every input split the same
+    way (or all replicated); the split moves up past the new dimension."""
+    if PARTIAL in shardings:
+        raise Unshardable("a partial sum reaches a stack")
+    split = [s for s in shardings if isinstance(s, Shard)]
+    if not split:
+        return None
+    aligned = {normalize(s, shape[s.dim]) for s, shape in zip(shardings, shapes)
+               if isinstance(s, Shard)}
+    if len(split) != len(shardings) or len(aligned) > 1:
+        raise Unshardable("stack of tensors split differently (or split and replicated)")
+    sh = aligned.pop()
+    return moved(sh, 1) if dim % (len(shapes[0]) + 1) <= sh.dim else sh

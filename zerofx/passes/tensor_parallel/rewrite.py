@@ -153,7 +153,12 @@ def _propagate(node: fx.Node, state, full, tp: int, tp_rank: int, group: str):
         node.args = (args[0], _divide_at(args[1], out.dim, tp), *args[2:])
     elif t in (aten.split.Tensor, aten.split_with_sizes.default):
         _split(node, state, full, tp)
+    elif t is aten.slice.Tensor and isinstance(out, R.Shard):
+        _local_bounds(node, 1, state.get(args[0]), full[args[0]], tp)
     elif t is aten.slice_backward.default and isinstance(out, R.Shard):
+        node.args = (args[0], _divide_at(args[1], out.dim, tp), *args[2:])
+        _local_bounds(node, 2, out, args[1], tp)
+    elif t is aten.select_backward.default and isinstance(out, R.Shard):
         node.args = (args[0], _divide_at(args[1], out.dim, tp), *args[2:])
     elif t is aten.addmm.default and out == R.PARTIAL:
         _row_parallel_addmm(node, full)
@@ -203,6 +208,20 @@ def _divide_at(sizes, dim: int, tp: int) -> list:
     if sizes[dim] != -1:
         sizes[dim] //= tp
     return sizes
+
+
+def _local_bounds(node, at: int, sh, shape, tp: int) -> None:
+    """A slice (``slice(x, dim, start, end, step)``, or slice_backward's dim, start, end at
+    ``at``) of whole blocks of the split dimension: this rank's piece holds its share of
+    every block, so it slices [start/tp, end/tp)."""
+    args = list(node.args) + [None] * (at + 4 - len(node.args))
+    dim, start, end, step = args[at:at + 4]
+    dim %= len(shape)
+    if not isinstance(sh, R.Shard) or dim != sh.dim:
+        return
+    lo, hi = R.slice_bounds(start, end, step, shape[dim])
+    args[at:at + 4] = [dim, lo // tp, hi // tp, 1]
+    node.args = tuple(args)
 
 
 def _split(node, state, full, tp):

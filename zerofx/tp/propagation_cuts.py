@@ -1,0 +1,125 @@
+"""Sharding rules of the ops that cut, join and index values along a dimension: split,
+slice (and its backward), cat, select, unbind, stack, advanced index (and its index_put
+backward), and fresh tensors made after an operand. Fused projections are cut by these
+(Phi-3's q, k, v slices, Bloom's selects out of [.., heads, 3, hd], Falcon's index of its key
+and value, GPT-J's rotary stack); registered in tp/propagation.py's RULES on import.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+import zerofx.tp.rules as R
+from zerofx.tp.propagation import first_operand, rule
+
+aten = torch.ops.aten
+
+
+@rule(aten.split.Tensor, aten.split_with_sizes.default)
+def _split(node, get, full, tp):
+    args = node.args
+    dim = (args[2] if len(args) > 2 else 0) % len(full[args[0]])
+    return R.split_pieces(first_operand(node, get), dim, [p[dim] for p in full[node]],
+                          full[args[0]][dim], tp)[1]
+
+
+@rule(aten.slice_backward.default)
+def _slice_backward(node, get, full, tp):  # (grad, input_sizes, dim, start, end, step)
+    args = node.args
+    dim = args[2] % len(args[1])
+    return R.sliced(first_operand(node, get), dim, args[3], args[4], args[5], args[1][dim])
+
+
+@rule(aten.slice.Tensor)
+def _slice(node, get, full, tp):
+    args = node.args
+    dim = (args[1] if len(args) > 1 else 0) % len(full[args[0]])
+    start, end, step = (list(args[2:]) + [None, None, None])[:3]
+    return R.sliced(first_operand(node, get), dim, start, end, step, full[args[0]][dim])
+
+
+@rule(aten.cat.default)
+def _cat(node, get, full, tp):
+    args = node.args
+    dim = (args[1] if len(args) > 1 else 0) % len(full[node])
+    # torch.cat skips 1-D empty tensors whatever the others' shapes (HF's empty cache)
+    kept = [a for a in args[0] if not legacy_empty(full[a], full[node])]
+    return R.cat([get(a) for a in kept], [full[a] for a in kept], dim)
+
+
+def legacy_empty(shape, out_shape) -> bool:
+    """A 1-D empty tensor joined to N-D ones (torch.cat skips it)."""
+    return shape is not None and tuple(shape) == (0,) and len(out_shape) != 1
+
+
+@rule(aten.select.int)
+def _select(node, get, full, tp):  # (x, dim, index): Bloom's q, k, v of [B, T, H, 3, hd]
+    return R.selected(first_operand(node, get), node.args[1], len(full[node.args[0]]))
+
+
+@rule(aten.unbind.int)
+def _unbind(node, get, full, tp):  # (x, dim=0) -> one value per index along dim
+    args = node.args
+    dim = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
+    return [R.selected(first_operand(node, get), dim, len(full[args[0]]))] * len(full[node])
+
+
+@rule(aten.select_backward.default)
+def _select_backward(node, get, full, tp):  # (grad, input_sizes, dim, index)
+    sh, args = first_operand(node, get), node.args
+    if not isinstance(sh, R.Shard):
+        return sh
+    return R.moved(sh, 1) if args[2] % len(args[1]) <= sh.dim else sh
+
+
+@rule(aten.stack.default)
+def _stack(node, get, full, tp):  # (tensors, dim=0)
+    args = node.args
+    return R.stacked([get(a) for a in args[0]], [full[a] for a in args[0]],
+                     args[1] if len(args) > 1 else 0)
+
+
+def _one_index(indices, full):
+    """(dim, index node) of an advanced index with one index tensor (Falcon's
+    ``qkv[:, :, :, [-2]]``), else Unshardable."""
+    at = [(d, i) for d, i in enumerate(indices) if i is not None]
+    if len(at) != 1 or not isinstance(at[0][1], fx.Node):
+        raise R.Unshardable("advanced indexing with several index tensors")
+    val = at[0][1].meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dtype in (torch.bool, torch.uint8):
+        raise R.Unshardable("indexing by a mask (it spans several dimensions)")
+    return at[0]
+
+
+@rule(aten.index.Tensor, aten._unsafe_index.Tensor)
+def _index(node, get, full, tp):  # (x, indices): one index tensor, along another dimension
+    x, indices = node.args[:2]
+    d, idx = _one_index(indices, full)
+    sh = get(x)
+    if get(idx) is not None or (isinstance(sh, R.Shard) and sh.dim == d):
+        raise R.Unshardable(f"an index along dimension {d}, which is split (or a split "
+                            f"index)")
+    if not isinstance(sh, R.Shard):
+        return sh
+    return R.moved(sh, len(full[idx]) - 1) if sh.dim > d else sh
+
+
+@rule(aten.index_put.default, aten._unsafe_index_put.default)
+def _index_put(node, get, full, tp):  # (self, indices, values, accumulate): its backward
+    x, indices, values = node.args[:3]
+    d, idx = _one_index(indices, full)
+    sh, sv = get(x), get(values)
+    if len(full[idx]) != 1 or get(idx) is not None or R.PARTIAL in (sh, sv) or \
+            not isinstance(sh, R.Shard) or sh.dim == d:
+        raise R.Unshardable("an index_put along the split dimension, or into a value not "
+                            "split like the values put")
+    if not isinstance(sv, R.Shard) or R.normalize(sv, full[values][sv.dim]) != \
+            R.normalize(sh, full[values][sh.dim]):  # (whole values are sliced beforehand)
+        raise R.Unshardable("an index_put of values split differently from its target")
+    return sh
+
+
+@rule(aten.new_zeros.default, aten.new_empty.default, aten.new_ones.default,
+      aten.new_full.default)
+def _fresh(node, get, full, tp):  # a new tensor of the traced (full) size: its operand only
+    return None  # gives the dtype and device, so it is whole, like a constant
