@@ -1,4 +1,5 @@
-"""What every rank must start from: rank 0's weights and buffers, and rank 0's compile choices.
+"""What every rank must start from: rank 0's weights and buffers, rank 0's compile choices,
+and within a tensor-parallel group one random stream.
 
 torch seeds each process differently, and DeepSpeed's tutorials seed nothing: without this,
 ranks initialise different weights and (stage 0) train different models for good, or
@@ -77,6 +78,35 @@ def broadcast_model(model: nn.Module, *, split: frozenset = frozenset(), dp_grou
     if pieces:
         sent += broadcast_tensors(pieces, group=dp_group)
     return sent
+
+
+def agree_random_stream(tp_group) -> None:
+    """Every rank of ``tp_group`` takes its first rank's torch RNG state (CPU, and the
+    current CUDA device's when CUDA is initialised).
+
+    Tensor-parallel ranks hold one replicated activation between a row-parallel and the next
+    column-parallel layer; dropout on it must draw one mask on every rank, or the ranks'
+    replicated values (and then their norms' weights) part silently. The ranks run the same
+    program on equal local shapes, so one starting state keeps their streams in step. In
+    split regions (attention probabilities of each rank's heads) the ranks then draw the same
+    pattern for different heads: still dropout at its rate, though not the independent masks
+    of Megatron's per-rank RNG tracker (docs/tensor-parallel.md)."""
+    if tp_group is None or dist.get_world_size(tp_group) == 1:
+        return
+    states = [torch.get_rng_state()]
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if cuda:
+        states.append(torch.cuda.get_rng_state())
+    if dist.get_backend(tp_group) == "nccl":  # NCCL moves device tensors only
+        dev = torch.device("cuda", torch.cuda.current_device())
+        moved = [s.to(dev) for s in states]
+        broadcast_tensors(moved, group=tp_group)
+        states = [s.cpu() for s in moved]
+    else:
+        broadcast_tensors(states, group=tp_group)
+    torch.set_rng_state(states[0])
+    if cuda:
+        torch.cuda.set_rng_state(states[1])
 
 
 def agreed_matmul_forms(pinned: str) -> tuple[tuple[str, str], ...]:

@@ -39,7 +39,8 @@ from zerofx.runtime.loss_scaler import LossScaler
 from zerofx.runtime.optimizer_spec import OptimizerSpec
 from zerofx.runtime.param_gather import ParamGather
 from zerofx.runtime.shard_optimizer import ShardOptimizer
-from zerofx.runtime.start_state import agreed_matmul_forms, broadcast_model
+from zerofx.runtime.start_state import (agree_random_stream, agreed_matmul_forms,
+                                        broadcast_model)
 from zerofx.runtime.train_state import TrainState
 from zerofx.runtime.user_optimizer import check_tested_optimizer, drive
 from zerofx.tp.layout import TPLayout, TPPlanError, resolve_tp_layout
@@ -72,6 +73,7 @@ class ZeroRuntime:
         group, tp_group = groups(self.plan, mpu) if world.world_size > 1 else (None, None)
         # Every rank starts from rank 0's weights and compiles rank 0's program.
         broadcast_model(model, split=split, dp_group=group)
+        agree_random_stream(tp_group)  # dropout on replicated activations: one mask
         self.matmul_forms = agreed_matmul_forms(self.config.zerofx.matmul_form)
         # Stage 3's own group: the graphs' parameter gathers never pair with bucket
         # collectives in flight on the data-parallel group (runtime/param_gather.py).
