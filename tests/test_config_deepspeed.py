@@ -40,7 +40,7 @@ def test_most_examples_load():
     ({"optimizer": {"type": "AdamW", "params": {"lr": "auto"}}}, "'optimizer.params.lr'"),
     ({"optimizer": {"type": "OneBitAdam"}}, "1-bit communication"),
     ({"compression_training": {"weight_quantization": {}}}, "compression"),
-    ({"zero_optimization": {"offload_optimizer": {"device": "nvme"}}}, "offload"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}, "offload"),
     ({"comet": {"enabled": True}}, "Comet"),
     ({"torch_autocast": {"enabled": True, "lower_precision_safe_modules": ["my.Mod"]}},
      "per-module autocast"),
@@ -50,6 +50,8 @@ def test_most_examples_load():
     ({"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}},
      "grad_accum_dtype 'fp32' with bf16 compute"),
     ({"expert_parallel": {"enabled": True}}, "expert parallelism"),
+    # DeepSpeed: every step() is then a boundary (engine.backward only accumulates)
+    ({"managed_gradient_accumulation": False}, "managed_gradient_accumulation false"),
 ])
 def test_refusals_name_the_feature(raw, culprit):
     with pytest.raises(ConfigError, match="not supported by zerofx|auto") as info:
@@ -75,7 +77,8 @@ def test_keys_that_mean_what_zerofx_does_load():
     cfg = Config.from_dict({"bf16": {"enabled": True}, "gradient_allreduce_op": "mean",
                             "data_types": {"grad_accum_dtype": "bf16"},
                             "zero_optimization": {"stage": 1, "max_live_parameters": 10},
-                            "disable_allgather": False, "timers": {}})
+                            "disable_allgather": False, "timers": {},
+                            "managed_gradient_accumulation": True})
     assert cfg.bf16.enabled and cfg.zero_optimization.stage == 1
 
 
@@ -196,6 +199,6 @@ def test_offload_to_cpu_on_a_cpu_only_run_is_met_as_it_stands(caplog, monkeypatc
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU: still refused
     with pytest.raises(zerofx.ConfigError, match="offload"):
         zerofx.Config.from_dict({"zero_optimization": zero})
-    with pytest.raises(zerofx.ConfigError, match="offload"):  # NVMe: refused everywhere
-        zerofx.Config.from_dict({"zero_optimization": {"stage": 2, "offload_optimizer": {
+    with pytest.raises(zerofx.ConfigError, match="offload"):  # parameters on NVMe: refused
+        zerofx.Config.from_dict({"zero_optimization": {"stage": 3, "offload_param": {
             "device": "nvme", "nvme_path": "/tmp"}}})

@@ -36,6 +36,10 @@ def __getattr__(name):
         import importlib
 
         return importlib.import_module(f"zerofx.{name}")
+    if name == "utils":  # deepspeed.utils
+        import importlib
+
+        return importlib.import_module("zerofx.ds_utils")
     if name == "init_distributed":  # DeepSpeed's name and arguments
         from zerofx.runtime.comm.dist import init_distributed_like_deepspeed
 

@@ -15,7 +15,13 @@ import types
 
 # deepspeed.<module> -> the zerofx module that serves it
 PROVIDED = {"accelerator": "zerofx.accelerator", "comm": "zerofx.comm",
-            "checkpointing": "zerofx.checkpointing", "zero": "zerofx.zero"}
+            "checkpointing": "zerofx.checkpointing", "zero": "zerofx.zero",
+            "utils": "zerofx.ds_utils"}
+# submodules of a provided package, registered under deepspeed's names too: otherwise
+# `import deepspeed.utils.groups` would load a second copy of the module under that name
+SUBMODULES = {"utils": {"groups": "zerofx.ds_utils.groups",
+                        "zero_to_fp32": "zerofx.ds_utils.zero_to_fp32",
+                        "logging": "zerofx.ds_utils.dist_log"}}
 # deepspeed.<package> of which zerofx serves only some modules: {package: {module: ours}}
 PARTIAL = {"moe": {"utils": "zerofx.moe_utils"}}
 WHY = {
@@ -31,8 +37,9 @@ class _Refuse(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path=None, target=None):
         if not fullname.startswith("deepspeed.") or fullname in sys.modules:
             return None
-        top = fullname.split(".")[1]
-        if top in PROVIDED:
+        parts = fullname.split(".")
+        top = parts[1]
+        if top in PROVIDED and (len(parts) == 2 or top not in SUBMODULES):
             return None
         why = WHY.get(top, "zerofx does not provide it yet")
         raise ImportError(f"{fullname}: {why}. zerofx stands in for deepspeed "
@@ -53,6 +60,9 @@ def as_deepspeed():
     sys.modules["deepspeed"] = zerofx
     for name, module in PROVIDED.items():
         sys.modules[f"deepspeed.{name}"] = importlib.import_module(module)
+    for package, modules in SUBMODULES.items():
+        for name, module in modules.items():
+            sys.modules[f"deepspeed.{package}.{name}"] = importlib.import_module(module)
     for package, modules in PARTIAL.items():  # a package holding only what zerofx serves
         holder = types.ModuleType(f"deepspeed.{package}")
         holder.__path__ = []  # a package: its other modules go through _Refuse

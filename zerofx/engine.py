@@ -24,6 +24,8 @@ from torch import nn
 from zerofx.backend import dump_root_of, offer_step_program
 from zerofx.config import Config, ConfigError
 from zerofx.data import DistributedLoader
+from zerofx.engine_compat import (AccumulationControls, DeepSpeedReaders,
+                                  check_load_options, remember)
 from zerofx.monitor import Monitor
 from zerofx.optimizer import ZeroOptimizer
 from zerofx.passes import build_pipeline
@@ -99,8 +101,10 @@ def _config_source(args, config, config_params):
 # checksum of the inputs and one tiny all-reduce): a data-sharding mistake shows at once.
 INPUT_CHECKS = 3
 
-class ZeroEngine(nn.Module):
-    """What ``zerofx.initialize`` returns: call it, ``backward``, ``step``, checkpoint it."""
+class ZeroEngine(AccumulationControls, DeepSpeedReaders, nn.Module):
+    """What ``zerofx.initialize`` returns: call it, ``backward``, ``step``, checkpoint it.
+    DeepSpeed's accumulation controls (no_sync, set_gradient_accumulation_boundary) and
+    readers (config, ranks, the model's state dict) are in engine_compat.py."""
 
     def __init__(self, model: nn.Module, config: Config, *, optimizer=None, lr_scheduler=None,
                  training_data=None, collate_fn=None, mpu=None, example_inputs=None):
@@ -116,9 +120,11 @@ class ZeroEngine(nn.Module):
         self.module = model
         self.runtime = ZeroRuntime(model, config, optimizer=optimizer, mpu=mpu,
                                    example_inputs=example_inputs)
-        self.compiled = torch.compile(model, backend="zero", options={"runtime": self.runtime},
-                                      fullgraph=config.zerofx.fullgraph,
-                                      dynamic=config.zerofx.dynamic)
+        # Not a submodule: the engine's state_dict is the model's once ("module.*"), as
+        # DeepSpeedEngine's, not again under the compiled wrapper's "_orig_mod".
+        object.__setattr__(self, "compiled", torch.compile(
+            model, backend="zero", options={"runtime": self.runtime},
+            fullgraph=config.zerofx.fullgraph, dynamic=config.zerofx.dynamic))
         # A model Dynamo compiles nothing of (an nn.LSTM makes it skip every frame) offers no
         # step graph from the backend; its gradients come through the eager hooks.
         offer_step_program(self.runtime, build_pipeline(config, with_runtime=True),
@@ -137,6 +143,9 @@ class ZeroEngine(nn.Module):
         self.dp_world_size = dp.dp_size
         self.dp_rank = dp.dp_rank(world.rank)  # which share of the data this rank trains on
         self._inputs_checked = 0
+        self._micro_steps = 0  # step() calls (DeepSpeed's micro_steps)
+        self._window_open = False  # micro-steps since the last update (their gradients wait)
+        self.gradients_reduced = False  # a boundary's backward ran; its step has not
         self._skipped_before = None  # the skip count before the last optimizer step
         self.device = self.runtime.device
         self.training_dataloader = None
@@ -151,6 +160,7 @@ class ZeroEngine(nn.Module):
         self._window_losses: list[torch.Tensor] = []  # this optimizer step's micro losses
         self.global_samples = 0
         self._window_start, self._window_samples = time.perf_counter(), 0
+        remember(self)
 
     # ---- the training loop ---------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -178,6 +188,7 @@ class ZeroEngine(nn.Module):
         the step)."""
         t0 = time.perf_counter()
         self.runtime.backward(loss)
+        self.gradients_reduced = self.runtime.is_boundary  # (no_sync: False)
         self._timers["backward"] += time.perf_counter() - t0
         self._last_loss = loss.detach()
         if self.monitor.enabled:
@@ -186,6 +197,10 @@ class ZeroEngine(nn.Module):
 
     def step(self) -> None:
         """Count a micro-step; at the accumulation boundary update, schedule and log."""
+        if self._in_no_sync:
+            raise ConfigError("engine.step() inside engine.no_sync(): the gradients inside "
+                              "are not reduced yet (DeepSpeed refuses it too); call step() "
+                              "after the block, following a backward outside it")
         t0 = time.perf_counter()
         self._window_samples += self.train_micro_batch_size_per_gpu() * \
             self.runtime.plan.grid.dp_size
@@ -197,6 +212,8 @@ class ZeroEngine(nn.Module):
         # LR scheduler on it sees its step called
         updated = self.optimizer.step() if boundary else self.runtime.step()
         self._timers["step"] += time.perf_counter() - t0
+        self._micro_steps += 1
+        self._window_open, self.gradients_reduced = not updated, False
         if not updated:
             return
         self._skipped_before = skipped
@@ -223,8 +240,10 @@ class ZeroEngine(nn.Module):
         self._window_losses = []
         self.monitor.write_events(events)
 
-    def is_gradient_accumulation_boundary(self) -> bool:
-        return self.runtime.is_boundary
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        """DeepSpeed's: the loss times the fp16 loss scale, for ``scale(loss).backward()``."""
+        self.gradients_reduced = self.runtime.is_boundary  # the backward follows
+        return self.runtime.scale(loss)
 
     def _drives_scheduler(self) -> bool:
         """A scheduler of the user's, stepped here (the config's steps in the runtime)."""
@@ -276,49 +295,6 @@ class ZeroEngine(nn.Module):
         before = self._skipped_before
         return before is not None and bool(self.runtime.state.skipped == before)
 
-    def train_micro_batch_size_per_gpu(self) -> int:
-        return self._batch_sizes().train_micro_batch_size_per_gpu
-
-    def train_batch_size(self) -> int:
-        return self._batch_sizes().train_batch_size
-
-    def gradient_accumulation_steps(self) -> int:
-        return self.runtime.gas
-
-    def zero_optimization_stage(self) -> int:
-        return self.config.zero_optimization.stage
-
-    # DeepSpeed's config readers that scripts branch on (its engine's names and meanings)
-    def zero_optimization(self) -> bool:
-        return self.config.zero_optimization.stage > 0
-
-    def fp16_enabled(self) -> bool:
-        return self.config.fp16.enabled
-
-    def bfloat16_enabled(self) -> bool:
-        return self.config.bf16.enabled
-
-    def gradient_clipping(self) -> float:
-        return self.config.clip_norm
-
-    def get_batch_info(self) -> tuple[int, int, int]:
-        """DeepSpeed's (train_batch_size, train_micro_batch_size_per_gpu,
-        gradient_accumulation_steps)."""
-        return (self.train_batch_size(), self.train_micro_batch_size_per_gpu(),
-                self.gradient_accumulation_steps())
-
-    @property
-    def micro_steps(self) -> int:
-        """Forward/backward micro-steps taken (DeepSpeed's engine.micro_steps)."""
-        return self.runtime.micro_steps
-
-    def _batch_sizes(self):
-        cfg = self.config
-        if cfg.train_batch_size is None and cfg.train_micro_batch_size_per_gpu is None:
-            raise ConfigError("set train_batch_size or train_micro_batch_size_per_gpu in the "
-                              "config: the engine needs a batch size for this")
-        return cfg.batch_sizes(self.runtime.plan.grid.dp_size)
-
     # ---- logging -------------------------------------------------------------------------
     def _report(self) -> None:
         if self.runtime.plan.rank != 0:
@@ -339,9 +315,17 @@ class ZeroEngine(nn.Module):
         self._window_start, self._window_samples = time.perf_counter(), 0
 
     # ---- checkpoints ---------------------------------------------------------------------
-    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True) -> str:
-        from zerofx.checkpoint import save_checkpoint
+    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True,
+                        exclude_frozen_parameters=False) -> str:
+        """DeepSpeed's; frozen parameters are never saved (the model keeps them), whatever
+        ``exclude_frozen_parameters`` says."""
+        from zerofx.checkpoint import CheckpointError, save_checkpoint
 
+        if self._window_open and self.runtime.micro_steps % self.runtime.gas == 0:
+            # an explicit boundary held the window open: its gradients would be lost
+            raise CheckpointError("save_checkpoint inside an accumulation window held open by "
+                                  "set_gradient_accumulation_boundary(False): save after the "
+                                  "step() that ends it")
         state = dict(client_state or {})
         if SCHEDULER_KEY in state:
             raise ConfigError(f"client_state key {SCHEDULER_KEY!r} is reserved by zerofx")
@@ -374,18 +358,26 @@ class ZeroEngine(nn.Module):
         """DeepSpeed's older name of save_16bit_model, kept by DeepSpeed for old scripts."""
         return self.save_16bit_model(save_dir, save_filename)
 
-    def load_checkpoint(self, load_dir, tag=None):
-        """Restore everything saved; returns ``(path, client_state)`` (None, None if absent)."""
+    def load_checkpoint(self, load_dir, tag=None, load_module_strict=True,
+                        load_optimizer_states=True, load_lr_scheduler_states=True,
+                        load_module_only=False, custom_load_fn=None):
+        """Restore everything saved; returns ``(path, client_state)`` (None, None if absent).
+        DeepSpeed's options: ``load_lr_scheduler_states=False`` keeps the current schedule;
+        the others only at their defaults (check_load_options says why)."""
         from zerofx.checkpoint import load_checkpoint
 
+        check_load_options(load_module_strict=load_module_strict,
+                           load_optimizer_states=load_optimizer_states,
+                           load_module_only=load_module_only, custom_load_fn=custom_load_fn)
         path, state = load_checkpoint(self.runtime, load_dir, tag=tag)
         if path is None:
             return None, None
+        self._micro_steps, self._window_open = self.runtime.micro_steps, False
         if self.config.train_batch_size or self.config.train_micro_batch_size_per_gpu:
             self.global_samples = self.global_steps * self.train_batch_size()
         state = dict(state or {})
         sched = state.pop(SCHEDULER_KEY, None)
-        if sched is not None and self.lr_scheduler is not None:
+        if sched is not None and self.lr_scheduler is not None and load_lr_scheduler_states:
             self.lr_scheduler.load_state_dict(sched)
             self._set_lr()
         return path, state

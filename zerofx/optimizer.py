@@ -67,7 +67,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """This rank's partition of the optimizer state, and the layout it belongs to."""
         rt, st = self.runtime, self.runtime.state
         return {
-            "state": {k: getattr(st, k).clone() for k in _STATE},
+            "state": _read_state(st),
             "step": st.step_count.clone(), "skipped": st.skipped.clone(),
             "loss_scaler": st.scaler.state_dict(),
             "param_groups": [{k: v for k, v in g.items() if k != "params"}
@@ -87,8 +87,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 f"than this run's ({_layout(rt)}); a ZeRO optimizer's state is this rank's "
                 f"partition. Use engine.save_checkpoint / engine.load_checkpoint, which "
                 f"re-shard across data-parallel sizes and stages")
-        for k in _STATE:
-            getattr(st, k).copy_(state_dict["state"][k])
+        with st.optimizer_state("write") as fp32:  # offloaded: written to its file
+            for k in _STATE:
+                fp32[k].copy_(state_dict["state"][k])
         st.step_count.copy_(state_dict["step"])
         st.skipped.copy_(state_dict["skipped"])
         st.scaler.load_state_dict(state_dict["loss_scaler"])
@@ -96,6 +97,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
             group.update(hyper)
         _parameters_from_master(rt)
         rt.mark_skips_reported()
+
+
+def _read_state(st) -> dict:
+    """Copies of this rank's fp32 master and moments (offloaded: read from its file)."""
+    with st.optimizer_state() as fp32:
+        return {k: fp32[k].clone() for k in _STATE}
 
 
 def _layout(rt) -> dict:
@@ -111,14 +118,16 @@ def _parameters_from_master(rt) -> None:
     bucket is rank-major, rank r's piece of it at its owned range of r's partition (the
     layout the step's all-gather fills)."""
     plan, st, group = rt.plan, rt.state, rt.comm.group
+    with st.optimizer_state() as fp32:  # offloaded: read from its file
+        master = fp32["master"]
     if plan.partitioned:  # stage 3: the compute-dtype partition is the parameters' home
-        st.shard_lowp.copy_(st.master)
+        st.shard_lowp.copy_(master)
     if plan.sharded:  # [dp rank, its partition]
-        every = torch.empty(plan.grid.dp_size, st.master.numel(), dtype=st.master.dtype,
-                            device=st.master.device)
-        all_gather_into(every.view(-1), st.master, group=group)
+        every = torch.empty(plan.grid.dp_size, master.numel(), dtype=master.dtype,
+                            device=master.device)
+        all_gather_into(every.view(-1), master, group=group)
     else:  # one partition: every bucket whole
-        every = st.master.view(1, -1)
+        every = master.view(1, -1)
     base = plan.persist_offset
     for r, b in zip(plan.owned(), plan.buckets):
         if b.offset < base:

@@ -202,12 +202,13 @@ def _write_files(rt, tmp: Path, dp_rank: int, client_state, first: bool,
     if dp_rank == 0:
         _save(_meta(plan, client_state, whole=False, aliases=rt.aliases, save_id=save_id),
               tmp / META_FILE)
-    _save({"dp_rank": dp_rank, "save_id": save_id,
-           "ranges": [[r.start, r.numel, r.at] for r in plan.owned()],
-           **{k: getattr(rt.state, k) for k in STATE_KEYS},
-           "step_count": rt.state.step_count, "lr": rt.state.lr, "skipped": rt.state.skipped,
-           "micro_steps": rt.micro_steps, "gas": rt.gas,
-           "scaler": rt.state.scaler.state_dict()}, tmp / rank_file(dp_rank))
+    with rt.state.optimizer_state("read") as fp32:  # offloaded: read from its file
+        _save({"dp_rank": dp_rank, "save_id": save_id,
+               "ranges": [[r.start, r.numel, r.at] for r in plan.owned()],
+               **{k: fp32[k] for k in STATE_KEYS},
+               "step_count": rt.state.step_count, "lr": rt.state.lr,
+               "skipped": rt.state.skipped, "micro_steps": rt.micro_steps, "gas": rt.gas,
+               "scaler": rt.state.scaler.state_dict()}, tmp / rank_file(dp_rank))
 
 
 def _publish(root: Path, tmp: Path, final: Path, tag: str, save_latest: bool) -> None:
@@ -271,21 +272,22 @@ def _restore_state(rt, states: dict) -> None:
     """Fill this runtime's owned ranges and flat_params from whole tensors, by name."""
     plan = rt.plan
     tp, tp_rank = plan.grid.tp_size, plan.grid.tp_rank(plan.rank)
-    for key in STATE_KEYS:
-        full = {s.name: s.tp.local_piece(states[key][s.name], tp, tp_rank) if s.tp
-                else states[key][s.name] for s in plan.params}
-        dst = getattr(rt.state, key)
-        dst.zero_()  # padding stays zero
-        for o in plan.owned_pieces():
-            src = full[o.slot.name].reshape(-1)[o.start:o.start + o.numel]
-            dst[o.at:o.at + o.numel].copy_(src)
-        if key == "master":
-            base, flat = plan.persist_offset, rt.state.flat_params  # stage 3: only the
-            for s in plan.params:  # persistent ones are whole; in place: the model's
-                if s.offset >= base:  # parameters are views of it
-                    flat[s.offset - base:s.end - base].copy_(full[s.name].reshape(-1))
-    if plan.partitioned:  # stage 3's parameters are the shard itself
-        rt.state.shard_lowp.copy_(rt.state.master)
+    with rt.state.optimizer_state("write") as fp32:  # offloaded: written to its file
+        for key in STATE_KEYS:
+            full = {s.name: s.tp.local_piece(states[key][s.name], tp, tp_rank) if s.tp
+                    else states[key][s.name] for s in plan.params}
+            dst = fp32[key]
+            dst.zero_()  # padding stays zero
+            for o in plan.owned_pieces():
+                src = full[o.slot.name].reshape(-1)[o.start:o.start + o.numel]
+                dst[o.at:o.at + o.numel].copy_(src)
+            if key == "master":
+                base, flat = plan.persist_offset, rt.state.flat_params  # stage 3: only the
+                for s in plan.params:  # persistent ones are whole; in place: the model's
+                    if s.offset >= base:  # parameters are views of it
+                        flat[s.offset - base:s.end - base].copy_(full[s.name].reshape(-1))
+        if plan.partitioned:  # stage 3's parameters are the shard itself
+            rt.state.shard_lowp.copy_(fp32["master"])
 
 
 def _restore_counters(rt, shard: dict) -> None:

@@ -1,4 +1,5 @@
-"""Typed zerofx configuration and the reader for DeepSpeed's JSON config format.
+"""The typed blocks of zerofx's configuration (DeepSpeed's JSON blocks; config/root.py
+assembles them into the whole ``Config``).
 
 With config/scheduler.py (the "scheduler" block), the only module that knows raw JSON key
 strings (docs/design.md, conventions): everything downstream reads the frozen dataclasses
@@ -14,26 +15,26 @@ names the key path, the value given and what is allowed.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from functools import partial
 from typing import Any
 
 from zerofx.config.schema import (
-    ConfigError, Invalid, bad, boolean, check_keys, checked, choice, default_of, dump, instance,
-    integer, is_int, json_object, key_error, load_json, names, nested_setting, number, optional,
-    parse_block, parse_in, path_string, required_setting, setting, show, validate, zero_or,
+    ConfigError, Invalid, bad, boolean, check_keys, checked, choice, default_of, dump,
+    integer, json_object, key_error, names, nested_setting, number, optional,
+    parse_block, parse_in, path_string, required_setting, setting, validate, zero_or,
 )
 from zerofx.config.scheduler import (  # noqa: F401  (re-exported by zerofx.config)
     MAX_LR, LRRangeTestParams, OneCycleParams, SchedulerConfig, WarmupDecayLRParams,
-    WarmupLRParams, parse_scheduler,
+    WarmupLRParams,
 )
 
 __all__ = [
-    "BF16Config", "BatchSizes", "Config", "ConfigError", "FP16Config", "LRRangeTestParams",
-    "OneCycleParams", "OptimizerConfig", "SchedulerConfig", "TensorParallelConfig",
-    "WarmupDecayLRParams", "WarmupLRParams", "ZeroConfig", "ZerofxConfig",
+    "AioConfig", "BF16Config", "ConfigError", "FP16Config",
+    "LRRangeTestParams", "OffloadOptimizerConfig", "OneCycleParams", "OptimizerConfig",
+    "SchedulerConfig", "TensorParallelConfig", "WarmupDecayLRParams", "WarmupLRParams",
+    "ZeroConfig", "ZerofxConfig",
 ]
 
 
@@ -81,14 +82,14 @@ _COUNTER = integer(1, INT64_MAX, ceiling="at most 2**63 - 1: the loss scaler cou
 # gradient_predivide_factor: gradients are multiplied by 1/factor before the reduction and
 # the step divides by dp x accumulation / factor. 1e300 made 1/factor 0 in float32 and every
 # parameter NaN. DeepSpeed sets it between 1 and the data-parallel size.
-_PREDIVIDE = number(1e-6, 1e6, why="gradients are multiplied by 1/factor before their "
+PREDIVIDE = number(1e-6, 1e6, why="gradients are multiplied by 1/factor before their "
                                    "reduction; beyond these float32 underflows or overflows")
 # A gradient norm to clip to (gradient_clipping, LAMB's max_grad_norm). Below 1e-6 each
 # clipped gradient element sits under Adam's eps and the updates silently stop (1e-300 is
 # 0 in float32); above 2**127 the norm is not a float32.
 # DeepSpeed's gradient_clipping default since 0.19.3 (GRADIENT_CLIPPING_DEFAULT)
 DEEPSPEED_CLIP_DEFAULT = 1.0
-_CLIP_NORM = zero_or(number(1e-6, MAX_SCALE, why="a smaller norm scales every gradient to "
+CLIP_NORM = zero_or(number(1e-6, MAX_SCALE, why="a smaller norm scales every gradient to "
                                                  "nothing and updates stop"))
 
 # ---- the config blocks ----
@@ -160,6 +161,65 @@ class ActivationCheckpointingConfig:
         validate(self)
 
 
+# DeepSpeed's AIO_BLOCK_SIZE_DEFAULT; below 4 KiB every call would move less than a page.
+_AIO_BLOCK = integer(4096, 2**30)
+
+
+@dataclass(frozen=True)
+class OffloadOptimizerConfig:
+    """DeepSpeed's "zero_optimization.offload_optimizer" block: where the fp32 master
+    weights and the optimizer moments live (docs/offload.md). "cpu" on a run without a GPU
+    is read as "none" (the state is in host memory already)."""
+
+    device: str = setting("none", choice("none", "nvme"))
+    """none: in memory; nvme: in a file under nvme_path, streamed through memory in chunks
+    (sub_group_size elements) by every optimizer step."""
+    nvme_path: str | None = setting(None, optional(path_string))
+    """The directory the state file goes in (a per-process subdirectory is made there)."""
+    buffer_count: int = setting(4, integer(1, 64))
+    """Chunk buffers in memory: 3 or more let the read of the next chunk and the write of
+    the previous one run while the current one is updated (2: the read waits for the
+    write; 1: nothing overlaps)."""
+    pin_memory: bool = setting(True, boolean)
+    """Accepted for DeepSpeed configs: page-locked buffers serve GPU copies only; a
+    CPU-only run has none to speed up."""
+    pipeline_read: bool = setting(False, boolean)
+    """Accepted for DeepSpeed configs: zerofx always reads the next chunk during the
+    update of the current one."""
+    pipeline_write: bool = setting(False, boolean)
+    """Accepted for DeepSpeed configs: zerofx always writes the previous chunk during the
+    update of the current one."""
+    fast_init: bool = setting(False, boolean)
+    """Accepted for DeepSpeed configs: the file is preallocated (reads as zeros, the
+    moments' start) and the master weights are written once, with or without it."""
+    ratio: float = setting(1.0, number(0.0, 1.0))
+    """The share of the state offloaded; only 1.0 (all of it) is implemented."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+        if self.device == "nvme" and self.nvme_path is None:
+            raise bad("nvme_path", None, "the directory for the offloaded state (required "
+                      "with device 'nvme')")
+        if self.device == "nvme" and self.ratio != 1.0:
+            raise bad("ratio", self.ratio, "1.0: zerofx offloads all of this rank's "
+                      "optimizer state or none of it (a partial split is not implemented)")
+
+
+@dataclass(frozen=True)
+class AioConfig:
+    """DeepSpeed's "aio" block: how the offloaded optimizer state's file is read and
+    written (read only with offload_optimizer device nvme; its Linux AIO queue knobs are
+    accepted without effect, config/deepspeed_keys.py)."""
+
+    block_size: int = setting(1048576, _AIO_BLOCK)
+    """Bytes per pread/pwrite call."""
+    intra_op_parallelism: int = setting(1, integer(1, 64))
+    """I/O threads per direction: each chunk's read (and write) is split among them."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
 @dataclass(frozen=True)
 class ZeroConfig:
     """DeepSpeed's "zero_optimization" block (ZeRO, Rajbhandari et al. 2020)."""
@@ -199,9 +259,20 @@ class ZeroConfig:
     stage3_gather_16bit_weights_on_model_save: bool = setting(False, boolean)
     """Stage 3: ``engine.save_16bit_model`` gathers the whole weights (else it refuses, as
     the parameters are partitioned)."""
+    offload_optimizer: OffloadOptimizerConfig = nested_setting(OffloadOptimizerConfig)
+    """Where the optimizer state lives: memory, or files under nvme_path (stages 1-3)."""
+    sub_group_size: int | None = setting(None, optional(integer(1)))
+    """With offload_optimizer device nvme: elements per chunk the step streams through
+    memory (None: a sixteenth of the shard, within [2**20, 2**24]); a LAMB chunk never cuts
+    a tensor's piece of a bucket, so it may be larger. Without offload the key has no
+    effect (one flat shard)."""
 
     def __post_init__(self) -> None:
         validate(self)
+        if self.offload_optimizer.device == "nvme" and self.stage == 0:
+            raise key_error("offload_optimizer.device", " is 'nvme' at stage 0: optimizer "
+                            "offload works at ZeRO stages 1-3 (as in DeepSpeed); set "
+                            "zero_optimization.stage to 1, 2 or 3")
 
 
 
@@ -345,19 +416,7 @@ class ZerofxConfig:
         validate(self)
 
 
-@dataclass(frozen=True)
-class BatchSizes:
-    """Resolved batch sizes: train_batch_size = micro x accumulation steps x DP world size."""
-
-    train_batch_size: int
-    """Samples per optimizer step, over all data-parallel ranks."""
-    train_micro_batch_size_per_gpu: int
-    """Samples per forward/backward on one rank."""
-    gradient_accumulation_steps: int
-    """Micro-batches accumulated per optimizer step."""
-
-
-def _parse_zero(raw: Any) -> ZeroConfig:
+def parse_zero(raw: Any) -> ZeroConfig:
     if isinstance(raw, bool):  # the original 2020 form: "zero_optimization": true means stage 1
         return ZeroConfig(stage=int(raw))
     if not isinstance(raw, Mapping):
@@ -365,7 +424,7 @@ def _parse_zero(raw: Any) -> ZeroConfig:
     return parse_block(ZeroConfig, raw)
 
 
-def _parse_optimizer(raw: Any) -> OptimizerConfig | None:
+def parse_optimizer(raw: Any) -> OptimizerConfig | None:
     if raw is None:
         return None
     block = json_object(raw)
@@ -388,178 +447,7 @@ def _optimizer_params(kind: str, raw: Any) -> OptimizerConfig:
     return OptimizerConfig(type=kind, **params)
 
 
-def _dump_optimizer(opt: OptimizerConfig) -> dict[str, Any]:
+def dump_optimizer(opt: OptimizerConfig) -> dict[str, Any]:
     params = {k: v for k, v in dump(opt).items()
               if k != "type" and k not in (_ADAM_ONLY if opt.type == "Lamb" else _LAMB_ONLY)}
     return {"type": opt.type, "params": params}
-
-
-# ---- the whole config ----
-
-_OPT_BATCH = optional(integer(1, 2**31 - 1))  # beyond int32, samplers and shapes fail
-
-
-@dataclass(frozen=True)
-class Config:
-    """A DeepSpeed JSON config, typed. Build with from_any/from_dict/from_file or keywords."""
-
-    train_batch_size: int | None = setting(None, _OPT_BATCH)
-    """Samples per optimizer step over all data-parallel ranks (see batch_sizes)."""
-    train_micro_batch_size_per_gpu: int | None = setting(None, _OPT_BATCH)
-    """Samples per forward/backward on one rank (see batch_sizes)."""
-    gradient_accumulation_steps: int | None = setting(None, _OPT_BATCH)
-    """Micro-batches per optimizer step (see batch_sizes)."""
-    steps_per_print: int = setting(10, integer(1))
-    """Log progress every this many optimizer steps."""
-    optimizer: OptimizerConfig | None = setting(None, optional(instance(OptimizerConfig)),
-                                                parse=_parse_optimizer, dump=_dump_optimizer)
-    """The optimizer zerofx builds (None: the user passes one in)."""
-    scheduler: SchedulerConfig | None = setting(None, optional(instance(SchedulerConfig)),
-                                                parse=parse_scheduler)
-    """The learning-rate schedule (None: constant lr)."""
-    fp16: FP16Config = nested_setting(FP16Config)
-    """float16 mixed precision with loss scaling."""
-    bf16: BF16Config = nested_setting(BF16Config)
-    """bfloat16 mixed precision."""
-    activation_checkpointing: ActivationCheckpointingConfig = nested_setting(
-        ActivationCheckpointingConfig)
-    """Activation checkpointing, for zerofx.checkpointing (deepspeed.checkpointing) calls."""
-    zero_optimization: ZeroConfig = nested_setting(ZeroConfig, parse=_parse_zero)
-    """ZeRO stage and bucketing; JSON also takes DeepSpeed 2020's true (stage 1) / false."""
-    gradient_clipping: float | None = setting(None, optional(_CLIP_NORM))
-    """Clip gradients to this global L2 norm (0 disables; else at least 1e-6). Not given:
-    DeepSpeed's default for the engine and the runtime (1.0 since DeepSpeed 0.19.3,
-    runtime/constants.py GRADIENT_CLIPPING_DEFAULT; see clip_norm), nothing for plain
-    torch.compile, where clipping is the user's loop's."""
-    prescale_gradients: bool = setting(False, boolean)
-    """Divide gradients by the data-parallel size before their reduction (else after)."""
-    gradient_predivide_factor: float = setting(1.0, _PREDIVIDE)
-    """Without prescale_gradients: divide by this before the reduction and by
-    dp_size / factor after it (DeepSpeed's split of the averaging, against fp16 overflow)."""
-    zero_allow_untested_optimizer: bool = setting(False, boolean)
-    """Allow ZeRO (stage >= 1) with a torch optimizer other than Adam/AdamW (DeepSpeed's
-    guard: such an optimizer steps each shard on its own, per-tensor math sees pieces)."""
-    dataloader_drop_last: bool = setting(False, boolean)
-    """The engine's loader drops a last incomplete batch (DeepSpeed's default: keep it)."""
-    wall_clock_breakdown: bool = setting(False, boolean)
-    """Log per-phase step timings (forward, backward, step)."""
-    tensor_parallel: TensorParallelConfig = nested_setting(TensorParallelConfig)
-    """Tensor (model) parallelism."""
-    csv_monitor: MonitorConfig = nested_setting(MonitorConfig)
-    """Training curves as CSV files, one per event (DeepSpeed's layout)."""
-    tensorboard: MonitorConfig = nested_setting(MonitorConfig)
-    """Training curves as TensorBoard event files (needs the tensorboard package)."""
-    wandb: WandbConfig = nested_setting(WandbConfig)
-    """Training curves in Weights & Biases (needs the wandb package)."""
-    zerofx: ZerofxConfig = nested_setting(ZerofxConfig)
-    """zerofx's own settings."""
-
-    @property
-    def clip_norm(self) -> float:
-        """The global norm the engine and runtime clip to (0: none): gradient_clipping, or
-        DeepSpeed's default when the config does not give it."""
-        return DEEPSPEED_CLIP_DEFAULT if self.gradient_clipping is None else \
-            self.gradient_clipping
-
-    def __post_init__(self) -> None:
-        validate(self)
-        if self.fp16.enabled and self.bf16.enabled:
-            raise key_error("bf16.enabled", " is true and so is 'fp16.enabled'; enable at most one")
-        # The batch keys are checked against each other by batch_sizes(): that needs the
-        # data-parallel world size, which a config does not know.
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Config:
-        """Parse a DeepSpeed-style config dict (as json.load returns it)."""
-        if not isinstance(d, Mapping):
-            raise ConfigError(f"a config must be a JSON object (dict); got {show(d)}")
-        from zerofx.config.deepspeed_keys import screen
-
-        return parse_block(cls, screen(d))
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike) -> Config:
-        """Parse a JSON config file; messages start with the file name."""
-        if not isinstance(path, (str, bytes, os.PathLike)):
-            raise ConfigError(f"a config file path must be a str or os.PathLike; got {show(path)}")
-        name = os.fsdecode(path)
-        try:
-            return cls.from_dict(load_json(name))
-        except ConfigError as e:
-            raise e.in_file(name) from None
-
-    @classmethod
-    def from_any(cls, source: Config | Mapping | str | os.PathLike | None) -> Config:
-        """None (defaults), a dict, a JSON file path, or a Config (returned as is)."""
-        if source is None:
-            return cls()
-        if isinstance(source, Config):
-            return source
-        if isinstance(source, Mapping):
-            return cls.from_dict(source)
-        if isinstance(source, (str, os.PathLike)):
-            return cls.from_file(source)
-        raise ConfigError("expected a Config, a dict, a JSON file path or None; "
-                          f"got {type(source).__name__}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON-able dict; Config.from_dict(c.to_dict()) == c."""
-        return dump(self)
-
-    @property
-    def compute_dtype(self) -> Any:
-        """torch.float16 (fp16), torch.bfloat16 (bf16) or torch.float32."""
-        import torch  # lazily: reading a config (e.g. in zerofx-launch) should not need torch
-
-        if self.fp16.enabled:
-            return torch.float16
-        return torch.bfloat16 if self.bf16.enabled else torch.float32
-
-    @property
-    def pre_reduce_factor(self) -> float | None:
-        """What gradients are multiplied by before their data-parallel reduction, as a
-        fraction of the DP size (None: 1/dp_size, i.e. prescale_gradients)."""
-        return None if self.prescale_gradients else 1.0 / self.gradient_predivide_factor
-
-    def accumulation_steps(self, dp_world_size: int) -> int:
-        """Micro-batches per optimizer step: from the batch keys when a batch size is given,
-        else gradient_accumulation_steps (1 when unset)."""
-        if self.train_batch_size is None and self.train_micro_batch_size_per_gpu is None:
-            return self.gradient_accumulation_steps or 1
-        return self.batch_sizes(dp_world_size).gradient_accumulation_steps
-
-    def batch_sizes(self, dp_world_size: int) -> BatchSizes:
-        """Resolve DeepSpeed's three batch keys for `dp_world_size` data-parallel ranks."""
-        if not is_int(dp_world_size) or dp_world_size < 1:
-            raise ConfigError(f"dp_world_size must be an integer >= 1; got {show(dp_world_size)}")
-        return _resolve_batch(self.train_batch_size, self.train_micro_batch_size_per_gpu,
-                              self.gradient_accumulation_steps, dp_world_size)
-
-
-def _resolve_batch(total: int | None, micro: int | None, gas: int | None,
-                   world: int) -> BatchSizes:
-    """total = micro x gas x world; any two given determine the third, a lone total or micro
-    means gas = 1 (DeepSpeed's rules)."""
-    if total is None and micro is None:
-        raise ConfigError("the batch size is not set: set train_batch_size and/or "
-                          "train_micro_batch_size_per_gpu (gradient_accumulation_steps alone "
-                          "does not determine it)")
-    if total is None:
-        gas = gas or 1
-        total = micro * gas * world
-    elif micro is None:
-        gas = gas or 1
-        micro = total // (gas * world)
-        if micro * gas * world != total:
-            raise ConfigError(f"train_batch_size={total} is not divisible by gradient_"
-                              f"accumulation_steps({gas}) x world({world}) = {gas * world}")
-    elif gas is None:
-        gas = total // (micro * world)
-        if micro * gas * world != total:
-            raise ConfigError(f"train_batch_size={total} is not divisible by "
-                              f"micro({micro}) x world({world}) = {micro * world}")
-    if micro * gas * world != total:
-        raise ConfigError(f"train_batch_size={total} is not micro({micro}) x "
-                          f"gradient_accumulation_steps({gas}) x world({world}) = "
-                          f"{micro * gas * world}")
-    return BatchSizes(total, micro, gas)

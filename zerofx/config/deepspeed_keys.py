@@ -25,7 +25,7 @@ NO_EFFECT = {
     "memory_breakdown": "zerofx reports state bytes in the plan dump instead",
     "dump_state": "the plan dump (zerofx.dump_dir) shows the layout",
     "checkpoint": "zerofx checkpoints always validate their files and tags",
-    "zero_force_ds_cpu_optimizer": "zerofx has no CPU-offload optimizer to force",
+    "zero_force_ds_cpu_optimizer": "an offloaded step always runs zerofx's fused Adam/LAMB",
     "comms_logger": "zerofx logs communication wait time with wall_clock_breakdown",
     "flops_profiler": "no FLOPs profiler in zerofx (use torch.profiler)",
     "elasticity": "zerofx does not resize jobs",
@@ -48,7 +48,6 @@ REFUSED = {
     "curriculum_learning": ("curriculum learning", "drop the block"),
     "progressive_layer_drop": ("progressive layer drop", "drop the block"),
     "sparse_attention": ("sparse attention kernels", "use dense attention (drop the block)"),
-    "aio": ("NVMe offload (aio)", "drop the block: zerofx keeps state in memory"),
     "amp": ("NVIDIA apex amp", "use the bf16 or fp16 block"),
     "pipeline": ("pipeline parallelism", "use tensor_parallel and ZeRO"),
     "sequence_parallel_size": ("sequence parallelism (Ulysses)", "drop the key"),
@@ -84,10 +83,12 @@ ZERO_NO_EFFECT = {
     "allgather_partitions": "zerofx always all-gathers the updated shards",
     "load_from_fp32_weights": "zerofx always restores from the fp32 master copy",
     "elastic_checkpoint": "zerofx checkpoints load at any data-parallel size",
-    "round_robin_gradients": "an offload-only ordering; zerofx does not offload",
+    "round_robin_gradients": "an ordering of gradient copies to the host; zerofx's "
+                             "gradients stay where they are reduced",
     "ignore_unused_parameters": "unused parameters always get a zero gradient (docs/real-models.md)",
     "use_multi_rank_bucket_allreduce": "zerofx reduces one bucket per collective",
-    "sub_group_size": "the fused optimizer runs over one flat shard",
+    "sub_group_size": "read only with offload_optimizer device nvme (the fused optimizer "
+                      "runs over one flat shard)",
     "memory_efficient_linear": "a ZeRO-3 option",
     "log_trace_cache_warnings": "a ZeRO-3 option",
     "legacy_stage1": "zerofx has one stage-1 implementation",
@@ -98,15 +99,17 @@ ZERO_NO_EFFECT = {
     "allgather_sequential": "zerofx gathers by bucket",
     "mics_hierarchical_params_gather": "a MiCS option",
     "zeropp_loco_param": "a ZeRO++ option",
-    "cpu_offload_use_pin_memory": "no offload here",
+    "cpu_offload_use_pin_memory": "pinned buffers serve GPU copies; none here",
 }
 # ZeRO-3 keys DeepSpeed also takes without the stage3_ prefix
 STAGE3_ALIASES = ("prefetch_bucket_size", "param_persistence_threshold",
                   "model_persistence_threshold", "max_live_parameters", "max_reuse_distance",
                   "gather_16bit_weights_on_model_save", "gather_fp16_weights_on_model_save")
 ZERO_REFUSED = {
-    "offload_optimizer": ("optimizer state offload", "drop it or set device 'none'"),
-    "offload_param": ("parameter offload", "drop it or set device 'none'"),
+    "offload_param": ("parameter offload (ZeRO-Infinity's offload_param: stage 3 "
+                      "parameters on the host or NVMe)",
+                      "drop it or set device 'none'; offload_optimizer with device 'nvme' "
+                      "moves the optimizer state to disk"),
     "cpu_offload": ("ZeRO-Offload (cpu_offload)", "drop it"),
     "zero_quantized_weights": ("ZeRO++ quantized weights", "drop it"),
     "zero_quantized_gradients": ("ZeRO++ quantized gradients", "drop it"),
@@ -116,6 +119,14 @@ ZERO_REFUSED = {
     "zero_quantized_nontrainable_weights": ("ZeRO++ quantized frozen weights", "drop it"),
     "zenflow": ("ZenFlow (stall-free offloaded optimizer steps)", "drop it"),
 }
+# offload_optimizer keys of DeepSpeed's that zerofx does not parse
+OFFLOAD_NO_EFFECT = {"cpuadam_cores_perc": "the update runs on this process's threads"}
+OFFLOAD_REFUSED = {"super_offload": ("SuperOffload (Grace-Hopper superchips)", "drop it")}
+# aio keys that change nothing here: zerofx's I/O threads make blocking calls
+AIO_NO_EFFECT = {k: "zerofx's I/O threads make blocking pread/pwrite calls (no Linux AIO "
+                    "queue); reads and writes always overlap the update"
+                 for k in ("queue_depth", "single_submit", "overlap_events")}
+AIO_REFUSED = {"use_gds": ("GPUDirect Storage (aio.use_gds)", "drop it: it needs CUDA")}
 STAGE3_PREFIX = "stage3_"
 ONE_BIT = {"onebitadam", "zerooneadam", "onebitlamb"}
 FP16_REFUSED = {"fp16_master_weights_and_grads": ("fp16 master weights", "drop it")}
@@ -193,15 +204,52 @@ def screen(raw: Mapping) -> dict:
         _map_torch_autocast(raw["torch_autocast"], out, notes)
     _screen_optimizer(raw.get("optimizer"))
     _screen_reduction(raw, out, notes)
+    _screen_aio(raw, out, notes)
     if notes:
         # a warning, not info: a key that changes nothing is worth seeing once
         log.warning("zerofx: accepted without effect: %s", "; ".join(notes))
     return out
 
 
+def offloads_to_nvme(raw: Mapping) -> bool:
+    """Whether the raw config's optimizer state goes to NVMe (what aio and sub_group_size
+    are read for)."""
+    zero = raw.get("zero_optimization")
+    block = zero.get("offload_optimizer") if isinstance(zero, Mapping) else None
+    return isinstance(block, Mapping) and block.get("device") == "nvme"
+
+
+def _screen_aio(raw: Mapping, out: dict, notes: list) -> None:
+    """The aio block is read with NVMe offload (its Linux AIO knobs noted), else noted."""
+    if "aio" not in raw:
+        return
+    if not offloads_to_nvme(raw):
+        notes.append("aio (read only with zero_optimization.offload_optimizer device nvme)")
+        del out["aio"]
+    elif isinstance(raw["aio"], Mapping):
+        out["aio"] = _screen_block("aio", raw["aio"], AIO_REFUSED, AIO_NO_EFFECT, notes,
+                                   off=lambda v: not v)
+
+
+def _screen_offload(zero: Mapping, notes: list) -> dict:
+    """offload_optimizer switched off is dropped (the state stays in memory); switched on,
+    DeepSpeed's keys zerofx does not parse are noted or refused."""
+    out = dict(zero)
+    block = zero.get("offload_optimizer")
+    if "offload_optimizer" in zero and is_off(block):
+        del out["offload_optimizer"]
+    elif isinstance(block, Mapping):
+        out["offload_optimizer"] = _screen_block(
+            "zero_optimization.offload_optimizer", block, OFFLOAD_REFUSED, OFFLOAD_NO_EFFECT,
+            notes, off=lambda v: not v)
+    return out
+
+
 def _screen_zero(zero: Mapping, notes: list) -> dict:
-    zero = _host_offload(zero, notes)
+    zero = _screen_offload(_host_offload(zero, notes), notes)
     quiet = dict(ZERO_NO_EFFECT)
+    if offloads_to_nvme({"zero_optimization": zero}):
+        del quiet["sub_group_size"]  # the chunk of the offloaded state's stream
     staged = {k: v for k, v in zero.items() if k.startswith(STAGE3_PREFIX) or k in STAGE3_ALIASES}
     if zero.get("stage") != 3:
         quiet.update((k, "only read at stage 3") for k in staged)
@@ -233,7 +281,14 @@ def _host_offload(zero: Mapping, notes: list) -> Mapping:
         keys.append("cpu_offload")
     import torch
 
-    if not keys or torch.cuda.is_available():
+    if not keys:
+        return zero
+    if torch.cuda.is_available():
+        if "offload_optimizer" in keys:  # cpu_offload and offload_param: ZERO_REFUSED's
+            raise refuse("zero_optimization.offload_optimizer", "optimizer state offload "
+                         "to the host with a GPU (offload_optimizer device 'cpu')",
+                         "drop it or set device 'none' (device 'nvme' is implemented on "
+                         "CPU-only runs)")
         return zero
     for k in keys:
         notes.append(f"zero_optimization.{k} to cpu (no GPU here: parameters and optimizer "
@@ -338,8 +393,16 @@ _DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "torch.float
 
 
 def _screen_reduction(raw: Mapping, out: dict, notes: list) -> None:
-    """data_types.grad_accum_dtype and gradient_allreduce_op: zerofx accumulates gradients
-    in the compute dtype and averages them; the DeepSpeed value that means the same loads."""
+    """data_types.grad_accum_dtype, gradient_allreduce_op, managed_gradient_accumulation:
+    zerofx accumulates gradients in the compute dtype, averages them, and ends a window every
+    gradient_accumulation_steps step() calls; the DeepSpeed value that means the same loads."""
+    if raw.get("managed_gradient_accumulation") is False:
+        # DeepSpeed then makes every step() a boundary (backward only accumulates): a loop
+        # written for it would take gradient_accumulation_steps times fewer updates here.
+        raise refuse("managed_gradient_accumulation", "managed_gradient_accumulation false "
+                     "(every step() reduces and updates)", "drop it and set "
+                     "gradient_accumulation_steps, or choose boundaries with "
+                     "engine.set_gradient_accumulation_boundary()")
     if "gradient_allreduce_op" in raw:
         op = raw["gradient_allreduce_op"]
         if op != "mean":

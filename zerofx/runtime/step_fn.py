@@ -23,6 +23,7 @@ from zerofx.runtime.comm.forms import Form, form_of
 from zerofx.runtime.fused_optim import (adam_step_, grad_sumsq,
                                         lamb_apply_, lamb_moments_, lamb_trust_ratio)
 from zerofx.runtime.loss_scaler import LossScaler
+from zerofx.runtime.offload.ops import offloaded_update
 
 # torch 2.13 renamed all_gather_tensor (now deprecated, warning per call); 2.11 lacks the new name.
 _all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
@@ -163,6 +164,9 @@ def _make_update(rt, in_place: bool):
     ``out`` takes the updated compute-dtype values: shard-shaped, or (``in_place``) the
     flat parameters, each owned range written where it lives there."""
     spec, plan, norm_group = rt.spec, rt.plan, rt.comm.norm_group(rt.plan)
+    if rt.state.offload is not None:  # the state is on disk: the same update, streamed
+        return offloaded_update(rt.state.offload, kind=spec.kind, hyper=spec.hyper,
+                                norm_group=norm_group, in_place=in_place)
     # (shard range, flat-parameter range) per owned bucket range; one range when out is
     # shard-shaped or the shard is everything (stage 0)
     ranges = [(slice(r.at, r.at + r.numel), slice(r.start, r.start + r.numel))

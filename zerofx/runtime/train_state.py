@@ -4,7 +4,8 @@ Buffers (N = data-parallel size, "shard" = what this rank updates, see plan.owne
     flat_params   padded_numel, compute dtype: the model's parameters are views into it
                   (stage 3: only the persistent parameters' buckets; the others are
                   gathered from shard_lowp by the graphs, runtime/param_gather.py)
-    master, exp_avg, exp_avg_sq   shard, fp32
+    master, exp_avg, exp_avg_sq   shard, fp32 (offloaded to NVMe: empty here, the state is
+                  in ``offload``'s file; read and write it through ``optimizer_state``)
     shard_lowp    shard, compute dtype: stage 3's parameters (stages 1-2: a step temporary)
     shard_grads   shard, compute dtype: reduce-scatter target (stage 2)
     full_grads    padded_numel: all-reduce target (stages 0/1) and the local accumulation
@@ -14,12 +15,14 @@ scaler's state). ``step_inputs`` hands them to the optimizer-step graph by name 
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from zerofx.plan import Plan
 from zerofx.runtime.loss_scaler import LossScaler
+from zerofx.runtime.offload import OffloadedState
 from zerofx.runtime.step_fn import StepState
 
 
@@ -40,12 +43,15 @@ class TrainState:
     grad_norm: torch.Tensor
     lr: torch.Tensor
     beta1: torch.Tensor
+    offload: OffloadedState | None = None  # the fp32 state on disk (offload_optimizer nvme)
 
     @classmethod
     def allocate(cls, plan: Plan, device, *, scaler: LossScaler, lr: float, beta1: float,
-                 gas: int) -> "TrainState":
+                 gas: int, offload: OffloadedState | None = None) -> "TrainState":
         """Zeroed buffers for ``plan``; the parameters are moved in afterwards
-        (ParamCarriers.install fills flat_params and master, then ``master_filled``)."""
+        (ParamCarriers.install fills flat_params and master, then ``master_filled``).
+        With ``offload`` the moments are never in memory and the master only until
+        ``master_filled`` writes it to the file."""
         low, dev = plan.compute_dtype, device
         # Stage 3 keeps only the persistent parameters whole: flat_params then covers
         # [persist_offset, padded_numel) of the layout (all of it below stage 3).
@@ -62,9 +68,11 @@ class TrainState:
             shard_grads = torch.zeros(plan.shard_numel, dtype=low, device=dev)
         else:
             shard_grads = torch.empty(0, dtype=low, device=dev) if plan.sharded else full_grads
+        def moment():  # offloaded: in the file only (preallocated, it reads as zeros)
+            return master.new_empty(0) if offload is not None else torch.zeros_like(master)
         return cls(
-            flat_params=flat_params, master=master, exp_avg=torch.zeros_like(master),
-            exp_avg_sq=torch.zeros_like(master), shard_lowp=shard_lowp,
+            flat_params=flat_params, master=master, exp_avg=moment(),
+            exp_avg_sq=moment(), shard_lowp=shard_lowp, offload=offload,
             shard_grads=shard_grads, full_grads=full_grads, scaler=scaler,
             step_count=torch.zeros((), dtype=torch.float32, device=dev),
             skipped=torch.zeros((), dtype=torch.int64, device=dev),
@@ -74,9 +82,38 @@ class TrainState:
             beta1=torch.tensor(beta1, dtype=torch.float64, device=dev))
 
     def master_filled(self) -> None:
-        """The master weights hold the parameters: stage 3's compute-dtype shard follows."""
+        """The master weights hold the parameters: stage 3's compute-dtype shard follows
+        (offloaded: they go to the file, zero moments beside them, and leave memory)."""
         if self.shard_lowp.numel():
             self.shard_lowp.copy_(self.master)
+        if self.offload is not None:
+            self.offload.write_all({"master": self.master})
+            self.master = self.master.new_empty(0)
+
+    @contextlib.contextmanager
+    def optimizer_state(self, mode: str = "read"):
+        """The fp32 shard state as {"master", "exp_avg", "exp_avg_sq"}: the tensors
+        themselves in memory; offloaded, shard-sized copies read from the file ("read",
+        "update") or to be filled completely by the caller ("write"), written back on a
+        clean exit ("write", "update"). Checkpoints and the optimizer's state_dict read
+        and restore the state only through this."""
+        if mode not in ("read", "write", "update"):
+            raise ValueError(f"mode {mode!r}: one of 'read', 'write', 'update'")
+        if self.offload is None:
+            yield {"master": self.master, "exp_avg": self.exp_avg,
+                   "exp_avg_sq": self.exp_avg_sq}
+            return
+        n = self.offload.numel
+        state = self.offload.read_all() if mode != "write" else \
+            {k: torch.zeros(n, dtype=torch.float32) for k in ("master", "exp_avg", "exp_avg_sq")}
+        yield state
+        if mode != "read":
+            self.offload.write_all(state)
+
+    def close(self) -> None:
+        """Free what outlives the Python objects: the offloaded state's file."""
+        if self.offload is not None:
+            self.offload.close()
 
     def step_inputs(self) -> StepState:
         """The tensors the optimizer-step graph reads and updates, by name."""
@@ -92,8 +129,9 @@ class TrainState:
 
     def bytes(self) -> int:
         """Bytes of training state held: parameters, gradients, optimizer state."""
-        return nbytes(self.flat_params, self.master, self.exp_avg, self.exp_avg_sq,
-                      self.shard_lowp, self.shard_grads, self.full_grads)
+        buffers = self.offload.memory_bytes() if self.offload is not None else 0
+        return buffers + nbytes(self.flat_params, self.master, self.exp_avg, self.exp_avg_sq,
+                                self.shard_lowp, self.shard_grads, self.full_grads)
 
     def bucket_view(self, plan: Plan, bucket: int) -> torch.Tensor:
         """Bucket ``bucket``'s range of the flat parameters (stage 3: persistent ones only)."""

@@ -36,6 +36,7 @@ from zerofx.runtime.comm.dist import init_distributed
 from zerofx.runtime.comm.placement import device_of, gather_group, groups
 from zerofx.runtime.grad_intake import GradIntake
 from zerofx.runtime.loss_scaler import LossScaler
+from zerofx.runtime.offload import open_offload
 from zerofx.runtime.optimizer_spec import OptimizerSpec
 from zerofx.runtime.param_gather import ParamGather
 from zerofx.runtime.shard_optimizer import ShardOptimizer
@@ -87,10 +88,15 @@ class ZeroRuntime:
         factor = self.config.pre_reduce_factor
         self.pre_reduce = 1.0 / self.plan.grid.dp_size if factor is None else factor
         self.micro_steps = 0
+        # An explicit accumulation boundary (DeepSpeed's set_gradient_accumulation_boundary,
+        # the engine's no_sync): the answer for every micro-step until changed; None: every
+        # gas-th micro-step ends a window.
+        self.boundary: bool | None = None
         self.state = TrainState.allocate(
             self.plan, self.device, scaler=LossScaler.from_config(self.config.fp16,
                                                                    device=self.device),
-            lr=self.spec.lr, beta1=self.spec.beta1, gas=self.gas)
+            lr=self.spec.lr, beta1=self.spec.beta1, gas=self.gas,
+            offload=open_offload(self.config, self.plan, self.spec, self.device))
         self.carriers = ParamCarriers(model, named, self.plan)
         self.carriers.install(named, self.state.flat_params, self.state.master)
         self.state.master_filled()
@@ -131,6 +137,7 @@ class ZeroRuntime:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        self.state.close()  # an offloaded state's disk space
 
     # ---- parameters ---------------------------------------------------------------------
     @contextlib.contextmanager
@@ -192,10 +199,11 @@ class ZeroRuntime:
             if self.comm.group is not None:
                 dist.broadcast(value, src=src, group=self.comm.group)
             flat = value.reshape(-1)
-            for o in self.plan.owned_pieces_of(name):
-                piece = flat[o.start:o.start + o.numel]
-                self.state.master[o.at:o.at + o.numel].copy_(piece)
-                self.state.shard_lowp[o.at:o.at + o.numel].copy_(piece)
+            with self.state.optimizer_state("update") as fp32:
+                for o in self.plan.owned_pieces_of(name):
+                    piece = flat[o.start:o.start + o.numel]
+                    fp32["master"][o.at:o.at + o.numel].copy_(piece)
+                    self.state.shard_lowp[o.at:o.at + o.numel].copy_(piece)
 
     def local_param(self, name: str) -> torch.Tensor:
         """This rank's piece of parameter ``name``: a view of the flat compute-dtype buffer."""
@@ -237,7 +245,10 @@ class ZeroRuntime:
 
     @property
     def is_boundary(self) -> bool:
-        """Whether the backward now running ends an accumulation window."""
+        """Whether the backward now running ends an accumulation window (``boundary`` when
+        set, else every ``gas``-th micro-step)."""
+        if self.boundary is not None:
+            return self.boundary
         return (self.micro_steps + 1) % self.gas == 0
 
     # ---- what the graphs call (graph_ops.TrainingState) ---------------------------------
@@ -300,7 +311,7 @@ class ZeroRuntime:
         """
         boundary = self.is_boundary
         self._check_loss_scaled()
-        self.micro_steps += 1
+        self.micro_steps = _next_micro_step(self.micro_steps, self.gas, boundary)
         if not boundary:
             self.intake.end_micro_step(boundary=False)
             return False
@@ -487,6 +498,16 @@ def _warn_unused_momentum(config: Config, schedule, optimizer, rank: int) -> Non
         log.warning("scheduler %s: cycle_momentum is not applied to %s (only to the "
                     "config's Adam/AdamW/Lamb); set cycle_momentum false to silence this",
                     config.scheduler.type, type(optimizer).__name__)
+
+
+def _next_micro_step(micro: int, gas: int, boundary: bool) -> int:
+    """The micro-step count after a step, kept so that ``micro // gas`` counts the windows
+    ended (update_steps, checkpoint tags) and ``micro % gas`` is the place in the open one,
+    also when an explicit boundary ends a window early (the count jumps to the next window)
+    or holds it open past ``gas`` micro-steps (it stays at the window's last place)."""
+    if boundary:
+        return (micro // gas + 1) * gas
+    return min(micro + 1, micro // gas * gas + gas - 1)
 
 
 def _boundary_of(runtime):

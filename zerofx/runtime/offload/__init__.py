@@ -1,0 +1,39 @@
+"""ZeRO-Infinity's optimizer offload to NVMe: the fp32 master shard and the moments on disk.
+
+    files    StateFile: the private, preallocated, unlinked file; OffloadError
+    stream   ChunkStream: chunks through a few buffers, reads and writes overlapped
+    state    OffloadedState: the step's passes over the chunks, whole-state reads and writes
+    ops      the step graph's ops and the ``update`` the step function uses
+
+The runtime meets it at two seams: TrainState (its ``offload`` and ``optimizer_state``) and
+the step function's ``update`` (runtime/step_fn.py). docs/offload.md is the user's page.
+"""
+from __future__ import annotations
+
+from zerofx.runtime.offload.files import OffloadError
+from zerofx.runtime.offload.state import OffloadedState, check_offloadable
+
+__all__ = ["OffloadError", "OffloadedState", "default_chunk", "open_offload"]
+
+
+def default_chunk(shard_numel: int) -> int:
+    """Elements per chunk without sub_group_size: a sixteenth of the shard, so the buffers
+    (buffer_count of them) hold a fraction of the state, within [2**20, 2**24] elements
+    (12 MiB to 192 MiB per buffer: large sequential transfers, bounded memory)."""
+    return min(max(shard_numel // 16, 1 << 20), 1 << 24)
+
+
+def open_offload(config, plan, spec, device) -> OffloadedState | None:
+    """The offloaded state the config asks for (None: the state stays in memory)."""
+    from zerofx.config.blocks import AioConfig
+
+    off = config.zero_optimization.offload_optimizer
+    if off.device != "nvme":
+        return None
+    check_offloadable(device, spec.kind)
+    aio = config.aio or AioConfig()
+    return OffloadedState(plan, kind=spec.kind, hyper=spec.hyper, path=off.nvme_path,
+                          chunk=config.zero_optimization.sub_group_size
+                          or default_chunk(plan.shard_numel),
+                          buffer_count=off.buffer_count, block_size=aio.block_size,
+                          threads=aio.intra_op_parallelism)

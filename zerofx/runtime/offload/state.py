@@ -1,0 +1,221 @@
+"""OffloadedState: this rank's fp32 master shard and optimizer moments, in a file on disk.
+
+What an in-memory run keeps as three shard-sized fp32 tensors (TrainState.master, exp_avg,
+exp_avg_sq) lives in one private file (offload/files.py) and is streamed through a few
+chunk-sized buffers (offload/stream.py) by each optimizer step: the fused Adam/LAMB kernels
+run on each chunk as they run on the whole shard in memory, and give the same bits:
+
+- Adam/AdamW is elementwise: any cut of the shard computes the same values.
+- LAMB's first pass returns per-tensor partial sums in float32, each the rounding of a
+  double sum over the kernel's pieces of one call. A chunk therefore never cuts a tensor's
+  part of an owned range (it is cut only where an owned range or a tensor begins), so each
+  sum is the one the in-memory call computes, and the chunks' sums add up in the in-memory
+  order (the extra terms are exact zeros). A tensor piece longer than the chunk size makes
+  a longer chunk.
+- A skipped (overflow) step changes nothing in memory; here it reads and writes nothing.
+
+A failure while the file is written (a full disk, an I/O error, an interrupt) leaves parts
+of the state updated and parts not: the state is then marked broken and never read again
+(every later use raises, naming the first failure); writing the whole state anew
+(load_checkpoint) repairs it.
+"""
+from __future__ import annotations
+
+import atexit
+import bisect
+import itertools
+import weakref
+
+import torch
+
+from zerofx.runtime.fused_optim import adam_step_, lamb_apply_, lamb_moments_
+from zerofx.runtime.offload.files import OffloadError, StateFile
+from zerofx.runtime.offload.stream import FIELDS, ChunkStream
+
+# The offloaded states by id, for the step graph's ops (offload/ops.py). Their own table, not
+# graph_ops' registry of training states: what reads that one (zerofx.zero, deepspeed.utils'
+# helpers) expects runtimes there.
+_STATES: "weakref.WeakValueDictionary[int, OffloadedState]" = weakref.WeakValueDictionary()
+_IDS = itertools.count(1)
+
+
+def lookup(oid: int) -> "OffloadedState":
+    state = _STATES.get(oid)
+    if state is None:
+        raise RuntimeError(f"zerofx offloaded optimizer state {oid} no longer exists: keep "
+                           f"the engine (its runtime) alive while its step graph runs")
+    return state
+
+_ALL, _NONE = (0, 3), (0, 0)
+
+
+class OffloadedState:
+    """The optimizer state of ``plan``'s shard on disk (see the module doc)."""
+
+    def __init__(self, plan, *, kind: str, hyper, path: str, chunk: int, buffer_count: int,
+                 block_size: int, threads: int):
+        self.plan, self.kind, self.hyper = plan, kind, hyper
+        self.numel = plan.shard_numel
+        starts = [s.offset for s in plan.params] + [plan.padded_numel]
+        self.bounds = torch.tensor(starts, dtype=torch.int64)
+        cuts = _lamb_cuts(plan, starts) if kind == "lamb" else None
+        self.chunks = chunk_plan(self.numel, chunk, cuts)
+        self._segments = [_segments(plan, a, b) for a, b in self.chunks]
+        self.file = StateFile.create(path, 3 * 4 * self.numel, rank=plan.rank,
+                                     block_size=block_size)
+        self.stream = ChunkStream(self.file, self.chunks, buffer_count=buffer_count,
+                                  threads=threads)
+        self.broken: str | None = None
+        self.id = next(_IDS)  # the step graph's ops name it by this id (lookup)
+        _STATES[self.id] = self
+        ref = weakref.ref(self)
+        atexit.register(lambda: ref() is not None and ref().close())
+
+    @property
+    def num_tensors(self) -> int:
+        return self.bounds.numel() - 1
+
+    def memory_bytes(self) -> int:
+        """Bytes held in memory: the chunk buffers."""
+        return self.stream.buffer_bytes()
+
+    # ---- the optimizer step (through offload/ops.py's ops) -------------------------------
+    def adam(self, g, out, *, lr, step, coef, skip, beta1, in_place: bool) -> None:
+        """Fused Adam/AdamW over the shard, chunk by chunk; ``out`` takes the compute-dtype
+        values (the flat parameters' rows when ``in_place``, else shard-shaped)."""
+        if float(skip):  # the kernel would change nothing: no I/O either
+            return
+
+        def visit(i, a, b, fields):
+            master, m, v = fields
+            for lo, hi, flat in self._segments[i]:
+                o = flat if in_place else lo
+                adam_step_(master[lo - a:hi - a], g[lo:hi], m[lo - a:hi - a], v[lo - a:hi - a],
+                           lr=lr, step=step, hyper=self.hyper, grad_scale=coef, skip=skip,
+                           param_out=out[o:o + hi - lo], beta1=beta1)
+        self._run(visit, read=_ALL, write=_ALL)
+
+    def lamb_moments(self, g, *, coef, skip, beta1) -> torch.Tensor:
+        """LAMB pass 1 over the shard: new moments (written back), the [2, T] partial sums."""
+        if float(skip):
+            return torch.zeros(2, self.num_tensors, dtype=torch.float32)
+        sums = []
+
+        def visit(i, a, b, fields):
+            master, m, v = fields
+            for lo, hi, flat in self._segments[i]:
+                s = lamb_moments_(master[lo - a:hi - a], g[lo:hi], m[lo - a:hi - a],
+                                  v[lo - a:hi - a], self.bounds, hyper=self.hyper,
+                                  grad_scale=coef, skip=skip, shard_offset=flat, beta1=beta1)
+                sums.append(s)
+        self._run(visit, read=_ALL, write=(1, 3))
+        total = torch.zeros(2, self.num_tensors, dtype=torch.float32)
+        for s in sums:  # in shard order, as the in-memory step adds its ranges' sums
+            total = total + s
+        return total
+
+    def lamb_apply(self, ratio, out, *, lr, step, skip, beta1, in_place: bool) -> None:
+        """LAMB pass 2 over the shard: new master weights (written back) and ``out``."""
+        if float(skip):
+            return
+
+        def visit(i, a, b, fields):
+            master, m, v = fields
+            for lo, hi, flat in self._segments[i]:
+                o = flat if in_place else lo
+                lamb_apply_(master[lo - a:hi - a], m[lo - a:hi - a], v[lo - a:hi - a],
+                            self.bounds, ratio, lr=lr, step=step, hyper=self.hyper, skip=skip,
+                            shard_offset=flat, param_out=out[o:o + hi - lo], beta1=beta1)
+        self._run(visit, read=_ALL, write=(0, 1))
+
+    # ---- the whole state (checkpoints, the optimizer's state_dict, initialisation) --------
+    def read_all(self) -> dict[str, torch.Tensor]:
+        """The three fields as shard-sized tensors read from the file."""
+        whole = {k: torch.empty(self.numel, dtype=torch.float32) for k in FIELDS}
+
+        def visit(i, a, b, fields):
+            for k, t in zip(FIELDS, fields):
+                whole[k][a:b].copy_(t)
+        self._run(visit, read=_ALL, write=_NONE)
+        return whole
+
+    def write_all(self, whole: dict) -> None:
+        """Replace the state by ``whole`` (field -> shard-sized tensor; a missing or None
+        field is zeros). Repairs a broken state when it completes."""
+        def visit(i, a, b, fields):
+            for k, t in zip(FIELDS, fields):
+                src = whole.get(k)
+                t.copy_(src[a:b]) if src is not None else t.zero_()
+        self._run(visit, read=_NONE, write=_ALL)
+        self.broken = None
+
+    def close(self) -> None:
+        """Free the disk space and the buffers (engine.destroy, ZeroRuntime.close, exit)."""
+        self.stream.close()
+        self.file.close()
+        self.broken = "it was closed (engine.destroy / ZeroRuntime.close)"
+
+    def _run(self, visit, *, read, write) -> None:
+        if read != _NONE and self.broken is not None:
+            raise OffloadError(
+                f"the offloaded optimizer state in {self.file.path} is not usable: {self.broken}."
+                f" Nothing of it is read again; load the last checkpoint (it rewrites the state) "
+                f"or restart")
+        try:
+            self.stream.run(visit, read=read, write=write)
+        except BaseException as e:
+            if write != _NONE:  # some chunks may be written and others not
+                self.broken = f"a write failed part way ({type(e).__name__}: {e})"
+            raise
+
+
+def chunk_plan(numel: int, chunk: int, cuts=None) -> list[tuple[int, int]]:
+    """[a, b) chunks covering [0, numel), at most ``chunk`` long, cut only at ``cuts``
+    (None: anywhere); a stretch between two neighbouring cuts longer than ``chunk`` is one
+    chunk."""
+    if cuts is None:
+        return [(a, min(a + chunk, numel)) for a in range(0, numel, chunk)]
+    points = sorted({c for c in cuts if 0 < c < numel} | {numel}) if numel else []
+    out, a = [], 0
+    while a < numel:
+        j = bisect.bisect_right(points, a + chunk) - 1
+        b = points[j] if j >= 0 and points[j] > a else points[bisect.bisect_right(points, a)]
+        out.append((a, b))
+        a = b
+    return out
+
+
+def _lamb_cuts(plan, starts: list[int]) -> list[int]:
+    """Shard offsets where a LAMB chunk may end: owned range ends and tensor starts."""
+    cuts = []
+    for r in plan.owned():
+        cuts.append(r.at + r.numel)
+        lo = bisect.bisect_right(starts, r.start)
+        hi = bisect.bisect_left(starts, r.start + r.numel)
+        cuts += [r.at + f - r.start for f in starts[lo:hi]]
+    return cuts
+
+
+def _segments(plan, a: int, b: int) -> list[tuple[int, int, int]]:
+    """The owned ranges' parts inside chunk [a, b): (shard lo, shard hi, flat offset of
+    lo). One kernel call each, as the in-memory step calls it once per owned range."""
+    out = []
+    for r in plan.owned():
+        lo, hi = max(a, r.at), min(b, r.at + r.numel)
+        if lo < hi:
+            out.append((lo, hi, r.start + lo - r.at))
+    return out
+
+
+def check_offloadable(device: torch.device, kind: str) -> None:
+    """What NVMe offload needs of the run: a CPU run and zerofx's fused optimizer."""
+    if device.type != "cpu":
+        raise OffloadError(
+            f"offload_optimizer device 'nvme' with parameters on {device}: zerofx streams the "
+            f"offloaded state on CPU-only runs (its GPU path, copying gradient shards to the "
+            f"host, is not built yet); drop the offload or train on the CPU")
+    if kind == "torch":
+        raise OffloadError(
+            "offload_optimizer device 'nvme' runs zerofx's fused Adam, AdamW or Lamb on each "
+            "chunk; a torch optimizer object cannot be streamed: configure the optimizer in "
+            "the config's \"optimizer\" block instead of passing one")
