@@ -50,6 +50,13 @@ def test_most_examples_load():
     ({"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}},
      "grad_accum_dtype 'fp32' with bf16 compute"),
     ({"expert_parallel": {"enabled": True}}, "expert parallelism"),
+    ({"compile": {"deepcompile": True, "passes": ["autosp"]}}, "AutoSP"),
+    ({"compile": {"deepcompile": True, "passes": ["z3"]}, "zero_optimization": {"stage": 2}},
+     "'z3' with zero_optimization.stage 2"),
+    ({"compile": {"deepcompile": True, "passes": ["z1"]}}, "'z1' with zero_optimization.stage 0"),
+    ({"compile": {"deepcompile": True, "passes": ["autotp"]}}, "'autotp' without"),
+    ({"compile": {"deepcompile": True, "passes": ["z2"]}}, "DeepCompile pass 'z2'"),
+    ({"compile": {"deepcompile": True, "passes": "z1"}}, "compile.passes 'z1'"),
     # DeepSpeed: every step() is then a boundary (engine.backward only accumulates)
     ({"managed_gradient_accumulation": False}, "managed_gradient_accumulation false"),
 ])
@@ -71,6 +78,18 @@ def test_switched_off_and_no_effect_blocks_are_accepted(caplog):
     assert cfg.zero_optimization.stage == 2
     text = caplog.text
     assert "autotuning" in text and "cuda_visible_devices" in text and "stage3_" in text
+
+
+def test_deepcompile_passes_that_agree_with_the_config_load():
+    """compile.passes names DeepCompile's passes (deepspeed.compile.config.PassName): z1 is
+    ZeRO-1/2, z3 ZeRO-3, autotp AutoTP; zerofx's stage and tensor_parallel do those jobs."""
+    cfg = Config.from_dict({"compile": {"deepcompile": True, "passes": ["z1"]},
+                            "zero_optimization": {"stage": 2}})
+    assert cfg.zero_optimization.stage == 2
+    cfg = Config.from_dict({"compile": {"deepcompile": True, "passes": ["z3", "autotp"]},
+                            "zero_optimization": {"stage": 3},
+                            "tensor_parallel": {"autotp_size": 2}})
+    assert cfg.zero_optimization.stage == 3 and cfg.tensor_parallel.size == 2
 
 
 def test_keys_that_mean_what_zerofx_does_load():

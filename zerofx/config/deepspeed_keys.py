@@ -73,7 +73,7 @@ COMPILE_NO_EFFECT = {
     **dict.fromkeys(("free_activation", "free_activation_threshold", "double_buffer",
                      "symmetric_memory", "sync_before_reduce", "sync_after_reduce",
                      "sync_before_allgather", "sync_after_allgather",
-                     "keep_int_input_tensors", "keep_all_input_tensors", "passes",
+                     "keep_int_input_tensors", "keep_all_input_tensors",
                      "offload_activation_pin_memory", "debug_log"),
                     "DeepCompile's own schedule; zerofx's passes decide that"),
 }
@@ -188,7 +188,8 @@ def screen(raw: Mapping) -> dict:
             out[block] = _screen_block(block, raw[block], refused, quiet, notes,
                                        off=lambda v: not v)
     if isinstance(raw.get("compile"), Mapping):
-        unknown = sorted(set(raw["compile"]) - set(COMPILE_REFUSED) - set(COMPILE_NO_EFFECT))
+        unknown = sorted(set(raw["compile"]) - set(COMPILE_REFUSED) - set(COMPILE_NO_EFFECT)
+                         - {"passes"})  # passes: _map_compile_passes
         if unknown:
             raise refuse(f"compile.{unknown[0]}", f"DeepCompile's {clip(str(unknown[0]))}",
                          "drop it")
@@ -200,6 +201,8 @@ def screen(raw: Mapping) -> dict:
                      "block as a mapping, e.g. {\"deepcompile\": true}, or drop it")
     if isinstance(raw.get("tensor_parallel"), Mapping):
         out["tensor_parallel"] = _map_autotp(raw["tensor_parallel"], notes)
+    if isinstance(raw.get("compile"), Mapping) and raw["compile"].get("passes") is not None:
+        _map_compile_passes(raw["compile"]["passes"], raw, out, notes)
     if isinstance(raw.get("torch_autocast"), Mapping):
         _map_torch_autocast(raw["torch_autocast"], out, notes)
     _screen_optimizer(raw.get("optimizer"))
@@ -352,6 +355,48 @@ def _map_autotp(block: Mapping, notes: list) -> dict:
     if sizes:
         notes.append("tensor_parallel.autotp_size (applied as tensor_parallel.size)")
     return out
+
+
+# DeepCompile's pass names (deepspeed.compile.config.PassName) -> the zerofx setting that does
+# that job: ZeRO by zero_optimization.stage, AutoTP by tensor_parallel (zerofx finds the
+# layout from the traced graph, as AutoTP does).
+_ZERO_PASS_STAGES = {"z1": (1, 2), "z3": (3,)}
+
+
+def _map_compile_passes(passes: Any, raw: Mapping, out: dict, notes: list) -> None:
+    """compile.passes: each DeepCompile pass must agree with what zerofx's config already
+    says (zerofx runs its own passes); AutoSP (Ulysses sequence parallelism) is refused."""
+    if not isinstance(passes, list) or not all(isinstance(p, str) for p in passes):
+        raise refuse("compile.passes", f"compile.passes {show(passes)}",
+                     'give a list of DeepCompile pass names, e.g. ["z1"], or drop it')
+    zero = raw.get("zero_optimization")
+    stage = int(zero) if isinstance(zero, bool) else \
+        zero.get("stage", 0) if isinstance(zero, Mapping) else 0
+    tp = out.get("tensor_parallel", {}).get("size", 1) if isinstance(
+        out.get("tensor_parallel"), Mapping) else 1
+    for name in passes:
+        if name == "autosp":
+            raise refuse("compile.passes", "DeepCompile's AutoSP pass (Ulysses sequence "
+                         "parallelism)", "drop \"autosp\": zerofx's sequence parallelism is "
+                         "Megatron's, with tensor parallelism (tensor_parallel."
+                         "sequence_parallel)")
+        if name in _ZERO_PASS_STAGES:
+            if stage not in _ZERO_PASS_STAGES[name]:
+                want = " or ".join(map(str, _ZERO_PASS_STAGES[name]))
+                raise refuse("compile.passes", f"compile.passes {name!r} with "
+                             f"zero_optimization.stage {show(stage)}",
+                             f"set zero_optimization.stage to {want}, or drop {name!r}: "
+                             f"zerofx's ZeRO passes follow the stage")
+        elif name == "autotp":
+            if not isinstance(tp, int) or tp < 2:
+                raise refuse("compile.passes", "compile.passes 'autotp' without a "
+                             "tensor-parallel size", "set tensor_parallel.autotp_size (or "
+                             "size) to 2 or more, or drop 'autotp'")
+        else:
+            raise refuse("compile.passes", f"DeepCompile pass {show(name)}",
+                         'use "z1", "z3" or "autotp" (what zerofx maps), or drop it')
+    notes.append(f"compile.passes {passes} (zerofx's own passes do these jobs: ZeRO by "
+                 f"zero_optimization.stage, AutoTP by tensor_parallel)")
 
 
 _AUTOCAST_DEFAULT_MODULES = {"torch.nn.Linear", "torch.nn.Conv1d", "torch.nn.Conv2d",
