@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from zerofx.config import Config, ConfigError
 
@@ -47,8 +48,9 @@ def test_most_examples_load():
     ({"torch_autocast": {"enabled": True}, "bf16": {"enabled": True}},
      "torch_autocast together"),
     ({"gradient_allreduce_op": "sum"}, "gradient_allreduce_op"),
-    ({"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}},
-     "grad_accum_dtype 'fp32' with bf16 compute"),
+    ({"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp16"}},
+     "grad_accum_dtype 'fp16' with bf16 compute"),
+    ({"data_types": {"grad_accum_dtype": "bf16"}}, "grad_accum_dtype 'bf16' with fp32 compute"),
     ({"expert_parallel": {"enabled": True}}, "expert parallelism"),
     ({"compile": {"deepcompile": True, "passes": ["autosp"]}}, "AutoSP"),
     ({"compile": {"deepcompile": True, "passes": ["z3"]}, "zero_optimization": {"stage": 2}},
@@ -78,6 +80,15 @@ def test_switched_off_and_no_effect_blocks_are_accepted(caplog):
     assert cfg.zero_optimization.stage == 2
     text = caplog.text
     assert "autotuning" in text and "cuda_visible_devices" in text and "stage3_" in text
+
+
+def test_fp32_gradient_accumulation_under_bf16_loads():
+    cfg = Config.from_dict({"bf16": {"enabled": True},
+                            "data_types": {"grad_accum_dtype": "float32"}})
+    assert cfg.grad_dtype == torch.float32 and cfg.compute_dtype == torch.bfloat16
+    assert Config.from_dict(cfg.to_dict()) == cfg
+    plain = Config.from_dict({"bf16": {"enabled": True}})
+    assert plain.grad_dtype == torch.bfloat16
 
 
 def test_deepcompile_passes_that_agree_with_the_config_load():

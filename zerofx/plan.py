@@ -128,6 +128,9 @@ class Plan:
     padded_numel: int  # flat buffer length: the sum of the padded buckets
     reduce_scatter: bool = True  # stage 2 reduce-scatters buckets (else all-reduce + slice)
     tp_choices: tuple = ()  # TPChoice per split Linear: what the layout chose and why
+    # what gradients accumulate and are reduced in (None: compute_dtype; fp32 with
+    # data_types.grad_accum_dtype "fp32")
+    grad_accum_dtype: torch.dtype | None = None
     tp_left_whole: tuple = ()  # (projection weight, why) the layout could not split
 
     @property
@@ -214,6 +217,11 @@ class Plan:
         except KeyError:
             raise KeyError(f"parameter {name!r} is not in the plan") from None
 
+    @property
+    def grad_dtype(self) -> torch.dtype:
+        """The dtype of the gradient buffers and their reductions."""
+        return self.grad_accum_dtype or self.compute_dtype
+
     def predicted_bytes(self) -> dict[str, int]:
         """Bytes per rank of the training state this plan implies (what the dump reports)."""
         total, mine = self.padded_numel, self.shard_numel
@@ -225,7 +233,7 @@ class Plan:
         return {
             "master_fp32": 4 * state,
             "optimizer_state": 8 * state,  # Adam: two fp32 moments
-            "gradients": lowp * grads if self.compute_dtype != torch.float32 else 4 * grads,
+            "gradients": self.grad_dtype.itemsize * grads,
             "compute_params": lowp * total if self.compute_dtype != torch.float32 else 0,
         }
 
@@ -325,6 +333,8 @@ def make_plan(
                 compute_dtype=config.compute_dtype, params=tuple(slots),
                 buckets=tuple(buckets), padded_numel=offset,
                 reduce_scatter=config.zero_optimization.reduce_scatter,
+                grad_accum_dtype=config.grad_dtype if config.grad_dtype != config.compute_dtype
+                else None,
                 tp_choices=tp_layout.choices if tp_layout is not None else (),
                 tp_left_whole=tp_layout.left_whole if tp_layout is not None else ())
 

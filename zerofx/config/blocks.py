@@ -31,7 +31,7 @@ from zerofx.config.scheduler import (  # noqa: F401  (re-exported by zerofx.conf
 )
 
 __all__ = [
-    "AioConfig", "BF16Config", "ConfigError", "FP16Config",
+    "AioConfig", "BF16Config", "DataTypesConfig", "ConfigError", "FP16Config",
     "LRRangeTestParams", "OffloadOptimizerConfig", "OneCycleParams", "OptimizerConfig",
     "SchedulerConfig", "TensorParallelConfig", "WarmupDecayLRParams", "WarmupLRParams",
     "ZeroConfig", "ZerofxConfig",
@@ -156,6 +156,19 @@ class ActivationCheckpointingConfig:
     """Synchronise the device at region boundaries (no effect here)."""
     profile: bool = setting(False, boolean)
     """Log each checkpointed call (debug level)."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+@dataclass(frozen=True)
+class DataTypesConfig:
+    """DeepSpeed's "data_types" block. Only what differs from the compute dtype is kept
+    (config/deepspeed_keys.py screens the rest): fp32 gradient accumulation under bf16/fp16."""
+
+    grad_accum_dtype: str | None = setting(None, optional(choice("fp32")))
+    """"fp32": gradients accumulate and are reduced in fp32 (DeepSpeed's BF16 optimizer's
+    rule); None: in the compute dtype."""
 
     def __post_init__(self) -> None:
         validate(self)

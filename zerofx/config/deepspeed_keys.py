@@ -439,8 +439,9 @@ _DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "torch.float
 
 def _screen_reduction(raw: Mapping, out: dict, notes: list) -> None:
     """data_types.grad_accum_dtype, gradient_allreduce_op, managed_gradient_accumulation:
-    zerofx accumulates gradients in the compute dtype, averages them, and ends a window every
-    gradient_accumulation_steps step() calls; the DeepSpeed value that means the same loads."""
+    zerofx accumulates gradients in the compute dtype (or fp32: data_types), averages them,
+    and ends a window every gradient_accumulation_steps step() calls; the DeepSpeed values
+    that mean what zerofx does load."""
     if raw.get("managed_gradient_accumulation") is False:
         # DeepSpeed then makes every step() a boundary (backward only accumulates): a loop
         # written for it would take gradient_accumulation_steps times fewer updates here.
@@ -460,10 +461,16 @@ def _screen_reduction(raw: Mapping, out: dict, notes: list) -> None:
         return
     accum = types.get("grad_accum_dtype") if isinstance(types, Mapping) else types
     compute = "fp16" if _on(raw.get("fp16")) else "bf16" if _on(raw.get("bf16")) else "fp32"
-    if accum is not None and _DTYPE_NAMES.get(str(accum).lower()) != compute:
+    name = _DTYPE_NAMES.get(str(accum).lower()) if accum is not None else compute
+    if name == "fp32" and compute != "fp32":
+        # DeepSpeed's BF16 optimizer (and its ZeRO optimizers' gradient_accumulation_dtype):
+        # the gradients of the micro-steps summed, and reduced, in fp32
+        out["data_types"] = {"grad_accum_dtype": "fp32"}
+        return
+    if name != compute:
         raise refuse("data_types.grad_accum_dtype", f"grad_accum_dtype {show(accum)} with "
                      f"{compute} compute", f"zerofx accumulates gradients in the compute "
-                     f"dtype: drop the key or set it to {compute!r}")
+                     f"dtype or in fp32: drop the key or set it to {compute!r} or 'fp32'")
     notes.append("data_types (gradients accumulate in the compute dtype)")
     del out["data_types"]
 

@@ -14,7 +14,7 @@ from functools import partial
 from typing import Any
 
 from zerofx.config.blocks import (
-    ActivationCheckpointingConfig, AioConfig, BF16Config, FP16Config, MonitorConfig,
+    ActivationCheckpointingConfig, AioConfig, BF16Config, DataTypesConfig, FP16Config, MonitorConfig,
     OptimizerConfig, TensorParallelConfig, WandbConfig, ZeroConfig, ZerofxConfig,
     DEEPSPEED_CLIP_DEFAULT, CLIP_NORM, PREDIVIDE, parse_zero, parse_optimizer,
     dump_optimizer,
@@ -66,6 +66,8 @@ class Config:
     """float16 mixed precision with loss scaling."""
     bf16: BF16Config = nested_setting(BF16Config)
     """bfloat16 mixed precision."""
+    data_types: DataTypesConfig = nested_setting(DataTypesConfig)
+    """The gradient accumulation dtype, where it is not the compute dtype."""
     activation_checkpointing: ActivationCheckpointingConfig = nested_setting(
         ActivationCheckpointingConfig)
     """Activation checkpointing, for zerofx.checkpointing (deepspeed.checkpointing) calls."""
@@ -162,6 +164,15 @@ class Config:
         if self.fp16.enabled:
             return torch.float16
         return torch.bfloat16 if self.bf16.enabled else torch.float32
+
+    @property
+    def grad_dtype(self) -> Any:
+        """The dtype gradients accumulate and are reduced in: fp32 with
+        data_types.grad_accum_dtype "fp32", else the compute dtype."""
+        import torch
+
+        return torch.float32 if self.data_types.grad_accum_dtype == "fp32" \
+            else self.compute_dtype
 
     @property
     def pre_reduce_factor(self) -> float | None:

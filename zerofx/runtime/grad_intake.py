@@ -123,7 +123,7 @@ class GradIntake:
         if full is not None:
             return full[b.offset:b.offset + b.padded]
         if bucket not in self._staging:
-            buf = torch.empty(b.padded, dtype=self.plan.compute_dtype,
+            buf = torch.empty(b.padded, dtype=self.plan.grad_dtype,
                               device=self.state.flat_params.device)
             buf[b.numel:].zero_()
             self._staging[bucket] = buf

@@ -62,12 +62,13 @@ class TrainState:
             else torch.empty(0, dtype=low, device=dev)
         # Stage 2 with reduce-scatter and no accumulation never holds the full gradients.
         needs_full = not plan.reduces_into_shard or gas > 1
-        full_grads = torch.zeros(plan.padded_numel, dtype=low, device=dev) if needs_full \
+        grad = plan.grad_dtype  # the compute dtype, or fp32 (data_types.grad_accum_dtype)
+        full_grads = torch.zeros(plan.padded_numel, dtype=grad, device=dev) if needs_full \
             else None
         if plan.reduces_into_shard:  # the reduce-scatter's target (stage 1 slices in the step)
-            shard_grads = torch.zeros(plan.shard_numel, dtype=low, device=dev)
+            shard_grads = torch.zeros(plan.shard_numel, dtype=grad, device=dev)
         else:
-            shard_grads = torch.empty(0, dtype=low, device=dev) if plan.sharded else full_grads
+            shard_grads = torch.empty(0, dtype=grad, device=dev) if plan.sharded else full_grads
         def moment():  # offloaded: in the file only (preallocated, it reads as zeros)
             return master.new_empty(0) if offload is not None else torch.zeros_like(master)
         return cls(

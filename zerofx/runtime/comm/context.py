@@ -55,7 +55,7 @@ class CommContext:
             _warn_unused_pins(config, forms)
         shm = shm_mirrors(plan, config, forms, group, param_group)
         return cls(group=group, tp_group=tp_group, param_group=param_group, forms=forms,
-                   cost=cost_of(forms, plan.compute_dtype), shm=shm,
+                   cost=cost_of(forms, plan), shm=shm,
                    step_gathers=StepGathers(group, gather_chunks(plan, config),
                                             plan.persist_offset, mirror=shm.get("gather")))
 

@@ -225,10 +225,12 @@ def choose_forms(plan, config, group, *, reduces_into_shard: bool,
         return {}
     dtype, forms = plan.compute_dtype, {}
     # room for both roles' mirrors (shm_mirrors) and the largest timing probe
-    shm = shm_comm.available(group, 3 * plan.padded_numel * dtype.itemsize, device)
+    shm = shm_comm.available(group, (2 * dtype.itemsize + plan.grad_dtype.itemsize)
+                             * plan.padded_numel, device)
     if reduces_into_shard:
-        forms["reduce"] = choose("reduce", group, max(b.padded for b in plan.buckets), dtype,
-                                 pinned=config.zerofx.reduce_form, shm=shm)
+        forms["reduce"] = choose("reduce", group, max(b.padded for b in plan.buckets),
+                                 role_dtype(plan, "reduce"), pinned=config.zerofx.reduce_form,
+                                 shm=shm)
     chunks = gather_chunks(plan, config)
     if chunks:
         numel = max(sum(b.padded for _, b in c) for c in chunks)
@@ -256,7 +258,7 @@ def shm_mirrors(plan, config, forms: dict[str, Choice], group,
     gradient buckets (keyed by bucket) and the gather mirror the flat parameters the step
     gathers (keyed by chunk), both on ``group``; the param_gather mirror stage 3's gathered
     buckets (keyed by bucket), on ``gather_group``. A collective, like choose_forms."""
-    dtype, nb = plan.compute_dtype, len(plan.buckets)
+    nb = len(plan.buckets)
     groups = {"reduce": group, "gather": group, "param_gather": gather_group}
     layout = {"reduce": (plan.padded_numel, nb),
               "gather": (plan.padded_numel - plan.persist_offset,
@@ -266,13 +268,20 @@ def shm_mirrors(plan, config, forms: dict[str, Choice], group,
     for role, choice in forms.items():
         if choice.form == "shm":
             numel, keys = layout[role]
-            mirrors[role] = shm_comm.ShmMirror(groups[role], numel, dtype, keys)
+            mirrors[role] = shm_comm.ShmMirror(groups[role], numel, role_dtype(plan, role),
+                                               keys)
     return mirrors
 
 
-def cost_of(forms: dict[str, Choice], dtype: torch.dtype) -> CommCost:
+def role_dtype(plan, role: str) -> torch.dtype:
+    """What a role moves: gradients (reduce) in the plan's gradient dtype, parameters in
+    the compute dtype."""
+    return plan.grad_dtype if role == "reduce" else plan.compute_dtype
+
+
+def cost_of(forms: dict[str, Choice], plan) -> CommCost:
     """The dump's cost model, from what ``forms`` timed (zerofx/comm_cost.py)."""
-    return fitted([(kind_of(c.role, f), c.numel * dtype.itemsize, ms)
+    return fitted([(kind_of(c.role, f), c.numel * role_dtype(plan, c.role).itemsize, ms)
                    for c in forms.values() for f, ms in c.times_ms])
 
 
