@@ -1,4 +1,4 @@
-"""zerofx-plan's per-rank memory (zerofx/planner.py): model states against ZeRO's formulas,
+"""zerofx-plan's per-rank memory (zerofx/planner/): model states against ZeRO's formulas,
 activations against what a real run saves for its backward."""
 import pytest
 import torch

@@ -10,7 +10,10 @@ MODULE:FUNCTION`` returning one micro-batch (a dict of keyword arguments or a tu
 Prints rank 0's parameters, gradients, optimizer states, the step's temporary, the
 activations saved for the backward (from the partitioned graphs: casts, checkpointing and
 zerofx.activation_memory_budget included), ZeRO-3's gathered parameters and the peak; with
-``--memory GiB``, whether it fits and what to change. Step time is not predicted yet.
+``--memory GiB``, whether it fits and what to change. Then the predicted step time on
+``--device`` (h100, h200, or this-host: timed here, the default): the graphs' FLOPs and
+memory traffic at the device's rates, the optimizer step and the collectives the plan implies
+(zerofx/planner/step_time.py), with the items that dominate.
 """
 from __future__ import annotations
 
@@ -61,12 +64,21 @@ def advice(mem, config, limit: float) -> list[str]:
     stage = config.zero_optimization.stage
     if stage < 3 and mem.parameters + mem.gradients + mem.optimizer > 0.3 * limit:
         out.append(f"a higher ZeRO stage (now {stage}) shards more of the model states")
-    if mem.activations > 0.3 * limit:
+    if mem.activations + mem.working > 0.3 * limit:
         out.append("a lower zerofx.activation_memory_budget (recompute in the backward), "
                    "activation checkpointing, or a smaller --micro_batch / --seq")
     if mem.gathered > 0.2 * limit:
         out.append("a lower zero_optimization.stage3_max_live_parameters")
     return out or ["more ranks, or tensor parallelism (tensor_parallel.size)"]
+
+
+def time_report(step) -> str:
+    """The predicted step and its largest items."""
+    lines = [f"step time on {step.device.name} ({step.device.source}): {step.ms:.4g} ms "
+             f"predicted; largest items:"]
+    lines += [f"  {ms:10.2f} ms  {what}" + ("  (overlaps compute)" if ov else "")
+              for what, ms, ov in step.top()]
+    return "\n".join(lines)
 
 
 def report(mem, plan, config, memory_gib: float | None) -> str:
@@ -85,7 +97,7 @@ def report(mem, plan, config, memory_gib: float | None) -> str:
         else:
             text += (f"\ndoes NOT fit in {memory_gib:g} GiB (peak {mem.peak / GIB:.2f} GiB); "
                      f"try: " + "; ".join(advice(mem, config, limit)))
-    return text + "\nstep time: not predicted yet"
+    return text
 
 
 def parse_args(argv=None):
@@ -98,6 +110,9 @@ def parse_args(argv=None):
     p.add_argument("--micro_batch", type=int, default=None, help="sequences per micro-batch")
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence")
     p.add_argument("--memory", type=float, default=None, help="GiB per rank to fit in")
+    p.add_argument("--device", default="this-host",
+                   help="what the step time is predicted on: h100, h200 or this-host "
+                        "(timed here; the default)")
     return p.parse_args(argv)
 
 
@@ -105,17 +120,26 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from zerofx.config import Config, ConfigError
     from zerofx.planner import plan_rank
+    from zerofx.planner.step_time import DEVICES, device_named, predict_step_time
 
     if args.world < 1:
         raise SystemExit(f"zerofx-plan: --world {args.world}: at least 1 rank")
+    if args.device not in DEVICES:
+        raise SystemExit(f"zerofx-plan: --device {args.device!r} is not a device zerofx-plan "
+                         f"knows; use one of {', '.join(DEVICES)} (this-host times this "
+                         f"machine)")
     build = _load(args.model, "--model")
+    shm = args.device == "this-host"  # a CPU job here: gloo, ranks share the host
     try:
         config = Config.from_any(args.config)
-        mem, plan = plan_rank(build, config, _inputs(args), world=args.world)
+        mem, plan = plan_rank(build, config, _inputs(args), world=args.world, shm=shm)
+        device = device_named(args.device, dtype=plan.compute_dtype, ranks_here=args.world)
+        step = predict_step_time(mem, plan, config, device, shm=shm)
     except ConfigError as e:
         print(f"zerofx-plan: {e}", file=sys.stderr)
         return 2
     print(report(mem, plan, config, args.memory))
+    print(time_report(step))
     return 0
 
 

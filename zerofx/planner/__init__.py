@@ -1,0 +1,131 @@
+"""What a job needs per rank before it runs, and how long its step takes, from a model built
+without weights (fake tensors) and zerofx's own layout and graphs (``zerofx-plan``,
+tools/plan.py).
+
+    memory.py     bytes by kind (model states, communication buffers, activations saved
+                  for the backward, the graphs' working tensors, ZeRO-3's gathered
+                  parameters, the step's temporary) and the peak, when they live together
+    graphs.py     per traced forward/backward pair: saved bytes, the live-bytes peak of
+                  each graph, FLOPs and memory traffic, read from the partitioned graphs
+    step_time.py  the predicted step time: FLOPs at a device's rate, memory traffic at its
+                  bandwidth, the collectives the plan implies through comm_cost's model
+
+The model is built under a fake-tensor mode: shapes and dtypes, no storage. Tensor
+parallelism divides the split weights per the layout (tensor_parallel.plan, or found on the
+traced graph, fake tensors and all); activations, FLOPs and traffic are those of one
+tensor-parallel rank's graph as traced whole, an upper bound.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from zerofx.config import Config, ConfigError
+from zerofx.passes import PassSpec
+from zerofx.plan import make_plan
+from zerofx.planner.graphs import GraphFacts, graph_facts, saved_activation_bytes
+from zerofx.planner.memory import (RankMemory, activation_peak, comm_buffers, gathered_bytes,
+                                   model_states)
+from zerofx.tp.layout import resolve_tp_layout
+
+__all__ = ["GraphFacts", "RankMemory", "plan_rank", "model_states", "trace_graphs",
+           "saved_activation_bytes"]
+
+
+def plan_rank(build, config, example, *, world: int, rank: int = 0,
+              shm: bool = False) -> tuple:
+    """(RankMemory, Plan) of ``rank`` in a job of ``world`` ranks. ``build()`` makes the
+    model; it runs under a fake-tensor mode, so no weight is allocated (a 70B model plans on
+    a laptop). ``example``: one micro-batch's keyword (dict) or positional (tuple) inputs,
+    small real tensors (ids, labels), made fake here; or a function of the built model that
+    returns them (inputs read from its config). ``shm``: the ranks are on one host of a CPU
+    job, so the shared-memory collective form (and its buffers) may be chosen."""
+    config = Config.from_any(config)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        model = build()
+    example = _fake(example(model) if callable(example) else example, mode)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    layout = resolve_tp_layout(model, config, example)
+    plan = make_plan(named, config, rank=rank, world_size=world, tp_layout=layout)
+    graphs = trace_graphs(model, config, example, plan.compute_dtype)
+    saved, working = activation_peak(graphs)
+    mem = RankMemory(**model_states(plan, config), activations=saved, working=working,
+                     gathered=gathered_bytes(plan, config),
+                     comm_buffers=comm_buffers(plan, config, shm=shm), graphs=graphs)
+    return mem, plan
+
+
+def _fake(obj, mode):
+    if isinstance(obj, torch.Tensor):
+        return mode.from_tensor(obj)
+    if isinstance(obj, dict):
+        return {k: _fake(v, mode) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_fake(v, mode) for v in obj)
+    return obj
+
+
+def trace_graphs(model: nn.Module, config: Config, example, dtype) -> list[GraphFacts]:
+    """GraphFacts of each forward/backward pair of one traced training micro-step."""
+    traced = Config.from_dict({
+        "bf16": {"enabled": config.bf16.enabled}, "fp16": {"enabled": config.fp16.enabled},
+        "zero_optimization": {"reduce_bucket_size":
+                              config.zero_optimization.reduce_bucket_size},
+        "zerofx": {"activation_memory_budget": config.zerofx.activation_memory_budget}})
+    seen: list[GraphFacts] = []
+
+    def record(pair, ctx):
+        def bucket_of(name):
+            try:
+                return ctx.plan.slot(name).bucket
+            except KeyError:
+                return None
+        seen.append(graph_facts(pair[0], pair[1], ctx.num_fwd_outputs, ctx.roles, bucket_of))
+        return pair
+
+    with _params_in(model, dtype):
+        compiled = torch.compile(model, backend="zero", options={
+            "config": traced, "extra_passes": (PassSpec("plan_saved", record,
+                                                        frozenset({"partitioned"})),)})
+        args, kwargs = (example, {}) if isinstance(example, tuple) else ((), example)
+        out = compiled(*args, **kwargs)
+        loss = _loss_of(out)
+        loss.backward()  # on fake tensors: nothing computed, the backward graph traced
+    torch._dynamo.reset()  # the traced graphs hold fake tensors: not for reuse
+    lacking = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    if lacking or not seen:  # never a silent zero: the backward was not traced through
+        what = lacking[:3] or "the parameters"
+        raise ConfigError(f"zerofx-plan traced no backward reaching {what}: the loss must "
+                          f"depend on every trained parameter (freeze the others: "
+                          f"requires_grad=False)")
+    return seen
+
+
+@contextlib.contextmanager
+def _params_in(model: nn.Module, dtype):
+    """The runtime stores parameters in the compute dtype: trace them so (no casts)."""
+    old = {p: p.data for p in model.parameters() if p.requires_grad}
+    for p in old:
+        p.data = p.data.to(dtype)
+    try:
+        yield
+    finally:
+        for p, data in old.items():
+            p.data = data
+
+
+def _loss_of(out) -> torch.Tensor:
+    loss = getattr(out, "loss", None)
+    if loss is None and isinstance(out, dict):
+        loss = out.get("loss")
+    if loss is None:
+        loss = out if isinstance(out, torch.Tensor) else None
+    if loss is None or loss.dim() != 0:
+        raise ConfigError("zerofx-plan traces one training step: the model must return its "
+                          "loss (a scalar, or an output with .loss); pass labels in the "
+                          "example inputs")
+    return loss

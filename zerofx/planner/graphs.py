@@ -1,0 +1,195 @@
+"""What the traced graphs of one training micro-step hold and compute, per forward/backward
+pair, read from the partitioned graphs on fake tensors (``node.meta["val"]``: shapes and
+dtypes, no storage).
+
+    saved      bytes the forward saves for its backward: each storage once (a value and its
+               views share one); parameters and their views hold no memory of their own
+    fw_peak    the most bytes alive while the forward runs: its non-parameter inputs (values
+               an earlier graph made), then each value from the node that makes it to its
+               last reader (torch.fx's generated code drops a value after its last use),
+               outputs (saved values and what the caller gets) to the end
+    bw_peak    the same over the backward, from its inputs (the saved values, each storage
+               once, and the incoming gradients), each freed after its last reader (the
+               compiled backward takes its inputs boxed and drops them so); a parameter's
+               gradient lives until the last gradient of its bucket is made (zerofx's
+               bucketing copies a bucket into the gradient buffer then)
+    flops      matmul/convolution/attention FLOPs of each graph, by torch's own formulas
+               (torch.utils.flop_counter's registry, called on the nodes' fake values); the
+               backward's include what it recomputes (checkpointing, the budget)
+    moved      bytes every other op reads and writes (inputs + outputs): the memory traffic
+               that bounds elementwise, normalisation and reduction ops
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop, sdpa_flop
+
+from zerofx.passes.nodes import is_cast, is_view, role_of
+
+aten = torch.ops.aten
+_NO_MEMORY = ("param", "buffer")  # graph inputs that live in the model states
+# ops that move no bytes of their own (views are handled by is_view)
+_FREE = {operator.getitem, aten.empty.memory_format, aten.scalar_tensor.default,
+         aten.detach.default, aten.alias.default}
+# CPU's attention kernels take the arguments of the CUDA ones torch's registry counts
+_FLOPS = {aten._scaled_dot_product_flash_attention_for_cpu: sdpa_flop,
+          aten._scaled_dot_product_flash_attention_for_cpu_backward: sdpa_backward_flop}
+
+
+@dataclass(frozen=True)
+class GraphFacts:
+    """One forward/backward pair's memory and work (see the module doc)."""
+
+    saved: int
+    fw_peak: int
+    bw_peak: int
+    fw_flops: int
+    bw_flops: int
+    fw_moved: int
+    bw_moved: int
+
+
+def graph_facts(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, roles,
+                bucket_of) -> GraphFacts:
+    """The facts of one partitioned pair. ``roles``: the forward's InputRoles, in order (the
+    backward's outputs are their gradients); ``bucket_of(name)``: a parameter's bucket."""
+    owners = [_storage_owner(o) if isinstance(o, fx.Node) else None
+              for o in fw.graph.output_node().args[0][num_fwd_outputs:]]
+    fw_sizes = {o: _bytes(o) for o in owners if o is not None and _holds_memory(o)}
+    saved = sum(fw_sizes.values())
+    fw_peak = _peak(fw, initial=_input_bytes(fw))
+    # the backward's inputs: the saved values (keyed by their forward storage, so views of
+    # one storage count once), then the incoming gradients
+    key, sizes = {}, {}
+    for i, n in enumerate(n for n in bw.graph.nodes if n.op == "placeholder"):
+        k = key[n] = owners[i] if i < len(owners) else n
+        if k is not None:
+            sizes[k] = fw_sizes.get(k, 0) if i < len(owners) else _bytes(n)
+    release = _grad_release(bw, roles, bucket_of)
+    bw_peak = _peak(bw, inputs=(key, sizes), release=release)
+    return GraphFacts(saved, fw_peak, bw_peak, _flops(fw), _flops(bw), _moved(fw), _moved(bw))
+
+
+def saved_activation_bytes(fw: fx.GraphModule, num_fwd_outputs: int) -> int:
+    """Bytes the forward graph saves for its backward (see the module doc)."""
+    owners = {_storage_owner(o) for o in fw.graph.output_node().args[0][num_fwd_outputs:]
+              if isinstance(o, fx.Node)}
+    return sum(_bytes(o) for o in owners if _holds_memory(o))
+
+
+def _holds_memory(node: fx.Node) -> bool:
+    """Not a parameter or buffer (nor a view of one: the owner is asked)."""
+    if node.op != "placeholder":
+        return True
+    role = role_of(node)
+    return role is not None and role.kind not in _NO_MEMORY
+
+
+def _storage_owner(node: fx.Node) -> fx.Node:
+    """The node whose output storage ``node`` views (itself when it owns one)."""
+    while node.op == "call_function" and is_view(node) and not is_cast(node):
+        node = node.all_input_nodes[0]
+    return node
+
+
+def _bytes(node: fx.Node) -> int:
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return int(val.numel() * val.element_size())
+    return 0
+
+
+def _input_bytes(g: fx.GraphModule) -> int:
+    return sum(_bytes(n) for n in g.graph.nodes if n.op == "placeholder" and _holds_memory(n))
+
+
+def _peak(g: fx.GraphModule, *, initial: int = 0, inputs=None, release=None) -> int:
+    """The most bytes alive at once while ``g`` runs its nodes in order (module doc).
+    ``initial``: bytes alive throughout; ``inputs``: (placeholder -> storage key, key ->
+    bytes) of inputs freed after their last reader; ``release``: storage -> the position
+    it is freed at instead. Outputs live to the end."""
+    nodes = list(g.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    out, end = g.graph.output_node(), len(nodes)
+    key = {}  # node -> the storage it belongs to (None: alive throughout, or no tensor)
+    for n in nodes:
+        if n.op == "placeholder":
+            key[n] = inputs[0][n] if inputs else None
+        elif n.op == "call_function":
+            owner = _storage_owner(n)
+            key[n] = key.get(owner) if owner.op == "placeholder" else owner
+    free_at: dict = {}
+    for n in nodes:
+        k = key.get(n)
+        if k is None:
+            continue
+        free_at.setdefault(k, pos.get(k, 0))  # made (or handed in) and never read: at once
+        for user in n.users:
+            free_at[k] = max(free_at[k], end if user is out else pos[user])
+    for k, at in (release or {}).items():
+        if k in free_at:
+            free_at[k] = at
+    frees: dict[int, list] = {}
+    for k, at in free_at.items():
+        frees.setdefault(at, []).append(k)
+    size = dict(inputs[1]) if inputs else {}
+    live = initial + sum(size.values())
+    peak = live
+    for i, n in enumerate(nodes):
+        if n.op == "call_function" and key.get(n) is n:
+            size[n] = _bytes(n)
+            live += size[n]
+        peak = max(peak, live)
+        for k in frees.pop(i, ()):
+            live -= size.get(k, 0)
+    return peak
+
+
+def _grad_release(bw: fx.GraphModule, roles, bucket_of) -> dict:
+    """Parameter gradient -> the node position its bucket completes at (module doc)."""
+    grads = bw.graph.output_node().args[0]
+    pos = {n: i for i, n in enumerate(bw.graph.nodes)}
+    by_bucket: dict[int, list] = {}
+    for role, g in zip(roles, grads):
+        if isinstance(g, fx.Node) and role is not None and role.kind == "param":
+            b = bucket_of(role.name)
+            if b is not None:
+                by_bucket.setdefault(b, []).append(_storage_owner(g))
+    release = {}
+    for owners in by_bucket.values():
+        done = max(pos[o] for o in owners)
+        release.update({o: done for o in owners if o.op != "placeholder"})
+    return release
+
+
+def _flops(g: fx.GraphModule) -> int:
+    total = 0
+    for n in g.graph.nodes:
+        fn = _flop_formula(n)
+        if fn is not None:
+            args, kwargs = torch.fx.node.map_arg((n.args, n.kwargs), lambda a: a.meta.get("val"))
+            total += int(fn(*args, **kwargs, out_val=n.meta.get("val")))
+    return total
+
+
+def _flop_formula(node: fx.Node):
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return None
+    packet = target.overloadpacket
+    return flop_registry.get(packet) or _FLOPS.get(packet)
+
+
+def _moved(g: fx.GraphModule) -> int:
+    total = 0
+    for n in g.graph.nodes:
+        if n.op != "call_function" or n.target in _FREE or _flop_formula(n) is not None:
+            continue
+        if is_view(n) and not is_cast(n):
+            continue
+        total += _bytes(n) + sum(_bytes(a) for a in n.all_input_nodes)
+    return total

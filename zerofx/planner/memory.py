@@ -1,0 +1,145 @@
+"""Per-rank bytes of a planned job, by kind, and when they are alive together.
+
+    model states     the flat buffers exactly as TrainState allocates them for the plan
+                     (the same code, on the meta device): parameters in the compute dtype
+                     (stage 3: this rank's shard plus the persistent buckets), gradients
+                     (the all-reduce / accumulation buffer and the reduce-scatter shard),
+                     the optimizer state (fp32 master, exp_avg, exp_avg_sq)
+    comm buffers     the shared-memory mirrors of the ``shm`` collective form
+                     (runtime/comm/forms.shm_mirrors), where the job may take it: ranks of a
+                     CPU (gloo) job on one host, the form pinned or "fastest" (the runtime
+                     times the forms at startup; the plan counts the mirror it may map)
+    activations      saved for the backward, each forward graph's (planner/graphs.py)
+    working          the forward's and backward's own temporaries at the activation peak:
+                     the peak over the micro-step's graphs run in order, each with the
+                     saved values of the graphs before it alive, minus all saved values
+    gathered         ZeRO-3's whole parameters alive at once: at most
+                     stage3_max_live_parameters elements, at least the largest bucket a
+                     graph reads whole
+    step temporary   stage 1 copies this rank's gradients out of the full buffer; stages
+                     1-2 build the updated compute-dtype shard before gathering it (unless
+                     the gather form is pinned to one that writes in place); stages 2-3
+                     without accumulation stage each bucket's gradients whole until the
+                     step waits for its reduce-scatter. The optimizer step runs after the
+                     backward, when no activation is left (the staged gradients fill up
+                     during the backward: at its peak, early, they are not counted)
+
+    peak = model states + comm buffers + max(activations + working + gathered, step temporary)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from zerofx.config import Config
+from zerofx.plan import Plan, gather_chunks
+from zerofx.runtime.loss_scaler import LossScaler
+from zerofx.runtime.train_state import TrainState, nbytes
+
+_FLAG_ALIGN = 64  # the shm mirror's flags: 2 int64 per rank per key, 64-byte aligned
+
+
+@dataclass
+class RankMemory:
+    """Bytes one rank holds, by kind (see the module doc)."""
+
+    parameters: int
+    gradients: int
+    optimizer: int
+    step_temporary: int
+    activations: int
+    gathered: int
+    working: int = 0
+    comm_buffers: int = 0
+    graphs: list = field(default_factory=list)  # planner.graphs.GraphFacts per traced pair
+
+    @property
+    def model_states(self) -> int:
+        return self.parameters + self.gradients + self.optimizer
+
+    @property
+    def peak(self) -> int:
+        return self.model_states + self.comm_buffers + max(
+            self.activations + self.working + self.gathered, self.step_temporary)
+
+    def rows(self) -> list[tuple[str, int]]:
+        return [("parameters", self.parameters), ("gradients", self.gradients),
+                ("optimizer states", self.optimizer),
+                ("communication buffers", self.comm_buffers),
+                ("activations saved for backward", self.activations),
+                ("forward/backward working tensors", self.working),
+                ("ZeRO-3 gathered parameters", self.gathered),
+                ("step temporary (after the backward)", self.step_temporary),
+                ("peak", self.peak)]
+
+
+def model_states(plan: Plan, config: Config) -> dict[str, int]:
+    """Parameter, gradient, optimizer and step-temporary bytes of TrainState for ``plan``."""
+    meta = torch.device("meta")
+    st = TrainState.allocate(plan, meta, scaler=LossScaler.from_config(config.fp16,
+                                                                       device=meta),
+                             lr=0.0, beta1=0.0,
+                             gas=config.accumulation_steps(plan.grid.dp_size))
+    shard = plan.shard_numel * plan.compute_dtype.itemsize
+    temp = 0
+    if plan.sharded and not plan.partitioned:
+        # runtime/step_fn.py: stage 1 gathers this rank's gradients out of the full buffer;
+        # the updated compute-dtype shard is a temporary unless the gather form writes in
+        # place (p2p, shm: pinned; "fastest" may choose either, so it is counted)
+        temp += shard if not plan.reduces_into_shard else 0
+        temp += shard if config.zerofx.gather_form not in ("p2p", "shm") else 0
+    if plan.reduces_into_shard and st.full_grads is None:
+        # runtime/grad_intake.py: each bucket's gradients are staged whole until its
+        # reduce-scatter is waited for, in the step
+        temp += plan.padded_numel * plan.compute_dtype.itemsize
+    return {"parameters": nbytes(st.flat_params, st.shard_lowp),
+            "gradients": nbytes(st.full_grads, st.shard_grads),
+            "optimizer": nbytes(st.master, st.exp_avg, st.exp_avg_sq),
+            "step_temporary": temp}
+
+
+def gathered_bytes(plan: Plan, config: Config) -> int:
+    if not plan.partitioned:
+        return 0
+    largest = max((b.padded for b in plan.buckets if b.offset < plan.persist_offset),
+                  default=0)
+    live = max(largest, min(config.zero_optimization.stage3_max_live_parameters,
+                            plan.persist_offset))
+    return live * plan.compute_dtype.itemsize
+
+
+def comm_buffers(plan: Plan, config: Config, *, shm: bool) -> int:
+    """Bytes of the shm mirrors the runtime may map (module doc); ``shm``: the data-parallel
+    ranks are on one host of a CPU job, where the form is offered."""
+    dp = plan.grid.dp_size
+    if not shm or dp < 2 or not plan.sharded:
+        return 0
+    pinned = {"reduce": config.zerofx.reduce_form, "gather": config.zerofx.gather_form}
+    nb = len(plan.buckets)
+    # role -> (elements, keys), as runtime/comm/forms.shm_mirrors lays them out
+    roles = {}
+    if plan.reduces_into_shard and dp == 2:  # the shm reduce sums pairwise: 2 ranks only
+        roles["reduce"] = (plan.padded_numel, nb)
+    chunks = gather_chunks(plan, config)
+    if chunks:
+        roles["gather"] = (plan.padded_numel - plan.persist_offset, len(chunks))
+    if plan.partitioned and plan.persist_offset:
+        roles["param_gather"] = (plan.persist_offset, nb)
+    total = 0
+    for role, (numel, keys) in roles.items():
+        if pinned["reduce" if role == "reduce" else "gather"] in ("shm", "fastest"):
+            flags = -(-2 * dp * keys * 8 // _FLAG_ALIGN) * _FLAG_ALIGN
+            total += flags + numel * plan.compute_dtype.itemsize
+    return total
+
+
+def activation_peak(graphs) -> tuple[int, int]:
+    """(saved, working) of the micro-step's graphs run in order: forwards first, then the
+    backwards in reverse, each with the saved values of the graphs before it alive."""
+    saved = sum(g.saved for g in graphs)
+    before, peak = 0, saved
+    for g in graphs:
+        peak = max(peak, before + g.fw_peak, before + g.bw_peak)
+        before += g.saved
+    return saved, peak - saved
