@@ -386,7 +386,9 @@ def test_a_10mb_key_or_value_is_not_copied_into_the_message(tmp_path, text):
     error, seconds, peak = _measure(lambda: Config.from_file(path))
     assert isinstance(error, ConfigError), error
     message = str(error)
-    assert len(message) < 600 and "kkk..." in message, message[:1000]
+    # the path, the key cut to 80 characters and the list of valid keys: far under 1 KiB
+    # beside the 10 MB key, whatever keys the config grows
+    assert len(message) < 1000 and "kkk..." in message, message[:1000]
     assert seconds < 10, seconds
     assert peak < 200 << 20, f"{peak / 2**20:.0f} MiB"  # no difflib index over the key
 
@@ -394,4 +396,4 @@ def test_a_10mb_key_or_value_is_not_copied_into_the_message(tmp_path, text):
 def test_a_10mb_key_in_a_dict_is_not_copied_either():
     with pytest.raises(ConfigError) as info:
         Config.from_dict({"fp16": {HUGE: 1}})
-    assert len(str(info.value)) < 600 and "'fp16.kkk" in str(info.value)
+    assert len(str(info.value)) < 1000 and "'fp16.kkk" in str(info.value)
