@@ -57,6 +57,7 @@ def test_a_stale_build_lock_of_a_dead_process_is_removed_and_loading_proceeds(tm
     assert not (build / "lock").exists()
 
 
+@pytest.mark.slow  # waits on a real lock for seconds
 def test_a_lock_a_live_process_holds_is_waited_for_a_bounded_time_then_named(tmp_path):
     build = tmp_path / _built_dir().name
     shutil.copytree(_built_dir(), build)
@@ -90,6 +91,7 @@ def _kill_session(sid: int) -> None:
                 pass
 
 
+@pytest.mark.slow  # waits on a real lock for seconds
 def test_sigterm_during_a_build_leaves_no_lock(tmp_path):
     """The launcher stops ranks with SIGTERM, whose default action skips torch's
     ``finally`` that removes the lock: during a build it must unwind instead."""

@@ -2,9 +2,12 @@
 import runpy
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
+@pytest.mark.slow  # ~10 s: the whole example script
 def test_quickstart_loss_falls(no_torchrun_env, tmp_path):
     main = runpy.run_path(str(EXAMPLES / "quickstart.py"))["main"]
     assert main(["--steps", "25", "--dump", str(tmp_path / "dump")]) == 0
