@@ -19,10 +19,11 @@
     step temporary   stage 1 copies this rank's gradients out of the full buffer; stages
                      1-2 build the updated compute-dtype shard before gathering it (unless
                      the gather form is pinned to one that writes in place); stages 2-3
-                     without accumulation stage each bucket's gradients whole until the
-                     step waits for its reduce-scatter. The optimizer step runs after the
-                     backward, when no activation is left (the staged gradients fill up
-                     during the backward: at its peak, early, they are not counted)
+                     without accumulation stage each bucket's gradients whole until its
+                     reduce-scatter is done, at most STAGED_IN_FLIGHT buckets in flight
+                     and one filling. The optimizer step runs after the backward, when no
+                     activation is left (the staged buckets live during the backward: at
+                     its peak, early, they are not counted)
 
     peak = model states + comm buffers + max(activations + working + gathered, step temporary)
 """
@@ -34,6 +35,7 @@ import torch
 
 from zerofx.config import Config
 from zerofx.plan import Plan, gather_chunks
+from zerofx.runtime.grad_intake import STAGED_IN_FLIGHT
 from zerofx.runtime.loss_scaler import LossScaler
 from zerofx.runtime.train_state import TrainState, nbytes
 
@@ -91,8 +93,10 @@ def model_states(plan: Plan, config: Config) -> dict[str, int]:
         temp += shard if config.zerofx.gather_form not in ("p2p", "shm") else 0
     if plan.reduces_into_shard and st.full_grads is None:
         # runtime/grad_intake.py: each bucket's gradients are staged whole until its
-        # reduce-scatter is waited for, in the step
-        temp += plan.padded_numel * plan.compute_dtype.itemsize
+        # reduce-scatter is done; STAGED_IN_FLIGHT of them in flight, and the next filling
+        largest = max(b.padded for b in plan.buckets)
+        staged = min(plan.padded_numel, (STAGED_IN_FLIGHT + 1) * largest)
+        temp += staged * plan.grad_dtype.itemsize
     return {"parameters": nbytes(st.flat_params, st.shard_lowp),
             "gradients": nbytes(st.full_grads, st.shard_grads),
             "optimizer": nbytes(st.master, st.exp_avg, st.exp_avg_sq),

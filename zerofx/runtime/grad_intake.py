@@ -34,6 +34,12 @@ from zerofx.runtime.comm.pending import Pending
 
 log = logging.getLogger(__name__)
 
+# Stage 2/3 without accumulation stages each bucket's gradients in a buffer of its own that
+# lives until its reduce-scatter is done. At most this many stay in flight: launching one
+# more first waits for the oldest, so the staged gradients never add up to the whole model
+# (DeepSpeed's overlap_comm double-buffers its bucket the same way).
+STAGED_IN_FLIGHT = 2
+
 
 class LateGradientError(RuntimeError):
     """A gradient arrived for a bucket whose collective had already started."""
@@ -152,9 +158,19 @@ class GradIntake:
         if self.pre_reduce != 1.0:  # prescale_gradients / gradient_predivide_factor
             flat.mul_(self.pre_reduce)
         if self.comm.group is not None:  # (staging buckets exist only then: stage 2 needs N ranks)
+            if self.state.full_grads is None:
+                self._bound_staged()
             self._pending.append(self._start_collective(b, flat))
         self._staging.pop(bucket, None)
         self._launched = bucket + 1
+
+    def _bound_staged(self) -> None:
+        """Wait for the oldest staged reductions until fewer than STAGED_IN_FLIGHT remain,
+        freeing their buffers. Every rank launches buckets in the same order and applies
+        the same rule, so every rank waits for the same buckets at the same point."""
+        while len(self._pending) >= STAGED_IN_FLIGHT:
+            pending, _ = self._pending.pop(0)
+            pending.wait()
 
     def _start_collective(self, b, flat):
         """Start bucket ``b``'s reduction; returns (Pending, keep-alive)."""
