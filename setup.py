@@ -33,9 +33,13 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        # transformers: the Hugging Face model zoo of the tests (tiny random-init configs)
+        # transformers: the Hugging Face model zoo of the tests (tiny random-init configs);
+        # accelerate: transformers' Trainer cannot run without it (tests/test_hf_trainer.py)
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "pytest-timeout>=2",
-                 "transformers>=4.45"],
+                 "transformers>=4.45", "accelerate>=1.0,<2"],
+        # zerofx.hf.ZerofxTrainer: the Trainer (overrides hooks of transformers 5.x) and
+        # Accelerate, which the Trainer requires
+        "hf": ["transformers>=5.0,<6", "accelerate>=1.0,<2"],
         # curve.png next to the main job's curve.csv
         "plot": ["matplotlib>=3.5"],
     },
