@@ -15,49 +15,26 @@ Prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import mmap
 import os
 import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 
-class Block(nn.Module):
-    def __init__(self, d: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
-        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
-
-
-class GPT(nn.Module):
-    def __init__(self, layers: int, d: int, vocab: int, ctx: int):
-        super().__init__()
-        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
-        self.blocks = nn.ModuleList(Block(d, max(1, d // 64)) for _ in range(layers))
-        self.ln = nn.LayerNorm(d)
-        self.head = nn.Linear(d, vocab, bias=False)
-
-    def forward(self, idx, targets):
-        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
-        for b in self.blocks:
-            x = b(x)
-        logits = self.head(self.ln(x))
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+def _gpt(args):
+    """The main job's GPT (examples/train_gpt.py), at this benchmark's size."""
+    path = Path(__file__).resolve().parent.parent / "examples" / "train_gpt.py"
+    spec = importlib.util.spec_from_file_location("train_gpt", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.GPT(args.vocab, block=args.ctx, d=args.dim, heads=max(1, args.dim // 64),
+                      layers=args.layers)
 
 
 def _train(args, nvme: str | None):
@@ -65,7 +42,7 @@ def _train(args, nvme: str | None):
 
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = GPT(args.layers, args.dim, args.vocab, args.ctx)
+    model = _gpt(args)
     zero = {"stage": 1, "reduce_bucket_size": 50_000_000}
     if nvme:
         zero.update(sub_group_size=args.chunk, offload_optimizer={
