@@ -169,9 +169,9 @@ def find_auto(raw: Any) -> None:
         return
     path = dotted(found[0])
     raise ConfigError(
-        f"config key '{clip(path)}' is \"auto\": that value is filled in by the Hugging Face "
-        f"Trainer/Accelerate integration of DeepSpeed, which zerofx does not run; write "
-        f"the number here", key=path)
+        f"config key '{clip(path)}' is \"auto\": that value is filled in from the Hugging "
+        f"Face Trainer's arguments; train with zerofx.hf.ZerofxTrainer (it fills \"auto\" "
+        f"as HF's DeepSpeed integration does), or write the number here", key=path)
 
 
 def screen(raw: Mapping) -> dict:
