@@ -77,6 +77,7 @@ def _train(args, nvme: str | None):
 def _bandwidth(path: str, nbytes: int, chunk_bytes: int, *, direct: bool) -> tuple[float, float]:
     """(write, read) bytes/s of ``nbytes`` through one file under ``path``, in chunks."""
     chunk_bytes = max(mmap.PAGESIZE, chunk_bytes // mmap.PAGESIZE * mmap.PAGESIZE)
+    nbytes = max(nbytes, chunk_bytes)  # a state smaller than one chunk: time one chunk
     buf = mmap.mmap(-1, chunk_bytes)  # page-aligned, as O_DIRECT needs
     buf.write(os.urandom(min(chunk_bytes, 1 << 20)) * (chunk_bytes // min(chunk_bytes, 1 << 20)))
     fd, name = tempfile.mkstemp(dir=path)
