@@ -196,6 +196,19 @@ def _unsqueeze(node, get, full, tp):
     return R.moved(sh, 1 if d <= sh.dim else 0)
 
 
+@rule(aten.squeeze.dim, aten.squeeze.dims)
+def _squeeze(node, get, full, tp):  # size-1 dimensions dropped: the split moves down past them
+    sh, args = first_operand(node, get), node.args
+    if not isinstance(sh, R.Shard):
+        return sh  # replicated or a partial sum: unchanged by dropping size-1 dimensions
+    shape = full[args[0]]
+    dims = args[1] if isinstance(args[1], (list, tuple)) else [args[1]]
+    gone = {d % len(shape) for d in dims if shape[d % len(shape)] == 1}
+    if sh.dim in gone:  # (a split dimension is never of size 1)
+        raise R.Unshardable(f"squeeze drops the split dimension {sh.dim}")
+    return R.moved(sh, -sum(d < sh.dim for d in gone))
+
+
 @rule(aten.mm.default, aten.bmm.default)
 def _mm(node, get, full, tp):
     a, b = node.args[:2]
