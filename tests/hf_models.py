@@ -127,3 +127,33 @@ def hf_batch(name: str, seed: int, *, n: int = 2, t: int = 8) -> dict:
     if name == "t5":
         return {"input_ids": ids, "labels": torch.randint(1, VOCAB, (n, 5), generator=g)}
     return {"input_ids": ids, "labels": ids}
+
+
+def train_on_hf_batches(engine, name: str, steps: int, dp_rank: int):
+    """``steps`` training steps of ``engine`` on data-parallel rank ``dp_rank``'s batches
+    (``hf_batch(name, 10 * step + dp_rank)``); returns (losses, the last output)."""
+    losses = []
+    for step in range(steps):
+        out = engine(**hf_batch(name, 10 * step + dp_rank))
+        engine.backward(out.loss)
+        engine.step()
+        losses.append(out.loss.item())
+    return losses, out
+
+
+def one_process_reference(name: str, steps: int, dp: int, lr: float):
+    """One process doing what ``train_on_hf_batches`` does on ``dp`` data-parallel ranks:
+    per step every rank's batch, the mean of their losses, DeepSpeed's step (AdamW with
+    weight decay 0.01, clipping at 1.0). Returns (model, each rank's losses, last output)."""
+    from reference import deepspeed_step
+
+    model = make_hf(name)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    want = [[] for _ in range(dp)]
+    for step in range(steps):
+        for dp_rank in range(dp):
+            out = model(**hf_batch(name, 10 * step + dp_rank))
+            (out.loss / dp).backward()
+            want[dp_rank].append(out.loss.item())
+        deepspeed_step(model, opt, 1.0)
+    return model, want, out

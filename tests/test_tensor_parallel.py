@@ -532,19 +532,14 @@ LLAMA_PLAN = {"*.q_proj": "colwise", "*.k_proj": "colwise", "*.v_proj": "colwise
 
 def _hf_tp_body(rank, world, name, steps, plan, stage=0, sequence_parallel=False):
     import zerofx
-    from hf_models import hf_batch, make_hf
+    from hf_models import make_hf, train_on_hf_batches
 
     tp = {"size": 2, "plan": plan} if plan else {"size": 2}
     tp["sequence_parallel"] = sequence_parallel
     cfg = _cfg(clip=1.0, stage=stage, extra={"tensor_parallel": tp})
     engine, *_ = zerofx.initialize(model=make_hf(name), config=cfg)
-    dp_rank = engine.runtime.plan.grid.dp_rank(rank)
-    losses = []
-    for step in range(steps):
-        out = engine(**hf_batch(name, 10 * step + dp_rank))
-        engine.backward(out.loss)
-        engine.step()
-        losses.append(out.loss.item())
+    losses, out = train_on_hf_batches(engine, name, steps,
+                                      engine.runtime.plan.grid.dp_rank(rank))
     cache = getattr(out, "past_key_values", None)
     kv_shape = cache.layers[0].keys.shape if cache is not None else None
     pieces = {s.name: engine.runtime.local_param(s.name).float().clone()
@@ -565,19 +560,11 @@ def test_hf_models_tp2_train_like_one_process(name, plan, sp):
     all-gathered whole; the empty cache each rank slices. With sequence parallelism the
     norms (GPT-2's LayerNorm, Llama's RMSNorm) and residuals run on each rank's tokens."""
     pytest.importorskip("transformers")
-    from hf_models import TP_LAYOUTS, hf_batch, make_hf
-    from reference import deepspeed_step
+    from hf_models import TP_LAYOUTS, one_process_reference
 
     steps = 3
     results = run_ranks(_hf_tp_body, 2, args=(name, steps, plan, 0, sp), timeout_s=240)
-    model = make_hf(name)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
-    want = []
-    for step in range(steps):
-        out = model(**hf_batch(name, 10 * step))
-        out.loss.backward()
-        want.append(out.loss.item())
-        deepspeed_step(model, opt, 1.0)
+    model, (want,), out = one_process_reference(name, steps, 1, LR)
     for rank, (losses, pieces, shards, kv_shape, styles) in enumerate(results):
         torch.testing.assert_close(losses, want, rtol=1e-5, atol=1e-5)
         if kv_shape is not None:
@@ -648,20 +635,11 @@ def test_hf_gpt2_tp2_dp2_zero2_without_a_plan_trains_like_one_process():
     data-parallel group's gradients and optimizer state, clipping over the whole model;
     equals one process stepping on both data-parallel ranks' batches."""
     pytest.importorskip("transformers")
-    from hf_models import hf_batch, make_hf
-    from reference import deepspeed_step
+    from hf_models import one_process_reference
 
     steps = 2
     results = run_ranks(_hf_tp_body, 4, args=("gpt2", steps, None, 2), timeout_s=280)
-    model = make_hf("gpt2")
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
-    want = {0: [], 1: []}
-    for step in range(steps):
-        for dp_rank in range(2):
-            out = model(**hf_batch("gpt2", 10 * step + dp_rank))
-            (out.loss / 2).backward()
-            want[dp_rank].append(out.loss.item())
-        deepspeed_step(model, opt, 1.0)
+    model, want, _ = one_process_reference("gpt2", steps, 2, LR)
     for rank, (losses, pieces, shards, _, styles) in enumerate(results):
         torch.testing.assert_close(losses, want[rank // 2], rtol=1e-5, atol=1e-5)
         assert styles["transformer.h.1.attn.c_attn"] == ("colwise", 3)

@@ -298,17 +298,11 @@ def _cfg(tp, stage):
 
 def _body(rank, world, name, tp, stage, steps, out_dir):
     import zerofx
-    from hf_models import hf_batch, make_hf
+    from hf_models import make_hf, train_on_hf_batches
 
     engine, *_ = zerofx.initialize(model=make_hf(name), config=_cfg(tp, stage))
     rt = engine.runtime
-    dp_rank = rt.plan.grid.dp_rank(rank)
-    losses = []
-    for step in range(steps):
-        out = engine(**hf_batch(name, 10 * step + dp_rank))
-        engine.backward(out.loss)
-        engine.step()
-        losses.append(out.loss.item())
+    losses, _ = train_on_hf_batches(engine, name, steps, rt.plan.grid.dp_rank(rank))
     engine.save_16bit_model(out_dir)
     engine.save_checkpoint(f"{out_dir}/ckpt", tag="t")
     with rt.gathered_parameters():
@@ -324,19 +318,9 @@ def _projections(model, name):
 
 
 def _check_run(name, tp, stage, steps, out_dir, results, whole=frozenset()):
-    from hf_models import hf_batch, make_hf
-    from reference import deepspeed_step
+    from hf_models import make_hf, one_process_reference
 
-    dp = len(results) // tp
-    model = make_hf(name)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
-    want = [[] for _ in range(dp)]
-    for step in range(steps):
-        for dp_rank in range(dp):
-            out = model(**hf_batch(name, 10 * step + dp_rank))
-            (out.loss / dp).backward()
-            want[dp_rank].append(out.loss.item())
-        deepspeed_step(model, opt, 1.0)
+    model, want, _ = one_process_reference(name, steps, len(results) // tp, LR)
     projections = _projections(model, name)
     for rank, (losses, pieces, shards, styles) in enumerate(results):
         torch.testing.assert_close(losses, want[rank // tp], rtol=1e-5, atol=1e-5)

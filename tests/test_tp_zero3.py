@@ -92,20 +92,11 @@ def test_hf_models_tp2_dp2_zero3_without_a_plan_train_like_one_process(name, sp,
     the layout read from their graphs; the 16-bit model saved at TP 2 x ZeRO-3 holds whole
     weights that load into the unsplit model and evaluate as the trained reference does."""
     pytest.importorskip("transformers")
-    from hf_models import hf_batch, make_hf
-    from reference import deepspeed_step
+    from hf_models import hf_batch, make_hf, one_process_reference
 
     steps = 2
     results = run_ranks(_hf_body, 4, args=(name, steps, sp, str(tmp_path)), timeout_s=280)
-    model = make_hf(name)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
-    want = {0: [], 1: []}
-    for step in range(steps):
-        for dp_rank in range(2):
-            out = model(**hf_batch(name, 10 * step + dp_rank))
-            (out.loss / 2).backward()
-            want[dp_rank].append(out.loss.item())
-        deepspeed_step(model, opt, 1.0)
+    model, want, _ = one_process_reference(name, steps, 2, LR)
     for rank, (losses, pieces, shards, (in_backward, buckets)) in enumerate(results):
         assert any(s is not None for s in shards.values())
         # the backward gathers a bucket at most once (a dead recompute of GPT-2's vocabulary-
