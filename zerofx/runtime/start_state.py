@@ -93,20 +93,13 @@ def agree_random_stream(tp_group) -> None:
     of Megatron's per-rank RNG tracker (docs/tensor-parallel.md)."""
     if tp_group is None or dist.get_world_size(tp_group) == 1:
         return
-    states = [torch.get_rng_state()]
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    if cuda:
-        states.append(torch.cuda.get_rng_state())
-    if dist.get_backend(tp_group) == "nccl":  # NCCL moves device tensors only
-        dev = torch.device("cuda", torch.cuda.current_device())
-        moved = [s.to(dev) for s in states]
-        broadcast_tensors(moved, group=tp_group)
-        states = [s.cpu() for s in moved]
-    else:
-        broadcast_tensors(states, group=tp_group)
-    torch.set_rng_state(states[0])
-    if cuda:
-        torch.cuda.set_rng_state(states[1])
+    cpu_state, cuda_state = from_first_rank(
+        lambda: (torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None),
+        tp_group)
+    torch.set_rng_state(cpu_state)
+    if cuda and cuda_state is not None:
+        torch.cuda.set_rng_state(cuda_state)
 
 
 def agreed_matmul_forms(pinned: str) -> tuple[tuple[str, str], ...]:
