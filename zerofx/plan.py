@@ -128,8 +128,8 @@ class Plan:
     padded_numel: int  # flat buffer length: the sum of the padded buckets
     reduce_scatter: bool = True  # stage 2 reduce-scatters buckets (else all-reduce + slice)
     tp_choices: tuple = ()  # TPChoice per split Linear: what the layout chose and why
-    # what gradients accumulate and are reduced in (None: compute_dtype; fp32 with
-    # data_types.grad_accum_dtype "fp32")
+    # what gradients accumulate and are reduced in (Config.grad_dtype; None, in plans built
+    # by hand: the compute dtype)
     grad_accum_dtype: torch.dtype | None = None
     tp_left_whole: tuple = ()  # (projection weight, why) the layout could not split
 
@@ -333,8 +333,7 @@ def make_plan(
                 compute_dtype=config.compute_dtype, params=tuple(slots),
                 buckets=tuple(buckets), padded_numel=offset,
                 reduce_scatter=config.zero_optimization.reduce_scatter,
-                grad_accum_dtype=config.grad_dtype if config.grad_dtype != config.compute_dtype
-                else None,
+                grad_accum_dtype=config.grad_dtype,
                 tp_choices=tp_layout.choices if tp_layout is not None else (),
                 tp_left_whole=tp_layout.left_whole if tp_layout is not None else ())
 
