@@ -72,7 +72,7 @@ def make_step_fn(rt):
     plan, spec, scaler, comm = rt.plan, rt.spec, rt.state.scaler, rt.comm
     clip = rt.config.clip_norm
     owned, group, sid, norm_group = plan.owned(), comm.group, rt.id, comm.norm_group(plan)
-    reduced_in_shard = rt.reduces_into_shard
+    reduced_in_shard = plan.reduces_into_shard
     dp = plan.grid.dp_size
     chunks = gather_chunks(plan, rt.config)
     gather = form_of("gather", comm.forms["gather"].form if "gather" in comm.forms

@@ -239,11 +239,6 @@ class ZeroRuntime:
         return self.comm.tp_group_name
 
     @property
-    def reduces_into_shard(self) -> bool:
-        """Stage 2: each bucket is reduce-scattered straight into this rank's shard."""
-        return self.plan.reduces_into_shard
-
-    @property
     def is_boundary(self) -> bool:
         """Whether the backward now running ends an accumulation window (``boundary`` when
         set, else every ``gas``-th micro-step)."""
