@@ -102,6 +102,16 @@ def assert_rows_close(got, want, columns=slice(None)):
     assert w[-1, 0] != w[1, 0]  # the weights moved: the comparison can fail
 
 
+def assert_logs_as_deepspeed(got, want):
+    """Losses and gradient norms equal the plain Trainer's; the logged lr is the one after
+    the step, as HF's DeepSpeed path logs it (the engine steps the schedule inside the
+    backward, before the Trainer reads ``get_last_lr``): the plain Trainer's next row, and
+    the schedule's end (0) after the last."""
+    assert_rows_close(got, want, columns=slice(0, 2))
+    assert [r[2] for r in got] == pytest.approx([r[2] for r in want[1:]] + [0.0])
+    assert len({r[2] for r in want}) > 2  # the schedule moves: the shift can fail
+
+
 def deepspeed_warmup_decay(model):
     """AdamW and DeepSpeed's WarmupDecayLR (linear warmup 2, total 6) as a torch schedule:
     DeepSpeed's scheduler starts at warmup_min_lr and its first step() computes iteration 0,
@@ -117,7 +127,7 @@ def deepspeed_warmup_decay(model):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["trainer_adamw", "config_adamw", "short_window"])
 def test_one_process_matches_plain_trainer(case):
-    """Losses, pre-clip gradient norms, lrs and the eval loss after training equal the plain
+    """Losses, pre-clip gradient norms and the eval loss after training equal the plain
     Trainer's over 6 steps: the Trainer's own AdamW (decay off for biases and norms,
     weight_decay 0.1) on zerofx's shard; the config's fused AdamW ("auto" hyperparameters)
     under the Trainer's schedule; an epoch of 11 micro-batches, whose last window holds one
@@ -129,7 +139,8 @@ def test_one_process_matches_plain_trainer(case):
     if case == "config_adamw":
         cfg["optimizer"] = OPTIMIZER
     got_facts, want_facts = {}, {}
-    assert_rows_close(train(cfg, facts=got_facts, **kw), train(None, facts=want_facts, **kw))
+    assert_logs_as_deepspeed(train(cfg, facts=got_facts, **kw),
+                             train(None, facts=want_facts, **kw))
     assert got_facts["eval_loss"] == pytest.approx(want_facts["eval_loss"], rel=1e-5)
 
 
@@ -176,6 +187,43 @@ def test_bf16_from_args():
     torch.testing.assert_close(bf16, autocast, rtol=1e-3, atol=0)
 
 
+def hf_linear(k):
+    """transformers' linear schedule with warmup 2 over 6 steps (training_args'), as a
+    factor of the base lr after k updates."""
+    return k / 2 if k < 2 else max(0.0, (6 - k) / 4)
+
+
+@pytest.mark.slow
+def test_fp16_overflow_skips_do_not_step_the_trainers_schedule():
+    """fp16=True: zerofx's fp16 with dynamic loss scaling. A loss scale of 2**18 overflows
+    the first updates; each skipped update leaves the Trainer's schedule where it was
+    (DeepSpeed's engine steps the scheduler only after an applied step, and HF hands it the
+    Trainer's schedule): the logged lr after each step is HF's linear schedule at the count
+    of applied updates so far, not at the Trainer's step count."""
+    cfg = {**AUTO_BATCH, "fp16": {"enabled": "auto", "initial_scale_power": 18,
+                                  "hysteresis": 1},
+           "zero_optimization": {"stage": 2}}
+    rows = train(cfg, fp16=True)
+    skipped = [r[1] == float("inf") for r in rows]
+    assert 0 < sum(skipped) < 6, rows  # some skipped, some applied
+    applied = [sum(1 for s in skipped[:i + 1] if not s) for i in range(6)]
+    assert [r[2] for r in rows] == pytest.approx([1e-3 * hf_linear(k) for k in applied])
+    assert all(r[0] == r[0] for r in rows)  # the losses stay numbers
+
+
+@pytest.mark.slow
+def test_fp16_from_args_trains_near_fp32():
+    """fp16=True at the default loss scale: no skip on this model, and the losses are fp16's
+    (not fp32's exactly) within fp16's rounding of the fp32 run's."""
+    cfg = {**AUTO_BATCH, "fp16": {"enabled": "auto"}, "zero_optimization": {"stage": 2}}
+    fp32 = torch.tensor(train(cfg))
+    fp16 = torch.tensor(train(cfg, fp16=True))
+    assert torch.isfinite(fp16[:, 1]).all()  # no overflow skip
+    assert (fp16[:, 0] - fp32[:, 0]).abs().max() > 1e-6
+    torch.testing.assert_close(fp16[:, 0], fp32[:, 0], rtol=5e-3, atol=0)
+    torch.testing.assert_close(fp16[:, 2], fp32[:, 2])  # the same schedule
+
+
 # ---- 2 ranks: the plain Trainer's DDP run ----------------------------------------------------
 def _two_rank_body(rank, world_size, stage, out):
     """The plain Trainer's DDP run, ZerofxTrainer's (saving at step 3), and ZerofxTrainer
@@ -208,7 +256,7 @@ def test_two_ranks_match_trainer_ddp(stage, tmp_path):
     steps 4-6 again."""
     results = run_ranks(_two_rank_body, 2, args=(stage, str(tmp_path)), timeout_s=400)
     for ddp, zero, resumed in results:
-        assert_rows_close(zero, ddp)
+        assert_logs_as_deepspeed(zero, ddp)
         torch.testing.assert_close(torch.tensor(resumed), torch.tensor(zero[3:]), rtol=1e-5,
                                    atol=1e-7)
     assert results[0][0] == results[1][0]  # DDP's ranks agree (the logged loss is global)
@@ -274,7 +322,6 @@ def test_auto_refusals(tmp_path):
 # ---- what zerofx cannot honour --------------------------------------------------------------
 @pytest.mark.parametrize("setting, match", [
     ({"optim": "sgd"}, r"optim=sgd: zerofx runs AdamW only"),
-    ({"fp16": True}, r"fp16=True"),
     ({"torch_compile": True}, r"torch_compile=True"),
     ({"deepspeed": {"train_batch_size": 2}}, r"deepspeed=: ZerofxTrainer takes"),
     ({"fsdp": "full_shard"}, r"fsdp=: FSDP and zerofx"),

@@ -12,7 +12,8 @@ that one puts DeepSpeed's:
   hyperparameters for every weight, as DeepSpeed's); without one, the Trainer's own AdamW
   (weight decay off for biases and norms) runs on zerofx's shard;
 - a ``scheduler`` block makes the config's schedule drive the lr; without one, the Trainer's
-  scheduler moves the lr of the optimizer zerofx reads;
+  schedule is handed to the engine, which steps it after each applied update (not after an
+  fp16 overflow skip, DeepSpeed's rule), as HF hands it to DeepSpeed;
 - the Trainer's backward is the engine's ``backward`` then ``step`` (Accelerate's DeepSpeed
   wrapper does the same), so clipping, the update and the ZeRO collectives are zerofx's, and
   the Trainer's own ``optimizer.step()`` and ``clip_grad_norm_`` are no-ops that report;
@@ -26,6 +27,7 @@ transformers 5.x and Accelerate 1.x.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 
 import torch
@@ -71,10 +73,6 @@ def check_args(args, raw: dict) -> None:
         refuse(f"optim={optim}", f"zerofx runs AdamW only through the Trainer "
                f"({' or '.join(ADAMW)}); put another optimizer (Adam, AdamW, Lamb) in the "
                f"config's optimizer block with optim left at its default")
-    if args.fp16 or args.fp16_full_eval:
-        refuse("fp16=True", "fp16 loss scaling is not wired to the Trainer's skipped-step "
-               "handling in ZerofxTrainer; use bf16=True, or fp16 with zerofx.initialize "
-               "in your own loop")
     if args.auto_find_batch_size:
         refuse("auto_find_batch_size=True", "the batch size is fixed when the engine is "
                "built; give per_device_train_batch_size")
@@ -136,10 +134,13 @@ class _SteppedByEngine(torch.optim.Optimizer):
                               "(engine.save_checkpoint in the Trainer's checkpoint folder)")
 
 
-class _ConfigSchedule(torch.optim.lr_scheduler.LRScheduler):
-    """The Trainer's scheduler when the config has a ``scheduler`` block: the engine steps
-    the config's schedule, so the Trainer's ``step`` does nothing (Accelerate's
-    DeepSpeedSchedulerWrapper); ``get_last_lr`` is the lr the engine's next update uses."""
+class _EngineSchedule(torch.optim.lr_scheduler.LRScheduler):
+    """The Trainer's scheduler when the engine steps the schedule (the config's ``scheduler``
+    block, or the Trainer's own schedule handed to the engine): the engine steps it after
+    each applied update and not after an fp16 overflow skip (DeepSpeed's rule), so the
+    Trainer's ``step`` does nothing (Accelerate's DeepSpeedSchedulerWrapper);
+    ``get_last_lr`` is the lr the engine's next update uses. Its state is in the engine's
+    checkpoint."""
 
     def __init__(self, engine):  # no super().__init__: it would step the optimizer's lr
         self.engine, self.optimizer = engine, engine.optimizer
@@ -150,7 +151,7 @@ class _ConfigSchedule(torch.optim.lr_scheduler.LRScheduler):
     def get_last_lr(self):
         return [g["lr"] for g in self.engine.optimizer.param_groups]
 
-    def state_dict(self):  # the engine's checkpoint holds the config schedule
+    def state_dict(self):
         return {}
 
     def load_state_dict(self, state_dict):
@@ -196,14 +197,33 @@ class ZerofxTrainer(transformers.Trainer):
             config["zero_allow_untested_optimizer"] = True
         self.zerofx_config = config
         engine, zero_opt, _, _ = zerofx.initialize(model=self.model, optimizer=torch_opt,
-                                                   config=config)
+                                                   config=config,
+                                                   lr_scheduler=self._schedule_factory(config))
         self.engine = engine
         self.optimizer = _SteppedByEngine(zero_opt)
         return self.optimizer
 
+    def _schedule_factory(self, config):
+        """The Trainer's schedule for the engine to step (HF's DeepSpeed integration hands
+        DeepSpeed a factory the same way), unless the config has its own or the Trainer's
+        is ReduceLROnPlateau (stepped by evaluation metrics, which the Trainer keeps)."""
+        if "scheduler" in config or self._plateau():
+            return None
+
+        def make(optimizer):
+            trainer = copy.copy(self)  # create_scheduler sets lr_scheduler: on a copy
+            trainer.lr_scheduler = None
+            return transformers.Trainer.create_scheduler(
+                trainer, self.state.max_steps, optimizer=optimizer)
+        return make
+
+    def _plateau(self) -> bool:
+        return str(getattr(self.args.lr_scheduler_type, "value",
+                           self.args.lr_scheduler_type)) == "reduce_lr_on_plateau"
+
     def create_scheduler(self, num_training_steps, optimizer=None):
-        if self.lr_scheduler is None and "scheduler" in self.zerofx_config:
-            self.lr_scheduler = _ConfigSchedule(self.engine)
+        if self.lr_scheduler is None and self.engine.lr_scheduler is not None:
+            self.lr_scheduler = _EngineSchedule(self.engine)
             self._created_lr_scheduler = True
             return self.lr_scheduler
         return super().create_scheduler(num_training_steps, optimizer)
