@@ -29,6 +29,7 @@ from zerofx.passes.dump import GraphDump
 from zerofx.passes.nodes import META_INPUT, InputRole
 from zerofx.plan import Plan, make_plan
 from zerofx.runtime.comm.dist import init_distributed
+from zerofx.runtime.model_checks import refuse_sparse_graph
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +251,8 @@ def _partition(joint: fx.GraphModule, joint_inputs, comp: Compilation, **kw):
         _plain_data_parallel(comp)
     num_fwd = kw["num_fwd_outputs"]
     _annotate(joint, comp.roles, tangents=True)
+    refuse_sparse_graph(joint, num_fwd,
+                        lambda n: getattr(n.meta.get(META_INPUT), "name", n.name))
     joint = _run(joint, comp, "joint", num_fwd_outputs=num_fwd)
     fw, bw = partitioner(comp.config)(joint, joint_inputs, **kw)
     return _run_pair((fw, bw), comp, num_fwd_outputs=num_fwd)

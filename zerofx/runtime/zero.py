@@ -36,6 +36,7 @@ from zerofx.runtime.comm.dist import init_distributed
 from zerofx.runtime.comm.placement import device_of, gather_group, groups
 from zerofx.runtime.grad_intake import GradIntake
 from zerofx.runtime.loss_scaler import LossScaler
+from zerofx.runtime.model_checks import refuse_sparse_gradients
 from zerofx.runtime.offload import open_offload
 from zerofx.runtime.optimizer_spec import OptimizerSpec
 from zerofx.runtime.param_gather import ParamGather
@@ -62,6 +63,7 @@ class ZeroRuntime:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ConfigError("the model has no trainable parameters for zerofx to optimize")
+        refuse_sparse_gradients(model)
         # Every buffer and step-state tensor lives where the parameters do (one device).
         self.device = device_of(named)
         layout, split = _tp_layout(model, named, self.config, mpu, example_inputs)

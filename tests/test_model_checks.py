@@ -1,0 +1,75 @@
+"""zerofx/runtime/model_checks.py: what the runtime refuses in a model, before it runs."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import zerofx
+from zerofx.config import ConfigError
+
+CFG = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.0,
+       "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.0}},
+       "zero_optimization": {"stage": 2}}
+
+
+class Tokens(nn.Module):
+    def __init__(self, kind=nn.Embedding, sparse=True, frozen=False):
+        super().__init__()
+        self.emb = kind(20, 8, sparse=sparse)
+        self.emb.weight.requires_grad_(not frozen)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.head(self.emb(x)).pow(2).mean()
+
+
+@pytest.mark.parametrize("kind", [nn.Embedding, nn.EmbeddingBag])
+def test_a_sparse_gradient_module_is_refused_by_name(kind):
+    with pytest.raises(ConfigError, match=rf"emb is an {kind.__name__} with sparse=True.*"
+                                          r"Build it with sparse=False"):
+        zerofx.initialize(model=Tokens(kind), config=CFG)
+
+
+def test_compile_backend_refuses_it_too():
+    """Plain torch.compile: the training graph shows the sparse embedding (bf16 casts would
+    otherwise meet its sparse fp32 gradient deep in the backward)."""
+    cfg = {"train_micro_batch_size_per_gpu": 4, "bf16": {"enabled": True}}
+    model = torch.compile(Tokens(), backend="zero", options={"config": cfg})
+    with pytest.raises(Exception, match=r"emb\.weight: an embedding with sparse=True"):
+        model(torch.randint(0, 20, (4, 3))).backward()
+
+
+def test_a_frozen_sparse_embedding_trains_like_eager():
+    """Nothing sparse reaches the buckets when the embedding does not train: accepted, and
+    the trained head equals eager AdamW's."""
+    torch.manual_seed(0)
+    model = Tokens(frozen=True)
+    ref = copy.deepcopy(model)
+    engine, *_ = zerofx.initialize(model=model, config=CFG)
+    opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2,
+                            weight_decay=0.0)
+    for i in range(3):
+        x = torch.randint(0, 20, (4, 3), generator=torch.Generator().manual_seed(i))
+        loss = engine(x)
+        engine.backward(loss)
+        engine.step()
+        want = ref(x)
+        want.backward()
+        opt.step()
+        opt.zero_grad()
+        torch.testing.assert_close(loss.detach(), want.detach())
+    torch.testing.assert_close(model.head.weight, ref.head.weight)
+    assert not torch.equal(ref.head.weight, Tokens(frozen=True).head.weight)
+
+
+def test_plain_compile_of_a_frozen_sparse_embedding_gives_eager_gradients():
+    torch.manual_seed(0)
+    model, x = Tokens(frozen=True), torch.randint(0, 20, (4, 3))
+    ref = copy.deepcopy(model)
+    torch.compile(model, backend="zero", options={"config": {}})(x).backward()
+    ref(x).backward()
+    assert model.emb.weight.grad is None
+    torch.testing.assert_close(model.head.weight.grad, ref.head.weight.grad)
