@@ -1,6 +1,7 @@
 """zerofx/runtime/model_checks.py: what the runtime refuses in a model, before it runs."""
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -73,3 +74,32 @@ def test_plain_compile_of_a_frozen_sparse_embedding_gives_eager_gradients():
     ref(x).backward()
     assert model.emb.weight.grad is None
     torch.testing.assert_close(model.head.weight.grad, ref.head.weight.grad)
+
+
+class Reentrant(nn.Module):
+    def __init__(self, reentrant):
+        super().__init__()
+        self.a, self.b, self.reentrant = nn.Linear(8, 8), nn.Linear(8, 1), reentrant
+
+    def forward(self, x):
+        h = torch.utils.checkpoint.checkpoint(lambda t: torch.tanh(self.a(t)), x,
+                                              use_reentrant=self.reentrant)
+        return self.b(h).pow(2).mean()
+
+
+@pytest.mark.parametrize("reentrant, grad_input, warned", [
+    (True, False, True), (True, True, False), (False, False, False)])
+def test_a_reentrant_checkpoint_eager_would_not_train_is_said(reentrant, grad_input, warned,
+                                                              caplog):
+    """Eager PyTorch gives the region's weights a gradient exactly when no warning is due
+    (the reference: eager's own grads); compiled, they always get one."""
+    torch.manual_seed(0)
+    model, x = Reentrant(reentrant), torch.randn(4, 8, requires_grad=grad_input)
+    eager = copy.deepcopy(model)
+    with pytest.warns(UserWarning) if reentrant and not grad_input else contextlib.nullcontext():
+        eager(x).backward()
+    assert (eager.a.weight.grad is None) == warned
+    with caplog.at_level("WARNING", logger="zerofx.runtime.model_checks"):
+        torch.compile(model, backend="zero", options={"config": {}})(x).backward()
+    assert ("use_reentrant=True) region" in caplog.text) == warned
+    assert model.a.weight.grad is not None

@@ -29,7 +29,7 @@ from zerofx.passes.dump import GraphDump
 from zerofx.passes.nodes import META_INPUT, InputRole
 from zerofx.plan import Plan, make_plan
 from zerofx.runtime.comm.dist import init_distributed
-from zerofx.runtime.model_checks import refuse_sparse_graph
+from zerofx.runtime.model_checks import refuse_sparse_graph, warn_reentrant_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ def zero_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None = N
             raise ConfigError("options 'config' differs from the config the ZeroRuntime was "
                               "built with; pass only options={'runtime': rt}")
         config = runtime.config
+    warn_reentrant_checkpoint(gm)
     comp = _prepare(gm, example_inputs, config, tuple(options.get("extra_passes", ())),
                     runtime)
     return aot_autograd(

@@ -1,9 +1,15 @@
-"""What a model may hold that zerofx's runtime cannot train, refused before anything runs."""
+"""What a model may hold that zerofx cannot train (refused by name before anything runs),
+or that trains otherwise than in eager PyTorch (said once)."""
 from __future__ import annotations
 
+import logging
+
 from torch import nn
+from torch.fx import Node as fx_node
 
 from zerofx.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def refuse_sparse_gradients(model: nn.Module) -> None:
@@ -46,3 +52,26 @@ def refuse_sparse_graph(joint, num_fwd_outputs: int, names) -> None:
                               f"buckets are dense (DeepSpeed's sparse_gradients all-reduce is "
                               f"not supported). Build it with sparse=False (the same "
                               f"gradient, held dense)")
+
+
+def warn_reentrant_checkpoint(gm) -> None:
+    """A ``checkpoint(fn, *args, use_reentrant=True)`` none of whose (non-parameter) inputs
+    requires grad gives ``fn``'s weights no gradient in eager PyTorch (torch warns "None of
+    the inputs have requires_grad=True"), so under DeepSpeed they never train. Dynamo lifts
+    the weights into the region's inputs and they get their gradients: the same model
+    trains differently here. Said once per region, with the way to either behaviour."""
+    import torch
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not node.kwargs.get("use_reentrant") or \
+                "tag_activation_checkpoint" not in str(node.target):
+            continue
+        vals = [a.meta.get("example_value") for a in node.args[1:] if isinstance(a, fx_node)]
+        inputs = [v for v in vals if isinstance(v, torch.Tensor) and
+                  not isinstance(v, nn.Parameter)]
+        if inputs and not any(v.requires_grad for v in inputs):
+            log.warning("a checkpoint(..., use_reentrant=True) region (%s) has no input that "
+                        "requires grad: eager PyTorch (and DeepSpeed) would give the weights "
+                        "inside it no gradient; compiled, they train. For eager's behaviour "
+                        "freeze them (requires_grad_(False)); to train them in eager too, "
+                        "pass use_reentrant=False or an input that requires grad (HF: "
+                        "model.enable_input_require_grads())", node.args[0])
