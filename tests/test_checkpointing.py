@@ -96,7 +96,7 @@ def test_checkpointing_at_stage_3_on_two_ranks():
         assert all(torch.equal(a, b) for a, b in zip(params, c_params))
 
 
-def test_configure_reads_the_block_and_refuses_what_it_cannot_do(no_torchrun_env, caplog):
+def test_configure_reads_the_block_and_says_what_changes_nothing(no_torchrun_env, caplog):
     class MPU:
         def get_model_parallel_world_size(self):
             return 2
@@ -106,12 +106,19 @@ def test_configure_reads_the_block_and_refuses_what_it_cannot_do(no_torchrun_env
 
     cfg = {"activation_checkpointing": {"partition_activations": True,
                                         "cpu_checkpointing": True, "profile": True}}
-    with pytest.raises(zerofx.ConfigError, match="partition_activations"):
+    with caplog.at_level("WARNING"):  # with TP, partition_activations acts (its own tests)
         checkpointing.configure(MPU(), deepspeed_config=cfg)
-    with caplog.at_level("WARNING"):
+    assert "cpu_checkpointing" in caplog.text and "partition_activations" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # given only to configure: said where it must go
+        checkpointing.configure(MPU(), partition_activations=True)
+    assert "engine's config" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # without TP it changes nothing, and says so
         checkpointing.configure(None, deepspeed_config=cfg, num_checkpoints=4)
     assert checkpointing.is_configured()
-    assert "cpu_checkpointing" in caplog.text and "number_checkpoints" in caplog.text
+    assert all(k in caplog.text for k in ("partition_activations", "cpu_checkpointing",
+                                          "number_checkpoints"))
     with pytest.raises(zerofx.ConfigError, match="partiton_activations|did you mean"):
         checkpointing.configure(None, deepspeed_config={
             "activation_checkpointing": {"partiton_activations": True}})

@@ -12,10 +12,16 @@ same. Gradients are those of the plain call (recomputation is deterministic: sam
 inputs, and dropout's RNG state replayed by torch).
 
 The ``activation_checkpointing`` block's options, what they do here:
-    partition_activations           with tensor parallelism, the saved input of a region
-                                    would be split across the TP group (Megatron's memory
-                                    saving): not implemented, refused when tp > 1; without TP
-                                    it changes nothing (no TP group to split over), said once
+    partition_activations           with tensor parallelism (tensor_parallel.size > 1),
+                                    a region's saved input that is the same on every TP
+                                    rank is kept as this rank's 1/tp flat chunk and
+                                    all-gathered over the TP group before the recompute
+                                    (the partition_activations pass, passes/
+                                    partition_activations.py, on the engine's config;
+                                    gradients unchanged, bit for bit). With an mpu (the
+                                    model splits itself) the engine refuses it: zerofx
+                                    cannot tell which saved values are replicated. Without
+                                    TP it changes nothing (no group to split over), said once
     cpu_checkpointing               keeps saved inputs in host memory on a GPU; on a CPU run
                                     they are in host memory already: said once, no effect
     contiguous_memory_optimization  DeepSpeed's defragmentation buffers: the caching
@@ -65,16 +71,17 @@ def configure(mpu_, deepspeed_config=None, partition_activations=None,
     block.update({k: v for k, v in given.items() if v is not None})
     tp = mpu_.get_model_parallel_world_size() if mpu_ is not None else \
         config.tensor_parallel.size
-    if block.get("partition_activations") and tp > 1:
-        raise ConfigError(
-            "activation_checkpointing.partition_activations with tensor parallelism (split "
-            "each checkpointed region's saved input across the TP group) is not implemented "
-            "in zerofx; set it false (regions are still recomputed, their inputs kept whole)")
+    split = bool(block.get("partition_activations")) and tp > 1
+    if split and not config.activation_checkpointing.partition_activations:
+        # the pass reads the engine's config, which configure cannot reach: say where it goes
+        log.warning("activation_checkpointing: partition_activations=True given to "
+                    "configure takes effect through the engine's config: set "
+                    "activation_checkpointing.partition_activations true there")
     said = [k for k in ("partition_activations", "cpu_checkpointing", *_NO_EFFECT)
-            if block.get(k)]
+            if block.get(k) and not (k == "partition_activations" and split)]
     if said:
         log.warning("activation_checkpointing: %s change nothing here (no tensor-parallel "
-                    "split to partition over; saved inputs already in host memory on CPU; "
+                    "group to partition over; saved inputs already in host memory on CPU; "
                     "the allocator and compiled graphs handle buffers and boundaries)",
                     ", ".join(said))
     _STATE.update(configured=True, mpu=mpu_, profile=bool(block.get("profile")),

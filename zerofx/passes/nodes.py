@@ -12,6 +12,10 @@ aten = torch.ops.aten
 # node.meta keys: constants, so passes never invent their own spellings.
 META_PASS = "zerofx"  # {"pass": name} on every node a pass adds
 META_INPUT = "zerofx_input"  # InputRole on placeholders
+# tensor_parallel's sharding of each value it saw (None: the same on every TP rank)
+META_TP_SHARDING = "zerofx_tp_sharding"
+# partition_activations: on a forward's saved chunk, what it is 1/tp of (the dump reads it)
+META_PARTITIONED = "zerofx_partitioned"
 
 
 

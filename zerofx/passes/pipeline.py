@@ -26,7 +26,7 @@ from zerofx.passes.context import PassContext, PassSpec
 from zerofx.passes.dump import GraphDump
 from zerofx.passes.dump_collectives import collective_rows, render_collectives
 from zerofx.passes.fake_vals import fill_fake_vals, stale_fake_vals
-from zerofx.passes.nodes import tag_new_nodes
+from zerofx.passes.nodes import META_PARTITIONED, tag_new_nodes
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ def declared_passes() -> tuple[PassSpec, ...]:
     from zerofx.passes.matmul_form import matmul_form_pass
     from zerofx.passes.mixed_precision import mixed_precision_pass
     from zerofx.passes.param_identity import param_identity_pass
+    from zerofx.passes.partition_activations import partition_activations_pass
     from zerofx.passes.schedule import schedule_pass
     from zerofx.passes.tensor_parallel import tensor_parallel_pass
     from zerofx.passes.zero3 import regather_pass, zero3_pass
@@ -59,6 +60,13 @@ def declared_passes() -> tuple[PassSpec, ...]:
         # ZeRO-3's second all-gather: the pair keeps no gathered weight alive in between.
         PassSpec("zero3_regather", regather_pass, frozenset({"partitioned"}),
                  after=("zero3",), enabled=lambda cfg: cfg.zero_optimization.stage == 3,
+                 needs_runtime=True),
+        # DeepSpeed's partition_activations: a checkpointed region's replicated saved input
+        # kept as 1/tp per TP rank, all-gathered for the recompute (reads tensor_parallel's
+        # shardings; after zero3_regather, so the saved values are final)
+        PassSpec("partition_activations", partition_activations_pass,
+                 frozenset({"partitioned"}), after=("tensor_parallel", "zero3_regather"),
+                 enabled=lambda cfg: cfg.activation_checkpointing.partition_activations,
                  needs_runtime=True),
         PassSpec("bucketing", bucketing_pass, frozenset({"backward"}),
                  requires=("param_identity",), needs_runtime=True),
@@ -123,7 +131,7 @@ def saved_report(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -
     backward recomputes: the dump's partitioned/saved.txt."""
     saved = [o for o in fw.graph.output_node().args[0][num_fwd_outputs:]
              if isinstance(o, fx.Node)]
-    rows, total = [], 0
+    rows, total, whole, parted = [], 0, 0, []
     for o in saved:
         val = o.meta.get("val")
         # int(): with dynamic shapes the sizes are symbols; their hint is the traced size
@@ -131,12 +139,22 @@ def saved_report(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int) -
         own = o.op != "placeholder"  # a saved input (a weight) costs no memory of its own
         total += nbytes if own else 0
         shape = list(val.shape) if hasattr(val, "shape") else "?"
-        rows.append(f"  {o.name:<28} {str(shape):<20} {nbytes:>12,d} B"
-                    f"{'' if own else '  (an input: no memory of its own)'}")
+        part = o.meta.get(META_PARTITIONED)
+        if part:  # partition_activations: this rank's chunk of a whole value
+            whole += part["bytes"]
+            parted.append(part)
+        note = (f"  (1/{part['tp']} of {part['of']} {part['shape']}, {part['bytes']:,d} B "
+                f"whole: partition_activations)" if part else
+                "" if own else "  (an input: no memory of its own)")
+        rows.append(f"  {o.name:<28} {str(shape):<20} {nbytes:>12,d} B{note}")
     forward = {n.name for n in fw.graph.nodes}
     again = [n.name for n in bw.graph.nodes if n.op == "call_function" and n.name in forward]
+    kept = sum(int(o.meta["val"].numel() * o.meta["val"].element_size())
+               for o in saved if o.meta.get(META_PARTITIONED))
+    split = (f"partition_activations: {len(parted)} values kept as 1/tp chunks, "
+             f"{whole:,d} B whole -> {kept:,d} B on this rank\n") if parted else ""
     return (f"saved for the backward: {len(saved)} values, {total:,d} bytes of activations\n"
-            + "\n".join(rows) + f"\nrecomputed in the backward ({len(again)} ops): "
+            + split + "\n".join(rows) + f"\nrecomputed in the backward ({len(again)} ops): "
             + (", ".join(again) or "none") + "\n")
 
 
@@ -147,9 +165,11 @@ def run_partitioned(pair, ctx: PassContext, passes: tuple[PassSpec, ...], *,
     for p in passes:
         if "partitioned" not in p.graph_kinds:
             continue
+        before = {n for gm in pair for n in gm.graph.nodes}
         try:
             pair = p.fn(pair, ctx)
             for gm in pair:
+                tag_new_nodes(gm.graph, before, p.name)
                 gm.graph.lint()
         except Exception as e:
             e.add_note(f"(zerofx: raised in pass {p.name!r} on the partitioned pair "

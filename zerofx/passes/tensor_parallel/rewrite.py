@@ -30,7 +30,7 @@ from zerofx.passes.fake_vals import compute_val, fake_mode_of
 from zerofx.passes.tensor_parallel import sequence as S
 from zerofx.passes.tensor_parallel import vocab as tp_vocab
 from zerofx.fx_source import model_line
-from zerofx.passes.nodes import role_of
+from zerofx.passes.nodes import META_TP_SHARDING, role_of
 from zerofx.tp.layout import TPPlanError
 
 aten = torch.ops.aten
@@ -75,6 +75,8 @@ def tensor_parallel_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
     mode = fake_mode_of(gm.graph)
     for node in gm.graph.nodes:  # shapes changed all along the way: recompute every value
         compute_val(node, mode)
+        # for later passes (partition_activations): None means the same on every TP rank
+        node.meta[META_TP_SHARDING] = state.get(node)
     return gm
 
 
