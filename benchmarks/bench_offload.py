@@ -11,6 +11,13 @@ the same filesystem, measured in the same run the way the offload moves bytes (b
 1 MiB pread/pwrite calls over a file of the state's size that was written once before, as
 the offload's file is), and also with O_DIRECT (the device itself, past the page cache).
 Prints a markdown table.
+
+    python benchmarks/bench_offload.py --params [--layers 4] [--dim 512] [--nvme-path /tmp]
+
+Stage 3's parameters on NVMe (offload_param): the same GPT on 2 ranks (gloo) at ZeRO stage 3,
+with the 16-bit parameter shard in memory and in a file; per rank the training state it
+holds (rt.state_bytes(): parameters, gradients, optimizer state, offload buffers) and the
+median step over steps 2-5. Prints a second table.
 """
 from __future__ import annotations
 
@@ -107,6 +114,64 @@ def _bandwidth(path: str, nbytes: int, chunk_bytes: int, *, direct: bool) -> tup
     return done / w, done / r
 
 
+def _stage3_body(rank, world, args, nvme):
+    """One rank of the --params comparison: (resident bytes, median step, losses)."""
+    import zerofx
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _gpt(args)
+    zero = {"stage": 3, "reduce_bucket_size": args.bucket,
+            "stage3_prefetch_bucket_size": args.bucket}
+    if nvme:
+        zero["offload_param"] = {"device": "nvme", "nvme_path": nvme,
+                                 "buffer_count": args.param_buffers}
+    rt = zerofx.ZeroRuntime(model, {"bf16": {"enabled": True}, "zero_optimization": zero,
+                                    "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}})
+    compiled = torch.compile(model, backend="zero", options={"runtime": rt})
+    g = torch.Generator().manual_seed(rank)
+    steps, losses = [], []
+    for _ in range(args.steps):
+        idx = torch.randint(args.vocab, (args.batch, args.ctx), generator=g)
+        t0 = time.perf_counter()
+        with rt.shape_carriers():
+            loss = compiled(idx, torch.roll(idx, -1, 1))
+        loss.backward()
+        rt.step()
+        steps.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    store = rt.state.params
+    out = dict(held=rt.state_bytes(), step=statistics.median(steps[1:]), losses=losses,
+               shard=rt.plan.shard_numel * 2, numel=rt.plan.numel,
+               buffers=store.memory_bytes() if store else 0, buckets=len(rt.plan.buckets),
+               peak=store.peak_buffers if store else 0, cap=store.cap * 2 if store else 0)
+    rt.close()
+    return out
+
+
+def _params_table(args) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from multiproc import run_ranks
+
+    runs = {name: run_ranks(_stage3_body, 2, args=(args, nvme), timeout_s=900, fresh=True)
+            for name, nvme in (("in memory", None), ("offload_param nvme", args.nvme_path))}
+    for a, b in zip(*runs.values()):
+        assert a["losses"] == b["losses"], "offloaded parameters must give the same losses"
+    mib = 2 ** 20
+    first = runs["in memory"][0]
+    print(f"{first['numel'] / 1e6:.1f}M parameters, 2 ranks, ZeRO stage 3, bf16, "
+          f"{first['buckets']} buckets of up to {args.bucket} elements; 16-bit shard "
+          f"{first['shard'] / mib:.1f} MiB per rank; offload_param.buffer_count "
+          f"{args.param_buffers}")
+    print("| run | rank | training state held between steps (MiB) | of it, read buffers (MiB) "
+          "| read buffers at once, at most (MiB each, at most) | step (s) |")
+    print("|---|---|---|---|---|---|")
+    for name, ranks in runs.items():
+        for r, res in enumerate(ranks):
+            print(f"| {name} | {r} | {res['held'] / mib:.1f} | {res['buffers'] / mib:.1f} "
+                  f"| {res['peak']} ({res['cap'] / mib:.1f}) | {res['step']:.3f} |")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=8)
@@ -118,7 +183,14 @@ def main(argv=None):
     p.add_argument("--chunk", type=int, default=1 << 22, help="sub_group_size (elements)")
     p.add_argument("--buffers", type=int, default=4, help="offload_optimizer.buffer_count")
     p.add_argument("--nvme-path", default=tempfile.gettempdir())
+    p.add_argument("--params", action="store_true",
+                   help="stage 3 on 2 ranks, parameters in memory vs offload_param nvme")
+    p.add_argument("--bucket", type=int, default=1_000_000,
+                   help="--params: stage3_prefetch_bucket_size and reduce_bucket_size")
+    p.add_argument("--param-buffers", type=int, default=5, help="offload_param.buffer_count")
     args = p.parse_args(argv)
+    if args.params:
+        return _params_table(args)
     print(f"load average before: {os.getloadavg()}", file=sys.stderr)
     mem = _train(args, None)
     off = _train(args, args.nvme_path)

@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_check.py                 # on a CUDA machine (benchmarks/gpu_check.sh)
     python benchmarks/gpu_check.py --device cpu    # the same checks of the C++ kernels, here
+    python benchmarks/gpu_check.py --offload [--device cpu]   # ZeRO-Offload vs in memory
 
 For each fused op (Adam, AdamW, LAMB's two passes), gradient dtype (fp32, bf16, fp16),
 weight-copy dtype and the skip flag, the zerofx op runs on the device and its plain-torch
@@ -9,12 +10,22 @@ transcription (runtime/optim_ops.py, the CPU reference the CPU kernels are teste
 on the CPU, over several steps of an odd-sized shard; every output must agree within fp32
 rounding. Then the fused Adam step's bandwidth is timed against a device copy of the same
 bytes. Exits non-zero on any mismatch. Prints a markdown table for benchmarks/RESULTS.md.
+
+``--offload``: the main job's GPT (examples/train_gpt.py, its ds_config.json: ZeRO-2 on one
+rank, bf16, Adam, clipping) trains ``--offload_steps`` steps in memory and with
+``offload_optimizer: {device: cpu}`` (runtime/offload/host.py: fp32 state in pinned host
+memory, the step on the CPU kernels), same weights and batches: same bits or not, the worst
+difference, tokens/s and peak device memory side by side. With ``--device cpu`` the host
+path is forced on CPU parameters (ZEROFX_FORCE_HOST_OFFLOAD), which must give the same bits;
+on a GPU the host's C++ kernel replaces the CUDA one, so differences within the kernels'
+tolerance pass (and are shown).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -116,15 +127,112 @@ def _seconds(fn, device, reps: int = 20) -> float:
     return (time.perf_counter() - t0) / reps
 
 
+def _offload_run(train, job, ids, vocab, device, config, steps, warmup):
+    """(losses, parameters, seconds of the timed steps, peak device MiB, device-side
+    training-state MiB, host-side offloaded MiB) of one training run."""
+    import zerofx
+    from zerofx.runtime.train_state import nbytes
+
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    torch.manual_seed(1337)
+    engine, *_ = zerofx.initialize(model=job.GPT(vocab, block=job.BLOCK).to(device),
+                                   config=config)
+
+    def step(x, y):
+        loss = engine(x, y)
+        engine.backward(loss)
+        engine.step()
+        return loss.detach()
+    losses, seconds = train._run(step, train._batches(ids, job.BLOCK, steps), device, warmup)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" \
+        else float("nan")
+    st = engine.runtime.state
+    dev_mib = nbytes(st.flat_params, st.master, st.exp_avg, st.exp_avg_sq, st.shard_lowp,
+                     st.shard_grads, st.full_grads) / 2**20
+    host_mib = st.offload.memory_bytes() / 2**20 if st.offload is not None else 0.0
+    params = [p.detach().float().cpu().clone() for p in engine.module.parameters()]
+    engine.runtime.close()
+    return losses, params, seconds, peak, dev_mib, host_mib
+
+
+def offload_check(device_name: str, steps: int, warmup: int) -> int:
+    """In memory vs offload_optimizer cpu on the main job's GPT (see the module doc)."""
+    import importlib.util
+    import os
+
+    bench = Path(__file__).resolve().parent
+    spec = importlib.util.spec_from_file_location("gpu_train", bench / "gpu_train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    device = torch.device(device_name)
+    forced = os.environ.get("ZEROFX_FORCE_HOST_OFFLOAD")
+    if device.type == "cpu":  # the GPU path on CPU parameters, every copy real
+        os.environ["ZEROFX_FORCE_HOST_OFFLOAD"] = "1"
+    try:
+        return _offload_compare(train, device, steps, warmup)
+    finally:
+        if forced is None:
+            os.environ.pop("ZEROFX_FORCE_HOST_OFFLOAD", None)
+        else:
+            os.environ["ZEROFX_FORCE_HOST_OFFLOAD"] = forced
+
+
+def _offload_compare(train, device, steps: int, warmup: int) -> int:
+    import json
+
+    bench = Path(__file__).resolve().parent
+    job = train._main_job()
+    text = job.DATA.read_text()
+    stoi = {c: i for i, c in enumerate(sorted(set(text)))}
+    ids = torch.tensor([stoi[c] for c in text], dtype=torch.long)
+    base = json.loads((bench.parent / "examples" / "ds_config.json").read_text())
+    base["steps_per_print"] = 10**9
+    runs = {}
+    for name, off in (("in memory", None), ("offload_optimizer cpu", {"device": "cpu",
+                                                                      "pin_memory": True})):
+        config = json.loads(json.dumps(base))
+        if off is not None:
+            config["zero_optimization"]["offload_optimizer"] = off
+        runs[name] = _offload_run(train, job, ids, len(stoi), device, config, steps, warmup)
+    (l0, p0, *_), (l1, p1, *_) = runs.values()
+    same = l0 == l1 and all(torch.equal(a, b) for a, b in zip(p0, p1))
+    worst = max(_rel(a, b) for a, b in zip(p0, p1))
+    label = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        "CPU (host path forced)"
+    tokens = (steps - warmup) * train.BATCH * job.BLOCK
+    print(f"\n{label}, torch {torch.__version__}, main job's GPT, ZeRO-2 on one rank, bf16, "
+          f"{steps} steps ({warmup} untimed)\n")
+    print("| optimizer state | tokens/s | last loss | peak device MiB | device state MiB | "
+          "host state MiB |")
+    print("|---|---|---|---|---|---|")
+    for name, (losses, _, secs, peak, dev_mib, host_mib) in runs.items():
+        print(f"| {name} | {tokens / secs:.0f} | {losses[-1]:.4f} | {peak:.1f} | "
+              f"{dev_mib:.1f} | {host_mib:.1f} |")
+    print(f"\nsame bits (losses and parameters): {'yes' if same else 'NO'}; worst parameter "
+          f"difference {worst:.2e} (relative)")
+    if device.type == "cpu" and not same:
+        return 1  # the same kernels on the same values: anything else is a defect
+    return 0 if worst <= torch.finfo(torch.bfloat16).eps else 1
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--numel", type=int, default=N, help="shard size of the checks (> 1077)")
     p.add_argument("--bandwidth_numel", type=int, default=64 << 20)
+    p.add_argument("--offload", action="store_true",
+                   help="instead: ZeRO-Offload (offload_optimizer cpu) vs in-memory training")
+    p.add_argument("--offload_steps", type=int, default=30)
+    p.add_argument("--offload_warmup", type=int, default=5)
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: run with --device cpu to check the C++ kernels", file=sys.stderr)
         return 2
+    if args.offload:
+        return offload_check(args.device, args.offload_steps, args.offload_warmup)
     if not fused_optim.load_kernels():
         print("the kernels could not be built (see the warning above)", file=sys.stderr)
         return 1

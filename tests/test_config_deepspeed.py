@@ -41,7 +41,6 @@ def test_most_examples_load():
     ({"optimizer": {"type": "AdamW", "params": {"lr": "auto"}}}, "'optimizer.params.lr'"),
     ({"optimizer": {"type": "OneBitAdam"}}, "1-bit communication"),
     ({"compression_training": {"weight_quantization": {}}}, "compression"),
-    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}, "offload"),
     ({"comet": {"enabled": True}}, "Comet"),
     ({"torch_autocast": {"enabled": True, "lower_precision_safe_modules": ["my.Mod"]}},
      "per-module autocast"),
@@ -210,6 +209,30 @@ def test_keys_without_effect_are_said_at_warning_level_and_truly(caplog):
     assert "always skips a step whose gradients are not finite" in caplog.text
 
 
+def test_optimizer_offload_to_cpu_with_a_gpu_is_kept_at_stages_1_to_3(monkeypatch):
+    import torch
+    import zerofx
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for stage in (1, 2, 3):
+        cfg = zerofx.Config.from_dict({"zero_optimization": {"stage": stage, "offload_optimizer": {
+            "device": "cpu", "pin_memory": False, "cpuadam_cores_perc": 0.5}}})
+        off = cfg.zero_optimization.offload_optimizer
+        assert (off.device, off.pin_memory) == ("cpu", False)
+    with pytest.raises(zerofx.ConfigError, match="'cpu' at stage 0.*stage to 1, 2 or 3"):
+        zerofx.Config.from_dict({"zero_optimization": {"stage": 0, "offload_optimizer": {
+            "device": "cpu"}}})
+    with pytest.raises(zerofx.ConfigError, match="ratio"):  # ZeRO-Offload++'s partial split
+        zerofx.Config.from_dict({"zero_optimization": {"stage": 2, "offload_optimizer": {
+            "device": "cpu", "ratio": 0.3}}})
+    # no GPU: dropped (met as it stands), unless the tests' switch keeps it for the runtime
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    raw = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    assert zerofx.Config.from_dict(raw).zero_optimization.offload_optimizer.device == "none"
+    monkeypatch.setenv("ZEROFX_FORCE_HOST_OFFLOAD", "1")
+    assert zerofx.Config.from_dict(raw).zero_optimization.offload_optimizer.device == "cpu"
+
+
 @pytest.mark.parametrize("zero", [
     {"stage": 1, "offload_optimizer": {"device": "cpu", "pin_memory": True}},  # HelloDeepSpeed
     {"stage": 3, "offload_param": {"device": "cpu"}, "offload_optimizer": {"device": "cpu"}},
@@ -226,9 +249,20 @@ def test_offload_to_cpu_on_a_cpu_only_run_is_met_as_it_stands(caplog, monkeypatc
         cfg = zerofx.Config.from_dict({"zero_optimization": zero})
     assert cfg.zero_optimization.stage == zero["stage"]
     assert "already live in host memory" in caplog.text
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU: still refused
-    with pytest.raises(zerofx.ConfigError, match="offload"):
-        zerofx.Config.from_dict({"zero_optimization": zero})
-    with pytest.raises(zerofx.ConfigError, match="offload"):  # parameters on NVMe: refused
-        zerofx.Config.from_dict({"zero_optimization": {"stage": 3, "offload_param": {
-            "device": "nvme", "nvme_path": "/tmp"}}})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    if set(zero) == {"stage", "offload_optimizer"}:  # a GPU: ZeRO-Offload of the optimizer
+        cfg = zerofx.Config.from_dict({"zero_optimization": zero})
+        assert cfg.zero_optimization.offload_optimizer.device == "cpu"
+    else:  # a GPU and parameters to the host: refused
+        with pytest.raises(zerofx.ConfigError, match="offload"):
+            zerofx.Config.from_dict({"zero_optimization": zero})
+    if "offload_param" in zero:  # with a GPU, parameters to the host: refused by name
+        with pytest.raises(zerofx.ConfigError, match="parameter offload to the host"):
+            zerofx.Config.from_dict({"zero_optimization": {"stage": 3, "offload_param": {
+                "device": "cpu"}}})
+    # parameters on NVMe: read at stage 3 (tests/test_offload_param.py), refused below it
+    raw = {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/tmp"}}
+    assert zerofx.Config.from_dict({"zero_optimization": raw}).zero_optimization \
+        .offload_param.device == "nvme"
+    with pytest.raises(zerofx.ConfigError, match="offload_param.device' is 'nvme' at stage 1"):
+        zerofx.Config.from_dict({"zero_optimization": {**raw, "stage": 1}})

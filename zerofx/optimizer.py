@@ -118,10 +118,10 @@ def _parameters_from_master(rt) -> None:
     bucket is rank-major, rank r's piece of it at its owned range of r's partition (the
     layout the step's all-gather fills)."""
     plan, st, group = rt.plan, rt.state, rt.comm.group
-    with st.optimizer_state() as fp32:  # offloaded: read from its file
-        master = fp32["master"]
+    with st.optimizer_state() as fp32:  # offloaded: read from its file (or host memory:
+        master = fp32["master"].to(st.flat_params.device)  # the collective's device)
     if plan.partitioned:  # stage 3: the compute-dtype partition is the parameters' home
-        st.shard_lowp.copy_(master)
+        st.set_param_shard(master)  # offload_param: into its file
     if plan.sharded:  # [dp rank, its partition]
         every = torch.empty(plan.grid.dp_size, master.numel(), dtype=master.dtype,
                             device=master.device)

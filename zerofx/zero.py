@@ -65,8 +65,10 @@ class Init(contextlib.ContextDecorator):
         if remote_device not in (None, "none", "cpu"):
             from zerofx.config import ConfigError
 
-            raise ConfigError(f"zero.Init(remote_device={remote_device!r}): parameters on "
-                              f"NVMe are not supported by zerofx (ZeRO-Infinity)")
+            raise ConfigError(f"zero.Init(remote_device={remote_device!r}): zerofx creates "
+                              f"parameters in memory and partitions them at initialize; "
+                              f"for stage 3's shard on NVMe set zero_optimization."
+                              f"offload_param {{\"device\": \"nvme\"}} in the config")
 
     def __enter__(self):
         if self.enabled and "init" not in _SAID:

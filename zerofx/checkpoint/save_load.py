@@ -287,7 +287,7 @@ def _restore_state(rt, states: dict) -> None:
                     if s.offset >= base:  # parameters are views of it
                         flat[s.offset - base:s.end - base].copy_(full[s.name].reshape(-1))
         if plan.partitioned:  # stage 3's parameters are the shard itself
-            rt.state.shard_lowp.copy_(fp32["master"])
+            rt.state.set_param_shard(fp32["master"])  # offload_param: into its file
 
 
 def _restore_counters(rt, shard: dict) -> None:

@@ -32,9 +32,9 @@ from zerofx.config.scheduler import (  # noqa: F401  (re-exported by zerofx.conf
 
 __all__ = [
     "AioConfig", "BF16Config", "DataTypesConfig", "ConfigError", "FP16Config",
-    "LRRangeTestParams", "OffloadOptimizerConfig", "OneCycleParams", "OptimizerConfig",
-    "SchedulerConfig", "TensorParallelConfig", "WarmupDecayLRParams", "WarmupLRParams",
-    "ZeroConfig", "ZerofxConfig",
+    "LRRangeTestParams", "OffloadOptimizerConfig", "OffloadParamConfig", "OneCycleParams",
+    "OptimizerConfig", "SchedulerConfig", "TensorParallelConfig", "WarmupDecayLRParams",
+    "WarmupLRParams", "ZeroConfig", "ZerofxConfig",
 ]
 
 
@@ -184,9 +184,10 @@ class OffloadOptimizerConfig:
     weights and the optimizer moments live (docs/offload.md). "cpu" on a run without a GPU
     is read as "none" (the state is in host memory already)."""
 
-    device: str = setting("none", choice("none", "nvme"))
-    """none: in memory; nvme: in a file under nvme_path, streamed through memory in chunks
-    (sub_group_size elements) by every optimizer step."""
+    device: str = setting("none", choice("none", "cpu", "nvme"))
+    """none: in memory; cpu: in host memory, the step run there by the CPU kernels
+    (ZeRO-Offload, for parameters on a GPU); nvme: in a file under nvme_path, streamed
+    through memory in chunks (sub_group_size elements) by every optimizer step."""
     nvme_path: str | None = setting(None, optional(path_string))
     """The directory the state file goes in (a per-process subdirectory is made there)."""
     buffer_count: int = setting(4, integer(1, 64))
@@ -194,8 +195,8 @@ class OffloadOptimizerConfig:
     the previous one run while the current one is updated (2: the read waits for the
     write; 1: nothing overlaps)."""
     pin_memory: bool = setting(True, boolean)
-    """Accepted for DeepSpeed configs: page-locked buffers serve GPU copies only; a
-    CPU-only run has none to speed up."""
+    """device cpu with a GPU: the host state and copy buffers are page-locked (asynchronous
+    copies). Otherwise no effect: a CPU-only run has no GPU copies to speed up."""
     pipeline_read: bool = setting(False, boolean)
     """Accepted for DeepSpeed configs: zerofx always reads the next chunk during the
     update of the current one."""
@@ -213,9 +214,40 @@ class OffloadOptimizerConfig:
         if self.device == "nvme" and self.nvme_path is None:
             raise bad("nvme_path", None, "the directory for the offloaded state (required "
                       "with device 'nvme')")
-        if self.device == "nvme" and self.ratio != 1.0:
+        if self.device != "none" and self.ratio != 1.0:
             raise bad("ratio", self.ratio, "1.0: zerofx offloads all of this rank's "
                       "optimizer state or none of it (a partial split is not implemented)")
+
+
+@dataclass(frozen=True)
+class OffloadParamConfig:
+    """DeepSpeed's "zero_optimization.offload_param" block (ZeRO-Infinity, stage 3 only):
+    where this rank's 16-bit parameter shard lives between uses (docs/offload.md). "cpu" on
+    a run without a GPU is read as "none" (the shard is in host memory already)."""
+
+    device: str = setting("none", choice("none", "nvme"))
+    """none: in memory; nvme: in a file under nvme_path, read bucket by bucket for the
+    gathers and rewritten by every optimizer step."""
+    nvme_path: str | None = setting(None, optional(path_string))
+    """The directory the parameter file goes in (a per-process subdirectory is made there)."""
+    buffer_count: int = setting(5, integer(1, 64))
+    """Buffers a bucket's shard is read into, held at once at most: the gathers in flight
+    and the read of the next bucket hold one each, none between steps (1: no read ahead,
+    one gather at a time)."""
+    buffer_size: int = setting(100_000_000, integer(1))
+    """Elements a buffer may hold: each is sized to the largest bucket's shard, which must
+    fit (DeepSpeed's rule; lower stage3_prefetch_bucket_size to make buckets smaller)."""
+    max_in_cpu: int = setting(1_000_000_000, integer(0))
+    """Elements of the shard the optimizer step may hold in memory: zerofx's step reads the
+    whole 16-bit shard in (a step temporary), so the shard must fit (else refused)."""
+    pin_memory: bool = setting(True, boolean)
+    """Accepted for DeepSpeed configs: page-locked buffers serve GPU copies only."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+        if self.device == "nvme" and self.nvme_path is None:
+            raise bad("nvme_path", None, "the directory for the offloaded parameters "
+                      "(required with device 'nvme')")
 
 
 @dataclass(frozen=True)
@@ -274,6 +306,9 @@ class ZeroConfig:
     the parameters are partitioned)."""
     offload_optimizer: OffloadOptimizerConfig = nested_setting(OffloadOptimizerConfig)
     """Where the optimizer state lives: memory, or files under nvme_path (stages 1-3)."""
+    offload_param: OffloadParamConfig = nested_setting(OffloadParamConfig)
+    """Where stage 3's 16-bit parameter shard lives between uses: memory, or a file under
+    nvme_path (stage 3 only)."""
     sub_group_size: int | None = setting(None, optional(integer(1)))
     """With offload_optimizer device nvme: elements per chunk the step streams through
     memory (None: a sixteenth of the shard, within [2**20, 2**24]); a LAMB chunk never cuts
@@ -282,10 +317,16 @@ class ZeroConfig:
 
     def __post_init__(self) -> None:
         validate(self)
-        if self.offload_optimizer.device == "nvme" and self.stage == 0:
-            raise key_error("offload_optimizer.device", " is 'nvme' at stage 0: optimizer "
+        if self.offload_optimizer.device != "none" and self.stage == 0:
+            raise key_error("offload_optimizer.device", f" is "
+                            f"'{self.offload_optimizer.device}' at stage 0: optimizer "
                             "offload works at ZeRO stages 1-3 (as in DeepSpeed); set "
                             "zero_optimization.stage to 1, 2 or 3")
+        if self.offload_param.device == "nvme" and self.stage != 3:
+            raise key_error("offload_param.device", f" is 'nvme' at stage {self.stage}: "
+                            "parameter offload works at ZeRO stage 3 only (as in DeepSpeed; "
+                            "below it every rank keeps the whole parameters); set "
+                            "zero_optimization.stage to 3 or drop offload_param")
 
 
 

@@ -106,10 +106,6 @@ STAGE3_ALIASES = ("prefetch_bucket_size", "param_persistence_threshold",
                   "model_persistence_threshold", "max_live_parameters", "max_reuse_distance",
                   "gather_16bit_weights_on_model_save", "gather_fp16_weights_on_model_save")
 ZERO_REFUSED = {
-    "offload_param": ("parameter offload (ZeRO-Infinity's offload_param: stage 3 "
-                      "parameters on the host or NVMe)",
-                      "drop it or set device 'none'; offload_optimizer with device 'nvme' "
-                      "moves the optimizer state to disk"),
     "cpu_offload": ("ZeRO-Offload (cpu_offload)", "drop it"),
     "zero_quantized_weights": ("ZeRO++ quantized weights", "drop it"),
     "zero_quantized_gradients": ("ZeRO++ quantized gradients", "drop it"),
@@ -214,12 +210,14 @@ def screen(raw: Mapping) -> dict:
     return out
 
 
-def offloads_to_nvme(raw: Mapping) -> bool:
-    """Whether the raw config's optimizer state goes to NVMe (what aio and sub_group_size
-    are read for)."""
+def offloads_to_nvme(raw: Mapping, blocks=("offload_optimizer", "offload_param")) -> bool:
+    """Whether the raw config puts state on NVMe through one of ``blocks`` (aio is read for
+    either; sub_group_size for the optimizer state's only)."""
     zero = raw.get("zero_optimization")
-    block = zero.get("offload_optimizer") if isinstance(zero, Mapping) else None
-    return isinstance(block, Mapping) and block.get("device") == "nvme"
+    if not isinstance(zero, Mapping):
+        return False
+    return any(isinstance(zero.get(b), Mapping) and zero[b].get("device") == "nvme"
+               for b in blocks)
 
 
 def _screen_aio(raw: Mapping, out: dict, notes: list) -> None:
@@ -227,7 +225,7 @@ def _screen_aio(raw: Mapping, out: dict, notes: list) -> None:
     if "aio" not in raw:
         return
     if not offloads_to_nvme(raw):
-        notes.append("aio (read only with zero_optimization.offload_optimizer device nvme)")
+        notes.append("aio (read only with offload_optimizer or offload_param device nvme)")
         del out["aio"]
     elif isinstance(raw["aio"], Mapping):
         out["aio"] = _screen_block("aio", raw["aio"], AIO_REFUSED, AIO_NO_EFFECT, notes,
@@ -245,13 +243,20 @@ def _screen_offload(zero: Mapping, notes: list) -> dict:
         out["offload_optimizer"] = _screen_block(
             "zero_optimization.offload_optimizer", block, OFFLOAD_REFUSED, OFFLOAD_NO_EFFECT,
             notes, off=lambda v: not v)
+    param = zero.get("offload_param")
+    if "offload_param" in zero and is_off(param):
+        del out["offload_param"]
+    elif isinstance(param, Mapping) and param.get("device") == "cpu":  # with a GPU
+        raise refuse("zero_optimization.offload_param", "parameter offload to the host with "
+                     "a GPU (offload_param device 'cpu')", "drop it or set device 'none' "
+                     "(device 'nvme' is implemented on CPU-only runs at stage 3)")
     return out
 
 
 def _screen_zero(zero: Mapping, notes: list) -> dict:
     zero = _screen_offload(_host_offload(zero, notes), notes)
     quiet = dict(ZERO_NO_EFFECT)
-    if offloads_to_nvme({"zero_optimization": zero}):
+    if offloads_to_nvme({"zero_optimization": zero}, ("offload_optimizer",)):
         del quiet["sub_group_size"]  # the chunk of the offloaded state's stream
     staged = {k: v for k, v in zero.items() if k.startswith(STAGE3_PREFIX) or k in STAGE3_ALIASES}
     if zero.get("stage") != 3:
@@ -274,10 +279,22 @@ def _screen_zero(zero: Mapping, notes: list) -> dict:
     return _screen_block("zero_optimization", out, ZERO_REFUSED, quiet, notes, off=is_off)
 
 
+# Tests and benchmarks/gpu_check.py only, never a user setting: "1" keeps
+# offload_optimizer device cpu on a run without a GPU, and the runtime then runs the GPU
+# path's host offload (runtime/offload/host.py) on CPU parameters, every copy real.
+FORCE_HOST_OFFLOAD_ENV = "ZEROFX_FORCE_HOST_OFFLOAD"
+
+
+def host_offload_forced() -> bool:
+    import os
+
+    return os.environ.get(FORCE_HOST_OFFLOAD_ENV) == "1"
+
+
 def _host_offload(zero: Mapping, notes: list) -> Mapping:
     """Offload to ``cpu`` on a run without a GPU: the state is in host memory already, so
-    the key is met as it stands (said once); with a GPU it is refused as before (zerofx
-    does not move state off the device yet)."""
+    the key is met as it stands (said once; offload_optimizer's kept when
+    host_offload_forced). With a GPU, offload_optimizer's is ZeRO-Offload (kept)."""
     keys = [k for k in ("offload_optimizer", "offload_param")
             if isinstance(zero.get(k), Mapping) and zero[k].get("device") == "cpu"]
     if zero.get("cpu_offload") is True:
@@ -286,17 +303,14 @@ def _host_offload(zero: Mapping, notes: list) -> Mapping:
 
     if not keys:
         return zero
-    if torch.cuda.is_available():
-        if "offload_optimizer" in keys:  # cpu_offload and offload_param: ZERO_REFUSED's
-            raise refuse("zero_optimization.offload_optimizer", "optimizer state offload "
-                         "to the host with a GPU (offload_optimizer device 'cpu')",
-                         "drop it or set device 'none' (device 'nvme' is implemented on "
-                         "CPU-only runs)")
-        return zero
+    if torch.cuda.is_available():  # offload_optimizer: runtime/offload/host.py;
+        return zero  # offload_param: _screen_offload's; cpu_offload: ZERO_REFUSED's
+    kept = {"offload_optimizer"} if host_offload_forced() else set()
     for k in keys:
-        notes.append(f"zero_optimization.{k} to cpu (no GPU here: parameters and optimizer "
-                     f"state already live in host memory)")
-    return {k: v for k, v in zero.items() if k not in keys}
+        if k not in kept:
+            notes.append(f"zero_optimization.{k} to cpu (no GPU here: parameters and "
+                         f"optimizer state already live in host memory)")
+    return {k: v for k, v in zero.items() if k not in keys or k in kept}
 
 
 def _screen_block(block: str, raw: Mapping, refused: dict, quiet: dict, notes: list, *,

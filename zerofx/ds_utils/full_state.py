@@ -36,7 +36,8 @@ def _gather(rt, name: str, shard: torch.Tensor) -> torch.Tensor:
     """Parameter ``name``'s elements of ``shard`` (laid out as this rank's partition), whole."""
     plan = rt.plan
     slot = plan.slot(name)
-    out = torch.zeros(slot.numel, dtype=torch.float32, device=shard.device)
+    # on the runtime's device, where its collectives run (a host-offloaded shard is not)
+    out = torch.zeros(slot.numel, dtype=torch.float32, device=rt.state.flat_params.device)
     for o in plan.owned_pieces_of(name):
         out[o.start:o.start + o.numel] = shard[o.at:o.at + o.numel]
     if plan.sharded and rt.comm.group is not None:  # each rank holds a disjoint part

@@ -1,7 +1,8 @@
 """ParamGather: ZeRO stage 3's parameter side, whole parameters gathered from shards on demand.
 
 At stage 3 a parameter lives between uses only as this rank's 1/N of its bucket (the
-compute-dtype shard the optimizer writes, ``rt.state.shard_lowp``). The graphs gather a bucket
+compute-dtype shard the optimizer writes, ``rt.state.shard_lowp``, or with offload_param
+nvme a file read bucket by bucket, offload/params.py). The graphs gather a bucket
 right before its parameters are first read (``zerofx.gather_bucket``, inserted by the zero3
 pass) and drop it after their last read; backward gathers again. A bucket is the unit one
 all-gather moves: its rank slices are contiguous in the shard, and the all-gather's output
@@ -46,6 +47,7 @@ class ParamGather:
         self.group = comm.param_group
         self.device = state.flat_params.device
         self._inflight: dict[int, tuple[torch.Tensor, Pending]] = {}  # bucket -> (out, work)
+        self._buffers: dict[int, int] = {}  # offload_param: bucket -> its source's buffer
         self.gathers = 0  # all-gathers issued (tests and the dump count them)
         self._signature = 0  # a running hash of the buckets gathered, in order
         self.live = 0  # elements of gathered buckets some graph still holds
@@ -92,9 +94,8 @@ class ParamGather:
             b = self.plan.buckets[i]
             if i in self._inflight or self._persistent(b):
                 continue
-            mine = self.plan.owned()[i]
+            src = self._source(i)
             out = torch.empty(b.padded, dtype=self.plan.compute_dtype, device=self.device)
-            src = self.state.shard_lowp[mine.at:mine.at + mine.numel]
             form = self.comm.forms["param_gather"].form
             work = start_gather(form, src, out, self.group, mirror=self.comm.shm.get(
                 "param_gather"), key=i, base=b.offset).logged(
@@ -110,6 +111,31 @@ class ParamGather:
             self._signature = (self._signature * 1_000_003 + i + 1) % (1 << 61)
 
     # ---- inside -------------------------------------------------------------------------
+    def _source(self, i: int) -> torch.Tensor:
+        """This rank's slice of bucket ``i``: a view of the shard, or (offload_param nvme)
+        a buffer read from its file, held until the gather is waited for."""
+        store = self.state.params
+        if store is None:
+            mine = self.plan.owned()[i]
+            return self.state.shard_lowp[mine.at:mine.at + mine.numel]
+        src, slot = store.take(i, self._make_room)
+        self._buffers[i] = slot
+        return src
+
+    def _finished(self, i: int) -> None:
+        """Bucket ``i``'s gather was waited for: its source buffer is free again."""
+        slot = self._buffers.pop(i, None)
+        if slot is not None:
+            self.state.params.release(slot)
+
+    def _make_room(self) -> None:
+        """Every read buffer is a gather's source: wait for the oldest such gather."""
+        i = next(iter(self._buffers))
+        out, work = self._inflight[i]
+        work.wait()
+        self._inflight[i] = (out, Pending([]))  # done: its later wait is free
+        self._finished(i)
+
     def _persistent(self, b) -> bool:
         return b.offset >= self.plan.persist_offset
 
@@ -120,6 +146,7 @@ class ParamGather:
         self.prefetch([i])
         out, work = self._inflight.pop(i)
         work.wait()
+        self._finished(i)
         return out
 
     def _track(self, out: torch.Tensor) -> None:
@@ -137,9 +164,12 @@ class ParamGather:
         step. All-gathers pair by order: a rank whose batch took another branch would have
         been sent pieces of another bucket of the same size, silently; this refuses the
         step (parameters untouched) instead. One 2-element all-reduce per step."""
-        for _, work in self._inflight.values():
+        for i, (_, work) in list(self._inflight.items()):
             work.wait()
+            self._finished(i)
         self._inflight.clear()
+        if self.state.params is not None:
+            self.state.params.end_step()  # reads started ahead would be old values
         agreed = same_on_every_rank(self._signature, self.group, self.device)
         self._signature = 0
         if not agreed:

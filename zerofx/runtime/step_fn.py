@@ -82,6 +82,8 @@ def make_step_fn(rt):
     # there (no shard-sized temporary, no copy of the gathered chunks).
     in_place = plan.sharded and not plan.partitioned and gather.in_place
     update = _make_update(rt, in_place)
+    # offload_param nvme (stage 3): the shard is read from its file and written back
+    pid = rt.state.params.id if rt.state.params is not None else None
     # Gradients arrive summed over DP ranks and accumulation steps, and loss-scaled.
     divisor = float(plan.grid.dp_size * rt.gas) * rt.pre_reduce  # what is left to divide
 
@@ -110,7 +112,8 @@ def make_step_fn(rt):
         step.add_((~overflow).float())
         out = flat_params
         if plan.partitioned:  # stage 3: the shard is the parameter
-            out = shard_lowp
+            out = shard_lowp if pid is None else \
+                torch.ops.zerofx.offload_params_read(pid, shard_lowp)
         elif plan.sharded and not in_place:
             # Stages 1-2, native all-gather: the updated shard in the compute dtype is a step
             # temporary (ZeRO's memory formulas hold no such state), starting from the
@@ -122,6 +125,8 @@ def make_step_fn(rt):
         if plan.sharded:
             _gather_params(out, flat_params, chunks, dp, group, plan.persist_offset,
                            form=gather, sid=sid)
+        if pid is not None:
+            torch.ops.zerofx.offload_params_write(pid, out, overflow.float())
         LossScaler(scale, hysteresis, it, last_overflow, scaler.dynamic, scaler.window,
                    scaler.delayed_shift, scaler.min_scale, scaler.consecutive_hysteresis,
                    floor_hits).update(overflow)
@@ -149,12 +154,29 @@ def _tp_ranges(plan) -> tuple[list, list]:
     """(split, replicated) ranges of this rank's shard, adjacent ranges merged."""
     ranges: dict[bool, list] = {True: [], False: []}
     for o in plan.owned_pieces():
-        out = ranges[o.slot.tp_split]
-        if out and out[-1][1] == o.at:
-            out[-1] = (out[-1][0], o.at + o.numel)
-        else:
-            out.append((o.at, o.at + o.numel))
+        for split, at, numel in _tp_parts(o, plan.grid.tp_size):
+            out = ranges[split]
+            if out and out[-1][1] == at:
+                out[-1] = (out[-1][0], at + numel)
+            else:
+                out.append((at, at + numel))
     return ranges[True], ranges[False]
+
+
+def _tp_parts(o, tp: int):
+    """(split, shard offset, numel) of an owned piece: a split weight's whole regions (a
+    multi-query key/value beside split query heads, TPShard.regions) are replicated."""
+    spans = o.slot.tp.replicated_spans(tp) if o.slot.tp is not None else []
+    at, end = o.start, o.start + o.numel
+    for a, b in spans:
+        a, b = max(a, o.start), min(b, end)
+        if a < b:
+            if at < a:
+                yield True, o.at + at - o.start, a - at
+            yield False, o.at + a - o.start, b - a
+            at = b
+    if at < end:
+        yield o.slot.tp_split, o.at + at - o.start, end - at
 
 
 def _make_update(rt, in_place: bool):
@@ -164,7 +186,7 @@ def _make_update(rt, in_place: bool):
     ``out`` takes the updated compute-dtype values: shard-shaped, or (``in_place``) the
     flat parameters, each owned range written where it lives there."""
     spec, plan, norm_group = rt.spec, rt.plan, rt.comm.norm_group(rt.plan)
-    if rt.state.offload is not None:  # the state is on disk: the same update, streamed
+    if rt.state.offload is not None:  # on disk or host memory: the same kernels, there
         return offloaded_update(rt.state.offload, kind=spec.kind, hyper=spec.hyper,
                                 norm_group=norm_group, in_place=in_place)
     # (shard range, flat-parameter range) per owned bucket range; one range when out is

@@ -4,9 +4,12 @@ Buffers (N = data-parallel size, "shard" = what this rank updates, see plan.owne
     flat_params   padded_numel, compute dtype: the model's parameters are views into it
                   (stage 3: only the persistent parameters' buckets; the others are
                   gathered from shard_lowp by the graphs, runtime/param_gather.py)
-    master, exp_avg, exp_avg_sq   shard, fp32 (offloaded to NVMe: empty here, the state is
-                  in ``offload``'s file; read and write it through ``optimizer_state``)
+    master, exp_avg, exp_avg_sq   shard, fp32 (offloaded: empty here, the state is in
+                  ``offload``'s file (NVMe) or host memory (cpu, parameters on a GPU);
+                  read and write it through ``optimizer_state``)
     shard_lowp    shard, compute dtype: stage 3's parameters (stages 1-2: a step temporary)
+                  (offload_param nvme: empty, in ``params``' file, offload/params.py;
+                  change it through ``set_param_shard`` / ``param_shard``)
     shard_grads   shard, compute dtype: reduce-scatter target (stage 2)
     full_grads    padded_numel: all-reduce target (stages 0/1) and the local accumulation
                   buffer when gradient_accumulation_steps > 1 (stage 2 keeps it only then)
@@ -23,6 +26,7 @@ import torch
 from zerofx.plan import Plan
 from zerofx.runtime.loss_scaler import LossScaler
 from zerofx.runtime.offload import OffloadedState
+from zerofx.runtime.offload.params import ParamStore
 from zerofx.runtime.step_fn import StepState
 
 
@@ -43,23 +47,33 @@ class TrainState:
     grad_norm: torch.Tensor
     lr: torch.Tensor
     beta1: torch.Tensor
-    offload: OffloadedState | None = None  # the fp32 state on disk (offload_optimizer nvme)
+    # the fp32 state on disk (offload_optimizer nvme) or in host memory (cpu: a HostOffload,
+    # offload/host.py, with the same methods)
+    offload: OffloadedState | None = None
+    params: ParamStore | None = None  # stage 3's 16-bit shard on disk (offload_param nvme)
 
     @classmethod
     def allocate(cls, plan: Plan, device, *, scaler: LossScaler, lr: float, beta1: float,
-                 gas: int, offload: OffloadedState | None = None) -> "TrainState":
+                 gas: int, offload: OffloadedState | None = None,
+                 params: ParamStore | None = None) -> "TrainState":
         """Zeroed buffers for ``plan``; the parameters are moved in afterwards
         (ParamCarriers.install fills flat_params and master, then ``master_filled``).
         With ``offload`` the moments are never in memory and the master only until
-        ``master_filled`` writes it to the file."""
+        ``master_filled`` writes it to the file (a host offload's master is its own host
+        tensor from the start)."""
         low, dev = plan.compute_dtype, device
         # Stage 3 keeps only the persistent parameters whole: flat_params then covers
         # [persist_offset, padded_numel) of the layout (all of it below stage 3).
         flat_params = torch.zeros(plan.padded_numel - plan.persist_offset, dtype=low, device=dev)
-        master = torch.zeros(plan.shard_numel, dtype=torch.float32, device=dev)
+        # A host offload's own fp32 master takes the parameters directly: the device never
+        # holds the fp32 shard, not even while it is filled
+        master = getattr(offload, "host_master", None)
+        if master is None:
+            master = torch.zeros(plan.shard_numel, dtype=torch.float32, device=dev)
         # Stage 3's parameters between uses; below it the step makes a temporary.
-        shard_lowp = torch.zeros(plan.shard_numel, dtype=low, device=dev) if plan.partitioned \
-            else torch.empty(0, dtype=low, device=dev)
+        # (offload_param nvme: in ``params``' file, read bucket by bucket; empty here)
+        shard_lowp = torch.zeros(plan.shard_numel, dtype=low, device=dev) \
+            if plan.partitioned and params is None else torch.empty(0, dtype=low, device=dev)
         # Stage 2 with reduce-scatter and no accumulation never holds the full gradients.
         needs_full = not plan.reduces_into_shard or gas > 1
         grad = plan.grad_dtype  # the compute dtype, or fp32 (data_types.grad_accum_dtype)
@@ -69,11 +83,12 @@ class TrainState:
             shard_grads = torch.zeros(plan.shard_numel, dtype=grad, device=dev)
         else:
             shard_grads = torch.empty(0, dtype=grad, device=dev) if plan.sharded else full_grads
-        def moment():  # offloaded: in the file only (preallocated, it reads as zeros)
-            return master.new_empty(0) if offload is not None else torch.zeros_like(master)
+        def moment():  # offloaded: in the file or host memory only (zeros there)
+            return flat_params.new_empty(0, dtype=torch.float32) if offload is not None \
+                else torch.zeros_like(master)
         return cls(
             flat_params=flat_params, master=master, exp_avg=moment(),
-            exp_avg_sq=moment(), shard_lowp=shard_lowp, offload=offload,
+            exp_avg_sq=moment(), shard_lowp=shard_lowp, offload=offload, params=params,
             shard_grads=shard_grads, full_grads=full_grads, scaler=scaler,
             step_count=torch.zeros((), dtype=torch.float32, device=dev),
             skipped=torch.zeros((), dtype=torch.int64, device=dev),
@@ -85,11 +100,11 @@ class TrainState:
     def master_filled(self) -> None:
         """The master weights hold the parameters: stage 3's compute-dtype shard follows
         (offloaded: they go to the file, zero moments beside them, and leave memory)."""
-        if self.shard_lowp.numel():
-            self.shard_lowp.copy_(self.master)
+        if self.shard_lowp.numel() or self.params is not None:
+            self.set_param_shard(self.master)
         if self.offload is not None:
             self.offload.write_all({"master": self.master})
-            self.master = self.master.new_empty(0)
+            self.master = self.flat_params.new_empty(0, dtype=torch.float32)
 
     @contextlib.contextmanager
     def optimizer_state(self, mode: str = "read"):
@@ -111,10 +126,31 @@ class TrainState:
         if mode != "read":
             self.offload.write_all(state)
 
+    def set_param_shard(self, values: torch.Tensor) -> None:
+        """Stage 3: the compute-dtype shard becomes ``values`` (fp32 master weights or
+        compute-dtype values, shard-sized), in memory or in ``params``' file."""
+        if self.params is not None:
+            self.params.write_all(values)
+        else:
+            self.shard_lowp.copy_(values)
+
+    @contextlib.contextmanager
+    def param_shard(self):
+        """Stage 3's compute-dtype shard to change in place: the tensor itself in memory;
+        offloaded, a copy read from the file and written back on a clean exit."""
+        if self.params is None:
+            yield self.shard_lowp
+            return
+        shard = self.params.read_all()
+        yield shard
+        self.params.write_all(shard)
+
     def close(self) -> None:
-        """Free what outlives the Python objects: the offloaded state's file."""
+        """Free what outlives the Python objects: the offloaded state's files."""
         if self.offload is not None:
             self.offload.close()
+        if self.params is not None:
+            self.params.close()
 
     def step_inputs(self) -> StepState:
         """The tensors the optimizer-step graph reads and updates, by name."""
@@ -131,6 +167,7 @@ class TrainState:
     def bytes(self) -> int:
         """Bytes of training state held: parameters, gradients, optimizer state."""
         buffers = self.offload.memory_bytes() if self.offload is not None else 0
+        buffers += self.params.memory_bytes() if self.params is not None else 0
         return buffers + nbytes(self.flat_params, self.master, self.exp_avg, self.exp_avg_sq,
                                 self.shard_lowp, self.shard_grads, self.full_grads)
 

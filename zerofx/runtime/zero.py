@@ -38,6 +38,7 @@ from zerofx.runtime.grad_intake import GradIntake
 from zerofx.runtime.loss_scaler import LossScaler
 from zerofx.runtime.model_checks import refuse_sparse_gradients
 from zerofx.runtime.offload import open_offload
+from zerofx.runtime.offload.params import open_params
 from zerofx.runtime.optimizer_spec import OptimizerSpec
 from zerofx.runtime.param_gather import ParamGather
 from zerofx.runtime.shard_optimizer import ShardOptimizer
@@ -98,7 +99,8 @@ class ZeroRuntime:
             self.plan, self.device, scaler=LossScaler.from_config(self.config.fp16,
                                                                    device=self.device),
             lr=self.spec.lr, beta1=self.spec.beta1, gas=self.gas,
-            offload=open_offload(self.config, self.plan, self.spec, self.device))
+            offload=open_offload(self.config, self.plan, self.spec, self.device),
+            params=open_params(self.config, self.plan, self.device))
         self.carriers = ParamCarriers(model, named, self.plan)
         self.carriers.install(named, self.state.flat_params, self.state.master)
         self.state.master_filled()
@@ -201,11 +203,12 @@ class ZeroRuntime:
             if self.comm.group is not None:
                 dist.broadcast(value, src=src, group=self.comm.group)
             flat = value.reshape(-1)
-            with self.state.optimizer_state("update") as fp32:
+            with self.state.optimizer_state("update") as fp32, \
+                    self.state.param_shard() as lowp:  # offloaded: read, written back
                 for o in self.plan.owned_pieces_of(name):
                     piece = flat[o.start:o.start + o.numel]
                     fp32["master"][o.at:o.at + o.numel].copy_(piece)
-                    self.state.shard_lowp[o.at:o.at + o.numel].copy_(piece)
+                    lowp[o.at:o.at + o.numel].copy_(piece)
 
     def local_param(self, name: str) -> torch.Tensor:
         """This rank's piece of parameter ``name``: a view of the flat compute-dtype buffer."""

@@ -1,9 +1,13 @@
-"""ZeRO-Infinity's optimizer offload to NVMe: the fp32 master shard and the moments on disk.
+"""Optimizer offload: the fp32 master shard and the moments on disk (ZeRO-Infinity's NVMe
+offload) or, with parameters on a GPU, in host memory (ZeRO-Offload, ``host``).
 
     files    StateFile: the private, preallocated, unlinked file; OffloadError
     stream   ChunkStream: chunks through a few buffers, reads and writes overlapped
     state    OffloadedState: the step's passes over the chunks, whole-state reads and writes
     ops      the step graph's ops and the ``update`` the step function uses
+    host     HostOffload: the state in (pinned) host memory, gradients and updates copied
+    params   ParamStore: stage 3's 16-bit parameter shard on NVMe (offload_param), read per
+             bucket for the gathers (runtime/param_gather.py) and whole by the step
 
 The runtime meets it at two seams: TrainState (its ``offload`` and ``optimizer_state``) and
 the step function's ``update`` (runtime/step_fn.py). docs/offload.md is the user's page.
@@ -23,11 +27,15 @@ def default_chunk(shard_numel: int) -> int:
     return min(max(shard_numel // 16, 1 << 20), 1 << 24)
 
 
-def open_offload(config, plan, spec, device) -> OffloadedState | None:
-    """The offloaded state the config asks for (None: the state stays in memory)."""
+def open_offload(config, plan, spec, device):
+    """The offloaded state the config asks for: an OffloadedState (nvme), a HostOffload
+    (cpu) or None (the state stays in memory)."""
     from zerofx.config.blocks import AioConfig
 
     off = config.zero_optimization.offload_optimizer
+    if off.device == "cpu":
+        from zerofx.runtime.offload.host import open_host_offload
+        return open_host_offload(config, plan, spec, device)
     if off.device != "nvme":
         return None
     check_offloadable(device, spec.kind)

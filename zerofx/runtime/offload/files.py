@@ -1,4 +1,5 @@
-"""The file an offloaded optimizer state lives in: private, preallocated, gone with its process.
+"""The file offloaded state lives in (optimizer state, stage 3's parameters): private,
+preallocated, gone with its process.
 
     f = StateFile.create(nvme_path, nbytes, rank=0, block_size=1 << 20)
     f.read_into(buffer, offset)       # fills the whole tensor ``buffer`` from byte ``offset``
@@ -27,43 +28,56 @@ log = logging.getLogger(__name__)
 
 
 class OffloadError(RuntimeError):
-    """The offloaded optimizer state cannot be created, read or written."""
+    """The offloaded optimizer state (or stage 3's parameters) cannot be created, read or
+    written."""
 
 
-def path_error(path: str, e: OSError, doing: str, *, nbytes: int | None = None) -> OffloadError:
-    """One message naming the path, the OS's cause and the fix."""
+# What a file holds: (its name in messages, the config block whose nvme_path it is under,
+# the file's suffix)
+OPTIMIZER = ("optimizer state", "offload_optimizer", "state")
+PARAMS = ("parameters", "offload_param", "params")
+
+
+def path_error(path: str, e: OSError, doing: str, *, nbytes: int | None = None,
+               role=OPTIMIZER) -> OffloadError:
+    """One message naming the path, the OS's cause, the config key and the fix."""
+    what, block, _ = role
+    key = f"zero_optimization.{block}.nvme_path"
     cause = os.strerror(e.errno) if e.errno else str(e)
     if e.errno == errno.ENOSPC:
-        need = f" (the state needs {nbytes / 2**30:.2f} GiB per rank)" if nbytes else ""
-        fix = f"free space there or point offload_optimizer.nvme_path at a larger disk{need}"
+        need = f" (the {what} need {nbytes / 2**30:.2f} GiB per rank)" if nbytes else ""
+        fix = f"free space there or point {key} at a larger disk{need}"
     elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        fix = "make it writable for this user or choose another offload_optimizer.nvme_path"
+        fix = f"make it writable for this user or choose another {key}"
     elif e.errno in (errno.ENOENT, errno.ENOTDIR):
-        fix = "create the directory or fix offload_optimizer.nvme_path"
+        fix = f"create the directory or fix {key}"
     elif e.errno in (errno.ELOOP, errno.EEXIST):
         fix = "something (a symlink?) is in the way: zerofx never follows or reuses one"
     else:
         fix = "check the disk"
-    return OffloadError(f"offloaded optimizer state: {doing} {path} failed: {cause}; {fix}")
+    return OffloadError(f"offloaded {what}: {doing} {path} failed: {cause}; {fix}")
 
 
 class StateFile:
     """One open, unlinked, preallocated file of ``nbytes`` bytes (see the module doc)."""
 
-    def __init__(self, fd: int, path: str, nbytes: int, block_size: int):
+    def __init__(self, fd: int, path: str, nbytes: int, block_size: int, role=OPTIMIZER):
         self.fd, self.path, self.nbytes, self.block_size = fd, path, nbytes, block_size
+        self.role = role
 
     @classmethod
-    def create(cls, root, nbytes: int, *, rank: int, block_size: int) -> "StateFile":
+    def create(cls, root, nbytes: int, *, rank: int, block_size: int,
+               role=OPTIMIZER) -> "StateFile":
+        """``role``: OPTIMIZER (``rank<r>.state``) or PARAMS (``rank<r>.params``)."""
         root = os.path.abspath(os.fspath(root))
         run_dir = os.path.join(root, f"zerofx-offload-{os.getpid()}-{secrets.token_hex(6)}")
         try:
             os.mkdir(run_dir, 0o700)  # exclusive: fails if anything is there, symlinks too
         except OSError as e:
-            raise path_error(run_dir, e, "creating the directory") from None
-        path = os.path.join(run_dir, f"rank{rank}.state")
+            raise path_error(run_dir, e, "creating the directory", role=role) from None
+        path = os.path.join(run_dir, f"rank{rank}.{role[2]}")
         try:
-            fd = open_private(run_dir, os.path.basename(path))
+            fd = open_private(run_dir, os.path.basename(path), role=role)
         except OffloadError:
             os.rmdir(run_dir)
             raise
@@ -73,12 +87,12 @@ class StateFile:
         except OSError as e:
             os.close(fd)
             _remove(path, run_dir)
-            raise path_error(path, e, f"reserving {nbytes} bytes for", nbytes=nbytes) \
-                from None
+            raise path_error(path, e, f"reserving {nbytes} bytes for", nbytes=nbytes,
+                             role=role) from None
         _remove(path, run_dir)  # the descriptor keeps the data; nobody can open it by name
-        log.info("optimizer state of rank %d offloaded to %s (%.2f GiB, unlinked: freed when "
-                 "this process ends)", rank, path, nbytes / 2**30)
-        return cls(fd, path, nbytes, block_size)
+        log.info("%s of rank %d offloaded to %s (%.2f GiB, unlinked: freed when this "
+                 "process ends)", role[0], rank, path, nbytes / 2**30)
+        return cls(fd, path, nbytes, block_size, role)
 
     def read_into(self, buffer: torch.Tensor, offset: int) -> None:
         """Fill ``buffer`` (contiguous, CPU) from byte ``offset`` of the file."""
@@ -89,9 +103,9 @@ class StateFile:
                 try:
                     got = os.preadv(self.fd, [part], offset + pos)
                 except OSError as e:
-                    raise path_error(self.path, e, "reading") from None
+                    raise path_error(self.path, e, "reading", role=self.role) from None
                 if got == 0:
-                    raise OffloadError(f"offloaded optimizer state: {self.path} ended at byte "
+                    raise OffloadError(f"offloaded {self.role[0]}: {self.path} ended at byte "
                                        f"{offset + pos} (expected {self.nbytes} bytes): the "
                                        f"file was truncated by someone else")
                 part, pos = part[got:], pos + got
@@ -105,7 +119,8 @@ class StateFile:
                 try:
                     put = os.pwrite(self.fd, part, offset + pos)
                 except OSError as e:
-                    raise path_error(self.path, e, "writing", nbytes=self.nbytes) from None
+                    raise path_error(self.path, e, "writing", nbytes=self.nbytes,
+                                     role=self.role) from None
                 part, pos = part[put:], pos + put
 
     def close(self) -> None:
@@ -114,18 +129,18 @@ class StateFile:
             self.fd = -1
 
 
-def open_private(directory: str, name: str) -> int:
+def open_private(directory: str, name: str, *, role=OPTIMIZER) -> int:
     """``directory/name`` created exclusively, mode 0600, never through a symlink."""
     path = os.path.join(directory, name)
     try:
         dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except OSError as e:
-        raise path_error(directory, e, "opening the directory") from None
+        raise path_error(directory, e, "opening the directory", role=role) from None
     try:
         return os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                        0o600, dir_fd=dir_fd)
     except OSError as e:
-        raise path_error(path, e, "creating") from None
+        raise path_error(path, e, "creating", role=role) from None
     finally:
         os.close(dir_fd)
 
@@ -137,4 +152,5 @@ def _remove(path: str, run_dir: str) -> None:
 
 def _bytes(t: torch.Tensor) -> memoryview:
     assert t.is_contiguous() and t.device.type == "cpu"
-    return memoryview(t.numpy()).cast("B")
+    # as bytes: numpy has no bfloat16
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())

@@ -1,4 +1,4 @@
-"""The optimizer-step graph's view of an offloaded state: three ops and the update using them.
+"""The optimizer-step graph's view of offloaded state: its ops and the update using them.
 
 With ``offload_optimizer.device: nvme`` the step graph is the in-memory one except at the
 update, where the fused kernels' calls on the in-memory shard become::
@@ -12,8 +12,11 @@ update, where the fused kernels' calls on the in-memory shard become::
 ``oid`` names the OffloadedState (offload/state.py's table); the ops stream the state from disk
 and write the compute-dtype values into ``out`` (declared mutated, so the schedule pass's
 alias analysis sees the write). The rest of the step graph (norm, overflow, clip, gathers,
-loss scale) is unchanged. These ops belong to the runtime, like the fused kernels' ops
-(runtime/optim_ops.py): only the step function calls them, no pass builds them.
+loss scale) is unchanged. With ``offload_param.device: nvme`` (stage 3) the shard the update
+writes is ``zerofx.offload_params_read(pid, shard_lowp)`` (read from its file) and goes back
+with ``zerofx.offload_params_write(pid, shard, skip)`` after the step's gathers. These ops
+belong to the runtime, like the fused kernels' ops (runtime/optim_ops.py): only the step
+function calls them, no pass builds them.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import torch.distributed._functional_collectives as funcol
 from torch.fx.node import has_side_effect
 
 from zerofx.runtime.fused_optim import lamb_trust_ratio
+from zerofx.runtime.offload import params
 from zerofx.runtime.offload.state import lookup
 
 
@@ -65,10 +69,35 @@ def _(oid, ratio, out, lr, step, skip, beta1, in_place):
     return None
 
 
+@torch.library.custom_op("zerofx::offload_params_read", mutates_args=())
+def offload_params_read(pid: int, like: torch.Tensor) -> torch.Tensor:
+    """Stage 3's offloaded 16-bit shard (offload/params.py), read whole for the step;
+    ``like``: the empty in-memory shard, for the dtype and device."""
+    return params.lookup(pid).read_all()
+
+
+@offload_params_read.register_fake
+def _(pid, like):
+    return like.new_empty(params.lookup(pid).numel)
+
+
+@torch.library.custom_op("zerofx::offload_params_write", mutates_args=())
+def offload_params_write(pid: int, shard: torch.Tensor, skip: torch.Tensor) -> None:
+    """The updated shard back to its file (nothing on a skipped step: it is unchanged)."""
+    if not float(skip):
+        params.lookup(pid).write_all(shard)
+
+
+@offload_params_write.register_fake
+def _(pid, shard, skip):
+    return None
+
+
 # They change the state on disk: never dead code, whatever uses their outputs.
 for _op in (torch.ops.zerofx.offload_adam_.default,
             torch.ops.zerofx.offload_lamb_moments.default,
-            torch.ops.zerofx.offload_lamb_apply_.default):
+            torch.ops.zerofx.offload_lamb_apply_.default,
+            torch.ops.zerofx.offload_params_write.default):
     has_side_effect(_op)
 
 

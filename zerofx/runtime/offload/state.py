@@ -212,8 +212,8 @@ def check_offloadable(device: torch.device, kind: str) -> None:
     if device.type != "cpu":
         raise OffloadError(
             f"offload_optimizer device 'nvme' with parameters on {device}: zerofx streams the "
-            f"offloaded state on CPU-only runs (its GPU path, copying gradient shards to the "
-            f"host, is not built yet); drop the offload or train on the CPU")
+            f"offloaded state on CPU-only runs; with a GPU use device 'cpu' (the state in "
+            f"host memory, ZeRO-Offload) or train on the CPU")
     if kind == "torch":
         raise OffloadError(
             "offload_optimizer device 'nvme' runs zerofx's fused Adam, AdamW or Lamb on each "
