@@ -34,6 +34,9 @@ def _models():
         "Phi-3 (fused qkv_proj, gate_up_proj)": (T.Phi3ForCausalLM(T.Phi3Config(
             **ids, hidden_size=D, intermediate_size=FF, num_hidden_layers=LAYERS,
             num_attention_heads=HEADS, num_key_value_heads=HEADS)), "model.layers."),
+        "Phi-3 (grouped: 2 kv heads)": (T.Phi3ForCausalLM(T.Phi3Config(
+            **ids, hidden_size=D, intermediate_size=FF, num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS, num_key_value_heads=2)), "model.layers."),
         "Bloom (query_key_value, alibi)": (T.BloomForCausalLM(T.BloomConfig(
             **ids, hidden_size=D, n_layer=LAYERS, n_head=HEADS)), "transformer.h."),
         "Falcon (multi-head)": (T.FalconForCausalLM(T.FalconConfig(

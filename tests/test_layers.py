@@ -12,7 +12,7 @@ ALLOWED = {
     # the alpha-beta cost model: numbers only, read by the runtime (which fits it) and the
     # passes' dumps (which predict with it)
     "zerofx.comm_cost": [],
-    "zerofx.tp.layout": ["zerofx.config", "zerofx.tp.discovery"],  # which weights are split
+    "zerofx.tp.layout": ["zerofx.config", "zerofx.tp.discovery", "zerofx.tp.rules"],  # split how
     # the layout's analysis of a traced graph, and the sharding algebra it shares with the
     # tensor_parallel pass
     "zerofx.tp.discovery": ["zerofx.tp.propagation", "zerofx.tp.rules", "zerofx.config",

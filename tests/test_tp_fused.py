@@ -10,7 +10,8 @@ grouped key/value heads), GPT-J (rotary embedding through stack) and DistilBERT'
 on real gloo ranks against one process: losses and final weights, every attention and MLP
 projection split, and the saved 16-bit model (and the consolidated checkpoint) loading strict
 into the unsplit model. Multi-query Llama: query heads split, key/value whole, their
-gradients summed over the ranks. What no split fits stays whole, with the reason.
+gradients summed over the ranks. What no split fits stays whole, with the reason (grouped
+and multi-query fused q|k|v: test_tp_grouped.py).
 """
 import pytest
 import torch
@@ -240,12 +241,16 @@ def test_slices_of_a_fused_qkv_split_it_per_part():
     assert not whole
 
 
-def test_grouped_slices_that_would_part_heads_from_their_kv_are_kept_whole():
-    # q 4 heads, k and v 2 each: the equal parts the cuts allow are 2 heads wide, so a
-    # rank would hold query heads 0 and 2 but key/value head 0: refused, with the reason
-    found, whole = _discover(FusedAttention(kv_heads=2))
-    assert "qkv.weight" not in found and "o.weight" not in found
-    assert "4 equal parts, which do not give each rank whole heads" in whole["qkv.weight"]
+def test_grouped_slices_of_a_fused_qkv_split_it_region_by_region():
+    # q 4 heads, k and v 2 each: equal parts would pair query heads 0 and 2 with key/value
+    # head 0; the regions q | k | v split on their own give each rank its query heads
+    # beside the key/value heads they read (test_tp_grouped.py has the rest)
+    from zerofx.tp import discovery as D
+
+    gm, names = D.trace_forward(FusedAttention(kv_heads=2), (torch.randn(2, 5, 16),))
+    found = {f.name: f for f in D.discover(gm, D.find_weights(gm, names), 2)}
+    assert found["qkv.weight"].regions == ((16, False), (8, False), (8, False))
+    assert found["o.weight"].style == "rowwise"
 
 
 def test_a_sequential_with_dropout_in_training_is_read_from_its_graph():
@@ -400,32 +405,23 @@ def test_multi_query_keeps_key_value_whole_and_sums_their_gradients(tmp_path):
                for *_, styles in results)
 
 
-def _left_whole(name):
+def _left_whole(name, tp=2):
     import zerofx
     from hf_models import hf_batch, make_hf
     from zerofx.tp.layout import resolve_tp_layout
 
-    cfg = zerofx.Config.from_dict({"tensor_parallel": {"size": 2}})
+    cfg = zerofx.Config.from_dict({"tensor_parallel": {"size": tp}})
     return dict(resolve_tp_layout(make_hf(name), cfg, hf_batch(name, 0)).left_whole)
 
 
 def test_what_no_split_fits_is_kept_whole_with_the_reason():
-    """Falcon's multi-query query_key_value holds 4 query heads, then one key and one value
-    head in one weight: no split gives every rank its query heads beside the whole key and
-    value, so it stays whole (and its dense with it), with the op that refused. DistilBERT's
-    vocab_transform feeds a LayerNorm over its features: whole, as Megatron's BERT LM head
-    keeps its dense. Phi-3's fused q|k|v with fewer key/value heads than query heads: the
-    equal parts its slices allow would pair query heads with another rank's key/value."""
+    """DistilBERT's vocab_transform feeds a LayerNorm over its features: whole, as
+    Megatron's BERT LM head keeps its dense. Phi-3 with 2 key/value heads at TP 4: Megatron
+    would replicate each key/value head over 2 ranks, zerofx keeps the fused projection
+    whole and says so. (Grouped and multi-query fused projections with at least one
+    key/value head per rank, or exactly one in all, are split: test_tp_grouped.py.)"""
     pytest.importorskip("transformers")
-    whole = _left_whole("falcon_mq")
-    # the op that refused: Falcon's code takes the key/value head by index (transformers
-    # 5.24) or by slice (5.25)
-    reason = whole["transformer.h.0.self_attention.query_key_value.weight"]
-    assert "index" in reason or "slice" in reason, reason
-    assert "transformer.h.0.self_attention.dense.weight" in whole
     assert "layer_norm" in _left_whole("distilbert_mlm")["vocab_transform.weight"]
-    # Phi-3 with grouped key/value heads, [4 q | 2 k | 2 v] heads in one weight: kept whole
-    assert "grouped key/value heads" in \
-        _left_whole("phi3_gqa")["model.layers.0.self_attn.qkv_proj.weight"]
-
-
+    assert not _left_whole("falcon_mq") and not _left_whole("phi3_gqa")
+    reason = _left_whole("phi3_gqa", tp=4)["model.layers.0.self_attn.qkv_proj.weight"]
+    assert "2 key/value heads are fewer than the 4 ranks" in reason, reason

@@ -350,7 +350,8 @@ def full_states(tag_dir, keys=STATE_KEYS, on_file: Callable[[Path], None] | None
                 raise CheckpointError(f"{tag_dir}: {p['name']} is missing from {missing}; "
                                       f"the files are from different saves")
             split = p.get("tp")
-            joined[k][p["name"]] = join_tp_pieces(pieces, split["dim"], split["parts"]) \
+            joined[k][p["name"]] = join_tp_pieces(pieces, split["dim"], split["parts"],
+                                                  split.get("regions")) \
                 if split else pieces[0]
     return joined, per_rank[0][1]
 
@@ -371,8 +372,18 @@ def with_aliases(tag_dir, state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
-def join_tp_pieces(pieces: list[torch.Tensor], dim: int, parts: int) -> torch.Tensor:
+def join_tp_pieces(pieces: list[torch.Tensor], dim: int, parts: int,
+                   regions=None) -> torch.Tensor:
     """The whole parameter from its TP ranks' pieces (inverse of TPShard.local_piece): each
-    piece holds its block of every part, so blocks are regrouped part by part."""
+    piece holds its block of every part, so blocks are regrouped part by part. ``regions``
+    [(rows, whole)]: unequal parts, a whole one held entirely by every rank."""
+    if regions:
+        out, at, tp = [], 0, len(pieces)
+        for n, whole in regions:
+            m = n if whole else n // tp
+            out += [pieces[0].narrow(dim, at, m)] if whole else \
+                [p.narrow(dim, at, m) for p in pieces]
+            at += m
+        return torch.cat(out, dim)
     chunks = [p.chunk(parts, dim) for p in pieces]
     return torch.cat([c[k] for k in range(parts) for c in chunks], dim)

@@ -178,6 +178,8 @@ def _meta(plan, client_state, *, whole: bool, aliases: dict, save_id: str) -> di
             return {"name": p.name, "shape": list(p.shape), "offset": p.offset,
                     "numel": p.numel}
         split = {"dim": p.tp.dim, "parts": p.tp.parts} if p.tp is not None else None
+        if p.tp is not None and p.tp.regions:  # unequal parts [(rows, whole on every rank)]
+            split["regions"] = [[n, w] for n, w in p.tp.regions]
         return {"name": p.name, "shape": list(p.tp.full_shape if p.tp else p.shape),
                 "tp": split}
     return {"format": FORMAT_VERSION, "save_id": save_id, "world_size": plan.grid.world_size,

@@ -46,6 +46,13 @@ def check_meta(meta: dict, path, *, whole: bool) -> None:
         _check_param(p, i, path, meta["padded_numel"], whole=whole)
 
 
+def _regions_fit(regions, shape, dim: int) -> bool:
+    """Absent, or [[rows, whole], ...] adding up to the split dimension."""
+    return regions is None or (isinstance(regions, list) and all(
+        isinstance(r, list) and len(r) == 2 and is_int(r[0]) and r[0] > 0 and
+        isinstance(r[1], bool) for r in regions) and sum(r[0] for r in regions) == shape[dim])
+
+
 def _check_param(p, i: int, path, padded: int, *, whole: bool) -> None:
     keys = ("name", "shape", "tp") if whole else ("name", "shape", "offset", "numel")
     if not isinstance(p, dict) or any(k not in p for k in keys):
@@ -58,7 +65,9 @@ def _check_param(p, i: int, path, padded: int, *, whole: bool) -> None:
         split = p["tp"]
         if split is not None and not (isinstance(split, dict) and is_int(split.get("dim"))
                                       and is_int(split.get("parts")) and split["parts"] >= 1
-                                      and 0 <= split["dim"] < max(len(shape), 1)):
+                                      and 0 <= split["dim"] < max(len(shape), 1)
+                                      and _regions_fit(split.get("regions"), shape,
+                                                       split["dim"])):
             raise _bad(path, f"params[{i}] ({p['name']}) has tensor-parallel split {split!r}")
         return
     offset, numel = p["offset"], p["numel"]

@@ -72,6 +72,7 @@ class Found:
     dim: int  # the split dimension of the parameter
     bias: str | None
     reason: str
+    regions: tuple = ()  # unequal parts [(size, whole)] instead of ``parts`` (TPShard's)
 
 
 def trace_forward(model: torch.nn.Module, example) -> tuple[fx.GraphModule, list[str]]:
@@ -228,15 +229,39 @@ def _grow(seed: Weight, placed, by_node, full, order, tp: int, vocab: bool):
             return (_region(col, row, by_node, seen), "") if ends else \
                 ({}, "its output features are never summed back (no row-parallel weight)")
         node, state = blocked
-        if not _repair(node, state, col, row, free, by_node, full, tp):
-            hint = " (fewer heads than ranks?)" if node.target in P.VIEWS else \
-                (f" (its cuts allow only {col[seed.node]} equal parts, which do not give "
-                 f"each rank whole heads beside their key/value heads: a fused q|k|v with "
-                 f"grouped key/value heads)") if node.target in P.HEAD_PARALLEL and \
-                col.get(seed.node, 1) > 1 else ""
+        if not _repair(node, state, col, row, free, by_node, full, tp) and \
+                not _keep_small_regions_whole(col):
             return {}, (f"the split of its output features over {tp} ranks cannot pass "
-                        f"{node.target}{_where(node)}{hint}")
+                        f"{node.target}{_where(node)}{_hint(node, full, tp)}")
     return {}, "no layout settled"
+
+
+def _hint(node, full, tp: int) -> str:
+    """Why a blocked node may have blocked: the heads it sees against the ranks."""
+    if node.target in P.VIEWS:
+        return " (fewer heads than ranks?)"
+    if node.target not in P.HEAD_PARALLEL:
+        return ""
+    heads = sorted({full[a][1] for a in node.all_input_nodes
+                    if len(full[a] or ()) == 4 and full[a][1] > 1})
+    if heads and heads[0] < tp and heads[0] < heads[-1]:
+        return (f" (its {heads[0]} key/value heads are fewer than the {tp} ranks: Megatron "
+                f"would replicate each over {tp // heads[0]} ranks, which zerofx does not "
+                f"do; it keeps the fused projection whole)")
+    return ""
+
+
+def _keep_small_regions_whole(col) -> bool:
+    """Regions of a fused projection smaller than its largest (a multi-query key and value
+    beside the query heads) split in vain: keep them whole on every rank instead (once)."""
+    for node, spec in col.items():
+        if isinstance(spec, tuple):
+            big = max(n for n, _ in spec)
+            whole = tuple((n, w or n < big) for n, w in spec)
+            if whole != spec:
+                col[node] = whole
+                return True
+    return False
 
 
 def _where(node: fx.Node) -> str:
@@ -255,13 +280,11 @@ def _propagate(col, row, by_node, free, full, order, tp, seen):
     collects the ops the split went through (for the reason the plan dump shows)."""
     seen.clear()
     state = {}
-    for node, parts in col.items():
+    for node, spec in col.items():
         w = by_node[node]
-        n = full[node][w.out_dim]
-        state[node] = R.normalize(R.Shard(w.out_dim, n // parts, 1), n)
+        state[node] = _split_of(spec, w.out_dim, full[node][w.out_dim])
         if w.bias is not None:
-            nb = full[w.bias][0]
-            state[w.bias] = R.normalize(R.Shard(0, nb // parts, 1), nb)
+            state[w.bias] = _split_of(spec, 0, full[w.bias][0])
     for node in row:
         d = 1 - by_node[node].out_dim
         state[node] = R.Shard(d, full[node][d], 1)
@@ -277,6 +300,10 @@ def _propagate(col, row, by_node, free, full, order, tp, seen):
                 _weight_of(a, free) is not None or _feeding_weights(a, free, state)
                 for a in P.localized(node, state, full, along=P.cat_dim(node, full))):
             return node, state  # split that weight (or make it row-parallel) instead
+        if node.target is aten.cat.default and any(
+                state.get(a) is None and _feeding_weights(a, free, state)
+                for a in node.args[0]) and any(state.get(a) is not None for a in node.args[0]):
+            return node, state  # joined whole beside split values: split that weight too
         try:
             out = P.infer(node, state, full, tp)
         except (R.Unshardable, AttributeError, TypeError, IndexError):
@@ -302,6 +329,10 @@ def _repair(node, state, col, row, free, by_node, full, tp) -> bool:
             return True
     if node.target in _CUTS:
         return _fuse(node, col, by_node, full, tp)
+    if node.target in P.VIEWS:  # a view of a fused weight's output that its cuts fix
+        # (Falcon multi-query at 4 ranks: [.., 6 heads, hd], then split [4, 1, 1])
+        if any(_fuse(u, col, by_node, full, tp) for u in node.users if u.target in _CUTS):
+            return True
     joined = set()
     for a in node.all_input_nodes:
         if state.get(a) is None:
@@ -340,11 +371,49 @@ def _fuse(node, col, by_node, full, tp: int) -> bool:
         cuts = list(bounds)
     else:
         cuts = list(itertools.accumulate(p[dim] for p in full[node]))
+    if period == n:  # cuts of the features themselves: the regions between them
+        return _cut_regions(col, src, n, inner, [c * inner for c in cuts], tp)
+    if isinstance(col[src], tuple):
+        return False
     block = math.gcd(n // col[src], period, *(c * inner for c in cuts))
     if block == n // col[src] or block % tp:
         return False
     col[src] = n // block
     return True
+
+
+def _cut_regions(col, src, n: int, unit: int, cuts, tp: int) -> bool:
+    """Cut ``src``'s features (n) at ``cuts`` too: the regions between all cuts, each split
+    over the ranks where it holds a multiple of ``tp`` units (heads, when the cut is of
+    heads), else whole on every rank. Equal split regions are the equal parts of
+    Megatron's interleaved fused q|k|v; unequal ones its grouped-query layout. False: no
+    new cut."""
+    spec = col[src]
+    old = [0] + list(itertools.accumulate(z for z, _ in spec)) if isinstance(spec, tuple) \
+        else list(range(0, n + 1, n // spec))
+    bounds = sorted(set(old) | {c for c in cuts if 0 < c < n} | {0, n})
+    was = list(zip(old, spec)) if isinstance(spec, tuple) else []  # (start, (size, whole))
+    pieces = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        whole = any(w for at, (size, w) in was if at <= lo < at + size)
+        pieces.append((hi - lo, bool(whole or (hi - lo) % unit or ((hi - lo) // unit) % tp)))
+    sh = R.regions(0, pieces)
+    if sh is None or regions_or_parts(sh, n) == spec:  # nothing (new) to split
+        return False
+    col[src] = regions_or_parts(sh, n)
+    return True
+
+
+def regions_or_parts(sh, n: int):
+    """Equal split regions are ``n / block`` parts; anything else stays regions."""
+    return n // (sh.f * sh.s) if isinstance(sh, R.Shard) else tuple(zip(sh.sizes, sh.whole))
+
+
+def _split_of(spec, dim: int, n: int):
+    """A region weight's split: ``spec`` equal parts, or regions [(size, whole)]."""
+    if isinstance(spec, tuple):
+        return R.regions(dim, spec)
+    return R.normalize(R.Shard(dim, n // spec, 1), n)
 
 
 def _weight_of(value: fx.Node, among) -> fx.Node | None:
@@ -390,16 +459,21 @@ def _region(col, row, by_node, seen) -> dict[str, Found]:
         ends = "the cross-entropy (vocabulary-parallel)" \
             if str(aten.nll_loss_forward.default) in seen else "summed lookups"
     out = {}
-    for node, parts in col.items():
+    for node, spec in col.items():
         w = by_node[node]
-        fused = f", {parts} equal pieces (a fused projection)" if parts > 1 else ""
+        parts, regions = (len(spec), spec) if isinstance(spec, tuple) else (spec, ())
+        fused = "" if parts == 1 else f", {parts} equal pieces (a fused projection)"
+        if regions:
+            whole = " or whole on every rank" if any(wh for _, wh in regions) else ""
+            fused = (f", regions of {[z for z, _ in regions]} rows split on their own{whole}"
+                     f" (a fused q|k|v with grouped or multi-query key/value heads)")
         if w.lookup:
             style, reason = "vocab", (f"graph: an embedding table split by rows (vocabulary)"
                                       f"; its split reaches {ends}")
         else:
             style, reason = "colwise", f"graph: output features reach {ends}" + (
                 f" through {through}{fused}" if row else "")
-        out[w.name] = Found(w.name, style, parts, w.out_dim, w.bias_name, reason)
+        out[w.name] = Found(w.name, style, parts, w.out_dim, w.bias_name, reason, regions)
     for node in row:
         w = by_node[node]
         out[w.name] = Found(w.name, "rowwise", 1, 1 - w.out_dim, None,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+import math
 import logging
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ from torch import nn
 
 from zerofx.config import Config, ConfigError
 import zerofx.tp.discovery as tp_discovery
+import zerofx.tp.rules as R
 
 log = logging.getLogger(__name__)
 
@@ -50,25 +52,67 @@ class TPShard:
     dim: int  # the split dimension of the full parameter
     parts: int  # equal parts along dim, each split separately (3 for a fused qkv)
     full_shape: tuple[int, ...]
+    # Unequal parts instead, [(size, whole)] in order: each split separately or, where
+    # whole, held whole by every rank (a fused q|k|v with grouped or multi-query key/value
+    # heads: Megatron's GQA layout, tp/rules.py Regions). Empty: ``parts`` equal ones.
+    regions: tuple[tuple[int, bool], ...] = ()
+
+    def _regions(self) -> list[tuple[int, bool]]:
+        n = self.full_shape[self.dim]
+        return list(self.regions) or [(n // self.parts, False)] * self.parts
+
+    def sharding(self):
+        """The parameter's split in the sharding algebra (tp/rules.py)."""
+        return R.regions(self.dim, self._regions())
 
     def local_shape(self, tp: int) -> tuple[int, ...]:
         shape = list(self.full_shape)
-        shape[self.dim] //= tp
+        shape[self.dim] = sum(n if whole else n // tp for n, whole in self._regions())
         return tuple(shape)
+
+    def _spans(self, tp: int, tp_rank: int):
+        """(start, length) of each of this rank's rows (dim) in the full parameter."""
+        at = 0
+        for n, whole in self._regions():
+            yield (at, n) if whole else (at + tp_rank * (n // tp), n // tp)
+            at += n
+
+    def replicated_spans(self, tp: int) -> list[tuple[int, int]]:
+        """[start, end) ranges of the flat local piece that every rank holds alike (whole
+        regions): gradient norms count them once over the group, not tp times."""
+        if not any(w for _, w in self._regions()):
+            return []
+        shape = self.local_shape(tp)
+        inner, outer = math.prod(shape[self.dim + 1:]), math.prod(shape[:self.dim])
+        spans, at = [], 0
+        for n, whole in self._regions():
+            m = n if whole else n // tp
+            if whole:
+                spans += [((o * shape[self.dim] + at) * inner, (o * shape[self.dim] + at + m)
+                           * inner) for o in range(outer)]
+            at += m
+        merged: list[tuple[int, int]] = []
+        for a, b in sorted(spans):  # adjacent whole regions: one span
+            merged[-1:] = [(merged[-1][0], b)] if merged and merged[-1][1] == a else \
+                merged[-1:] + [(a, b)]
+        return merged
 
     def local_piece(self, full: torch.Tensor, tp: int, tp_rank: int) -> torch.Tensor:
         """This rank's piece of ``full`` (a copy, contiguous)."""
-        d, n = self.dim, self.full_shape[self.dim]
-        per = n // self.parts // tp
-        pieces = [full.narrow(d, p * (n // self.parts) + tp_rank * per, per)
-                  for p in range(self.parts)]
-        return torch.cat(pieces, dim=d).contiguous()
+        return torch.cat([full.narrow(self.dim, at, n) for at, n in self._spans(tp, tp_rank)],
+                         dim=self.dim).contiguous()
 
     def whole(self, pieces: list[torch.Tensor]) -> torch.Tensor:
-        """The full parameter from every rank's ``local_piece``, in rank order (its inverse)."""
-        d = self.dim
-        per_rank = [piece.chunk(self.parts, dim=d) for piece in pieces]
-        return torch.cat([parts[p] for p in range(self.parts) for parts in per_rank], dim=d)
+        """The full parameter from every rank's ``local_piece``, in rank order (its inverse):
+        each split part from every rank in turn, each whole part from the first rank."""
+        d, tp = self.dim, len(pieces)
+        out, local = [], 0
+        for n, whole in self._regions():
+            m = n if whole else n // tp
+            out += [pieces[0].narrow(d, local, m)] if whole else \
+                [p.narrow(d, local, m) for p in pieces]
+            local += m
+        return torch.cat(out, dim=d)
 
 
 @dataclass(frozen=True)
@@ -102,7 +146,8 @@ def resolve_tp_layout(model: nn.Module, config: Config, example_inputs=None) -> 
     else:
         example = example_inputs if example_inputs is not None else hf_example(model)
         if example is not None:
-            return _from_graph(model, example, tp, config.tensor_parallel.vocab_parallel)
+            return _check_lamb(_from_graph(model, example, tp,
+                                           config.tensor_parallel.vocab_parallel), config)
         choices = _detect(modules, tp)
     if not choices:
         raise _nothing_to_split(tp)
@@ -212,13 +257,28 @@ def _from_graph(model: nn.Module, example, tp: int, vocab: bool) -> TPLayout:
     params = dict(model.named_parameters())
     shards, choices = {}, []
     for f in found:
-        shards[f.name] = TPShard(f.dim, f.parts, tuple(params[f.name].shape))
+        shards[f.name] = TPShard(f.dim, f.parts, tuple(params[f.name].shape), f.regions)
         if f.bias is not None:
-            shards[f.bias] = TPShard(0, f.parts, tuple(params[f.bias].shape))
+            shards[f.bias] = TPShard(0, f.parts, tuple(params[f.bias].shape), f.regions)
         choices.append(TPChoice(f.name.rpartition(".")[0], f.style, f.parts, f.reason))
     order = list(params)
     choices.sort(key=lambda c: order.index(f"{c.module}.weight" if c.module else "weight"))
     return TPLayout(tp, shards, tuple(choices), tuple(sorted(whole.items())))
+
+
+def _check_lamb(layout: TPLayout, config: Config) -> TPLayout:
+    """``layout``, unless LAMB would train it wrong: its trust ratio sums each tensor's
+    squares over the TP pieces, so rows a split weight holds whole on every rank (a
+    multi-query key/value) would count tp times."""
+    opt = config.optimizer
+    mixed = [n for n, s in layout.shards.items() if any(whole for _, whole in s.regions)]
+    if mixed and opt is not None and opt.type.lower() == "lamb":
+        raise TPPlanError(
+            f"{mixed[0]} is split over tensor-parallel ranks with rows whole on every rank "
+            f"(a multi-query key/value beside split query heads), which LAMB's per-tensor "
+            f"trust ratio would count {layout.size} times: use Adam or AdamW, or give "
+            f"tensor_parallel.plan without that layer")
+    return layout
 
 
 def _is_projection(m: nn.Module) -> bool:

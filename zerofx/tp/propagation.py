@@ -42,6 +42,15 @@ HEAD_PARALLEL = {getattr(aten, n).default for n in (
 ) if hasattr(aten, n)}
 
 
+# The ops whose rules follow R.Regions (the rest refuse them, see infer): views and
+# transposes, matmuls, the cuts and joins of a fused projection, elementwise ops.
+REGION_OPS = VIEWS | PASS_THROUGH | {
+    operator.getitem, aten.t.default, aten.transpose.int, aten.permute.default,
+    aten.expand.default, aten.unsqueeze.default, aten.mm.default, aten.addmm.default,
+    aten.slice.Tensor, aten.slice_backward.default, aten.split.Tensor,
+    aten.split_with_sizes.default, aten.cat.default}
+
+
 def shapes(val):
     """Full shapes as ints: a dynamic (symbolic) size counts by its hint. Only the weights'
     dimensions are split, and those are static; the rules just need the layout."""
@@ -89,7 +98,8 @@ def localized(node: fx.Node, state, full, *, along: int | None = None) -> dict:
         return _contracted(node, state, full)
     out = full[node][0] if isinstance(full[node], list) else full[node]
     ins = node.all_input_nodes
-    split = next(((state[a], full[a]) for a in ins if isinstance(state.get(a), R.Shard)), None)
+    split = next(((state[a], full[a]) for a in ins
+                  if isinstance(state.get(a), (R.Shard, R.Regions))), None)
     if split is None or out is None or any(state.get(a) == R.PARTIAL for a in ins):
         return {}
     sh, shape = split
@@ -102,7 +112,7 @@ def localized(node: fx.Node, state, full, *, along: int | None = None) -> dict:
             continue
         d = d_out - (len(out) - len(full[a]))
         if d >= 0 and full[a][d] == shape[sh.dim] and full[a][d] != 1:
-            found[a] = R.Shard(d, sh.f, sh.s)
+            found[a] = R.moved(sh, d - sh.dim)
     return found
 
 
@@ -112,10 +122,10 @@ def _contracted(node: fx.Node, state, full) -> dict:
     a, b = node.args[:2]
     k, kb = len(full[a]) - 1, len(full[b]) - 2
     sa, sb = state.get(a), state.get(b)
-    if isinstance(sb, R.Shard) and sb.dim == kb and sa is None:
-        return {a: R.Shard(k, sb.f, sb.s)}
-    if isinstance(sa, R.Shard) and sa.dim == k and sb is None:
-        return {b: R.Shard(kb, sa.f, sa.s)}
+    if isinstance(sb, (R.Shard, R.Regions)) and sb.dim == kb and sa is None:
+        return {a: R.moved(sb, k - kb)}
+    if isinstance(sa, (R.Shard, R.Regions)) and sa.dim == k and sb is None:
+        return {b: R.moved(sa, kb - k)}
     return {}
 
 
@@ -133,6 +143,10 @@ def infer(node: fx.Node, state, full, tp: int):
     def get(a):
         return extra[a] if a in extra else state.get(a)
 
+    if t not in REGION_OPS and not is_elementwise(t) and any(
+            isinstance(get(a), R.Regions) for a in node.all_input_nodes):
+        raise R.Unshardable(f"values cut into regions of unequal sizes (a fused q|k|v with "
+                            f"grouped key/value heads) reach {t}, which has no rule for them")
     for fn in RULES.get(t, ()):
         out = fn(node, get, full, tp)
         if out is not NotImplemented:

@@ -13,6 +13,9 @@ import zerofx.tp.rules as R
 from zerofx.tp.propagation import first_operand, rule
 
 aten = torch.ops.aten
+# node.meta key: a slice's arguments as traced (full bounds), kept by the tensor_parallel
+# pass when it makes them local, for the slice_backward that mirrors the slice
+TRACED_ARGS = "zerofx_tp_traced_args"
 
 
 @rule(aten.split.Tensor, aten.split_with_sizes.default)
@@ -25,9 +28,42 @@ def _split(node, get, full, tp):
 
 @rule(aten.slice_backward.default)
 def _slice_backward(node, get, full, tp):  # (grad, input_sizes, dim, start, end, step)
-    args = node.args
+    """The gradient of a slice, laid out as the sliced value was: a slice of whole blocks
+    gives blocks again; a slice of one region of a value cut into regions (Phi-3's k of
+    [q | k | v] with grouped heads) gives those regions, found on the forward slice the
+    backward mirrors (the other regions are zeros, whatever their layout)."""
+    args, sh = node.args, first_operand(node, get)
     dim = args[2] % len(args[1])
-    return R.sliced(first_operand(node, get), dim, args[3], args[4], args[5], args[1][dim])
+    template = _forward_regions(node, get, full, dim) if isinstance(sh, R.Shard) and \
+        sh.dim == dim else None
+    if template is not None:
+        if R.sliced(template, dim, args[3], args[4], args[5], args[1][dim]) != \
+                R.normalize(sh, full[args[0]][dim]):
+            raise R.Unshardable("the gradient of a slice of regions is split unlike the "
+                                "slice")
+        return template
+    return R.sliced(sh, dim, args[3], args[4], args[5], args[1][dim])
+
+
+def _forward_regions(node, get, full, dim: int):
+    """R.Regions of the value a forward slice with ``node``'s (slice_backward) sizes and
+    bounds cut, or None."""
+    sizes, start, end, step = node.args[1:2] + node.args[3:6]
+    bounds = R.slice_bounds(start, end, step, sizes[dim])
+    found = set()
+    for n in node.graph.nodes:
+        if n.target is not aten.slice.Tensor:
+            continue
+        args = n.meta.get(TRACED_ARGS, n.args)  # as traced, before the pass localised them
+        if full.get(args[0]) == tuple(sizes) and \
+                (args[1] if len(args) > 1 else 0) % len(sizes) == dim and \
+                R.slice_bounds(*(list(args[2:5]) + [None] * 3)[:3], sizes[dim]) == bounds:
+            sh = get(n.args[0])
+            if isinstance(sh, R.Regions):
+                found.add(sh)
+    if len(found) > 1:
+        raise R.Unshardable("slices of the same bounds of values cut into different regions")
+    return found.pop() if found else None
 
 
 @rule(aten.slice.Tensor)

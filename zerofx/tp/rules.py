@@ -5,7 +5,9 @@ true value) or split along one dimension (Shard). A Shard describes *which* elem
 holds, so reshapes can follow it: dimension ``dim`` of full size n is read as
 (n / (f·s), f, s) and rank r holds factor indices [r·f/tp, (r+1)·f/tp) of every outer
 block. A plain column split is (f=n, s=1); a fused q|k|v weight is split per part (f=n/3);
-``[B, T, C] → [B, T, H, hd]`` moves a split of C onto H.
+``[B, T, C] → [B, T, H, hd]`` moves a split of C onto H. A dimension cut into regions of
+unequal sizes, each split on its own or held whole by every rank (Regions), is Megatron's
+layout of a fused q|k|v with grouped or multi-query key/value heads.
 
 Every rule takes the input shardings and full (unsplit) shapes and returns the output
 sharding, or raises Unshardable with the reason; rules never touch the graph.
@@ -13,7 +15,7 @@ sharding, or raises Unshardable with the reason; rules never touch the graph.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 class Unshardable(Exception):
@@ -27,7 +29,110 @@ class Shard:
     s: int  # elements of the dimension below the factor (its inner stride, in dim units)
 
 
+@dataclass(frozen=True)
+class Regions:
+    """Dimension ``dim`` made of consecutive regions of unequal sizes (a fused
+    [q: H·hd | k: KV·hd | v: KV·hd] with grouped or multi-query key/value heads), Megatron's
+    GQA layout: each region is split over the ranks on its own (rank r holds its r-th
+    1/tp, so a rank's query heads sit beside the key/value heads they read) or, where
+    ``whole``, held whole by every rank (a multi-query key/value head beside split query
+    heads). A rank's piece is its part of every region, in order."""
+
+    dim: int
+    sizes: tuple[int, ...]
+    whole: tuple[bool, ...]
+
+    def local_sizes(self, tp: int) -> list[int]:
+        return [n if w else n // tp for n, w in zip(self.sizes, self.whole)]
+
+    def local_bounds(self, start: int, end: int, tp: int) -> tuple[int, int]:
+        """[start, end) of the full dimension in a rank's piece: on region boundaries, or
+        within a whole region (which every rank holds entirely)."""
+        return self._local_at(start, tp), self._local_at(end, tp)
+
+    def _local_at(self, pos: int, tp: int) -> int:
+        at = local = 0
+        for n, w, m in zip(self.sizes, self.whole, self.local_sizes(tp)):
+            if pos == at or (w and at < pos < at + n):
+                return local + pos - at
+            at, local = at + n, local + m
+        if pos == at:
+            return local
+        raise Unshardable(f"a cut at {pos} of regions {list(self.sizes)} splits a region "
+                          f"split across tensor-parallel ranks")
+
+    def cut(self, start: int, end: int):
+        """The regions [start, end) covers (parts of whole ones included)."""
+        self._local_at(start, 1), self._local_at(end, 1)  # raises where it cuts a split one
+        at, kept = 0, []
+        for n, w in zip(self.sizes, self.whole):
+            lo, hi = max(at, start), min(at + n, end)
+            if lo < hi:
+                kept.append((hi - lo, w))
+            at += n
+        return regions(self.dim, kept)
+
+
 PARTIAL = "partial"
+
+
+def regions(dim: int, pieces) -> "Shard | Regions | None":
+    """One spelling of a dimension cut into ``pieces`` [(size, whole)]: adjacent whole
+    regions merge (a rank holds all of both), all whole is replicated (None), equal split
+    regions are a Shard of blocks (what a fused q|k|v of equal parts always was)."""
+    merged: list[list] = []
+    for n, w in pieces:
+        if n == 0:
+            continue
+        if merged and w and merged[-1][1]:
+            merged[-1][0] += n
+        else:
+            merged.append([n, bool(w)])
+    if all(w for _, w in merged):
+        return None
+    sizes = tuple(n for n, _ in merged)
+    if not any(w for _, w in merged) and len(set(sizes)) == 1:
+        return normalize(Shard(dim, sizes[0], 1), sum(sizes))
+    return Regions(dim, sizes, tuple(w for _, w in merged))
+
+
+def pieces_of(sh, size: int) -> list[tuple[int, bool]]:
+    """The [(size, whole)] regions a split, a replicated value or Regions make of a
+    dimension of ``size`` elements."""
+    if sh is None:
+        return [(size, True)]
+    if isinstance(sh, Regions):
+        return list(zip(sh.sizes, sh.whole))
+    block = sh.f * sh.s
+    return [(block, False)] * (size // block)
+
+
+def local_size(sh, size: int, tp: int) -> int:
+    """The size a rank holds of a split dimension of ``size`` elements."""
+    return sum(sh.local_sizes(tp)) if isinstance(sh, Regions) else size // tp
+
+
+def _regions_reshape(sh: Regions, in_shape, out_shape, tp: int):
+    """Regions through a view: the dimension may be cut into (outer, inner) with region
+    boundaries on outer (Falcon's [.., (H+2)·hd] -> [.., H+2, hd]), merged with inner
+    dimensions below it, or kept."""
+    lo = math.prod(in_shape[sh.dim + 1:])
+    hi = lo * in_shape[sh.dim]
+    for j, n in enumerate(out_shape):
+        st = math.prod(out_shape[j + 1:])
+        if n == 1 or st * n != hi:
+            continue
+        if st == lo:
+            return replace(sh, dim=j)
+        if st > lo and st % lo == 0 and all(z % (st // lo) == 0 for z in sh.sizes):
+            sizes = tuple(z // (st // lo) for z in sh.sizes)
+            if all(w or z % tp == 0 for z, w in zip(sizes, sh.whole)):
+                return regions(j, zip(sizes, sh.whole))
+        if st < lo and lo % st == 0:
+            return regions(j, [(z * lo // st, w) for z, w in zip(sh.sizes, sh.whole)])
+        break
+    raise Unshardable(f"reshape {list(in_shape)} -> {list(out_shape)} cuts through the "
+                      f"regions {list(sh.sizes)} of dimension {sh.dim}")
 
 
 def normalize(sh: Shard, size: int) -> Shard:
@@ -37,6 +142,8 @@ def normalize(sh: Shard, size: int) -> Shard:
 
 def reshape(sh: Shard, in_shape, out_shape, tp: int) -> Shard:
     """Follow a split through view/reshape (row-major element order is preserved)."""
+    if isinstance(sh, Regions):
+        return _regions_reshape(sh, in_shape, out_shape, tp)
     lo = sh.s * math.prod(in_shape[sh.dim + 1:])  # flat stride of one factor step
     hi = lo * sh.f  # flat stride just past the factor
     for j, n in enumerate(out_shape):
@@ -52,12 +159,12 @@ def reshape(sh: Shard, in_shape, out_shape, tp: int) -> Shard:
                       f"of dimension {sh.dim}")
 
 
-def permute(sh: Shard, perm) -> Shard:
-    return Shard(list(perm).index(sh.dim), sh.f, sh.s)
+def permute(sh, perm):
+    return replace(sh, dim=list(perm).index(sh.dim))
 
 
-def moved(sh: Shard, offset: int) -> Shard:
-    return Shard(sh.dim + offset, sh.f, sh.s)
+def moved(sh, offset: int):
+    return replace(sh, dim=sh.dim + offset)
 
 
 def pointwise(args, out_shape) -> Shard | None:
@@ -67,9 +174,9 @@ def pointwise(args, out_shape) -> Shard | None:
     for sh, shape in args:
         if sh == PARTIAL:
             raise Unshardable("a partial sum reaches an elementwise op")
-        if isinstance(sh, Shard):
-            aligned = normalize(moved(sh, n_out - len(shape)), out_shape[sh.dim +
-                                                                        n_out - len(shape)])
+        if isinstance(sh, (Shard, Regions)):
+            aligned = _normal(moved(sh, n_out - len(shape)), out_shape[sh.dim +
+                                                                       n_out - len(shape)])
             if found is not None and aligned != found:
                 raise Unshardable(f"inputs split differently ({found} vs {aligned})")
             found = aligned
@@ -84,12 +191,25 @@ def pointwise(args, out_shape) -> Shard | None:
     return found
 
 
+def _normal(sh, size: int):
+    return sh if isinstance(sh, Regions) else normalize(sh, size)
+
+
 def matmul(a, b, a_shape, b_shape):
-    """mm / bmm: batch dims pass through; a split contraction dimension gives a partial sum."""
+    """mm / bmm: batch dims pass through; a split contraction dimension gives a partial sum.
+    Contracting regions of which some are whole is a partial sum too, once a rank alone
+    counts the whole rows (the tensor_parallel pass restricts the others' operands)."""
     nd = len(a_shape)  # 2 for mm, 3 for bmm
     m, k, kb, n = nd - 2, nd - 1, nd - 2, nd - 1
     if a == PARTIAL or b == PARTIAL:
         raise Unshardable("a partial sum reaches a matmul")
+    if isinstance(a, Regions) or isinstance(b, Regions):
+        if a is None and b.dim == n or b is None and a.dim == m:
+            return a if b is None else b
+        if isinstance(a, Regions) and isinstance(b, Regions) and a.dim == k and \
+                b.dim == kb and (a.sizes, a.whole) == (b.sizes, b.whole):
+            return PARTIAL
+        raise Unshardable("a matmul of values cut into regions along other dimensions")
     if isinstance(a, Shard) and isinstance(b, Shard):
         if a.dim == k and b.dim == kb and normalize(a, a_shape[k]) == \
                 normalize(Shard(k, b.f, b.s), b_shape[kb]):
@@ -108,6 +228,13 @@ def split_pieces(sh: Shard, dim: int, sizes, full_size: int, tp: int):
     """split/split_with_sizes: (local sizes, sharding of each piece)."""
     if dim != sh.dim:
         return list(sizes), [sh] * len(sizes)
+    if isinstance(sh, Regions):
+        out, at = [], 0
+        for size in sizes:
+            out.append(sliced(sh, dim, at, at + size, None, full_size))
+            at += size
+        return [local_size(o, size, tp) if o is not None else size
+                for o, size in zip(out, sizes)], out
     block = sh.f * sh.s
     if any(size % block for size in sizes):
         raise Unshardable(
@@ -117,24 +244,29 @@ def split_pieces(sh: Shard, dim: int, sizes, full_size: int, tp: int):
     return [size // tp for size in sizes], [normalize(sh, size) for size in sizes]
 
 
-def cat(shardings, shapes, dim: int) -> Shard | None:
-    split = [s for s in shardings if isinstance(s, Shard)]
+def cat(shardings, shapes, dim: int):
+    split = [s for s in shardings if isinstance(s, (Shard, Regions))]
     if not split:
         return None
-    if len(split) != len(shardings) or PARTIAL in shardings:
-        raise Unshardable("cat of split and replicated tensors")
+    if PARTIAL in shardings:
+        raise Unshardable("cat of a partial sum")
     if dim != split[0].dim:
-        aligned = {normalize(s, shape[s.dim]) for s, shape in zip(split, shapes)}
-        if len(aligned) > 1:
-            raise Unshardable("cat of tensors split differently")
+        aligned = {_normal(s, shape[s.dim]) for s, shape in zip(shardings, shapes)}
+        if len(split) != len(shardings) or len(aligned) > 1:
+            raise Unshardable("cat of tensors split differently (or split and replicated)")
         return split[0]
+    if any(s is not None and s.dim != dim for s in shardings):
+        raise Unshardable("cat of tensors split along different dimensions")
     blocks = {(s.f, s.s) if s.f * s.s != shape[dim] else (shape[dim], 1)
-              for s, shape in zip(split, shapes)}
-    sizes = {f * s for f, s in blocks}
-    if len(sizes) != 1:
-        raise Unshardable("cat along the split dimension of unequal blocks")
-    f, s = blocks.pop()
-    return Shard(dim, f, s)
+              for s, shape in zip(shardings, shapes) if isinstance(s, Shard)}
+    if len(split) == len(shardings) and len(blocks) == 1 and \
+            not any(isinstance(s, Regions) for s in split):
+        f, s = blocks.pop()
+        return Shard(dim, f, s)
+    # unequal pieces, or whole ones beside split ones (a multi-query q|k|v gradient: split
+    # q beside whole k and v): each input is one or more regions of the result
+    return regions(dim, [p for s, shape in zip(shardings, shapes)
+                         for p in pieces_of(s, shape[dim])])
 
 
 def along(sh, dims, ndim: int):
@@ -142,7 +274,7 @@ def along(sh, dims, ndim: int):
     dims = {d % ndim for d in ([dims] if isinstance(dims, int) else dims)}
     if sh == PARTIAL:
         raise Unshardable("a partial sum reaches a normalisation")
-    if isinstance(sh, Shard) and sh.dim in dims:
+    if isinstance(sh, (Shard, Regions)) and sh.dim in dims:
         raise Unshardable(f"values are normalised along dimension {sh.dim}, which is split "
                           f"across tensor-parallel ranks")
     return sh
@@ -150,9 +282,11 @@ def along(sh, dims, ndim: int):
 
 def reduced(sh, dims, ndim: int, keepdim: bool):
     """sum over ``dims``: a split dimension summed away gives a partial sum."""
-    if not isinstance(sh, Shard):
+    if not isinstance(sh, (Shard, Regions)):
         return sh
     dims = {d % ndim for d in dims} if dims else set(range(ndim))
+    if sh.dim in dims and isinstance(sh, Regions):
+        raise Unshardable("a sum over regions some of which are whole on every rank")
     if sh.dim in dims:
         return PARTIAL
     return sh if keepdim else moved(sh, -sum(1 for d in dims if d < sh.dim))
@@ -164,11 +298,15 @@ def sliced(sh, dim: int, start, end, step, size: int):
     passes when it takes whole blocks (Phi-3's ``qkv[..., :q]`` of a fused q|k|v split per
     part): each rank slices [start/tp, end/tp) of its piece, which holds its share of every
     block. Anything else would need another rank's elements."""
-    if not isinstance(sh, Shard) or dim != sh.dim:
+    if not isinstance(sh, (Shard, Regions)) or dim != sh.dim:
         return sh
     bounds = slice_bounds(start, end, step, size)
     if bounds == (0, size):
         return sh
+    if isinstance(sh, Regions):  # what the regions are in the slice
+        if bounds is None:
+            raise Unshardable(f"a strided slice of regions {list(sh.sizes)}")
+        return sh.cut(*bounds)
     block = sh.f * sh.s
     if bounds is not None and bounds[0] % block == 0 and bounds[1] % block == 0 and \
             bounds[1] > bounds[0]:
@@ -192,7 +330,7 @@ def selected(sh, dim: int, ndim: int):
     """select/unbind along ``dim`` of an ``ndim``-D value (Bloom's q, k, v out of
     [B, T, heads, 3, hd]): a split elsewhere moves down past the removed dimension; selecting
     within the split dimension would need one rank's elements on every rank."""
-    if not isinstance(sh, Shard):
+    if not isinstance(sh, (Shard, Regions)):
         return sh
     dim %= ndim
     if dim == sh.dim:
@@ -204,8 +342,8 @@ def selected(sh, dim: int, ndim: int):
 def stacked(shardings, shapes, dim: int):
     """stack along a new dimension ``dim`` (GPT-J's rotary code): every input split the same
     way (or all replicated); the split moves up past the new dimension."""
-    if PARTIAL in shardings:
-        raise Unshardable("a partial sum reaches a stack")
+    if PARTIAL in shardings or any(isinstance(s, Regions) for s in shardings):
+        raise Unshardable("a partial sum (or regions) reaches a stack")
     split = [s for s in shardings if isinstance(s, Shard)]
     if not split:
         return None

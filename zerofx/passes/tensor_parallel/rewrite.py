@@ -32,6 +32,7 @@ from zerofx.passes.tensor_parallel import vocab as tp_vocab
 from zerofx.fx_source import model_line
 from zerofx.passes.nodes import META_TP_SHARDING, role_of
 from zerofx.tp.layout import TPPlanError
+from zerofx.tp.propagation_cuts import TRACED_ARGS
 
 aten = torch.ops.aten
 _c10d = torch.ops._c10d_functional
@@ -134,8 +135,7 @@ def _read_local_params(gm, ctx, split, full):
         with gm.graph.inserting_after(placeholders[-1]):
             local = TP_PARAM.call(gm.graph, sid=ctx.state_id, name=role.name)
         ph.replace_all_uses_with(local)
-        n = shard.full_shape[shard.dim]
-        state[local] = R.normalize(R.Shard(shard.dim, n // shard.parts, 1), n)
+        state[local] = shard.sharding()
         full[local], origin[local] = shard.full_shape, frozenset({role.name})
     return state, origin
 
@@ -150,19 +150,22 @@ def _propagate(node: fx.Node, state, full, tp: int, tp_rank: int, group: str):
         _localize(node, state, full, tp, tp_rank, along=P.cat_dim(node, full))
     out = P.infer(node, state, full, tp)
     if t in P.VIEWS:
-        node.args = (args[0], _divide_at(args[1], out.dim, tp))
+        node.args = (args[0], _divide_at(args[1], out, tp))
     elif t is aten.expand.default:
-        node.args = (args[0], _divide_at(args[1], out.dim, tp), *args[2:])
+        node.args = (args[0], _divide_at(args[1], out, tp), *args[2:])
     elif t in (aten.split.Tensor, aten.split_with_sizes.default):
         _split(node, state, full, tp)
-    elif t is aten.slice.Tensor and isinstance(out, R.Shard):
+    elif t is aten.slice.Tensor and isinstance(state.get(args[0]), (R.Shard, R.Regions)):
         _local_bounds(node, 1, state.get(args[0]), full[args[0]], tp)
-    elif t is aten.slice_backward.default and isinstance(out, R.Shard):
-        node.args = (args[0], _divide_at(args[1], out.dim, tp), *args[2:])
+    elif t is aten.slice_backward.default and isinstance(out, (R.Shard, R.Regions)):
+        node.args = (args[0], _divide_at(args[1], out, tp), *args[2:])
         _local_bounds(node, 2, out, args[1], tp)
     elif t is aten.select_backward.default and isinstance(out, R.Shard):
-        node.args = (args[0], _divide_at(args[1], out.dim, tp), *args[2:])
-    elif t is aten.addmm.default and out == R.PARTIAL:
+        node.args = (args[0], _divide_at(args[1], out, tp), *args[2:])
+    elif t in (aten.mm.default, aten.addmm.default) and out == R.PARTIAL and \
+            isinstance(state.get(args[-2]), R.Regions):
+        _count_whole_rows_once(node, state, full, tp, tp_rank)
+    if t is aten.addmm.default and out == R.PARTIAL:
         _row_parallel_addmm(node, full)
     elif t in P.VOCAB_PARALLEL:
         tp_vocab.rewrite(node, out, state, full, tp=tp, tp_rank=tp_rank, group=group)
@@ -187,8 +190,11 @@ def _local_slice(before: fx.Node, value: fx.Node, sh: R.Shard, shape, tp: int, r
     """This rank's part of a replicated ``value`` under split ``sh``: dimension d read as
     (outer, f, s), factor indices [rank·f/tp, (rank+1)·f/tp) of every outer block."""
     d, n = sh.dim, shape[sh.dim]
-    sh = R.normalize(sh, n)
     graph = before.graph
+    if isinstance(sh, R.Regions):
+        with graph.inserting_before(before):
+            return _take(graph, value, d, _rank_spans(sh, tp, rank, whole=True))
+    sh = R.normalize(sh, n)
     with graph.inserting_before(before):
         if sh.s == 1 and sh.f == n:  # a plain split: one slice
             return graph.call_function(aten.slice.Tensor,
@@ -201,14 +207,15 @@ def _local_slice(before: fx.Node, value: fx.Node, sh: R.Shard, shape, tp: int, r
         return graph.call_function(aten.reshape.default, (part, local))
 
 
-def _divide_at(sizes, dim: int, tp: int) -> list:
-    """A shape argument with the split dimension divided; the other entries (symbolic sizes
-    of a dynamic batch or sequence among them) stay as traced. -1 infers the local size."""
-    sizes = list(sizes)
+def _divide_at(sizes, sh, tp: int) -> list:
+    """A shape argument with the split dimension (of ``sh``) at this rank's size; the other
+    entries (symbolic sizes of a dynamic batch or sequence among them) stay as traced. -1
+    infers the local size."""
+    sizes, dim = list(sizes), sh.dim
     if isinstance(sizes[dim], fx.Node):
         raise R.Unshardable("the split dimension has a dynamic size")
     if sizes[dim] != -1:
-        sizes[dim] //= tp
+        sizes[dim] = R.local_size(sh, sizes[dim], tp)
     return sizes
 
 
@@ -219,10 +226,12 @@ def _local_bounds(node, at: int, sh, shape, tp: int) -> None:
     args = list(node.args) + [None] * (at + 4 - len(node.args))
     dim, start, end, step = args[at:at + 4]
     dim %= len(shape)
-    if not isinstance(sh, R.Shard) or dim != sh.dim:
+    if not isinstance(sh, (R.Shard, R.Regions)) or dim != sh.dim:
         return
     lo, hi = R.slice_bounds(start, end, step, shape[dim])
-    args[at:at + 4] = [dim, lo // tp, hi // tp, 1]
+    node.meta.setdefault(TRACED_ARGS, node.args)
+    args[at:at + 4] = [dim, *(sh.local_bounds(lo, hi, tp) if isinstance(sh, R.Regions)
+                              else (lo // tp, hi // tp)), 1]
     node.args = tuple(args)
 
 
@@ -233,8 +242,47 @@ def _split(node, state, full, tp):
     sh = state.get(x)
     if dim == sh.dim:
         local, _ = R.split_pieces(sh, dim, [p[dim] for p in full[node]], full[x][dim], tp)
+        if isinstance(sh, R.Regions):  # unequal local pieces, whatever the traced split
+            node.target = aten.split_with_sizes.default
         new = local if node.target is aten.split_with_sizes.default else size_arg // tp
         node.args = (x, new, dim)
+
+
+def _rank_spans(sh: R.Regions, tp: int, rank: int, *, whole: bool, local: bool = False):
+    """[(start, length)] along sh.dim of this rank's part of each region, in the full value
+    (or, ``local``, in this rank's piece); a whole region entirely where ``whole``, else
+    left out."""
+    spans, at, mine = [], 0, 0
+    for n, w in zip(sh.sizes, sh.whole):
+        m = n if w else n // tp
+        if not w or whole:
+            spans.append((mine if local else at + (0 if w else rank * m), m))
+        at, mine = at + n, mine + m
+    return spans
+
+
+def _take(graph, value: fx.Node, dim: int, spans) -> fx.Node:
+    """cat of ``value``'s [start, start + length) spans along ``dim``."""
+    parts = [graph.call_function(aten.slice.Tensor, (value, dim, a, a + m)) for a, m in spans]
+    return parts[0] if len(parts) == 1 else graph.call_function(aten.cat.default, (parts, dim))
+
+
+def _count_whole_rows_once(node, state, full, tp: int, tp_rank: int) -> None:
+    """mm(a, b) contracting regions of which some are whole on every rank (the input
+    gradient of a multi-query fused q|k|v): summed over the ranks, the whole rows would
+    count tp times, so only the first rank keeps them; the others contract their split
+    rows alone.
+        before: mm(a, b)                    a [M, local], b [local, N]
+        after:  mm(cat(a[:, split rows]), cat(b[split rows, :]))   (ranks > 0)"""
+    if tp_rank == 0:
+        return
+    a, b = node.args[-2:]
+    sa, sb = state[a], state[b]
+    graph = node.graph
+    with graph.inserting_before(node):
+        a2 = _take(graph, a, sa.dim, _rank_spans(sa, tp, tp_rank, whole=False, local=True))
+        b2 = _take(graph, b, sb.dim, _rank_spans(sb, tp, tp_rank, whole=False, local=True))
+    node.args = (*node.args[:-2], a2, b2)
 
 
 def _row_parallel_addmm(node, full) -> None:
@@ -273,15 +321,13 @@ def _check_outputs(gm, ctx, state, split, tp, full) -> None:
     planned = {p.name for p in ctx.plan.params}
     for j, (role, grad) in enumerate(zip(primals, outs[n_fwd:])):
         if role is not None and role.name in planned and role.name not in split and \
-                isinstance(state.get(grad), R.Shard):
+                isinstance(state.get(grad), (R.Shard, R.Regions)):
             # a replicated weight used on a sliced value (a layer left out of the plan next
             # to split ones): each rank holds its slice of the gradient, gathered whole
             outs[n_fwd + j] = _gather_output(gm, ctx, grad, state[grad], full[grad], tp,
                                              n_fwd + j)
         elif role is not None and role.name in split and isinstance(grad, fx.Node):
-            shard = split[role.name].tp
-            n = shard.full_shape[shard.dim]
-            want = R.normalize(R.Shard(shard.dim, n // shard.parts, 1), n)
+            want = split[role.name].tp.sharding()
             if state.get(grad) != want:
                 raise TPPlanError(f"the gradient of {role.name} comes out split as "
                                   f"{state.get(grad)}, not as the weight ({want})")
