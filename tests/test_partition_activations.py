@@ -3,7 +3,7 @@
 The pass on a small traced pair: one 1/tp chunk per partitioned value in the forward, one
 all-gather and reshape in the backward, the same values computed. On 2 real gloo ranks at
 TP 2: a Megatron-style stack with zerofx.checkpointing.checkpoint around each block and HF
-Llama with gradient_checkpointing_enable() train bit for bit like the same TP run without
+GPT-2 with gradient_checkpointing_enable() train bit for bit like the same TP run without
 partitioning, and like one process; the forward graphs' saved bytes fall by 1/tp for the
 partitioned values (read from the graphs).
 """

@@ -13,6 +13,7 @@ loop wants around it: LR schedules, a distributed loader, logging, checkpoints.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -101,6 +102,19 @@ def _config_source(args, config, config_params):
 # checksum of the inputs and one tiny all-reduce): a data-sharding mistake shows at once.
 INPUT_CHECKS = 3
 
+
+def _traced_checkpoint_side_effects():
+    """Dynamo traces a checkpointed region whose forward has a side effect (Hugging Face's
+    kernel hub sets a context variable in every decorated layer's forward, transformers
+    5.25+) instead of running the whole region eagerly: eagerly, zerofx's passes never see
+    it (no casts, no ZeRO-3 graph gathers) and tensor-parallel weights cannot run at all.
+    The side effect then happens once, in the forward, not again in the backward's
+    recompute (docs/memory.md)."""
+    import torch._dynamo.config as dynamo_config
+    if not hasattr(dynamo_config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        return contextlib.nullcontext()  # an older torch: regions with side effects run eagerly
+    return dynamo_config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)
+
 class ZeroEngine(AccumulationControls, DeepSpeedReaders, nn.Module):
     """What ``zerofx.initialize`` returns: call it, ``backward``, ``step``, checkpoint it.
     DeepSpeed's accumulation controls (no_sync, set_gradient_accumulation_boundary) and
@@ -171,7 +185,7 @@ class ZeroEngine(AccumulationControls, DeepSpeedReaders, nn.Module):
         if self.config.fp16.enabled and self.config.fp16.auto_cast:
             args, kwargs = _half_inputs(args), _half_inputs(kwargs)
         try:
-            with self.runtime.shape_carriers():  # tensor-parallel weights: see ZeroRuntime
+            with self.runtime.shape_carriers(), _traced_checkpoint_side_effects():
                 out = self.compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             # A bad plan or config found while compiling: the user needs zerofx's message,
