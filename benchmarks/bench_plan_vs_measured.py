@@ -3,11 +3,11 @@
     python benchmarks/bench_plan_vs_measured.py [--ranks 2 4] [--time_ranks 1 2] [--steps 3]
         [--only memory|time] [--case NAME]
 
-All sizes in MiB. Model: a Hugging Face GPT-2 built from a config (no download): 4 layers, hidden 512, 8 heads,
-vocabulary 8192, micro-batch 4 x 256 tokens, bf16, AdamW; about 17M parameters. Configs:
-ZeRO stages 1, 2 and 3, each with and without activation checkpointing (Hugging Face's
-``gradient_checkpointing_enable()``), and tensor parallelism 2 (stage 1, over the TP x DP
-grid) on 2 and 4 ranks.
+All sizes in MiB. Model: a Hugging Face GPT-2 built from a config (no download): 4 layers,
+hidden 512, 8 heads, vocabulary 8192, micro-batch 4 x 256 tokens, bf16, AdamW; about 17M
+parameters. Configs: ZeRO stages 1, 2 and 3, each with and without activation
+checkpointing (Hugging Face's ``gradient_checkpointing_enable()``), and tensor parallelism 2
+(stage 1, over the TP x DP grid) on 2 and 4 ranks.
 
 Predicted: ``zerofx.planner.plan_rank`` (what ``zerofx-plan`` prints), in this process, for
 rank 0 of the same world. Measured, per rank in fresh spawned processes (``run_ranks(...,
@@ -39,8 +39,9 @@ fresh=True)``):
 
 The memory table is the largest rank's measured value against rank 0's prediction (ranks
 differ by a bucket's padding only). The time table (1 and 2 ranks): ``predict_step_time`` on
-``measure_host`` (one thread, as each rank has) against the slowest rank's median step,
-in wall time and in CPU time.
+``measure_host`` (one thread, as each rank has) against the slowest rank's steps in CPU
+time (least and median) and wall time, timed in their own fresh ranks without the memory
+runs' fixed mmap threshold (which makes every tensor fault fresh pages).
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ import argparse
 import ctypes
 import gc
 import os
+import statistics
 import sys
 import time
 
@@ -254,34 +256,108 @@ def memory_table(ranks, steps):
                   f"({tensors / MIB:.1f}) | {cols} |", flush=True)
 
 
+def _time_rank(rank, world, stage, checkpointing, tp, steps):
+    """(wall seconds, CPU seconds, minor page faults) of each training step 2..k of this
+    rank, in a fresh process with glibc's allocator as it comes (the memory runs fix its
+    mmap threshold, which makes every tensor fault fresh pages: not a training run's cost)."""
+    import resource
+
+    import zerofx
+
+    torch.distributed.init_process_group("gloo")
+    torch.manual_seed(0)
+    cfg = config(stage, tp)
+    engine, *_ = zerofx.initialize(model=build(checkpointing), config=cfg)
+    out = []
+    for i in range(steps):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t0, c0 = time.perf_counter(), time.process_time()
+        loss = engine(**batch(i + 1, cfg["train_micro_batch_size_per_gpu"])).loss
+        engine.backward(loss)
+        engine.step()
+        out.append((time.perf_counter() - t0, time.process_time() - c0,
+                    resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0))
+    return out[1:]
+
+
+def _flat_rates() -> tuple[float, float]:
+    """The first planner's this-host rates (before issue 30's per-class pricing): a 1024^3
+    bf16 matmul and a 64 MiB fp32 copy, best of 5 in wall time, one thread."""
+    torch.set_num_threads(1)
+    a, b = torch.randn(1024, 1024).to(torch.bfloat16), torch.randn(1024, 1024).to(
+        torch.bfloat16)
+    src = torch.ones(1 << 24)
+    dst = torch.empty_like(src)
+    best = []
+    for fn in (lambda: torch.mm(a, b), lambda: dst.copy_(src)):
+        fn()
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        best.append(min(times))
+    return 2 * 1024 ** 3 / best[0], 2 * src.nbytes / best[1]
+
+
+def flat_prediction(mem, plan, step, rates) -> float:
+    """The first planner's step time, for the "before" column: FLOPs at the matmul rate,
+    every other op's bytes and 32 bytes per optimizer element at the copy bandwidth, plus
+    the same collectives as now."""
+    flops, bandwidth = rates
+    work = sum(g.fw_flops + g.bw_flops for g in mem.graphs) / flops + (
+        sum(g.fw_moved + g.bw_moved for g in mem.graphs) + 32 * plan.shard_numel) / bandwidth
+    comm = sum(ms for what, ms, _ in step.items if "MiB x" in what)
+    return work * 1e3 + comm
+
+
 def time_table(ranks, steps):
     """Predicted (zerofx-plan --device this-host, each rank on one thread as run_ranks
-    gives it) vs measured step time: the slowest rank's median of steps 2..k, in wall time
-    and in CPU time (all the rank's threads: what a rank costs with a core of its own,
-    which a shared host's wall time does not show)."""
-    import statistics
-
+    gives it) vs measured step time of the slowest rank over steps 2..k: its least CPU time
+    (all the rank's threads; what a rank costs with a core of its own, the least inflated
+    by other processes on a shared host: the calibration takes the least too), its median
+    CPU and wall time, and the fresh pages the prediction charges against the page faults
+    counted."""
     from zerofx.config import Config
+    from zerofx.planner import plan_rank
     from zerofx.planner.step_time import measure_host, predict_step_time
 
     device = measure_host(torch.bfloat16, threads=1)
-    print(f"\nthis host: {device.source}\n")
-    print("| config | ranks | predicted step (ms) | measured wall (ms) | error | measured CPU "
-          "(ms) | error | largest predicted items (ms) |")
-    print("|---|---|---|---|---|---|---|---|")
+    flat = _flat_rates()
+    print(f"\nthis host: {device.source}; load average {os.getloadavg()[0]:.1f}; the first "
+          f"planner's rates: matmul {flat[0] / 1e9:.0f} GFLOP/s, copy {flat[1] / 1e9:.1f} "
+          f"GB/s\n")
+    print("| config | ranks | predicted step (ms) | measured CPU, least (ms) | error | "
+          "measured CPU, median (ms) | error | measured wall, median (ms) | first planner "
+          "(ms) | error | fresh pages: predicted / faulted (MiB) | load | largest predicted "
+          "items (ms) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n in ranks:
         for name, stage, ck, tp in CASES:
             if n % tp or (n == 1 and (stage > 1 or tp > 1)):
                 continue  # one rank: no ZeRO stage or TP to tell apart
-            mem, plan, res = run(n, name, stage, ck, tp, steps)
+            print(f"timing {name} on {n} rank(s) ...", file=sys.stderr, flush=True)
+            mem, plan = plan_rank(lambda: build(ck), config(stage, tp), batch(), world=n,
+                                  shm=True)
             step = predict_step_time(mem, plan, Config.from_dict(config(stage, tp)), device,
                                      shm=True)
-            ms = max(statistics.median(r[3]) for r in res) * 1e3
-            cpu = max(statistics.median(r[5]) for r in res) * 1e3
-            top = "; ".join(f"{what.split(' (')[0]} {t:.0f}" for what, t, _ in step.top(3))
+            res = run_ranks(_time_rank, n, args=(stage, ck, tp, max(steps, 4)),
+                            timeout_s=900, fresh=True)
+            load = os.getloadavg()[0]
+            least = max(min(c for _, c, _ in r) for r in res) * 1e3
+            cpu = max(statistics.median(c for _, c, _ in r) for r in res) * 1e3
+            wall = max(statistics.median(w for w, _, _ in r) for r in res) * 1e3
+            faults = max(statistics.median(f for _, _, f in r) for r in res)
+            fresh = next((what for what, _, _ in step.items if what.startswith("fresh")), "")
+            fresh = fresh.split("(")[1].split(" MiB")[0] if fresh else "0"
+            top = "; ".join(f"{what.split(' (')[0]} {t:.0f}" for what, t, _ in step.top(4))
             label = name if n > 1 else name.replace("stage 1", "one rank")
-            print(f"| {label} | {n} | {step.ms:.0f} | {ms:.0f} | {(step.ms - ms) / ms:+.1%} "
-                  f"| {cpu:.0f} | {(step.ms - cpu) / cpu:+.1%} | {top} |", flush=True)
+            before = flat_prediction(mem, plan, step, flat)
+            print(f"| {label} | {n} | {step.ms:.0f} | {least:.0f} | "
+                  f"{(step.ms - least) / least:+.1%} | {cpu:.0f} | {(step.ms - cpu) / cpu:+.1%} "
+                  f"| {wall:.0f} | {before:.0f} | {(before - least) / least:+.1%} "
+                  f"| {fresh} / {faults * os.sysconf('SC_PAGE_SIZE') / MIB:.0f} "
+                  f"| {load:.1f} | {top} |", flush=True)
 
 
 def main(argv=None):

@@ -11,9 +11,11 @@ Prints rank 0's parameters, gradients, optimizer states, the step's temporary, t
 activations saved for the backward (from the partitioned graphs: casts, checkpointing and
 zerofx.activation_memory_budget included), ZeRO-3's gathered parameters and the peak; with
 ``--memory GiB``, whether it fits and what to change. Then the predicted step time on
-``--device`` (h100, h200, or this-host: timed here, the default): the graphs' FLOPs and
-memory traffic at the device's rates, the optimizer step and the collectives the plan implies
-(zerofx/planner/step_time.py), with the items that dominate.
+``--device`` (h100, h200, or this-host: timed here, the default): each op of the graphs
+priced by its class (matmul, attention, copy, cast, arithmetic, transcendental, reduction,
+softmax, norm, lookup, scatter) at the device's rates, the ops' dispatch, page faults, the
+optimizer step and the collectives the plan implies (zerofx/planner/step_time.py,
+rates.py), with the items that dominate.
 """
 from __future__ import annotations
 

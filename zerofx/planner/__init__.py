@@ -7,8 +7,11 @@ tools/plan.py).
                   parameters, the step's temporary) and the peak, when they live together
     graphs.py     per traced forward/backward pair: saved bytes, the live-bytes peak of
                   each graph, FLOPs and memory traffic, read from the partitioned graphs
-    step_time.py  the predicted step time: FLOPs at a device's rate, memory traffic at its
-                  bandwidth, the collectives the plan implies through comm_cost's model
+    step_time.py  the predicted step time: each op priced by its class at the device's
+                  rates, page faults, the optimizer step, the collectives the plan implies
+                  through comm_cost's model
+    rates.py      the op classes, and their rates: timed on this host (once per process),
+                  or a GPU's data sheet times assumed efficiencies
 
 The model is built under a fake-tensor mode: shapes and dtypes, no storage. Tensor
 parallelism divides the split weights per the layout (tensor_parallel.plan, or found on the

@@ -16,8 +16,14 @@ dtypes, no storage).
     flops      matmul/convolution/attention FLOPs of each graph, by torch's own formulas
                (torch.utils.flop_counter's registry, called on the nodes' fake values); the
                backward's include what it recomputes (checkpointing, the budget)
-    moved      bytes every other op reads and writes (inputs + outputs): the memory traffic
-               that bounds elementwise, normalisation and reduction ops
+    moved      bytes every other op reads and writes (inputs + outputs; a lookup, the rows
+               it reads): the memory traffic that bounds elementwise, normalisation and
+               reduction ops
+    fw_ops     each op of the graph as (class, dtype, amount), what step_time.py prices:
+    bw_ops     the class (planner/rates.py: matmul, attention, copy, cast, arith,
+               transcendental, reduction, softmax, norm, index, scatter; "view" for views
+               and ops that move nothing, priced by their dispatch alone), the dtype of its
+               first output, and its FLOPs (matmul, attention) or counted bytes (the others)
 """
 from __future__ import annotations
 
@@ -29,9 +35,11 @@ from torch import fx
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop, sdpa_flop
 
 from zerofx.passes.nodes import is_cast, is_view, role_of
+from zerofx.planner.rates import counted_bytes, op_class
 
 aten = torch.ops.aten
 _NO_MEMORY = ("param", "buffer")  # graph inputs that live in the model states
+_FLOP_CLASSES = ("matmul", "attention", "attention_bw")  # priced by FLOPs, not bytes
 # ops that move no bytes of their own (views are handled by is_view)
 _FREE = {operator.getitem, aten.empty.memory_format, aten.scalar_tensor.default,
          aten.detach.default, aten.alias.default}
@@ -51,6 +59,8 @@ class GraphFacts:
     bw_flops: int
     fw_moved: int
     bw_moved: int
+    fw_ops: tuple = ()
+    bw_ops: tuple = ()
 
 
 def graph_facts(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, roles,
@@ -71,7 +81,9 @@ def graph_facts(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, ro
             sizes[k] = fw_sizes.get(k, 0) if i < len(owners) else _bytes(n)
     release = _grad_release(bw, roles, bucket_of)
     bw_peak = _peak(bw, inputs=(key, sizes), release=release)
-    return GraphFacts(saved, fw_peak, bw_peak, _flops(fw), _flops(bw), _moved(fw), _moved(bw))
+    fw_ops, bw_ops = op_work(fw), op_work(bw)
+    return GraphFacts(saved, fw_peak, bw_peak, _flops(fw_ops), _flops(bw_ops),
+                      _moved(fw_ops), _moved(bw_ops), fw_ops, bw_ops)
 
 
 def saved_activation_bytes(fw: fx.GraphModule, num_fwd_outputs: int) -> int:
@@ -166,14 +178,8 @@ def _grad_release(bw: fx.GraphModule, roles, bucket_of) -> dict:
     return release
 
 
-def _flops(g: fx.GraphModule) -> int:
-    total = 0
-    for n in g.graph.nodes:
-        fn = _flop_formula(n)
-        if fn is not None:
-            args, kwargs = torch.fx.node.map_arg((n.args, n.kwargs), lambda a: a.meta.get("val"))
-            total += int(fn(*args, **kwargs, out_val=n.meta.get("val")))
-    return total
+def _flops(ops: tuple) -> int:
+    return sum(amount for cls, _, amount in ops if cls in _FLOP_CLASSES)
 
 
 def _flop_formula(node: fx.Node):
@@ -184,12 +190,38 @@ def _flop_formula(node: fx.Node):
     return flop_registry.get(packet) or _FLOPS.get(packet)
 
 
-def _moved(g: fx.GraphModule) -> int:
-    total = 0
+def _moved(ops: tuple) -> int:
+    return sum(amount for cls, _, amount in ops if cls not in _FLOP_CLASSES + ("view",))
+
+
+def op_work(g: fx.GraphModule) -> tuple:
+    """(class, dtype, FLOPs or counted bytes) of each op ``g`` runs (module doc); Python's
+    getitem on a multi-output op's result is no op."""
+    out = []
     for n in g.graph.nodes:
-        if n.op != "call_function" or n.target in _FREE or _flop_formula(n) is not None:
+        if n.op != "call_function" or n.target is operator.getitem:
             continue
-        if is_view(n) and not is_cast(n):
+        outs = _tensors(n.meta.get("val"))
+        dtype = outs[0].dtype if outs else None
+        fn = _flop_formula(n)
+        if n.target in _FREE or (is_view(n) and not is_cast(n)):
+            out.append(("view", dtype, 0))
             continue
-        total += _bytes(n) + sum(_bytes(a) for a in n.all_input_nodes)
-    return total
+        cls = op_class(n, has_flops=fn is not None)
+        if fn is not None:
+            args, kwargs = torch.fx.node.map_arg((n.args, n.kwargs), lambda a: a.meta.get("val"))
+            amount = int(fn(*args, **kwargs, out_val=n.meta.get("val")))
+            dtype = next((a.dtype for a in _tensors(args) if a.dtype.is_floating_point), dtype)
+        else:
+            ins = [t for a in n.all_input_nodes for t in _tensors(a.meta.get("val"))]
+            amount = counted_bytes(cls, outs, ins)
+        out.append((cls, dtype, amount))
+    return tuple(out)
+
+
+def _tensors(val) -> list:
+    if isinstance(val, torch.Tensor):
+        return [val]
+    if isinstance(val, (tuple, list)):
+        return [t for v in val for t in _tensors(v)]
+    return []

@@ -1,12 +1,26 @@
-"""A predicted step time: the traced graphs' work at a device's rates, plus the collectives
-the plan implies through the alpha-beta model (zerofx/comm_cost.py).
+"""A predicted step time: each op of the traced graphs priced by its class at a device's
+rates (planner/rates.py), plus the collectives the plan implies through the alpha-beta model
+(zerofx/comm_cost.py).
 
-    matmuls        the graphs' matmul/convolution/attention FLOPs (planner/graphs.py; the
-                   backward's include what it recomputes) at the device's matmul rate
-    memory traffic every other op's bytes read and written, at the device's bandwidth
-    optimizer step the fused AdamW over this rank's shard: about 32 bytes per element (fp32
-                   master, exp_avg, exp_avg_sq read and written, the gradient read, the
-                   compute-dtype parameter written), at the bandwidth
+    matmuls        the graphs' matmul/convolution FLOPs (planner/graphs.py; the backward's
+                   include what it recomputes) at the device's matmul rate in their dtype
+    attention      scaled-dot-product attention's FLOPs at the attention rates (forward,
+                   backward)
+    other ops      each op's counted bytes at its class's rate in its dtype: copies, casts,
+                   arithmetic, transcendental, reductions, softmax, norms, lookups, scatters
+    dispatch       each op's launch from the graph's Python code: on a CPU added to its
+                   work (the same core does both); on a GPU only the device's waits for the
+                   host, which issues an op per launch time (a run of short ops, views
+                   included, is launch-bound; behind long kernels the host runs ahead)
+    fresh pages    a CPU: the page faults of memory the step touches anew. glibc serves
+                   tensors of a MiB or more from the top of its heap, or from their own
+                   mappings, and gives the memory back to the kernel once the backward frees
+                   it (the trim threshold), so each micro-step faults in its transient peak
+                   (activations, working tensors, ZeRO-3's gathered parameters) again, and
+                   the optimizer step its temporaries; priced at the timed cost of writing
+                   to fresh pages. A GPU's caching allocator keeps its blocks: none
+    optimizer step the fused AdamW over this rank's shard (per element), and with gradient
+                   clipping the gradient norm (a reduction over the shard's gradients)
     collectives    per step, from the plan (ZeRO's volumes): stage 0 all-reduces the
                    gradients; stage 1 all-reduces them and all-gathers the updated
                    parameters; stage 2 reduce-scatters them and all-gathers the parameters;
@@ -14,19 +28,17 @@ the plan implies through the alpha-beta model (zerofx/comm_cost.py).
                    twice per micro-step (forward, and again for the backward) and the
                    persistent ones once after the step
 
-Rates. A GPU: its published dense peak in the compute dtype (bf16/fp16; fp32 without
-TF32) x MATMUL_EFFICIENCY, its HBM bandwidth x MEMORY_EFFICIENCY, and ring collectives at
-NVLink's bandwidth within a node of 8 and the network's (400 Gb/s per GPU) beyond; the
+Rates. A GPU: its data sheet times assumed efficiencies (rates.gpu_rates), ring collectives
+at NVLink's bandwidth within a node of 8 and the network's (400 Gb/s per GPU) beyond; the
 gradient reduction and ZeRO-3's gathers overlap the compute, the step's all-gather and the
-optimizer step do not. ``this-host``: a matmul and a copy timed on the spot, on the threads
-one rank gets; collectives at the rates the runtime's forms were measured at
+optimizer step do not. ``this-host``: each class timed once per process (rates.host_rates),
+on the threads one rank gets; collectives at the rates the runtime's forms were measured at
 (comm_cost.DEFAULT, 2 ranks on gloo; the fastest form the runtime may choose, scaled by
 2(N-1)/N for N ranks), and nothing overlaps: each rank's core runs gloo's copies too.
 """
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -34,14 +46,10 @@ import torch
 from zerofx.comm_cost import DEFAULT, CommCost
 from zerofx.config import Config, ConfigError
 from zerofx.plan import Plan, gather_chunks
+from zerofx.planner.rates import Rates, gpu_rates, host_rates
 
 MIB = float(1 << 20)
-# Large GEMMs reach about 60-70% of an H100's dense peak in cuBLAS; elementwise kernels
-# about 70-80% of HBM bandwidth. The lower ends, as a whole model's kernels are not all large.
-MATMUL_EFFICIENCY = 0.6
-MEMORY_EFFICIENCY = 0.7
 LINK_EFFICIENCY = 0.8  # of a link's bandwidth a ring collective's bus bandwidth reaches
-OPTIMIZER_BYTES_PER_ELEMENT = 32
 NODE_GPUS = 8
 
 
@@ -50,23 +58,20 @@ class Device:
     """Rates one rank computes and communicates at (see the module doc)."""
 
     name: str
-    matmul_flops: dict  # compute dtype -> FLOP/s used for the prediction
-    bandwidth: float  # bytes/s of memory traffic used for the prediction
-    source: str
+    rates: Rates
     gloo: bool = False  # a CPU job: comm_cost's measured gloo rates, nothing overlaps
     nvlink: float = 0.0  # bytes/s per GPU per direction, within a node
     network: float = 0.0  # bytes/s per GPU across nodes
     latency_ms: float = 0.0
 
+    @property
+    def source(self) -> str:
+        return self.rates.source
+
 
 def _gpu(name, bf16_tflops, fp32_tflops, hbm_tbs, source) -> Device:
-    return Device(name, {torch.bfloat16: bf16_tflops * 1e12 * MATMUL_EFFICIENCY,
-                         torch.float16: bf16_tflops * 1e12 * MATMUL_EFFICIENCY,
-                         torch.float32: fp32_tflops * 1e12 * MATMUL_EFFICIENCY},
-                  hbm_tbs * 1e12 * MEMORY_EFFICIENCY,
-                  f"{source}: {bf16_tflops:g} TFLOPS bf16 x {MATMUL_EFFICIENCY}, "
-                  f"{hbm_tbs:g} TB/s x {MEMORY_EFFICIENCY}", nvlink=450e9, network=50e9,
-                  latency_ms=0.02)
+    return Device(name, gpu_rates(bf16_tflops, fp32_tflops, hbm_tbs, source), nvlink=450e9,
+                  network=50e9, latency_ms=0.02)
 
 
 # NVIDIA's data sheets, SXM parts, dense (no sparsity): bf16 989 TFLOPS, fp32 67 TFLOPS;
@@ -77,8 +82,8 @@ DEVICES = ("h100", "h200", "this-host")
 
 
 def device_named(name: str, *, dtype: torch.dtype, ranks_here: int = 1) -> Device:
-    """The Device ``name`` (DEVICES); ``this-host`` is timed now, on the threads each of
-    ``ranks_here`` ranks on this host gets."""
+    """The Device ``name`` (DEVICES); ``this-host`` is timed now (once per process), on the
+    threads each of ``ranks_here`` ranks on this host gets."""
     if name in GPUS:
         return GPUS[name]
     if name == "this-host":
@@ -87,34 +92,9 @@ def device_named(name: str, *, dtype: torch.dtype, ranks_here: int = 1) -> Devic
                       f"(--device this-host times this machine)")
 
 
-def measure_host(dtype: torch.dtype, *, threads: int = 1, n: int = 1024) -> Device:
-    """This CPU's matmul rate (an n x n x n matmul in ``dtype``) and copy bandwidth (a 64 MiB
-    copy), each the best of a few, on ``threads`` threads."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-        mm = _best(lambda: torch.mm(a, b))
-        src = torch.empty(1 << 24, dtype=torch.float32).fill_(1.0)
-        dst = torch.empty_like(src)
-        copy = _best(lambda: dst.copy_(src))
-    finally:
-        torch.set_num_threads(old)
-    flops = 2 * n ** 3 / mm
-    return Device("this-host", {dtype: flops}, 2 * src.nbytes / copy,
-                  f"timed here: {n}^3 {str(dtype).removeprefix('torch.')} matmul "
-                  f"{flops / 1e9:.0f} GFLOP/s, copy {2 * src.nbytes / copy / 1e9:.1f} GB/s, "
-                  f"{threads} thread(s)", gloo=True)
-
-
-def _best(fn, reps: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def measure_host(dtype: torch.dtype, *, threads: int = 1) -> Device:
+    """This CPU, its rates timed on ``threads`` threads (rates.host_rates, cached)."""
+    return Device("this-host", host_rates(dtype, threads), gloo=True)
 
 
 @dataclass(frozen=True)
@@ -190,29 +170,71 @@ class StepTime:
         return sorted(self.items, key=lambda it: -it[1])[:n]
 
 
+_LABELS = {"copy": "copies", "cast": "dtype casts", "arith": "arithmetic ops",
+           "transcendental": "transcendental ops", "reduction": "reductions",
+           "softmax": "softmax", "norm": "normalisations", "index": "lookups",
+           "scatter": "scatter-adds"}
+
+
+def graph_items(graphs, rates: Rates, gas: int) -> list:
+    """(what, ms, False) of the graphs' ops by class, and their dispatch (module doc)."""
+    secs: dict = {}
+    amounts: dict = {}
+    dispatch, count = 0.0, 0
+    for g in graphs:
+        for side, ops in (("forward", g.fw_ops), ("backward", g.bw_ops)):
+            works = []
+            for cls, dtype, amount in ops:
+                work = amount / rates.rate(cls, dtype) if cls != "view" and amount else 0.0
+                key = f"{side} {cls}" if cls in ("matmul", "attention") else cls
+                key = "backward attention" if cls == "attention_bw" else key
+                secs[key] = secs.get(key, 0.0) + work
+                amounts[key] = amounts.get(key, 0) + amount
+                works.append(work)
+            dispatch += rates.dispatch_seconds(works)
+            count += len(works)
+    items = []
+    for key, t in secs.items():
+        if key == "view":
+            continue
+        side, _, cls = key.rpartition(" ")
+        if cls == "matmul":
+            what = f"{side} matmuls" + (", recompute included" if side == "backward" else "")
+            what += f" ({amounts[key] * gas / 1e9:.1f} GFLOP)"
+        elif cls == "attention":
+            what = f"{side} attention ({amounts[key] * gas / 1e9:.1f} GFLOP)"
+        else:
+            what = f"{_LABELS[cls]} ({amounts[key] * gas / MIB:.0f} MiB)"
+        items.append((what, t * gas * 1e3, False))
+    items.append((f"op dispatch ({count * gas} ops x {rates.overhead_s * 1e6:.1f} us"
+                  + (", where the device waits for it" if rates.async_dispatch else "") + ")",
+                  dispatch * gas * 1e3, False))
+    return items
+
+
 def predict_step_time(mem, plan: Plan, config: Config, device: Device, *,
                       shm: bool = False) -> StepTime:
     """The step time of ``plan`` on ``device`` from ``mem.graphs`` (planner/graphs.py)."""
     gas = config.accumulation_steps(plan.grid.dp_size)
-    rate = device.matmul_flops.get(plan.compute_dtype)
-    if rate is None:
-        raise ConfigError(f"zerofx-plan has no {plan.compute_dtype} matmul rate for "
-                          f"{device.name}")
-    fw = sum(g.fw_flops for g in mem.graphs) * gas
-    bw = sum(g.bw_flops for g in mem.graphs) * gas
-    moved = sum(g.fw_moved + g.bw_moved for g in mem.graphs) * gas
-    items = [(f"forward matmuls ({fw / 1e9:.1f} GFLOP)", fw / rate * 1e3, False),
-             (f"backward matmuls, recompute included ({bw / 1e9:.1f} GFLOP)",
-              bw / rate * 1e3, False),
-             (f"other ops' memory traffic ({moved / MIB:.0f} MiB)",
-              moved / device.bandwidth * 1e3, False),
-             ("optimizer step", plan.shard_numel * OPTIMIZER_BYTES_PER_ELEMENT
-              / device.bandwidth * 1e3, False)]
+    rates = device.rates
+    dtype = plan.compute_dtype
+    if ("matmul", dtype) not in rates.flops:
+        raise ConfigError(f"zerofx-plan has no {dtype} matmul rate for {device.name}")
+    items = graph_items(mem.graphs, rates, gas)
+    if rates.fresh_page_s:
+        fresh = (mem.activations + mem.working + mem.gathered) * gas + mem.step_temporary
+        items.append((f"fresh pages ({fresh / MIB:.0f} MiB faulted in per step)",
+                      fresh * rates.fresh_page_s * 1e3, False))
+    compute = sum(ms for _, ms, _ in items)
+    items.append(("optimizer step (fused AdamW)", plan.shard_numel * rates.optimizer_s * 1e3,
+                  False))
+    if config.clip_norm:
+        items.append(("gradient norm (clipping)", plan.shard_numel * dtype.itemsize
+                      / rates.rate("reduction", dtype) * 1e3, False))
     for c in collectives(plan, config):
         items.append((f"{c.what} ({c.nbytes / MIB:.1f} MiB x {c.count})",
                       collective_ms(c, device, shm=shm), c.overlapped and not device.gloo))
     serial = sum(ms for _, ms, ov in items if not ov)
-    compute = sum(ms for what, ms, _ in items[:3])
     hidden = sum(ms for _, ms, ov in items if ov)
     # overlapped collectives cost only what the compute cannot cover
     return StepTime(items, device, serial + max(0.0, hidden - compute))
