@@ -16,6 +16,13 @@ priced by its class (matmul, attention, copy, cast, arithmetic, transcendental, 
 softmax, norm, lookup, scatter) at the device's rates, the ops' dispatch, page faults, the
 optimizer step and the collectives the plan implies (zerofx/planner/step_time.py,
 rates.py), with the items that dominate.
+
+Offload (zerofx/planner/offload.py): with offload_optimizer or offload_param on NVMe the
+rows hold what stays in memory (the chunk and read buffers, the step's read of the
+parameter shard) and a row "on NVMe" the files' bytes per rank; the step time adds the
+state the step reads and writes at the disk's bandwidth (``--disk-gbps``, else timed under
+the nvme_path). With ``--device h100``/``h200`` and offload_optimizer device cpu the rows
+are the GPU's, and the host memory the state takes is its own row.
 """
 from __future__ import annotations
 
@@ -60,18 +67,36 @@ def _inputs(args):
     return made_for
 
 
-def advice(mem, config, limit: float) -> list[str]:
-    """What would bring the peak under ``limit`` bytes, largest lever first."""
+def advice(mem, config, limit: float, *, gpu: bool = False, dp: int = 1) -> list[str]:
+    """What would bring the peak under ``limit`` bytes, largest lever first; ``gpu``: the
+    ranks are GPUs; ``dp``: data-parallel ranks."""
     out = []
-    stage = config.zero_optimization.stage
+    zero = config.zero_optimization
+    stage = zero.stage
     if stage < 3 and mem.parameters + mem.gradients + mem.optimizer > 0.3 * limit:
         out.append(f"a higher ZeRO stage (now {stage}) shards more of the model states")
+    if mem.model_states > 0.3 * limit:
+        out += _offload_advice(mem, zero, gpu=gpu, dp=dp)
     if mem.activations + mem.working > 0.3 * limit:
         out.append("a lower zerofx.activation_memory_budget (recompute in the backward), "
                    "activation checkpointing, or a smaller --micro_batch / --seq")
     if mem.gathered > 0.2 * limit:
         out.append("a lower zero_optimization.stage3_max_live_parameters")
     return out or ["more ranks, or tensor parallelism (tensor_parallel.size)"]
+
+
+def _offload_advice(mem, zero, *, gpu: bool, dp: int) -> list[str]:
+    """Offload, where the model states do not fit and the run may take it."""
+    out = []
+    if zero.stage >= 1 and zero.offload_optimizer.device == "none" and mem.optimizer:
+        where = ("device cpu: the state in host memory" if gpu else
+                 "device nvme: the state in a file, streamed by each step")
+        out.append(f"zero_optimization.offload_optimizer ({where}) takes the "
+                   f"{mem.optimizer / GIB:.2f} GiB of optimizer states out of memory")
+    if not gpu and zero.stage == 3 and dp >= 2 and zero.offload_param.device == "none":
+        out.append("zero_optimization.offload_param device nvme keeps the 16-bit parameter "
+                   "shard in a file between uses (the optimizer step still reads it whole)")
+    return out
 
 
 def time_report(step) -> str:
@@ -83,7 +108,7 @@ def time_report(step) -> str:
     return "\n".join(lines)
 
 
-def report(mem, plan, config, memory_gib: float | None) -> str:
+def report(mem, plan, config, memory_gib: float | None, *, gpu: bool = False) -> str:
     rows = [(kind, f"{n / GIB:.3f}", f"{n / 2**20:.1f}") for kind, n in mem.rows()]
     text = (f"rank 0 of {plan.grid.world_size} (data-parallel {plan.grid.dp_size}, "
             f"tensor-parallel {plan.grid.tp_size}), ZeRO stage {plan.zero_stage}, "
@@ -98,7 +123,8 @@ def report(mem, plan, config, memory_gib: float | None) -> str:
             text += f"\nfits in {memory_gib:g} GiB ({mem.peak / limit:.0%} of it)"
         else:
             text += (f"\ndoes NOT fit in {memory_gib:g} GiB (peak {mem.peak / GIB:.2f} GiB); "
-                     f"try: " + "; ".join(advice(mem, config, limit)))
+                     f"try: " + "; ".join(advice(mem, config, limit, gpu=gpu,
+                                                 dp=plan.grid.dp_size)))
     return text
 
 
@@ -115,14 +141,18 @@ def parse_args(argv=None):
     p.add_argument("--device", default="this-host",
                    help="what the step time is predicted on: h100, h200 or this-host "
                         "(timed here; the default)")
+    p.add_argument("--disk-gbps", type=float, default=None,
+                   help="NVMe offload: the disk's bandwidth in GB/s (default: timed under "
+                        "the config's nvme_path, ~0.1 s)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from zerofx.config import Config, ConfigError
-    from zerofx.planner import plan_rank
-    from zerofx.planner.step_time import DEVICES, device_named, predict_step_time
+    from zerofx.config import ConfigError
+    from zerofx.planner import plan_rank, read_config
+    from zerofx.planner.step_time import (DEVICES, GPUS, device_named, disk_of,
+                                          predict_step_time)
 
     if args.world < 1:
         raise SystemExit(f"zerofx-plan: --world {args.world}: at least 1 rank")
@@ -132,15 +162,22 @@ def main(argv=None) -> int:
                          f"machine)")
     build = _load(args.model, "--model")
     shm = args.device == "this-host"  # a CPU job here: gloo, ranks share the host
+    gpu = args.device in GPUS
+    if args.disk_gbps is not None and args.disk_gbps <= 0:
+        raise SystemExit(f"zerofx-plan: --disk-gbps {args.disk_gbps:g}: a bandwidth > 0")
     try:
-        config = Config.from_any(args.config)
-        mem, plan = plan_rank(build, config, _inputs(args), world=args.world, shm=shm)
+        config = read_config(args.config, gpu=gpu)
+        mem, plan = plan_rank(build, config, _inputs(args), world=args.world, shm=shm,
+                              gpu=gpu)
         device = device_named(args.device, dtype=plan.compute_dtype, ranks_here=args.world)
-        step = predict_step_time(mem, plan, config, device, shm=shm)
+        disk = None
+        if mem.offload.optimizer_nvme or mem.offload.params_nvme:
+            disk = disk_of(mem, config, ranks_here=args.world, gbps=args.disk_gbps)
+        step = predict_step_time(mem, plan, config, device, shm=shm, disk=disk)
     except ConfigError as e:
         print(f"zerofx-plan: {e}", file=sys.stderr)
         return 2
-    print(report(mem, plan, config, args.memory))
+    print(report(mem, plan, config, args.memory, gpu=gpu))
     print(time_report(step))
     return 0
 

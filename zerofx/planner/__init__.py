@@ -5,6 +5,8 @@ tools/plan.py).
     memory.py     bytes by kind (model states, communication buffers, activations saved
                   for the backward, the graphs' working tensors, ZeRO-3's gathered
                   parameters, the step's temporary) and the peak, when they live together
+    offload.py    what optimizer and parameter offload (NVMe, host) take out of memory,
+                  the files' bytes, the host's, and the bytes moved per step
     graphs.py     per traced forward/backward pair: saved bytes, the live-bytes peak of
                   each graph, FLOPs and memory traffic, read from the partitioned graphs
     step_time.py  the predicted step time: each op priced by its class at the device's
@@ -16,37 +18,45 @@ tools/plan.py).
 The model is built under a fake-tensor mode: shapes and dtypes, no storage. Tensor
 parallelism divides the split weights per the layout (tensor_parallel.plan, or found on the
 traced graph, fake tensors and all); activations, FLOPs and traffic are those of one
-tensor-parallel rank's graph as traced whole, an upper bound.
+tensor-parallel rank's graph as traced whole, an upper bound; with
+activation_checkpointing.partition_activations the values that pass cuts are counted as
+1/tp (graphs.partitioned: the traced pipeline has no TP group, so the pass itself does not
+run there).
 """
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from zerofx.config import Config, ConfigError
+from zerofx.config.deepspeed_keys import FORCE_HOST_OFFLOAD_ENV
 from zerofx.passes import PassSpec
 from zerofx.plan import make_plan
-from zerofx.planner.graphs import GraphFacts, graph_facts, saved_activation_bytes
+from zerofx.planner.graphs import GraphFacts, graph_facts, partitioned, saved_activation_bytes
 from zerofx.planner.memory import (RankMemory, activation_peak, comm_buffers, gathered_bytes,
                                    model_states)
+from zerofx.planner.offload import OffloadFacts, offload_facts
 from zerofx.tp.layout import resolve_tp_layout
 
-__all__ = ["GraphFacts", "RankMemory", "plan_rank", "model_states", "trace_graphs",
-           "saved_activation_bytes"]
+__all__ = ["GraphFacts", "OffloadFacts", "RankMemory", "plan_rank", "read_config",
+           "model_states", "trace_graphs", "saved_activation_bytes"]
 
 
 def plan_rank(build, config, example, *, world: int, rank: int = 0,
-              shm: bool = False) -> tuple:
+              shm: bool = False, gpu: bool = False) -> tuple:
     """(RankMemory, Plan) of ``rank`` in a job of ``world`` ranks. ``build()`` makes the
     model; it runs under a fake-tensor mode, so no weight is allocated (a 70B model plans on
     a laptop). ``example``: one micro-batch's keyword (dict) or positional (tuple) inputs,
     small real tensors (ids, labels), made fake here; or a function of the built model that
     returns them (inputs read from its config). ``shm``: the ranks are on one host of a CPU
-    job, so the shared-memory collective form (and its buffers) may be chosen."""
-    config = Config.from_any(config)
+    job, so the shared-memory collective form (and its buffers) may be chosen. ``gpu``: the
+    parameters are on a GPU (offload_optimizer cpu then moves the state to the host; NVMe
+    offload is refused there, as the runtime refuses it)."""
+    config = read_config(config, gpu=gpu)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
         model = build()
@@ -54,12 +64,33 @@ def plan_rank(build, config, example, *, world: int, rank: int = 0,
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     layout = resolve_tp_layout(model, config, example)
     plan = make_plan(named, config, rank=rank, world_size=world, tp_layout=layout)
+    offload = offload_facts(plan, config, gpu=gpu)
     graphs = trace_graphs(model, config, example, plan.compute_dtype)
+    if config.activation_checkpointing.partition_activations:
+        graphs = [partitioned(g, plan.grid.tp_size) for g in graphs]
     saved, working = activation_peak(graphs)
-    mem = RankMemory(**model_states(plan, config), activations=saved, working=working,
-                     gathered=gathered_bytes(plan, config),
-                     comm_buffers=comm_buffers(plan, config, shm=shm), graphs=graphs)
+    mem = RankMemory(**model_states(plan, config, offload), activations=saved,
+                     working=working, gathered=gathered_bytes(plan, config, offload),
+                     comm_buffers=comm_buffers(plan, config, shm=shm), graphs=graphs,
+                     offload=offload)
     return mem, plan
+
+
+def read_config(source, *, gpu: bool) -> Config:
+    """``source`` read as on the ranks' machines: with ``gpu``, offload_optimizer device
+    cpu is kept (ZeRO-Offload), where a CPU-only reader drops it (the state is in host
+    memory already: config/deepspeed_keys._host_offload), as its forcing switch keeps it."""
+    if not gpu or isinstance(source, Config):
+        return Config.from_any(source)
+    old = os.environ.get(FORCE_HOST_OFFLOAD_ENV)
+    os.environ[FORCE_HOST_OFFLOAD_ENV] = "1"
+    try:
+        return Config.from_any(source)
+    finally:
+        if old is None:
+            del os.environ[FORCE_HOST_OFFLOAD_ENV]
+        else:
+            os.environ[FORCE_HOST_OFFLOAD_ENV] = old
 
 
 def _fake(obj, mode):

@@ -24,17 +24,25 @@ dtypes, no storage).
                transcendental, reduction, softmax, norm, index, scatter; "view" for views
                and ops that move nothing, priced by their dispatch alone), the dtype of its
                first output, and its FLOPs (matmul, attention) or counted bytes (the others)
+    partitionable  (elements, bytes per element) of each saved value that
+               activation_checkpointing.partition_activations keeps as 1/tp per rank: the
+               pass's own rules (passes/partition_activations.py: a floating activation the
+               forward computed, read by a recompute in the backward, not a model output),
+               but one: the graph is traced whole, so each is taken as replicated across
+               the TP group, as a checkpointed region's input (the residual stream) is.
+               ``partitioned`` applies them
 """
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import fx
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop, sdpa_flop
 
-from zerofx.passes.nodes import is_cast, is_view, role_of
+from zerofx.passes.nodes import META_TP_SHARDING, is_cast, is_view, role_of
+from zerofx.passes.partition_activations import is_partitionable, is_recomputed
 from zerofx.planner.rates import counted_bytes, op_class
 
 aten = torch.ops.aten
@@ -61,6 +69,7 @@ class GraphFacts:
     bw_moved: int
     fw_ops: tuple = ()
     bw_ops: tuple = ()
+    partitionable: tuple = ()
 
 
 def graph_facts(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, roles,
@@ -83,7 +92,52 @@ def graph_facts(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, ro
     bw_peak = _peak(bw, inputs=(key, sizes), release=release)
     fw_ops, bw_ops = op_work(fw), op_work(bw)
     return GraphFacts(saved, fw_peak, bw_peak, _flops(fw_ops), _flops(bw_ops),
-                      _moved(fw_ops), _moved(bw_ops), fw_ops, bw_ops)
+                      _moved(fw_ops), _moved(bw_ops), fw_ops, bw_ops,
+                      _partitionable(fw, bw, num_fwd_outputs))
+
+
+def _partitionable(fw: fx.GraphModule, bw: fx.GraphModule, n_fwd: int) -> tuple:
+    """The saved values partition_activations would cut (module doc), as the pass picks
+    them: by name between the graphs, each once, a model output never; only a value that
+    owns its storage (cutting a view frees nothing the planner counts)."""
+    outs = list(fw.graph.output_node().args[0])
+    inputs = {n.name: n for n in bw.graph.nodes if n.op == "placeholder"}
+    kept, out = set(outs[:n_fwd]), []
+    for v in outs[n_fwd:]:
+        if not isinstance(v, fx.Node) or v in kept or v.name not in inputs or \
+                _storage_owner(v) is not v:
+            continue
+        if not any(is_recomputed(u) for u in inputs[v.name].users):
+            continue
+        kept.add(v)
+        if _replicated(v):
+            val = v.meta["val"]
+            out.append((int(val.numel()), val.element_size()))
+    return tuple(out)
+
+
+def _replicated(v: fx.Node) -> bool:
+    """is_partitionable, a value the TP pass never saw taken as replicated (module doc)."""
+    if META_TP_SHARDING in v.meta:
+        return is_partitionable(v)
+    v.meta[META_TP_SHARDING] = None
+    try:
+        return is_partitionable(v)
+    finally:
+        del v.meta[META_TP_SHARDING]
+
+
+def partitioned(g: GraphFacts, tp: int) -> GraphFacts:
+    """``g`` with its partitionable values kept as 1/tp (padded to a multiple of tp, as the
+    pass pads): fewer saved bytes, and the forward's and backward's peaks lower by as
+    much, but for the largest such value held whole (the forward makes it whole before the
+    cut; the backward gathers it whole before its recompute, one region at a time)."""
+    if tp < 2 or not g.partitionable:
+        return g
+    cut = sum((n - -(-n // tp)) * item for n, item in g.partitionable)
+    whole = max(n * item for n, item in g.partitionable)
+    return replace(g, saved=g.saved - cut, fw_peak=min(g.fw_peak, g.fw_peak - cut + whole),
+                   bw_peak=min(g.bw_peak, g.bw_peak - cut + whole))
 
 
 def saved_activation_bytes(fw: fx.GraphModule, num_fwd_outputs: int) -> int:

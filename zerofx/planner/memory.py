@@ -15,7 +15,8 @@
                      saved values of the graphs before it alive, minus all saved values
     gathered         ZeRO-3's whole parameters alive at once: at most
                      stage3_max_live_parameters elements, at least the largest bucket a
-                     graph reads whole
+                     graph reads whole; with offload_param nvme also its read buffers
+                     (planner/offload.py), held while the gathers run
     step temporary   stage 1 copies this rank's gradients out of the full buffer; stages
                      1-2 build the updated compute-dtype shard before gathering it (unless
                      the gather form is pinned to one that writes in place); stages 2-3
@@ -23,7 +24,13 @@
                      reduce-scatter is done, at most STAGED_IN_FLIGHT buckets in flight
                      and one filling. The optimizer step runs after the backward, when no
                      activation is left (the staged buckets live during the backward: at
-                     its peak, early, they are not counted)
+                     its peak, early, they are not counted). offload_param nvme: the
+                     step reads this rank's whole compute-dtype shard from its file
+    offload          (planner/offload.py) offload_optimizer nvme: the optimizer states row
+                     holds the chunk buffers, the state is in the file; cpu with a GPU: the
+                     state is in host memory (the ``host`` row), not on the device;
+                     offload_param nvme: the parameters row lacks the shard, in its file.
+                     ``nvme``: the bytes of this rank's files (on disk, not in memory)
 
     peak = model states + comm buffers + max(activations + working + gathered, step temporary)
 """
@@ -35,6 +42,7 @@ import torch
 
 from zerofx.config import Config
 from zerofx.plan import Plan, gather_chunks
+from zerofx.planner.offload import OffloadFacts, StandIn
 from zerofx.runtime.grad_intake import STAGED_IN_FLIGHT
 from zerofx.runtime.loss_scaler import LossScaler
 from zerofx.runtime.train_state import TrainState, nbytes
@@ -55,10 +63,21 @@ class RankMemory:
     working: int = 0
     comm_buffers: int = 0
     graphs: list = field(default_factory=list)  # planner.graphs.GraphFacts per traced pair
+    offload: OffloadFacts = field(default_factory=OffloadFacts)
 
     @property
     def model_states(self) -> int:
         return self.parameters + self.gradients + self.optimizer
+
+    @property
+    def host(self) -> int:
+        """Host memory a GPU rank's offloaded optimizer state takes (not in ``peak``)."""
+        return self.offload.host
+
+    @property
+    def nvme(self) -> int:
+        """Bytes of this rank's offload files (not in ``peak``)."""
+        return self.offload.nvme
 
     @property
     def peak(self) -> int:
@@ -66,23 +85,43 @@ class RankMemory:
             self.activations + self.working + self.gathered, self.step_temporary)
 
     def rows(self) -> list[tuple[str, int]]:
-        return [("parameters", self.parameters), ("gradients", self.gradients),
-                ("optimizer states", self.optimizer),
+        off = self.offload
+        opt = "optimizer states" + (" (NVMe chunk buffers)" if off.optimizer_nvme else
+                                    " (on the host)" if off.optimizer_host else "")
+        rows = [("parameters" + (" (shard on NVMe)" if off.params_nvme else ""),
+                 self.parameters), ("gradients", self.gradients), (opt, self.optimizer),
                 ("communication buffers", self.comm_buffers),
                 ("activations saved for backward", self.activations),
                 ("forward/backward working tensors", self.working),
-                ("ZeRO-3 gathered parameters", self.gathered),
+                ("ZeRO-3 gathered parameters" + (" + NVMe read buffers" if off.params_nvme
+                                                 else ""), self.gathered),
                 ("step temporary (after the backward)", self.step_temporary),
                 ("peak", self.peak)]
+        if off.optimizer_host:
+            rows.append(("host memory (offloaded optimizer, not on the device)", self.host))
+        if self.nvme:
+            rows.append(("on NVMe (files, not in memory)", self.nvme))
+        return rows
 
 
-def model_states(plan: Plan, config: Config) -> dict[str, int]:
-    """Parameter, gradient, optimizer and step-temporary bytes of TrainState for ``plan``."""
+def model_states(plan: Plan, config: Config,
+                 offload: OffloadFacts = OffloadFacts()) -> dict[str, int]:
+    """Parameter, gradient, optimizer and step-temporary bytes of TrainState for ``plan``,
+    as held in memory (on the device) with ``offload`` (planner/offload.py)."""
     meta = torch.device("meta")
+    opt = None
+    if offload.optimizer_host:  # its master is a host tensor: not the device's
+        opt = StandIn(torch.empty(plan.shard_numel, dtype=torch.float32, device=meta))
+    elif offload.optimizer_nvme:
+        opt = StandIn()
     st = TrainState.allocate(plan, meta, scaler=LossScaler.from_config(config.fp16,
                                                                        device=meta),
                              lr=0.0, beta1=0.0,
-                             gas=config.accumulation_steps(plan.grid.dp_size))
+                             gas=config.accumulation_steps(plan.grid.dp_size), offload=opt,
+                             params=StandIn() if offload.params_nvme else None)
+    # TrainState.master_filled: an offloaded master leaves memory once it is in the file
+    # (or is the host offload's own tensor)
+    master = st.master if opt is None else None
     shard = plan.shard_numel * plan.compute_dtype.itemsize
     temp = 0
     if plan.sharded and not plan.partitioned:
@@ -97,20 +136,23 @@ def model_states(plan: Plan, config: Config) -> dict[str, int]:
         largest = max(b.padded for b in plan.buckets)
         staged = min(plan.padded_numel, (STAGED_IN_FLIGHT + 1) * largest)
         temp += staged * plan.grad_dtype.itemsize
+    temp += offload.param_step  # offload_param: the step reads the whole shard
     return {"parameters": nbytes(st.flat_params, st.shard_lowp),
             "gradients": nbytes(st.full_grads, st.shard_grads),
-            "optimizer": nbytes(st.master, st.exp_avg, st.exp_avg_sq),
+            "optimizer": nbytes(master, st.exp_avg, st.exp_avg_sq) + offload.optimizer_buffers,
             "step_temporary": temp}
 
 
-def gathered_bytes(plan: Plan, config: Config) -> int:
+def gathered_bytes(plan: Plan, config: Config,
+                   offload: OffloadFacts = OffloadFacts()) -> int:
+    """ZeRO-3's gathered parameters alive at once, and offload_param's read buffers."""
     if not plan.partitioned:
         return 0
     largest = max((b.padded for b in plan.buckets if b.offset < plan.persist_offset),
                   default=0)
     live = max(largest, min(config.zero_optimization.stage3_max_live_parameters,
                             plan.persist_offset))
-    return live * plan.compute_dtype.itemsize
+    return live * plan.compute_dtype.itemsize + offload.param_buffers
 
 
 def comm_buffers(plan: Plan, config: Config, *, shm: bool) -> int:

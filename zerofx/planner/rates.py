@@ -28,11 +28,19 @@ layer norm, an embedding lookup and its backward; zerofx's own fused Adam kernel
 graph of tiny ops for the dispatch; writes to a fresh mapping against a resident one. Each
 is the least CPU time of three calls on the calling thread (a busy host inflates it least).
 The GPUs: data-sheet peaks times assumed efficiencies (``gpu_rates``), not measured.
+
+``disk_rates(path)``: the write and read bandwidth of the filesystem under an offload's
+nvme_path, timed once per path and process (about 0.1 s) as benchmarks/bench_offload.py
+times it and the offload moves its state: 1 MiB pwrite/pread over a 64 MiB unlinked file
+written once before, through the page cache (``direct=True``: O_DIRECT, the device past the
+page cache, what a state larger than memory meets).
 """
 from __future__ import annotations
 
 import functools
 import mmap
+import os
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -323,3 +331,35 @@ def _time_dispatch(ops: int = 200) -> float:
     gm = fx.GraphModule(torch.nn.Module(), g)
     t = torch.ones(4)
     return _best(lambda: gm(t), reps=5) / ops
+
+
+@functools.lru_cache(maxsize=None)
+def disk_rates(path: str, *, direct: bool = False, nbytes: int = 64 << 20,
+               chunk: int = 1 << 20) -> tuple[float, float]:
+    """(write, read) bytes/s of the filesystem under ``path`` (module doc)."""
+    buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
+    buf.write(os.urandom(chunk))
+    fd, name = tempfile.mkstemp(dir=path, prefix="zerofx-plan-disk-")
+    os.unlink(name)
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+        if direct:
+            fd2 = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_DIRECT)
+            os.close(fd)
+            fd = fd2
+        offsets = range(0, nbytes, chunk)
+        for off in offsets:  # once untimed: the offload rewrites a file written before
+            os.pwrite(fd, buf, off)
+        t0 = time.perf_counter()
+        for off in offsets:
+            os.pwrite(fd, buf, off)
+        if direct:
+            os.fsync(fd)
+        w = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for off in offsets:
+            os.preadv(fd, [buf], off)
+        r = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+    return nbytes / w, nbytes / r

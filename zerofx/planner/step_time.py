@@ -27,6 +27,14 @@ rates (planner/rates.py), plus the collectives the plan implies through the alph
                    stage 3 reduce-scatters them and all-gathers the partitioned parameters
                    twice per micro-step (forward, and again for the backward) and the
                    persistent ones once after the step
+    offload        (planner/offload.py) NVMe: the state bytes each applied step reads and
+                   writes (Adam 12 + 12 per element, LAMB 24 + 12), offload_param's shard
+                   read and written by the step and each gathered bucket's range read per
+                   gather, at the disk's bandwidth, serial (the reads ahead and the
+                   streamed chunks overlap the kernels, which share the cores here). Host
+                   offload on a GPU: the host's fused step over the shard and the copies of
+                   the gradient shard to the host and the updated shard back, pipelined
+                   (the longer of the two), in place of the device's optimizer step
 
 Rates. A GPU: its data sheet times assumed efficiencies (rates.gpu_rates), ring collectives
 at NVLink's bandwidth within a node of 8 and the network's (400 Gb/s per GPU) beyond; the
@@ -35,6 +43,12 @@ optimizer step do not. ``this-host``: each class timed once per process (rates.h
 on the threads one rank gets; collectives at the rates the runtime's forms were measured at
 (comm_cost.DEFAULT, 2 ranks on gloo; the fastest form the runtime may choose, scaled by
 2(N-1)/N for N ranks), and nothing overlaps: each rank's core runs gloo's copies too.
+
+Disk (NVMe offload, CPU runs only: with a GPU it is refused): ``--disk-gbps``, else timed
+under the config's nvme_path (rates.disk_rates): through the page cache while the files of
+the ranks on this host fit in half its memory, else with O_DIRECT. Host offload on a GPU
+(not validated, no GPU measured): copies at HOST_LINK bytes/s per direction per GPU and the
+host step at HOST_STEP_BYTES bytes per element over HOST_MEMORY bytes/s per GPU.
 """
 from __future__ import annotations
 
@@ -46,11 +60,19 @@ import torch
 from zerofx.comm_cost import DEFAULT, CommCost
 from zerofx.config import Config, ConfigError
 from zerofx.plan import Plan, gather_chunks
-from zerofx.planner.rates import Rates, gpu_rates, host_rates
+from zerofx.planner.rates import Rates, disk_rates, gpu_rates, host_rates
 
 MIB = float(1 << 20)
 LINK_EFFICIENCY = 0.8  # of a link's bandwidth a ring collective's bus bandwidth reaches
 NODE_GPUS = 8
+# Host offload with a GPU, assumed: PCIe Gen5 x16 moves 64 GB/s per direction on paper and
+# pinned copies reach about 50; a node's 8 GPUs share the host's links and memory, so 25 GB/s
+# each. The host's fused Adam reads and writes the fp32 master and moments (24 bytes per
+# element) and reads the gradient and writes the 16-bit value (4 more), memory-bound: a
+# two-socket host's ~500 GB/s of DDR5 at about half efficiency, shared by 8, is ~30 GB/s each.
+HOST_LINK = 25e9
+HOST_MEMORY = 30e9
+HOST_STEP_BYTES = 28
 
 
 @dataclass(frozen=True)
@@ -212,9 +234,55 @@ def graph_items(graphs, rates: Rates, gas: int) -> list:
     return items
 
 
+def disk_of(mem, config: Config, *, ranks_here: int = 1,
+            gbps: float | None = None) -> tuple[float, float, str]:
+    """(write, read) bytes/s of the disk the offload files go to, and where it came from
+    (module doc)."""
+    if gbps is not None:
+        return gbps * 1e9, gbps * 1e9, f"--disk-gbps {gbps:g}"
+    zero = config.zero_optimization
+    path = (zero.offload_optimizer.nvme_path if mem.offload.optimizer_nvme
+            else zero.offload_param.nvme_path)
+    if not path or not os.path.isdir(path):
+        raise ConfigError(f"zerofx-plan times the disk under the offload's nvme_path "
+                          f"{path!r}, which is not a directory here: create it, or give the "
+                          f"disk's bandwidth with --disk-gbps")
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    direct = mem.nvme * ranks_here > memory // 2  # the page cache cannot hold the files
+    w, r = disk_rates(os.path.abspath(path), direct=direct)
+    return w, r, f"timed under {path}" + (", O_DIRECT" if direct else ", page cache")
+
+
+def offload_items(mem, plan: Plan, config: Config, *, disk=None) -> list:
+    """(what, ms, False) of the offload's per-step work (module doc); ``disk``: disk_of's."""
+    off, gas = mem.offload, config.accumulation_steps(plan.grid.dp_size)
+    items = []
+    if off.optimizer_nvme or off.params_nvme:
+        w, r, source = disk
+        for what, read, written in (
+                ("optimizer state on NVMe", off.optimizer_read, off.optimizer_written),
+                ("parameter shard on NVMe, the step", off.param_step_read,
+                 off.param_step_written),
+                (f"parameter reads on NVMe for the gathers (x {2 * gas})",
+                 off.param_gather_read, 0)):
+            if read or written:
+                items.append((f"{what} ({read / MIB:.0f} MiB read, {written / MIB:.0f} MiB "
+                              f"written; disk {r / 2**30:.2f}/{w / 2**30:.2f} GiB/s read/"
+                              f"write, {source})", (read / r + written / w) * 1e3, False))
+    if off.optimizer_host:
+        host = plan.shard_numel * HOST_STEP_BYTES / HOST_MEMORY
+        link = max(off.to_host, off.to_device) / HOST_LINK
+        items.append((f"optimizer step on the host (ZeRO-Offload; {off.to_host / MIB:.0f} MiB "
+                      f"to the host, {off.to_device / MIB:.0f} MiB back; assumed rates)",
+                      max(host, link) * 1e3, False))
+    return items
+
+
 def predict_step_time(mem, plan: Plan, config: Config, device: Device, *,
-                      shm: bool = False) -> StepTime:
-    """The step time of ``plan`` on ``device`` from ``mem.graphs`` (planner/graphs.py)."""
+                      shm: bool = False, disk=None) -> StepTime:
+    """The step time of ``plan`` on ``device`` from ``mem.graphs`` (planner/graphs.py);
+    ``disk``: disk_of's (write, read, source), needed with NVMe offload (timed under the
+    nvme_path when not given)."""
     gas = config.accumulation_steps(plan.grid.dp_size)
     rates = device.rates
     dtype = plan.compute_dtype
@@ -226,8 +294,12 @@ def predict_step_time(mem, plan: Plan, config: Config, device: Device, *,
         items.append((f"fresh pages ({fresh / MIB:.0f} MiB faulted in per step)",
                       fresh * rates.fresh_page_s * 1e3, False))
     compute = sum(ms for _, ms, _ in items)
-    items.append(("optimizer step (fused AdamW)", plan.shard_numel * rates.optimizer_s * 1e3,
-                  False))
+    if not mem.offload.optimizer_host:  # else the host runs it (offload_items)
+        items.append(("optimizer step (fused AdamW)",
+                      plan.shard_numel * rates.optimizer_s * 1e3, False))
+    if (mem.offload.optimizer_nvme or mem.offload.params_nvme) and disk is None:
+        disk = disk_of(mem, config, ranks_here=plan.grid.world_size)
+    items += offload_items(mem, plan, config, disk=disk)
     if config.clip_norm:
         items.append(("gradient norm (clipping)", plan.shard_numel * dtype.itemsize
                       / rates.rate("reduction", dtype) * 1e3, False))
