@@ -263,3 +263,17 @@ def test_hf_llama_gradient_checkpointing_at_tp2_trains_like_one_process():
         assert any(s is not None for s in shards.values())  # some weights really split
         torch.testing.assert_close(losses, want, rtol=1e-5, atol=1e-5)
         assert _relative_difference(model, pieces, shards, tp_rank=rank) <= 1e-5
+
+
+def test_profile_does_not_break_the_compiled_graph(no_torchrun_env):
+    """profile: true logs each eager checkpointed call; compiled, a log call inside the
+    traced forward would break the graph before every region (fullgraph raises on one)."""
+    checkpointing.configure(None, deepspeed_config={"activation_checkpointing":
+                                                    {"profile": True}})
+    try:
+        model = Stack(ckpt=True)
+        torch._dynamo.reset()
+        torch.compile(model, backend="aot_eager", fullgraph=True)(*_batch(0)).backward()
+        assert all(p.grad is not None for p in model.parameters())
+    finally:
+        checkpointing.configure(None, deepspeed_config={})

@@ -48,7 +48,10 @@ _NO_EFFECT = ("contiguous_memory_optimization", "synchronize_checkpoint_boundary
 
 def checkpoint(function, *args):
     """``function(*args)``, its activations recomputed in the backward instead of saved."""
-    if _STATE["profile"]:
+    # Logging inside a frame Dynamo traces is a graph break before every region (and the
+    # region then runs apart from its neighbours): compiled, the dump's backward graphs show
+    # the recompute instead.
+    if _STATE["profile"] and not torch.compiler.is_compiling():
         log.debug("checkpointing %s: recomputed in the backward",
                   getattr(function, "__qualname__", function))
     return torch_checkpoint.checkpoint(function, *args, use_reentrant=False)
