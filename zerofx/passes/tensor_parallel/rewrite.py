@@ -318,20 +318,34 @@ def _check_outputs(gm, ctx, state, split, tp, full) -> None:
             outs[i] = _gather_output(gm, ctx, out, state.get(out), full[out], tp, i)
     primals = [role_of(n) for n in gm.graph.nodes if n.op == "placeholder"]
     primals = [r for r in primals if r is None or r.kind != "tangent"]
-    planned = {p.name for p in ctx.plan.params}
     for j, (role, grad) in enumerate(zip(primals, outs[n_fwd:])):
-        if role is not None and role.name in planned and role.name not in split and \
-                isinstance(state.get(grad), (R.Shard, R.Regions)):
+        split_weight = role is not None and role.kind == "param" and role.name in split
+        if not split_weight and isinstance(state.get(grad), (R.Shard, R.Regions)):
             # a replicated weight used on a sliced value (a layer left out of the plan next
-            # to split ones): each rank holds its slice of the gradient, gathered whole
+            # to split ones), or an activation a graph break handed in whose gradient is
+            # still split over tokens (sequence parallelism): gathered whole
             outs[n_fwd + j] = _gather_output(gm, ctx, grad, state[grad], full[grad], tp,
                                              n_fwd + j)
-        elif role is not None and role.name in split and isinstance(grad, fx.Node):
+        elif split_weight and isinstance(grad, fx.Node):
             want = split[role.name].tp.sharding()
-            if state.get(grad) != want:
+            if state.get(grad) is None:
+                outs[n_fwd + j] = _own_piece(ctx, grad, want, state, full, tp)
+            elif state.get(grad) != want:
                 raise TPPlanError(f"the gradient of {role.name} comes out split as "
                                   f"{state.get(grad)}, not as the weight ({want})")
     gm.graph.output_node().args = (tuple(outs),)
+
+
+def _own_piece(ctx, grad: fx.Node, want, state, full, tp: int) -> fx.Node:
+    """A split weight's gradient computed whole, the same on every rank (None: nothing
+    split reached it), cut to this rank's piece. A tied vocabulary table in a graph that
+    holds only its LM-head use (a graph break between the embedding and the head, as
+    Hugging Face's gradient checkpointing makes in GPT-2) multiplies the whole incoming
+    gradient of the logits by the whole hidden states: every rank's piece is there."""
+    tp_rank = ctx.plan.grid.tp_rank(ctx.plan.rank)
+    piece = _local_slice(grad.graph.output_node(), grad, want, full[grad], tp, tp_rank)
+    state[piece], full[piece] = want, full[grad]
+    return piece
 
 
 def _gather_output(gm, ctx, out: fx.Node, sh, shape, tp: int, i: int) -> fx.Node:
