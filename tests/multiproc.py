@@ -141,9 +141,17 @@ def _stderr_tails(procs, logs, chars: int = 3000) -> str:
             continue
         try:
             with open(path, errors="replace") as f:
-                text = f.read()[-chars:]
+                whole = f.read()
         except OSError:
             continue
+        text = whole[-chars:]
+        # what killed it (a C++ "terminate called ..." or an assertion) is printed just
+        # before faulthandler's "Fatal Python error" and its thread stacks, which alone can
+        # fill the tail
+        fatal = whole.find("Fatal Python error")
+        if 0 <= fatal < len(whole) - chars:
+            out.append(f"\n--- rank {r} stderr before its fatal error ---\n"
+                       f"{whole[max(0, fatal - 1500):fatal + 200]}")
         if text.strip():
             out.append(f"\n--- rank {r} stderr (exit code {p.exitcode}), last {chars} chars "
                        f"---\n{text}")

@@ -82,6 +82,32 @@ def test_harness_fails_at_once_when_a_rank_dies_by_a_signal():
     assert "rank 1 stderr" in str(e.value) and "_abort_on_rank_one" in str(e.value)
 
 
+def _abort_after_a_cause(rank, world_size):
+    import os
+    import sys
+    import threading
+
+    if rank == 1:
+        # many idle threads: faulthandler prints each one's stack after the fatal line,
+        # more than the tail the report shows
+        for _ in range(40):
+            threading.Thread(target=threading.Event().wait, daemon=True).start()
+        sys.stderr.write("terminate called after throwing an instance of 'gloo::IoException'"
+                         "\n")
+        sys.stderr.flush()
+        os.abort()
+    return rank
+
+
+def test_harness_shows_what_preceded_a_fatal_error():
+    """The cause printed before faulthandler's "Fatal Python error" is in the report even
+    when the threads' stacks after it fill the stderr tail."""
+    with pytest.raises(AssertionError, match="exit code -6") as e:
+        run_ranks(_abort_after_a_cause, 2)
+    assert "before its fatal error" in str(e.value)
+    assert "gloo::IoException" in str(e.value)
+
+
 def test_deepspeed_init_distributed_signature(no_torchrun_env, monkeypatch):
     """zerofx.init_distributed takes deepspeed.init_distributed's arguments: single process
     without an environment; an init_method and a rank the environment contradicts are
