@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import mmap
 import os
 import statistics
 import sys
@@ -82,36 +81,11 @@ def _train(args, nvme: str | None):
 
 
 def _bandwidth(path: str, nbytes: int, chunk_bytes: int, *, direct: bool) -> tuple[float, float]:
-    """(write, read) bytes/s of ``nbytes`` through one file under ``path``, in chunks."""
-    chunk_bytes = max(mmap.PAGESIZE, chunk_bytes // mmap.PAGESIZE * mmap.PAGESIZE)
-    nbytes = max(nbytes, chunk_bytes)  # a state smaller than one chunk: time one chunk
-    buf = mmap.mmap(-1, chunk_bytes)  # page-aligned, as O_DIRECT needs
-    buf.write(os.urandom(min(chunk_bytes, 1 << 20)) * (chunk_bytes // min(chunk_bytes, 1 << 20)))
-    fd, name = tempfile.mkstemp(dir=path)
-    os.unlink(name)
-    try:
-        os.posix_fallocate(fd, 0, nbytes)
-        if direct:
-            fd2 = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_DIRECT)
-            os.close(fd)
-            fd = fd2
-        offsets = range(0, nbytes - chunk_bytes + 1, chunk_bytes)
-        for off in offsets:  # once untimed: the offload rewrites a file written before
-            os.pwrite(fd, buf, off)
-        t0 = time.perf_counter()
-        for off in offsets:
-            os.pwrite(fd, buf, off)
-        if direct:
-            os.fsync(fd)
-        w = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for off in offsets:
-            os.preadv(fd, [buf], off)
-        r = time.perf_counter() - t0
-    finally:
-        os.close(fd)
-    done = nbytes // chunk_bytes * chunk_bytes
-    return done / w, done / r
+    """(write, read) bytes/s of ``nbytes`` through one file under ``path``, in chunks: the
+    planner's disk measurement, uncached (each call measures again)."""
+    from zerofx.planner.rates import measure_disk
+
+    return measure_disk(path, nbytes, chunk_bytes, direct=direct)
 
 
 def _stage3_body(rank, world, args, nvme):

@@ -336,10 +336,19 @@ def _time_dispatch(ops: int = 200) -> float:
 @functools.lru_cache(maxsize=None)
 def disk_rates(path: str, *, direct: bool = False, nbytes: int = 64 << 20,
                chunk: int = 1 << 20) -> tuple[float, float]:
-    """(write, read) bytes/s of the filesystem under ``path`` (module doc)."""
+    """(write, read) bytes/s of the filesystem under ``path`` (module doc), measured once
+    per process."""
+    return measure_disk(path, nbytes, chunk, direct=direct)
+
+
+def measure_disk(path: str, nbytes: int, chunk: int, *, direct: bool) -> tuple[float, float]:
+    """(write, read) bytes/s of ``nbytes`` through one file under ``path``, in ``chunk``
+    calls (benchmarks/bench_offload.py measures its limit with it too)."""
+    chunk = max(mmap.PAGESIZE, chunk // mmap.PAGESIZE * mmap.PAGESIZE)
+    nbytes = max(nbytes, chunk)  # less than one chunk: time one chunk
     buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
-    buf.write(os.urandom(chunk))
-    fd, name = tempfile.mkstemp(dir=path, prefix="zerofx-plan-disk-")
+    buf.write(os.urandom(min(chunk, 1 << 20)) * (chunk // min(chunk, 1 << 20)))
+    fd, name = tempfile.mkstemp(dir=path, prefix="zerofx-disk-")
     os.unlink(name)
     try:
         os.posix_fallocate(fd, 0, nbytes)
@@ -347,7 +356,7 @@ def disk_rates(path: str, *, direct: bool = False, nbytes: int = 64 << 20,
             fd2 = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_DIRECT)
             os.close(fd)
             fd = fd2
-        offsets = range(0, nbytes, chunk)
+        offsets = range(0, nbytes - chunk + 1, chunk)
         for off in offsets:  # once untimed: the offload rewrites a file written before
             os.pwrite(fd, buf, off)
         t0 = time.perf_counter()
@@ -362,4 +371,5 @@ def disk_rates(path: str, *, direct: bool = False, nbytes: int = 64 << 20,
         r = time.perf_counter() - t0
     finally:
         os.close(fd)
-    return nbytes / w, nbytes / r
+    done = nbytes // chunk * chunk
+    return done / w, done / r
