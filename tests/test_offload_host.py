@@ -11,8 +11,9 @@ import os
 import pytest
 import torch
 
-from models import block_batch, make, mlp_batch
+from models import make
 from multiproc import run_ranks
+from test_offload_nvme import _batch, _train  # the same training loop, another offload
 
 STEPS = 20
 FORCE = "ZEROFX_FORCE_HOST_OFFLOAD"
@@ -35,28 +36,6 @@ def _config(offload, *, stage=2, opt="AdamW", dtype="bf16", gas=1, clip=0.5,
     if offload:
         cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     return cfg
-
-
-def _batch(name, seed):
-    return block_batch(seed=seed) if name == "block" else mlp_batch(seed=seed)
-
-
-def _train(rank, cfg, steps, name):
-    import zerofx
-
-    torch._dynamo.reset()
-    model, _ = make(name)
-    rt = zerofx.ZeroRuntime(model, cfg)
-    compiled = torch.compile(model, backend="zero", options={"runtime": rt})
-    losses = []
-    for step in range(steps):
-        for micro in range(rt.gas):
-            with rt.shape_carriers():  # stage 3: partitioned parameters traced whole
-                loss = compiled(*_batch(name, 1000 * step + 10 * rank + micro))
-            rt.backward(loss)
-            rt.step()
-            losses.append(loss.item())
-    return rt, model, losses
 
 
 def _device_tensors(rt) -> dict:
@@ -93,7 +72,7 @@ def _result(rt, model, losses):
 def _pair(rank, case, steps=STEPS, name="block"):
     """(in memory, host-offloaded) results of one case on this rank."""
     os.environ[FORCE] = "1"  # (run_ranks' processes too)
-    return [_result(*_train(rank, _config(off, **case), steps, name)) for off in (False, True)]
+    return [_result(*_train(rank, _config(off, **case), steps, name=name)) for off in (False, True)]
 
 
 def _assert_same(mem, off, where):
@@ -196,8 +175,8 @@ def test_checkpoint_of_host_offloaded_state_loads_in_memory(tmp_path, monkeypatc
 
     monkeypatch.setenv(FORCE, "1")
     case = dict(stage=2, opt="Lamb")
-    whole = _result(*_train(0, _config(False, **case), 4, "mlp"))
-    rt, _, first = _train(0, _config(True, **case), 2, "mlp")
+    whole = _result(*_train(0, _config(False, **case), 4, name="mlp"))
+    rt, _, first = _train(0, _config(True, **case), 2, name="mlp")
     save_checkpoint(rt, tmp_path / "ckpt")
     rt.close()
     import zerofx

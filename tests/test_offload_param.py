@@ -13,8 +13,9 @@ import os
 import pytest
 import torch
 
-from models import block_batch, make
+from models import make
 from multiproc import run_ranks
+from test_offload_nvme import _train  # the same training loop, another offload
 
 STEPS = 20
 BUCKET = 3000  # elements per stage-3 bucket: the block model (~17k) makes 8 buckets
@@ -41,26 +42,6 @@ def _config(nvme_dir, *, opt_nvme=None, opt="AdamW", dtype="bf16", gas=1, clip=0
         zero["sub_group_size"] = 1000
         zero["offload_optimizer"] = {"device": "nvme", "nvme_path": str(opt_nvme)}
     return cfg
-
-
-def _train(rank, cfg, steps=STEPS, *, start=0, rt_hook=None):
-    import zerofx
-
-    torch._dynamo.reset()
-    model, _ = make("block")
-    rt = zerofx.ZeroRuntime(model, cfg)
-    if rt_hook is not None:
-        rt_hook(rt)
-    compiled = torch.compile(model, backend="zero", options={"runtime": rt})
-    losses = []
-    for step in range(start, start + steps):
-        for micro in range(rt.gas):
-            with rt.shape_carriers():
-                loss = compiled(*block_batch(seed=1000 * step + 10 * rank + micro))
-            rt.backward(loss)
-            rt.step()
-            losses.append(loss.item())
-    return rt, model, losses
 
 
 def _shard_sized(rt) -> list[torch.Tensor]:
