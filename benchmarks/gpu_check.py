@@ -130,22 +130,14 @@ def _seconds(fn, device, reps: int = 20) -> float:
 def _offload_run(train, job, ids, vocab, device, config, steps, warmup):
     """(losses, parameters, seconds of the timed steps, peak device MiB, device-side
     training-state MiB, host-side offloaded MiB) of one training run."""
-    import zerofx
     from zerofx.runtime.train_state import nbytes
 
     torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    torch.manual_seed(1337)
-    engine, *_ = zerofx.initialize(model=job.GPT(vocab, block=job.BLOCK).to(device),
-                                   config=config)
-
-    def step(x, y):
-        loss = engine(x, y)
-        engine.backward(loss)
-        engine.step()
-        return loss.detach()
+    step = train._zerofx(job, vocab, device, config)  # the GPU training check's engine
+    engine = step.engine
     losses, seconds = train._run(step, train._batches(ids, job.BLOCK, steps), device, warmup)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" \
         else float("nan")

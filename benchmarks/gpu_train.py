@@ -74,6 +74,7 @@ def _zerofx(job, vocab, device, config):
         engine.backward(loss)
         engine.step()
         return loss.detach()
+    step.engine = engine  # for callers that read its state (gpu_check's offload run)
     return step
 
 
