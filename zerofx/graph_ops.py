@@ -52,27 +52,45 @@ class TrainingState(Protocol):
     def local_param(self, name: str) -> torch.Tensor: ...
 
 
-_RUNTIMES: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
-_IDS = itertools.count(1)
+class IdTable:
+    """Live objects by an int id, held weakly: graph ops take ints, not objects, so a
+    compiled graph names the runtime (or offloaded state) it drives by its id here."""
+
+    def __init__(self, what: str, keep: str):
+        self.what, self.keep = what, keep  # for the error: what is gone, what to keep alive
+        self._live: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
+        self._ids = itertools.count(1)
+
+    def add(self, obj) -> int:
+        i = next(self._ids)
+        self._live[i] = obj
+        return i
+
+    def lookup(self, i: int):
+        obj = self._live.get(i)
+        if obj is None:
+            raise RuntimeError(f"zerofx {self.what} {i} no longer exists: keep {self.keep}")
+        return obj
+
+    def values(self) -> list:
+        return list(self._live.values())
+
+
+_RUNTIMES = IdTable("training state", "the ZeroRuntime alive as long as the compiled model "
+                                      "is used")
 
 
 def register(state: TrainingState) -> int:
-    sid = next(_IDS)
-    _RUNTIMES[sid] = state
-    return sid
+    return _RUNTIMES.add(state)
 
 
 def registered() -> list:
     """Every live registered state (zerofx.zero finds the runtime owning a parameter)."""
-    return list(_RUNTIMES.values())
+    return _RUNTIMES.values()
 
 
 def lookup(sid: int) -> TrainingState:
-    runtime = _RUNTIMES.get(sid)
-    if runtime is None:
-        raise RuntimeError(f"zerofx training state {sid} no longer exists: keep the "
-                           f"ZeroRuntime alive as long as the compiled model is used")
-    return runtime
+    return _RUNTIMES.lookup(sid)
 
 
 @torch.library.custom_op("zerofx::param_slots", mutates_args=())

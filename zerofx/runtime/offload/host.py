@@ -68,8 +68,7 @@ class HostOffload:
         self.bounds = torch.tensor([s.offset for s in plan.params] + [plan.padded_numel],
                                    dtype=torch.int64)
         self.copies = {"to_host": 0, "to_device": 0}  # bytes, for tests and the benchmark
-        self.id = next(_registry._IDS)
-        _registry._STATES[self.id] = self
+        self.id = _registry.STATES.add(self)
 
     @property
     def host_master(self) -> torch.Tensor:

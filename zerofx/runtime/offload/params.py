@@ -27,25 +27,18 @@ as the optimizer state's file is (offload/state.py).
 from __future__ import annotations
 
 import atexit
-import itertools
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from zerofx.graph_ops import IdTable
 from zerofx.runtime.offload.files import PARAMS, OffloadError, StateFile
 
 # The stores by id, for the step graph's ops (offload/ops.py).
-_STORES: "weakref.WeakValueDictionary[int, ParamStore]" = weakref.WeakValueDictionary()
-_IDS = itertools.count(1)
-
-
-def lookup(pid: int) -> "ParamStore":
-    store = _STORES.get(pid)
-    if store is None:
-        raise RuntimeError(f"zerofx offloaded parameters {pid} no longer exist: keep the "
-                           f"engine (its runtime) alive while its step graph runs")
-    return store
+STORES = IdTable("offloaded parameters",
+                 "the engine (its runtime) alive while its step graph runs")
+lookup = STORES.lookup
 
 
 class ParamStore:
@@ -77,8 +70,7 @@ class ParamStore:
         self.bucket_reads = 0  # counters, for tests and the benchmark
         self.read_ahead_hits = 0
         self.peak_buffers = 0  # the most buffers held at once
-        self.id = next(_IDS)
-        _STORES[self.id] = self
+        self.id = STORES.add(self)
         ref = weakref.ref(self)
         atexit.register(lambda: ref() is not None and ref().close())
 

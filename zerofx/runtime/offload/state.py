@@ -23,28 +23,21 @@ from __future__ import annotations
 
 import atexit
 import bisect
-import itertools
 import weakref
 
 import torch
 
+from zerofx.graph_ops import IdTable
 from zerofx.runtime.fused_optim import adam_step_, lamb_apply_, lamb_moments_
 from zerofx.runtime.offload.files import OffloadError, StateFile
 from zerofx.runtime.offload.stream import FIELDS, ChunkStream
 
-# The offloaded states by id, for the step graph's ops (offload/ops.py). Their own table, not
-# graph_ops' registry of training states: what reads that one (zerofx.zero, deepspeed.utils'
+# The offloaded states by id, for the step graph's ops (offload/ops.py). A table of their own,
+# not graph_ops' table of training states: what reads that one (zerofx.zero, deepspeed.utils'
 # helpers) expects runtimes there.
-_STATES: "weakref.WeakValueDictionary[int, OffloadedState]" = weakref.WeakValueDictionary()
-_IDS = itertools.count(1)
-
-
-def lookup(oid: int) -> "OffloadedState":
-    state = _STATES.get(oid)
-    if state is None:
-        raise RuntimeError(f"zerofx offloaded optimizer state {oid} no longer exists: keep "
-                           f"the engine (its runtime) alive while its step graph runs")
-    return state
+STATES = IdTable("offloaded optimizer state",
+                 "the engine (its runtime) alive while its step graph runs")
+lookup = STATES.lookup
 
 _ALL, _NONE = (0, 3), (0, 0)
 
@@ -66,8 +59,7 @@ class OffloadedState:
         self.stream = ChunkStream(self.file, self.chunks, buffer_count=buffer_count,
                                   threads=threads)
         self.broken: str | None = None
-        self.id = next(_IDS)  # the step graph's ops name it by this id (lookup)
-        _STATES[self.id] = self
+        self.id = STATES.add(self)  # the step graph's ops name it by this id (lookup)
         ref = weakref.ref(self)
         atexit.register(lambda: ref() is not None and ref().close())
 
