@@ -122,7 +122,7 @@ def test_fp16_loss_scaler_and_skipped_steps_carry_over(tmp_path, no_torchrun_env
     engine, *_ = zerofx.initialize(model=REC.make_model(),
                                    config=REC.ds_config(2, world_size=1, gas=2, fp16=True))
     engine.load_checkpoint(tmp_path)
-    assert (engine.loss_scale, engine.skipped_steps, engine.global_steps) == (
+    assert (engine.optimizer.loss_scale, engine.skipped_steps, engine.global_steps) == (
         ds["cur_scale"], 2, 3)
     assert float(engine.runtime.state.step_count) == 1.0
 

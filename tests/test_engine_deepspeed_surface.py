@@ -370,6 +370,26 @@ def test_engine_attributes_and_deepspeeds_attribute_rule(no_torchrun_env):
     assert torch.equal(engine.scale(loss), loss)  # no fp16: the loss itself
 
 
+@pytest.mark.parametrize("static", [0.0, 128.0])
+def test_loss_scale_readers_follow_deepspeed(no_torchrun_env, static):
+    """DeepSpeed's engine.loss_scale() is the config's fp16.loss_scale (0: dynamic) and
+    dynamic_loss_scale() says whether it is 0; the scale in use is the optimizer's
+    loss_scale / cur_scale, which a dynamic scaler halves on an overflow and a static one
+    keeps."""
+    fp16 = {"enabled": True, "loss_scale": static, "initial_scale_power": 4,
+            "hysteresis": 1}
+    engine, *_ = zerofx.initialize(model=make("mlp")[0], config=_cfg(fp16=fp16))
+    assert engine.loss_scale() == static and engine.dynamic_loss_scale() == (static == 0)
+    start = 16.0 if static == 0 else static
+    assert engine.optimizer.loss_scale == engine.optimizer.cur_scale == start
+    x, y = mlp_batch(seed=0)
+    engine.backward(engine(x.masked_fill(x > 1, float("inf")), y))  # an overflow
+    engine.step()
+    assert engine.skipped_steps == 1 and not engine.was_step_applied()
+    assert engine.optimizer.loss_scale == (start / 2 if static == 0 else start)
+    assert engine.loss_scale() == static
+
+
 # ---- deepspeed.utils: the module, logging, memory, zero_to_fp32 --------------------------
 def test_as_deepspeed_installs_utils(as_deepspeed):
     import deepspeed

@@ -250,7 +250,8 @@ class ZeroEngine(AccumulationControls, DeepSpeedReaders, nn.Module):
             mean = torch.stack([x.float() for x in self._window_losses]).mean()
             events.append(("Train/Samples/train_loss", float(mean), self.global_samples))
         if self.config.fp16.enabled:
-            events.append(("Train/Samples/loss_scale", self.loss_scale, self.global_samples))
+            events.append(("Train/Samples/loss_scale", self.runtime.loss_scale,
+                           self.global_samples))
         self._window_losses = []
         self.monitor.write_events(events)
 
@@ -283,9 +284,13 @@ class ZeroEngine(AccumulationControls, DeepSpeedReaders, nn.Module):
     def global_steps(self) -> int:
         return self.runtime.update_steps
 
-    @property
     def loss_scale(self) -> float:
-        return self.runtime.loss_scale
+        """DeepSpeed's ``engine.loss_scale()``: the config's static fp16 scale, 0 when the
+        scale is dynamic (the current scale is ``engine.optimizer.loss_scale``, as there)."""
+        return self.config.fp16.loss_scale
+
+    def dynamic_loss_scale(self) -> bool:
+        return self.config.fp16.loss_scale == 0
 
     @property
     def skipped_steps(self) -> int:
@@ -317,7 +322,7 @@ class ZeroEngine(AccumulationControls, DeepSpeedReaders, nn.Module):
         loss = float(self._last_loss) if self._last_loss is not None else float("nan")
         line = (f"step {self.global_steps} | loss (last micro-batch) {loss:.4f} | "
                 f"lr {self.get_lr()[0]:.3e} | "
-                f"loss scale {self.loss_scale:g} | skipped {self.skipped_steps} | "
+                f"loss scale {self.runtime.loss_scale:g} | skipped {self.skipped_steps} | "
                 f"{self._window_samples / max(elapsed, 1e-9):.1f} samples/s")
         if self.config.wall_clock_breakdown:
             line += " | " + " ".join(f"{k} {v * 1e3:.0f}ms" for k, v in self._timers.items())

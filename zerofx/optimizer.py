@@ -44,6 +44,16 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self.param_groups = client.param_groups
             self.defaults = client.defaults
 
+    @property
+    def loss_scale(self) -> float:
+        """The current loss scale (DeepSpeed's fp16 and ZeRO optimizers' ``loss_scale``;
+        1 without fp16)."""
+        return self.runtime.loss_scale
+
+    @property
+    def cur_scale(self) -> float:
+        return self.runtime.loss_scale
+
     @torch.no_grad()
     def step(self, closure=None):
         """Count a micro-step; at the accumulation boundary update the weights with this
