@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from zerofx.config import (ConfigError, LRRangeTestParams, OneCycleParams, SchedulerConfig,
-                           WarmupDecayLRParams, WarmupLRParams)
+                           WarmupCosineLRParams, WarmupDecayLRParams, WarmupLRParams)
 from zerofx.lr_schedules import Schedule, make_schedule
 
 
@@ -85,6 +85,17 @@ def ds_range_test_lr(it, lo, size, rate, staircase):
     if staircase:
         interval = math.floor(interval)
     return lo * (1 + rate * interval)
+
+
+def ds_warmup_cosine_ratio(it, total, min_ratio, warmup, cos_min, kind):
+    """DeepSpeed 0.19's WarmupCosineLR.get_lr_ratio(); get_lr() is org_lr * ratio, 0 before
+    the first step."""
+    warmup = max(2, warmup)
+    if it < warmup:
+        r = (1.0 / math.log(warmup)) * math.log(it + 1) if kind == "log" else it / warmup
+        return min_ratio + r * (1. - min_ratio)
+    progress = min(1.0, (it - warmup + 1) / max(1, total - warmup))
+    return max(0.0, cos_min + (1. - cos_min) * ((1 + math.cos(math.pi * progress)) / 2))
 
 
 def close(a, b):
@@ -239,6 +250,60 @@ def test_range_test_staircase_known_values():
     smooth = sched("LRRangeTest", LRRangeTestParams(**p))
     assert [stair.lr_at(i) for i in (-1, 0, 2, 3, 6, 7)] == [1.0, 1.0, 1.0, 2.0, 2.0, 3.0]
     assert [smooth.lr_at(i) for i in (-1, 0, 1, 3)] == [1.0, 1.25, 1.5, 2.0]
+
+
+# ---- WarmupCosineLR: a ratio of the optimizer's lr ----
+
+@pytest.mark.parametrize("kw", [
+    dict(warmup_min_ratio=0.0, warmup_num_steps=10, cos_min_ratio=1e-4, warmup_type="log"),
+    dict(warmup_min_ratio=0.1, warmup_num_steps=7, cos_min_ratio=0.05, warmup_type="linear"),
+    dict(warmup_min_ratio=0.0, warmup_num_steps=1, cos_min_ratio=0.0, warmup_type="log"),
+])
+@pytest.mark.parametrize("total", [1, 10, 40, 5000])
+def test_warmup_cosine_lr_matches_deepspeed(kw, total):
+    s = make_schedule(SchedulerConfig(type="WarmupCosineLR", params=WarmupCosineLRParams(
+        total_num_steps=total, **kw)), base_lr=3e-4)
+    args = (total, kw["warmup_min_ratio"], kw["warmup_num_steps"], kw["cos_min_ratio"],
+            kw["warmup_type"])
+    assert s.lr_at(-1) == 0.0
+    for it in steps_around(kw["warmup_num_steps"], total, 2):
+        if it >= 0:
+            assert close(s.lr_at(it), 3e-4 * ds_warmup_cosine_ratio(it, *args)), it
+    # the cosine ends at the floor and stays there (0.19's clamp), never rising again
+    assert close(s.lr_at(total + 10_000), 3e-4 * kw["cos_min_ratio"])
+
+
+def test_warmup_cosine_lr_needs_the_optimizers_lr_and_a_total():
+    cfg = SchedulerConfig(type="WarmupCosineLR",
+                          params=WarmupCosineLRParams(total_num_steps=100))
+    with pytest.raises(ConfigError, match="base_lr"):
+        make_schedule(cfg)
+    with pytest.raises(ConfigError, match="total_num_steps"):
+        SchedulerConfig(type="WarmupCosineLR")
+    with pytest.raises(ConfigError, match="cos_min_ratio"):
+        WarmupCosineLRParams(total_num_steps=100, cos_min_ratio=2.0)
+
+
+def test_the_engine_scales_its_optimizers_lr_by_warmup_cosine(no_torchrun_env):
+    """The engine's lr is the config optimizer's lr times DeepSpeed's ratio, with DeepSpeed's
+    step timing (the k-th applied step runs at last_batch_iteration k - 1)."""
+    import zerofx
+    from models import make as make_model, mlp_batch
+
+    cfg = {"train_micro_batch_size_per_gpu": 8,
+           "optimizer": {"type": "AdamW", "params": {"lr": 2e-2, "weight_decay": 0.0}},
+           "scheduler": {"type": "WarmupCosineLR", "params": {
+               "total_num_steps": 6, "warmup_num_steps": 3, "warmup_type": "linear",
+               "warmup_min_ratio": 0.2, "cos_min_ratio": 0.1}}}
+    engine, *_ = zerofx.initialize(model=make_model("mlp")[0], config=cfg)
+    used = []
+    for k in range(8):
+        used.append(float(engine.runtime.state.lr))
+        engine.backward(engine(*mlp_batch(seed=k)))
+        engine.step()
+    want = [2e-2 * ds_warmup_cosine_ratio(k - 1, 6, 0.2, 3, 0.1, "linear") if k else 0.0
+            for k in range(8)]
+    assert used == pytest.approx(want, rel=1e-6)
 
 
 # ---- the counter: DeepSpeed's step()/get_last_lr()/state_dict() surface ----

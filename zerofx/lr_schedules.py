@@ -1,4 +1,5 @@
-"""DeepSpeed's learning-rate schedules (WarmupLR, WarmupDecayLR, OneCycle, LRRangeTest).
+"""DeepSpeed's learning-rate schedules (WarmupLR, WarmupDecayLR, OneCycle, LRRangeTest,
+WarmupCosineLR).
 
 Each schedule is a pure function of the step count, `lr_at(step)`, plus a counter. The formulas
 are DeepSpeed's `deepspeed/runtime/lr_schedules.py` as of 0.19 (which has `warmup_type`, the
@@ -24,11 +25,13 @@ import math
 from typing import Any
 
 from zerofx.config import (MAX_STEPS, ConfigError, LRRangeTestParams, OneCycleParams,
-                           SchedulerConfig, WarmupDecayLRParams, WarmupLRParams)
+                           SchedulerConfig, WarmupCosineLRParams, WarmupDecayLRParams,
+                           WarmupLRParams)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LRRangeTest", "OneCycle", "Schedule", "WarmupDecayLR", "WarmupLR", "make_schedule"]
+__all__ = ["LRRangeTest", "OneCycle", "Schedule", "WarmupCosineLR", "WarmupDecayLR", "WarmupLR",
+           "make_schedule"]
 
 
 class Schedule:
@@ -252,12 +255,60 @@ class LRRangeTest(Schedule):
         return self.min_lr * (1 + self.step_rate * interval)
 
 
+class WarmupCosineLR(Schedule):
+    """The optimizer's own lr times a ratio: warmup_min_ratio rising to 1 over
+    warmup_num_steps, then a cosine down to cos_min_ratio at total_num_steps, held after.
+    DeepSpeed scales each param group's lr; zerofx has one lr, ``base_lr`` (the config
+    optimizer's, or the first group's of a torch optimizer)."""
+
+    def __init__(self, p: WarmupCosineLRParams, *, base_lr: float,
+                 last_batch_iteration: int = 0) -> None:
+        super().__init__(last_batch_iteration=last_batch_iteration)
+        self.base_lr = base_lr
+        self.total_num_steps = p.total_num_steps
+        self.warmup_min_ratio, self.cos_min_ratio = p.warmup_min_ratio, p.cos_min_ratio
+        self.warmup_type = p.warmup_type
+        self.warmup_num_steps = max(2, p.warmup_num_steps)  # DeepSpeed's clamp, as WarmupLR
+        self._inverse_log_warmup = 1.0 / math.log(self.warmup_num_steps)
+        if self.total_num_steps < self.warmup_num_steps:
+            log.warning("total_num_steps %d is less than warmup_num_steps %d",
+                        p.total_num_steps, p.warmup_num_steps)
+
+    def lr_at(self, step: int) -> float:
+        if _check_step(step) < 0:
+            return 0.0  # DeepSpeed's get_lr() before the first step()
+        return self.base_lr * self._ratio(step)
+
+    def _ratio(self, step: int) -> float:
+        """DeepSpeed's get_lr_ratio, in its operation order."""
+        if step < self.warmup_num_steps:
+            if self.warmup_type == "log":
+                ratio = self._inverse_log_warmup * math.log(step + 1)
+            else:
+                ratio = step / self.warmup_num_steps
+            return self.warmup_min_ratio + ratio * (1. - self.warmup_min_ratio)
+        real_step = step - self.warmup_num_steps + 1
+        real_total = max(1, self.total_num_steps - self.warmup_num_steps)
+        # clamped: past the end the ratio stays at the floor instead of rising again
+        progress = min(1.0, real_step / real_total)
+        ratio = (1 + math.cos(math.pi * progress)) / 2
+        return max(0.0, self.cos_min_ratio + (1. - self.cos_min_ratio) * ratio)
+
+
 _BY_TYPE: dict[str, type[Schedule]] = {
     "WarmupLR": WarmupLR, "WarmupDecayLR": WarmupDecayLR,
     "OneCycle": OneCycle, "LRRangeTest": LRRangeTest,
 }
 
 
-def make_schedule(cfg: SchedulerConfig, *, last_batch_iteration: int = 0) -> Schedule:
-    """The schedule that `cfg` describes, at `last_batch_iteration` (0: before training)."""
+def make_schedule(cfg: SchedulerConfig, *, last_batch_iteration: int = 0,
+                  base_lr: float | None = None) -> Schedule:
+    """The schedule that `cfg` describes, at `last_batch_iteration` (0: before training).
+    ``base_lr``: the optimizer's lr, which WarmupCosineLR scales (the others set the lr)."""
+    if cfg.type == "WarmupCosineLR":
+        if base_lr is None:
+            raise ConfigError("scheduler WarmupCosineLR scales the optimizer's lr: give "
+                              "make_schedule base_lr")
+        return WarmupCosineLR(cfg.params, base_lr=base_lr,
+                              last_batch_iteration=last_batch_iteration)
     return _BY_TYPE[cfg.type](cfg.params, last_batch_iteration=last_batch_iteration)

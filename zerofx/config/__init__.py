@@ -14,13 +14,14 @@ from zerofx.config.blocks import (MAX_SCALE, MIN_STATIC_SCALE, ActivationCheckpo
                                   TensorParallelConfig, WandbConfig, ZeroConfig, ZerofxConfig)
 from zerofx.config.root import BatchSizes, Config
 from zerofx.config.scheduler import (MAX_LR, MAX_STEPS, LRRangeTestParams, OneCycleParams,
-                                     SchedulerConfig, WarmupDecayLRParams, WarmupLRParams)
+                                     SchedulerConfig, WarmupCosineLRParams, WarmupDecayLRParams,
+                                     WarmupLRParams)
 from zerofx.config.schema import ConfigError
 
 __all__ = [
     "MAX_LR", "MAX_SCALE", "MAX_STEPS", "MIN_STATIC_SCALE", "ActivationCheckpointingConfig",
     "BF16Config", "BatchSizes", "Config", "ConfigError", "FP16Config", "LRRangeTestParams",
     "MonitorConfig", "OneCycleParams", "OptimizerConfig", "SchedulerConfig",
-    "TensorParallelConfig", "WandbConfig", "WarmupDecayLRParams", "WarmupLRParams",
-    "ZeroConfig", "ZerofxConfig",
+    "TensorParallelConfig", "WandbConfig", "WarmupCosineLRParams", "WarmupDecayLRParams",
+    "WarmupLRParams", "ZeroConfig", "ZerofxConfig",
 ]

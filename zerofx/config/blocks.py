@@ -26,15 +26,15 @@ from zerofx.config.schema import (
     parse_block, parse_in, path_string, required_setting, setting, validate, zero_or,
 )
 from zerofx.config.scheduler import (  # noqa: F401  (re-exported by zerofx.config)
-    MAX_LR, LRRangeTestParams, OneCycleParams, SchedulerConfig, WarmupDecayLRParams,
-    WarmupLRParams,
+    MAX_LR, LRRangeTestParams, OneCycleParams, SchedulerConfig, WarmupCosineLRParams,
+    WarmupDecayLRParams, WarmupLRParams,
 )
 
 __all__ = [
     "AioConfig", "BF16Config", "DataTypesConfig", "ConfigError", "FP16Config",
     "LRRangeTestParams", "OffloadOptimizerConfig", "OffloadParamConfig", "OneCycleParams",
-    "OptimizerConfig", "SchedulerConfig", "TensorParallelConfig", "WarmupDecayLRParams",
-    "WarmupLRParams", "ZeroConfig", "ZerofxConfig",
+    "OptimizerConfig", "SchedulerConfig", "TensorParallelConfig", "WarmupCosineLRParams",
+    "WarmupDecayLRParams", "WarmupLRParams", "ZeroConfig", "ZerofxConfig",
 ]
 
 

@@ -1,4 +1,4 @@
-"""The "scheduler" block of the config: DeepSpeed's four LR schedules and their parameters.
+"""The "scheduler" block of the config: DeepSpeed's five LR schedules and their parameters.
 
 Part of zerofx.config (which re-exports these names): typed, validated dataclasses whose
 attribute names are DeepSpeed's JSON keys; zerofx/lr_schedules.py computes the schedules.
@@ -113,10 +113,33 @@ class LRRangeTestParams:
         validate(self)
 
 
-SchedulerParams = WarmupLRParams | WarmupDecayLRParams | OneCycleParams | LRRangeTestParams
+@dataclass(frozen=True, kw_only=True)
+class WarmupCosineLRParams:
+    """DeepSpeed WarmupCosineLR: a ratio of the optimizer's own lr, rising from
+    warmup_min_ratio to 1 over warmup_num_steps, then a cosine down to cos_min_ratio at
+    total_num_steps (and held there)."""
+
+    total_num_steps: int = required_setting(_STEPS)
+    """Step at which the cosine reaches cos_min_ratio (required)."""
+    warmup_min_ratio: float = setting(0.0, number(0.0, 1.0))
+    """Ratio of the optimizer's lr at step 0."""
+    warmup_num_steps: int = setting(1000, _STEPS)
+    """Length of the warmup in optimizer steps."""
+    cos_min_ratio: float = setting(0.0001, number(0.0, 1.0))
+    """Ratio of the optimizer's lr at the end of the cosine."""
+    warmup_type: str = setting("log", choice("log", "linear"))
+    """Shape of the rise: "log" or "linear"."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+SchedulerParams = (WarmupLRParams | WarmupDecayLRParams | OneCycleParams | LRRangeTestParams
+                   | WarmupCosineLRParams)
 _SCHEDULES: dict[str, type] = {
     "WarmupLR": WarmupLRParams, "WarmupDecayLR": WarmupDecayLRParams,
     "OneCycle": OneCycleParams, "LRRangeTest": LRRangeTestParams,
+    "WarmupCosineLR": WarmupCosineLRParams,
 }
 
 
@@ -125,7 +148,7 @@ class SchedulerConfig:
     """DeepSpeed's "scheduler" block: {"type": ..., "params": {...}}."""
 
     type: str = required_setting(choice(*_SCHEDULES))
-    """"WarmupLR", "WarmupDecayLR", "OneCycle" or "LRRangeTest"."""
+    """"WarmupLR", "WarmupDecayLR", "OneCycle", "LRRangeTest" or "WarmupCosineLR"."""
     params: SchedulerParams | None = None
     """The typed parameters for `type` (None: that type's defaults)."""
 

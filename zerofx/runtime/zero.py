@@ -111,7 +111,8 @@ class ZeroRuntime:
         # The config's LR schedule, stepped here after each applied step (DeepSpeed's
         # last_batch_iteration=-1 start: its k-th step uses lr_at(k - 1)); an engine given
         # a scheduler of the user's drives that one instead (drop_schedule).
-        self.schedule = make_schedule(self.config.scheduler, last_batch_iteration=-1) \
+        self.schedule = make_schedule(self.config.scheduler, last_batch_iteration=-1,
+                                      base_lr=self.spec.lr) \
             if self.config.scheduler is not None else None
         self._schedule_skips = 0  # skipped steps already seen by the schedule
         self.apply_schedule()
