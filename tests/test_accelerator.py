@@ -67,3 +67,30 @@ def test_as_deepspeed_refuses_beside_a_real_deepspeed(monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed", type(sys)("deepspeed"))
     with pytest.raises(ImportError, match="already imported"):
         zerofx.as_deepspeed()
+
+
+def test_as_deepspeed_serves_deepspeed_runtimes_script_facing_modules(as_deepspeed):
+    """What scripts import from deepspeed.runtime: the schedules (with DeepSpeed's type list),
+    the engine class, see_memory_usage / move_to_device, Megatron's checkpointing; DeepSpeed's
+    internals are one ImportError saying why."""
+    import zerofx.checkpointing
+    from deepspeed.runtime.activation_checkpointing import checkpointing
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES, WarmupLR
+    from deepspeed.runtime.utils import move_to_device, see_memory_usage
+
+    assert checkpointing is zerofx.checkpointing and DeepSpeedEngine is zerofx.ZeroEngine
+    assert WarmupLR is zerofx.lr_schedules.WarmupLR and see_memory_usage is not None
+    # the types listed are the ones the config takes (DeepSpeed 0.19 lists five)
+    from zerofx.config.scheduler import _SCHEDULES
+
+    assert sorted(VALID_LR_SCHEDULES) == sorted(_SCHEDULES) and len(VALID_LR_SCHEDULES) == 5
+    moved = move_to_device({"a": [torch.ones(1), 3], "b": (torch.ones(1),)}, "meta")
+    assert moved["a"][0].is_meta and moved["a"][1] == 3 and moved["b"][0].is_meta
+    with pytest.raises(ImportError, match="engine internals"):
+        from deepspeed.runtime.utils import clip_grad_norm_  # noqa: F401
+    with pytest.raises(ImportError, match="deepspeed.runtime.zero: it is DeepSpeed.s"):
+        import deepspeed.runtime.zero.stage3  # noqa: F401
+    import zerofx.runtime
+
+    assert zerofx.runtime.__name__ == "zerofx.runtime"  # zerofx's own package untouched

@@ -23,10 +23,17 @@ SUBMODULES = {"utils": {"groups": "zerofx.ds_utils.groups",
                         "zero_to_fp32": "zerofx.ds_utils.zero_to_fp32",
                         "logging": "zerofx.ds_utils.dist_log"}}
 # deepspeed.<package> of which zerofx serves only some modules: {package: {module: ours}}
-PARTIAL = {"moe": {"utils": "zerofx.moe_utils"}}
+# (a dotted module makes the packages between too, holding only what is served)
+PARTIAL = {"moe": {"utils": "zerofx.moe_utils"},
+           "runtime": {"lr_schedules": "zerofx.lr_schedules", "engine": "zerofx.engine",
+                       "utils": "zerofx.ds_utils.runtime_utils",
+                       "activation_checkpointing.checkpointing": "zerofx.checkpointing"}}
 WHY = {
     "moe": "Mixture-of-Experts layers are not part of zerofx",
     "pipe": "pipeline parallelism is not part of zerofx (tensor parallelism and ZeRO are)",
+    "runtime": "it is DeepSpeed's engine internals, which zerofx's graphs do instead "
+               "(zerofx serves deepspeed.runtime.lr_schedules, .engine, .utils and "
+               ".activation_checkpointing.checkpointing)",
 }
 
 
@@ -64,12 +71,25 @@ def as_deepspeed():
         for name, module in modules.items():
             sys.modules[f"deepspeed.{package}.{name}"] = importlib.import_module(module)
     for package, modules in PARTIAL.items():  # a package holding only what zerofx serves
-        holder = types.ModuleType(f"deepspeed.{package}")
-        holder.__path__ = []  # a package: its other modules go through _Refuse
-        sys.modules[holder.__name__] = holder
         for name, module in modules.items():
-            sys.modules[f"{holder.__name__}.{name}"] = importlib.import_module(module)
-            setattr(holder, name, sys.modules[f"{holder.__name__}.{name}"])
+            *packages, leaf = f"deepspeed.{package}.{name}".split(".")
+            holder = _holder(".".join(packages))
+            sys.modules[f"{holder.__name__}.{leaf}"] = importlib.import_module(module)
+            setattr(holder, leaf, sys.modules[f"{holder.__name__}.{leaf}"])
     if not any(isinstance(f, _Refuse) for f in sys.meta_path):
         sys.meta_path.insert(0, _Refuse())
     return zerofx
+
+
+def _holder(name: str) -> types.ModuleType:
+    """The package ``name`` (and those above it, below ``deepspeed``), made once: empty but
+    for what zerofx serves; its other modules go through _Refuse."""
+    if name in sys.modules:
+        return sys.modules[name]
+    holder = types.ModuleType(name)
+    holder.__path__ = []
+    sys.modules[name] = holder
+    parent, _, leaf = name.rpartition(".")
+    if parent != "deepspeed":  # not on zerofx itself: zerofx.runtime is zerofx's own
+        setattr(_holder(parent), leaf, holder)
+    return holder

@@ -416,3 +416,7 @@ def _half_inputs(obj):
     if isinstance(obj, dict):
         return {k: _half_inputs(v) for k, v in obj.items()}
     return obj
+
+
+# DeepSpeed's class name (deepspeed.runtime.engine.DeepSpeedEngine: isinstance checks in scripts)
+DeepSpeedEngine = ZeroEngine

@@ -295,6 +295,11 @@ class WarmupCosineLR(Schedule):
         return max(0.0, self.cos_min_ratio + (1. - self.cos_min_ratio) * ratio)
 
 
+# DeepSpeed's names for the schedule types (scripts and Accelerate test membership in it)
+LR_RANGE_TEST, ONE_CYCLE, WARMUP_LR = "LRRangeTest", "OneCycle", "WarmupLR"
+WARMUP_DECAY_LR, WARMUP_COSINE_LR = "WarmupDecayLR", "WarmupCosineLR"
+VALID_LR_SCHEDULES = [LR_RANGE_TEST, ONE_CYCLE, WARMUP_LR, WARMUP_DECAY_LR, WARMUP_COSINE_LR]
+
 _BY_TYPE: dict[str, type[Schedule]] = {
     "WarmupLR": WarmupLR, "WarmupDecayLR": WarmupDecayLR,
     "OneCycle": OneCycle, "LRRangeTest": LRRangeTest,
