@@ -27,6 +27,7 @@ from zerofx.passes.dump import GraphDump
 from zerofx.passes.dump_collectives import collective_rows, render_collectives
 from zerofx.passes.fake_vals import fill_fake_vals, stale_fake_vals
 from zerofx.passes.nodes import META_PARTITIONED, tag_new_nodes
+from zerofx.passes.region_inputs import budget_for
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +120,11 @@ def partitioner(config: Config):
 
     budget = config.zerofx.activation_memory_budget
     if budget < 1.0:
-        def within_budget(*args, **kwargs):
-            with functorch_config.patch(activation_memory_budget=budget):
-                return min_cut_rematerialization_partition(*args, **kwargs)
+        def within_budget(joint, *args, **kwargs):
+            # checkpointed regions keep their inputs (region_inputs.py: at budget 0 torch
+            # would recompute the whole forward at the backward's start, holding it all)
+            with functorch_config.patch(activation_memory_budget=budget_for(joint, budget)):
+                return min_cut_rematerialization_partition(joint, *args, **kwargs)
         return within_budget
     return min_cut_rematerialization_partition if config.zerofx.inductor else default_partition
 
