@@ -1,14 +1,17 @@
-"""Per-rank parameter bytes at TP 2, architecture by architecture, against the whole model.
+"""Per-rank parameter bytes at TP 2 and 4, architecture by architecture, against the whole
+model.
 
-    python benchmarks/bench_tp_archs.py [--tp 2]
+    python benchmarks/bench_tp_archs.py [--tp 2 4]
 
 Each Hugging Face architecture is built from a config (random init, nothing downloaded) at
 d 256, 8 heads, 2 layers, MLP 1024, vocabulary 4096, fp32, and its tensor-parallel layout is
 read from its graph as zerofx.initialize reads it (no plan). The bytes are the plan's: each
 rank's local piece of every parameter, what the runtime allocates. "projections" are the
 2-D weights of the attention and MLP modules of the layers (the goal: 1/tp of them per
-rank); "left whole" lists those the layout keeps whole, with the reason plan.txt gives. A
-markdown table goes to stdout for benchmarks/RESULTS.md.
+rank; key/value heads fewer than the ranks are held by rank groups, so a grouped model's
+k/v rows count 1/kv_heads per rank); "left whole" lists those the layout keeps
+whole, with the reason plan.txt gives. A markdown table goes to stdout for
+benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -54,6 +57,9 @@ def _models():
         "Llama (multi-query: 1 kv head)": (T.LlamaForCausalLM(T.LlamaConfig(
             **ids, hidden_size=D, intermediate_size=FF, num_hidden_layers=LAYERS,
             num_attention_heads=HEADS, num_key_value_heads=1)), "model.layers."),
+        "Llama (grouped: 2 kv heads)": (T.LlamaForCausalLM(T.LlamaConfig(
+            **ids, hidden_size=D, intermediate_size=FF, num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS, num_key_value_heads=2)), "model.layers."),
     }
 
 
@@ -74,18 +80,21 @@ def _row(model, prefix: str, tp: int) -> tuple:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tp", type=int, default=2)
+    ap.add_argument("--tp", type=int, nargs="+", default=[2, 4])
     args = ap.parse_args()
     logging.disable(logging.WARNING)  # the layout's warning lists what the table shows
-    print(f"| architecture | whole model | per rank (TP {args.tp}) | ratio | projections "
-          f"whole | projections per rank | ratio | left whole |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    head = "".join(f" per rank (TP {t}) | ratio | projections per rank | ratio | left whole |"
+                   for t in args.tp)
+    print(f"| architecture | whole model | projections whole |{head}")
+    print("|---|---:|---:|" + "---:|---:|---:|---:|---|" * len(args.tp))
     mb = 2 ** 20
     for name, (model, prefix) in _models().items():
-        total, mine, p_total, p_mine, left = _row(model, prefix, args.tp)
-        print(f"| {name} | {total / mb:.2f} MiB | {mine / mb:.2f} MiB | {mine / total:.3f} "
-              f"| {p_total / mb:.2f} MiB | {p_mine / mb:.2f} MiB | {p_mine / p_total:.3f} | "
-              f"{', '.join(left) or '-'} |")
+        cells = ""
+        for tp in args.tp:
+            total, mine, p_total, p_mine, left = _row(model, prefix, tp)
+            cells += (f" {mine / mb:.2f} MiB | {mine / total:.3f} | {p_mine / mb:.2f} MiB | "
+                      f"{p_mine / p_total:.3f} | {', '.join(left) or '-'} |")
+        print(f"| {name} | {total / mb:.2f} MiB | {p_total / mb:.2f} MiB |{cells}")
 
 
 if __name__ == "__main__":

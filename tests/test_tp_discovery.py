@@ -134,24 +134,26 @@ def test_discovered_split_computes_what_the_whole_model_computes():
 
 
 def test_weights_the_layout_cannot_split_are_named_with_why(caplog):
-    """Llama's 2 key/value heads cannot be split over 4 ranks: attention stays whole, said in
-    a warning and in the plan dump (not silently), while its MLPs are split."""
+    """GPT-2's 2 (query) heads cannot be split over 4 ranks: attention stays whole, said in
+    a warning and in the plan dump (not silently), while its MLPs are split. (Key/value
+    heads fewer than the ranks are held by rank groups: test_tp_gqa_groups.py.)"""
     pytest.importorskip("transformers")
     from hf_models import make_hf
     from zerofx.plan import make_plan
 
-    model = make_hf("llama")
+    model = make_hf("gpt2")
     cfg = zerofx.Config.from_dict({"tensor_parallel": {"size": 4}})
     with caplog.at_level("WARNING", logger="zerofx.tp.layout"):
         layout = resolve_tp_layout(model, cfg)
     whole = dict(layout.left_whole)
-    assert "aten.view" in whole["model.layers.0.self_attn.k_proj.weight"]
-    assert "fewer heads than ranks" in whole["model.layers.0.self_attn.q_proj.weight"]
-    assert _styles(layout)["model.layers.0.mlp.down_proj"] == ("rowwise", 1)
-    assert "leaves 8 projection weight(s) whole" in caplog.text
+    assert "aten.view" in whole["transformer.h.0.attn.c_attn.weight"]
+    assert "fewer heads than ranks" in whole["transformer.h.0.attn.c_attn.weight"]
+    assert "layer_norm" in whole["transformer.h.0.attn.c_proj.weight"]
+    assert _styles(layout)["transformer.h.0.mlp.c_proj"] == ("rowwise", 1)
+    assert "leaves 4 projection weight(s) whole" in caplog.text
     named = [(n, p) for n, p in model.named_parameters()]
     text = make_plan(named, cfg, rank=0, world_size=4, tp_layout=layout).describe()
-    assert "left whole" in text and "model.layers.1.self_attn.v_proj.weight" in text
+    assert "left whole" in text and "transformer.h.1.attn.c_attn.weight" in text
     assert resolve_tp_layout(model, zerofx.Config.from_dict(
         {"tensor_parallel": {"size": 2}})).left_whole == ()
 

@@ -102,10 +102,10 @@ def test_grouped_slices_split_region_by_region():
     assert found == {"qkv.weight": ("colwise", 3), "o.weight": ("rowwise", 1)} and not whole
 
 
-def test_fewer_key_value_heads_than_ranks_stay_whole_with_the_reason():
+def test_fewer_key_value_heads_than_ranks_are_held_by_rank_groups():
+    """(Each key/value head on the ranks whose query heads read it: test_tp_gqa_groups.py.)"""
     found, whole = _discover(FusedAttention(kv_heads=2), tp=4)
-    assert "qkv.weight" not in found
-    assert "2 key/value heads are fewer than the 4 ranks" in whole["qkv.weight"]
+    assert found == {"qkv.weight": ("colwise", 3), "o.weight": ("rowwise", 1)} and not whole
 
 
 # ---- Hugging Face architectures on real ranks ------------------------------------------

@@ -376,14 +376,14 @@ def join_tp_pieces(pieces: list[torch.Tensor], dim: int, parts: int,
                    regions=None) -> torch.Tensor:
     """The whole parameter from its TP ranks' pieces (inverse of TPShard.local_piece): each
     piece holds its block of every part, so blocks are regrouped part by part. ``regions``
-    [(rows, whole)]: unequal parts, a whole one held entirely by every rank."""
+    [(rows, whole)]: unequal parts, a whole one held entirely by every rank, one whose
+    ``whole`` is a group count g in g groups, group k on ranks [k·tp/g, (k+1)·tp/g)."""
     if regions:
         out, at, tp = [], 0, len(pieces)
         for n, whole in regions:
-            m = n if whole else n // tp
-            out += [pieces[0].narrow(dim, at, m)] if whole else \
-                [p.narrow(dim, at, m) for p in pieces]
-            at += m
+            g = tp if whole is False else 1 if whole is True else int(whole)
+            out += [pieces[k * tp // g].narrow(dim, at, n // g) for k in range(g)]
+            at += n // g
         return torch.cat(out, dim)
     chunks = [p.chunk(parts, dim) for p in pieces]
     return torch.cat([c[k] for k in range(parts) for c in chunks], dim)

@@ -47,10 +47,12 @@ def check_meta(meta: dict, path, *, whole: bool) -> None:
 
 
 def _regions_fit(regions, shape, dim: int) -> bool:
-    """Absent, or [[rows, whole], ...] adding up to the split dimension."""
+    """Absent, or [[rows, whole], ...] adding up to the split dimension (whole: a bool, or
+    the number of rank groups the rows are cut into, at least 2, dividing them)."""
     return regions is None or (isinstance(regions, list) and all(
         isinstance(r, list) and len(r) == 2 and is_int(r[0]) and r[0] > 0 and
-        isinstance(r[1], bool) for r in regions) and sum(r[0] for r in regions) == shape[dim])
+        (isinstance(r[1], bool) or is_int(r[1]) and r[1] >= 2 and r[0] % r[1] == 0)
+        for r in regions) and sum(r[0] for r in regions) == shape[dim])
 
 
 def _check_param(p, i: int, path, padded: int, *, whole: bool) -> None:

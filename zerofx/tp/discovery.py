@@ -204,9 +204,43 @@ def discover(gm: fx.GraphModule, weights: dict[str, Weight], tp: int, *,
             region, why[seed.name] = _grow(seed, placed, by_node, full, order, tp, vocab)
             placed.update(region)
     if whole is not None:
-        whole.update({w.name: why.get(w.name) or "no region of split weights ends at it"
+        split = {n for n, w in by_node.items() if w.name in placed}
+        whole.update({w.name: _one_head_kv(w, split, full) or why.get(w.name) or
+                      "no region of split weights ends at it"
                       for w in by_node.values() if not w.lookup and w.name not in placed})
     return list(placed.values())
+
+
+_ONE_HEAD = ("one key/value head, read by every rank's query heads: whole on every rank "
+             "(its rank group is all the ranks, as Megatron replicates it), its gradient "
+             "summed over the ranks")
+
+
+def _one_head_kv(w: Weight, split: set, full) -> str | None:
+    """_ONE_HEAD if ``w``'s output reaches an attention kernel as a one-head key or value
+    beside query heads computed from a split weight (multi-query attention), else None."""
+    def reach(start, through_ok):
+        stack, seen, out = list(start), set(), set()
+        while stack:
+            v = stack.pop()
+            if v in seen:
+                continue
+            seen.add(v)
+            for u in v.users:
+                if u.target in P.HEAD_PARALLEL:
+                    out.add((u, v))
+                elif through_ok(u):
+                    stack.append(u)
+        return out
+
+    def carried(u):
+        return u.target in _CARRIERS or u.target is operator.getitem or \
+            P.is_elementwise(u.target) or u.target in _MATMULS
+    mine = {(u, v) for u, v in reach([w.node], carried) if full[v] and len(full[v]) == 4
+            and full[v][1] == 1}
+    theirs = {u for u, v in reach(split, carried) if full[v] and len(full[v]) == 4
+              and full[v][1] > 1}
+    return _ONE_HEAD if any(u in theirs for u, _ in mine) else None
 
 
 def _grow(seed: Weight, placed, by_node, full, order, tp: int, vocab: bool):
@@ -230,7 +264,7 @@ def _grow(seed: Weight, placed, by_node, full, order, tp: int, vocab: bool):
                 ({}, "its output features are never summed back (no row-parallel weight)")
         node, state = blocked
         if not _repair(node, state, col, row, free, by_node, full, tp) and \
-                not _keep_small_regions_whole(col):
+                not _keep_small_regions_whole(col, tp):
             return {}, (f"the split of its output features over {tp} ranks cannot pass "
                         f"{node.target}{_where(node)}{_hint(node, full, tp)}")
     return {}, "no layout settled"
@@ -245,23 +279,53 @@ def _hint(node, full, tp: int) -> str:
     heads = sorted({full[a][1] for a in node.all_input_nodes
                     if len(full[a] or ()) == 4 and full[a][1] > 1})
     if heads and heads[0] < tp and heads[0] < heads[-1]:
-        return (f" (its {heads[0]} key/value heads are fewer than the {tp} ranks: Megatron "
-                f"would replicate each over {tp // heads[0]} ranks, which zerofx does not "
-                f"do; it keeps the fused projection whole)")
+        kind = "replicated over rank groups" if tp % heads[0] == 0 else \
+            f"replicated over rank groups (which needs them to divide {tp})"
+        return (f" (its {heads[0]} key/value heads are fewer than the {tp} ranks: {kind}, "
+                f"they did not fit either)")
     return ""
 
 
-def _keep_small_regions_whole(col) -> bool:
-    """Regions of a fused projection smaller than its largest (a multi-query key and value
-    beside the query heads) split in vain: keep them whole on every rank instead (once)."""
+def _keep_small_regions_whole(col, tp: int) -> bool:
+    """Regions of a fused projection smaller than its largest (grouped or multi-query key
+    and value heads beside the query heads) split in vain: cut them into fewer pieces, each
+    held by a group of ranks (key/value heads fewer than the ranks, replicated per rank
+    group), then whole on every rank; one step down per call."""
     for node, spec in col.items():
         if isinstance(spec, tuple):
             big = max(n for n, _ in spec)
-            whole = tuple((n, w or n < big) for n, w in spec)
-            if whole != spec:
-                col[node] = whole
+            fewer = tuple((n, _fewer(w, n, tp) if n < big and w is not True else w)
+                          for n, w in spec)
+            if fewer != spec:
+                col[node] = fewer
                 return True
     return False
+
+
+def _fewer(w, n: int, tp: int):
+    """The next layout of a region of ``n`` rows after ``w`` (False: split over the tp
+    ranks; g: in g rank groups): the next smaller group count g > 1 dividing tp and n,
+    else whole on every rank (True)."""
+    g = tp if w is False else int(w)
+    return next((k for k in range(g - 1, 1, -1) if tp % k == 0 and n % k == 0), True)
+
+
+def _group_heads(node, col, by_node, full, tp: int) -> bool:
+    """A view blocked by a weight split plainly into more pieces than it has heads (Llama's
+    k_proj with 2 key/value heads over 4 ranks: [.., 16] -> [.., 2, 8]): cut it into
+    fewer pieces instead, each held by a group of ranks (the next step of ``_fewer``; never
+    whole, for a separate weight: that is leaving it out of the region)."""
+    src = _producer(node.args[0], col)
+    if src is None:
+        return False
+    n, spec = full[src][by_node[src].out_dim], col[src]
+    w = False if spec == 1 else spec[0][1] if isinstance(spec, tuple) and len(spec) == 1 \
+        else None
+    nxt = _fewer(w, n, tp) if w is not None and w is not True else True
+    if nxt is True:
+        return False
+    col[src] = ((n, nxt),)
+    return True
 
 
 def _where(node: fx.Node) -> str:
@@ -333,6 +397,8 @@ def _repair(node, state, col, row, free, by_node, full, tp) -> bool:
         # (Falcon multi-query at 4 ranks: [.., 6 heads, hd], then split [4, 1, 1])
         if any(_fuse(u, col, by_node, full, tp) for u in node.users if u.target in _CUTS):
             return True
+        if _group_heads(node, col, by_node, full, tp):
+            return True
     joined = set()
     for a in node.all_input_nodes:
         if state.get(a) is None:
@@ -395,8 +461,12 @@ def _cut_regions(col, src, n: int, unit: int, cuts, tp: int) -> bool:
     was = list(zip(old, spec)) if isinstance(spec, tuple) else []  # (start, (size, whole))
     pieces = []
     for lo, hi in zip(bounds, bounds[1:]):
-        whole = any(w for at, (size, w) in was if at <= lo < at + size)
-        pieces.append((hi - lo, bool(whole or (hi - lo) % unit or ((hi - lo) // unit) % tp)))
+        w = next((w for at, (size, w) in was if at <= lo < at + size), False)
+        if w is not False and not isinstance(w, bool) and (lo, hi) not in \
+                {(at, at + size) for at, (size, _) in was}:
+            w = True  # a piece of a region in rank groups: whole (its groups were others)
+        pieces.append((hi - lo, w if w is not False else
+                       bool((hi - lo) % unit or ((hi - lo) // unit) % tp)))
     sh = R.regions(0, pieces)
     if sh is None or regions_or_parts(sh, n) == spec:  # nothing (new) to split
         return False
@@ -464,9 +534,14 @@ def _region(col, row, by_node, seen) -> dict[str, Found]:
         parts, regions = (len(spec), spec) if isinstance(spec, tuple) else (spec, ())
         fused = "" if parts == 1 else f", {parts} equal pieces (a fused projection)"
         if regions:
-            whole = " or whole on every rank" if any(wh for _, wh in regions) else ""
+            whole = " or whole on every rank" if any(wh is True for _, wh in regions) else ""
+            groups = sorted({wh for _, wh in regions if not isinstance(wh, bool)})
+            if groups:
+                whole += (f" or in {groups[0]} rank groups (key/value heads fewer than the "
+                          f"ranks: each on the ranks whose query heads read it)")
             fused = (f", regions of {[z for z, _ in regions]} rows split on their own{whole}"
-                     f" (a fused q|k|v with grouped or multi-query key/value heads)")
+                     + (" (a fused q|k|v with grouped or multi-query key/value heads)"
+                        if len(regions) > 1 else ""))
         if w.lookup:
             style, reason = "vocab", (f"graph: an embedding table split by rows (vocabulary)"
                                       f"; its split reaches {ends}")

@@ -54,10 +54,12 @@ class TPShard:
     full_shape: tuple[int, ...]
     # Unequal parts instead, [(size, whole)] in order: each split separately or, where
     # whole, held whole by every rank (a fused q|k|v with grouped or multi-query key/value
-    # heads: Megatron's GQA layout, tp/rules.py Regions). Empty: ``parts`` equal ones.
-    regions: tuple[tuple[int, bool], ...] = ()
+    # heads: Megatron's GQA layout, tp/rules.py Regions), or, where ``whole`` is a group
+    # count g, in g groups each held by tp/g ranks (key/value heads fewer than the ranks).
+    # Empty: ``parts`` equal ones.
+    regions: tuple[tuple[int, bool | int], ...] = ()
 
-    def _regions(self) -> list[tuple[int, bool]]:
+    def _regions(self) -> list[tuple[int, bool | int]]:
         n = self.full_shape[self.dim]
         return list(self.regions) or [(n // self.parts, False)] * self.parts
 
@@ -67,35 +69,40 @@ class TPShard:
 
     def local_shape(self, tp: int) -> tuple[int, ...]:
         shape = list(self.full_shape)
-        shape[self.dim] = sum(n if whole else n // tp for n, whole in self._regions())
+        shape[self.dim] = sum(n // R.ways(w, tp) for n, w in self._regions())
         return tuple(shape)
 
     def _spans(self, tp: int, tp_rank: int):
         """(start, length) of each of this rank's rows (dim) in the full parameter."""
         at = 0
-        for n, whole in self._regions():
-            yield (at, n) if whole else (at + tp_rank * (n // tp), n // tp)
+        for n, w in self._regions():
+            g = R.ways(w, tp)
+            yield at + (tp_rank * g // tp) * (n // g), n // g
             at += n
 
     def replicated_spans(self, tp: int) -> list[tuple[int, int]]:
-        """[start, end) ranges of the flat local piece that every rank holds alike (whole
-        regions): gradient norms count them once over the group, not tp times."""
-        if not any(w for _, w in self._regions()):
+        """[start, end) ranges of the flat local piece that other ranks hold alike, sorted,
+        each listed once per distinct copy over the group: a whole region (every rank holds
+        it) once, a region in g groups (each held by tp/g ranks) g times. Gradient norms
+        count each listing 1/tp of the local sum of squares, so summed over the group every
+        distinct row counts once, not tp (or tp/g) times."""
+        if all(w is False for _, w in self._regions()):
             return []
         shape = self.local_shape(tp)
         inner, outer = math.prod(shape[self.dim + 1:]), math.prod(shape[:self.dim])
         spans, at = [], 0
-        for n, whole in self._regions():
-            m = n if whole else n // tp
-            if whole:
+        for n, w in self._regions():
+            g = R.ways(w, tp)
+            m = n // g
+            if w is not False:
                 spans += [((o * shape[self.dim] + at) * inner, (o * shape[self.dim] + at + m)
-                           * inner) for o in range(outer)]
+                           * inner, g) for o in range(outer)]
             at += m
-        merged: list[tuple[int, int]] = []
-        for a, b in sorted(spans):  # adjacent whole regions: one span
-            merged[-1:] = [(merged[-1][0], b)] if merged and merged[-1][1] == a else \
-                merged[-1:] + [(a, b)]
-        return merged
+        merged: list[tuple[int, int, int]] = []
+        for a, b, g in sorted(spans):  # adjacent regions of one count: one span
+            merged[-1:] = [(merged[-1][0], b, g)] if merged and merged[-1][1:] == (a, g) \
+                else merged[-1:] + [(a, b, g)]
+        return [(a, b) for a, b, g in merged for _ in range(g)]
 
     def local_piece(self, full: torch.Tensor, tp: int, tp_rank: int) -> torch.Tensor:
         """This rank's piece of ``full`` (a copy, contiguous)."""
@@ -107,11 +114,10 @@ class TPShard:
         each split part from every rank in turn, each whole part from the first rank."""
         d, tp = self.dim, len(pieces)
         out, local = [], 0
-        for n, whole in self._regions():
-            m = n if whole else n // tp
-            out += [pieces[0].narrow(d, local, m)] if whole else \
-                [p.narrow(d, local, m) for p in pieces]
-            local += m
+        for n, w in self._regions():
+            g = R.ways(w, tp)
+            out += [pieces[k * tp // g].narrow(d, local, n // g) for k in range(g)]
+            local += n // g
         return torch.cat(out, dim=d)
 
 
@@ -271,13 +277,14 @@ def _check_lamb(layout: TPLayout, config: Config) -> TPLayout:
     squares over the TP pieces, so rows a split weight holds whole on every rank (a
     multi-query key/value) would count tp times."""
     opt = config.optimizer
-    mixed = [n for n, s in layout.shards.items() if any(whole for _, whole in s.regions)]
+    mixed = [n for n, s in layout.shards.items() if any(w is not False for _, w in s.regions)]
     if mixed and opt is not None and opt.type.lower() == "lamb":
         raise TPPlanError(
             f"{mixed[0]} is split over tensor-parallel ranks with rows whole on every rank "
-            f"(a multi-query key/value beside split query heads), which LAMB's per-tensor "
-            f"trust ratio would count {layout.size} times: use Adam or AdamW, or give "
-            f"tensor_parallel.plan without that layer")
+            f"(a multi-query key/value beside split query heads) or on every rank of a group "
+            f"(key/value heads fewer than the ranks), which LAMB's per-tensor trust ratio "
+            f"would count several times: use Adam or AdamW, or give tensor_parallel.plan "
+            f"without that layer")
     return layout
 
 

@@ -143,7 +143,11 @@ def infer(node: fx.Node, state, full, tp: int):
     def get(a):
         return extra[a] if a in extra else state.get(a)
 
-    if t not in REGION_OPS and not is_elementwise(t) and any(
+    if t is not operator.getitem and any(isinstance(get(a), R.GroupPartial)
+                                         for a in node.all_input_nodes):
+        raise R.Unshardable(f"a key/value gradient not yet summed over its rank group "
+                            f"reaches {t}")
+    if t not in REGION_OPS and t not in HEAD_PARALLEL and not is_elementwise(t) and any(
             isinstance(get(a), R.Regions) for a in node.all_input_nodes):
         raise R.Unshardable(f"values cut into regions of unequal sizes (a fused q|k|v with "
                             f"grouped key/value heads) reach {t}, which has no rule for them")
@@ -355,23 +359,42 @@ def _head_parallel(node, get, full, tp: int):
     query heads are then exactly the ones that read its key/value heads as long as the split
     is even (query head i reads kv head i // (heads / kv_heads))."""
     four_d = [a for a in node.all_input_nodes if len(full[a] or ()) == 4 and full[a][1] != 1]
+    grouped = {full[a][1] for a in four_d if _grouped_heads(get(a), full[a][1], tp)}
     for a in four_d:
         sh, n = get(a), full[a][1]
         if not (isinstance(sh, R.Shard) and sh.dim == 1 and R.normalize(sh, n) ==
-                R.Shard(1, n, 1) and n % tp == 0):
+                R.Shard(1, n, 1) and n % tp == 0) and n not in grouped:
             raise R.Unshardable("attention operands are not all split evenly by heads "
                                 "(dimension 1)")
     heads = sorted({full[a][1] for a in four_d})
-    if any(h % heads[0] for h in heads):
-        raise R.Unshardable(f"attention head counts {heads} are not multiples of each other")
+    if any(h % heads[0] for h in heads) or (grouped and heads[-1] in grouped):
+        raise R.Unshardable(f"attention head counts {heads} are not multiples of each other"
+                            f" (or the query heads are grouped)")
     outs = full[node] if isinstance(full[node], list) else [full[node]]
     # A one-head key/value (multi-query) is broadcast to every query head and stays whole
     # on every rank: its gradient from a backward kernel sums over this rank's query heads
-    # only, a partial sum (all-reduced by the pass), not a replicated value.
+    # only, a partial sum (all-reduced by the pass), not a replicated value. Grouped
+    # key/value heads (fewer than the ranks, one per rank group): the gradient holds this
+    # rank's query heads' share of its group's, summed over the group by the pass.
     backward = node.target.__name__.split(".")[0].endswith("_backward")
-    return [R.Shard(1, o[1], 1) if o is not None and len(o) >= 3 and o[1] in heads else
+    if not backward and any(o is not None and len(o) >= 3 and o[1] in grouped
+                            for o in outs):
+        raise R.Unshardable("an attention output with as many heads as the grouped "
+                            "key/value heads")
+    return [R.GroupPartial(R.Regions(1, (o[1],), (o[1],))) if backward and o is not None
+            and len(o) == 4 and o[1] in grouped else
+            R.Shard(1, o[1], 1) if o is not None and len(o) >= 3 and o[1] in heads and
+            o[1] not in grouped else
             R.PARTIAL if backward and o is not None and len(o) == 4 and o[1] == 1 else None
             for o in outs]
+
+
+def _grouped_heads(sh, n: int, tp: int) -> bool:
+    """``sh`` holds ``n`` key/value heads in n groups, one head per rank group (fewer heads
+    than ranks): rank r holds head r·n // tp, the one its query heads read (query head i
+    reads i // (heads / n), and rank r holds query heads [r·heads/tp, (r+1)·heads/tp))."""
+    return isinstance(sh, R.Regions) and sh.dim == 1 and sh.sizes == (n,) and \
+        sh.whole == (n,) and 1 < n < tp and tp % n == 0
 
 
 @rule(*SOFTMAX)  # after the vocabulary rule: a log-softmax over a split vocabulary is its

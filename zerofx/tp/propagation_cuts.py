@@ -34,11 +34,11 @@ def _slice_backward(node, get, full, tp):  # (grad, input_sizes, dim, start, end
     backward mirrors (the other regions are zeros, whatever their layout)."""
     args, sh = node.args, first_operand(node, get)
     dim = args[2] % len(args[1])
-    template = _forward_regions(node, get, full, dim) if isinstance(sh, R.Shard) and \
-        sh.dim == dim else None
+    template = _forward_regions(node, get, full, dim) if isinstance(
+        sh, (R.Shard, R.Regions)) and sh.dim == dim else None
     if template is not None:
         if R.sliced(template, dim, args[3], args[4], args[5], args[1][dim]) != \
-                R.normalize(sh, full[args[0]][dim]):
+                R._normal(sh, full[args[0]][dim]):
             raise R.Unshardable("the gradient of a slice of regions is split unlike the "
                                 "slice")
         return template

@@ -7,7 +7,9 @@ holds, so reshapes can follow it: dimension ``dim`` of full size n is read as
 block. A plain column split is (f=n, s=1); a fused q|k|v weight is split per part (f=n/3);
 ``[B, T, C] → [B, T, H, hd]`` moves a split of C onto H. A dimension cut into regions of
 unequal sizes, each split on its own or held whole by every rank (Regions), is Megatron's
-layout of a fused q|k|v with grouped or multi-query key/value heads.
+layout of a fused q|k|v with grouped or multi-query key/value heads. A region may also be
+cut into g groups (g < tp, dividing it), each held alike by the tp/g ranks whose query heads
+read it: key/value heads fewer than the ranks, replicated per rank group.
 
 Every rule takes the input shardings and full (unsplit) shapes and returns the output
 sharding, or raises Unshardable with the reason; rules never touch the graph.
@@ -29,6 +31,33 @@ class Shard:
     s: int  # elements of the dimension below the factor (its inner stride, in dim units)
 
 
+def ways(w, tp: int) -> int:
+    """Distinct pieces of a region over ``tp`` ranks: ``w`` False (split: tp), True (whole
+    on every rank: 1) or a group count g (rank r holds piece r·g // tp)."""
+    return tp if w is False else 1 if w is True else int(w)
+
+
+def is_whole(w) -> bool:
+    return w is True
+
+
+def _norm_w(w):
+    """One spelling of a region's ``whole``: False, True or a group count of at least 2."""
+    if isinstance(w, bool):
+        return w
+    return False if w == 0 else True if w == 1 else int(w)
+
+
+@dataclass(frozen=True)
+class GroupPartial:
+    """A key/value gradient out of attention's backward where the key/value heads are
+    grouped (Regions ``of``, one head per group): each rank holds its own query heads'
+    share of its group's gradient; summed over the group's ranks it is the group's value
+    (the tensor_parallel pass sums it right there)."""
+
+    of: "Regions"
+
+
 @dataclass(frozen=True)
 class Regions:
     """Dimension ``dim`` made of consecutive regions of unequal sizes (a fused
@@ -36,14 +65,17 @@ class Regions:
     GQA layout: each region is split over the ranks on its own (rank r holds its r-th
     1/tp, so a rank's query heads sit beside the key/value heads they read) or, where
     ``whole``, held whole by every rank (a multi-query key/value head beside split query
-    heads). A rank's piece is its part of every region, in order."""
+    heads), or, where ``whole`` is a group count g, cut into g groups, rank r holding
+    group r·g // tp (key/value heads fewer than the ranks: each replicated over the tp/g
+    ranks whose query heads read it, see ``ways``). A rank's piece is its part of every
+    region, in order."""
 
     dim: int
     sizes: tuple[int, ...]
-    whole: tuple[bool, ...]
+    whole: tuple[bool | int, ...]
 
     def local_sizes(self, tp: int) -> list[int]:
-        return [n if w else n // tp for n, w in zip(self.sizes, self.whole)]
+        return [n // ways(w, tp) for n, w in zip(self.sizes, self.whole)]
 
     def local_bounds(self, start: int, end: int, tp: int) -> tuple[int, int]:
         """[start, end) of the full dimension in a rank's piece: on region boundaries, or
@@ -53,7 +85,7 @@ class Regions:
     def _local_at(self, pos: int, tp: int) -> int:
         at = local = 0
         for n, w, m in zip(self.sizes, self.whole, self.local_sizes(tp)):
-            if pos == at or (w and at < pos < at + n):
+            if pos == at or (is_whole(w) and at < pos < at + n):
                 return local + pos - at
             at, local = at + n, local + m
         if pos == at:
@@ -82,16 +114,17 @@ def regions(dim: int, pieces) -> "Shard | Regions | None":
     regions are a Shard of blocks (what a fused q|k|v of equal parts always was)."""
     merged: list[list] = []
     for n, w in pieces:
+        w = _norm_w(w)
         if n == 0:
             continue
-        if merged and w and merged[-1][1]:
-            merged[-1][0] += n
+        if merged and is_whole(w) and is_whole(merged[-1][1]):
+            merged[-1][0] += n  # (grouped regions never merge: each is grouped on its own)
         else:
-            merged.append([n, bool(w)])
-    if all(w for _, w in merged):
+            merged.append([n, w])
+    if all(is_whole(w) for _, w in merged):
         return None
     sizes = tuple(n for n, _ in merged)
-    if not any(w for _, w in merged) and len(set(sizes)) == 1:
+    if all(w is False for _, w in merged) and len(set(sizes)) == 1:
         return normalize(Shard(dim, sizes[0], 1), sum(sizes))
     return Regions(dim, sizes, tuple(w for _, w in merged))
 
@@ -126,7 +159,7 @@ def _regions_reshape(sh: Regions, in_shape, out_shape, tp: int):
             return replace(sh, dim=j)
         if st > lo and st % lo == 0 and all(z % (st // lo) == 0 for z in sh.sizes):
             sizes = tuple(z // (st // lo) for z in sh.sizes)
-            if all(w or z % tp == 0 for z, w in zip(sizes, sh.whole)):
+            if all(is_whole(w) or z % ways(w, tp) == 0 for z, w in zip(sizes, sh.whole)):
                 return regions(j, zip(sizes, sh.whole))
         if st < lo and lo % st == 0:
             return regions(j, [(z * lo // st, w) for z, w in zip(sh.sizes, sh.whole)])
@@ -286,7 +319,8 @@ def reduced(sh, dims, ndim: int, keepdim: bool):
         return sh
     dims = {d % ndim for d in dims} if dims else set(range(ndim))
     if sh.dim in dims and isinstance(sh, Regions):
-        raise Unshardable("a sum over regions some of which are whole on every rank")
+        raise Unshardable("a sum over regions some of which are whole on every rank (or "
+                          "grouped)")
     if sh.dim in dims:
         return PARTIAL
     return sh if keepdim else moved(sh, -sum(1 for d in dims if d < sh.dim))

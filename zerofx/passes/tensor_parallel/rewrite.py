@@ -67,7 +67,10 @@ def tensor_parallel_pass(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule
         if isinstance(state[node], (R.Shard, list)) and \
                 any(a in tokens for a in node.all_input_nodes):
             tokens.add(node)
-        if state[node] == R.PARTIAL:
+        if isinstance(state[node], R.GroupPartial):
+            _sum_over_group(node, state, full, tp, ctx.plan.grid.tp_rank(ctx.plan.rank),
+                            ctx.tp_group)
+        elif state[node] == R.PARTIAL:
             if seq and S.scatters(node, full, tp):
                 S.reduce_scatter_after(node, state, full, tokens, tp=tp, group=ctx.tp_group)
             else:
@@ -250,39 +253,74 @@ def _split(node, state, full, tp):
 
 def _rank_spans(sh: R.Regions, tp: int, rank: int, *, whole: bool, local: bool = False):
     """[(start, length)] along sh.dim of this rank's part of each region, in the full value
-    (or, ``local``, in this rank's piece); a whole region entirely where ``whole``, else
-    left out."""
+    (or, ``local``, in this rank's piece). With ``whole`` every region; without, only the
+    parts no other rank also counts: split regions, whole ones on rank 0 only, a group's
+    on the first rank of its group only (summed over the ranks, each counts once)."""
     spans, at, mine = [], 0, 0
     for n, w in zip(sh.sizes, sh.whole):
-        m = n if w else n // tp
-        if not w or whole:
-            spans.append((mine if local else at + (0 if w else rank * m), m))
+        g = R.ways(w, tp)
+        m, piece = n // g, rank * g // tp
+        if whole or rank % (tp // g) == 0:
+            spans.append((mine if local else at + piece * m, m))
         at, mine = at + n, mine + m
     return spans
 
 
 def _take(graph, value: fx.Node, dim: int, spans) -> fx.Node:
-    """cat of ``value``'s [start, start + length) spans along ``dim``."""
+    """cat of ``value``'s [start, start + length) spans along ``dim`` (none: an empty
+    slice, so a matmul contracting it adds zeros)."""
+    spans = spans or [(0, 0)]
     parts = [graph.call_function(aten.slice.Tensor, (value, dim, a, a + m)) for a, m in spans]
     return parts[0] if len(parts) == 1 else graph.call_function(aten.cat.default, (parts, dim))
 
 
 def _count_whole_rows_once(node, state, full, tp: int, tp_rank: int) -> None:
     """mm(a, b) contracting regions of which some are whole on every rank (the input
-    gradient of a multi-query fused q|k|v): summed over the ranks, the whole rows would
-    count tp times, so only the first rank keeps them; the others contract their split
-    rows alone.
+    gradient of a multi-query fused q|k|v) or on every rank of a group (grouped key/value
+    heads): summed over the ranks, those rows would count tp (tp/g) times, so only the
+    first rank (of the group) keeps them; the others contract the rest alone.
         before: mm(a, b)                    a [M, local], b [local, N]
-        after:  mm(cat(a[:, split rows]), cat(b[split rows, :]))   (ranks > 0)"""
-    if tp_rank == 0:
-        return
+        after:  mm(cat(a[:, rows]), cat(b[rows, :]))   rows: _rank_spans(whole=False)"""
     a, b = node.args[-2:]
     sa, sb = state[a], state[b]
+    if _rank_spans(sa, tp, tp_rank, whole=False) == _rank_spans(sa, tp, tp_rank, whole=True):
+        return
     graph = node.graph
     with graph.inserting_before(node):
         a2 = _take(graph, a, sa.dim, _rank_spans(sa, tp, tp_rank, whole=False, local=True))
         b2 = _take(graph, b, sb.dim, _rank_spans(sb, tp, tp_rank, whole=False, local=True))
     node.args = (*node.args[:-2], a2, b2)
+
+
+def _sum_over_group(node, state, full, tp: int, tp_rank: int, group: str) -> None:
+    """Sum a grouped key/value gradient (R.GroupPartial: this rank's query heads' share of
+    its group's) over the group's ranks: placed at its group's heads in a zero tensor of
+    the full head count, all-reduced over the tensor-parallel group (the other groups' ranks
+    add zeros there), this rank's group taken back. One all-reduce of the key/value
+    activation gradient, kv_heads·head_dim wide (a fraction kv_heads/heads of the hidden
+    width of the all-reduces TP already does), on the group every rank already has; after
+    it the gradient is the group's on each of its ranks, so the weights' gradients need no
+    further sum (and the input gradient counts the group once: _count_whole_rows_once).
+        before: g = getitem(sdpa_backward(..), 1)                   [B, 1, T, hd]
+        after:  wait(all_reduce(constant_pad_nd(g, heads before/after)))[:, group]"""
+    sh = state[node].of
+    d, n = sh.dim, full[node][sh.dim]
+    (start, m), = _rank_spans(sh, tp, tp_rank, whole=True)
+    pad = [0, 0] * (len(full[node]) - 1 - d) + [start, n - start - m]
+    graph = node.graph
+    with graph.inserting_after(node):
+        padded = graph.call_function(aten.constant_pad_nd.default, (node, pad, 0.0))
+    state[padded], full[padded] = None, full[node]
+    with graph.inserting_after(padded):
+        reduced = graph.call_function(_c10d.all_reduce.default, (padded, "sum", group))
+    with graph.inserting_after(reduced):
+        done = graph.call_function(_c10d.wait_tensor.default, (reduced,))
+    with graph.inserting_after(done):
+        mine = graph.call_function(aten.slice.Tensor, (done, d, start, start + m))
+    node.replace_all_uses_with(mine, delete_user_cb=lambda u: u is not padded)
+    state[reduced], state[done], state[mine] = R.PARTIAL, None, sh
+    full[reduced] = full[done] = full[mine] = full[node]
+    state[node] = sh  # (its value: each rank's share, read only by the sum)
 
 
 def _row_parallel_addmm(node, full) -> None:
@@ -352,7 +390,15 @@ def _gather_output(gm, ctx, out: fx.Node, sh, shape, tp: int, i: int) -> fx.Node
     """All-gather a split graph output whole: a model output (the key/value cache a Hugging
     Face model returns in training; outputs are what the user sees) or the gradient of a
     replicated weight (its bucket holds the whole weight's gradient)."""
-    if sh == R.PARTIAL or R.normalize(sh, shape[sh.dim]) != R.Shard(sh.dim, shape[sh.dim], 1):
+    if isinstance(sh, R.Regions) and len(sh.sizes) == 1 and sh.whole[0] is not True:
+        # key/value heads in g rank groups (a Hugging Face cache): every rank's piece
+        # gathered, the first rank of each group's taken
+        g, m = sh.whole[0], sh.sizes[0] // sh.whole[0]
+        with gm.graph.inserting_before(gm.graph.output_node()):
+            every = S.gather(gm.graph, out, sh.dim, tp=tp, group=ctx.tp_group)
+            return _take(gm.graph, every, sh.dim, [(k * (tp // g) * m, m) for k in range(g)])
+    if not isinstance(sh, R.Shard) or \
+            R.normalize(sh, shape[sh.dim]) != R.Shard(sh.dim, shape[sh.dim], 1):
         raise TPPlanError(f"output {i} of the model is split across tensor-parallel ranks "
                           f"(shape {list(shape)}) in a way zerofx cannot gather: return "
                           f"values computed after a row-parallel layer, or leave its layers "
