@@ -12,12 +12,16 @@ the same filesystem, measured in the same run the way the offload moves bytes (b
 the offload's file is), and also with O_DIRECT (the device itself, past the page cache).
 Prints a markdown table.
 
-    python benchmarks/bench_offload.py --params [--layers 4] [--dim 512] [--nvme-path /tmp]
+    python benchmarks/bench_offload.py --params [--layers 4] [--dim 512] [--param-chunk N] \
+        [--nvme-path /tmp]
 
 Stage 3's parameters on NVMe (offload_param): the same GPT on 2 ranks (gloo) at ZeRO stage 3,
 with the 16-bit parameter shard in memory and in a file; per rank the training state it
-holds (rt.state_bytes(): parameters, gradients, optimizer state, offload buffers) and the
-median step over steps 2-5. Prints a second table.
+holds (rt.state_bytes(): parameters, gradients, optimizer state, offload buffers), how far
+the resident set rises during the optimizer step (the kernel's high-water mark VmHWM,
+reset through /proc/self/clear_refs before each step, over VmRSS then; allocations of
+128 KiB or more mapped on their own, so a temporary always shows), the parameter store's
+own count of what the step holds, and the median step over steps 2-5. Prints a second table.
 """
 from __future__ import annotations
 
@@ -44,8 +48,11 @@ def _gpt(args):
 
 
 def _train(args, nvme: str | None):
+    import ctypes
+
     import zerofx
 
+    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD: no heap reuse
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = _gpt(args)
@@ -90,13 +97,16 @@ def _bandwidth(path: str, nbytes: int, chunk_bytes: int, *, direct: bool) -> tup
 
 def _stage3_body(rank, world, args, nvme):
     """One rank of the --params comparison: (resident bytes, median step, losses)."""
+    import ctypes
+
     import zerofx
 
+    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD: no heap reuse
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = _gpt(args)
     zero = {"stage": 3, "reduce_bucket_size": args.bucket,
-            "stage3_prefetch_bucket_size": args.bucket}
+            "stage3_prefetch_bucket_size": args.bucket, "sub_group_size": args.param_chunk}
     if nvme:
         zero["offload_param"] = {"device": "nvme", "nvme_path": nvme,
                                  "buffer_count": args.param_buffers}
@@ -104,23 +114,35 @@ def _stage3_body(rank, world, args, nvme):
                                     "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}})
     compiled = torch.compile(model, backend="zero", options={"runtime": rt})
     g = torch.Generator().manual_seed(rank)
-    steps, losses = [], []
+    steps, losses, grown = [], [], []
     for _ in range(args.steps):
         idx = torch.randint(args.vocab, (args.batch, args.ctx), generator=g)
         t0 = time.perf_counter()
         with rt.shape_carriers():
             loss = compiled(idx, torch.roll(idx, -1, 1))
         loss.backward()
+        before = _status_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
         rt.step()
+        grown.append((_status_kib("VmHWM") - before) * 1024)
         steps.append(time.perf_counter() - t0)
         losses.append(loss.item())
     store = rt.state.params
     out = dict(held=rt.state_bytes(), step=statistics.median(steps[1:]), losses=losses,
                shard=rt.plan.shard_numel * 2, numel=rt.plan.numel,
                buffers=store.memory_bytes() if store else 0, buckets=len(rt.plan.buckets),
-               peak=store.peak_buffers if store else 0, cap=store.cap * 2 if store else 0)
+               peak=store.peak_buffers if store else 0, cap=store.cap * 2 if store else 0,
+               step_grown=max(grown[1:]), step_counted=store.peak_step_bytes if store else 0,
+               step_chunks=len(store.chunks) if store else 0)
     rt.close()
     return out
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith(field + ":"))
+    return int(line.split()[1])
 
 
 def _params_table(args) -> None:
@@ -136,14 +158,18 @@ def _params_table(args) -> None:
     print(f"{first['numel'] / 1e6:.1f}M parameters, 2 ranks, ZeRO stage 3, bf16, "
           f"{first['buckets']} buckets of up to {args.bucket} elements; 16-bit shard "
           f"{first['shard'] / mib:.1f} MiB per rank; offload_param.buffer_count "
-          f"{args.param_buffers}")
+          f"{args.param_buffers}, sub_group_size {args.param_chunk}")
     print("| run | rank | training state held between steps (MiB) | of it, read buffers (MiB) "
-          "| read buffers at once, at most (MiB each, at most) | step (s) |")
-    print("|---|---|---|---|---|---|")
+          "| read buffers at once, at most (MiB each, at most) | optimizer step: resident "
+          "set rise, most of steps 2-5 (MiB) | of it, counted by the store: chunk buffers + "
+          "persistent rows (MiB; chunks) | step (s) |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, ranks in runs.items():
         for r, res in enumerate(ranks):
             print(f"| {name} | {r} | {res['held'] / mib:.1f} | {res['buffers'] / mib:.1f} "
-                  f"| {res['peak']} ({res['cap'] / mib:.1f}) | {res['step']:.3f} |")
+                  f"| {res['peak']} ({res['cap'] / mib:.1f}) | {res['step_grown'] / mib:.2f} "
+                  f"| {res['step_counted'] / mib:.2f}; {res['step_chunks']} "
+                  f"| {res['step']:.3f} |")
 
 
 def main(argv=None):
@@ -162,6 +188,8 @@ def main(argv=None):
     p.add_argument("--bucket", type=int, default=1_000_000,
                    help="--params: stage3_prefetch_bucket_size and reduce_bucket_size")
     p.add_argument("--param-buffers", type=int, default=5, help="offload_param.buffer_count")
+    p.add_argument("--param-chunk", type=int, default=1 << 18,
+                   help="--params: sub_group_size, the elements per chunk the step writes")
     args = p.parse_args(argv)
     if args.params:
         return _params_table(args)

@@ -3,9 +3,9 @@ predicts per rank against what the runtime really holds, writes and moves.
 
 The references are the runtime's own objects on the same model and config: its resident
 training state (ZeroRuntime.state_bytes), its files' sizes (fstat of the unlinked files),
-the bytes its chunk stream reads and writes in a step, the whole-shard read of the
-parameter store's step, and the values the partition_activations pass cuts in a real TP-2
-run on 2 processes.
+the bytes its chunk stream reads and writes in a step, the most the parameter store's step
+holds (its chunk buffers and the persistent rows), and the values the
+partition_activations pass cuts in a real TP-2 run on 2 processes.
 """
 import os
 
@@ -29,6 +29,7 @@ def _cfg(*, stage=2, opt="AdamW", opt_dev=None, param_nvme=None, sub_group=1000,
         zero["offload_optimizer"] = {"device": opt_dev[0], **(
             {"nvme_path": str(opt_dev[1])} if opt_dev[0] == "nvme" else {})}
     if param_nvme is not None:
+        zero["sub_group_size"] = sub_group  # the step's chunks (the optimizer's, if offloaded)
         zero["offload_param"] = {"device": "nvme", "nvme_path": str(param_nvme),
                                  "buffer_count": 3}
     return {"train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": True},
@@ -113,7 +114,7 @@ def test_nvme_traffic_per_step_is_what_the_stream_moves(no_torchrun_env, tmp_pat
 
 def _param_rank(rank, world, cfg):
     """One step of stage 3 with the shard on NVMe: the resident state, the files, the
-    largest whole-shard read of the step and the most read buffers held at once."""
+    most the step held, whole-shard reads (none) and the most read buffers held at once."""
     torch._dynamo.reset()
     model = Block()
     rt = zerofx.ZeroRuntime(model, cfg)
@@ -124,7 +125,7 @@ def _param_rank(rank, world, cfg):
         out = read_all()
         reads.append(out.numel() * out.element_size())
         return out
-    store.read_all = recorded
+    store.read_all = recorded  # checkpoints' reads: training never makes one
     compiled = torch.compile(model, backend="zero", options={"runtime": rt})
     for micro in range(rt.gas):
         with rt.shape_carriers():
@@ -132,7 +133,8 @@ def _param_rank(rank, world, cfg):
         rt.backward(loss)
         rt.step()
     out = {"state": rt.state_bytes(), "param_file": _file_bytes(store),
-           "opt_file": _file_bytes(rt.state.offload), "step_read": max(reads),
+           "opt_file": _file_bytes(rt.state.offload), "step": store.peak_step_bytes,
+           "whole_reads": reads, "chunks_written": store.chunks_written,
            "buffers": store.peak_buffers * store.cap * store.item,
            "gather_reads": store.bucket_reads}
     rt.close()
@@ -140,15 +142,26 @@ def _param_rank(rank, world, cfg):
 
 
 @pytest.mark.slow
-def test_param_offload_rows_are_what_two_ranks_hold(tmp_path):
-    cfg = _cfg(stage=3, opt_dev=("nvme", tmp_path), param_nvme=tmp_path)
+@pytest.mark.parametrize("opt_nvme", [True, False], ids=["optimizer-too", "params-only"])
+def test_param_offload_rows_are_what_two_ranks_hold(tmp_path, opt_nvme):
+    cfg = _cfg(stage=3, opt_dev=("nvme", tmp_path) if opt_nvme else None,
+               param_nvme=tmp_path, sub_group=1000)
     results = run_ranks(_param_rank, 2, args=(cfg,), timeout_s=240)
     for rank, got in enumerate(results):
         mem, plan = plan_rank(Block, cfg, block_batch(), world=2, rank=rank)
         assert got["state"] == mem.model_states, rank  # between steps: no read buffer
         assert got["param_file"] + got["opt_file"] == mem.nvme, rank
         assert got["param_file"] == plan.shard_numel * 2, rank  # the bf16 shard
-        assert got["step_read"] == mem.offload.param_step <= mem.step_temporary, rank
+        # the step: 3 chunk buffers of sub_group_size and the persistent rows, written in
+        # ceil(shard / chunk) chunks, never a whole-shard read
+        tail = sum(r.numel for r, b in zip(plan.owned(), plan.buckets)
+                   if b.offset >= plan.persist_offset)
+        chunk = 1000
+        assert 0 < tail < plan.shard_numel // 4 and 3 * chunk < plan.shard_numel, rank
+        assert got["step"] == mem.offload.param_step == 2 * (3 * chunk + tail), rank
+        assert mem.offload.param_step <= mem.step_temporary, rank
+        assert got["whole_reads"] == [], rank
+        assert got["chunks_written"] == -(-plan.shard_numel // chunk), rank
         assert 0 < got["buffers"] <= mem.offload.param_buffers, rank
         assert mem.offload.param_buffers <= mem.gathered, rank
         # the gathers' reads priced per step: each gathered bucket twice, an upper bound

@@ -238,8 +238,9 @@ class OffloadParamConfig:
     """Elements a buffer may hold: each is sized to the largest bucket's shard, which must
     fit (DeepSpeed's rule; lower stage3_prefetch_bucket_size to make buckets smaller)."""
     max_in_cpu: int = setting(1_000_000_000, integer(0))
-    """Elements of the shard the optimizer step may hold in memory: zerofx's step reads the
-    whole 16-bit shard in (a step temporary), so the shard must fit (else refused)."""
+    """Elements of the shard the optimizer step may hold in memory: zerofx's step writes
+    the 16-bit shard by chunk (sub_group_size) through buffer_count buffers and keeps the
+    persistent parameters' rows; that must fit (else refused)."""
     pin_memory: bool = setting(True, boolean)
     """Accepted for DeepSpeed configs: page-locked buffers serve GPU copies only."""
 

@@ -87,8 +87,8 @@ ZERO_NO_EFFECT = {
                              "gradients stay where they are reduced",
     "ignore_unused_parameters": "unused parameters always get a zero gradient (docs/real-models.md)",
     "use_multi_rank_bucket_allreduce": "zerofx reduces one bucket per collective",
-    "sub_group_size": "read only with offload_optimizer device nvme (the fused optimizer "
-                      "runs over one flat shard)",
+    "sub_group_size": "read only with offload_optimizer or offload_param device nvme (the "
+                      "fused optimizer runs over one flat shard)",
     "memory_efficient_linear": "a ZeRO-3 option",
     "log_trace_cache_warnings": "a ZeRO-3 option",
     "legacy_stage1": "zerofx has one stage-1 implementation",
@@ -212,7 +212,7 @@ def screen(raw: Mapping) -> dict:
 
 def offloads_to_nvme(raw: Mapping, blocks=("offload_optimizer", "offload_param")) -> bool:
     """Whether the raw config puts state on NVMe through one of ``blocks`` (aio is read for
-    either; sub_group_size for the optimizer state's only)."""
+    either, and sub_group_size: the chunk the step streams the state and the parameters in)."""
     zero = raw.get("zero_optimization")
     if not isinstance(zero, Mapping):
         return False
@@ -256,8 +256,8 @@ def _screen_offload(zero: Mapping, notes: list) -> dict:
 def _screen_zero(zero: Mapping, notes: list) -> dict:
     zero = _screen_offload(_host_offload(zero, notes), notes)
     quiet = dict(ZERO_NO_EFFECT)
-    if offloads_to_nvme({"zero_optimization": zero}, ("offload_optimizer",)):
-        del quiet["sub_group_size"]  # the chunk of the offloaded state's stream
+    if offloads_to_nvme({"zero_optimization": zero}):
+        del quiet["sub_group_size"]  # the chunk the step streams the state and parameters in
     staged = {k: v for k, v in zero.items() if k.startswith(STAGE3_PREFIX) or k in STAGE3_ALIASES}
     if zero.get("stage") != 3:
         quiet.update((k, "only read at stage 3") for k in staged)

@@ -16,10 +16,15 @@ per rank, where it goes, and what they move per step, by the runtime's own layou
     parameters, nvme  offload_param device nvme (stage 3, CPU runs, 2+ data-parallel ranks;
                       offload/params.py): the compute-dtype shard in a file. During the
                       gathers at most buffer_count buffers, each the largest gathered
-                      bucket's owned range; the optimizer step reads the whole shard (a step
-                      temporary) and writes it back; the gathers read each gathered bucket's
-                      range per gather, counted twice per micro-step (forward and backward,
-                      the count step_time.collectives uses): an upper bound, as a gather the
+                      bucket's owned range; the optimizer step writes the updated shard
+                      chunk by chunk (offload/params.py's StepWriter): at most
+                      min(buffer_count, chunks) buffers of the longest step chunk
+                      (params.step_chunks: the optimizer state's when it is on NVMe too)
+                      and the persistent buckets' rows, the step's all-gather source;
+                      nothing is read back (a skipped step reads the rows only); the
+                      gathers read each gathered bucket's range per gather, counted twice
+                      per micro-step (forward and backward, the count
+                      step_time.collectives uses): an upper bound, as a gather the
                       backward reuses is read once (the block model: 12 reads, 14 counted)
 
 The refusals are the runtime's, made at plan time with its messages: NVMe offload with a
@@ -35,7 +40,7 @@ from zerofx.config import Config, ConfigError
 from zerofx.plan import Plan
 from zerofx.runtime.offload import default_chunk
 from zerofx.runtime.offload.files import OffloadError
-from zerofx.runtime.offload.params import _check_fits
+from zerofx.runtime.offload.params import _check_fits, step_chunks, step_numel, tail_offset
 from zerofx.runtime.offload.state import _lamb_cuts, chunk_plan
 
 _F32 = 4
@@ -52,11 +57,11 @@ class OffloadFacts:
     optimizer_file: int = 0
     param_file: int = 0
     param_buffers: int = 0  # at most, during the gathers
-    param_step: int = 0  # the whole shard, read by the optimizer step
+    param_step: int = 0  # the step's chunk buffers and the persistent rows, at most
     host: int = 0  # ZeRO-Offload's host memory (state + staging), not on the device
     optimizer_read: int = 0  # bytes per applied step, optimizer state file
     optimizer_written: int = 0
-    param_step_read: int = 0  # bytes per step, the parameter file: the step's read
+    param_step_read: int = 0  # bytes per step, the parameter file: the step's read (none)
     param_step_written: int = 0
     param_gather_read: int = 0  # and the gathers' reads
     to_host: int = 0  # ZeRO-Offload's copies per applied step
@@ -130,14 +135,16 @@ def _params_nvme(plan: Plan, config: Config) -> dict:
     ranges = [r.numel for r in plan.owned()]  # bucket -> its owned range (params.py's)
     gathered = [ranges[b.index] for b in plan.buckets if b.offset < plan.persist_offset]
     cap = max(gathered, default=0)
+    step = step_numel(off.buffer_count, step_chunks(config, plan),
+                      plan.shard_numel - tail_offset(plan))
     try:
         _check_fits(cap, plan.shard_numel, buffer_size=off.buffer_size,
-                    max_in_cpu=off.max_in_cpu)
+                    max_in_cpu=off.max_in_cpu, step=step)
     except OffloadError as e:
         raise ConfigError(str(e)) from None
     shard = plan.shard_numel * item
     gas = config.accumulation_steps(plan.grid.dp_size)
-    return {"param_file": shard, "param_step": shard, "param_step_read": shard,
+    return {"param_file": shard, "param_step": step * item, "param_step_read": 0,
             "param_step_written": shard,
             "param_buffers": min(off.buffer_count, len(gathered)) * cap * item,
             "param_gather_read": 2 * gas * sum(gathered) * item}

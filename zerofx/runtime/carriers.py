@@ -10,6 +10,7 @@ storage address, the only thing a graph call sees.
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 
 import torch
@@ -30,19 +31,20 @@ class ParamCarriers:
         self._carriers: list[tuple] = []  # (param, full-shape stand-in, value between calls)
         self.aliases = _aliases(model, self._name_by_id)
 
-    def install(self, named, flat_params: torch.Tensor, master: torch.Tensor) -> None:
-        """Move each parameter into ``flat_params`` (its value) and this rank's owned pieces
-        of it into the fp32 ``master``; give split and partitioned ones their carriers."""
+    def install(self, named, state) -> None:
+        """Move each parameter into TrainState ``state``: its value into ``flat_params``,
+        this rank's owned pieces of it into the fp32 master (``state.fill_shard``: chunk by
+        chunk, to the file under NVMe offload); give split and partitioned ones their
+        carriers. A partitioned parameter's own storage is dropped (a model built under
+        zero.Init(remote_device="nvme") frees its file mappings here)."""
         plan = self.plan
+        params = dict(named)
+        state.fill_shard(_MasterFill(plan, params).fill)  # reads the values: first
+        flat_params = state.flat_params
         low, dev = plan.compute_dtype, flat_params.device
         base = plan.persist_offset
-        tp, tp_rank = plan.grid.tp_size, plan.grid.tp_rank(plan.rank)
         for name, p in named:
             s = plan.slot(name)
-            local = s.tp.local_piece(p.detach(), tp, tp_rank) if s.tp is not None else p.detach()
-            flat = local.reshape(-1)
-            for o in plan.owned_pieces_of(name):  # fp32 master copy of what this rank owns
-                master[o.at:o.at + o.numel].copy_(flat[o.start:o.start + o.numel])
             if plan.partitioned and not s.persistent:
                 # Stage 3: the graphs read the gathered bucket (zerofx.gather_bucket), never
                 # this stand-in; NaN so that an eager read of it cannot pass for a weight.
@@ -54,7 +56,7 @@ class ParamCarriers:
                                        torch.empty(0, dtype=low, device=dev)))
                 p.data = self._carriers[-1][2]
                 continue
-            flat_params[s.offset - base:s.end - base].copy_(flat)
+            flat_params[s.offset - base:s.end - base].copy_(_local(plan, s, p).reshape(-1))
             # The parameter now lives in the flat buffer, in the compute dtype: the
             # all-gather writes straight into the model and no per-step cast is needed.
             p.data = flat_params[s.offset - base:s.end - base].view(s.shape)
@@ -102,6 +104,40 @@ class ParamCarriers:
         if tensor.numel() == 0:
             return self._slot_by_id.get(id(tensor), -1)
         return self._slot_by_ptr.get(tensor.data_ptr(), -1)
+
+
+class _MasterFill:
+    """Shard ranges of the fp32 master from the parameters' values, for any [a, b) in
+    shard order: what install hands TrainState.fill_shard."""
+
+    def __init__(self, plan: Plan, params: dict):
+        self.plan, self.params = plan, params
+        self.pieces = sorted(plan.owned_pieces(), key=lambda o: o.at)
+        self.ends = [o.at + o.numel for o in self.pieces]
+        self._last: tuple = (None, None)  # (name, its local values): TP pieces made once
+
+    def fill(self, a: int, b: int, out: torch.Tensor) -> None:
+        out.zero_()  # padding belongs to no parameter: zeros, as the zeroed master has
+        for o in self.pieces[bisect.bisect_right(self.ends, a):]:
+            if o.at >= b:
+                break
+            lo, hi = max(a, o.at), min(b, o.at + o.numel)
+            flat = self._flat(o.slot.name)
+            start = o.start + lo - o.at
+            out[lo - a:hi - a].copy_(flat[start:start + hi - lo])
+
+    def _flat(self, name: str) -> torch.Tensor:
+        if self._last[0] != name:
+            s = self.plan.slot(name)
+            self._last = (name, _local(self.plan, s, self.params[name]).reshape(-1))
+        return self._last[1]
+
+
+def _local(plan: Plan, s, p) -> torch.Tensor:
+    """This rank's part of parameter ``p`` (its tensor-parallel piece, or all of it)."""
+    if s.tp is None:
+        return p.detach()
+    return s.tp.local_piece(p.detach(), plan.grid.tp_size, plan.grid.tp_rank(plan.rank))
 
 
 def _aliases(model: nn.Module, names_by_id: dict) -> dict[str, tuple[str, ...]]:

@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 
 # One broadcast per this many bytes: few calls (gloo pays ~0.3 ms each), bounded temporaries.
 CHUNK_BYTES = 64 << 20
+# A tensor this large is its own broadcast, with no copy: a call's ~0.3 ms is small beside
+# moving 4 MiB, and a model built in files (zero.Init) is not copied into temporaries.
+OWN_BYTES = 4 << 20
 
 
 def broadcast_tensors(tensors, *, group=None) -> int:
@@ -36,6 +39,9 @@ def broadcast_tensors(tensors, *, group=None) -> int:
         by_kind.setdefault((t.dtype, t.device), []).append(t)
     with torch.no_grad():
         for chunk in _chunks(by_kind):
+            if len(chunk) == 1 and chunk[0].is_contiguous():
+                _broadcast_in_place(chunk[0], src, group)
+                continue
             flat = torch.cat([t.detach().reshape(-1) for t in chunk])
             if flat.dtype == torch.bool:  # masks kept as buffers: gloo moves bytes, not bools
                 flat = flat.to(torch.uint8)
@@ -44,13 +50,31 @@ def broadcast_tensors(tensors, *, group=None) -> int:
             for t in chunk:
                 t.detach().copy_(flat[at:at + t.numel()].view(t.shape))
                 at += t.numel()
+            del flat  # before the next chunk's cat: one chunk of temporaries at a time
     return len(todo)
 
 
+def _broadcast_in_place(t: torch.Tensor, src: int, group) -> None:
+    """A tensor that is a chunk of its own (a large weight) is sent from its own memory,
+    CHUNK_BYTES at a time: no copy of it is made (a model built in files under zero.Init
+    stays page cache, not a whole-weight temporary)."""
+    flat = t.detach().view(-1)
+    if flat.dtype == torch.bool:  # gloo moves bytes, not bools
+        flat = flat.view(torch.uint8)
+    per = max(1, CHUNK_BYTES // flat.element_size())
+    for at in range(0, flat.numel(), per):
+        dist.broadcast(flat[at:at + per], src=src, group=group)
+
+
 def _chunks(by_kind):
+    """Lists of tensors to send in one call: small ones coalesced up to CHUNK_BYTES, each
+    of at least OWN_BYTES alone (sent from its own memory, _broadcast_in_place)."""
     for same in by_kind.values():
         chunk, size = [], 0
         for t in same:
+            if t.numel() * t.element_size() >= OWN_BYTES and t.is_contiguous():
+                yield [t]
+                continue
             if chunk and size + t.numel() * t.element_size() > CHUNK_BYTES:
                 yield chunk
                 chunk, size = [], 0

@@ -23,7 +23,7 @@ from zerofx.runtime.comm.forms import Form, form_of
 from zerofx.runtime.fused_optim import (adam_step_, grad_sumsq,
                                         lamb_apply_, lamb_moments_, lamb_trust_ratio)
 from zerofx.runtime.loss_scaler import LossScaler
-from zerofx.runtime.offload.ops import offloaded_update
+from zerofx.runtime.offload.ops import offloaded_update, params_update
 
 # torch 2.13 renamed all_gather_tensor (now deprecated, warning per call); 2.11 lacks the new name.
 _all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
@@ -82,8 +82,11 @@ def make_step_fn(rt):
     # there (no shard-sized temporary, no copy of the gathered chunks).
     in_place = plan.sharded and not plan.partitioned and gather.in_place
     update = _make_update(rt, in_place)
-    # offload_param nvme (stage 3): the shard is read from its file and written back
-    pid = rt.state.params.id if rt.state.params is not None else None
+    # offload_param nvme (stage 3): the update streams the shard into its file chunk by
+    # chunk and leaves only the persistent buckets' rows (the shard's tail) in memory, the
+    # step's all-gather source (offload/ops.py)
+    store = rt.state.params
+    tail_at = store.tail_at if store is not None else 0
     # Gradients arrive summed over DP ranks and accumulation steps, and loss-scaled.
     divisor = float(plan.grid.dp_size * rt.gas) * rt.pre_reduce  # what is left to divide
 
@@ -112,8 +115,8 @@ def make_step_fn(rt):
         step.add_((~overflow).float())
         out = flat_params
         if plan.partitioned:  # stage 3: the shard is the parameter
-            out = shard_lowp if pid is None else \
-                torch.ops.zerofx.offload_params_read(pid, shard_lowp)
+            out = shard_lowp if store is None else \
+                shard_lowp.new_empty(store.numel - tail_at)
         elif plan.sharded and not in_place:
             # Stages 1-2, native all-gather: the updated shard in the compute dtype is a step
             # temporary (ZeRO's memory formulas hold no such state), starting from the
@@ -124,9 +127,7 @@ def make_step_fn(rt):
                skip=overflow.float(), beta1=beta1)
         if plan.sharded:
             _gather_params(out, flat_params, chunks, dp, group, plan.persist_offset,
-                           form=gather, sid=sid)
-        if pid is not None:
-            torch.ops.zerofx.offload_params_write(pid, out, overflow.float())
+                           form=gather, sid=sid, at=tail_at)
         LossScaler(scale, hysteresis, it, last_overflow, scaler.dynamic, scaler.window,
                    scaler.delayed_shift, scaler.min_scale, scaler.consecutive_hysteresis,
                    floor_hits).update(overflow)
@@ -188,7 +189,11 @@ def _make_update(rt, in_place: bool):
     spec, plan, norm_group = rt.spec, rt.plan, rt.comm.norm_group(rt.plan)
     if rt.state.offload is not None:  # on disk or host memory: the same kernels, there
         return offloaded_update(rt.state.offload, kind=spec.kind, hyper=spec.hyper,
-                                norm_group=norm_group, in_place=in_place)
+                                norm_group=norm_group, in_place=in_place,
+                                params_store=rt.state.params)
+    if rt.state.params is not None:  # stage 3's shard on NVMe: written chunk by chunk
+        return params_update(rt.state.params, kind=spec.kind, hyper=spec.hyper, sid=rt.id,
+                             lamb_moments=_lamb_ratios(plan, spec.hyper, norm_group))
     # (shard range, flat-parameter range) per owned bucket range; one range when out is
     # shard-shaped or the shard is everything (stage 0)
     ranges = [(slice(r.at, r.at + r.numel), slice(r.start, r.start + r.numel))
@@ -211,22 +216,14 @@ def _make_update(rt, in_place: bool):
                            grad_scale=coef, skip=skip, param_out=out[fl], beta1=beta1)
         return adam
 
-    # Tensor i spans flat[starts[i]:starts[i+1]]; bucket padding joins the tensor before it
-    # (its weights and gradients are zero, so it adds nothing to either norm).
     starts = [s.offset for s in plan.params] + [plan.padded_numel]
     owned = plan.owned()
-    # norm_group spans the TP group too: a split tensor's sums add up over its pieces. A
-    # replicated tensor's sums come tp times over, both of them: the ratio is unchanged.
+    ratios = _lamb_ratios(plan, hyper, norm_group)
 
     def lamb(master, g, m, v, out, *, lr, step, coef, skip, beta1):
         bounds = torch.tensor(starts, dtype=torch.int64, device=master.device)
         pieces = [(slice(r.at, r.at + r.numel), r.start) for r in owned]
-        sums = sum(lamb_moments_(master[sl], g[sl], m[sl], v[sl], bounds, hyper=hyper,
-                                 grad_scale=coef, skip=skip, shard_offset=start, beta1=beta1)
-                   for sl, start in pieces)
-        if norm_group is not None:
-            sums = funcol.all_reduce(sums, "sum", norm_group)
-        ratio = lamb_trust_ratio(sums, hyper=hyper)
+        ratio = ratios(master, g, m, v, coef, skip, beta1)
         for sl, start in pieces:
             dst = out[start:start + (sl.stop - sl.start)] if in_place or not plan.sharded \
                 else out[sl]
@@ -236,8 +233,31 @@ def _make_update(rt, in_place: bool):
     return lamb
 
 
+def _lamb_ratios(plan, hyper, norm_group):
+    """LAMB's first pass over the in-memory shard (new moments, per-tensor partial sums),
+    the sums all-reduced: ``ratios(master, g, m, v, coef, skip, beta1)``, the trust
+    ratios of whole tensors."""
+    # Tensor i spans flat[starts[i]:starts[i+1]]; bucket padding joins the tensor before it
+    # (its weights and gradients are zero, so it adds nothing to either norm).
+    starts = [s.offset for s in plan.params] + [plan.padded_numel]
+    owned = plan.owned()
+    # norm_group spans the TP group too: a split tensor's sums add up over its pieces. A
+    # replicated tensor's sums come tp times over, both of them: the ratio is unchanged.
+
+    def ratios(master, g, m, v, coef, skip, beta1):
+        bounds = torch.tensor(starts, dtype=torch.int64, device=master.device)
+        pieces = [(slice(r.at, r.at + r.numel), r.start) for r in owned]
+        sums = sum(lamb_moments_(master[sl], g[sl], m[sl], v[sl], bounds, hyper=hyper,
+                                 grad_scale=coef, skip=skip, shard_offset=start, beta1=beta1)
+                   for sl, start in pieces)
+        if norm_group is not None:
+            sums = funcol.all_reduce(sums, "sum", norm_group)
+        return lamb_trust_ratio(sums, hyper=hyper)
+    return ratios
+
+
 def _gather_params(shard_lowp, flat_params, chunks, dp: int, group, base: int, *,
-                   form: Form, sid: int) -> None:
+                   form: Form, sid: int, at: int = 0) -> None:
     """All-gather every chunk of this rank's updated slices into the flat parameters.
 
     A chunk's slices are contiguous in the shard, so one collective gathers them; the result
@@ -245,12 +265,13 @@ def _gather_params(shard_lowp, flat_params, chunks, dp: int, group, base: int, *
     ``form``: the functional all-gather, or (``p2p``, timed faster on gloo) zerofx's
     start_gather/finish_gather ops, which exchange the rows in place in ``flat_params``
     (runtime/comm/forms.StepGathers); every chunk starts before the first is waited on.
+    ``at``: the shard offset ``shard_lowp`` starts at (offload_param: only the tail).
     """
     if form.in_place:
         if shard_lowp is not flat_params:  # stage 3's persistent buckets: rows from the shard
             for r, _ in (rb for chunk in chunks for rb in chunk):
                 flat_params[r.start - base:r.start - base + r.numel].copy_(
-                    shard_lowp[r.at:r.at + r.numel])
+                    shard_lowp[r.at - at:r.at - at + r.numel])
         for i in range(len(chunks)):
             START_GATHER(sid, flat_params, i)
         for i, chunk in enumerate(chunks):
@@ -259,7 +280,7 @@ def _gather_params(shard_lowp, flat_params, chunks, dp: int, group, base: int, *
     issued = []  # every chunk's all-gather starts before the first is waited on
     for chunk in chunks:
         first, last = chunk[0][0], chunk[-1][0]
-        src = shard_lowp[first.at:last.at + last.numel]
+        src = shard_lowp[first.at - at:last.at - at + last.numel]
         issued.append((_all_gather(src, 0, group), src.numel()))
     for chunk, (gathered, numel) in zip(chunks, issued):
         gathered = gathered.view(dp, numel)  # waits for this chunk only

@@ -57,10 +57,10 @@ class TrainState:
                  gas: int, offload: OffloadedState | None = None,
                  params: ParamStore | None = None) -> "TrainState":
         """Zeroed buffers for ``plan``; the parameters are moved in afterwards
-        (ParamCarriers.install fills flat_params and master, then ``master_filled``).
-        With ``offload`` the moments are never in memory and the master only until
-        ``master_filled`` writes it to the file (a host offload's master is its own host
-        tensor from the start)."""
+        (ParamCarriers.install fills flat_params, and the master through ``fill_shard``).
+        With an NVMe ``offload`` neither the moments nor the master are ever whole in
+        memory (``fill_shard`` writes the master to the file chunk by chunk; a host
+        offload's master is its own host tensor from the start)."""
         low, dev = plan.compute_dtype, device
         # Stage 3 keeps only the persistent parameters whole: flat_params then covers
         # [persist_offset, padded_numel) of the layout (all of it below stage 3).
@@ -68,7 +68,9 @@ class TrainState:
         # A host offload's own fp32 master takes the parameters directly: the device never
         # holds the fp32 shard, not even while it is filled
         master = getattr(offload, "host_master", None)
-        if master is None:
+        if master is None and offload is not None:  # NVMe: filled into the file by chunks
+            master = torch.empty(0, dtype=torch.float32, device=dev)
+        elif master is None:
             master = torch.zeros(plan.shard_numel, dtype=torch.float32, device=dev)
         # Stage 3's parameters between uses; below it the step makes a temporary.
         # (offload_param nvme: in ``params``' file, read bucket by bucket; empty here)
@@ -96,6 +98,25 @@ class TrainState:
             lr=torch.tensor(lr, dtype=torch.float32, device=dev),
             # float64: the kernels compute with beta1 in double, as torch.optim.Adam does
             beta1=torch.tensor(beta1, dtype=torch.float64, device=dev))
+
+    def fill_shard(self, fill) -> None:
+        """The master weights from ``fill(a, b, out)`` (writes shard elements [a, b) of the
+        fp32 master into ``out``), and stage 3's compute-dtype shard from them. NVMe
+        offload: chunk by chunk into the file (moments zero beside them), each chunk's
+        compute-dtype values straight to the shard or its file: no shard-sized temporary."""
+        if self.offload is None or getattr(self.offload, "host_master", None) is not None:
+            fill(0, self.master.numel(), self.master)
+            self.master_filled()
+            return
+
+        def chunk(a, b, master):
+            fill(a, b, master)
+            if self.params is not None:  # at startup: no read ahead to drop (write_all)
+                p = self.params
+                p.file.write_from(master.to(p.dtype), a * p.item)
+            elif self.shard_lowp.numel():
+                self.shard_lowp[a:b].copy_(master)
+        self.offload.fill(chunk)
 
     def master_filled(self) -> None:
         """The master weights hold the parameters: stage 3's compute-dtype shard follows

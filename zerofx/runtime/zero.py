@@ -102,8 +102,7 @@ class ZeroRuntime:
             offload=open_offload(self.config, self.plan, self.spec, self.device),
             params=open_params(self.config, self.plan, self.device))
         self.carriers = ParamCarriers(model, named, self.plan)
-        self.carriers.install(named, self.state.flat_params, self.state.master)
-        self.state.master_filled()
+        self.carriers.install(named, self.state)  # fills the master (and its file)
         self.gatherer = ParamGather(self.plan, self.state, self.comm) \
             if self.plan.partitioned else None
         self.intake = GradIntake(self.plan, self.state, self.comm, pre_reduce=self.pre_reduce,

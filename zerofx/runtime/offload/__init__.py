@@ -7,7 +7,7 @@ offload) or, with parameters on a GPU, in host memory (ZeRO-Offload, ``host``).
     ops      the step graph's ops and the ``update`` the step function uses
     host     HostOffload: the state in (pinned) host memory, gradients and updates copied
     params   ParamStore: stage 3's 16-bit parameter shard on NVMe (offload_param), read per
-             bucket for the gathers (runtime/param_gather.py) and whole by the step
+             bucket for the gathers (runtime/param_gather.py), written by chunk by the step
 
 The runtime meets it at two seams: TrainState (its ``offload`` and ``optimizer_state``) and
 the step function's ``update`` (runtime/step_fn.py). docs/offload.md is the user's page.

@@ -72,19 +72,24 @@ class OffloadedState:
         return self.stream.buffer_bytes()
 
     # ---- the optimizer step (through offload/ops.py's ops) -------------------------------
-    def adam(self, g, out, *, lr, step, coef, skip, beta1, in_place: bool) -> None:
+    def adam(self, g, out, *, lr, step, coef, skip, beta1, in_place: bool,
+             sink=None) -> None:
         """Fused Adam/AdamW over the shard, chunk by chunk; ``out`` takes the compute-dtype
-        values (the flat parameters' rows when ``in_place``, else shard-shaped)."""
+        values (the flat parameters' rows when ``in_place``, else shard-shaped), or each
+        chunk's go to ``sink`` (offload/params.py's StepWriter: stage 3's shard on NVMe)."""
         if float(skip):  # the kernel would change nothing: no I/O either
             return
 
         def visit(i, a, b, fields):
             master, m, v = fields
+            dst = sink.begin(a, b) if sink is not None else out
             for lo, hi, flat in self._segments[i]:
-                o = flat if in_place else lo
+                o = lo - a if sink is not None else flat if in_place else lo
                 adam_step_(master[lo - a:hi - a], g[lo:hi], m[lo - a:hi - a], v[lo - a:hi - a],
                            lr=lr, step=step, hyper=self.hyper, grad_scale=coef, skip=skip,
-                           param_out=out[o:o + hi - lo], beta1=beta1)
+                           param_out=dst[o:o + hi - lo], beta1=beta1)
+            if sink is not None:
+                sink.end(a, b)
         self._run(visit, read=_ALL, write=_ALL)
 
     def lamb_moments(self, g, *, coef, skip, beta1) -> torch.Tensor:
@@ -106,18 +111,23 @@ class OffloadedState:
             total = total + s
         return total
 
-    def lamb_apply(self, ratio, out, *, lr, step, skip, beta1, in_place: bool) -> None:
-        """LAMB pass 2 over the shard: new master weights (written back) and ``out``."""
+    def lamb_apply(self, ratio, out, *, lr, step, skip, beta1, in_place: bool,
+                   sink=None) -> None:
+        """LAMB pass 2 over the shard: new master weights (written back) and ``out`` (or
+        ``sink``, as in ``adam``)."""
         if float(skip):
             return
 
         def visit(i, a, b, fields):
             master, m, v = fields
+            dst = sink.begin(a, b) if sink is not None else out
             for lo, hi, flat in self._segments[i]:
-                o = flat if in_place else lo
+                o = lo - a if sink is not None else flat if in_place else lo
                 lamb_apply_(master[lo - a:hi - a], m[lo - a:hi - a], v[lo - a:hi - a],
                             self.bounds, ratio, lr=lr, step=step, hyper=self.hyper, skip=skip,
-                            shard_offset=flat, param_out=out[o:o + hi - lo], beta1=beta1)
+                            shard_offset=flat, param_out=dst[o:o + hi - lo], beta1=beta1)
+            if sink is not None:
+                sink.end(a, b)
         self._run(visit, read=_ALL, write=(0, 1))
 
     # ---- the whole state (checkpoints, the optimizer's state_dict, initialisation) --------
@@ -138,6 +148,17 @@ class OffloadedState:
             for k, t in zip(FIELDS, fields):
                 src = whole.get(k)
                 t.copy_(src[a:b]) if src is not None else t.zero_()
+        self._run(visit, read=_NONE, write=_ALL)
+        self.broken = None
+
+    def fill(self, fill_master) -> None:
+        """Initialise the state chunk by chunk: ``fill_master(a, b, master)`` writes chunk
+        [a, b)'s master weights into ``master``; the moments start at zero. The shard is
+        never whole in memory (TrainState.fill_shard)."""
+        def visit(i, a, b, fields):
+            fill_master(a, b, fields[0])
+            fields[1].zero_()
+            fields[2].zero_()
         self._run(visit, read=_NONE, write=_ALL)
         self.broken = None
 
