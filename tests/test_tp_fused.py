@@ -322,7 +322,7 @@ def _projections(model, name):
             if n.startswith(_PREFIX[name]) and p.dim() == 2}
 
 
-def _check_run(name, tp, stage, steps, out_dir, results, whole=frozenset()):
+def _check_run(name, tp, stage, steps, out_dir, results, whole=frozenset(), rel_tol=2e-5):
     from hf_models import make_hf, one_process_reference
 
     model, want, _ = one_process_reference(name, steps, len(results) // tp, LR)
@@ -343,7 +343,7 @@ def _check_run(name, tp, stage, steps, out_dir, results, whole=frozenset()):
         rel = float((got - ref).norm() / ref.norm())
         # 2e-5, as for Llama in test_tensor_parallel: the vocabulary-parallel cross-entropy
         # sums in another order, rounding that Adam scales up on near-zero gradients
-        assert rel <= 2e-5, f"rank {rank}: final weights differ by {rel:.2e}"
+        assert rel <= rel_tol, f"rank {rank}: final weights differ by {rel:.2e}"
     # the saved 16-bit model loads strict into the unsplit model, and holds exactly the
     # weights the ranks trained: splitting it again gives every rank's pieces
     saved = make_hf(name)
@@ -374,7 +374,6 @@ def test_tp2_zero1_trains_like_one_process_with_every_projection_split(name, tmp
     _check_run(name, 2, 1, steps, tmp_path, results)
 
 
-
 @pytest.mark.slow
 def test_tp4_phi3_one_head_per_rank_trains_like_one_process(tmp_path):
     pytest.importorskip("transformers")
@@ -383,11 +382,22 @@ def test_tp4_phi3_one_head_per_rank_trains_like_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_tp2_dp2_zero3_bloom_trains_like_one_process(tmp_path):
-    """ZeRO-3 partitions each data-parallel group's pieces; the 16-bit model is gathered."""
+@pytest.mark.parametrize("name,stage", [("bloom", 3), ("distilbert_mlm", 3), ("phi3", 2),
+                                        ("bloom", 2), ("falcon", 2), ("gptj", 2)])
+def test_tp2_dp2_zero2_zero3_trains_like_one_process(name, stage, tmp_path):
+    """ZeRO-2 partitions each data-parallel group's gradients and optimizer state of the
+    pieces, ZeRO-3 the pieces too (the 16-bit model is gathered); 2 steps."""
     pytest.importorskip("transformers")
-    results = run_ranks(_body, 4, args=("bloom", 2, 3, 2, str(tmp_path)), timeout_s=300)
-    _check_run("bloom", 2, 3, 2, tmp_path, results)
+    results = run_ranks(_body, 4, args=(name, 2, stage, 2, str(tmp_path)), timeout_s=400)
+    _check_run(name, 2, stage, 2, tmp_path, results, rel_tol=DP2_REL_TOL.get(name, 2e-5))
+
+
+# Phi-3 at TP 2 x DP 2 ends 4.2e-5 from one process, at ZeRO-1 and ZeRO-2 alike (bit for bit
+# the same weights): one element each of layer 0's down_proj and layer 1's o_proj, where
+# the first step's gradient is 3e-6 and 1.7e-8 (median 7e-4 and 7e-3; Adam's eps 1e-8), so
+# Adam turns rounding of the data-parallel mean into 4e-4 and 2.5e-4 of weight. The next
+# element off by most: 1.4e-5; the losses still agree to 1e-5 (checked first).
+DP2_REL_TOL = {"phi3": 5e-5}
 
 
 @pytest.mark.slow

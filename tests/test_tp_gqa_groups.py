@@ -11,7 +11,8 @@ and saved files hold the unsplit weight. Layout against plain torch; discovery o
 fused qkv_proj and Llama's separate k_proj/v_proj with 2 key/value heads at TP 4 (every
 projection split) and 1 (k/v whole on every rank: the group is all ranks); training on 4
 gloo ranks against one process; a control without the group sum. Also the issue's other
-architectures at TP 4: their layouts, and Bloom and GPT-J trained at ZeRO-2.
+architectures at TP 4: their layouts, and Bloom, GPT-J, DistilBERT (ZeRO-2) and Falcon
+(ZeRO-3) trained.
 """
 import pytest
 import torch
@@ -130,12 +131,14 @@ def _whole_kv(name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,stage", [("phi3_gqa", 1), ("llama", 2), ("llama_mq", 1),
-                                        ("phi3_gqa", 3), ("bloom", 2), ("gptj", 2)])
+                                        ("phi3_gqa", 3), ("bloom", 2), ("gptj", 2),
+                                        ("falcon", 3), ("distilbert_mlm", 2)])
 def test_tp4_trains_like_one_process(name, stage, tmp_path):
     """fp32, 3 steps (2 at ZeRO-3), clipping at 1.0: losses and final weights equal one
     process; every projection split (Llama with 1 key/value head: k/v whole); the 16-bit
-    model and the consolidated checkpoint load strict into the unsplit model. (Bloom and
-    GPT-J: no grouped heads, the rest of issue 28's list at TP 4.)"""
+    model and the consolidated checkpoint load strict into the unsplit model. (Bloom,
+    GPT-J, Falcon and DistilBERT, 4 heads each: no grouped heads, the rest of issue 28's
+    list at TP 4, one head per rank.)"""
     pytest.importorskip("transformers")
     steps = 2 if stage == 3 else 3
     results = run_ranks(_body, 4, args=(name, 4, stage, steps, str(tmp_path)), timeout_s=400)
