@@ -1,7 +1,12 @@
 """zerofx-plan's predictions against real training steps on this host.
 
     python benchmarks/bench_plan_vs_measured.py [--ranks 2 4] [--time_ranks 1 2] [--steps 3]
-        [--only memory|time] [--case NAME]
+        [--only memory|time] [--case NAME] [--layers 2 4 8 12] [--hidden 256 512]
+        [--save FILE] [--replay FILE ...]
+
+``--layers``/``--hidden``: the memory table at each depth and width (the depth sweep: what
+grows with the layers). ``--save`` appends each config's measurements to a file;
+``--replay`` reads them back and predicts again (the same runs against a changed planner).
 
 All sizes in MiB. Model: a Hugging Face GPT-2 built from a config (no download): 4 layers,
 hidden 512, 8 heads, vocabulary 8192, micro-batch 4 x 256 tokens, bf16, AdamW; about 17M
@@ -48,6 +53,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import json
 import os
 import statistics
 import sys
@@ -138,7 +144,7 @@ def _train(model, cfg, steps, *, base=None):
     return engine, (times, cpu), peaks
 
 
-def _measure(rank, world, stage, checkpointing, tp, steps):
+def _measure(rank, world, stage, checkpointing, tp, steps, hidden=HIDDEN, layers=LAYERS):
     """({phase: peak bytes over baseline}, held bytes over baseline, tensor bytes held,
     step seconds of steps 2..k, {phase: tensor bytes over the step's start}, step CPU
     seconds of steps 2..k (all the process's threads)) of this rank."""
@@ -147,14 +153,15 @@ def _measure(rank, world, stage, checkpointing, tp, steps):
     torch.distributed.init_process_group("gloo")
     torch.manual_seed(0)
     # warm-up: the engine, the passes and the compiler loaded and run once on the same
-    # model at a tiny width (the same graphs' code paths and caches)
-    engine, *_ = _train(build(checkpointing, hidden=64), config(stage, tp, 1), 1)
+    # model at one layer of a tiny width (the same graphs' code paths and caches; one layer,
+    # so the heap a deeper warm-up's compile leaves behind does not hide what depth costs)
+    engine, *_ = _train(build(checkpointing, hidden=64, layers=1), config(stage, tp, 1), 1)
     del engine
     torch._dynamo.reset()
     gc.collect()
     base, base_tensors = _rss(), _tensor_bytes()  # the warm-up's engine outlives its del
     torch.manual_seed(0)
-    model = build(checkpointing)
+    model = build(checkpointing, hidden=hidden, layers=layers)
     engine, (times, cpu), peaks = _train(model, config(stage, tp), steps, base=base)
     del model
     gc.collect()
@@ -165,7 +172,6 @@ def _measure(rank, world, stage, checkpointing, tp, steps):
 def _tensor_peaks(engine, seed) -> dict:
     """The most bytes of tensors the allocator holds beyond those alive at the step's start,
     per phase of one more step, from the profiler's allocation events (profile_memory)."""
-    import json
     import tempfile
 
     from torch.profiler import ProfilerActivity, profile, record_function
@@ -204,25 +210,38 @@ def _tensor_bytes() -> int:
     return sum(seen.values())
 
 
-_RUNS: dict = {}  # (ranks, config name) -> (prediction, plan, the ranks' measurements)
+_RUNS: dict = {}  # (ranks, config name, hidden, layers) -> (prediction, plan, measurements)
+_MEASURED: dict = {}  # the same keys -> the ranks' measurements, read by --replay
+_SAVE: list = []  # --save: the file each measurement is appended to (a JSON line)
 
 
-def run(n, name, stage, ck, tp, steps):
+def run(n, name, stage, ck, tp, steps, hidden=HIDDEN, layers=LAYERS):
     """zerofx-plan's prediction and the measured ranks of one config, once per invocation."""
-    if (n, name) not in _RUNS:
+    key = (n, name, hidden, layers)
+    if key not in _RUNS:
         from zerofx.planner import plan_rank
 
-        print(f"running {name} on {n} rank(s) ...", file=sys.stderr, flush=True)
-        mem, plan = plan_rank(lambda: build(ck), config(stage, tp), batch(), world=n,
+        print(f"running {name} at {layers} x {hidden} on {n} rank(s) ...", file=sys.stderr,
+              flush=True)
+        mem, plan = plan_rank(lambda: build(ck, hidden=hidden, layers=layers),
+                              config(stage, tp), batch(), world=n,
                               shm=True)  # the ranks share this host: the shm form is offered
-        res = run_ranks(_measure, n, args=(stage, ck, tp, steps), timeout_s=900, fresh=True)
-        _RUNS[n, name] = mem, plan, res
-    return _RUNS[n, name]
+        if key in _MEASURED:  # --replay: measured before, predicted by this planner now
+            res = _MEASURED[key]
+        else:
+            res = run_ranks(_measure, n, args=(stage, ck, tp, steps, hidden, layers),
+                            timeout_s=900, fresh=True)
+            if _SAVE:
+                with open(_SAVE[0], "a") as f:
+                    f.write(json.dumps([list(key), res]) + "\n")
+        _RUNS[key] = mem, plan, res
+    return _RUNS[key]
 
 
 def predicted_phases(mem) -> dict:
     """Predicted bytes over the baseline at each phase's peak (zerofx/planner/memory.py)."""
-    held, before, fw, bw = mem.model_states + mem.comm_buffers, 0, 0, 0
+    held = mem.model_states + mem.comm_buffers + mem.compiled
+    before, fw, bw = 0, 0, 0
     for g in mem.graphs:
         fw, bw = max(fw, before + g.fw_peak), max(bw, before + g.bw_peak)
         before += g.saved
@@ -230,30 +249,38 @@ def predicted_phases(mem) -> dict:
             "step": held + mem.step_temporary}
 
 
-def memory_table(ranks, steps):
-    print("| config | ranks | predicted peak | measured peak (RSS) | error | measured peak "
-          "(tensors) | error | held between steps: predicted / RSS (tensors) | forward peak: "
-          "pred. / RSS / tensors | backward peak: pred. / RSS / tensors | step peak: pred. / "
-          "RSS / tensors |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+def memory_table(ranks, steps, shapes=((LAYERS, HIDDEN),)):
+    """One row per (ranks, layers x hidden, config): rank 0's prediction against the largest
+    rank's measured peaks."""
+    print("| config | ranks | layers x hidden | predicted peak | measured peak (RSS) | error | "
+          "measured peak (tensors) | error | held between steps: predicted / RSS (tensors) | "
+          "forward peak: pred. / RSS / tensors | backward peak: pred. / RSS / tensors | step "
+          "peak: pred. / RSS / tensors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n in ranks:
-        for name, stage, ck, tp in CASES:
-            if n % tp:
-                continue
-            mem, _, res = run(n, name, stage, ck, tp, steps)
-            top = max(res, key=lambda r: max(r[0].values()))
-            phases, held, tensors, _, transient, _ = top
-            live = {k: tensors + v for k, v in transient.items()}  # tensor bytes at each peak
-            peak, tpeak = max(phases.values()), max(live.values())
-            pred = predicted_phases(mem)
-            assert max(pred.values()) == mem.peak
-            cols = " | ".join(f"{pred[k] / MIB:.1f} / {phases[k] / MIB:.1f} / "
-                              f"{live[k] / MIB:.1f}" for k in ("forward", "backward", "step"))
-            print(f"| {name} | {n} | {mem.peak / MIB:.1f} | {peak / MIB:.1f} | "
-                  f"{(mem.peak - peak) / peak:+.1%} | {tpeak / MIB:.1f} | "
-                  f"{(mem.peak - tpeak) / tpeak:+.1%} | "
-                  f"{(mem.model_states + mem.comm_buffers) / MIB:.1f} / {held / MIB:.1f} "
-                  f"({tensors / MIB:.1f}) | {cols} |", flush=True)
+        for layers, hidden in shapes:
+            for name, stage, ck, tp in CASES:
+                if n % tp:
+                    continue
+                mem, _, res = run(n, name, stage, ck, tp, steps, hidden, layers)
+                print(_memory_row(name, n, f"{layers} x {hidden}", mem, res), flush=True)
+
+
+def _memory_row(name, n, shape, mem, res) -> str:
+    top = max(res, key=lambda r: max(r[0].values()))
+    phases, held, tensors, _, transient, _ = top
+    live = {k: tensors + v for k, v in transient.items()}  # tensor bytes at each peak
+    peak, tpeak = max(phases.values()), max(live.values())
+    pred = predicted_phases(mem)
+    assert max(pred.values()) == mem.peak
+    cols = " | ".join(f"{pred[k] / MIB:.1f} / {phases[k] / MIB:.1f} / {live[k] / MIB:.1f}"
+                      for k in ("forward", "backward", "step"))
+    return (f"| {name} | {n} | {shape} | {mem.peak / MIB:.1f} | {peak / MIB:.1f} | "
+            f"{(mem.peak - peak) / peak:+.1%} | {tpeak / MIB:.1f} | "
+            f"{(mem.peak - tpeak) / tpeak:+.1%} | "
+            f"{(mem.model_states + mem.comm_buffers + mem.compiled) / MIB:.1f} / "
+            f"{held / MIB:.1f} "
+            f"({tensors / MIB:.1f}) | {cols} |")
 
 
 def _time_rank(rank, world, stage, checkpointing, tp, steps):
@@ -367,11 +394,25 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--only", choices=["memory", "time"])
     p.add_argument("--case", help="run only the configs whose name contains this")
+    p.add_argument("--layers", type=int, nargs="*", default=[LAYERS],
+                   help="the memory table's depths (each at every --hidden)")
+    p.add_argument("--hidden", type=int, nargs="*", default=[HIDDEN])
+    p.add_argument("--save", help="append each config's measurements to this file")
+    p.add_argument("--replay", nargs="*", default=[],
+                   help="take the measurements from these --save files (the prediction is "
+                        "made again: the same runs against a changed planner)")
     args = p.parse_args(argv)
+    _SAVE[:] = [args.save] if args.save else []
+    for path in args.replay:
+        with open(path) as f:
+            for line in f:
+                key, res = json.loads(line)
+                _MEASURED[tuple(key)] = res
     if args.case:
         CASES[:] = [c for c in CASES if args.case in c[0]]
     if args.only != "time":
-        memory_table(args.ranks, args.steps)
+        memory_table(args.ranks, args.steps,
+                     [(n, h) for h in args.hidden for n in args.layers])
     if args.only != "memory":
         time_table(args.time_ranks, args.steps)
 

@@ -95,7 +95,7 @@ def _offload_advice(mem, zero, *, gpu: bool, dp: int) -> list[str]:
                    f"{mem.optimizer / GIB:.2f} GiB of optimizer states out of memory")
     if not gpu and zero.stage == 3 and dp >= 2 and zero.offload_param.device == "none":
         out.append("zero_optimization.offload_param device nvme keeps the 16-bit parameter "
-                   "shard in a file between uses (the optimizer step still reads it whole)")
+                   "shard in a file between uses (the optimizer step writes it back by chunk)")
     return out
 
 

@@ -4,7 +4,8 @@ tools/plan.py).
 
     memory.py     bytes by kind (model states, communication buffers, activations saved
                   for the backward, the graphs' working tensors, ZeRO-3's gathered
-                  parameters, the step's temporary) and the peak, when they live together
+                  parameters, the step's temporary, the compiled graphs' own resident
+                  bytes) and the peak, when they live together
     offload.py    what optimizer and parameter offload (NVMe, host) take out of memory,
                   the files' bytes, the host's, and the bytes moved per step
     graphs.py     per traced forward/backward pair: saved bytes, the live-bytes peak of
@@ -37,8 +38,8 @@ from zerofx.config.deepspeed_keys import FORCE_HOST_OFFLOAD_ENV
 from zerofx.passes import PassSpec
 from zerofx.plan import make_plan
 from zerofx.planner.graphs import GraphFacts, graph_facts, partitioned, saved_activation_bytes
-from zerofx.planner.memory import (RankMemory, activation_peak, comm_buffers, gathered_bytes,
-                                   model_states)
+from zerofx.planner.memory import (RankMemory, activation_peak, comm_buffers, compiled_bytes,
+                                   gathered_bytes, model_states)
 from zerofx.planner.offload import OffloadFacts, offload_facts
 from zerofx.tp.layout import resolve_tp_layout
 
@@ -72,7 +73,7 @@ def plan_rank(build, config, example, *, world: int, rank: int = 0,
     mem = RankMemory(**model_states(plan, config, offload), activations=saved,
                      working=working, gathered=gathered_bytes(plan, config, offload),
                      comm_buffers=comm_buffers(plan, config, shm=shm), graphs=graphs,
-                     offload=offload)
+                     compiled=compiled_bytes(graphs), compiled_on_host=gpu, offload=offload)
     return mem, plan
 
 

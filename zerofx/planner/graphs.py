@@ -31,6 +31,8 @@ dtypes, no storage).
                but one: the graph is traced whole, so each is taken as replicated across
                the TP group, as a checkpointed region's input (the residual stream) is.
                ``partitioned`` applies them
+    nodes      the nodes of the forward and the backward graph: what the compiled graphs'
+               resident objects grow with (planner/memory.py, ``compiled``)
 """
 from __future__ import annotations
 
@@ -70,6 +72,7 @@ class GraphFacts:
     fw_ops: tuple = ()
     bw_ops: tuple = ()
     partitionable: tuple = ()
+    nodes: int = 0
 
 
 def graph_facts(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, roles,
@@ -93,7 +96,8 @@ def graph_facts(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, ro
     fw_ops, bw_ops = op_work(fw), op_work(bw)
     return GraphFacts(saved, fw_peak, bw_peak, _flops(fw_ops), _flops(bw_ops),
                       _moved(fw_ops), _moved(bw_ops), fw_ops, bw_ops,
-                      _partitionable(fw, bw, num_fwd_outputs))
+                      _partitionable(fw, bw, num_fwd_outputs),
+                      len(fw.graph.nodes) + len(bw.graph.nodes))
 
 
 def _partitionable(fw: fx.GraphModule, bw: fx.GraphModule, n_fwd: int) -> tuple:

@@ -32,7 +32,14 @@
                      offload_param nvme: the parameters row lacks the shard, in its file.
                      ``nvme``: the bytes of this rank's files (on disk, not in memory)
 
-    peak = model states + comm buffers + max(activations + working + gathered, step temporary)
+    compiled         the resident bytes of the compiled graphs themselves (not tensors):
+                     Dynamo's and AOTAutograd's graphs, their nodes' fake values, guards,
+                     the generated code, and the heap they leave behind; they grow with
+                     the graphs' nodes, so with depth, not width (``compiled_bytes``). In
+                     host memory: in the peak of a CPU job, a row of its own on a GPU
+
+    peak = model states + comm buffers + compiled (CPU) +
+           max(activations + working + gathered, step temporary)
 """
 from __future__ import annotations
 
@@ -62,6 +69,8 @@ class RankMemory:
     gathered: int
     working: int = 0
     comm_buffers: int = 0
+    compiled: int = 0
+    compiled_on_host: bool = False  # a GPU job: the compiled graphs are not device memory
     graphs: list = field(default_factory=list)  # planner.graphs.GraphFacts per traced pair
     offload: OffloadFacts = field(default_factory=OffloadFacts)
 
@@ -81,7 +90,8 @@ class RankMemory:
 
     @property
     def peak(self) -> int:
-        return self.model_states + self.comm_buffers + max(
+        compiled = 0 if self.compiled_on_host else self.compiled
+        return self.model_states + self.comm_buffers + compiled + max(
             self.activations + self.working + self.gathered, self.step_temporary)
 
     def rows(self) -> list[tuple[str, int]]:
@@ -91,6 +101,9 @@ class RankMemory:
         rows = [("parameters" + (" (shard on NVMe)" if off.params_nvme else ""),
                  self.parameters), ("gradients", self.gradients), (opt, self.optimizer),
                 ("communication buffers", self.comm_buffers),
+                ("compiled graphs (host objects" + (", not on the device)"
+                                                    if self.compiled_on_host else ")"),
+                 self.compiled),
                 ("activations saved for backward", self.activations),
                 ("forward/backward working tensors", self.working),
                 ("ZeRO-3 gathered parameters" + (" + NVMe read buffers" if off.params_nvme
@@ -136,7 +149,7 @@ def model_states(plan: Plan, config: Config,
         largest = max(b.padded for b in plan.buckets)
         staged = min(plan.padded_numel, (STAGED_IN_FLIGHT + 1) * largest)
         temp += staged * plan.grad_dtype.itemsize
-    temp += offload.param_step  # offload_param: the step reads the whole shard
+    temp += offload.param_step  # offload_param: the step's chunk buffers, persistent rows
     return {"parameters": nbytes(st.flat_params, st.shard_lowp),
             "gradients": nbytes(st.full_grads, st.shard_grads),
             "optimizer": nbytes(master, st.exp_avg, st.exp_avg_sq) + offload.optimizer_buffers,
@@ -178,6 +191,26 @@ def comm_buffers(plan: Plan, config: Config, *, shm: bool) -> int:
             flags = -(-2 * dp * keys * 8 // _FLAG_ALIGN) * _FLAG_ALIGN
             total += flags + numel * plan.compute_dtype.itemsize
     return total
+
+
+# The compiled graphs' resident bytes: a fixed part and bytes per node of the traced forward
+# and backward graphs (module doc). Calibrated, not counted: neither tracemalloc (1.4 MiB of
+# Python objects per GPT-2 layer) nor a tensor walk sees the C++ half (fake tensors' impls,
+# guard trees) nor malloc's own pages, so the measure is the resident set. Least squares on
+# a phase's peak RSS minus the tensors alive then (benchmarks/bench_plan_vs_measured.py
+# --layers 1 6 --hidden 128 --case "stage 2", 2 ranks, this host, torch 2.13: 289 to 1409
+# nodes, 32-55 MiB, residuals within 4.2 MiB), outside the sweep the planner is validated
+# on (widths 256 and 512, 2 to 12 layers). Width does not change it (8 layers at widths
+# 128, 256, 512: 84-86 MiB held beyond the tensors); the fixed part is the non-tensor heap
+# a phase adds (the warm-up's is in the baseline).
+COMPILED_BYTES_PER_NODE = 18 << 10
+COMPILED_FIXED_BYTES = 28 << 20
+
+
+def compiled_bytes(graphs) -> int:
+    """Resident bytes of the compiled graphs of one micro-step (module doc)."""
+    nodes = sum(g.nodes for g in graphs)
+    return COMPILED_FIXED_BYTES + COMPILED_BYTES_PER_NODE * nodes if nodes else 0
 
 
 def activation_peak(graphs) -> tuple[int, int]:
