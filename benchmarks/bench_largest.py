@@ -209,7 +209,8 @@ def setup_ddp(args):
     return step, lambda: {}
 
 
-def setup_fsdp2(args):
+def fsdp2_model(args):
+    """The GPT sharded by FSDP2 (bf16 compute, fp32 reduce, resharded after forward)."""
     import torch
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -224,6 +225,11 @@ def setup_fsdp2(args):
     for m in model.modules():
         if hasattr(m, "reset_parameters"):
             m.reset_parameters()
+    return model
+
+
+def setup_fsdp2(args):
+    model = fsdp2_model(args)
     opt = _adamw(model.parameters())
 
     def step(idx, tgt):

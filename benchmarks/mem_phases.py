@@ -85,21 +85,8 @@ def live_tensor_bytes() -> int:
 
 def setup(method: str, args, ph: Phases):
     """(step parts: forward, backward, step) of ``method``, phases built/initialized marked."""
-    import torch
-
     if method == "fsdp2":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        with torch.device("meta"):
-            model = bl.build_gpt(args.size, args.seq)
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for block in model.blocks:
-            fully_shard(block, mp_policy=mp, reshard_after_forward=True)
-        fully_shard(model, mp_policy=mp, reshard_after_forward=True)
-        model.to_empty(device="cpu")
-        torch.manual_seed(0)
-        for m in model.modules():
-            if hasattr(m, "reset_parameters"):
-                m.reset_parameters()
+        model = bl.fsdp2_model(args)
         ph.mark("built")
         opt = bl._adamw(model.parameters())
         ph.mark("initialized")
