@@ -395,3 +395,25 @@ def test_default_chunk_keeps_the_buffers_a_fraction_of_the_state():
     assert default_chunk(1000) == 1 << 20  # small shards: one chunk, 12 MiB buffers at most
     assert default_chunk(160 << 20) == 10 << 20  # a sixteenth
     assert default_chunk(10 << 30) == 1 << 24  # large shards: 192 MiB per buffer
+
+
+def test_a_checkpoint_that_cannot_fit_in_memory_is_refused_before_anything_is_written(
+        tmp_path, monkeypatch, no_torchrun_env):
+    """Saving passes an NVMe-offloaded state through memory whole (no streaming yet): where
+    it cannot fit, one error naming the state file and the sizes, before any allocation,
+    and the checkpoint already saved in the same folder is untouched and loads."""
+    import zerofx.runtime.train_state as ts
+    from zerofx.checkpoint import load_checkpoint, save_checkpoint
+    from zerofx.runtime.offload import OffloadError
+
+    rt, _, _ = _train(0, _config(tmp_path, stage=2), steps=1)
+    save_checkpoint(rt, tmp_path / "ckpt")
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "ckpt").rglob("*"))
+    monkeypatch.setattr(ts, "available_memory", lambda: 1024)
+    with pytest.raises(OffloadError, match=r"offloaded optimizer state in .* GiB on this rank"
+                                           r".*only 0.00 GiB is available"):
+        save_checkpoint(rt, tmp_path / "ckpt")
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "ckpt").rglob("*")) == before
+    monkeypatch.setattr(ts, "available_memory", lambda: None)  # not Linux: no check
+    load_checkpoint(rt, tmp_path / "ckpt")
+    rt.close()

@@ -141,6 +141,8 @@ class TrainState:
                    "exp_avg_sq": self.exp_avg_sq}
             return
         n = self.offload.numel
+        if getattr(self.offload, "host_master", None) is None:  # NVMe: it comes to memory
+            _check_whole_state_fits(3 * 4 * n, self.offload.file.path)
         state = self.offload.read_all() if mode != "write" else \
             {k: torch.zeros(n, dtype=torch.float32) for k in ("master", "exp_avg", "exp_avg_sq")}
         yield state
@@ -208,3 +210,32 @@ def nbytes(*tensors) -> int:
     by identity, which also holds on the meta device, where every address is 0)."""
     unique = {id(t): t for t in tensors if t is not None}
     return sum(t.numel() * t.element_size() for t in unique.values())
+
+
+def available_memory() -> int | None:
+    """Linux's MemAvailable in bytes (None where /proc/meminfo does not say)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _check_whole_state_fits(nbytes: int, path: str) -> None:
+    """Checkpoints and the optimizer's state_dict pass an NVMe-offloaded state through memory
+    whole (they do not stream by chunk yet): refuse before allocating when it cannot fit,
+    rather than have the kernel kill the process halfway (the last checkpoint stays intact
+    either way: saves are atomic)."""
+    free = available_memory()
+    if free is not None and nbytes > free:
+        from zerofx.runtime.offload.files import OffloadError
+
+        raise OffloadError(
+            f"the offloaded optimizer state in {path} is {nbytes / 2**30:.2f} GiB on this rank "
+            f"and a checkpoint or optimizer.state_dict() passes it through memory whole, but "
+            f"only {free / 2**30:.2f} GiB is available: zerofx does not stream checkpoints of "
+            f"offloaded state yet; train with more data-parallel ranks (smaller shards) or "
+            f"free memory before saving (nothing was written)")
