@@ -29,6 +29,7 @@ the step function calls them, no pass builds them.
 from __future__ import annotations
 
 import weakref
+from functools import partial
 
 import torch
 import torch.distributed._functional_collectives as funcol
@@ -45,13 +46,9 @@ def offload_adam_(oid: int, grad: torch.Tensor, out: torch.Tensor, lr: torch.Ten
                   beta1: torch.Tensor, in_place: bool, pid: int) -> None:
     """Fused Adam/AdamW over the offloaded shard (unless ``skip``), writing ``out`` (with
     ``pid``: the parameter file, ``out`` the tail)."""
-    st, kw = lookup(oid), dict(lr=lr, step=step, coef=coef, skip=skip, beta1=beta1)
-    if pid < 0:
-        st.adam(grad, out, in_place=in_place, **kw)
-        return
-    with _streamed(pid, out, skip, st.chunks) as sink:
-        if sink is not None:
-            st.adam(grad, out, in_place=False, sink=sink, **kw)
+    st = lookup(oid)
+    _update(partial(st.adam, grad, lr=lr, step=step, coef=coef, skip=skip, beta1=beta1),
+            out, in_place, pid, skip, st.chunks)
 
 
 @offload_adam_.register_fake
@@ -77,13 +74,21 @@ def offload_lamb_apply_(oid: int, ratio: torch.Tensor, out: torch.Tensor, lr: to
                         in_place: bool, pid: int) -> None:
     """LAMB pass 2 over the offloaded shard (master weights written back), writing ``out``
     (with ``pid``: as offload_adam_)."""
-    st, kw = lookup(oid), dict(lr=lr, step=step, skip=skip, beta1=beta1)
+    st = lookup(oid)
+    _update(partial(st.lamb_apply, ratio, lr=lr, step=step, skip=skip, beta1=beta1),
+            out, in_place, pid, skip, st.chunks)
+
+
+def _update(apply, out, in_place: bool, pid: int, skip, chunks) -> None:
+    """Run an OffloadedState update ``apply(out, in_place=, sink=)`` writing ``out`` (no
+    parameter file: ``pid`` < 0), or each chunk into the parameter file's StepWriter with
+    ``out`` the persistent tail (nothing at all on a skipped step)."""
     if pid < 0:
-        st.lamb_apply(ratio, out, in_place=in_place, **kw)
+        apply(out, in_place=in_place)
         return
-    with _streamed(pid, out, skip, st.chunks) as sink:
+    with _streamed(pid, out, skip, chunks) as sink:
         if sink is not None:
-            st.lamb_apply(ratio, out, in_place=False, sink=sink, **kw)
+            apply(out, in_place=False, sink=sink)
 
 
 @offload_lamb_apply_.register_fake
