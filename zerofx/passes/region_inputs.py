@@ -90,6 +90,6 @@ def keep_region_inputs(joint: fx.GraphModule) -> list[fx.Node]:
 
 def budget_for(joint: fx.GraphModule, budget: float) -> float:
     """The budget handed to torch's min-cut for ``joint``, region inputs marked first."""
-    marked = keep_region_inputs(joint)
-    has_regions = bool(marked) or any(_recomputed(n) for n in joint.graph.nodes)
+    keep_region_inputs(joint)
+    has_regions = any(_recomputed(n) for n in joint.graph.nodes)
     return REGION_FLOOR if budget == 0.0 and has_regions else budget
