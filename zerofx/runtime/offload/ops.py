@@ -48,7 +48,7 @@ def offload_adam_(oid: int, grad: torch.Tensor, out: torch.Tensor, lr: torch.Ten
     ``pid``: the parameter file, ``out`` the tail)."""
     st = lookup(oid)
     _update(partial(st.adam, grad, lr=lr, step=step, coef=coef, skip=skip, beta1=beta1),
-            out, in_place, pid, skip, st.chunks)
+            out, in_place, pid, skip, st)
 
 
 @offload_adam_.register_fake
@@ -76,17 +76,18 @@ def offload_lamb_apply_(oid: int, ratio: torch.Tensor, out: torch.Tensor, lr: to
     (with ``pid``: as offload_adam_)."""
     st = lookup(oid)
     _update(partial(st.lamb_apply, ratio, lr=lr, step=step, skip=skip, beta1=beta1),
-            out, in_place, pid, skip, st.chunks)
+            out, in_place, pid, skip, st)
 
 
-def _update(apply, out, in_place: bool, pid: int, skip, chunks) -> None:
-    """Run an OffloadedState update ``apply(out, in_place=, sink=)`` writing ``out`` (no
-    parameter file: ``pid`` < 0), or each chunk into the parameter file's StepWriter with
-    ``out`` the persistent tail (nothing at all on a skipped step)."""
+def _update(apply, out, in_place: bool, pid: int, skip, st) -> None:
+    """Run an offloaded state's update ``apply(out, in_place=, sink=)`` writing ``out`` (no
+    parameter file: ``pid`` < 0), or each of ``st``'s chunks into the parameter file's
+    StepWriter with ``out`` the persistent tail (nothing at all on a skipped step). Only the
+    NVMe state has chunks: ``st.chunks`` is read on that branch alone (HostOffload has none)."""
     if pid < 0:
         apply(out, in_place=in_place)
         return
-    with _streamed(pid, out, skip, chunks) as sink:
+    with _streamed(pid, out, skip, st.chunks) as sink:
         if sink is not None:
             apply(out, in_place=False, sink=sink)
 
