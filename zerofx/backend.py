@@ -354,3 +354,22 @@ def _annotate(gm: fx.GraphModule, roles, *, tangents: bool) -> None:
     if tangents:
         for i, node in enumerate(p for p in placeholders if p.name.startswith("tangents")):
             node.meta[META_INPUT] = InputRole("tangent", str(i))
+
+
+def _register_by_name() -> None:
+    """Register ``backend="zero"`` at import when no entry point serves it. The entry point
+    exists only once the package is installed; a checkout on PYTHONPATH (a shared file
+    system on a cluster, a lent GPU machine) had every ``zerofx.initialize`` die in torch's
+    InvalidBackend. Where the entry point exists this module is what it loads, and torch
+    registers the name itself right after: registering here too would be a duplicate."""
+    from importlib.metadata import entry_points
+
+    from torch._dynamo.backends import registry
+
+    if "zero" in registry._COMPILER_FNS or \
+            "zero" in entry_points(group="torch_dynamo_backends").names:
+        return
+    registry.register_backend(zero_backend, name="zero")
+
+
+_register_by_name()
