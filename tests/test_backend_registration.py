@@ -2,7 +2,7 @@
 
 The entry point (setup.py) exists only once the package is installed; a cluster's shared
 file system or a lent GPU machine runs the checkout as it is. There ``zerofx.initialize``
-died in torch's InvalidBackend before the runtime registered the name itself.
+died in torch's InvalidBackend before zerofx.backend registered the name itself.
 """
 import os
 import subprocess

@@ -122,6 +122,8 @@ def trace_graphs(model: nn.Module, config: Config, example, dtype) -> list[Graph
         seen.append(graph_facts(pair[0], pair[1], ctx.num_fwd_outputs, ctx.roles, bucket_of))
         return pair
 
+    import zerofx.backend  # noqa: F401  backend="zero" in a checkout that is not installed
+
     with _params_in(model, dtype):
         compiled = torch.compile(model, backend="zero", options={
             "config": traced, "extra_passes": (PassSpec("plan_saved", record,

@@ -25,7 +25,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import zerofx.backend  # noqa: F401  registers backend="zero" (an uninstalled checkout too)
 import zerofx.graph_ops as graph_ops
 from zerofx.config import Config, ConfigError
 from zerofx.lr_schedules import make_schedule
