@@ -12,7 +12,8 @@
 #    pinned host memory, the step on the CPU kernels) and in memory, same weights and
 #    batches: same bits or the worst difference, tokens/s, peak device memory
 #    (benchmarks/gpu_check.py --offload; exit 1 beyond the kernels' tolerance).
-# Until a machine is lent these have only run with --device cpu (tests/test_gpu_check.py).
+# Run on an H200 (torch 2.11.0+cu130) on 2026-12-04: benchmarks/RESULTS.md has its numbers.
+# Here they run with --device cpu (tests/test_gpu_check.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
