@@ -68,3 +68,25 @@ def test_initialize_from_a_checkout_without_the_entry_point():
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
                           text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0 and "trained" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_tools_import_from_a_checkout_that_is_not_installed(tmp_path):
+    """setup.py installs tools/ as zerofx.tools; a checkout on PYTHONPATH has no such
+    package unless zerofx provides it (the launcher's and consolidate's modules)."""
+    script = textwrap.dedent(f"""
+        import sys
+        # this test venv installs zerofx in editable mode: drop that finder, as a checkout
+        # that was never installed has none, and prove zerofx.tools is then not found by it
+        sys.meta_path[:] = [f for f in sys.meta_path
+                            if "editable" not in getattr(f, "__name__", type(f).__name__).lower()]
+        sys.path.insert(0, {str(ROOT)!r})
+        import importlib.util
+        import zerofx
+        from zerofx.tools import hostfile, launch
+        assert hostfile.__file__.startswith({str(ROOT / "tools")!r}), hostfile.__file__
+        print("tools", launch.__name__)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0 and "tools zerofx.tools.launch" in proc.stdout, \
+        proc.stderr[-3000:]

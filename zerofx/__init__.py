@@ -13,6 +13,37 @@ if _os.environ.get("RANK", "").isdigit() and _os.environ.get("WORLD_SIZE", "1") 
 
     _error_report.install(int(_os.environ["RANK"]))
 
+
+
+def _tools_of_a_checkout() -> None:
+    """``zerofx.tools`` for a checkout run from PYTHONPATH, not installed (a cluster's shared
+    file system, a lent GPU machine): setup.py maps the repository's tools/ to that name, so
+    without an install ``python -m zerofx.tools.launch`` and the tests of the tools found
+    nothing. Appended last to sys.meta_path: an installed zerofx (a copy or an editable
+    install's own finder) is found first and this finder never answers."""
+    import importlib.util
+    import sys
+
+    tools = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))),
+                          "tools")
+    init = _os.path.join(tools, "__init__.py")
+    if not _os.path.isfile(init):  # an installed copy: no tools/ beside the package
+        return
+
+    class _CheckoutTools:
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name != "zerofx.tools":
+                return None
+            return importlib.util.spec_from_file_location(
+                name, init, submodule_search_locations=[tools])
+
+    if not any(getattr(f, "__name__", "") == "_CheckoutTools" for f in sys.meta_path):
+        sys.meta_path.append(_CheckoutTools)
+
+
+_tools_of_a_checkout()
+
 __all__ = ["Config", "ConfigError", "ZeroRuntime", "ZeroEngine", "initialize",
            "add_config_arguments", "no_sync", "init_distributed", "as_deepspeed"]
 __version__ = "0.1.0"
