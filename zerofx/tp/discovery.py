@@ -36,6 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from zerofx.fx_source import model_line, short_line
 import zerofx.tp.propagation as P
 import zerofx.tp.rules as R
+from zerofx.tp.propagation_cuts import index_values
 
 aten = torch.ops.aten
 _TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default}
@@ -408,7 +409,8 @@ def _repair(node, state, col, row, free, by_node, full, tp) -> bool:
     return bool(joined)
 
 
-_CUTS = {aten.split.Tensor, aten.split_with_sizes.default, aten.slice.Tensor}
+_CUTS = {aten.split.Tensor, aten.split_with_sizes.default, aten.slice.Tensor,
+         aten.index.Tensor}
 
 
 def _fuse(node, col, by_node, full, tp: int) -> bool:
@@ -424,13 +426,23 @@ def _fuse(node, col, by_node, full, tp: int) -> bool:
     if src is None:
         return False
     n = full[src][by_node[src].out_dim]
-    dim = (args[1] if node.target is aten.slice.Tensor else
-           (args[2] if len(args) > 2 else 0)) % len(shape)
+    if node.target is aten.index.Tensor:  # constant positions (Falcon's qkv[..., [-2], :])
+        at = [(d, i) for d, i in enumerate(args[1]) if i is not None]
+        if len(at) != 1 or not isinstance(at[0][1], fx.Node):
+            return False
+        dim, values = at[0][0], index_values(at[0][1], shape[at[0][0]])
+        if not values:
+            return False
+    else:
+        dim = (args[1] if node.target is aten.slice.Tensor else
+               (args[2] if len(args) > 2 else 0)) % len(shape)
     feat = next((k for k in range(len(shape)) if math.prod(shape[k:]) == n), None)
     if feat is None or dim < feat:
         return False
     inner, period = math.prod(shape[dim + 1:]), math.prod(shape[dim:])
-    if node.target is aten.slice.Tensor:
+    if node.target is aten.index.Tensor:  # each position picked: cut on both sides
+        cuts = sorted({c for v in values for c in (v, v + 1)})
+    elif node.target is aten.slice.Tensor:
         bounds = R.slice_bounds(*(list(args[2:5]) + [None] * 3)[:3], shape[dim])
         if bounds is None:
             return False

@@ -48,7 +48,8 @@ REGION_OPS = VIEWS | PASS_THROUGH | {
     operator.getitem, aten.t.default, aten.transpose.int, aten.permute.default,
     aten.expand.default, aten.unsqueeze.default, aten.mm.default, aten.addmm.default,
     aten.slice.Tensor, aten.slice_backward.default, aten.split.Tensor,
-    aten.split_with_sizes.default, aten.cat.default}
+    aten.split_with_sizes.default, aten.cat.default, aten.index.Tensor,
+    aten._unsafe_index.Tensor}
 
 
 def shapes(val):
@@ -118,10 +119,20 @@ def localized(node: fx.Node, state, full, *, along: int | None = None) -> dict:
 
 def _contracted(node: fx.Node, state, full) -> dict:
     """mm/bmm(a, b) with one operand split along the contracted dimension and the other
-    whole: each rank takes its slice of the whole one; the product is a partial sum."""
+    whole: each rank takes its slice of the whole one; the product is a partial sum. A bmm
+    with one operand's batch split and the other whole: each rank takes its batches."""
     a, b = node.args[:2]
     k, kb = len(full[a]) - 1, len(full[b]) - 2
     sa, sb = state.get(a), state.get(b)
+    if node.target is aten.bmm.default:  # a batch of heads split, the other's whole (a
+        # multi-query key expanded to every query head by attention's math kernel): each
+        # rank takes its heads' batches of the whole one
+        if isinstance(sa, R.Shard) and sa.dim == 0 and sb is None and \
+                full[a][0] == full[b][0]:
+            return {b: sa}
+        if isinstance(sb, R.Shard) and sb.dim == 0 and sa is None and \
+                full[a][0] == full[b][0]:
+            return {a: sb}
     if isinstance(sb, (R.Shard, R.Regions)) and sb.dim == kb and sa is None:
         return {a: R.moved(sb, k - kb)}
     if isinstance(sa, (R.Shard, R.Regions)) and sa.dim == k and sb is None:

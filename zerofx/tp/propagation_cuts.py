@@ -127,15 +127,78 @@ def _one_index(indices, full):
     return at[0]
 
 
+# ops an index constant goes through on its way from the traced Python list to the index
+_CONSTANT_CARRIERS = {aten.lift_fresh.default, aten.lift_fresh_copy.default,
+                      aten.clone.default, aten.detach.default, aten.alias.default,
+                      aten._to_copy.default}
+
+
+def index_values(idx: fx.Node, size: int) -> list[int] | None:
+    """The values of a constant 1-D integer index tensor (a Python list in the model, such
+    as Falcon's ``qkv[..., [-2], :]``), made non-negative against ``size``; None when they
+    are not known while compiling (computed, an input, or not 1-D)."""
+    node = idx
+    while node.op == "call_function" and node.target in _CONSTANT_CARRIERS:
+        node = node.args[0]
+    val = None
+    if node.op == "get_attr":  # a tensor constant of a traced graph module
+        owner = node.graph.owning_module
+        val = owner
+        for part in str(node.target).split("."):
+            val = getattr(val, part, None)
+    else:
+        val = node.meta.get("val")
+        if isinstance(val, torch._subclasses.FakeTensor):
+            val = getattr(val, "constant", None)  # a small constant keeps its values
+        elif node.op != "placeholder":
+            val = None  # computed in the graph: its values are the run's
+    if not isinstance(val, torch.Tensor) or val.dim() != 1 or val.is_floating_point() or \
+            val.dtype in (torch.bool, torch.uint8) or \
+            isinstance(val, torch._subclasses.FakeTensor) or val.device.type == "meta":
+        return None
+    out = [int(v) + size if int(v) < 0 else int(v) for v in val.tolist()]
+    return out if all(0 <= v < size for v in out) else None
+
+
+def index_as_slice(node, sh, full):
+    """(dim, start, end) of the full value when ``node`` (index.Tensor) picks a
+    consecutive ascending run of positions along the dimension ``sh`` (Regions) cuts, all
+    inside regions every rank holds whole (Falcon multi-query's key and value heads out of
+    [.., heads + 2, hd]): each rank then takes them as a slice of its piece. Unshardable
+    otherwise."""
+    x, indices = node.args[:2]
+    d, idx = _one_index(indices, full)
+    size = full[x][d]
+    values = index_values(idx, size)
+    if values is None:
+        raise R.Unshardable(f"an index along dimension {d}, which is cut into regions, by "
+                            f"values not known while compiling")
+    if not values or values != list(range(values[0], values[0] + len(values))):
+        raise R.Unshardable(f"an index {values} along dimension {d}, which is cut into "
+                            f"regions, that is not a run of consecutive positions")
+    start, end = values[0], values[-1] + 1
+    if R.sliced(sh, d, start, end, 1, size) is not None:
+        raise R.Unshardable(f"an index {values} along dimension {d} picks positions of a "
+                            f"region split across tensor-parallel ranks")
+    return d, start, end
+
+
 @rule(aten.index.Tensor, aten._unsafe_index.Tensor)
 def _index(node, get, full, tp):  # (x, indices): one index tensor, along another dimension
+    """Along another dimension than the split one, the split moves past the index's
+    dimensions; along a dimension cut into regions, constant positions inside regions held
+    whole on every rank are whole (index_as_slice: the pass makes it a local slice); along
+    a split dimension, or by a split index, refused."""
     x, indices = node.args[:2]
     d, idx = _one_index(indices, full)
     sh = get(x)
-    if get(idx) is not None or (isinstance(sh, R.Shard) and sh.dim == d):
+    if isinstance(sh, R.Regions) and sh.dim == d and get(idx) is None:
+        index_as_slice(node, sh, full)
+        return None
+    if get(idx) is not None or (isinstance(sh, (R.Shard, R.Regions)) and sh.dim == d):
         raise R.Unshardable(f"an index along dimension {d}, which is split (or a split "
                             f"index)")
-    if not isinstance(sh, R.Shard):
+    if not isinstance(sh, (R.Shard, R.Regions)):
         return sh
     return R.moved(sh, len(full[idx]) - 1) if sh.dim > d else sh
 

@@ -32,7 +32,7 @@ from zerofx.passes.tensor_parallel import vocab as tp_vocab
 from zerofx.fx_source import model_line
 from zerofx.passes.nodes import META_TP_SHARDING, role_of
 from zerofx.tp.layout import TPPlanError
-from zerofx.tp.propagation_cuts import TRACED_ARGS
+from zerofx.tp.propagation_cuts import TRACED_ARGS, index_as_slice
 
 aten = torch.ops.aten
 _c10d = torch.ops._c10d_functional
@@ -163,6 +163,9 @@ def _propagate(node: fx.Node, state, full, tp: int, tp_rank: int, group: str):
     elif t is aten.slice_backward.default and isinstance(out, (R.Shard, R.Regions)):
         node.args = (args[0], _divide_at(args[1], out, tp), *args[2:])
         _local_bounds(node, 2, out, args[1], tp)
+    elif t in (aten.index.Tensor, aten._unsafe_index.Tensor) and \
+            isinstance(state.get(args[0]), R.Regions):
+        _index_as_local_slice(node, state.get(args[0]), full, tp)
     elif t is aten.select_backward.default and isinstance(out, R.Shard):
         node.args = (args[0], _divide_at(args[1], out, tp), *args[2:])
     elif t in (aten.mm.default, aten.addmm.default) and out == R.PARTIAL and \
@@ -236,6 +239,21 @@ def _local_bounds(node, at: int, sh, shape, tp: int) -> None:
     args[at:at + 4] = [dim, *(sh.local_bounds(lo, hi, tp) if isinstance(sh, R.Regions)
                               else (lo // tp, hi // tp)), 1]
     node.args = tuple(args)
+
+
+def _index_as_local_slice(node, sh: R.Regions, full, tp: int) -> None:
+    """An index of constant consecutive positions inside regions every rank holds whole
+    (Falcon multi-query's ``qkv[..., [-2], :]``, P.index_as_slice): the same rows sit at
+    other positions of this rank's piece, so it becomes the slice of them there (the same
+    values; its backward, an index_put into zeros of the full shape, stays whole and is
+    sliced to this rank's part where it meets split values)."""
+    d, start, end = index_as_slice(node, sh, full)
+    if d != sh.dim:
+        return
+    lo, hi = sh.local_bounds(start, end, tp)
+    node.meta.setdefault(TRACED_ARGS, (node.args[0], d, start, end, 1))
+    node.target = aten.slice.Tensor
+    node.args = (node.args[0], d, lo, hi, 1)
 
 
 def _split(node, state, full, tp):
