@@ -226,6 +226,27 @@ class SelectAttention(nn.Module):
         return self.o(y.transpose(1, 2).reshape(b, t, -1)).pow(2).mean()
 
 
+class IndexMultiQuery(nn.Module):
+    """Falcon's multi-query attention as transformers < 5.25 writes it: qkv viewed as
+    [B, T, heads + 2, hd], the queries sliced, the one key and value head indexed by a
+    constant list (aten.index.Tensor), the key broadcast to every query head."""
+
+    def __init__(self, d=16, heads=4):
+        super().__init__()
+        self.heads, self.hd = heads, d // heads
+        self.qkv = nn.Linear(d, (heads + 2) * self.hd, bias=False)
+        self.o = nn.Linear(d, d, bias=False)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        qkv = self.qkv(x).view(b, t, self.heads + 2, self.hd)
+        q, k, v = qkv[..., :-2, :], qkv[..., [-2], :], qkv[..., [-1], :]
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+        att = (q @ k.transpose(-1, -2) / self.hd ** 0.5).softmax(-1)
+        y = (att @ v).transpose(1, 2).reshape(b, t, -1)
+        return self.o(y).pow(2).mean()
+
+
 def _discover(model, tp=2):
     from zerofx.tp import discovery as D
 
@@ -251,6 +272,83 @@ def test_grouped_slices_of_a_fused_qkv_split_it_region_by_region():
     found = {f.name: f for f in D.discover(gm, D.find_weights(gm, names), 2)}
     assert found["qkv.weight"].regions == ((16, False), (8, False), (8, False))
     assert found["o.weight"].style == "rowwise"
+
+
+def test_an_indexed_multi_query_head_splits_the_queries_and_keeps_key_value_whole():
+    # the constant index cuts qkv like a slice: the query rows split, the key and value
+    # rows whole on every rank (as transformers 5.25's split([H, 1, 1]) gives)
+    from zerofx.tp import discovery as D
+
+    gm, names = D.trace_forward(IndexMultiQuery(), (torch.randn(2, 5, 16),))
+    whole = {}
+    found = {f.name: f for f in D.discover(gm, D.find_weights(gm, names), 2, whole=whole)}
+    assert not whole, whole
+    (q, q_whole), *kv = found["qkv.weight"].regions
+    assert (q, q_whole) == (16, False) and sum(n for n, _ in kv) == 8 and \
+        all(w is True for _, w in kv), found["qkv.weight"].regions
+    assert found["o.weight"].style == "rowwise"
+
+
+def _index_mq_body(rank, world, steps):
+    import zerofx
+
+    torch.manual_seed(0)
+    engine, *_ = zerofx.initialize(model=IndexMultiQuery(), config=_cfg(2, 1),
+                                   example_inputs=(torch.randn(2, 5, 16),))
+    losses = []
+    for k in range(steps):
+        loss = engine(torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(k)))
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    rt = engine.runtime
+    return (losses, {s.name: rt.local_param(s.name).float().clone() for s in rt.plan.params},
+            {s.name: s.tp for s in rt.plan.params})
+
+
+@pytest.mark.slow
+def test_an_indexed_multi_query_head_trains_at_tp2_like_one_process():
+    """The index becomes a slice of each rank's piece and the math kernel's bmm of split
+    query heads against the whole key takes the rank's batches: training equals eager
+    AdamW with clipping in one process, and qkv is split."""
+    steps = 4
+    results = run_ranks(_index_mq_body, 2, args=(steps,), timeout_s=240)
+    torch.manual_seed(0)
+    ref = IndexMultiQuery()
+    opt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=0.01)
+    want = []
+    for k in range(steps):
+        loss = ref(torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(k)))
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        opt.step()
+        want.append(loss.item())
+    for rank, (losses, pieces, shards) in enumerate(results):
+        assert shards["qkv.weight"] is not None and shards["o.weight"] is not None
+        torch.testing.assert_close(losses, want, rtol=1e-5, atol=1e-6)
+        for n, p in ref.named_parameters():
+            torch.testing.assert_close(pieces[n], shards[n].local_piece(p.detach(), 2, rank),
+                                       rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_an_index_of_a_split_region_or_of_scattered_positions_is_refused():
+    from zerofx.tp.propagation_cuts import index_as_slice
+
+    def fn(x):
+        return x[:, [0, 1]], x[:, [4, 6]]
+
+    gm, (px,) = _traced(fn, torch.randn(3, 8))
+    from zerofx.tp import propagation as P
+
+    full = {n: P.shapes(n.meta.get("val")) for n in gm.graph.nodes}
+    regions = R.Regions(1, (4, 2, 2), (False, True, True))  # 4 split, 2 and 2 whole
+    split_part, scattered = [n for n in gm.graph.nodes
+                             if n.target == torch.ops.aten.index.Tensor]
+    with pytest.raises(R.Unshardable, match="region split across"):
+        index_as_slice(split_part, regions, full)
+    with pytest.raises(R.Unshardable, match="consecutive"):
+        index_as_slice(scattered, regions, full)
 
 
 def test_a_sequential_with_dropout_in_training_is_read_from_its_graph():
