@@ -13,6 +13,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from zerofx.runtime.host_memory import meminfo
+
 GB = 1024 ** 3
 
 
@@ -39,11 +41,8 @@ def see_memory_usage(message, force: bool = False) -> None:
 
 def _host_memory() -> tuple[int, int]:
     """(used, total) bytes of host memory, as psutil's virtual_memory counts them
-    (total - available), read from /proc/meminfo (no psutil dependency)."""
-    try:
-        with open("/proc/meminfo") as f:
-            fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    (total - available), from /proc/meminfo (no psutil dependency)."""
+    fields = meminfo() or {}
+    if "MemTotal" in fields and "MemAvailable" in fields:
         return fields["MemTotal"] - fields["MemAvailable"], fields["MemTotal"]
-    except (OSError, KeyError, ValueError, IndexError):
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return 0, total
+    return 0, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

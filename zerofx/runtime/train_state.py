@@ -25,6 +25,7 @@ import torch
 
 from zerofx.plan import Plan
 from zerofx.runtime.loss_scaler import LossScaler
+from zerofx.runtime.host_memory import available_memory
 from zerofx.runtime.offload import OffloadedState
 from zerofx.runtime.offload.params import ParamStore
 from zerofx.runtime.step_fn import StepState
@@ -210,18 +211,6 @@ def nbytes(*tensors) -> int:
     by identity, which also holds on the meta device, where every address is 0)."""
     unique = {id(t): t for t in tensors if t is not None}
     return sum(t.numel() * t.element_size() for t in unique.values())
-
-
-def available_memory() -> int | None:
-    """Linux's MemAvailable in bytes (None where /proc/meminfo does not say)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def _check_whole_state_fits(nbytes: int, path: str) -> None:
