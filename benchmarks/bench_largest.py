@@ -370,10 +370,16 @@ class Predictor:
                 # states are allocated from it
                 return max(mem.peak, 4 * n + mem.model_states)
             # NVMe: the moments and the master live in the file; in memory, buffer_count (4)
-            # chunks of master, exp_avg, exp_avg_sq. The master shard passes through memory
-            # once, at the start (written to the file while the whole model is alive)
+            # chunks of master, exp_avg, exp_avg_sq. At the start the whole fp32 model is
+            # alive beside the 16-bit parameters and gradients; the master goes from it to
+            # the file chunk by chunk (TrainState.fill_shard), never whole (this counted a
+            # whole 4-byte master shard, 2n per rank, before fill_shard streamed it: the
+            # 2026-12-04 run found 1.28x and 1.45x the limits predicted with that term)
+            # (with offload_param the 16-bit shard is in its own file: not resident; the
+            # plan traced here has no offload, so its parameters row is taken out)
+            params = 0 if method == "zerofx_nvme_param" else mem.parameters
             train = mem.peak - mem.optimizer + 4 * 12 * self.args.chunk
-            return max(train, 4 * n + mem.parameters + mem.gradients + 2 * n)
+            return max(train, 4 * n + params + mem.gradients)
         mem = self.plan(size, False)
         acts = mem.activations + mem.working
         layer, root = 12 * d * d, 2 * VOCAB * d + self.args.seq * d
