@@ -14,7 +14,6 @@ if _os.environ.get("RANK", "").isdigit() and _os.environ.get("WORLD_SIZE", "1") 
     _error_report.install(int(_os.environ["RANK"]))
 
 
-
 def _tools_of_a_checkout() -> None:
     """``zerofx.tools`` for a checkout run from PYTHONPATH, not installed (a cluster's shared
     file system, a lent GPU machine): setup.py maps the repository's tools/ to that name, so

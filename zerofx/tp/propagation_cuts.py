@@ -140,10 +140,8 @@ def index_values(idx: fx.Node, size: int) -> list[int] | None:
     node = idx
     while node.op == "call_function" and node.target in _CONSTANT_CARRIERS:
         node = node.args[0]
-    val = None
     if node.op == "get_attr":  # a tensor constant of a traced graph module
-        owner = node.graph.owning_module
-        val = owner
+        val = node.graph.owning_module
         for part in str(node.target).split("."):
             val = getattr(val, part, None)
     else:

@@ -32,7 +32,7 @@ from zerofx.passes.tensor_parallel import vocab as tp_vocab
 from zerofx.fx_source import model_line
 from zerofx.passes.nodes import META_TP_SHARDING, role_of
 from zerofx.tp.layout import TPPlanError
-from zerofx.tp.propagation_cuts import TRACED_ARGS, index_as_slice
+from zerofx.tp.propagation_cuts import TRACED_ARGS, _one_index, index_as_slice
 
 aten = torch.ops.aten
 _c10d = torch.ops._c10d_functional
@@ -247,9 +247,9 @@ def _index_as_local_slice(node, sh: R.Regions, full, tp: int) -> None:
     other positions of this rank's piece, so it becomes the slice of them there (the same
     values; its backward, an index_put into zeros of the full shape, stays whole and is
     sliced to this rank's part where it meets split values)."""
+    if _one_index(node.args[1], full)[0] != sh.dim:  # along another dimension: the rule
+        return  # moved the split past it; nothing to rewrite (and its values may be computed)
     d, start, end = index_as_slice(node, sh, full)
-    if d != sh.dim:
-        return
     lo, hi = sh.local_bounds(start, end, tp)
     node.meta.setdefault(TRACED_ARGS, (node.args[0], d, start, end, 1))
     node.target = aten.slice.Tensor
