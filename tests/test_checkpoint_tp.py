@@ -57,7 +57,7 @@ def test_tp2_resume_is_bitwise(tp_run):
 
 
 @pytest.mark.slow
-def test_tp2_checkpoint_joins_into_whole_parameters(tp_run, no_torchrun_env):
+def test_tp2_checkpoint_joins_into_whole_parameters(tp_run, tmp_path, no_torchrun_env):
     import zerofx
     from zerofx.checkpoint import load_checkpoint
     from zerofx.checkpoint.files import full_state
@@ -70,6 +70,16 @@ def test_tp2_checkpoint_joins_into_whole_parameters(tp_run, no_torchrun_env):
             want = whole[name] if shards[name] is None else \
                 shards[name].local_piece(whole[name], 2, rank)
             torch.testing.assert_close(piece, want, rtol=0, atol=0, msg=name)
+    # assembled and joined in file-backed tensors (an NVMe-offloaded run's load): the same
+    from zerofx.checkpoint.files import full_states
+    from zerofx.runtime.offload.scratch import scratch_tensors
+
+    staged, _ = full_states(f"{ckpt}/{tag}", alloc=lambda n: scratch_tensors(
+        str(tmp_path), {"t": n}, rank=0)["t"])
+    in_memory, _ = full_states(f"{ckpt}/{tag}")
+    for key, by_name in in_memory.items():
+        for name, t in by_name.items():
+            assert torch.equal(staged[key][name], t), (key, name)
     # and loads into one process (TP 1): the whole model, as the pieces say
     cfg = {k: v for k, v in CFG.items() if k != "tensor_parallel"}
     model = make("block", seed=7)[0]

@@ -8,13 +8,12 @@ checks: where a parameter's storage lives is read from /proc/self/maps, memory f
 """
 import errno
 import os
-import threading
-import time
 
 import pytest
 import torch
 from torch import nn
 
+from memprobe import PeakAnon
 from models import Block, block_batch
 from multiproc import run_ranks
 from test_offload_param import _config, _result
@@ -95,34 +94,6 @@ def test_module_argument_moves_a_built_model(tmp_path, no_torchrun_env):
         assert torch.equal(p, before[n]), n
 
 
-def _rss_anon() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no RssAnon")
-
-
-class _PeakAnon:
-    """The largest RssAnon seen by a sampling thread (the initialisers release the GIL)."""
-
-    def __enter__(self):
-        self.base, self.peak, self._stop = _rss_anon(), 0, False
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while not self._stop:
-            self.peak = max(self.peak, _rss_anon() - self.base)
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        self._stop = True
-        self._t.join()
-        self.peak = max(self.peak, _rss_anon() - self.base)
-
-
 # 8 x 3072x3072 fp32 weights, 36 MiB each (288 MiB): above glibc's largest dynamic mmap
 # threshold (32 MiB), so every weight is its own mapping and the control sees each one; with
 # smaller weights a normal build reused heap memory that earlier tests had freed (RssAnon
@@ -140,11 +111,11 @@ def test_construction_needs_about_one_parameter_of_anonymous_memory(tmp_path,
     import zerofx
 
     size = _LAYERS * _DIM * _DIM * 4
-    with _PeakAnon() as in_files:
+    with PeakAnon() as in_files:
         with zerofx.zero.Init(remote_device="nvme", dtype=torch.float32,
                               config_dict_or_path=_init_cfg(tmp_path)):
             model = _tower()
-    with _PeakAnon() as whole:  # the control: the measurement sees a normal build
+    with PeakAnon() as whole:  # the control: the measurement sees a normal build
         normal = _tower()
     assert whole.peak > 0.9 * size
     assert in_files.peak < size / 4, (in_files.peak, size)  # one layer is size / 8
@@ -270,7 +241,7 @@ def _initialize_body(rank, world, root):
     torch.manual_seed(rank)
     with zerofx.zero.Init(config_dict_or_path=cfg):
         model = nn.Sequential(*[nn.Linear(2048, 2048, bias=False) for _ in range(16)])
-    with _PeakAnon() as peak:
+    with PeakAnon() as peak:
         rt = zerofx.ZeroRuntime(model, cfg)
     shard = rt.plan.shard_numel
     mapped = len(_maps_under(f"{root}/p"))

@@ -15,6 +15,7 @@ checkpoint can come from anywhere, and a pickle could run code.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import re
 import secrets
@@ -196,13 +197,15 @@ def write_failed(path, error: BaseException, note: str = "") -> CheckpointWriteE
     return err
 
 
-def load_file(path: Path) -> dict:
-    """torch.load with weights_only, every failure turned into a CheckpointError."""
+def load_file(path: Path, *, mmap: bool = False) -> dict:
+    """torch.load with weights_only, every failure turned into a CheckpointError.
+    ``mmap``: tensors map the file (private, copy-on-write) instead of being read into
+    memory: a rank file larger than memory loads (offloaded state, files.full_states)."""
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the checkpoint is incomplete (a rank did "
                               f"not write it?); load another tag or save again")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle, forbidden global...
         raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}); the file is "
@@ -260,7 +263,7 @@ def _require(obj: dict, keys, path) -> None:
 def read_rank(tag_dir: Path, meta: dict, dp_rank: int) -> dict:
     """One rank file, checked against meta: its ranges fit the flat buffer and its tensors."""
     path = Path(tag_dir) / rank_file(dp_rank)
-    shard = load_file(path)
+    shard = load_file(path, mmap=True)
     _require(shard, ("dp_rank", "ranges", *STATE_KEYS, "step_count", "lr", "skipped",
                      "micro_steps", "gas", "scaler"), path)
     if shard["dp_rank"] != dp_rank:
@@ -301,9 +304,11 @@ def read_shards(tag_dir: Path, meta: dict,
     return shards
 
 
-def assemble(meta: dict, shards: list[dict], key: str) -> torch.Tensor:
-    """The full flat fp32 ``key`` state in the saved layout (padding zero)."""
-    flat = torch.zeros(meta["padded_numel"], dtype=torch.float32)
+def assemble(meta: dict, shards: list[dict], key: str, alloc=None) -> torch.Tensor:
+    """The full flat fp32 ``key`` state in the saved layout (padding zero), in a tensor of
+    ``alloc(numel)`` (zero-filled; None: in memory)."""
+    flat = alloc(meta["padded_numel"]) if alloc is not None else \
+        torch.zeros(meta["padded_numel"], dtype=torch.float32)
     for shard in shards:
         for start, numel, at in shard["ranges"]:
             flat[start:start + numel].copy_(shard[key][at:at + numel])
@@ -323,11 +328,14 @@ def full_state(tag_dir, key: str = "master",
 
 
 def full_states(tag_dir, keys=STATE_KEYS, on_file: Callable[[Path], None] | None = None,
-                _parent: tuple | None = None):
+                _parent: tuple | None = None, *, alloc=None):
     """({key: {parameter name: whole fp32 tensor}}, a rank file for the step counters).
 
     Each file is read once; tensor-parallel pieces are joined into whole parameters.
     ``_parent``: (save id, path) of the TP checkpoint's meta.pt a TP rank's must match.
+    ``alloc(numel)``: where the whole tensors go (zero-filled fp32; the load of an
+    NVMe-offloaded state passes file-backed ones, offload/scratch.py, so neither the files,
+    mapped, nor the state need fit in memory); the tensors are then views of its buffers.
     """
     tag_dir = Path(tag_dir)
     meta = read_meta(tag_dir)
@@ -336,11 +344,14 @@ def full_states(tag_dir, keys=STATE_KEYS, on_file: Callable[[Path], None] | None
     tp = meta.get("tp_size", 1)
     if tp == 1:
         shards = read_shards(tag_dir, meta, on_file)
-        states = {k: {n: t.clone() for n, t in by_name(meta, assemble(meta, shards, k)).items()}
-                  for k in keys}
+        # in memory, a tensor each: what callers keep does not pin the whole flat buffer
+        own = (lambda t: t) if alloc is not None else torch.Tensor.clone
+        states = {k: {n: own(t) for n, t in
+                      by_name(meta, assemble(meta, shards, k, alloc)).items()} for k in keys}
         return states, shards[0]
     parent = (meta.get("save_id"), tag_dir / META_FILE)
-    per_rank = [full_states(tag_dir / tp_dir(t), keys, on_file, parent) for t in range(tp)]
+    per_rank = [full_states(tag_dir / tp_dir(t), keys, on_file, parent, alloc=alloc)
+                for t in range(tp)]
     joined: dict = {k: {} for k in keys}
     for p in meta["params"]:
         for k in keys:
@@ -350,8 +361,10 @@ def full_states(tag_dir, keys=STATE_KEYS, on_file: Callable[[Path], None] | None
                 raise CheckpointError(f"{tag_dir}: {p['name']} is missing from {missing}; "
                                       f"the files are from different saves")
             split = p.get("tp")
+            out = alloc(math.prod(p["shape"])).view(p["shape"]) \
+                if split and alloc is not None else None
             joined[k][p["name"]] = join_tp_pieces(pieces, split["dim"], split["parts"],
-                                                  split.get("regions")) \
+                                                  split.get("regions"), out=out) \
                 if split else pieces[0]
     return joined, per_rank[0][1]
 
@@ -373,17 +386,19 @@ def with_aliases(tag_dir, state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def join_tp_pieces(pieces: list[torch.Tensor], dim: int, parts: int,
-                   regions=None) -> torch.Tensor:
+                   regions=None, out: torch.Tensor | None = None) -> torch.Tensor:
     """The whole parameter from its TP ranks' pieces (inverse of TPShard.local_piece): each
     piece holds its block of every part, so blocks are regrouped part by part. ``regions``
     [(rows, whole)]: unequal parts, a whole one held entirely by every rank, one whose
-    ``whole`` is a group count g in g groups, group k on ranks [k·tp/g, (k+1)·tp/g)."""
+    ``whole`` is a group count g in g groups, group k on ranks [k·tp/g, (k+1)·tp/g).
+    ``out``: the tensor to write the whole parameter into (else a new one)."""
     if regions:
-        out, at, tp = [], 0, len(pieces)
+        blocks, at, tp = [], 0, len(pieces)
         for n, whole in regions:
             g = tp if whole is False else 1 if whole is True else int(whole)
-            out += [pieces[k * tp // g].narrow(dim, at, n // g) for k in range(g)]
+            blocks += [pieces[k * tp // g].narrow(dim, at, n // g) for k in range(g)]
             at += n // g
-        return torch.cat(out, dim)
+        return torch.cat(blocks, dim, out=out)
     chunks = [p.chunk(parts, dim) for p in pieces]
-    return torch.cat([c[k] for k in range(parts) for c in chunks], dim)
+    blocks = [c[k] for k in range(parts) for c in chunks]
+    return torch.cat(blocks, dim, out=out)

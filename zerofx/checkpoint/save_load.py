@@ -86,7 +86,7 @@ def load_checkpoint(rt, load_dir, tag=None):
         return None, None
     meta = read_meta(path)
     _check_params(rt, meta, path)
-    states, counters = full_states(path)
+    states, counters = full_states(path, alloc=_staging(rt))
     _restore_state(rt, states)
     _restore_counters(rt, counters)
     log.info("loaded checkpoint %s (saved at TP %d x DP %d, stage %d; now TP %d x DP %d, "
@@ -255,6 +255,18 @@ def _all_ok(rt, action, what: str, path: Path) -> None:
 
 
 # ---- loading ----------------------------------------------------------------------------
+def _staging(rt):
+    """Where a load assembles the saved state: with the optimizer state on NVMe, in
+    file-backed tensors beside it (offload/scratch.py; a state larger than memory loads);
+    else in memory (None)."""
+    off = rt.state.offload
+    if off is None or not hasattr(off, "staged"):
+        return None
+    from zerofx.runtime.offload.scratch import scratch_tensors
+
+    return lambda n: scratch_tensors(off.root, {"t": n}, rank=rt.plan.rank)["t"]
+
+
 def _check_params(rt, meta: dict, path: Path) -> None:
     saved = {p["name"]: tuple(p["shape"]) for p in meta["params"]}
     mine = {p.name: tuple(p.tp.full_shape if p.tp else p.shape) for p in rt.plan.params}

@@ -25,7 +25,6 @@ import torch
 
 from zerofx.plan import Plan
 from zerofx.runtime.loss_scaler import LossScaler
-from zerofx.runtime.host_memory import available_memory
 from zerofx.runtime.offload import OffloadedState
 from zerofx.runtime.offload.params import ParamStore
 from zerofx.runtime.step_fn import StepState
@@ -141,11 +140,14 @@ class TrainState:
             yield {"master": self.master, "exp_avg": self.exp_avg,
                    "exp_avg_sq": self.exp_avg_sq}
             return
-        n = self.offload.numel
-        if getattr(self.offload, "host_master", None) is None:  # NVMe: it comes to memory
-            _check_whole_state_fits(3 * 4 * n, self.offload.file.path)
-        state = self.offload.read_all() if mode != "write" else \
-            {k: torch.zeros(n, dtype=torch.float32) for k in ("master", "exp_avg", "exp_avg_sq")}
+        if getattr(self.offload, "host_master", None) is not None:  # host memory (cpu)
+            state = self.offload.read_all() if mode != "write" else {
+                k: torch.zeros(self.offload.numel, dtype=torch.float32)
+                for k in ("master", "exp_avg", "exp_avg_sq")}
+        else:  # NVMe: file-backed copies beside the state, so it need not fit in memory
+            state = self.offload.staged()
+            if mode != "write":
+                self.offload.read_all(into=state)
         yield state
         if mode != "read":
             self.offload.write_all(state)
@@ -211,20 +213,3 @@ def nbytes(*tensors) -> int:
     by identity, which also holds on the meta device, where every address is 0)."""
     unique = {id(t): t for t in tensors if t is not None}
     return sum(t.numel() * t.element_size() for t in unique.values())
-
-
-def _check_whole_state_fits(nbytes: int, path: str) -> None:
-    """Checkpoints and the optimizer's state_dict pass an NVMe-offloaded state through memory
-    whole (they do not stream by chunk yet): refuse before allocating when it cannot fit,
-    rather than have the kernel kill the process halfway (the last checkpoint stays intact
-    either way: saves are atomic)."""
-    free = available_memory()
-    if free is not None and nbytes > free:
-        from zerofx.runtime.offload.files import OffloadError
-
-        raise OffloadError(
-            f"the offloaded optimizer state in {path} is {nbytes / 2**30:.2f} GiB on this rank "
-            f"and a checkpoint or optimizer.state_dict() passes it through memory whole, but "
-            f"only {free / 2**30:.2f} GiB is available: zerofx does not stream checkpoints of "
-            f"offloaded state yet; train with more data-parallel ranks (smaller shards) or "
-            f"free memory before saving (nothing was written)")

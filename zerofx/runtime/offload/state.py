@@ -30,6 +30,7 @@ import torch
 from zerofx.graph_ops import IdTable
 from zerofx.runtime.fused_optim import adam_step_, lamb_apply_, lamb_moments_
 from zerofx.runtime.offload.files import OffloadError, StateFile
+from zerofx.runtime.offload.scratch import scratch_tensors
 from zerofx.runtime.offload.stream import FIELDS, ChunkStream
 
 # The offloaded states by id, for the step graph's ops (offload/ops.py). A table of their own,
@@ -48,6 +49,7 @@ class OffloadedState:
     def __init__(self, plan, *, kind: str, hyper, path: str, chunk: int, buffer_count: int,
                  block_size: int, threads: int):
         self.plan, self.kind, self.hyper = plan, kind, hyper
+        self.root = path  # nvme_path: staged whole copies go beside the state (staged)
         self.numel = plan.shard_numel
         starts = [s.offset for s in plan.params] + [plan.padded_numel]
         self.bounds = torch.tensor(starts, dtype=torch.int64)
@@ -131,9 +133,18 @@ class OffloadedState:
         self._run(visit, read=_ALL, write=(0, 1))
 
     # ---- the whole state (checkpoints, the optimizer's state_dict, initialisation) --------
-    def read_all(self) -> dict[str, torch.Tensor]:
-        """The three fields as shard-sized tensors read from the file."""
-        whole = {k: torch.empty(self.numel, dtype=torch.float32) for k in FIELDS}
+    def staged(self) -> dict[str, torch.Tensor]:
+        """The three fields as shard-sized zero tensors backed by files beside the state
+        (offload/scratch.py): whole copies for checkpoints and state_dict that need not fit
+        in memory."""
+        return scratch_tensors(self.root, dict.fromkeys(FIELDS, self.numel),
+                               rank=self.plan.rank)
+
+    def read_all(self, into: dict | None = None) -> dict[str, torch.Tensor]:
+        """The three fields as shard-sized tensors read from the file (into ``into``'s
+        tensors when given, e.g. staged ones; else new ones in memory)."""
+        whole = into if into is not None else \
+            {k: torch.empty(self.numel, dtype=torch.float32) for k in FIELDS}
 
         def visit(i, a, b, fields):
             for k, t in zip(FIELDS, fields):
