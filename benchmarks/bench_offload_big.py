@@ -27,23 +27,17 @@ from pathlib import Path
 
 import torch
 
+from zerofx.runtime.host_memory import meminfo, process_status
+
 GIB = float(1 << 30)
 
 
 def _meminfo(key: str) -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
+    return (meminfo() or {})[key]
 
 
 def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return (process_status() or {}).get(key, 0)
 
 
 class _Watch:

@@ -31,15 +31,13 @@ sys.path.insert(0, str(HERE))
 import bench_largest as bl  # noqa: E402
 from rss_watchdog import run_watched  # noqa: E402
 
+from zerofx.runtime.host_memory import process_status  # noqa: E402
+
 MIB = float(1 << 20)
 
 
 def rss_anon() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return (process_status() or {}).get("RssAnon", 0)
 
 
 class Phases:

@@ -1,10 +1,13 @@
-"""runtime/host_memory.py: /proc/meminfo read once for the runtime and see_memory_usage."""
+"""runtime/host_memory.py: /proc/meminfo and /proc/self/status, read for see_memory_usage and
+the benchmarks' memory watches."""
 import os
 import sys
 
 import pytest
 
-from zerofx.runtime.host_memory import available_memory, meminfo
+import torch
+
+from zerofx.runtime.host_memory import available_memory, meminfo, process_status
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/meminfo is Linux's")
@@ -35,3 +38,14 @@ def test_no_meminfo_is_none_not_an_error(monkeypatch):
 
     used, total = _host_memory()  # see_memory_usage still prints: sysconf's total
     assert used == 0 and total == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/status is Linux's")
+def test_process_status_sees_an_allocation_touched_in_anonymous_memory():
+    before = process_status()
+    block = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB: its own mapping, every page
+    after = process_status()                          # written
+    grew = after["RssAnon"] - before["RssAnon"]
+    assert 0.9 * block.numel() < grew < 1.5 * block.numel(), grew
+    assert after["VmRSS"] >= after["RssAnon"] and after["Threads"] >= 1  # a count stays one
+    del block

@@ -6,6 +6,7 @@ offload) or, with parameters on a GPU, in host memory (ZeRO-Offload, ``host``).
     state    OffloadedState: the step's passes over the chunks, whole-state reads and writes
     ops      the step graph's ops and the ``update`` the step function uses
     host     HostOffload: the state in (pinned) host memory, gradients and updates copied
+    scratch  scratch_tensors: file-backed whole copies (checkpoints, state_dict), need not fit
     params   ParamStore: stage 3's 16-bit parameter shard on NVMe (offload_param), read per
              bucket for the gathers (runtime/param_gather.py), written by chunk by the step
 
