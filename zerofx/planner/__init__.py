@@ -16,13 +16,16 @@ tools/plan.py).
     rates.py      the op classes, and their rates: timed on this host (once per process),
                   or a GPU's data sheet times assumed efficiencies
 
+    split.py      with tensor parallelism, the tensor_parallel pass in the trace (a
+                  stand-in for the runtime's weight pieces, no process group)
+
 The model is built under a fake-tensor mode: shapes and dtypes, no storage. Tensor
 parallelism divides the split weights per the layout (tensor_parallel.plan, or found on the
-traced graph, fake tensors and all); activations, FLOPs and traffic are those of one
-tensor-parallel rank's graph as traced whole, an upper bound; with
-activation_checkpointing.partition_activations the values that pass cuts are counted as
-1/tp (graphs.partitioned: the traced pipeline has no TP group, so the pass itself does not
-run there).
+traced graph, fake tensors and all), and the graphs traced are the rank's split ones
+(split.py): activations, working peaks, FLOPs, traffic and the TP all-reduces are one
+tensor-parallel rank's. With activation_checkpointing.partition_activations the values that
+pass would cut are counted as 1/tp (graphs.partitioned: the pass needs a runtime, so it
+does not run in the trace; its rules are applied to the split pair).
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ from zerofx.planner.graphs import GraphFacts, graph_facts, partitioned, saved_ac
 from zerofx.planner.memory import (RankMemory, activation_peak, comm_buffers, compiled_bytes,
                                    gathered_bytes, model_states)
 from zerofx.planner.offload import OffloadFacts, offload_facts
+from zerofx.planner.split import split_passes
 from zerofx.tp.layout import resolve_tp_layout
 
 __all__ = ["GraphFacts", "OffloadFacts", "RankMemory", "plan_rank", "read_config",
@@ -66,7 +70,7 @@ def plan_rank(build, config, example, *, world: int, rank: int = 0,
     layout = resolve_tp_layout(model, config, example)
     plan = make_plan(named, config, rank=rank, world_size=world, tp_layout=layout)
     offload = offload_facts(plan, config, gpu=gpu)
-    graphs = trace_graphs(model, config, example, plan.compute_dtype)
+    graphs = trace_graphs(model, config, example, plan)
     if config.activation_checkpointing.partition_activations:
         graphs = [partitioned(g, plan.grid.tp_size) for g in graphs]
     saved, working = activation_peak(graphs)
@@ -104,8 +108,9 @@ def _fake(obj, mode):
     return obj
 
 
-def trace_graphs(model: nn.Module, config: Config, example, dtype) -> list[GraphFacts]:
-    """GraphFacts of each forward/backward pair of one traced training micro-step."""
+def trace_graphs(model: nn.Module, config: Config, example, plan) -> list[GraphFacts]:
+    """GraphFacts of each forward/backward pair of one traced training micro-step of
+    ``plan``'s rank: with tensor parallelism, its split graphs (planner/split.py)."""
     traced = Config.from_dict({
         "bf16": {"enabled": config.bf16.enabled}, "fp16": {"enabled": config.fp16.enabled},
         "zero_optimization": {"reduce_bucket_size":
@@ -124,16 +129,21 @@ def trace_graphs(model: nn.Module, config: Config, example, dtype) -> list[Graph
 
     import zerofx.backend  # noqa: F401  backend="zero" in a checkout that is not installed
 
-    with _params_in(model, dtype):
-        compiled = torch.compile(model, backend="zero", options={
-            "config": traced, "extra_passes": (PassSpec("plan_saved", record,
-                                                        frozenset({"partitioned"})),)})
-        args, kwargs = (example, {}) if isinstance(example, tuple) else ((), example)
-        out = compiled(*args, **kwargs)
-        loss = _loss_of(out)
-        loss.backward()  # on fake tensors: nothing computed, the backward graph traced
-    torch._dynamo.reset()  # the traced graphs hold fake tensors: not for reuse
-    lacking = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    handed: set = set()  # split weights whose (local) gradient the backward made
+    with _params_in(model, plan.compute_dtype), \
+            split_passes(plan, config, model, handed) as split:
+        try:
+            compiled = torch.compile(model, backend="zero", options={
+                "config": traced, "extra_passes": (*split, PassSpec(
+                    "plan_saved", record, frozenset({"partitioned"})))})
+            args, kwargs = (example, {}) if isinstance(example, tuple) else ((), example)
+            out = compiled(*args, **kwargs)
+            loss = _loss_of(out)
+            loss.backward()  # on fake tensors: nothing computed, the backward graph traced
+        finally:
+            torch._dynamo.reset()  # the traced graphs hold fake tensors: not for reuse
+    lacking = [n for n, p in model.named_parameters()
+               if p.requires_grad and p.grad is None and n not in handed]
     if lacking or not seen:  # never a silent zero: the backward was not traced through
         what = lacking[:3] or "the parameters"
         raise ConfigError(f"zerofx-plan traced no backward reaching {what}: the loss must "

@@ -25,14 +25,20 @@ dtypes, no storage).
                and ops that move nothing, priced by their dispatch alone), the dtype of its
                first output, and its FLOPs (matmul, attention) or counted bytes (the others)
     partitionable  (elements, bytes per element) of each saved value that
-               activation_checkpointing.partition_activations keeps as 1/tp per rank: the
-               pass's own rules (passes/partition_activations.py: a floating activation the
-               forward computed, read by a recompute in the backward, not a model output),
-               but one: the graph is traced whole, so each is taken as replicated across
-               the TP group, as a checkpointed region's input (the residual stream) is.
-               ``partitioned`` applies them
+               activation_checkpointing.partition_activations keeps as 1/tp per rank, by
+               the pass's own rules (passes/partition_activations.py: a floating
+               activation the forward computed, replicated across the TP group as the
+               tensor_parallel pass recorded it, read by a recompute in the backward, not
+               a model output) on the split graphs (planner/split.py); none where the TP
+               pass split nothing, as the pass then cuts nothing. The pass itself, which
+               needs a runtime, does not run in the planner: ``partitioned`` applies them
     nodes      the nodes of the forward and the backward graph: what the compiled graphs'
                resident objects grow with (planner/memory.py, ``compiled``)
+    collectives  (kind, bytes) of each collective the graphs run themselves, forward and
+               backward: the tensor_parallel pass's all-reduces (all-gathers and
+               reduce-scatters with sequence parallelism) over the TP group, priced by
+               step_time.py as collectives; in fw_ops/bw_ops they and their waits are
+               "view" (dispatch only), not memory traffic
 """
 from __future__ import annotations
 
@@ -43,16 +49,23 @@ import torch
 from torch import fx
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop, sdpa_flop
 
-from zerofx.passes.nodes import META_TP_SHARDING, is_cast, is_view, role_of
+from zerofx.graph_ops import TP_PARAM
+from zerofx.passes.nodes import is_cast, is_view, is_wait, role_of
 from zerofx.passes.partition_activations import is_partitionable, is_recomputed
 from zerofx.planner.rates import counted_bytes, op_class
 
 aten = torch.ops.aten
+_c10d = torch.ops._c10d_functional
 _NO_MEMORY = ("param", "buffer")  # graph inputs that live in the model states
 _FLOP_CLASSES = ("matmul", "attention", "attention_bw")  # priced by FLOPs, not bytes
 # ops that move no bytes of their own (views are handled by is_view)
 _FREE = {operator.getitem, aten.empty.memory_format, aten.scalar_tensor.default,
-         aten.detach.default, aten.alias.default}
+         aten.detach.default, aten.alias.default, TP_PARAM.target, _c10d.wait_tensor.default}
+# the graphs' own collectives (functional, over the TP group) -> comm_cost's kind; the
+# buffer priced is the whole one reduced or gathered (comm_cost.predict_ms)
+_COLLECTIVES = {_c10d.all_reduce.default: "all_reduce",
+                _c10d.all_gather_into_tensor.default: "all_gather",
+                _c10d.reduce_scatter_tensor.default: "reduce_scatter"}
 # CPU's attention kernels take the arguments of the CUDA ones torch's registry counts
 _FLOPS = {aten._scaled_dot_product_flash_attention_for_cpu: sdpa_flop,
           aten._scaled_dot_product_flash_attention_for_cpu_backward: sdpa_backward_flop}
@@ -73,6 +86,7 @@ class GraphFacts:
     bw_ops: tuple = ()
     partitionable: tuple = ()
     nodes: int = 0
+    collectives: tuple = ()
 
 
 def graph_facts(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, roles,
@@ -97,38 +111,29 @@ def graph_facts(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, ro
     return GraphFacts(saved, fw_peak, bw_peak, _flops(fw_ops), _flops(bw_ops),
                       _moved(fw_ops), _moved(bw_ops), fw_ops, bw_ops,
                       _partitionable(fw, bw, num_fwd_outputs),
-                      len(fw.graph.nodes) + len(bw.graph.nodes))
+                      len(fw.graph.nodes) + len(bw.graph.nodes),
+                      collectives(fw) + collectives(bw))
 
 
 def _partitionable(fw: fx.GraphModule, bw: fx.GraphModule, n_fwd: int) -> tuple:
     """The saved values partition_activations would cut (module doc), as the pass picks
     them: by name between the graphs, each once, a model output never; only a value that
-    owns its storage (cutting a view frees nothing the planner counts)."""
+    owns its storage (cutting a view frees nothing the planner counts; a collective's
+    wait holds the collective's buffer)."""
     outs = list(fw.graph.output_node().args[0])
     inputs = {n.name: n for n in bw.graph.nodes if n.op == "placeholder"}
     kept, out = set(outs[:n_fwd]), []
     for v in outs[n_fwd:]:
         if not isinstance(v, fx.Node) or v in kept or v.name not in inputs or \
-                _storage_owner(v) is not v:
+                (_storage_owner(v) is not v and not is_wait(v)):
             continue
         if not any(is_recomputed(u) for u in inputs[v.name].users):
             continue
         kept.add(v)
-        if _replicated(v):
+        if is_partitionable(v):
             val = v.meta["val"]
             out.append((int(val.numel()), val.element_size()))
     return tuple(out)
-
-
-def _replicated(v: fx.Node) -> bool:
-    """is_partitionable, a value the TP pass never saw taken as replicated (module doc)."""
-    if META_TP_SHARDING in v.meta:
-        return is_partitionable(v)
-    v.meta[META_TP_SHARDING] = None
-    try:
-        return is_partitionable(v)
-    finally:
-        del v.meta[META_TP_SHARDING]
 
 
 def partitioned(g: GraphFacts, tp: int) -> GraphFacts:
@@ -152,16 +157,23 @@ def saved_activation_bytes(fw: fx.GraphModule, num_fwd_outputs: int) -> int:
 
 
 def _holds_memory(node: fx.Node) -> bool:
-    """Not a parameter or buffer (nor a view of one: the owner is asked)."""
+    """Not a parameter or buffer (nor a view of one: the owner is asked); a split weight's
+    local piece (zerofx::tp_param) is a view of the runtime's parameters."""
     if node.op != "placeholder":
-        return True
+        return not _is_weight_piece(node)
     role = role_of(node)
     return role is not None and role.kind not in _NO_MEMORY
 
 
+def _is_weight_piece(node: fx.Node) -> bool:
+    return TP_PARAM.is_call(node)
+
+
 def _storage_owner(node: fx.Node) -> fx.Node:
-    """The node whose output storage ``node`` views (itself when it owns one)."""
-    while node.op == "call_function" and is_view(node) and not is_cast(node):
+    """The node whose output storage ``node`` views (itself when it owns one); a
+    collective's wait returns the collective's own output."""
+    while node.op == "call_function" and (is_view(node) and not is_cast(node) or
+                                          is_wait(node)):
         node = node.all_input_nodes[0]
     return node
 
@@ -191,7 +203,8 @@ def _peak(g: fx.GraphModule, *, initial: int = 0, inputs=None, release=None) -> 
             key[n] = inputs[0][n] if inputs else None
         elif n.op == "call_function":
             owner = _storage_owner(n)
-            key[n] = key.get(owner) if owner.op == "placeholder" else owner
+            outside = owner.op == "placeholder" or _is_weight_piece(owner)
+            key[n] = key.get(owner) if outside else owner
     free_at: dict = {}
     for n in nodes:
         k = key.get(n)
@@ -262,7 +275,7 @@ def op_work(g: fx.GraphModule) -> tuple:
         outs = _tensors(n.meta.get("val"))
         dtype = outs[0].dtype if outs else None
         fn = _flop_formula(n)
-        if n.target in _FREE or (is_view(n) and not is_cast(n)):
+        if n.target in _FREE or n.target in _COLLECTIVES or (is_view(n) and not is_cast(n)):
             out.append(("view", dtype, 0))
             continue
         cls = op_class(n, has_flops=fn is not None)
@@ -274,6 +287,17 @@ def op_work(g: fx.GraphModule) -> tuple:
             ins = [t for a in n.all_input_nodes for t in _tensors(a.meta.get("val"))]
             amount = counted_bytes(cls, outs, ins)
         out.append((cls, dtype, amount))
+    return tuple(out)
+
+
+def collectives(g: fx.GraphModule) -> tuple:
+    """(comm_cost kind, bytes of the whole buffer) of each collective ``g`` runs."""
+    out = []
+    for n in g.graph.nodes:
+        kind = _COLLECTIVES.get(n.target) if n.op == "call_function" else None
+        if kind is not None:
+            whole = n if kind == "all_gather" else n.args[0]  # the gathered output
+            out.append((kind, _bytes(whole)))
     return tuple(out)
 
 

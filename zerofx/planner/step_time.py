@@ -26,7 +26,10 @@ rates (planner/rates.py), plus the collectives the plan implies through the alph
                    parameters; stage 2 reduce-scatters them and all-gathers the parameters;
                    stage 3 reduce-scatters them and all-gathers the partitioned parameters
                    twice per micro-step (forward, and again for the backward) and the
-                   persistent ones once after the step
+                   persistent ones once after the step; with tensor parallelism, each
+                   collective the split graphs run over the TP group (their all-reduces,
+                   planner/graphs.py), per micro-step, on the critical path (the graph
+                   waits for it right after)
     offload        (planner/offload.py) NVMe: the state bytes each applied step reads and
                    writes (Adam 12 + 12 per element, LAMB 24 + 12), offload_param's shard
                    read and written by the step and each gathered bucket's range read per
@@ -125,7 +128,9 @@ class Collective:
     gathers, ``count`` how many times per step, over ``world`` ranks."""
 
     what: str
-    role: str  # "all_reduce" | "reduce" | "gather" (the runtime's forms choose for the last two)
+    # "all_reduce" | "reduce" | "gather" (the runtime's forms choose for these two) |
+    # "all_gather" | "reduce_scatter" (the graphs' functional ones: torch's own, no choice)
+    role: str
     nbytes: int
     count: int
     world: int
@@ -138,6 +143,20 @@ class Collective:
         share = (self.world - 1) / self.world
         return int(round(self.count * self.nbytes * share * (2 if self.role == "all_reduce"
                                                              else 1)))
+
+
+def tp_collectives(graphs, plan: Plan, config: Config) -> list[Collective]:
+    """The tensor-parallel collectives the traced graphs run, per step (module doc): one
+    Collective per kind and size, counted over the graphs and micro-steps."""
+    gas = config.accumulation_steps(plan.grid.dp_size)
+    count: dict = {}
+    for g in graphs:
+        for kind, nbytes in g.collectives:
+            count[kind, nbytes] = count.get((kind, nbytes), 0) + gas
+    names = {"all_reduce": "all-reduces", "all_gather": "all-gathers",
+             "reduce_scatter": "reduce-scatters"}
+    return [Collective(f"tensor-parallel {names[kind]}", kind, nbytes, n, plan.grid.tp_size,
+                       False) for (kind, nbytes), n in sorted(count.items())]
 
 
 def collectives(plan: Plan, config: Config) -> list[Collective]:
@@ -168,8 +187,8 @@ _FORMS = {"reduce": (("reduce_scatter", False), ("all_reduce", False), ("p2p_red
 def collective_ms(c: Collective, device: Device, *, shm: bool, cost: CommCost = DEFAULT) -> float:
     """Milliseconds of one step's ``c`` on ``device`` (module doc)."""
     if device.gloo:
-        if c.role == "all_reduce":
-            kinds = ["all_reduce"]
+        if c.role not in _FORMS:
+            kinds = [c.role]
         else:  # the forms the runtime may choose (runtime/comm/forms.py); the fastest wins
             kinds = [k for k, needs_shm in _FORMS[c.role] if shm or not needs_shm]
             if c.world != 2:  # pairwise sums, and shm reduce, are offered at 2 ranks only
@@ -303,7 +322,7 @@ def predict_step_time(mem, plan: Plan, config: Config, device: Device, *,
     if config.clip_norm:
         items.append(("gradient norm (clipping)", plan.shard_numel * dtype.itemsize
                       / rates.rate("reduction", dtype) * 1e3, False))
-    for c in collectives(plan, config):
+    for c in collectives(plan, config) + tp_collectives(mem.graphs, plan, config):
         items.append((f"{c.what} ({c.nbytes / MIB:.1f} MiB x {c.count})",
                       collective_ms(c, device, shm=shm), c.overlapped and not device.gloo))
     serial = sum(ms for _, ms, ov in items if not ov)
