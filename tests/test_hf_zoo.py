@@ -110,8 +110,9 @@ def _low_precision_body(rank, world, name, kind):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, kind", [("gpt2", "bf16"), ("llama", "bf16"),
-                                        ("gpt2", "fp16"), ("llama", "fp16")])
+# each model and each dtype once (a Latin square of the 2 x 2): the exact low-precision
+# numbers are tested against eager autocast elsewhere (test_mixed_precision, test_generated)
+@pytest.mark.parametrize("name, kind", [("gpt2", "fp16"), ("llama", "bf16")])
 def test_hf_model_low_precision_loss_falls(name, kind):
     for rank, losses in enumerate(run_ranks(_low_precision_body, 2, args=(name, kind),
                                             timeout_s=240)):
