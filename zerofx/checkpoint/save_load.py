@@ -30,10 +30,11 @@ import torch
 import torch.distributed as dist
 
 from zerofx.checkpoint.files import (FORMAT_VERSION, LATEST_FILE, META_FILE, STATE_KEYS,
-                                  CheckpointError, check_tag, full_states, is_checkpoint_dir,
+                                  CheckpointError, check_tag, is_checkpoint_dir,
                                   rank_file, read_meta, resolve_tag, tp_dir, write_atomically,
                                   write_failed)
 from zerofx.checkpoint.schema import with_digest
+from zerofx.checkpoint.sources import saved_state
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint"]
 
@@ -86,8 +87,8 @@ def load_checkpoint(rt, load_dir, tag=None):
         return None, None
     meta = read_meta(path)
     _check_params(rt, meta, path)
-    states, counters = full_states(path, alloc=_staging(rt))
-    _restore_state(rt, states)
+    source, counters = saved_state(path, meta, alloc=_staging(rt))
+    _restore_state(rt, source)
     _restore_counters(rt, counters)
     log.info("loaded checkpoint %s (saved at TP %d x DP %d, stage %d; now TP %d x DP %d, "
              "stage %d)", path, meta.get("tp_size", 1), meta["dp_size"], meta["zero_stage"],
@@ -282,24 +283,32 @@ def _check_params(rt, meta: dict, path: Path) -> None:
 
 
 @torch.no_grad()
-def _restore_state(rt, states: dict) -> None:
-    """Fill this runtime's owned ranges and flat_params from whole tensors, by name."""
+def _restore_state(rt, source) -> None:
+    """Fill this runtime's owned ranges and flat_params from ``source`` (checkpoint/sources.py:
+    by parameter name and element range; only what this rank keeps is read)."""
     plan = rt.plan
     tp, tp_rank = plan.grid.tp_size, plan.grid.tp_rank(plan.rank)
+    base, flat = plan.persist_offset, rt.state.flat_params  # stage 3: only the persistent
     with rt.state.optimizer_state("write") as fp32:  # offloaded: written to its file
         for key in STATE_KEYS:
-            full = {s.name: s.tp.local_piece(states[key][s.name], tp, tp_rank) if s.tp
-                    else states[key][s.name] for s in plan.params}
+            local: dict = {}  # this TP rank's piece of a split parameter, flattened
+
+            def piece(s, start, numel, out):
+                if s.tp is None:
+                    source.read(key, s.name, start, numel, out)
+                    return
+                if s.name not in local:
+                    local[s.name] = s.tp.local_piece(source.whole(key, s.name), tp,
+                                                     tp_rank).reshape(-1)
+                out.copy_(local[s.name][start:start + numel])
             dst = fp32[key]
             dst.zero_()  # padding stays zero
             for o in plan.owned_pieces():
-                src = full[o.slot.name].reshape(-1)[o.start:o.start + o.numel]
-                dst[o.at:o.at + o.numel].copy_(src)
-            if key == "master":
-                base, flat = plan.persist_offset, rt.state.flat_params  # stage 3: only the
-                for s in plan.params:  # persistent ones are whole; in place: the model's
-                    if s.offset >= base:  # parameters are views of it
-                        flat[s.offset - base:s.end - base].copy_(full[s.name].reshape(-1))
+                piece(o.slot, o.start, o.numel, dst[o.at:o.at + o.numel])
+            if key == "master":  # ones are whole; in place: the model's parameters are
+                for s in plan.params:  # views of it
+                    if s.offset >= base:
+                        piece(s, 0, s.numel, flat[s.offset - base:s.end - base])
         if plan.partitioned:  # stage 3's parameters are the shard itself
             rt.state.set_param_shard(fp32["master"])  # offload_param: into its file
 
