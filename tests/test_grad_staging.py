@@ -7,6 +7,7 @@ buffers, the memory ZeRO-2 exists to save. Now launching a bucket first waits fo
 while STAGED_IN_FLIGHT are in flight; training is unchanged (compared with stage 0's
 all-reduce on the same ranks).
 """
+import pytest
 import torch
 from torch import nn
 
@@ -47,6 +48,7 @@ def _body(rank, world, stage):
     return losses, most[0], len(engine.runtime.plan.buckets), grad_intake.STAGED_IN_FLIGHT
 
 
+@pytest.mark.slow  # multi-rank or compile heavy: several seconds
 def test_staged_buckets_in_flight_are_bounded_and_training_is_unchanged():
     staged = run_ranks(_body, 2, args=(2,))
     reference = run_ranks(_body, 2, args=(0,))

@@ -89,6 +89,7 @@ def test_tied_and_aliased_weights_are_one_parameter(no_torchrun_env):
     assert rt.aliases == {"enc.weight": ("dec.weight",), "bias_alias": ("dec.bias",)}
 
 
+@pytest.mark.slow  # multi-rank or compile heavy: several seconds
 def test_recompiles_and_eval_between_steps_share_one_layout(no_torchrun_env, tmp_path):
     import zerofx
 
