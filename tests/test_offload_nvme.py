@@ -420,3 +420,30 @@ def test_a_full_disk_while_staging_a_save_is_one_error_and_the_last_checkpoint_s
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "ckpt").rglob("*")) == before
     load_checkpoint(rt, tmp_path / "ckpt")
     rt.close()
+
+
+def test_a_long_whole_state_pass_says_how_far_it_is(tmp_path, monkeypatch, caplog,
+                                                     no_torchrun_env):
+    """A checkpoint's read of a large offloaded state takes minutes at disk speed: past a
+    while it reports the bytes done, growing, naming the rank and the file; a quick pass
+    says nothing."""
+    import zerofx.runtime.offload.state as st
+
+    rt, _, _ = _train(0, _config(tmp_path, chunk=100), steps=1, name="mlp")
+    off = rt.state.offload
+    assert len(off.chunks) > 3
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=st.__name__):
+        off.read_all()
+    assert not [r for r in caplog.records if r.name == st.__name__]  # quicker than NOTE_S
+    monkeypatch.setattr(st, "NOTE_S", 0.0)
+    monkeypatch.setattr(st, "NOTE_EVERY_S", 0.0)
+    with caplog.at_level("WARNING", logger=st.__name__):
+        off.read_all()
+    notes = [r.getMessage() for r in caplog.records if r.name == st.__name__]
+    assert len(notes) == len(off.chunks) - 1, notes  # every chunk but the last: not silent
+    assert all("rank 0" in m and off.file.path in m and "reading it whole" in m
+               for m in notes), notes
+    done = [int(m.split("(")[-1].split("%")[0]) for m in notes]
+    assert done == sorted(done) and 0 < done[0] and done[-1] < 100, done
+    rt.close()

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import atexit
 import bisect
+import logging
+import time
 import weakref
 
 import torch
@@ -36,6 +38,11 @@ from zerofx.runtime.offload.stream import FIELDS, ChunkStream
 # The offloaded states by id, for the step graph's ops (offload/ops.py). A table of their own,
 # not graph_ops' table of training states: what reads that one (zerofx.zero, deepspeed.utils'
 # helpers) expects runtimes there.
+log = logging.getLogger(__name__)
+# A whole-state pass (a checkpoint's save or load, the start) of a large state takes minutes
+# at disk speed: past NOTE_S it says how far it is, then every NOTE_EVERY_S.
+NOTE_S, NOTE_EVERY_S = 10.0, 30.0
+
 STATES = IdTable("offloaded optimizer state",
                  "the engine (its runtime) alive while its step graph runs")
 lookup = STATES.lookup
@@ -149,7 +156,8 @@ class OffloadedState:
         def visit(i, a, b, fields):
             for k, t in zip(FIELDS, fields):
                 whole[k][a:b].copy_(t)
-        self._run(visit, read=_ALL, write=_NONE)
+        self._run(self._noted(visit, "reading it whole (a checkpoint, state_dict)"),
+                  read=_ALL, write=_NONE)
         return whole
 
     def write_all(self, whole: dict) -> None:
@@ -159,7 +167,8 @@ class OffloadedState:
             for k, t in zip(FIELDS, fields):
                 src = whole.get(k)
                 t.copy_(src[a:b]) if src is not None else t.zero_()
-        self._run(visit, read=_NONE, write=_ALL)
+        self._run(self._noted(visit, "writing it whole (a checkpoint's load)"),
+                  read=_NONE, write=_ALL)
         self.broken = None
 
     def fill(self, fill_master) -> None:
@@ -170,7 +179,7 @@ class OffloadedState:
             fill_master(a, b, fields[0])
             fields[1].zero_()
             fields[2].zero_()
-        self._run(visit, read=_NONE, write=_ALL)
+        self._run(self._noted(visit, "filling it (the start)"), read=_NONE, write=_ALL)
         self.broken = None
 
     def close(self) -> None:
@@ -178,6 +187,24 @@ class OffloadedState:
         self.stream.close()
         self.file.close()
         self.broken = "it was closed (engine.destroy / ZeroRuntime.close)"
+
+    def _noted(self, visit, doing: str):
+        """``visit``, saying how far the pass is once it has run NOTE_S (a large state's
+        whole pass takes minutes: never silent that long)."""
+        start = time.monotonic()
+        due = [start + NOTE_S]
+
+        def noted(i, a, b, fields):
+            visit(i, a, b, fields)
+            now = time.monotonic()
+            if now >= due[0] and b < self.numel:
+                due[0] = now + NOTE_EVERY_S
+                done = 12 * b / 2**30
+                log.warning("zerofx: offloaded optimizer state of rank %d (%s): %s, %.1f of "
+                            "%.1f GiB (%d%%) after %.0f s", self.plan.rank, self.file.path,
+                            doing, done, 12 * self.numel / 2**30, 100 * b // self.numel,
+                            now - start)
+        return noted
 
     def _run(self, visit, *, read, write) -> None:
         if read != _NONE and self.broken is not None:
