@@ -200,7 +200,8 @@ def write_failed(path, error: BaseException, note: str = "") -> CheckpointWriteE
 def load_file(path: Path, *, mmap: bool = False) -> dict:
     """torch.load with weights_only, every failure turned into a CheckpointError.
     ``mmap``: tensors map the file (private, copy-on-write) instead of being read into
-    memory: a rank file larger than memory loads (offloaded state, files.full_states)."""
+    memory: a load copies out only the ranges its rank keeps (checkpoint/sources.py), so a
+    rank file larger than memory loads."""
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the checkpoint is incomplete (a rank did "
                               f"not write it?); load another tag or save again")

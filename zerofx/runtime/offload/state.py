@@ -35,14 +35,14 @@ from zerofx.runtime.offload.files import OffloadError, StateFile
 from zerofx.runtime.offload.scratch import scratch_tensors
 from zerofx.runtime.offload.stream import FIELDS, ChunkStream
 
-# The offloaded states by id, for the step graph's ops (offload/ops.py). A table of their own,
-# not graph_ops' table of training states: what reads that one (zerofx.zero, deepspeed.utils'
-# helpers) expects runtimes there.
 log = logging.getLogger(__name__)
 # A whole-state pass (a checkpoint's save or load, the start) of a large state takes minutes
 # at disk speed: past NOTE_S it says how far it is, then every NOTE_EVERY_S.
 NOTE_S, NOTE_EVERY_S = 10.0, 30.0
 
+# The offloaded states by id, for the step graph's ops (offload/ops.py). A table of their own,
+# not graph_ops' table of training states: what reads that one (zerofx.zero, deepspeed.utils'
+# helpers) expects runtimes there.
 STATES = IdTable("offloaded optimizer state",
                  "the engine (its runtime) alive while its step graph runs")
 lookup = STATES.lookup
