@@ -257,9 +257,9 @@ def _all_ok(rt, action, what: str, path: Path) -> None:
 
 # ---- loading ----------------------------------------------------------------------------
 def _staging(rt):
-    """Where a load assembles the saved state: with the optimizer state on NVMe, in
-    file-backed tensors beside it (offload/scratch.py; a state larger than memory loads);
-    else in memory (None)."""
+    """Where a load joins a tensor-parallel save's whole parameters (checkpoint/sources.py;
+    other saves are read by range, nothing joined): with the optimizer state on NVMe, in
+    file-backed tensors beside it (offload/scratch.py); else in memory (None)."""
     off = rt.state.offload
     if off is None or not hasattr(off, "staged"):
         return None
