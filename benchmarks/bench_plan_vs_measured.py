@@ -65,6 +65,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from multiproc import run_ranks  # noqa: E402  (the tests' N-process runner)
 
+from zerofx.runtime.host_memory import process_status  # noqa: E402
+
 MIB = float(1 << 20)
 VOCAB, SEQ, MICRO, HIDDEN, LAYERS, HEADS = 8192, 256, 4, 512, 4, 8
 
@@ -106,11 +108,10 @@ def _rss() -> int:
 
 
 def _hwm() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    hwm = (process_status() or {}).get("VmHWM")
+    if hwm is None:
+        raise RuntimeError("no VmHWM in /proc/self/status")
+    return hwm
 
 
 def _reset_hwm() -> None:

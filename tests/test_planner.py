@@ -48,6 +48,13 @@ def _saved_in_a_real_step(stage):
     model = Block()
     engine, *_ = zerofx.initialize(model=model, config={
         **ADAM_BF16, "zero_optimization": {"stage": stage}})
+    return saved_by_a_step(engine, block_batch())
+
+
+def saved_by_a_step(engine, batch) -> int:
+    """Bytes one training step of ``engine`` on ``batch`` saves for its backward, through
+    autograd's saved-tensor hooks: each storage once, the flat parameters' not counted (a
+    TP rank's local pieces are views of them too)."""
     params = {engine.runtime.state.flat_params.untyped_storage().data_ptr()}
     storages = {}
 
@@ -58,7 +65,7 @@ def _saved_in_a_real_step(stage):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = engine(*block_batch())
+        loss = engine(*batch)
     engine.backward(loss)
     engine.step()
     return sum(storages.values())

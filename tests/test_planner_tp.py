@@ -6,6 +6,7 @@ import torch
 import zerofx
 from models import Block, block_batch
 from multiproc import run_ranks
+from test_planner import saved_by_a_step
 from zerofx.planner import plan_rank
 
 TP2 = {"train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": True},
@@ -16,25 +17,12 @@ TP2 = {"train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": True},
 def _saved_on_a_tp_rank(rank, world):
     """Bytes a real TP-2 rank's compiled step saves for its backward, through autograd's
     saved-tensor hooks: each storage once, the parameters' (local pieces are views of the
-    flat buffer) not counted, as test_planner's one-process count."""
+    flat buffer) not counted: test_planner's count."""
     torch.manual_seed(0)
     # the example inputs: the layout found on the traced graph, as the planner finds it
     # (without them a model that is not Hugging Face's is split by its module tree)
     engine, *_ = zerofx.initialize(model=Block(), config=TP2, example_inputs=block_batch())
-    params = {engine.runtime.state.flat_params.untyped_storage().data_ptr()}
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            storages[s.data_ptr()] = max(storages.get(s.data_ptr(), 0), s.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = engine(*block_batch())
-    engine.backward(loss)
-    engine.step()
-    return sum(storages.values())
+    return saved_by_a_step(engine, block_batch())
 
 
 @pytest.mark.slow

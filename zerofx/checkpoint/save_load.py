@@ -87,7 +87,8 @@ def load_checkpoint(rt, load_dir, tag=None):
         return None, None
     meta = read_meta(path)
     _check_params(rt, meta, path)
-    source, counters = saved_state(path, meta, alloc=_staging(rt))
+    # a save with TP is joined into whole parameters first: staged for an NVMe state
+    source, counters = saved_state(path, meta, alloc=rt.state.staging())
     _restore_state(rt, source)
     _restore_counters(rt, counters)
     log.info("loaded checkpoint %s (saved at TP %d x DP %d, stage %d; now TP %d x DP %d, "
@@ -256,18 +257,6 @@ def _all_ok(rt, action, what: str, path: Path) -> None:
 
 
 # ---- loading ----------------------------------------------------------------------------
-def _staging(rt):
-    """Where a load joins a tensor-parallel save's whole parameters (checkpoint/sources.py;
-    other saves are read by range, nothing joined): with the optimizer state on NVMe, in
-    file-backed tensors beside it (offload/scratch.py); else in memory (None)."""
-    off = rt.state.offload
-    if off is None or not hasattr(off, "staged"):
-        return None
-    from zerofx.runtime.offload.scratch import scratch_tensors
-
-    return lambda n: scratch_tensors(off.root, {"t": n}, rank=rt.plan.rank)["t"]
-
-
 def _check_params(rt, meta: dict, path: Path) -> None:
     saved = {p["name"]: tuple(p["shape"]) for p in meta["params"]}
     mine = {p.name: tuple(p.tp.full_shape if p.tp else p.shape) for p in rt.plan.params}

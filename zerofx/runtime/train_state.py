@@ -104,7 +104,7 @@ class TrainState:
         fp32 master into ``out``), and stage 3's compute-dtype shard from them. NVMe
         offload: chunk by chunk into the file (moments zero beside them), each chunk's
         compute-dtype values straight to the shard or its file: no shard-sized temporary."""
-        if self.offload is None or getattr(self.offload, "host_master", None) is not None:
+        if not self._on_nvme():
             fill(0, self.master.numel(), self.master)
             self.master_filled()
             return
@@ -140,7 +140,7 @@ class TrainState:
             yield {"master": self.master, "exp_avg": self.exp_avg,
                    "exp_avg_sq": self.exp_avg_sq}
             return
-        if getattr(self.offload, "host_master", None) is not None:  # host memory (cpu)
+        if not self._on_nvme():  # host memory (device cpu): the host tensors themselves
             state = self.offload.read_all() if mode != "write" else {
                 k: torch.zeros(self.offload.numel, dtype=torch.float32)
                 for k in ("master", "exp_avg", "exp_avg_sq")}
@@ -151,6 +151,19 @@ class TrainState:
         yield state
         if mode != "read":
             self.offload.write_all(state)
+
+    def staging(self):
+        """``alloc(numel)`` of zero fp32 tensors for whole copies of the state a load needs:
+        with the state on NVMe, file-backed beside it (offload/scratch.py); None (in memory)
+        otherwise."""
+        if not self._on_nvme():
+            return None
+        return lambda n: self.offload.staged({"t": n})["t"]
+
+    def _on_nvme(self) -> bool:
+        """The optimizer state is in an NVMe file (not in memory, nor host tensors)."""
+        return self.offload is not None and \
+            getattr(self.offload, "host_master", None) is None
 
     def set_param_shard(self, values: torch.Tensor) -> None:
         """Stage 3: the compute-dtype shard becomes ``values`` (fp32 master weights or

@@ -140,11 +140,11 @@ class OffloadedState:
         self._run(visit, read=_ALL, write=(0, 1))
 
     # ---- the whole state (checkpoints, the optimizer's state_dict, initialisation) --------
-    def staged(self) -> dict[str, torch.Tensor]:
-        """The three fields as shard-sized zero tensors backed by files beside the state
-        (offload/scratch.py): whole copies for checkpoints and state_dict that need not fit
-        in memory."""
-        return scratch_tensors(self.root, dict.fromkeys(FIELDS, self.numel),
+    def staged(self, numels: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
+        """Zero fp32 tensors of ``numels`` (default: the three fields, shard-sized) backed by
+        files beside the state (offload/scratch.py): whole copies for checkpoints and
+        state_dict that need not fit in memory."""
+        return scratch_tensors(self.root, numels or dict.fromkeys(FIELDS, self.numel),
                                rank=self.plan.rank)
 
     def read_all(self, into: dict | None = None) -> dict[str, torch.Tensor]:
