@@ -11,6 +11,14 @@ steps=${1:-2000}
 out=${SOAK_DIR:-$(mktemp -d /tmp/zerofx-soak.XXXXXX)}
 mkdir -p "$out"
 export MALLOC_CHECK_=3 MALLOC_PERTURB_=165
+# glibc 2.34+ moved these checks into libc_malloc_debug.so: without it preloaded,
+# MALLOC_CHECK_ is silently ignored (a 1-byte overflow then free() passes unnoticed)
+debug_lib=$(ldconfig -p 2>/dev/null | awk '/libc_malloc_debug\.so\.0 /{print $NF; exit}')
+if [ -n "$debug_lib" ]; then
+  export LD_PRELOAD="$debug_lib${LD_PRELOAD:+:$LD_PRELOAD}"
+else
+  echo "soak: libc_malloc_debug.so.0 not found: MALLOC_CHECK_ may be ignored by this glibc" >&2
+fi
 failed=0
 for stage in 2 3; do
   base=examples/ds_config.json

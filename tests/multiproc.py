@@ -10,10 +10,10 @@ come back in rank order; if any rank raises or the time bound passes, the others
 and the AssertionError names the failing rank and shows its traceback.
 
 A rank killed by a signal (SIGABRT/SIGSEGV) fails the test at once with that rank's stderr
-tail (faulthandler's stacks and glibc's message): there is no rerun. A heap-corruption abort
-inside gloo's worker thread was once seen on the CI host about once in ten suite runs; it
-did not recur under MALLOC_CHECK_=3, AddressSanitizer, a 12,000-step soak or 16 full suite
-runs, so a crash now is a defect to report, not noise to retry.
+tail (faulthandler's stacks and glibc's message): there is no rerun. The heap-corruption
+aborts once seen about once per suite run were torch's gloo coalesced all-gather
+(docs/design.md "Heap checks"; passes/gather_out.py keeps it out of zerofx's graphs): a crash
+now is a defect to report, not noise to retry.
 """
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ from zerofx.passes.nodes import ZEROFX_COMM, added_by, is_collective
 _c10d = torch.ops._c10d_functional
 # functional collectives by op name -> the kind comm_cost predicts
 _FUNCOL = {"all_reduce": "all_reduce", "all_gather_into_tensor": "all_gather",
+           "all_gather_into_tensor_out": "all_gather",  # passes/gather_out.py's form
            "reduce_scatter_tensor": "reduce_scatter"}
 
 

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 def declared_passes() -> tuple[PassSpec, ...]:
     """Every zerofx pass, in pipeline order. Importing here keeps pass modules independent."""
     from zerofx.passes.bucketing import bucketing_pass
+    from zerofx.passes.gather_out import gather_out_pass
     from zerofx.passes.matmul_form import matmul_form_pass
     from zerofx.passes.mixed_precision import mixed_precision_pass
     from zerofx.passes.param_identity import param_identity_pass
@@ -78,6 +79,15 @@ def declared_passes() -> tuple[PassSpec, ...]:
                  and not cfg.zerofx.inductor),
         # The optimizer step's all-gathers: several in flight instead of one at a time.
         PassSpec("schedule", schedule_pass, frozenset({"optimizer"}), needs_runtime=True),
+        # Last on every executed graph: gloo's coalesced all-gather corrupts the heap
+        # (gather_out.py); its _out form is the plain all-gather. On where functional
+        # all-gathers are emitted: tensor parallelism's (sequence parallelism,
+        # partition_activations) and the step's (stages 1-2; stage 3's persistent buckets).
+        PassSpec("gather_out", gather_out_pass,
+                 frozenset({"forward", "backward", "inference", "optimizer"}),
+                 after=("matmul_form", "schedule", "bucketing"),
+                 enabled=lambda cfg: cfg.tensor_parallel.size > 1
+                 or cfg.zero_optimization.stage > 0),
     )
 
 

@@ -65,6 +65,7 @@ _FREE = {operator.getitem, aten.empty.memory_format, aten.scalar_tensor.default,
 # buffer priced is the whole one reduced or gathered (comm_cost.predict_ms)
 _COLLECTIVES = {_c10d.all_reduce.default: "all_reduce",
                 _c10d.all_gather_into_tensor.default: "all_gather",
+                _c10d.all_gather_into_tensor_out.default: "all_gather",  # gather_out's
                 _c10d.reduce_scatter_tensor.default: "reduce_scatter"}
 # CPU's attention kernels take the arguments of the CUDA ones torch's registry counts
 _FLOPS = {aten._scaled_dot_product_flash_attention_for_cpu: sdpa_flop,
