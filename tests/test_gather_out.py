@@ -24,10 +24,10 @@ def _gathers(xs, group):
     return [gather(x, 0, group) * 1 for x in xs]  # "* 1": a use after the wait
 
 
-def _traced(world, group):
+def _traced(group, xs):
+    """The gathers of ``xs``' shapes as make_fx records them (real tensors, real group)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    xs = [torch.zeros(s) for s in SHAPES]
     return make_fx(lambda *a: _gathers(a, group))(*xs)
 
 
@@ -55,7 +55,7 @@ def _rewrite_body(rank, world):
 
     dist.init_process_group("gloo")
     group = dist.group.WORLD
-    gm = _traced(world, group)
+    gm = _traced(group, [torch.zeros(s) for s in SHAPES])
     before = sum(n.target is GATHER for n in gm.graph.nodes)
     plain = [t.clone() for t in gm(*_inputs(rank))]
     gm = _rewrite(gm)
@@ -84,11 +84,8 @@ def _stress_body(rank, world, rounds):
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
-    group = dist.group.WORLD
-    from torch.fx.experimental.proxy_tensor import make_fx
-
     # 16 one-element gathers in flight at once: what aborts the unrewritten op
-    gm = _rewrite(make_fx(lambda *a: _gathers(a, group))(*[torch.zeros(1)] * 16))
+    gm = _rewrite(_traced(dist.group.WORLD, [torch.zeros(1)] * 16))
     want = torch.arange(1, world + 1, dtype=torch.float32)
     for _ in range(rounds):
         outs = gm(*[torch.full((1,), float(rank + 1))] * 16)

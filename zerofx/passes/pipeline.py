@@ -80,8 +80,8 @@ def declared_passes() -> tuple[PassSpec, ...]:
         # The optimizer step's all-gathers: several in flight instead of one at a time.
         PassSpec("schedule", schedule_pass, frozenset({"optimizer"}), needs_runtime=True),
         # Last on every executed graph: gloo's coalesced all-gather corrupts the heap
-        # (gather_out.py); its _out form is the plain all-gather. On where functional
-        # all-gathers are emitted: tensor parallelism's (sequence parallelism,
+        # (gather_out.py); its _out form is the plain all-gather. On wherever a graph can
+        # hold a functional all-gather: tensor parallelism's (sequence parallelism,
         # partition_activations) and the step's (stages 1-2; stage 3's persistent buckets).
         PassSpec("gather_out", gather_out_pass,
                  frozenset({"forward", "backward", "inference", "optimizer"}),
