@@ -117,3 +117,21 @@ def test_a_rank_waiting_on_a_live_silent_peer_gives_up_after_the_group_timeout(t
     assert 2.5 < waited < 10, waited
     # polls back off: a spinning wait burns ~100% of a core; a backed-off one a few percent
     assert cpu < 0.2 * waited, (cpu, waited)
+
+
+def test_a_peer_maps_only_the_creators_file_never_what_its_descriptor_names_later(tmp_path):
+    """The creator's /proc/<pid>/fd/<n> can name another of its files once it closed the
+    mirror's (a failing rank opens its sources for the traceback): a peer that opened that
+    path gets no descriptor, and the other file is left as it was (mapping it at the
+    mirror's size had overwritten a test module in a CI run)."""
+    from zerofx.runtime.comm.shm import _open_same
+
+    mirror, other = tmp_path / "mirror", tmp_path / "source.py"
+    mirror.write_bytes(b"\0" * 64)
+    other.write_text("x = 1\n")
+    st = os.stat(mirror)
+    fd = _open_same(str(other), (st.st_dev, st.st_ino))
+    assert fd is None and other.read_text() == "x = 1\n"
+    fd = _open_same(str(mirror), (st.st_dev, st.st_ino))
+    assert fd is not None and os.fstat(fd).st_ino == st.st_ino
+    os.close(fd)

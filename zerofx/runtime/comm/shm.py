@@ -125,11 +125,12 @@ class ShmMirror:
             if fd is None:
                 return None, why
             held.append(fd)
-            return f"/proc/{os.getpid()}/fd/{fd}", None
+            st = os.fstat(fd)  # the file's identity: a peer checks it opened this file
+            return (f"/proc/{os.getpid()}/fd/{fd}", st.st_dev, st.st_ino), None
 
         try:
-            path, why = from_first_rank(create, group)  # or (None, why)
-            raw = self._map(group, path, why, size)
+            where, why = from_first_rank(create, group)  # or (None, why)
+            raw = self._map(group, where, why, size)
             dist.barrier(group=group)  # every rank has it mapped: the descriptor can go
         finally:
             for fd in held:
@@ -139,22 +140,33 @@ class ShmMirror:
         self.data = raw[flag_bytes:].view(dtype)
         self._round = [0] * keys
 
-    def _map(self, group, path, why, size: int) -> torch.Tensor:
-        # every rank's pid (to notice a peer that exits while this rank waits for it), and
-        # whether it sees the file (from_file would quietly create a file of its own)
-        seen = [None] * self.world
-        dist.all_gather_object(seen, (os.getpid(), path is not None and os.path.exists(path)),
-                               group=group)
-        if path is not None and not all(ok for _, ok in seen):
-            why = (f"rank {next(r for r, (_, ok) in enumerate(seen) if not ok)} cannot open "
-                   f"{path}: another user, or /proc mounted with hidepid")
-        if path is None or why is not None:
-            raise ShmError(
-                f"zerofx shm collective form: cannot share {size / 2**20:.0f} MiB in "
-                f"{SHM_DIR} ({why}); give it more room (docker run --shm-size) or set "
-                f'"zerofx": {{"reduce_form": "p2p", "gather_form": "p2p"}}')
-        self.pids = [pid for pid, _ in seen]
-        return torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+    def _map(self, group, where, why, size: int) -> torch.Tensor:
+        path = where[0] if where is not None else None
+        # This rank's own descriptor of the file, checked to be the creator's file: the
+        # creator's descriptor number can name another of its files a moment later (it
+        # failed and closed it, then opened a source file for its traceback), and mapping
+        # that one at ``size`` would overwrite it.
+        mine = _open_same(path, where[1:]) if path is not None else None
+        try:
+            # every rank's pid (to notice a peer that exits while this rank waits for it),
+            # and whether it holds the file (from_file would quietly create one of its own)
+            seen = [None] * self.world
+            dist.all_gather_object(seen, (os.getpid(), mine is not None), group=group)
+            if path is not None and not all(ok for _, ok in seen):
+                why = (f"rank {next(r for r, (_, ok) in enumerate(seen) if not ok)} cannot "
+                       f"open {path}: another user, /proc mounted with hidepid, or the "
+                       f"creating rank stopped")
+            if path is None or why is not None:
+                raise ShmError(
+                    f"zerofx shm collective form: cannot share {size / 2**20:.0f} MiB in "
+                    f"{SHM_DIR} ({why}); give it more room (docker run --shm-size) or set "
+                    f'"zerofx": {{"reduce_form": "p2p", "gather_form": "p2p"}}')
+            self.pids = [pid for pid, _ in seen]
+            return torch.from_file(f"/proc/self/fd/{mine}", shared=True, size=size,
+                                   dtype=torch.uint8)
+        finally:
+            if mine is not None:
+                os.close(mine)
 
     def write(self, key: int, pieces) -> None:
         """Start a round under ``key``: copy each (offset, tensor) of ``pieces`` in."""
@@ -206,6 +218,19 @@ class ShmMirror:
                 f"is only slow, give the group a longer timeout: "
                 f"torch.distributed.init_process_group(timeout=...) or "
                 f"deepspeed.init_distributed(timeout=...) before zerofx starts")
+
+
+def _open_same(path: str, ident: tuple):
+    """A descriptor of ``path`` if it is the file ``ident`` (st_dev, st_ino) names, else None."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != tuple(ident):
+        os.close(fd)
+        return None
+    return fd
 
 
 def _timeout_s(group) -> float:
