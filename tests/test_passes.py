@@ -92,6 +92,77 @@ def test_a_stale_fake_value_is_blamed_on_the_pass_that_left_it():
         run_pipeline(gm, _ctx(), (PassSpec("stale", stale_cast, frozenset({"forward"})),))
 
 
+def _cast_input_after_computing(how):
+    """A pass that gives ``mul`` its value through compute_val, then changes what it was
+    computed from (``how``): the check after the pass must see it."""
+    from zerofx.passes.fake_vals import compute_val, fake_mode_of
+
+    def bad(gm, ctx):
+        mode = fake_mode_of(gm.graph)
+        mul = next(n for n in gm.graph.nodes if n.target == aten.mul.Tensor)
+        compute_val(mul, mode)  # fp32, from its fp32 input
+        x = mul.args[0]
+        if how == "rewire":  # the input becomes a bf16 cast: mul's args change
+            with gm.graph.inserting_before(mul):
+                half = gm.graph.call_function(aten._to_copy.default, (x,),
+                                              {"dtype": torch.bfloat16})
+            compute_val(half, mode)
+            mul.args = (half, *mul.args[1:])
+        elif how == "input_dtype":  # mul's args stay; its input's value turns bf16
+            neg = next(n for n in gm.graph.nodes if n.target == aten.neg.default)
+            neg.args = (neg.args[0],)
+            with gm.graph.inserting_before(neg):
+                half = gm.graph.call_function(aten._to_copy.default, (neg.args[0],),
+                                              {"dtype": torch.bfloat16})
+            compute_val(half, mode)
+            neg.args = (half,)
+            compute_val(neg, mode)
+        else:  # "overwritten": the value compute_val gave is replaced by a wrong one
+            with mode:
+                mul.meta["val"] = torch.empty(3, dtype=torch.float64)
+        return gm
+    return PassSpec("bad", bad, frozenset({"forward"}))
+
+
+@pytest.mark.parametrize("how", ["rewire", "input_dtype", "overwritten"])
+def test_a_value_computed_before_its_inputs_changed_is_still_checked(how):
+    """The check skips a node whose value compute_val gave from inputs that are still as
+    they were; any change after it (the node's arguments, an input's dtype, the value
+    itself) is recomputed and caught."""
+    with FakeTensorMode():
+        gm = make_fx(lambda x: (torch.neg(x) * 2).sum())(torch.empty(4, 4))
+    with pytest.raises(RuntimeError, match=r"pass 'bad' left \d node.*mul \(aten.mul.Tensor\) carries.*computes"):
+        run_pipeline(gm, _ctx(), (_cast_input_after_computing(how),))
+
+
+def test_values_computed_from_unchanged_inputs_are_not_recomputed(monkeypatch):
+    """A pass that computes every value it adds (as the tensor-parallel pass does) costs
+    no second fake-tensor run in the check; the pipeline leaves no record behind."""
+    from zerofx.passes import fake_vals
+
+    added = []
+
+    def computed(gm, ctx):
+        relu = next(n for n in gm.graph.nodes if n.target == aten.relu.default)
+        with gm.graph.inserting_before(relu):
+            mul = gm.graph.call_function(aten.mul.Tensor, (relu.args[0], 2))
+        added.append(mul.name)
+        fake_vals.compute_val(mul, fake_vals.fake_mode_of(gm.graph))
+        relu.replace_input_with(relu.args[0], mul)
+        fake_vals.compute_val(relu, fake_vals.fake_mode_of(gm.graph))
+        return gm
+
+    gm, _ = _traced()
+    calls = []
+    real = fake_vals.compute_val
+    monkeypatch.setattr(fake_vals, "compute_val", lambda n, m: (calls.append(n.name), real(n, m)))
+    gm = run_pipeline(gm, _ctx(), (PassSpec("computed", computed, frozenset({"forward"})),))
+    assert calls == [*added, "relu"]  # the pass's own two; none by the check
+    assert not any("zerofx_val_from" in n.meta for n in gm.graph.nodes)
+    x, w = torch.randn(4, 3), torch.randn(3, 2)
+    torch.testing.assert_close(gm(x, w), torch.relu(2 * (x @ w)).sum())
+
+
 def test_declared_pipeline_follows_config():
     assert [p.name for p in build_pipeline(Config())] == []
     bf16 = Config.from_dict({"bf16": {"enabled": True}})

@@ -18,6 +18,12 @@ def fake_mode_of(graph: fx.Graph):
     return detect_fake_mode(vals)
 
 
+# What a value was computed from (compute_val): (inputs_key, the value). The check after a
+# pass (stale_fake_vals) recomputes a value only where this no longer holds, which halves the
+# fake-tensor work of a pass that rewrites every node (tensor parallelism).
+_FROM = "zerofx_val_from"
+
+
 def compute_val(node: fx.Node, mode) -> None:
     """(Re)compute ``node.meta["val"]`` from its inputs' fake values."""
     if mode is None or node.op != "call_function":
@@ -29,6 +35,33 @@ def compute_val(node: fx.Node, mode) -> None:
     args, kwargs = tree_map(val, (node.args, node.kwargs))
     with mode:
         node.meta["val"] = node.target(*args, **kwargs)
+    node.meta[_FROM] = (_inputs_key(node), node.meta["val"])
+
+
+def _inputs_key(node: fx.Node):
+    """What ``val_summary`` of a node's value depends on: its op, its constants, and the name,
+    dtype and shape of each input node's value."""
+    def key(a):
+        return (a.name, val_summary(a.meta.get("val"))) if isinstance(a, fx.Node) else a
+    return node.target, tree_map(key, (node.args, node.kwargs))
+
+
+def _still_from_inputs(node: fx.Node) -> bool:
+    """The node's value is the one compute_val gave it, and its inputs are as they were."""
+    memo = node.meta.get(_FROM)
+    if memo is None or memo[1] is not node.meta.get("val"):
+        return False
+    try:
+        return bool(memo[0] == _inputs_key(node))
+    except RuntimeError:  # a tensor constant replaced by another: ambiguous equality
+        return False
+
+
+def forget_inputs(gm: fx.GraphModule) -> None:
+    """Drop compute_val's records (they name nodes of this graph: none may outlive it in a
+    copy of its meta)."""
+    for n in gm.graph.nodes:
+        n.meta.pop(_FROM, None)
 
 
 def fill_fake_vals(gm: fx.GraphModule) -> int:
@@ -40,12 +73,12 @@ def fill_fake_vals(gm: fx.GraphModule) -> int:
     return len(missing) if mode is not None else 0
 
 
-def _summary(v):
+def val_summary(v):
     """What later passes rely on of a fake value: dtype and shape of every tensor in it."""
     if isinstance(v, torch.Tensor):
         return (v.dtype, tuple(str(d) for d in v.shape))
     if isinstance(v, (tuple, list)):
-        return tuple(_summary(x) for x in v)
+        return tuple(val_summary(x) for x in v)
     return None
 
 
@@ -64,6 +97,8 @@ def stale_fake_vals(gm: fx.GraphModule, nodes) -> list[str]:
         if "val" not in node.meta:
             bad.append(f"{node.name} ({node.target}) has no fake value")
             continue
+        if _still_from_inputs(node):  # recomputing would give the same dtypes and shapes
+            continue
         have = node.meta["val"]
         try:
             compute_val(node, mode)
@@ -73,7 +108,9 @@ def stale_fake_vals(gm: fx.GraphModule, nodes) -> list[str]:
             node.meta["val"] = have
             continue
         now, node.meta["val"] = node.meta["val"], have
-        if _summary(now) != _summary(have):
-            bad.append(f"{node.name} ({node.target}) carries {_summary(have)} but computes "
-                       f"{_summary(now)}")
+        if val_summary(now) != val_summary(have):
+            bad.append(f"{node.name} ({node.target}) carries {val_summary(have)} but computes "
+                       f"{val_summary(now)}")
+        else:  # the value kept agrees with these inputs: the next check may skip it
+            node.meta[_FROM] = (node.meta[_FROM][0], have)
     return bad

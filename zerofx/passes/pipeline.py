@@ -25,7 +25,8 @@ from zerofx.config import Config, ConfigError
 from zerofx.passes.context import PassContext, PassSpec
 from zerofx.passes.dump import GraphDump
 from zerofx.passes.dump_collectives import collective_rows, render_collectives
-from zerofx.passes.fake_vals import fill_fake_vals, stale_fake_vals
+from zerofx.passes.fake_vals import (fill_fake_vals, forget_inputs, stale_fake_vals,
+                                     val_summary)
 from zerofx.passes.nodes import META_PARTITIONED, tag_new_nodes
 from zerofx.passes.region_inputs import budget_for
 
@@ -219,13 +220,14 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, passes: tuple[PassSpec, .
         if ctx.graph_kind not in p.graph_kinds:
             continue
         before = {n: (n.target, n.args, n.kwargs) for n in gm.graph.nodes}
+        vals = {n: n.meta.get("val") for n in gm.graph.nodes}
         t0 = time.perf_counter()
         try:
             gm = p.fn(gm, ctx)
             new = tag_new_nodes(gm.graph, set(before), p.name)
             fill_fake_vals(gm)
             gm.graph.lint()
-            _check_fake_vals(gm, p.name, new, before)
+            _check_fake_vals(gm, p.name, new, before, vals)
         except Exception as e:
             if dump is not None:
                 dump.failure(p.name, gm, e)
@@ -240,6 +242,7 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, passes: tuple[PassSpec, .
         if dump is not None:
             dump.record(p.name, gm, added=len(new), removed=removed, ms=ms)
         trace_artifact(ctx.graph_name, p.name, gm)
+    forget_inputs(gm)
     if dump is not None:
         dump.write_text("collectives.txt", render_collectives(collective_rows(
             gm, tp_group=ctx.tp_group, dp_size=ctx.plan.grid.dp_size, kinds=dict(ctx.comm_kinds),
@@ -247,12 +250,16 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, passes: tuple[PassSpec, .
     return gm
 
 
-def _check_fake_vals(gm: fx.GraphModule, name: str, new, before: dict) -> None:
-    """Graph rule 4, enforced where it breaks: every node the pass added, or whose inputs it
-    changed, carries the fake value its inputs compute (passes fill values as they go; the
-    pipeline fills the ones a pass left out, and checks them here)."""
+def _check_fake_vals(gm: fx.GraphModule, name: str, new, before: dict, vals: dict) -> None:
+    """Graph rule 4, enforced where it breaks: every node the pass added, whose inputs it
+    changed, whose value it replaced, or that reads a value it replaced, carries the fake
+    value its inputs compute (passes fill values as they go; the pipeline fills the ones a
+    pass left out, and checks them here)."""
     rewritten = [n for n in gm.graph.nodes if n in before and _changed(before[n], n)]
-    bad = stale_fake_vals(gm, [*new, *rewritten])
+    revalued = [n for n in gm.graph.nodes if n in vals and n.meta.get("val") is not vals[n]]
+    readers = [u for n in revalued if val_summary(n.meta.get("val")) != val_summary(vals[n])
+               for u in n.users]
+    bad = stale_fake_vals(gm, list(dict.fromkeys([*new, *rewritten, *revalued, *readers])))
     if bad:
         raise RuntimeError(f"pass {name!r} left {len(bad)} node(s) with a wrong fake value "
                            f"(graph rule 4, passes/README.md): " + "; ".join(bad[:5]))
