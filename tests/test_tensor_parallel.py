@@ -590,23 +590,29 @@ def _vocab_grads_body(rank, world):
     engine.backward(out.loss)
     rt = engine.runtime
     grads = {s.name: rt.state.full_grads[s.offset:s.end].view(s.shape).clone() for s in rt.plan.params}
-    return out.loss.item(), grads, {s.name: s.tp for s in rt.plan.params}, out.logits.shape
+    logits = out.logits.detach()
+    return (out.loss.item(), grads, {s.name: s.tp for s in rt.plan.params},
+            (logits.clone(), logits.stride()))
 
 
 @pytest.mark.slow
 def test_hf_llama_vocab_parallel_loss_and_gradients_equal_one_process():
     """Megatron's vocabulary-parallel embedding, LM head and cross-entropy (labels=, the
     shifted targets, ignore_index): the loss and every gradient piece equal the whole
-    model's to rounding; the logits the model returns are whole."""
+    model's to rounding; the logits the model returns are whole, equal, and laid out as
+    the whole model's (a gathered output was once vocabulary-major in memory)."""
     pytest.importorskip("transformers")
     from hf_models import hf_batch, make_hf
 
     model = make_hf("llama")
     out = model(**hf_batch("llama", 0))
     out.loss.backward()
-    for rank, (loss, grads, shards, logits_shape) in enumerate(run_ranks(_vocab_grads_body, 2)):
+    for rank, (loss, grads, shards, (logits, stride)) in enumerate(
+            run_ranks(_vocab_grads_body, 2)):
         assert shards["model.embed_tokens.weight"].dim == 0  # split over the vocabulary
-        assert shards["lm_head.weight"].dim == 0 and logits_shape == out.logits.shape
+        assert shards["lm_head.weight"].dim == 0 and logits.shape == out.logits.shape
+        assert stride == out.logits.stride()
+        torch.testing.assert_close(logits, out.logits.detach(), rtol=1e-5, atol=1e-6)
         assert loss == pytest.approx(out.loss.item(), rel=1e-6)
         got = torch.cat([grads[n].reshape(-1) for n, _ in model.named_parameters()])
         want = torch.cat([(p.grad if shards[n] is None else

@@ -65,11 +65,18 @@ def gather_tokens(node: fx.Node, state, full, tokens: set, *, tp: int, group: st
 
 
 def gather(graph: fx.Graph, value: fx.Node, dim: int, *, tp: int, group: str) -> fx.Node:
-    """The whole of a value split evenly along ``dim`` (all_gather_into_tensor gathers along
-    the first dimension: the split one is moved there and back)."""
+    """The whole of a value split evenly along ``dim``, contiguous as the unsplit value is
+    (all_gather_into_tensor gathers along the first dimension: the split one is moved there
+    and back; moved back it is a view with the split dimension outermost in memory, a layout
+    every later reshape, ``view`` or kernel would copy again, and a model output the user sees:
+    Hugging Face's loss upcasts such logits and copies the fp32 result once more)."""
     front = graph.call_function(aten.movedim.int, (value, dim, 0))
     front = graph.call_function(aten.clone.default, (front,),
                                 {"memory_format": torch.contiguous_format})
     g = graph.call_function(_c10d.all_gather_into_tensor.default, (front, tp, group))
     g = graph.call_function(_c10d.wait_tensor.default, (g,))
-    return graph.call_function(aten.movedim.int, (g, 0, dim))
+    if dim == 0:
+        return g
+    back = graph.call_function(aten.movedim.int, (g, 0, dim))
+    return graph.call_function(aten.clone.default, (back,),
+                               {"memory_format": torch.contiguous_format})
