@@ -465,3 +465,35 @@ def test_zero_to_fp32_reads_zerofx_checkpoints(no_torchrun_env, tmp_path):
         zero_to_fp32.convert_zero_checkpoint_to_fp32_state_dict(tmp_path, tmp_path / "out")
     with pytest.raises(zerofx.checkpoint.CheckpointError, match="latest.*does not exist"):
         zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(tmp_path / "global_step2")
+
+
+def test_a_runtime_kept_past_its_model_never_claims_a_later_parameter(no_torchrun_env):
+    """Parameters are known by identity; a runtime that outlives its model (a cycle not yet
+    collected, as between tests) must not take a parameter made later, which CPython gives
+    a freed one's id within a few allocations, for its own: safe_get_full_grad once asked
+    such a runtime (no engine left) and refused a live engine's parameter (a clean-clone CI
+    failure of this file)."""
+    import gc
+
+    from torch import nn
+
+    old = make("mlp")[0]
+    kept = zerofx.ZeroRuntime(old, _cfg())
+    ids = {id(p) for p in old.parameters()}
+    del old
+    gc.collect()
+    fresh = []
+    for _ in range(10_000):  # until CPython hands out a dead parameter's id again
+        fresh.append(nn.Parameter(torch.zeros(1)))
+        if id(fresh[-1]) in ids:
+            break
+    assert id(fresh[-1]) in ids, "no id was reused: the test proves nothing"
+    assert kept.param_name(fresh[-1]) is None
+    with pytest.raises(KeyError, match="not a parameter of this runtime's model"):
+        kept.carriers.index_of(fresh[-1])
+    # a live engine's gradients are found beside the kept runtime, whatever ids they have
+    model = make("mlp")[0]
+    engine, *_ = zerofx.initialize(model=model, config=_cfg())
+    engine.backward(engine(*mlp_batch(seed=0)))
+    assert all(safe_get_full_grad(p) is not None for p in model.parameters())
+    kept.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import weakref
 
 import torch
 from torch import nn
@@ -25,6 +26,10 @@ class ParamCarriers:
     def __init__(self, model: nn.Module, named: list, plan: Plan):
         self.plan = plan
         self._name_by_id = {id(p): n for n, p in named}
+        # id() alone is not an identity: a runtime can outlive its model (a cycle not yet
+        # collected, a runtime kept for its state), and a parameter made later may get a
+        # dead one's id: it would be taken for that runtime's (its name, its gradient)
+        self._refs = {id(p): weakref.ref(p) for _, p in named}
         index = {s.name: i for i, s in enumerate(plan.params)}
         self._slot_by_id = {pid: index[n] for pid, n in self._name_by_id.items()}
         self._slot_by_ptr: dict[int, int] = {}
@@ -89,12 +94,19 @@ class ParamCarriers:
         return [(self._name_by_id[id(p)], p, local) for p, _, local in self._carriers
                 if wanted is None or id(p) in wanted]
 
+    def _is_mine(self, param) -> bool:
+        ref = self._refs.get(id(param))
+        return ref is not None and ref() is param
+
     def name_of(self, param) -> str | None:
         """The plan's name of a trained parameter, by identity (aliases share one name)."""
-        return self._name_by_id.get(id(param))
+        return self._name_by_id[id(param)] if self._is_mine(param) else None
 
     def index_of(self, param) -> int:
         """The plan index of trained parameter ``param`` (by identity)."""
+        if not self._is_mine(param):
+            raise KeyError(f"not a parameter of this runtime's model: {type(param).__name__} "
+                           f"of shape {tuple(param.shape)}")
         return self._slot_by_id[id(param)]
 
     def slot_of(self, tensor: torch.Tensor) -> int:
@@ -102,7 +114,7 @@ class ParamCarriers:
         Parameters are views of flat_params (TP ones: their stand-ins), so the address
         identifies them in any graph call, whatever object carries it."""
         if tensor.numel() == 0:
-            return self._slot_by_id.get(id(tensor), -1)
+            return self._slot_by_id[id(tensor)] if self._is_mine(tensor) else -1
         return self._slot_by_ptr.get(tensor.data_ptr(), -1)
 
 
