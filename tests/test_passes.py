@@ -110,7 +110,6 @@ def _cast_input_after_computing(how):
             mul.args = (half, *mul.args[1:])
         elif how == "input_dtype":  # mul's args stay; its input's value turns bf16
             neg = next(n for n in gm.graph.nodes if n.target == aten.neg.default)
-            neg.args = (neg.args[0],)
             with gm.graph.inserting_before(neg):
                 half = gm.graph.call_function(aten._to_copy.default, (neg.args[0],),
                                               {"dtype": torch.bfloat16})
