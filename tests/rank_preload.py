@@ -2,6 +2,7 @@
 every rank would otherwise import itself. Nothing here runs torch code (no thread pool may
 exist in a process that forks)."""
 import importlib
+import sys
 
 import torch  # noqa: F401
 import torch.distributed  # noqa: F401
@@ -39,20 +40,12 @@ for _name in ("transformers", "transformers.models.gpt2.modeling_gpt2",
 # Dynamo names the function of every op it records (funcname_cache), tokenizing each source
 # file the first time a process traces into it: torch/nn/functional.py alone takes ~0.5 s, a
 # rank ~0.8 s in all, in every rank of every test. Tokenized here once, the ranks inherit it.
-def _traced_sources():
-    import sys
-
-    for mod in list(sys.modules.values()):
-        path = getattr(mod, "__file__", None) or ""
-        name = getattr(mod, "__name__", "")
-        if path.endswith(".py") and (name.startswith(("torch.nn.", "zerofx.", "transformers.models."))
-                                     or name in _SHARED):
-            yield path
-
-
+_TRACED = ("torch.nn.", "zerofx.", "transformers.models.")
 _SHARED = {"transformers.modeling_utils", "transformers.cache_utils", "transformers.activations",
            "transformers.masking_utils", "transformers.pytorch_utils",
            "transformers.modeling_layers", "transformers.integrations.sdpa_attention",
            "transformers.loss.loss_utils"}
-for _path in _traced_sources():
-    funcname_cache.get_funcname(_path, 0)
+for _mod in list(sys.modules.values()):
+    _path, _name = getattr(_mod, "__file__", None) or "", getattr(_mod, "__name__", "")
+    if _path.endswith(".py") and (_name.startswith(_TRACED) or _name in _SHARED):
+        funcname_cache.get_funcname(_path, 0)

@@ -219,15 +219,15 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, passes: tuple[PassSpec, .
     for p in passes:
         if ctx.graph_kind not in p.graph_kinds:
             continue
-        before = {n: (n.target, n.args, n.kwargs) for n in gm.graph.nodes}
-        vals = {n: n.meta.get("val") for n in gm.graph.nodes}
+        # each node's call and value before the pass: what the check compares with
+        before = {n: ((n.target, n.args, n.kwargs), n.meta.get("val")) for n in gm.graph.nodes}
         t0 = time.perf_counter()
         try:
             gm = p.fn(gm, ctx)
             new = tag_new_nodes(gm.graph, set(before), p.name)
             fill_fake_vals(gm)
             gm.graph.lint()
-            _check_fake_vals(gm, p.name, new, before, vals)
+            _check_fake_vals(gm, p.name, new, before)
         except Exception as e:
             if dump is not None:
                 dump.failure(p.name, gm, e)
@@ -250,18 +250,25 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext, passes: tuple[PassSpec, .
     return gm
 
 
-def _check_fake_vals(gm: fx.GraphModule, name: str, new, before: dict, vals: dict) -> None:
+def _check_fake_vals(gm: fx.GraphModule, name: str, new, before: dict) -> None:
     """Graph rule 4, enforced where it breaks: every node the pass added, whose inputs it
-    changed, whose value it replaced, or that reads a value it replaced, carries the fake
-    value its inputs compute (passes fill values as they go; the pipeline fills the ones a
-    pass left out, and checks them here)."""
-    rewritten = [n for n in gm.graph.nodes if n in before and _changed(before[n], n)]
-    revalued = [n for n in gm.graph.nodes if n in vals and n.meta.get("val") is not vals[n]]
-    # (a value the pipeline filled for the first time, fill_fake_vals, is no change of the
-    # pass's: its readers were traced with their own values)
-    readers = [u for n in revalued if vals[n] is not None
-               and val_summary(n.meta.get("val")) != val_summary(vals[n]) for u in n.users]
-    bad = stale_fake_vals(gm, list(dict.fromkeys([*new, *rewritten, *revalued, *readers])))
+    changed, whose value it replaced, or that reads a value whose dtype or shape it changed,
+    carries the fake value its inputs compute (passes fill values as they go; the pipeline
+    fills the ones a pass left out, and checks them here)."""
+    suspects = list(new)
+    for n in gm.graph.nodes:
+        if n not in before:
+            continue
+        call, val = before[n]
+        if _changed(call, n):
+            suspects.append(n)
+        if n.meta.get("val") is not val:
+            suspects.append(n)
+            # (a value the pipeline filled for the first time, fill_fake_vals, is no change
+            # of the pass's: its readers were traced with their own values)
+            if val is not None and val_summary(n.meta.get("val")) != val_summary(val):
+                suspects.extend(n.users)
+    bad = stale_fake_vals(gm, list(dict.fromkeys(suspects)))
     if bad:
         raise RuntimeError(f"pass {name!r} left {len(bad)} node(s) with a wrong fake value "
                            f"(graph rule 4, passes/README.md): " + "; ".join(bad[:5]))
