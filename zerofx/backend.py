@@ -23,6 +23,7 @@ from functorch.compile import make_boxed_func
 
 from zerofx.cpu_gemm import describe as describe_cpu_gemm, host_forms
 from zerofx.config import Config, ConfigError
+from zerofx.dynamo_settings import skip_once_logging
 from zerofx.passes import (PassContext, PassSpec, build_pipeline, partitioner,
                            run_partitioned, run_pipeline)
 from zerofx.passes.dump import GraphDump
@@ -32,6 +33,10 @@ from zerofx.runtime.comm.dist import init_distributed
 from zerofx.runtime.model_checks import refuse_sparse_graph, warn_reentrant_checkpoint
 
 log = logging.getLogger(__name__)
+# torch.compile(backend="zero") imports this module before Dynamo traces the model: a model
+# from transformers (imported by then) compiles without a graph break at each print-once
+# advisory.
+skip_once_logging()
 
 OPTION_KEYS = ("config", "runtime", "extra_passes")
 DUMP_ENV = "ZEROFX_DUMP"

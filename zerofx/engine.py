@@ -13,7 +13,6 @@ loop wants around it: LR schedules, a distributed loader, logging, checkpoints.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import math
 import os
@@ -25,6 +24,7 @@ from torch import nn
 from zerofx.backend import dump_root_of, offer_step_program
 from zerofx.config import Config, ConfigError
 from zerofx.data import DistributedLoader
+from zerofx.dynamo_settings import skip_once_logging, traced_checkpoint_side_effects
 from zerofx.engine_compat import (AccumulationControls, DeepSpeedReaders,
                                   check_load_options, remember)
 from zerofx.monitor import Monitor
@@ -103,18 +103,6 @@ def _config_source(args, config, config_params):
 INPUT_CHECKS = 3
 
 
-def _traced_checkpoint_side_effects():
-    """Dynamo traces a checkpointed region whose forward has a side effect (Hugging Face's
-    kernel hub sets a context variable in every decorated layer's forward, transformers
-    5.25+) instead of running the whole region eagerly: eagerly, zerofx's passes never see
-    it (no casts, no ZeRO-3 graph gathers) and tensor-parallel weights cannot run at all.
-    The side effect then happens once, in the forward, not again in the backward's
-    recompute (docs/memory.md)."""
-    import torch._dynamo.config as dynamo_config
-    if not hasattr(dynamo_config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
-        return contextlib.nullcontext()  # an older torch: regions with side effects run eagerly
-    return dynamo_config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)
-
 class ZeroEngine(AccumulationControls, DeepSpeedReaders, nn.Module):
     """What ``zerofx.initialize`` returns: call it, ``backward``, ``step``, checkpoint it.
     DeepSpeed's accumulation controls (no_sync, set_gradient_accumulation_boundary) and
@@ -134,6 +122,7 @@ class ZeroEngine(AccumulationControls, DeepSpeedReaders, nn.Module):
         self.module = model
         self.runtime = ZeroRuntime(model, config, optimizer=optimizer, mpu=mpu,
                                    example_inputs=example_inputs)
+        skip_once_logging()  # transformers may have come after zerofx.backend's import
         # Not a submodule: the engine's state_dict is the model's once ("module.*"), as
         # DeepSpeedEngine's, not again under the compiled wrapper's "_orig_mod".
         object.__setattr__(self, "compiled", torch.compile(
@@ -185,7 +174,7 @@ class ZeroEngine(AccumulationControls, DeepSpeedReaders, nn.Module):
         if self.config.fp16.enabled and self.config.fp16.auto_cast:
             args, kwargs = _half_inputs(args), _half_inputs(kwargs)
         try:
-            with self.runtime.shape_carriers(), _traced_checkpoint_side_effects():
+            with self.runtime.shape_carriers(), traced_checkpoint_side_effects():
                 out = self.compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             # A bad plan or config found while compiling: the user needs zerofx's message,
