@@ -1,9 +1,9 @@
 """Hugging Face models as their users call them (``model(input_ids=..., labels=...)``),
 trained through zerofx.initialize on 2 real gloo ranks, against single-process AdamW.
 
-GPT-2's loss breaks the graph inside transformers, BERT's MLM head reaches its bias under
-an alias, T5 ties one embedding to three names, Mixtral routes tokens to experts that a
-rank may not use in a step: each must train exactly as on one process (fp32: relative
+GPT-2's loss calls a print-once advisory (traced as a no-op: one graph), BERT's MLM head
+reaches its bias under an alias, T5 ties one embedding to three names, Mixtral routes
+tokens to experts that a rank may not use in a step: each must train exactly as on one process (fp32: relative
 parameter difference <= 1e-5), and bf16/fp16 must bring the loss down.
 """
 import pytest

@@ -21,6 +21,7 @@ ALLOWED = {
     "zerofx.graph_ops": [],
     "zerofx.fx_source": [],  # a node's line of user code: read by passes and tp_discovery
     "zerofx.cpu_gemm": [],  # the host's CPU matmul forms: read by the runtime and a pass
+    "zerofx.dynamo_settings": [],  # how Dynamo traces model code: read by backend and engine
     # propagation_cuts holds its rules for ops that cut (registered when propagation loads)
     "zerofx.tp.propagation": ["zerofx.tp.rules", "zerofx.tp.propagation"],
     "zerofx.tp.rules": [],
@@ -37,7 +38,8 @@ ALLOWED = {
                       "zerofx.tp.propagation", "zerofx.tp.rules", "zerofx.config",
                       "zerofx.comm_cost", "zerofx.fx_source", "zerofx.cpu_gemm"],
     "zerofx.backend": ["zerofx.passes", "zerofx.runtime", "zerofx.plan", "zerofx.tp.layout",
-                       "zerofx.config", "zerofx.step_graph", "zerofx.cpu_gemm"],
+                       "zerofx.config", "zerofx.step_graph", "zerofx.cpu_gemm",
+                       "zerofx.dynamo_settings"],
     "zerofx.step_graph": ["zerofx.passes", "zerofx.runtime", "zerofx.plan", "zerofx.tp.layout",
                           "zerofx.config"],
     "zerofx.lr_schedules": ["zerofx.config"],

@@ -17,6 +17,11 @@ import torch._dynamo.config as dynamo_config
 # its forward into six graphs, compiled again for eval (a tiny GPT-2 under the Trainer:
 # 12 compiles, 8 s, against 2 and 4 s with them skipped).
 ONCE_METHODS = ("warning_once", "info_once")
+# Dynamo's set of logging calls it traces as no-ops: `ignore_logger_methods` in torch 2.11,
+# renamed in 2.13 (the old name an alias, which breaks if anything sets it as a plain
+# attribute: use the name this torch stores).
+IGNORED_LOGGING = ("ignore_logging_functions" if hasattr(dynamo_config, "ignore_logging_functions")
+                   else "ignore_logger_methods")
 
 
 def skip_once_logging() -> None:
@@ -25,9 +30,9 @@ def skip_once_logging() -> None:
     traced code, is not printed. Idempotent; a no-op before transformers is imported
     (called again when the engine is built and when the backend is resolved)."""
     methods = {getattr(logging.Logger, m) for m in ONCE_METHODS if hasattr(logging.Logger, m)}
-    # `ignore_logger_methods`: the name in torch 2.11; in 2.13 an alias of
-    # `ignore_logging_functions`, the same set.
-    dynamo_config.ignore_logger_methods |= methods
+    ignored = getattr(dynamo_config, IGNORED_LOGGING)
+    if not methods <= ignored:
+        setattr(dynamo_config, IGNORED_LOGGING, ignored | methods)
 
 
 def traced_checkpoint_side_effects():
