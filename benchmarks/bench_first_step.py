@@ -1,6 +1,6 @@
 """The first step of a model: zerofx's compile against torch.compile(backend="aot_eager").
 
-    python benchmarks/bench_first_step.py [--models gpt2,bert,llama] [--steps 5]
+    python benchmarks/bench_first_step.py [--models gpt2,bert,llama] [--steps 5] [--with-breaks]
 
 Hugging Face GPT-2, BERT (HelloDeepSpeed's size: 6 layers, hidden 256, 8 heads, ff 512,
 sequence 128, micro-batch 8) and Llama, random-init, one process, bf16. zerofx runs through
@@ -65,6 +65,16 @@ def run_zerofx(name: str, steps: int):
     return _timed(step, steps)
 
 
+def run_zerofx_breaking(name: str, steps: int):
+    """zerofx as before zerofx/dynamo_settings.py: transformers' print-once advisories break
+    the graph (GPT-2's loss_function calls one every forward)."""
+    import zerofx.dynamo_settings as settings
+
+    settings.ONCE_METHODS = ()
+    with torch._dynamo.config.patch({settings.IGNORED_LOGGING: set()}):
+        return run_zerofx(name, steps)
+
+
 def run_aot_eager(name: str, steps: int):
     model = build(name)
     compiled = torch.compile(model, backend="aot_eager")
@@ -92,6 +102,7 @@ def _timed(step, steps):
 
 
 RUNNERS = {"zerofx": run_zerofx, "aot_eager+autocast": run_aot_eager}
+OPTIONAL = {"zerofx, advisories breaking the graph": run_zerofx_breaking}
 
 
 def _child(fn, name, steps, q):
@@ -103,12 +114,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="gpt2,bert,llama")
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--with-breaks", action="store_true",
+                    help="also run zerofx with transformers' print-once advisories breaking "
+                         "the graph (as before zerofx/dynamo_settings.py)")
     args = ap.parse_args()
+    runners = {**RUNNERS, **(OPTIONAL if args.with_breaks else {})}
     rows = []
     ctx = mp.get_context("spawn")
     for name in args.models.split(","):
         first = {}
-        for fw, fn in RUNNERS.items():
+        for fw, fn in runners.items():
             q = ctx.Queue()
             p = ctx.Process(target=_child, args=(fn, name, args.steps, q))
             p.start()
@@ -117,7 +132,7 @@ def main() -> None:
             first[fw] = t_first
             rows.append([name, fw, f"{t_first:.1f}", f"{t_step * 1e3:.0f}", f"{loss:.4f}"])
             print(rows[-1], flush=True)
-        rows[-2].append(f"{first['zerofx'] / first['aot_eager+autocast']:.2f}x")
+        rows[-len(runners)].append(f"{first['zerofx'] / first['aot_eager+autocast']:.2f}x")
     print(tabulate(rows, headers=["model", "framework", "first step (s)",
                                   "median next step (ms)", "last loss", "first step vs peer"],
                    tablefmt="github"))
