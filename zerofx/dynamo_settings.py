@@ -20,8 +20,8 @@ ONCE_METHODS = ("warning_once", "info_once")
 # Dynamo's set of logging calls it traces as no-ops: `ignore_logger_methods` in torch 2.11,
 # renamed in 2.13 (the old name an alias, which breaks if anything sets it as a plain
 # attribute: use the name this torch stores).
-IGNORED_LOGGING = ("ignore_logging_functions" if hasattr(dynamo_config, "ignore_logging_functions")
-                   else "ignore_logger_methods")
+IGNORED_LOGGING = next((n for n in ("ignore_logging_functions", "ignore_logger_methods")
+                        if hasattr(dynamo_config, n)), None)
 
 
 def skip_once_logging() -> None:
@@ -29,6 +29,8 @@ def skip_once_logging() -> None:
     breaking the graph at each. What is lost: such a message, when its first call is in
     traced code, is not printed. Idempotent; a no-op before transformers is imported
     (called again when the engine is built and when the backend is resolved)."""
+    if IGNORED_LOGGING is None:  # a torch without the setting: the advisories break the graph
+        return
     methods = {getattr(logging.Logger, m) for m in ONCE_METHODS if hasattr(logging.Logger, m)}
     ignored = getattr(dynamo_config, IGNORED_LOGGING)
     if not methods <= ignored:
