@@ -68,10 +68,9 @@ def run_zerofx(name: str, steps: int):
 def run_zerofx_breaking(name: str, steps: int):
     """zerofx as before zerofx/dynamo_settings.py: transformers' print-once advisories break
     the graph (GPT-2's loss_function calls one every forward)."""
-    import zerofx.dynamo_settings as settings
+    from zerofx.dynamo_settings import once_logging_breaks
 
-    settings.ONCE_METHODS = ()
-    with torch._dynamo.config.patch({settings.IGNORED_LOGGING: set()}):
+    with once_logging_breaks():
         return run_zerofx(name, steps)
 
 

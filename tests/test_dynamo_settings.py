@@ -38,16 +38,16 @@ def test_gpt2_with_its_loss_is_one_graph(no_torchrun_env):
 
 
 @pytest.mark.slow
-def test_without_the_setting_the_loss_splits_the_graph(no_torchrun_env, monkeypatch):
+def test_without_the_setting_the_loss_splits_the_graph(no_torchrun_env):
     """The reference: the same model with Dynamo's default breaks at the advisory (so the
     test above can fail). Dynamo's config is changed through its own patch(), never
     monkeypatch: setting its aliased name as a plain attribute broke every later test."""
     import zerofx.dynamo_settings as settings
 
-    monkeypatch.setattr(settings, "ONCE_METHODS", ())
-    with torch._dynamo.config.patch({settings.IGNORED_LOGGING: set()}):
+    with settings.once_logging_breaks():
         graphs, loss, want = _graphs_and_loss(no_torchrun_env)
     assert graphs > 1
     torch.testing.assert_close(loss, want)
     assert logging.Logger.warning_once in getattr(torch._dynamo.config,
                                                   settings.IGNORED_LOGGING)  # restored
+    assert settings.ONCE_METHODS == ("warning_once", "info_once")

@@ -3,8 +3,9 @@ trained through zerofx.initialize on 2 real gloo ranks, against single-process A
 
 GPT-2's loss calls a print-once advisory (traced as a no-op: one graph), BERT's MLM head
 reaches its bias under an alias, T5 ties one embedding to three names, Mixtral routes
-tokens to experts that a rank may not use in a step: each must train exactly as on one process (fp32: relative
-parameter difference <= 1e-5), and bf16/fp16 must bring the loss down.
+tokens to experts that a rank may not use in a step: each must train exactly as on one
+process (fp32: relative parameter difference <= 1e-5), and bf16/fp16 must bring the loss
+down.
 """
 import pytest
 import torch

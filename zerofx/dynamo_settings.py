@@ -37,6 +37,24 @@ def skip_once_logging() -> None:
         setattr(dynamo_config, IGNORED_LOGGING, ignored | methods)
 
 
+@contextlib.contextmanager
+def once_logging_breaks():
+    """Dynamo's default inside: each print-once advisory breaks the graph, and an engine
+    built here does not change that (for comparisons: the benchmark's before, the test's
+    reference). Both halves are needed: the engine calls skip_once_logging again."""
+    global ONCE_METHODS
+    kept = ONCE_METHODS
+    ONCE_METHODS = ()
+    try:
+        if IGNORED_LOGGING is None:
+            yield
+        else:
+            with dynamo_config.patch({IGNORED_LOGGING: set()}):
+                yield
+    finally:
+        ONCE_METHODS = kept
+
+
 def traced_checkpoint_side_effects():
     """Dynamo traces a checkpointed region whose forward has a side effect (Hugging Face's
     kernel hub sets a context variable in every decorated layer's forward, transformers
