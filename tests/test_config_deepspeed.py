@@ -266,3 +266,41 @@ def test_offload_to_cpu_on_a_cpu_only_run_is_met_as_it_stands(caplog, monkeypatc
         .offload_param.device == "nvme"
     with pytest.raises(zerofx.ConfigError, match="offload_param.device' is 'nvme' at stage 1"):
         zerofx.Config.from_dict({"zero_optimization": {**raw, "stage": 1}})
+
+
+def test_torch_adam_trains_as_deepspeeds_torch_optim_adamw(no_torchrun_env):
+    """DeepSpeed's engine (get_optimizer_configuration): torch_adam true builds
+    torch.optim.AdamW (adam_w_mode's default) over the remaining params, torch's own
+    ``fused``/``foreach`` included; the reference is that optimizer, eager."""
+    import zerofx
+    params = {"lr": 1e-2, "weight_decay": 0.1, "eps": 1e-6}
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    ref = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    ref.load_state_dict(model.state_dict())
+    engine, *_ = zerofx.initialize(model=model, config={
+        "train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.0,
+        "optimizer": {"type": "Adam", "params": dict(params, torch_adam=True, fused=False,
+                                                     amsgrad=False)}})
+    opt = torch.optim.AdamW(ref.parameters(), **params)
+    for step in range(4):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
+        engine.backward(engine(x).pow(2).mean())
+        engine.step()
+        ref(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_amsgrad_is_refused_with_the_way_to_run_it():
+    with pytest.raises(ConfigError, match=r"optimizer.params.amsgrad.*optimizer=torch.optim"):
+        Config.from_any({"train_micro_batch_size_per_gpu": 1, "optimizer": {
+            "type": "AdamW", "params": {"amsgrad": True}}})
+
+
+def test_fp32_grad_accumulation_refusal_names_one_fix_once():
+    with pytest.raises(ConfigError, match=r"set it to 'fp32'$"):
+        Config.from_any({"train_micro_batch_size_per_gpu": 1,
+                         "data_types": {"grad_accum_dtype": "bf16"}})

@@ -103,3 +103,50 @@ def test_a_reentrant_checkpoint_eager_would_not_train_is_said(reentrant, grad_in
         torch.compile(model, backend="zero", options={"config": {}})(x).backward()
     assert ("use_reentrant=True) region" in caplog.text) == warned
     assert model.a.weight.grad is not None
+
+
+class Spectral(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.utils.parametrizations.spectral_norm(nn.Linear(8, 8))
+        self.b = nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x))).pow(2).mean()
+
+
+def test_initialize_runs_no_parametrization():
+    """Reading a parametrized ``weight`` runs it: spectral_norm's power iteration would
+    advance its ``_u``/``_v`` buffers once more than eager training does."""
+    torch.manual_seed(0)
+    model = Spectral()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    zerofx.initialize(model=model, config=CFG)
+    for k, v in before.items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_a_float64_model_is_refused_by_name():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1)).double()
+    with pytest.raises(ConfigError, match=r"parameter '0.weight' is torch.float64 \(and 3 more"
+                                          r"\).*model.float\(\)"):
+        zerofx.initialize(model=model, config=CFG)
+
+
+@pytest.mark.parametrize("change", ["unfreeze", "freeze"])
+def test_changing_which_parameters_train_after_initialize_is_refused(change):
+    """Eager PyTorch would train the new set; zerofx's buffers hold the planned one (an
+    unfrozen parameter would never step, a frozen one would keep decaying)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+    model[0].requires_grad_(change == "freeze")
+    engine, *_ = zerofx.initialize(model=model, config=CFG)
+    x = torch.randn(4, 8)
+    engine.backward(engine(x).pow(2).mean())
+    engine.step()
+    model[0].weight.requires_grad_(change == "unfreeze")
+    engine.backward(engine(x).pow(2).mean())
+    now = "unfrozen" if change == "unfreeze" else "frozen"
+    with pytest.raises(ConfigError, match=rf"parameter '0.weight' was {now} .*after "
+                                          r"zerofx.initialize.*before zerofx.initialize"):
+        engine.step()

@@ -201,7 +201,7 @@ def screen(raw: Mapping) -> dict:
         _map_compile_passes(raw["compile"]["passes"], raw, out, notes)
     if isinstance(raw.get("torch_autocast"), Mapping):
         _map_torch_autocast(raw["torch_autocast"], out, notes)
-    _screen_optimizer(raw.get("optimizer"))
+    _screen_optimizer(raw.get("optimizer"), out, notes)
     _screen_reduction(raw, out, notes)
     _screen_aio(raw, out, notes)
     if notes:
@@ -482,9 +482,10 @@ def _screen_reduction(raw: Mapping, out: dict, notes: list) -> None:
         out["data_types"] = {"grad_accum_dtype": "fp32"}
         return
     if name != compute:
+        to = repr(compute) + ("" if compute == "fp32" else " or 'fp32'")
         raise refuse("data_types.grad_accum_dtype", f"grad_accum_dtype {show(accum)} with "
                      f"{compute} compute", f"zerofx accumulates gradients in the compute "
-                     f"dtype or in fp32: drop the key or set it to {compute!r} or 'fp32'")
+                     f"dtype or in fp32: drop the key or set it to {to}")
     notes.append("data_types (gradients accumulate in the compute dtype)")
     del out["data_types"]
 
@@ -493,9 +494,40 @@ def _on(block: Any) -> bool:
     return isinstance(block, Mapping) and block.get("enabled") is True
 
 
-def _screen_optimizer(raw: Any) -> None:
+# DeepSpeed's engine (get_optimizer_configuration) pops torch_adam: true builds
+# torch.optim.Adam/AdamW over the remaining params, so torch's own keys ride along
+_TORCH_ADAM_KEYS = ("fused", "foreach")
+
+
+def _screen_optimizer(raw: Any, out: dict, notes: list[str]) -> None:
     if isinstance(raw, Mapping) and isinstance(raw.get("type"), str) \
             and raw["type"].lower() in ONE_BIT:
         raise refuse("optimizer.type", f"{raw['type']} (1-bit communication compression)",
                      "use type Adam, AdamW or Lamb: the same update without compressed "
                      "communication")
+    params = raw.get("params") if isinstance(raw, Mapping) else None
+    if not isinstance(params, Mapping) or str(raw.get("type", "")).lower() not in (
+            "adam", "adamw"):
+        return
+    kept = dict(params)
+    if params.get("amsgrad"):
+        raise refuse("optimizer.params.amsgrad", "AMSGrad", "zerofx's fused Adam has no "
+                     "AMSGrad (nor has DeepSpeed's FusedAdam; its torch_adam path runs "
+                     "torch.optim's): drop the key, or pass optimizer=torch.optim.AdamW(params, "
+                     "amsgrad=True) to zerofx.initialize, which runs your optimizer on each "
+                     "shard")
+    if "amsgrad" in kept:
+        del kept["amsgrad"]
+        notes.append("optimizer.params.amsgrad false (plain Adam)")
+    if "torch_adam" in kept:
+        on = kept.pop("torch_adam")
+        if on:  # torch's own implementation switches, read only by torch.optim's Adam
+            for key in _TORCH_ADAM_KEYS:
+                if key in kept:
+                    del kept[key]
+                    notes.append(f"optimizer.params.{key} (torch.optim's implementation "
+                                 f"choice)")
+        notes.append("optimizer.params.torch_adam (zerofx's fused Adam computes the update "
+                     "torch.optim.Adam/AdamW computes)")
+    if kept != dict(params):
+        out["optimizer"] = dict(raw, params=kept)

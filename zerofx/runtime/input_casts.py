@@ -51,9 +51,20 @@ _ONE_DTYPE = {F.scaled_dot_product_attention, torch.matmul, torch.Tensor.matmul,
               torch.Tensor.baddbmm}
 
 
+# Run eagerly (a @torch._dynamo.disable region, a module Dynamo skips, frames past the
+# recompile limit), no pass casts at all: these also take one dtype, the compute dtype
+# (autocast's lower-precision list), or fp32 for the normalisations (its fp32 list). Traced,
+# they are left to the mixed_precision pass, whose policy is the same.
+_EAGER_LOW = {F.linear, F.bilinear, torch.mm, torch.Tensor.mm, torch.addmm, torch.Tensor.addmm,
+              torch.mv, torch.Tensor.mv, torch.addmv, torch.addbmm, torch.einsum, F.conv1d,
+              F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
+_EAGER_FP32 = {F.layer_norm, F.group_norm, F.batch_norm, F.instance_norm}
+
+
 class LowPrecisionOps(TorchFunctionMode):
     """Inside: the ops of ``_ONE_DTYPE`` given floating tensors of different dtypes get them
-    all in ``dtype`` (autocast's choice for these ops)."""
+    all in ``dtype`` (autocast's choice for these ops); run eagerly, those of ``_EAGER_LOW``
+    too, and ``_EAGER_FP32``'s in fp32."""
 
     def __init__(self, dtype: torch.dtype):
         super().__init__()
@@ -61,10 +72,19 @@ class LowPrecisionOps(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _ONE_DTYPE:
-            dtypes = {a.dtype for a in args
-                      if isinstance(a, torch.Tensor) and a.is_floating_point()}
-            if len(dtypes) > 1:
-                args = tuple(a.to(self.dtype) if isinstance(a, torch.Tensor)
-                             and a.is_floating_point() else a for a in args)
+        to = self.dtype if func in _ONE_DTYPE else None
+        if to is None and not torch.compiler.is_compiling():
+            to = self.dtype if func in _EAGER_LOW else \
+                torch.float32 if func in _EAGER_FP32 else None
+        if to is not None:
+            floats = [a for a in (*args, *kwargs.values()) if _floating(a)]
+            if len({a.dtype for a in floats}) > 1:
+                def cast(a):
+                    return a.to(to) if _floating(a) else a
+                args = tuple(cast(a) for a in args)
+                kwargs = {k: cast(v) for k, v in kwargs.items()}
         return func(*args, **kwargs)
+
+
+def _floating(a) -> bool:
+    return isinstance(a, torch.Tensor) and a.is_floating_point()

@@ -3,6 +3,7 @@ or that trains otherwise than in eager PyTorch (said once)."""
 from __future__ import annotations
 
 import logging
+import weakref
 
 from torch import nn
 from torch.fx import Node as fx_node
@@ -18,9 +19,12 @@ def refuse_sparse_gradients(model: nn.Module) -> None:
     deep in a reshape). DeepSpeed's answer is its ``sparse_gradients`` all-reduce, which
     zerofx does not have: the fix is the module's dense gradient, the same math."""
     for name, mod in model.named_modules():
+        # the type first: reading ``weight`` runs a parametrization (spectral_norm's power
+        # iteration updates its buffers), so only an embedding's is read
+        if not isinstance(mod, (nn.Embedding, nn.EmbeddingBag)) or not mod.sparse:
+            continue
         weight = getattr(mod, "weight", None)
-        if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)) and mod.sparse and \
-                weight is not None and weight.requires_grad:
+        if weight is not None and weight.requires_grad:
             kind = type(mod).__name__
             raise ConfigError(f"{name or 'the model'} is an {kind} with sparse=True: its "
                               f"gradient is sparse, and zerofx's gradient buckets are dense "
@@ -28,6 +32,50 @@ def refuse_sparse_gradients(model: nn.Module) -> None:
                               f"Build it with sparse=False (the same gradient, held dense), "
                               f"or set {name or 'the module'}.sparse = False before "
                               f"zerofx.initialize")
+
+
+_TRAINED_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def refuse_unsupported_dtypes(named) -> None:
+    """zerofx's flat buffers, fp32 master and fused kernels hold fp32/bf16/fp16 parameters; a
+    float64 (or complex) one would be cast to fp32 in place, and the model's own float64
+    inputs would then meet fp32 weights deep in the first forward."""
+    bad = [(n, p.dtype) for n, p in named
+           if str(p.dtype).removeprefix("torch.") not in _TRAINED_DTYPES]
+    if bad:
+        name, dtype = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise ConfigError(f"parameter {name!r} is {dtype}{more}: zerofx trains float32, "
+                          f"bfloat16 and float16 parameters (an fp32 master copy, bf16/fp16 "
+                          f"compute from the config). Cast the model and its inputs with "
+                          f"model.float() before zerofx.initialize, or train it in eager "
+                          f"PyTorch")
+
+
+class TrainedSet:
+    """Which of the model's parameters train, as zerofx planned them at initialize: its
+    buffers, shards and graphs are built for exactly those. A parameter unfrozen later
+    would never be stepped (its .grad piling up, silently), one frozen later would keep
+    its slot and decay; eager PyTorch would train the new set. Checked at each step."""
+
+    def __init__(self, model: nn.Module):
+        # weak: a runtime kept past its model must not keep the model's weights alive
+        self.params = [(n, weakref.ref(p), p.requires_grad)
+                       for n, p in model.named_parameters()]
+
+    def refuse_changes(self) -> None:
+        for name, ref, planned in self.params:
+            p = ref()
+            if p is not None and p.requires_grad != planned:
+                now = "unfrozen (requires_grad=True)" if p.requires_grad else \
+                    "frozen (requires_grad=False)"
+                raise ConfigError(
+                    f"parameter {name!r} was {now} after zerofx.initialize: zerofx planned "
+                    f"its buffers, shards and graphs for the parameters that trained then, "
+                    f"and would not train the new set as asked. Set requires_grad before "
+                    f"zerofx.initialize (for staged unfreezing, build a new engine from the "
+                    f"saved checkpoint when the set changes)")
 
 
 def refuse_sparse_graph(joint, num_fwd_outputs: int, names) -> None:

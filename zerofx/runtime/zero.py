@@ -36,7 +36,8 @@ from zerofx.runtime.comm.dist import init_distributed
 from zerofx.runtime.comm.placement import device_of, gather_group, groups
 from zerofx.runtime.grad_intake import GradIntake
 from zerofx.runtime.loss_scaler import LossScaler
-from zerofx.runtime.model_checks import refuse_sparse_gradients
+from zerofx.runtime.model_checks import (TrainedSet, refuse_sparse_gradients,
+                                         refuse_unsupported_dtypes)
 from zerofx.runtime.offload import open_offload
 from zerofx.runtime.offload.params import open_params
 from zerofx.runtime.optimizer_spec import OptimizerSpec
@@ -65,6 +66,7 @@ class ZeroRuntime:
         if not named:
             raise ConfigError("the model has no trainable parameters for zerofx to optimize")
         refuse_sparse_gradients(model)
+        refuse_unsupported_dtypes(named)
         # Every buffer and step-state tensor lives where the parameters do (one device).
         self.device = device_of(named)
         layout, split = _tp_layout(model, named, self.config, mpu, example_inputs)
@@ -123,7 +125,9 @@ class ZeroRuntime:
         self._step_builder = None  # given by the backend: traces the optimizer-step graph
         self._fallback_builder = None  # the engine's, for a model Dynamo compiled nothing of
         self._step_program = None  # that graph, built at the first step
-        self._hooks: list = _hook_eager_grads(named, self.plan, self.carriers, self.intake)
+        self.eager_held: dict = {}  # {id: (param, its empty value)} whole for a backward
+        self._hooks: list = _hook_eager_grads(named, self.plan, self.carriers, self.intake,
+                                              self.eager_held)
         # Stage 3: a module called eagerly gathers its weights; TP pieces refuse eager calls.
         self._hooks += eager_gather.install(self, model)
         if self.plan.compute_dtype != torch.float32:  # convolutions and RNNs: autocast's cast
@@ -131,6 +135,7 @@ class ZeroRuntime:
         self.shard_optimizer = ShardOptimizer(optimizer, named=named, plan=self.plan,
                                               master=self.state.master) \
             if self.spec.kind == "torch" else None
+        self.trained = TrainedSet(model)
         self.id = graph_ops.register(self)
         if optimizer is not None:
             drive(optimizer, self)
@@ -311,6 +316,8 @@ class ZeroRuntime:
         """
         boundary = self.is_boundary
         self._check_loss_scaled()
+        self.trained.refuse_changes()
+        eager_gather.release_held(self)
         self.micro_steps = _next_micro_step(self.micro_steps, self.gas, boundary)
         if not boundary:
             self.intake.end_micro_step(boundary=False)
@@ -462,9 +469,12 @@ class LossScaleError(RuntimeError):
     """Overflow with the dynamic loss scale already at min_loss_scale."""
 
 
-def _hook_eager_grads(named, plan: Plan, carriers: ParamCarriers, intake: GradIntake) -> list:
+def _hook_eager_grads(named, plan: Plan, carriers: ParamCarriers, intake: GradIntake,
+                      held: dict) -> list:
     """Gradients autograd accumulates into ``p.grad`` (a parameter used outside any
-    compiled graph) go to the buckets too, and ``p.grad`` stays None. Returns the handles."""
+    compiled graph) go to the buckets too, and ``p.grad`` stays None. ``held``: the stage-3
+    parameters an eager training call gathered (eager_gather), whose gradients are of their
+    real values. Returns the handles."""
     intake = weakref.ref(intake)  # the hooks outlive nothing: a dropped runtime is freed
 
     def hook(p):
@@ -477,7 +487,7 @@ def _hook_eager_grads(named, plan: Plan, carriers: ParamCarriers, intake: GradIn
             raise ConfigError(f"tensor-parallel parameter {slot.name} got a gradient "
                               f"outside the compiled graphs (it ran eagerly); zerofx "
                               f"splits weights only inside compiled graphs")
-        if plan.partitioned and not slot.persistent:
+        if plan.partitioned and not slot.persistent and id(p) not in held:
             raise ConfigError(f"ZeRO-3 parameter {slot.name} was read outside the "
                               f"compiled graphs (it ran eagerly, on a stand-in, not its "
                               f"value): zerofx gathers partitioned weights only inside "
