@@ -70,7 +70,9 @@ def test_weights_equal_deepspeeds_own_consolidation(stage, tmp_path):
     for key in ("master", "exp_avg", "exp_avg_sq"):
         for name in trained:
             assert torch.equal(states[key][name], getattr(imported, key)[name]), (key, name)
-    assert torch.equal(imported.extra["temperature"], torch.tensor(1.5))  # the buffer
+    # the buffer, carried in the checkpoint itself (nothing left for the extras file)
+    assert imported.buffers.keys() == {"temperature"} and imported.extra == {}
+    assert torch.equal(counters["buffers"]["temperature"], torch.tensor(1.5))
 
 
 @pytest.mark.parametrize("variant", [*STAGES, "2fp16", "1bf16"])
@@ -139,12 +141,14 @@ def _train_from(ckpt, *, load_stage, world, rank, zero_moments=False):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_()
+        model.temperature.fill_(3.0)  # divides the logits: DeepSpeed's 1.5 must be restored
     gas = REC.WORLD_SIZE // world
     engine, *_ = zerofx.initialize(model=model,
                                    config=REC.ds_config(load_stage, gas=gas, world_size=world))
     path, client = engine.load_checkpoint(ckpt)
     assert client == {"epoch": 1, "note": "saved by DeepSpeed"}
     assert engine.global_steps == REC.K
+    assert torch.equal(model.temperature, torch.tensor(1.5))  # DeepSpeed's DP rank 0's
     if zero_moments:
         engine.runtime.state.exp_avg.zero_()
         engine.runtime.state.exp_avg_sq.zero_()
@@ -368,8 +372,9 @@ def test_cli_converts_and_reports(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "7 parameters, 2118 elements" in out and "ZeRO stage 3 on 2 data-parallel" in out
     assert (tmp_path / "latest").read_text() == "global_step3"
-    extras = torch.load(tmp_path / "global_step3_module_extras.pt", weights_only=True)
-    assert set(extras) == {"temperature"}
+    assert "buffers (DeepSpeed's DP rank 0's, restored by load_checkpoint): temperature" in out
+    # the buffer is in the checkpoint; no frozen parameters: no extras file
+    assert not (tmp_path / "global_step3_module_extras.pt").exists()
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):

@@ -4,11 +4,11 @@
     zerofx-from-deepspeed DS_CHECKPOINT_DIR OUT_DIR --tag global_step100
 
 Carries the fp32 master weights, Adam's exp_avg and exp_avg_sq, the step counts, the loss
-scaler, the LR scheduler's state and the client state into OUT_DIR/<tag> (and
-OUT_DIR/latest); then ``engine.load_checkpoint(OUT_DIR)`` continues training at any world
-size and ZeRO stage. Buffers and frozen parameters (zerofx checkpoints hold only what the
-optimizer trains) go to OUT_DIR/<tag>_module_extras.pt: load them with
-``model.load_state_dict(torch.load(...), strict=False)`` before zerofx.initialize.
+scaler, the LR scheduler's state, the client state and the model's persistent buffers into
+OUT_DIR/<tag> (and OUT_DIR/latest); then ``engine.load_checkpoint(OUT_DIR)`` continues
+training at any world size and ZeRO stage. Frozen parameters (zerofx checkpoints hold only
+what the optimizer trains, and the buffers) go to OUT_DIR/<tag>_module_extras.pt: load them
+with ``model.load_state_dict(torch.load(...), strict=False)`` before zerofx.initialize.
 Needs neither deepspeed nor torch.distributed.
 """
 from __future__ import annotations
@@ -50,9 +50,12 @@ def main(argv=None) -> int:
           f"exp_avg, exp_avg_sq), Adam step {imported.step}, global step "
           f"{imported.global_steps}, from DeepSpeed {src['deepspeed']} ZeRO stage "
           f"{src['zero_stage']} on {src['dp_size']} data-parallel ranks")
+    if imported.buffers:
+        print(f"buffers (DeepSpeed's DP rank 0's, restored by load_checkpoint): "
+              f"{', '.join(sorted(imported.buffers))}")
     if imported.extra:
         print(f"wrote {extra_file(args.out_dir, path.name)}: {', '.join(sorted(imported.extra))}"
-              f" (buffers / frozen parameters: load them with model.load_state_dict(..., "
+              f" (frozen parameters: load them with model.load_state_dict(..., "
               f"strict=False) before zerofx.initialize)")
     print(f"continue with engine.load_checkpoint({args.out_dir!r})")
     return 0

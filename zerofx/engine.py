@@ -325,7 +325,8 @@ class ZeroEngine(AccumulationControls, DeepSpeedReaders, nn.Module):
     # ---- checkpoints ---------------------------------------------------------------------
     def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True,
                         exclude_frozen_parameters=False) -> str:
-        """DeepSpeed's; frozen parameters are never saved (the model keeps them), whatever
+        """DeepSpeed's; the model's persistent buffers are saved with the training state
+        (each rank's own); frozen parameters are never saved (the model keeps them), whatever
         ``exclude_frozen_parameters`` says."""
         from zerofx.checkpoint import CheckpointError, save_checkpoint
 
@@ -340,7 +341,7 @@ class ZeroEngine(AccumulationControls, DeepSpeedReaders, nn.Module):
         if self.lr_scheduler is not None:
             state[SCHEDULER_KEY] = self.lr_scheduler.state_dict()
         return save_checkpoint(self.runtime, save_dir, tag=tag, client_state=state,
-                               save_latest=save_latest)
+                               save_latest=save_latest, module=self.module)
 
     def save_16bit_model(self, save_dir, save_filename: str = "pytorch_model.bin") -> bool:
         """DeepSpeed's ``save_16bit_model``: the model's weights in the compute dtype, whole,
@@ -377,7 +378,7 @@ class ZeroEngine(AccumulationControls, DeepSpeedReaders, nn.Module):
         check_load_options(load_module_strict=load_module_strict,
                            load_optimizer_states=load_optimizer_states,
                            load_module_only=load_module_only, custom_load_fn=custom_load_fn)
-        path, state = load_checkpoint(self.runtime, load_dir, tag=tag)
+        path, state = load_checkpoint(self.runtime, load_dir, tag=tag, module=self.module)
         if path is None:
             return None, None
         self._micro_steps, self._window_open = self.runtime.micro_steps, False

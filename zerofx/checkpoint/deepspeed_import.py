@@ -14,8 +14,10 @@ What DeepSpeed's engine.save_checkpoint writes in a tag directory, and where eac
 
 The whole fp32 master and both Adam moments are rebuilt per parameter
 (deepspeed_layouts) and written as a one-rank, unsharded zerofx checkpoint, which zerofx
-re-shards when it loads, with the step counts, the loss scaler, the scheduler's state
-and the client state.
+re-shards when it loads, with the step counts, the loss scaler, the scheduler's state,
+the client state and the module's persistent buffers (those DeepSpeed's ``buffer_names`` lists,
+from its ``module`` state: DP rank 0's, the file every rank reads at stages 0-2; at stage 3,
+where each rank saved its own, rank 0's).
 
 Nothing here imports deepspeed: its pickles are read by deepspeed_pickle's stub unpickler.
 """
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from zerofx.checkpoint.buffers import BUFFERS_KEY
 from zerofx.checkpoint.deepspeed_layouts import check_adam, one_step, stage0, stage3, stage12
 from zerofx.checkpoint.deepspeed_pickle import (DeepSpeedObject, is_deepspeed_object,
                                                 load_deepspeed_file)
@@ -63,7 +66,9 @@ class Imported:
     skipped: int
     client_state: dict
     aliases: dict[str, list[str]] = field(default_factory=dict)  # stored name -> tied names
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # buffers, frozen params
+    # persistent buffers; None: the files do not say which module entries are buffers
+    buffers: dict[str, torch.Tensor] | None = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # frozen params, unlisted buffers
     source: dict = field(default_factory=dict)
 
 
@@ -196,6 +201,7 @@ def read_deepspeed(ds_dir, tag=None, *, drop_client_keys=()) -> Imported:
         skipped=int(model_states.get("skipped_steps") or 0),
         client_state=_client_state(model_states, model_path, drop_client_keys),
         aliases=_aliases(model_states.get("shared_params")),
+        buffers=_buffers(model_states),
         extra=_extra(model_states, tag_dir, stage, world, set(out["master"])),
         source={"deepspeed": model_states.get("ds_version"), "zero_stage": stage,
                 "dp_size": world, "path": str(tag_dir)})
@@ -261,14 +267,25 @@ def _aliases(shared) -> dict[str, list[str]]:
     return aliases
 
 
+def _buffers(model_states: dict) -> dict[str, torch.Tensor] | None:
+    """The persistent buffers DeepSpeed listed (``buffer_names``: its module walk, without
+    the non-persistent ones), from its ``module`` state dict; None if it listed none."""
+    names = model_states.get("buffer_names")
+    if names is None:
+        return None
+    module = model_states.get("module") or {}
+    return {n: module[n].detach().clone() for n in names if n in module}
+
+
 def _extra(model_states: dict, tag_dir: Path, stage: int, world: int,
            trained: set) -> dict[str, torch.Tensor]:
-    """Buffers and frozen parameters: the model tensors no optimizer state covers."""
+    """Frozen parameters: model tensors that neither the optimizer state nor the buffers
+    carry (and buffers too, from a save that did not list them)."""
     module = model_states.get("module") or {}
     tied = set(model_states.get("shared_params") or {})
+    buffers = set(model_states.get("buffer_names") or [])
     extra = {n: t for n, t in module.items()
-             if n in set(model_states.get("buffer_names") or [])
-             or (stage < 3 and n not in trained and n not in tied)}
+             if stage < 3 and n not in trained and n not in tied and n not in buffers}
     if stage == 3 and model_states.get("frozen_param_shapes"):
         frags = [load_deepspeed_file(tag_dir / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
                  .get("frozen_param_fragments") or {} for r in range(world)]
@@ -309,7 +326,8 @@ def write_zerofx(imported: Imported, out_dir, tag: str) -> Path:
                "lr": torch.tensor(imported.lr, dtype=torch.float32),
                "skipped": torch.tensor(imported.skipped, dtype=torch.int64),
                # one micro-step per optimizer step here; the loader scales by its own gas
-               "micro_steps": imported.global_steps, "gas": 1, "scaler": imported.scaler},
+               "micro_steps": imported.global_steps, "gas": 1, "scaler": imported.scaler,
+               **({BUFFERS_KEY: imported.buffers} if imported.buffers is not None else {})},
               tmp / rank_file(0))
         _publish(root, tmp, final, tag, True)
     except Exception:
@@ -321,8 +339,8 @@ def write_zerofx(imported: Imported, out_dir, tag: str) -> Path:
 
 
 def extra_file(out_dir, tag: str) -> Path:
-    """Where the buffers and frozen parameters of a converted tag go (zerofx checkpoints
-    hold only what the optimizer trains): load them with model.load_state_dict(...,
+    """Where the frozen parameters of a converted tag go (zerofx checkpoints hold what the
+    optimizer trains and the buffers): load them with model.load_state_dict(...,
     strict=False) before zerofx.initialize."""
     return Path(out_dir) / f"{tag}_module_extras.pt"
 

@@ -1,7 +1,12 @@
 """DeepSpeed-shaped checkpoints of a ZeroRuntime: atomic saves, loads that re-shard.
 
-    path = save_checkpoint(rt, "ckpt", client_state={"epoch": 3})   # every rank calls it
-    path, client_state = load_checkpoint(rt, "ckpt")                 # tag None: read `latest`
+    path = save_checkpoint(rt, "ckpt", client_state={"epoch": 3}, module=model)  # every rank
+    path, client_state = load_checkpoint(rt, "ckpt", module=model)  # tag None: read `latest`
+
+``module``: the model, whose persistent buffers (BatchNorm's running statistics...) are saved
+and restored with the runtime's state (checkpoint/buffers.py says whose); the engine passes
+it. The runtime holds no reference to its model, so without it only the runtime's state is
+saved (and a load keeps the model's buffers).
 
 Atomic: every rank writes into ``<dir>/.<tag>.tmp``; once all have written, rank 0 swaps it
 in as ``<dir>/<tag>`` and then points ``latest`` at it (temp file + os.replace). A crash at
@@ -29,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from zerofx.checkpoint.buffers import BUFFERS_KEY, buffers_to_save, read_buffers, restore_buffers
 from zerofx.checkpoint.files import (FORMAT_VERSION, LATEST_FILE, META_FILE, STATE_KEYS,
                                   CheckpointError, check_tag, is_checkpoint_dir,
                                   rank_file, read_meta, resolve_tag, tp_dir, write_atomically,
@@ -45,11 +51,13 @@ log = logging.getLogger(__name__)
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
 
 
-def save_checkpoint(rt, save_dir, tag=None, client_state=None, save_latest: bool = True) -> str:
+def save_checkpoint(rt, save_dir, tag=None, client_state=None, save_latest: bool = True,
+                    module=None) -> str:
     """Write ``rt``'s training state as ``<save_dir>/<tag>``; every DP rank must call it.
 
     ``client_state`` (rank 0's is kept) must be plain data: dicts, lists, tuples, numbers,
-    strings, tensors. Returns the tag directory.
+    strings, tensors. ``module``: the model, whose persistent buffers are saved too (each
+    rank its own). Returns the tag directory.
     """
     _check_saveable(rt)
     tag = check_tag(f"global_step{rt.micro_steps // rt.gas}" if tag is None else tag)
@@ -62,8 +70,8 @@ def save_checkpoint(rt, save_dir, tag=None, client_state=None, save_latest: bool
     _all_ok(rt, lambda: _prepare(tmp, final) if first else None, "preparing", tmp)
     save_id = _save_id(rt)
     try:
-        _all_ok(rt, lambda: _write_files(rt, tmp, dp_rank, client_state, first, save_id),
-                "writing", tmp)
+        _all_ok(rt, lambda: _write_files(rt, tmp, dp_rank, client_state, first, save_id,
+                                         module), "writing", tmp)
         _all_ok(rt, lambda: _publish(root, tmp, final, tag, save_latest) if first else None,
                 "publishing", final)
     except Exception:
@@ -74,8 +82,9 @@ def save_checkpoint(rt, save_dir, tag=None, client_state=None, save_latest: bool
     return str(final)
 
 
-def load_checkpoint(rt, load_dir, tag=None):
-    """Restore ``rt`` from ``<load_dir>/<tag>`` (tag None: the one ``latest`` names).
+def load_checkpoint(rt, load_dir, tag=None, module=None):
+    """Restore ``rt`` from ``<load_dir>/<tag>`` (tag None: the one ``latest`` names), and
+    ``module``'s persistent buffers when given (checkpoint/buffers.py: whose).
 
     Returns ``(tag directory, client_state)``; ``(None, None)`` with a warning when ``tag``
     is None and the directory holds no ``latest``, as DeepSpeed does.
@@ -89,8 +98,13 @@ def load_checkpoint(rt, load_dir, tag=None):
     _check_params(rt, meta, path)
     # a save with TP is joined into whole parameters first: staged for an NVMe state
     source, counters = saved_state(path, meta, alloc=rt.state.staging())
+    # read and checked before anything is restored: a refused load leaves the engine as it was
+    buffers = read_buffers(path, meta, rt.plan, module, source.files) \
+        if module is not None else None
     _restore_state(rt, source)
     _restore_counters(rt, counters)
+    if buffers is not None:
+        restore_buffers(module, buffers)
     log.info("loaded checkpoint %s (saved at TP %d x DP %d, stage %d; now TP %d x DP %d, "
              "stage %d)", path, meta.get("tp_size", 1), meta["dp_size"], meta["zero_stage"],
              rt.plan.grid.tp_size, rt.plan.grid.dp_size, rt.plan.zero_stage)
@@ -195,7 +209,7 @@ def _meta(plan, client_state, *, whole: bool, aliases: dict, save_id: str) -> di
 
 
 def _write_files(rt, tmp: Path, dp_rank: int, client_state, first: bool,
-                 save_id: str) -> None:
+                 save_id: str, module) -> None:
     plan = rt.plan
     if plan.grid.tp_size > 1:
         if first:
@@ -212,7 +226,9 @@ def _write_files(rt, tmp: Path, dp_rank: int, client_state, first: bool,
                **{k: fp32[k] for k in STATE_KEYS},
                "step_count": rt.state.step_count, "lr": rt.state.lr,
                "skipped": rt.state.skipped, "micro_steps": rt.micro_steps, "gas": rt.gas,
-               "scaler": rt.state.scaler.state_dict()}, tmp / rank_file(dp_rank))
+               "scaler": rt.state.scaler.state_dict(),
+               **({BUFFERS_KEY: buffers_to_save(module)} if module is not None else {})},
+              tmp / rank_file(dp_rank))
 
 
 def _publish(root: Path, tmp: Path, final: Path, tag: str, save_latest: bool) -> None:

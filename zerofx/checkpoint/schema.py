@@ -112,6 +112,10 @@ def check_rank(shard: dict, path, padded: int, state_keys) -> int:
             not isinstance(scaler.get(k), torch.Tensor) or scaler[k].numel() != 1
             for k in SCALER_KEYS):
         raise _bad(path, f"the loss scaler state lacks one of {list(SCALER_KEYS)}")
+    buffers = shard.get("buffers")  # the model's (checkpoint/buffers.py); older saves: none
+    if buffers is not None and not (isinstance(buffers, dict) and all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in buffers.items())):
+        raise _bad(path, "'buffers' is not a map of buffer names to tensors")
     return sum(numel for _, numel, _ in ranges)
 
 

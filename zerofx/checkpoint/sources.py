@@ -4,6 +4,7 @@
     src.read("master", name, start, numel, out)    # elements [start, start+numel) of the
                                                    # flattened parameter, into ``out``
     src.whole("exp_avg", name)                     # the whole parameter, its saved shape
+    src.files                                      # {(TP rank, DP rank): rank file} read
 
 A load needs of each state kind only what this rank owns (its shard's pieces) and its whole
 persistent parameters. Assembling the whole model's state first, as consolidation does,
@@ -23,13 +24,13 @@ import bisect
 
 import torch
 
-from zerofx.checkpoint.files import STATE_KEYS, full_states, read_shards
+from zerofx.checkpoint.files import STATE_KEYS, full_states, needed_ranks, read_shards
 
 
 class RangeSource:
     """The saved state of a checkpoint without tensor parallelism, read by range."""
 
-    def __init__(self, meta: dict, shards: list[dict]):
+    def __init__(self, meta: dict, shards: list[dict], files: dict | None = None):
         self.params = {p["name"]: (p["offset"], p["numel"], tuple(p["shape"]))
                        for p in meta["params"]}
         # (flat start, numel, shard offset, shard index), by flat start: the ranges tile the
@@ -37,6 +38,9 @@ class RangeSource:
         spans = sorted((start, numel, at, i) for i, s in enumerate(shards)
                        for start, numel, at in s["ranges"])
         self.spans, self.starts, self.shards = spans, [s[0] for s in spans], shards
+        # {(TP rank, DP rank): rank file} already read, so what else a load takes from one
+        # (checkpoint/buffers.py) is not read twice
+        self.files = files or {}
 
     def read(self, key: str, name: str, start: int, numel: int, out: torch.Tensor) -> None:
         offset = self.params[name][0]
@@ -61,8 +65,9 @@ class RangeSource:
 class WholeSource:
     """Whole tensors by name ({key: {name: tensor}}), read by range."""
 
-    def __init__(self, states: dict):
+    def __init__(self, states: dict, files: dict | None = None):
         self.states = states
+        self.files = files or {}  # {(TP rank, DP rank): rank file} already read
 
     def read(self, key: str, name: str, start: int, numel: int, out: torch.Tensor) -> None:
         out.copy_(self.states[key][name].reshape(-1)[start:start + numel])
@@ -76,7 +81,8 @@ def saved_state(tag_dir, meta: dict, alloc=None):
     ``alloc``: where a tensor-parallel save's joined tensors go (files.full_states)."""
     if meta.get("tp_size", 1) == 1:
         shards = read_shards(tag_dir, meta)
-        return RangeSource(meta, shards), shards[0]
+        files = {(0, r): s for r, s in zip(needed_ranks(meta), shards)}
+        return RangeSource(meta, shards, files), shards[0]
     states, counters = full_states(tag_dir, STATE_KEYS, alloc=alloc)
-    return WholeSource(states), counters
+    return WholeSource(states, {(0, 0): counters}), counters
 

@@ -6,9 +6,10 @@ DeepSpeed's functions rather than the ``zerofx-consolidate`` command.
 
 They read zerofx checkpoints (what ``engine.save_checkpoint`` wrote) through the same
 reader as ``zerofx-consolidate``: the fp32 master shards joined by parameter name (any
-ZeRO stage and tensor-parallel size, no process group, no model). Only trained parameters
-are in a zerofx checkpoint: frozen parameters and buffers are not (DeepSpeed adds them from
-its module states), so load with ``strict=False``.
+ZeRO stage and tensor-parallel size, no process group, no model). They return the trained
+parameters only: frozen parameters are not in a zerofx checkpoint, and its buffers (which
+engine.load_checkpoint restores) are not read here, where DeepSpeed adds both from its
+module states; so load with ``strict=False``.
 """
 from __future__ import annotations
 
