@@ -21,6 +21,7 @@ import time
 import torch
 from torch import nn
 
+from zerofx import param_groups
 from zerofx.backend import dump_root_of, offer_step_program
 from zerofx.config import Config, ConfigError
 from zerofx.data import DistributedLoader
@@ -72,14 +73,15 @@ def initialize(args=None, model: nn.Module | None = None, model_parameters=None,
     """
     if model is None:
         raise ConfigError("zerofx.initialize needs model=<your nn.Module>")
-    source = _config_source(args, config, config_params)
-    if model_parameters is not None:
-        trainable = {id(p) for p in model_parameters}
-        for p in model.parameters():  # as in DeepSpeed: only these are optimized
-            p.requires_grad_(id(p) in trainable)
-    engine = ZeroEngine(model, Config.from_any(source), optimizer=optimizer,
-                        lr_scheduler=lr_scheduler, training_data=training_data,
-                        collate_fn=collate_fn, mpu=mpu, example_inputs=example_inputs)
+    cfg = Config.from_any(_config_source(args, config, config_params))
+    # which parameters train, and under which optimizer (param_groups.py: DeepSpeed's rule,
+    # every check made before the model is touched)
+    chosen = param_groups.select(model, model_parameters, optimizer, cfg,
+                                 user_scheduler=lr_scheduler is not None)
+    with param_groups.trained_only(model, chosen.trained):  # a failure restores the flags
+        engine = ZeroEngine(model, cfg, optimizer=chosen.optimizer,
+                            lr_scheduler=lr_scheduler, training_data=training_data,
+                            collate_fn=collate_fn, mpu=mpu, example_inputs=example_inputs)
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
 
 
