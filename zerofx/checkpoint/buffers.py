@@ -60,9 +60,7 @@ def read_buffers(tag_dir: Path, meta: dict, plan, module: nn.Module, read: dict)
     grid = plan.grid
     same = saved_grid == (grid.tp_size, grid.dp_size)
     at = (grid.tp_rank(plan.rank), grid.dp_rank(plan.rank)) if same else (0, 0)
-    shard, path = read.get(at), _rank_path(tag_dir, meta, *at)
-    if shard is None:
-        shard = _read_rank_file(Path(tag_dir), meta, *at)
+    shard, path = saved_rank_file(tag_dir, meta, read, at)
     saved = shard.get(BUFFERS_KEY)
     live = persistent_buffers(module)
     if saved is None:
@@ -84,6 +82,15 @@ def restore_buffers(module: nn.Module, saved: dict[str, torch.Tensor]) -> None:
     and device, as load_state_dict does."""
     for name, buf in persistent_buffers(module).items():
         buf.copy_(saved[name])
+
+
+def saved_rank_file(tag_dir, meta: dict, read: dict, at: tuple[int, int]) -> tuple[dict, Path]:
+    """(contents, path) of the rank file of (TP rank, DP rank) ``at``, taken from ``read``
+    (the files the load already read) or read now."""
+    shard = read.get(at)
+    if shard is None:
+        shard = _read_rank_file(Path(tag_dir), meta, *at)
+    return shard, _rank_path(tag_dir, meta, *at)
 
 
 def _rank_path(tag_dir, meta: dict, tp_rank: int, dp_rank: int) -> Path:

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from zerofx.checkpoint import torch_optimizer
 from zerofx.checkpoint.buffers import BUFFERS_KEY, buffers_to_save, read_buffers, restore_buffers
 from zerofx.checkpoint.files import (FORMAT_VERSION, LATEST_FILE, META_FILE, STATE_KEYS,
                                   CheckpointError, check_tag, is_checkpoint_dir,
@@ -101,10 +102,13 @@ def load_checkpoint(rt, load_dir, tag=None, module=None):
     # read and checked before anything is restored: a refused load leaves the engine as it was
     buffers = read_buffers(path, meta, rt.plan, module, source.files) \
         if module is not None else None
+    optim = torch_optimizer.read_state(rt, path, meta, source.files)
     _restore_state(rt, source)
     _restore_counters(rt, counters)
     if buffers is not None:
         restore_buffers(module, buffers)
+    if optim is not None:
+        torch_optimizer.restore(rt, optim)
     log.info("loaded checkpoint %s (saved at TP %d x DP %d, stage %d; now TP %d x DP %d, "
              "stage %d)", path, meta.get("tp_size", 1), meta["dp_size"], meta["zero_stage"],
              rt.plan.grid.tp_size, rt.plan.grid.dp_size, rt.plan.zero_stage)
@@ -227,7 +231,8 @@ def _write_files(rt, tmp: Path, dp_rank: int, client_state, first: bool,
                "step_count": rt.state.step_count, "lr": rt.state.lr,
                "skipped": rt.state.skipped, "micro_steps": rt.micro_steps, "gas": rt.gas,
                "scaler": rt.state.scaler.state_dict(),
-               **({BUFFERS_KEY: buffers_to_save(module)} if module is not None else {})},
+               **({BUFFERS_KEY: buffers_to_save(module)} if module is not None else {}),
+               **torch_optimizer.to_save(rt)},
               tmp / rank_file(dp_rank))
 
 
