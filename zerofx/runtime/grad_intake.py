@@ -118,7 +118,10 @@ class GradIntake:
             f"a gradient of {names[:3]} arrived after its bucket's reduction had "
             f"started in this step: zerofx reduces each bucket once per step, at the end of "
             f"backward. Call backward once per micro-step (sum several losses first) and do "
-            f"not run forward again between backward and step")
+            f"not run forward again between backward and step. If the gradient came from "
+            f"another model's backward through this one (a GAN's generator loss through the "
+            f"discriminator's engine), freeze this model's parameters for that backward "
+            f"(requires_grad_(False), then back before its own step)")
 
     def _region(self, bucket: int) -> torch.Tensor:
         """Where bucket ``bucket`` accumulates: full_grads, or (stage 2, no accumulation) a
