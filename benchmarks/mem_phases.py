@@ -98,7 +98,10 @@ def setup(method: str, args, ph: Phases):
     if args.checkpointing:
         bl.checkpoint_blocks(model)
     ph.mark("built")
-    engine, *_ = zerofx.initialize(model=model, config=bl.zerofx_config("zerofx", args))
+    zcfg = bl.zerofx_config("zerofx", args)
+    zcfg["zerofx"]["host_mmap_threshold"] = (None if args.malloc[0] == "dynamic"
+                                              else int(args.malloc[0]))
+    engine, *_ = zerofx.initialize(model=model, config=zcfg)
     del model
     ph.mark("initialized")
     return engine, engine.backward, engine.step
@@ -195,21 +198,25 @@ def live_at_peak(prof, top: int = 20) -> dict:
             "biggest": sorted(([b, k] for b, k in live.values()), reverse=True)[:top]}
 
 
-def run(method: str, args) -> list:
+def run(method: str, malloc: str, args) -> list:
     port = bl._free_port()
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "r")
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method,
                "--size", str(args.size), "--seq", str(args.seq), "--steps", str(args.steps),
                "--budget", str(args.budget), "--checkpointing", str(args.checkpointing),
-               "--result", out] + (["--profile"] if args.profile else [])
-        envs = [dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+               "--result", out, "--malloc", malloc] + (["--profile"] if args.profile else [])
+        # zerofx fixes it from its config (host_mmap_threshold); the peers' processes get
+        # the same threshold through glibc's own variable
+        fixed = {} if malloc == "dynamic" or method == "zerofx" else \
+            {"MALLOC_MMAP_THRESHOLD_": malloc}
+        envs = [dict(os.environ, **fixed, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
                      LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                      OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
                 for r in range(2)]
         res = run_watched([cmd, cmd], envs, int(args.memory_gib * bl.GIB), args.timeout)
-        print(f"{method}: both ranks' process trees, private bytes (bench_largest's "
-              f"watchdog), peak {res['peak'] / bl.GIB:.2f} GiB", flush=True)
+        print(f"{method}, malloc {malloc}: both ranks' process trees, private bytes "
+              f"(bench_largest's watchdog), peak {res['peak'] / bl.GIB:.2f} GiB", flush=True)
         recs = []
         for r in range(2):
             try:
@@ -223,7 +230,8 @@ def run(method: str, args) -> list:
 
 
 def report(method: str, recs, args) -> None:
-    print(f"\n## {method}, size {args.size} ({bl.param_count(args.size, args.seq) / 1e6:.1f}M "
+    print(f"\n## {method}, malloc {args.malloc_now}, size {args.size} "
+          f"({bl.param_count(args.size, args.seq) / 1e6:.1f}M "
           f"parameters), RssAnon MiB per rank: value at the phase's end / peak in the phase")
     if recs[0] is None:
         print("no result")
@@ -282,6 +290,10 @@ def main():
     p.add_argument("--plan", action="store_true", help="print zerofx-plan's items too")
     p.add_argument("--memory-gib", type=float, default=6.0, help="kill past this (2 ranks)")
     p.add_argument("--timeout", type=float, default=900.0)
+    p.add_argument("--malloc", nargs="+", default=["131072"],
+                   help="glibc's mmap threshold, each in turn: bytes (fixed: zerofx's "
+                        "host_mmap_threshold, the peers' MALLOC_MMAP_THRESHOLD_) or dynamic "
+                        "(glibc's default)")
     p.add_argument("--worker")
     p.add_argument("--result")
     args = p.parse_args()
@@ -291,8 +303,10 @@ def main():
     print(f"machine: {bl.machine()}; load {os.getloadavg()}")
     if args.plan:
         formula(args)
-    for m in args.methods:
-        report(m, run(m, args), args)
+    for malloc in args.malloc:
+        args.malloc_now = malloc
+        for m in args.methods:
+            report(m, run(m, malloc, args), args)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from zerofx.runtime.comm.context import CommContext
 from zerofx.runtime.comm.dist import init_distributed
 from zerofx.runtime.comm.placement import device_of, gather_group, groups
 from zerofx.runtime.grad_intake import GradIntake
+from zerofx.runtime.host_malloc import release_freed
 from zerofx.runtime.loss_scaler import LossScaler
 from zerofx.runtime.model_checks import (TrainedSet, refuse_sparse_gradients,
                                          refuse_unsupported_dtypes)
@@ -61,6 +62,8 @@ class ZeroRuntime:
         graph of one run on them (tp/layout.py). A Hugging Face model's ``dummy_inputs``
         serve when none are given."""
         self.config = Config.from_any(config)
+        # before the flat states and the first step allocate: freed host blocks go back
+        release_freed(self.config.zerofx.host_mmap_threshold)
         world = init_distributed()
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
