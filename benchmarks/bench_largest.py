@@ -22,6 +22,9 @@ Methods, each at its memory-lean setting:
     zerofx_nvme  the same + offload_optimizer {device: nvme} under --nvme-path
     zerofx_nvme_param  + offload_param {device: nvme}, when this tree accepts the config
 The ZeRO methods share one zero_optimization block (bucket sizes, live-parameter limit).
+Every method runs with glibc's mmap threshold fixed at 128 KiB (--malloc fixed, the default:
+zerofx by its host_mmap_threshold, the peers by MALLOC_MMAP_THRESHOLD_), so freed activations
+leave the resident set; --malloc dynamic leaves glibc's own, rising threshold to all.
 
 Before any trial the limit of each method is predicted and the search starts there: zerofx's
 rows from zerofx.planner.plan_rank (the per-rank peak of the same config, world 2); the peers
@@ -55,6 +58,7 @@ ROOT = HERE.parent
 DS_PYTHON = "/work/dsenv/bin/python"
 VOCAB = 50304
 GIB = float(1 << 30)
+MMAP_THRESHOLD = 128 << 10  # glibc's starting value, fixed (zerofx.host_mmap_threshold)
 METHODS = ("ddp", "fsdp2", "deepspeed", "zerofx", "zerofx_nvme", "zerofx_nvme_param")
 ZERO_BLOCK = {"reduce_bucket_size": 20_000_000, "stage3_prefetch_bucket_size": 10_000_000,
               "stage3_max_live_parameters": 30_000_000,
@@ -133,7 +137,8 @@ def run_trial(method: str, size: int, args) -> dict:
         cmd = [python, str(Path(__file__).resolve()), "--worker", method, "--size", str(size),
                "--seq", str(args.seq), "--budget", str(args.budget),
                "--checkpointing", str(args.checkpointing), "--chunk", str(args.chunk), "--steps",
-               str(args.steps), "--nvme-path", args.nvme_path, "--result", out]
+               str(args.steps), "--nvme-path", args.nvme_path, "--malloc", args.malloc,
+               "--result", out]
         envs = []
         for r in range(2):
             env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
@@ -141,6 +146,11 @@ def run_trial(method: str, size: int, args) -> dict:
                        OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
             if method == "deepspeed":
                 env["TORCH_EXTENSIONS_DIR"] = args.ext_dir
+            if args.malloc == "fixed" and not method.startswith("zerofx"):
+                # the peers get glibc's fixed mmap threshold too, through its own variable
+                # (zerofx sets it from its host_mmap_threshold): a freed activation's pages
+                # leave the resident set; it lowers their peaks more than zerofx's
+                env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
             envs.append(env)
         t0 = time.monotonic()
         res = run_watched([cmd, cmd], envs, int(args.memory_gib * GIB), args.trial_timeout)
@@ -171,7 +181,9 @@ def zerofx_config(method: str, args) -> dict:
             "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.01}},
             "zero_optimization": zero,
             "zerofx": {"activation_memory_budget": args.budget,
-                       "reduce_form": "reduce_scatter", "gather_form": "all_gather"}}
+                       "reduce_form": "reduce_scatter", "gather_form": "all_gather",
+                       "host_mmap_threshold": None if getattr(args, "malloc", "fixed")
+                       == "dynamic" else MMAP_THRESHOLD}}
 
 
 def deepspeed_config(args) -> dict:
@@ -578,6 +590,9 @@ def parse_args(argv=None):
     p.add_argument("--ext-dir", default=os.path.join(tempfile.gettempdir(),
                                                      "bench_largest_ext"),
                    help="TORCH_EXTENSIONS_DIR of the DeepSpeed ranks (built once, first)")
+    p.add_argument("--malloc", choices=("fixed", "dynamic"), default="fixed",
+                   help="glibc's mmap threshold for every method: fixed at zerofx's default "
+                        "(the peers through MALLOC_MMAP_THRESHOLD_) or glibc's dynamic one")
     p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)

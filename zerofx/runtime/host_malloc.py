@@ -9,7 +9,9 @@ activations of a step come from arenas, and what a step frees stays resident as 
 other sizes cannot always reuse. Measured on bench_largest's GPT at size 12 (2 ranks, stage
 3): the resident set stood 600 MiB per rank above the live tensors and crept up a step at a
 time; with the threshold fixed it follows the live tensors (benchmarks/RESULTS.md, "glibc's
-mmap threshold"). A fixed threshold is what makes a rank's memory what zerofx-plan counts.
+mmap threshold"). A fixed threshold is what makes a rank's memory what zerofx-plan counts;
+it costs a step about a fifth more there (every block above it is faulted in anew), so it is
+the user's choice (``zerofx.host_mmap_threshold``), off by default.
 
 ``release_freed(threshold)`` fixes it (mallopt(M_MMAP_THRESHOLD), which also turns the dynamic
 raise off) unless the user set glibc's own knob (MALLOC_MMAP_THRESHOLD_ or the

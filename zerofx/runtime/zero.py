@@ -62,7 +62,8 @@ class ZeroRuntime:
         graph of one run on them (tp/layout.py). A Hugging Face model's ``dummy_inputs``
         serve when none are given."""
         self.config = Config.from_any(config)
-        # before the flat states and the first step allocate: freed host blocks go back
+        # before the flat states and the first step allocate (when the config asks):
+        # freed host blocks go back
         release_freed(self.config.zerofx.host_mmap_threshold)
         world = init_distributed()
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
