@@ -72,17 +72,20 @@ class LowPrecisionOps(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        to = self.dtype if func in _ONE_DTYPE else None
-        if to is None and not torch.compiler.is_compiling():
-            to = self.dtype if func in _EAGER_LOW else \
-                torch.float32 if func in _EAGER_FP32 else None
-        if to is not None:
+        if func in _ONE_DTYPE:
+            dtypes = {a.dtype for a in args
+                      if isinstance(a, torch.Tensor) and a.is_floating_point()}
+            if len(dtypes) > 1:
+                args = tuple(a.to(self.dtype) if isinstance(a, torch.Tensor)
+                             and a.is_floating_point() else a for a in args)
+        elif (func in _EAGER_LOW or func in _EAGER_FP32) and not torch.compiler.is_compiling():
+            # (only these ask whether Dynamo traces: asked for every op, e.g. a tensor's
+            # .dtype, the traced answer came back an int inside nn.LSTM's forward)
+            to = self.dtype if func in _EAGER_LOW else torch.float32
             floats = [a for a in (*args, *kwargs.values()) if _floating(a)]
             if len({a.dtype for a in floats}) > 1:
-                def cast(a):
-                    return a.to(to) if _floating(a) else a
-                args = tuple(cast(a) for a in args)
-                kwargs = {k: cast(v) for k, v in kwargs.items()}
+                args = tuple(a.to(to) if _floating(a) else a for a in args)
+                kwargs = {k: v.to(to) if _floating(v) else v for k, v in kwargs.items()}
         return func(*args, **kwargs)
 
 
