@@ -92,22 +92,39 @@ def test_a_frame_past_the_recompile_limit_trains_in_bf16(no_torchrun_env):
     _close(got, _train(make, _knob_batch, None, knob=True))
 
 
-def _stage3_body(rank, world, threshold):
+def _stage3_body(rank, world, name, threshold, uncompiled):
+    """Three stage-3 steps of zoo model ``name`` (through the engine, or through the
+    uncompiled module); the whole parameters, or a ConfigError's text."""
     import zerofx
     from zerofx.config import ConfigError
-    model = make_zoo("eager")
+    model = make_zoo(name)
     cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.0,
            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": threshold},
            "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.01}}}
     engine, *_ = zerofx.initialize(model=model, config=cfg)
+    call = engine.module if uncompiled else engine
     try:
         for step in range(3):
-            engine.backward(engine(*zoo_batch(10 * step + rank)))
+            engine.backward(call(*zoo_batch(10 * step + rank)))
             engine.step()
     except ConfigError as e:
         return str(e)
     with engine.runtime.gathered_parameters():
         return torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+
+
+def _assert_trains_like_one_process(name, results):
+    """Against eager AdamW on both ranks' batches in one process."""
+    ref = make_zoo(name)
+    opt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=0.01)
+    for step in range(3):
+        for r in range(2):
+            (ref(*zoo_batch(10 * step + r)) / 2).backward()
+        deepspeed_step(ref, opt, 0.0)
+    want = torch.cat([p.detach().reshape(-1) for p in ref.parameters()])
+    for got in results:
+        assert not isinstance(got, str), got
+        assert float((got - want).norm() / want.norm()) < 1e-5
 
 
 @pytest.mark.slow
@@ -117,36 +134,13 @@ def test_stage3_weights_of_an_eager_region_are_refused_by_name_or_kept_whole(thr
     on it is refused by name (before: a shape error deep in the backward); above the
     persistence threshold the weight stays whole and trains like one process."""
     from multiproc import run_ranks
-    results = run_ranks(_stage3_body, 2, args=(threshold,), timeout_s=240)
+    results = run_ranks(_stage3_body, 2, args=("eager", threshold, False), timeout_s=240)
     if threshold == 0:
         for msg in results:
             assert "ran eagerly inside the compiled model while training" in msg
             assert "stage3_param_persistence_threshold" in msg
         return
-    torch.manual_seed(0)
-    ref = make_zoo("eager")
-    opt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=0.01)
-    for step in range(3):
-        for r in range(2):
-            (ref(*zoo_batch(10 * step + r)) / 2).backward()
-        deepspeed_step(ref, opt, 0.0)
-    want = torch.cat([p.detach().reshape(-1) for p in ref.parameters()])
-    for got in results:
-        assert float((got - want).norm() / want.norm()) < 1e-5
-
-
-def _stage3_eager_body(rank, world):
-    import zerofx
-    model = make_zoo("breaks")
-    cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.0,
-           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-           "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.01}}}
-    engine, *_ = zerofx.initialize(model=model, config=cfg)
-    for step in range(3):
-        engine.backward(engine.module(*zoo_batch(10 * step + rank)))  # eager, uncompiled
-        engine.step()
-    with engine.runtime.gathered_parameters():
-        return torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+    _assert_trains_like_one_process("eager", results)
 
 
 @pytest.mark.slow
@@ -154,13 +148,5 @@ def test_stage3_training_the_uncompiled_module_keeps_weights_for_its_backward():
     """engine.module(x) trained at stage 3: each module gathers its weights for the call,
     and autograd saved them for the backward, so they stay whole until the micro-step ends."""
     from multiproc import run_ranks
-    results = run_ranks(_stage3_eager_body, 2, timeout_s=240)
-    ref = make_zoo("breaks")
-    opt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=0.01)
-    for step in range(3):
-        for r in range(2):
-            (ref(*zoo_batch(10 * step + r)) / 2).backward()
-        deepspeed_step(ref, opt, 0.0)
-    want = torch.cat([p.detach().reshape(-1) for p in ref.parameters()])
-    for got in results:
-        assert float((got - want).norm() / want.norm()) < 1e-5
+    results = run_ranks(_stage3_body, 2, args=("breaks", 0, True), timeout_s=240)
+    _assert_trains_like_one_process("breaks", results)
